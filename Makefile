@@ -1,0 +1,45 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+# Both create .venv from nothing when it is missing and install with constraints.txt.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PYTHONDONTWRITEBYTECODE :=
+
+.PHONY: venv run test test-fast lint bench bench-quality serve dashboard clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+run: venv ## the main job, end to end on embedded defaults
+	$(BIN)/python -m flows.main
+
+test: venv ## the whole test suite (unit, data, model, flow, end-to-end)
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
+
+bench: venv
+	$(BIN)/python -m bench.run_all
+
+bench-quality: venv
+	$(BIN)/python -m bench.paper_table
+
+serve: venv ## serve the daily deployment on this machine (needs a Prefect server)
+	$(BIN)/hap schedule
+
+dashboard: venv
+	$(BIN)/hap dashboard
+
+clean:
+	rm -rf data .dvc/tmp .pytest_cache

@@ -1,0 +1,121 @@
+"""The ``hap`` command line: one thin command per pipeline step.
+
+Each command parses its flags, loads the config and calls one step function from the library.
+Heavy libraries are imported inside the commands, so ``hap --help`` stays fast. Expected
+failures (``HapError``) print one clear message and exit non-zero, without a traceback.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hap.config import Config, load_config
+from hap.errors import HapError
+
+app = typer.Typer(
+    help="HAP pre-ranking: simulate, ingest, validate, split, train, evaluate, gate, monitor.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+DateOpt = Annotated[str, typer.Option("--date", "-d", help="Partition date, YYYY-MM-DD.")]
+
+
+class _State:
+    params: Optional[Path] = None
+    overrides: list[str] = []
+    _cfg: Optional[Config] = None
+
+    @property
+    def cfg(self) -> Config:
+        if self._cfg is None:
+            self._cfg = load_config(self.params, self.overrides)
+        return self._cfg
+
+
+state = _State()
+
+
+@app.callback()
+def _global(
+    params: Annotated[Optional[Path], typer.Option(help="params.yaml to use (default: the repo's).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a config key, e.g. --set train.epochs=2 (repeatable).")] = None,
+) -> None:
+    state.params = params
+    state.overrides = list(set_ or [])
+    state._cfg = None
+
+
+def parse_date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise HapError(f"'{text}' is not a date of the form YYYY-MM-DD") from None
+
+
+# ---- foundation ----------------------------------------------------------------------------
+@app.command()
+def simulate(
+    start: Annotated[Optional[str], typer.Option(help="First day, YYYY-MM-DD (default: simulate.start).")] = None,
+    days: Annotated[Optional[int], typer.Option(help="Number of days (default: simulate.days).")] = None,
+    requests: Annotated[Optional[int], typer.Option(help="Requests per day.")] = None,
+    scenario: Annotated[Optional[str], typer.Option(help="stable | retrieval_degrades | content_shift")] = None,
+) -> None:
+    """Write simulated raw daily logs (exposure, ranking, full-flow) into the landing folder."""
+    from hap.simulate import simulate_days
+
+    overrides = {k: v for k, v in {"simulate.requests_per_day": requests, "simulate.scenario": scenario}.items()
+                 if v is not None}
+    cfg = state.cfg.updated(overrides) if overrides else state.cfg
+    first = parse_date(start) if start else cfg.simulate.start
+    for date, stats in simulate_days(cfg, first, days or cfg.simulate.days):
+        typer.echo(f"simulated {date}: {stats.requests} requests, {stats.exposures} exposures, "
+                   f"{stats.ranking_rows} ranking rows, {stats.fullflow_rows} full-flow rows")
+
+
+@app.command()
+def ingest(date: DateOpt) -> None:
+    """Join a day's exposure and ranking logs per request into the lake (atomic, idempotent)."""
+    from hap.ingest import ingest_day
+
+    report = ingest_day(state.cfg, parse_date(date))
+    typer.echo(report.render())
+
+
+@app.command("import-recflow")
+def import_recflow(
+    path: Annotated[Path, typer.Argument(help="RecFlow root holding all_stage/ and realshow/.")],
+) -> None:
+    """Map RecFlow's daily feather files into our raw log contracts, one landing day per file."""
+    from hap.recflow import import_recflow as run_import
+
+    for date, counts in run_import(state.cfg, path):
+        typer.echo(f"imported {date}: {counts}")
+
+
+def main() -> None:
+    """Entry point: run the app and turn expected failures into a clear message."""
+    try:
+        app(standalone_mode=False)
+    except HapError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as err:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

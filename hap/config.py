@@ -1,0 +1,262 @@
+"""Typed configuration loaded from ``params.yaml``.
+
+``params.yaml`` is the single source of tunables. Overrides, strongest last:
+the file, ``HAP__SECTION__KEY=value`` environment variables, ``--set section.key=value``
+CLI flags. ``HAP_HOME`` moves the data root. Values in overrides are parsed as YAML, so
+``--set train.epochs=3`` gives an int and ``--set split.sample_ratio.global_neg=0.5`` a float.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+ENV_PREFIX = "HAP__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    home: Path
+    landing: str
+    lake: str
+    quarantine: str
+    validation: str
+    training: str
+    models: str
+    metrics: str
+    monitoring: str
+    mlflow_db: str
+    mlflow_artifacts: str
+    dvc_remote: str
+
+
+class PipelineConfig(_Section):
+    date: dt.date
+    dates: list[dt.date]
+
+
+class SimulateConfig(_Section):
+    seed: int
+    start: dt.date
+    days: int = Field(ge=1)
+    requests_per_day: int = Field(ge=1)
+    scenario: Literal["stable", "retrieval_degrades", "content_shift"]
+    drift_start: dt.date
+    drift_ramp_days: int = Field(ge=1)
+    n_users: int
+    n_items: int
+    n_user_segments: int
+    n_item_categories: int
+    latent_dim: int
+    n_content_types: int
+    retrieval_pool: int
+    retrieval_size: int
+    prerank_keep: int
+    rank_keep: int
+    exposed_per_request: int
+    rank_neg_per_request: int
+    prerank_neg_per_request: int
+    global_neg_per_pos: int
+    retrieval_noise: float
+    prerank_noise: float
+    rank_noise: float
+    click_offset: float
+    position_bias: float
+    affinity_scale: float
+    seq_len: int
+    full_flow_fraction: float = Field(ge=0.0, le=1.0)
+    hash_buckets: int
+    chunk_requests: int = Field(ge=1)
+    degrade_pool_factor: float
+    degrade_noise_factor: float
+    content_shift_strength: float
+
+    @model_validator(mode="after")
+    def _cascade_shape(self) -> "SimulateConfig":
+        if not (self.exposed_per_request <= self.rank_keep < self.prerank_keep < self.retrieval_size
+                <= self.retrieval_pool <= self.n_items):
+            raise ValueError("simulate: need exposed <= rank_keep < prerank_keep < retrieval_size "
+                             "<= retrieval_pool <= n_items")
+        return self
+
+
+class SplitConfig(_Section):
+    window_days: int = Field(ge=1)
+    sample_ratio: dict[str, float]
+    eval_max_requests: int
+
+
+class TowerConfig(_Section):
+    tower_dims: list[int]
+    mlp_dims: list[int]
+    attention_heads: int = 0
+
+
+class ModelConfig(_Section):
+    embed_dim: int
+    seq_len: int
+    hash_buckets: int
+    light: TowerConfig
+    expressive: TowerConfig
+
+    @model_validator(mode="after")
+    def _expressive_is_deeper(self) -> "ModelConfig":
+        if len(self.expressive.mlp_dims) <= len(self.light.mlp_dims):
+            raise ValueError("model: the expressive MLP must have more layers than the light one (N > M)")
+        return self
+
+
+class TrainConfig(_Section):
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    epochs: int
+    batch_requests: int
+    lr: float
+    weight_decay: float
+    temperature: float
+    bce_weight: float
+    loss: Literal["ghcl", "mixed_bce", "mixed_infonce"]
+    harmonization: Literal["uniform", "gradnorm", "pcgrad"]
+    group_proportions: dict[str, int]
+    val_fraction: float
+    patience: int
+    diagnostics_every: int
+    num_threads: int
+
+
+class RoutingConfig(_Section):
+    mode: Literal["topk", "threshold"]
+    rho: float = Field(gt=0.0, le=1.0)
+    cap: float = Field(gt=0.0, le=1.0)
+
+
+class EvaluateConfig(_Section):
+    ks: list[int]
+    primary_metric: str
+    latency_candidates: int
+    latency_repeats: int
+
+
+class GateConfig(_Section):
+    model_name: str
+    floors: dict[str, float]
+    min_gain: float
+    max_slice_regression: float
+    max_flops_per_request: float
+
+
+class AlertsConfig(_Section):
+    hard_fraction_model_abs_change: float
+    routed_share_abs_change: float
+    drift_share_max: float
+
+
+class MonitorConfig(_Section):
+    reference: Literal["trailing", "champion_window"]
+    trailing_days: int
+    margin: float
+    drift_method: str
+    drift_threshold: float
+    alerts: AlertsConfig
+    on_alert: Literal["retrain", "none"]
+
+
+class OrchestrationConfig(_Section):
+    train_on: Literal["local", "gpu-pool"]
+    retries: int
+    retry_delay_seconds: float
+    timezone: str
+    cron: str
+
+
+class Config(_Section):
+    paths: PathsConfig
+    pipeline: PipelineConfig
+    simulate: SimulateConfig
+    split: SplitConfig
+    model: ModelConfig
+    train: TrainConfig
+    routing: RoutingConfig
+    evaluate: EvaluateConfig
+    gate: GateConfig
+    monitor: MonitorConfig
+    orchestration: OrchestrationConfig
+
+    # ---- resolved locations under the data root -------------------------------------
+    @property
+    def home(self) -> Path:
+        return self.paths.home
+
+    def path(self, name: str) -> Path:
+        """Absolute location of one ``paths`` entry under the data root."""
+        return self.home / getattr(self.paths, name)
+
+    def updated(self, overrides: dict[str, Any]) -> "Config":
+        """A copy with dotted-key overrides applied (``{"train.epochs": 2}``)."""
+        raw = self.model_dump(mode="json")
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return Config.model_validate(raw)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise KeyError(f"unknown config key '{dotted}'")
+        node = node[part]
+    if leaf not in node:
+        raise KeyError(f"unknown config key '{dotted}'")
+    node[leaf] = value
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """Split ``a.b=value`` and parse the value as YAML."""
+    if "=" not in assignment:
+        raise ValueError(f"override '{assignment}' is not of the form key.path=value")
+    key, text = assignment.split("=", 1)
+    return key.strip(), yaml.safe_load(text)
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, text in environ.items():
+        if name.startswith(ENV_PREFIX):
+            key = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            out[key] = yaml.safe_load(text)
+    return out
+
+
+def load_config(
+    params_file: Path | str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Load ``params.yaml``, apply env and explicit overrides, resolve the data root."""
+    environ = dict(os.environ) if environ is None else environ
+    params_file = Path(params_file or environ.get("HAP_PARAMS") or DEFAULT_PARAMS)
+    raw = yaml.safe_load(params_file.read_text())
+    raw = copy.deepcopy(raw)
+    merged: dict[str, Any] = _env_overrides(environ)
+    if isinstance(overrides, dict):
+        merged.update(overrides)
+    else:
+        merged.update(dict(parse_override(o) for o in overrides or []))
+    for key, value in merged.items():
+        _set_dotted(raw, key, value)
+    home = Path(environ.get("HAP_HOME") or raw["paths"]["home"])
+    if not home.is_absolute():
+        home = (params_file.resolve().parent / home)
+    raw["paths"]["home"] = str(home.resolve())
+    return Config.model_validate(raw)

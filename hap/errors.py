@@ -1,0 +1,26 @@
+"""Expected failures. The CLI prints them as one clear message, without a traceback."""
+from __future__ import annotations
+
+
+class HapError(Exception):
+    """An expected, user-facing failure (bad input, missing prerequisite, refused promotion)."""
+
+    exit_code = 1
+
+
+class DataContractError(HapError):
+    """A raw log cannot be read or does not match its contract in ``hap.schema``."""
+
+    exit_code = 2
+
+
+class ValidationFailed(HapError):
+    """A day failed its Great Expectations suites and was quarantined."""
+
+    exit_code = 3
+
+
+class NotValidated(HapError):
+    """A downstream step was asked to use a day that has not passed validation."""
+
+    exit_code = 4

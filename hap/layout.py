@@ -1,0 +1,66 @@
+"""Where each artifact lives under the data root. One place, so no step guesses a path."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from hap.config import Config
+
+LAKE_TABLES = ("samples", "fullflow")
+
+
+def day(date: dt.date | str) -> dt.date:
+    """Accept ``YYYY-MM-DD`` strings or dates."""
+    return date if isinstance(date, dt.date) else dt.date.fromisoformat(str(date))
+
+
+def partition(date: dt.date | str) -> str:
+    return f"dt={day(date).isoformat()}"
+
+
+def landing_day(cfg: Config, date: dt.date | str) -> Path:
+    return cfg.path("landing") / partition(date)
+
+
+def raw_log(cfg: Config, date: dt.date | str, name: str) -> Path:
+    """``name`` is one of ``schema.RAW_LOGS``: exposure, ranking, fullflow."""
+    return landing_day(cfg, date) / f"{name}.parquet"
+
+
+def lake_table(cfg: Config, table: str) -> Path:
+    return cfg.path("lake") / table
+
+
+def lake_partition(cfg: Config, table: str, date: dt.date | str) -> Path:
+    return lake_table(cfg, table) / partition(date)
+
+
+def quarantine_day(cfg: Config, date: dt.date | str) -> Path:
+    return cfg.path("quarantine") / partition(date)
+
+
+def validation_day(cfg: Config, date: dt.date | str) -> Path:
+    return cfg.path("validation") / partition(date)
+
+
+def training_set(cfg: Config, date: dt.date | str) -> Path:
+    """The difficulty-split training set for the window ending on ``date``."""
+    return cfg.path("training") / partition(date) / "train"
+
+
+def eval_set(cfg: Config, date: dt.date | str) -> Path:
+    return cfg.path("training") / partition(date) / "eval"
+
+
+def model_dir(cfg: Config, date: dt.date | str) -> Path:
+    return cfg.path("models") / partition(date)
+
+
+def metrics_dir(cfg: Config, date: dt.date | str) -> Path:
+    return cfg.path("metrics") / partition(date)
+
+
+def window(end: dt.date | str, days: int) -> list[dt.date]:
+    """The ``days`` dates ending on ``end``, oldest first."""
+    end = day(end)
+    return [end - dt.timedelta(days=days - 1 - i) for i in range(days)]

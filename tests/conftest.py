@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny config under a temp data root, and a tiny simulated, ingested window.
+
+Tests use tiny data but the real components. ``tiny_overrides`` is the one place that shrinks
+the simulator; tests that need another shape pass their own overrides to ``make_cfg``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hap.config import Config, load_config
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+TINY_START = dt.date(2026, 11, 1)
+
+TINY_OVERRIDES: dict[str, Any] = {
+    "simulate.start": TINY_START.isoformat(),
+    "simulate.days": 4,
+    "simulate.requests_per_day": 240,
+    "simulate.n_users": 300,
+    "simulate.n_items": 3000,
+    "simulate.retrieval_pool": 1500,
+    "simulate.full_flow_fraction": 0.1,
+    "simulate.chunk_requests": 100,
+    "split.window_days": 2,
+    "pipeline.date": "2026-11-02",
+    "pipeline.dates": ["2026-11-01", "2026-11-02", "2026-11-03"],
+}
+
+
+def tiny_config(home: Path, **overrides: Any) -> Config:
+    """A tiny config rooted at ``home``; keyword overrides use ``__`` for dots."""
+    merged = {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
+    environ["HAP_HOME"] = str(home)
+    return load_config(overrides=merged, environ=environ)
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., Config]:
+    """``make_cfg(**overrides)``: a tiny config under this test's temp folder."""
+
+    def _make(home: Path | None = None, **overrides: Any) -> Config:
+        return tiny_config(home or tmp_path / "data", **overrides)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def tiny_lake(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """Four simulated days, ingested into the lake once per session. Treat it as read-only."""
+    from hap.ingest import ingest_day
+    from hap.simulate import simulate_days
+
+    cfg = tiny_config(tmp_path_factory.mktemp("tiny") / "data")
+    for date, _ in simulate_days(cfg, cfg.simulate.start, cfg.simulate.days):
+        ingest_day(cfg, date)
+    return cfg
