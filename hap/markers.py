@@ -1,0 +1,58 @@
+"""Per-day validation markers: the contract between ``validate`` and everything downstream.
+
+A day may feed training only when ``validation/dt=D/_VALIDATED.json`` exists and the day is
+not in quarantine. ``validate`` writes the marker; ``split`` and ``train`` call
+``require_validated``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hap import layout
+from hap.atomic import atomic_write_json
+from hap.config import Config
+from hap.errors import NotValidated
+
+MARKER_NAME = "_VALIDATED.json"
+
+
+def marker_path(cfg: Config, date: dt.date | str) -> Path:
+    return layout.validation_day(cfg, date) / MARKER_NAME
+
+
+def mark_validated(cfg: Config, date: dt.date | str, summary: dict[str, Any]) -> Path:
+    path = marker_path(cfg, date)
+    atomic_write_json(path, {"date": layout.day(date).isoformat(), **summary})
+    return path
+
+
+def clear_marker(cfg: Config, date: dt.date | str) -> None:
+    marker_path(cfg, date).unlink(missing_ok=True)
+
+
+def is_quarantined(cfg: Config, date: dt.date | str) -> bool:
+    return layout.quarantine_day(cfg, date).exists()
+
+
+def is_validated(cfg: Config, date: dt.date | str) -> bool:
+    return marker_path(cfg, date).exists() and not is_quarantined(cfg, date)
+
+
+def read_marker(cfg: Config, date: dt.date | str) -> dict[str, Any]:
+    return json.loads(marker_path(cfg, date).read_text())
+
+
+def require_validated(cfg: Config, dates: Iterable[dt.date | str], step: str) -> None:
+    """Refuse to run ``step`` on any day that is quarantined or has not passed validation."""
+    for date in dates:
+        iso = layout.day(date).isoformat()
+        if is_quarantined(cfg, date):
+            raise NotValidated(
+                f"{step}: day {iso} is quarantined ({layout.quarantine_day(cfg, date)}); fix the data "
+                f"and run `hap release-quarantine --date {iso}`, then `hap validate --date {iso}`")
+        if not marker_path(cfg, date).exists():
+            raise NotValidated(f"{step}: day {iso} has not passed validation; run `hap validate --date {iso}` first")
