@@ -27,6 +27,7 @@ from tqdm import tqdm
 from hap import layout, schema
 from hap.atomic import atomic_dir
 from hap.config import Config, SimulateConfig
+from hap.hashing import hash_ids
 
 RNG_STREAM_UNIVERSE = 0
 RNG_STREAM_CHUNK = 1
@@ -59,12 +60,6 @@ class Universe:
     item_static: dict[str, np.ndarray]
 
 
-def _hash_ids(values: np.ndarray, salt: int, buckets: int) -> np.ndarray:
-    """Anonymize ids like a production log does: a salted multiplicative hash into [1, buckets)."""
-    mixed = (values.astype(np.uint64) + np.uint64(salt * 1_000_003 + 1)) * np.uint64(0x9E3779B97F4A7C15)
-    return ((mixed >> np.uint64(33)) % np.uint64(buckets - 1) + np.uint64(1)).astype(np.int32)
-
-
 @functools.lru_cache(maxsize=4)
 def build_universe(sim: SimulateConfig) -> Universe:
     """Users, items and their static features, from the seed alone (identical every day)."""
@@ -86,23 +81,23 @@ def build_universe(sim: SimulateConfig) -> Universe:
 
     b = sim.hash_buckets
     user_static = {
-        "u_id": _hash_ids(np.arange(n_u), 1, b),
-        "u_age": _hash_ids(rng.integers(0, 8, n_u), 2, b),
-        "u_gender": _hash_ids(rng.integers(0, 3, n_u), 3, b),
-        "u_city": _hash_ids(user_segment, 4, b),
-        "u_device": _hash_ids(rng.integers(0, 6, n_u), 5, b),
+        "u_id": hash_ids(np.arange(n_u), 1, b),
+        "u_age": hash_ids(rng.integers(0, 8, n_u), 2, b),
+        "u_gender": hash_ids(rng.integers(0, 3, n_u), 3, b),
+        "u_city": hash_ids(user_segment, 4, b),
+        "u_device": hash_ids(rng.integers(0, 6, n_u), 5, b),
         "u_activity": np.log1p(activity).astype(np.float32),
         "u_ctr": (1 / (1 + np.exp(-(user_pref.mean(1) - 2.0 + rng.normal(0, 0.3, n_u))))).astype(np.float32),
     }
     item_static = {
-        "i_id": _hash_ids(np.arange(n_i), 10, b),
-        "i_author": _hash_ids(item_category * 16 + rng.integers(0, 16, n_i), 11, b),
-        "i_content_type": _hash_ids(item_ctype, 12, b),
-        "i_category": _hash_ids(item_category, 13, b),
-        "i_subcategory": _hash_ids(item_category * 4 + rng.integers(0, 4, n_i), 14, b),
-        "i_tag": _hash_ids(rng.integers(0, 500, n_i), 15, b),
-        "i_language": _hash_ids(rng.integers(0, 4, n_i), 16, b),
-        "i_resolution": _hash_ids(rng.integers(0, 3, n_i), 17, b),
+        "i_id": hash_ids(np.arange(n_i), 10, b),
+        "i_author": hash_ids(item_category * 16 + rng.integers(0, 16, n_i), 11, b),
+        "i_content_type": hash_ids(item_ctype, 12, b),
+        "i_category": hash_ids(item_category, 13, b),
+        "i_subcategory": hash_ids(item_category * 4 + rng.integers(0, 4, n_i), 14, b),
+        "i_tag": hash_ids(rng.integers(0, 500, n_i), 15, b),
+        "i_language": hash_ids(rng.integers(0, 4, n_i), 16, b),
+        "i_resolution": hash_ids(rng.integers(0, 3, n_i), 17, b),
         "i_age_hours": rng.exponential(72, n_i).astype(np.float32),
         "i_duration": rng.lognormal(4, 0.7, n_i).astype(np.float32),
         "i_ctr": (1 / (1 + np.exp(-(item_bias - 2.0 + rng.normal(0, 0.3, n_i))))).astype(np.float32),
@@ -309,17 +304,17 @@ def _exposure_table(sim, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, 
     share = (clk & (rng.random(n) < 0.03)).astype(np.int8)
     dwell = np.where(clk == 1, rng.lognormal(3.0, 0.8, n), rng.exponential(1.5, n)).astype(np.float32)
     hours = ((ts_ms // 3_600_000) % 24)[row]
-    seq = _hash_ids(seq_items, 10, sim.hash_buckets)  # same hash as i_id: the sequence lives in item-id space
+    seq = hash_ids(seq_items, 10, sim.hash_buckets)  # same hash as i_id: the sequence lives in item-id space
     b = sim.hash_buckets
     request_features = {
         **{name: uni.user_static[name][users][row] for name in (*schema.USER_CATEGORICAL, *schema.USER_DENSE)},
         schema.USER_SEQUENCE: pa.FixedSizeListArray.from_arrays(pa.array(seq[row].ravel()), sim.seq_len)
         .cast(pa.list_(pa.int32())),
-        "c_hour": _hash_ids(hours, 20, b),
-        "c_weekday": _hash_ids(np.full(n, date.weekday()), 21, b),
-        "c_network": _hash_ids(rng.integers(0, 4, size)[row], 22, b),
-        "c_os": _hash_ids((users % 3)[row], 23, b),
-        "c_channel": _hash_ids(rng.integers(0, 6, size)[row], 24, b),
+        "c_hour": hash_ids(hours, 20, b),
+        "c_weekday": hash_ids(np.full(n, date.weekday()), 21, b),
+        "c_network": hash_ids(rng.integers(0, 4, size)[row], 22, b),
+        "c_os": hash_ids((users % 3)[row], 23, b),
+        "c_channel": hash_ids(rng.integers(0, 6, size)[row], 24, b),
     }
     columns = {
         "request_id": req_ids[row],

@@ -1,0 +1,58 @@
+"""params.yaml loads into typed config; env vars and CLI flags override it; every command has --help."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from hap.config import load_config
+
+
+def test_overrides_env_then_flags(tmp_path):
+    env = {"HAP_HOME": str(tmp_path), "HAP__TRAIN__EPOCHS": "3", "HAP__SPLIT__SAMPLE_RATIO__GLOBAL_NEG": "0.5"}
+    cfg = load_config(environ=env)
+    assert cfg.home == tmp_path.resolve()
+    assert cfg.train.epochs == 3 and cfg.split.sample_ratio["global_neg"] == 0.5
+    assert load_config(environ=env, overrides=["train.epochs=5"]).train.epochs == 5
+    assert cfg.path("lake") == tmp_path.resolve() / "lake"
+
+
+def test_bad_values_and_unknown_keys_are_refused(tmp_path):
+    env = {"HAP_HOME": str(tmp_path)}
+    with pytest.raises(KeyError, match="unknown config key"):
+        load_config(environ=env, overrides=["train.epoch=3"])
+    with pytest.raises(ValidationError):
+        load_config(environ=env, overrides=["simulate.scenario=sideways"])
+    with pytest.raises(ValidationError, match="N > M"):
+        load_config(environ=env, overrides=["model.expressive.mlp_dims=[8]"])
+
+
+def test_every_command_has_help():
+    from hap.cli import app
+    import typer.main
+
+    group = typer.main.get_command(app)
+    names = sorted(group.commands)
+    assert {"simulate", "ingest", "import-recflow"} <= set(names)
+    for name in names:
+        out = subprocess.run([sys.executable, "-m", "hap.cli", name, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0, (name, out.stderr)
+        assert "Usage" in out.stdout
+
+
+def test_cli_simulate_then_ingest(tmp_path):
+    env_home = tmp_path / "data"
+    cmd = [sys.executable, "-m", "hap.cli", "--set", "simulate.n_items=4000", "--set", "simulate.n_users=200"]
+    env = {"HAP_HOME": str(env_home), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([*cmd, "simulate", "--start", "2026-11-01", "--days", "1", "--requests", "50"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "simulated 2026-11-01: 50 requests" in out.stdout
+    out = subprocess.run([*cmd, "ingest", "--date", "2026-11-01"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "ingested 2026-11-01: 50 requests" in out.stdout
+    bad = subprocess.run([*cmd, "ingest", "--date", "2026-11-09"], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0
+    assert "never landed" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,76 @@
+"""Ingest joins the raw logs into the lake atomically and idempotently."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from hap import layout, schema
+from hap.errors import DataContractError
+from hap.ingest import ingest_day
+from hap.simulate import simulate_day
+
+DAY = dt.date(2026, 11, 1)
+
+
+@pytest.fixture
+def landed(make_cfg):
+    cfg = make_cfg(simulate__requests_per_day=80)
+    simulate_day(cfg, DAY, progress=False)
+    return cfg
+
+
+def _lake(cfg, table):
+    return ds.dataset(layout.lake_table(cfg, table), partitioning="hive").to_table()
+
+
+def test_ingest_joins_per_request_and_is_idempotent(landed):
+    cfg = landed
+    first = ingest_day(cfg, DAY)
+    lake = _lake(cfg, "samples")
+    assert first.samples == lake.num_rows
+    again = ingest_day(cfg, DAY)
+    relake = _lake(cfg, "samples")
+    assert again.samples == first.samples == relake.num_rows
+    assert relake.sort_by([("request_id", "ascending"), ("item_id", "ascending"), ("source", "ascending")]).equals(
+        lake.sort_by([("request_id", "ascending"), ("item_id", "ascending"), ("source", "ascending")]))
+    assert set(first.by_source) == set(schema.SOURCES)
+    # no temp folders left behind by the atomic rename
+    assert not [p for p in layout.lake_table(cfg, "samples").iterdir() if p.name.startswith(".")]
+
+
+def test_lake_rows_match_the_raw_logs(landed):
+    cfg = landed
+    ingest_day(cfg, DAY)
+    lake = _lake(cfg, "samples").to_pandas()
+    exposure = pq.read_table(layout.raw_log(cfg, DAY, "exposure")).to_pandas()
+    ranking = pq.read_table(layout.raw_log(cfg, DAY, "ranking")).to_pandas()
+    assert len(lake) == len(ranking)
+    assert (lake.source == "expose_pos").sum() == exposure.click.sum()
+    assert (lake.source == "expose_neg").sum() == (exposure.click == 0).sum()
+    assert lake.label.sum() == exposure.click.sum()
+    assert set(lake.loc[lake.label == 1, "source"]) == {"expose_pos"}
+    # request-side features come from the exposure log of the same request
+    by_req = exposure.groupby("request_id").u_id.first()
+    assert (lake.set_index("request_id").u_id == by_req.reindex(lake.request_id).to_numpy()).all()
+    assert (lake.dt.astype(str) == DAY.isoformat()).all()
+    full = _lake(cfg, "fullflow").to_pandas()
+    assert full.label.sum() <= exposure.click.sum()
+    assert len(full) == pq.read_metadata(layout.raw_log(cfg, DAY, "fullflow")).num_rows
+
+
+@pytest.mark.parametrize("damage", ["missing", "zero_byte", "truncated"])
+def test_unreadable_raw_logs_give_a_clear_error_and_no_lake_output(landed, damage):
+    cfg = landed
+    path = layout.raw_log(cfg, DAY, "ranking")
+    if damage == "missing":
+        path.unlink()
+    elif damage == "zero_byte":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DataContractError, match=str(path)):
+        ingest_day(cfg, DAY)
+    assert not layout.lake_partition(cfg, "samples", DAY).exists()
