@@ -1,0 +1,89 @@
+"""Shared benchmark plumbing: timing, peak memory in a clean child process, result tables.
+
+Machines here are shared and noisy, so each benchmark runs its baseline in the same process
+and reports ratios; absolute seconds are printed only as indications.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Measurement:
+    name: str
+    seconds: float
+    peak_rss_mb: float
+    rows: int = 0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else float("nan")
+
+
+def _child(fn: Callable[..., int], args: tuple, conn) -> None:
+    start = time.perf_counter()
+    rows = fn(*args)
+    seconds = time.perf_counter() - start
+    conn.send((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, int(rows or 0)))
+    conn.close()
+
+
+def measure(name: str, fn: Callable[..., int], *args: Any) -> Measurement:
+    """Run ``fn(*args)`` in a fresh spawned process; ``fn`` returns the rows it processed.
+
+    A fresh process gives an honest peak RSS for that stage alone (interpreter and imports
+    included; ``import_floor`` measures that floor).
+    """
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(fn, args, child))
+    proc.start()
+    child.close()
+    seconds, rss, rows = parent.recv()
+    proc.join()
+    return Measurement(name, seconds, rss, rows)
+
+
+def machine() -> str:
+    mem = psutil.virtual_memory().total / 2**30
+    return f"{platform.machine()}, {psutil.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}"
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict[str, Any], table: str) -> Path:
+    """``bench/results/NAME.json`` (figures) and ``NAME.md`` (the table, with the machine)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M"), **payload}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    md = f"### {name}\n\nMachine: {payload['machine']} ({payload['when']})\n\n{table}\n"
+    (RESULTS / f"{name}.md").write_text(md)
+    print(md)
+    return RESULTS / f"{name}.md"
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    return str(value)
