@@ -100,21 +100,12 @@ def import_recflow(
 
 
 def main() -> None:
-    """Entry point: run the app and turn expected failures into a clear message."""
+    """Entry point: run the app and turn expected failures into a clear message, no traceback."""
     try:
-        app(standalone_mode=False)
+        app()
     except HapError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(err.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as err:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
 
 
 if __name__ == "__main__":
