@@ -99,6 +99,23 @@ def import_recflow(
         typer.echo(f"imported {date}: {counts}")
 
 
+# ---- split and data version (issue 4) ------------------------------------------------------
+@app.command()
+def split(date: DateOpt) -> None:
+    """Build the difficulty-split training set and the full-flow eval set for the window ending on D."""
+    from hap.split import build_training_set
+
+    typer.echo(build_training_set(state.cfg, parse_date(date)).render())
+
+
+@app.command("data-version")
+def data_version(date: DateOpt) -> None:
+    """Print the content hash of the training set for the window ending on D."""
+    from hap.versioning import data_version as compute
+
+    typer.echo(compute(state.cfg, parse_date(date)))
+
+
 def main() -> None:
     """Entry point: run the app and turn expected failures into a clear message, no traceback."""
     try:

@@ -93,7 +93,9 @@ class SimulateConfig(_Section):
 class SplitConfig(_Section):
     window_days: int = Field(ge=1)
     sample_ratio: dict[str, float]
-    eval_max_requests: int
+    eval_max_requests: int = Field(ge=1)
+    seed: int = 11
+    batch_rows: int = Field(default=131072, ge=1024)
 
 
 class TowerConfig(_Section):

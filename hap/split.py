@@ -1,0 +1,267 @@
+"""Split: the validated lake window ``[D - w + 1, D]`` → the difficulty-split training set.
+
+Writes, atomically as one folder ``training/dt=D/``:
+
+- ``train/difficulty={positive,hard,easy}/part-0.parquet``: one row per (request, sample) with its
+  ``group`` (the GHCL group it is contrasted in) and ``difficulty`` (``hap.schema``), Hive-
+  partitioned by difficulty. Each source is kept with probability ``split.sample_ratio[source]``,
+  decided by a salted hash of ``(request_id, item_id)``: no RNG state, so a rebuild of the same
+  window with the same params gives the same rows, in the same order, in the same bytes.
+- ``eval/part-0.parquet``: the full-flow eval set (every retrieved candidate of at most
+  ``split.eval_max_requests`` requests, the ones with the smallest request hash).
+- ``train/_data_version.json``: the content hash of the training set (``hap.versioning``).
+
+**Which day is evaluated.** The eval day is ``D + 1`` when that day has passed validation (the
+held-out day after the window, DESIGN §6; ``dvc repro`` ingests it). Otherwise — the daily run,
+where tomorrow does not exist yet — it is ``D``, the last day of the window, and the chosen eval
+requests are *removed from the training rows of D*, so the eval set stays held out at request
+level. ``SplitReport.eval_day`` and ``eval_held_out_day`` record which happened.
+
+Memory is bounded: the lake is streamed with ``pyarrow.dataset`` in ``split.batch_rows`` batches,
+and each difficulty buffers at most one row group before it is written.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from hap import layout, markers, schema
+from hap.atomic import atomic_dir, atomic_write_json
+from hap.config import Config
+from hap.errors import DataContractError, HapError
+
+PART_FILE = "part-0.parquet"
+REPORT_FILE = "split.json"
+PARQUET_OPTIONS = dict(compression="zstd", write_statistics=True)
+DIFFICULTIES: tuple[str, ...] = tuple(d.value for d in schema.Difficulty)
+_EVAL_SALT_OFFSET = 0x5EED  # a different hash stream for choosing eval requests
+
+
+@dataclass
+class SplitReport:
+    date: dt.date
+    window: list[dt.date]
+    eval_day: dt.date
+    eval_held_out_day: bool            # True: eval day is D+1; False: D, its eval requests removed from train
+    rows: int = 0                      # training rows written
+    lake_rows: int = 0                 # lake rows read from the window
+    by_source: dict[str, int] = field(default_factory=dict)
+    by_difficulty: dict[str, int] = field(default_factory=dict)
+    eval_requests: int = 0
+    eval_rows: int = 0
+    data_version: str = ""
+    train_path: Path | None = None
+    eval_path: Path | None = None
+
+    def summary(self) -> dict:
+        """Paths-free, deterministic summary (DVC tracks it as a metrics file)."""
+        out = asdict(self)
+        out.pop("train_path"), out.pop("eval_path")
+        out["date"], out["eval_day"] = self.date.isoformat(), self.eval_day.isoformat()
+        out["window"] = [d.isoformat() for d in self.window]
+        out["by_source"], out["by_difficulty"] = dict(sorted(self.by_source.items())), dict(
+            sorted(self.by_difficulty.items()))
+        return out
+
+    def render(self) -> str:
+        eval_note = "held-out day D+1" if self.eval_held_out_day else "last window day, requests held out"
+        diff = ", ".join(f"{k}={v}" for k, v in sorted(self.by_difficulty.items()))
+        return (f"split {self.date} (window {self.window[0]}..{self.window[-1]}): {self.rows} training rows "
+                f"of {self.lake_rows} ({diff}) -> {self.train_path}\n"
+                f"eval {self.eval_day} ({eval_note}): {self.eval_requests} requests, {self.eval_rows} rows "
+                f"-> {self.eval_path}\n"
+                f"data version {self.data_version}")
+
+
+# ---- deterministic hashing ------------------------------------------------------------------------
+def unit_hash(request_id: np.ndarray, item_id: np.ndarray | int, salt: int) -> np.ndarray:
+    """A uniform number in [0, 1) per (request_id, item_id, salt): splitmix64 over the pair.
+
+    Pure function of its inputs, so sampling never depends on batch boundaries or RNG state.
+    """
+    with np.errstate(over="ignore"):
+        r = np.asarray(request_id).astype(np.uint64)
+        i = np.asarray(item_id).astype(np.uint64)
+        x = r * np.uint64(0x9E3779B97F4A7C15) ^ (i + np.uint64(salt & 0xFFFFFFFF)) * np.uint64(0xC2B2AE3D27D4EB4F)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+# ---- eval day and eval requests -------------------------------------------------------------------
+def choose_eval_day(cfg: Config, date: dt.date) -> tuple[dt.date, bool]:
+    """``D + 1`` when it has passed validation and is in the lake, else ``D`` (see module doc)."""
+    nxt = date + dt.timedelta(days=1)
+    if markers.is_validated(cfg, nxt) and layout.lake_partition(cfg, "fullflow", nxt).exists():
+        return nxt, True
+    return date, False
+
+
+def _lake_dataset(cfg: Config, table: str, date: dt.date) -> ds.Dataset:
+    folder = layout.lake_partition(cfg, table, date)
+    files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
+    if not files:
+        raise HapError(f"split: no lake data at {folder} although {date} is marked validated; "
+                       f"run `hap ingest --date {date}` and `hap validate --date {date}`")
+    return ds.dataset([str(p) for p in files], format="parquet")
+
+
+def choose_eval_requests(cfg: Config, eval_day: dt.date) -> np.ndarray:
+    """The full-flow requests of ``eval_day`` with the smallest hashes, at most ``eval_max_requests``."""
+    ids = _lake_dataset(cfg, "fullflow", eval_day).to_table(columns=["request_id"])["request_id"]
+    ids = np.unique(ids.to_numpy())
+    h = unit_hash(ids, 0, cfg.split.seed + _EVAL_SALT_OFFSET)
+    order = np.lexsort((ids, h))[: cfg.split.eval_max_requests]
+    return np.sort(ids[order])
+
+
+def _write_eval_set(cfg: Config, eval_day: dt.date, request_ids: np.ndarray, out: Path) -> int:
+    dataset = _lake_dataset(cfg, "fullflow", eval_day)
+    keep = pa.array(request_ids, pa.int64())
+    feature_cols = [c for c in schema.EVAL_SET.names if c != "dt"]
+    rows = 0
+    with pq.ParquetWriter(out, schema.EVAL_SET, **PARQUET_OPTIONS) as writer:
+        for batch in dataset.to_batches(columns=feature_cols, batch_size=cfg.split.batch_rows,
+                                        filter=pc.is_in(ds.field("request_id"), value_set=keep)):
+            if batch.num_rows == 0:
+                continue
+            table = pa.Table.from_batches([batch])
+            table = table.append_column("dt", pa.array([eval_day.isoformat()] * table.num_rows, pa.string()))
+            writer.write_table(table.select(schema.EVAL_SET.names).cast(schema.EVAL_SET))
+            rows += table.num_rows
+    return rows
+
+
+# ---- the training set -----------------------------------------------------------------------------
+class _PartitionWriter:
+    """One Parquet file per difficulty; buffers up to one row group so files are not fragmented."""
+
+    def __init__(self, root: Path, row_group_rows: int) -> None:
+        self.root, self.row_group_rows = root, row_group_rows
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.buffers: dict[str, list[pa.Table]] = {d: [] for d in DIFFICULTIES}
+        self.buffered: Counter = Counter()
+
+    def add(self, difficulty: str, table: pa.Table) -> None:
+        self.buffers[difficulty].append(table)
+        self.buffered[difficulty] += table.num_rows
+        if self.buffered[difficulty] >= self.row_group_rows:
+            self._flush(difficulty)
+
+    def _flush(self, difficulty: str) -> None:
+        if not self.buffers[difficulty]:
+            return
+        if difficulty not in self.writers:
+            folder = self.root / f"difficulty={difficulty}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.writers[difficulty] = pq.ParquetWriter(folder / PART_FILE, schema.TRAINING_SET, **PARQUET_OPTIONS)
+        self.writers[difficulty].write_table(pa.concat_tables(self.buffers[difficulty]),
+                                             row_group_size=self.row_group_rows)
+        self.buffers[difficulty], self.buffered[difficulty] = [], 0
+
+    def close(self) -> None:
+        for difficulty in DIFFICULTIES:
+            self._flush(difficulty)
+        for writer in self.writers.values():
+            writer.close()
+
+
+def _label_batch(batch: pa.RecordBatch, day: dt.date, cfg: Config, ratios: np.ndarray,
+                 drop_requests: pa.Array | None) -> tuple[pa.Table, np.ndarray]:
+    """Sample one lake batch and add ``dt``, ``group``, ``difficulty``; returns the rows and their
+    source index (into ``schema.SOURCES``)."""
+    src_idx = pc.index_in(batch["source"], value_set=pa.array(schema.SOURCES))
+    if src_idx.null_count:
+        bad = pc.unique(pc.filter(batch["source"], pc.is_null(src_idx))).to_pylist()[:5]
+        raise DataContractError(f"split: unknown sample source(s) {bad} in the lake for {day}")
+    idx = src_idx.to_numpy(zero_copy_only=False).astype(np.int64)
+    keep = unit_hash(batch["request_id"].to_numpy(), batch["item_id"].to_numpy(), cfg.split.seed) < ratios[idx]
+    if drop_requests is not None:
+        keep &= ~pc.is_in(batch["request_id"], value_set=drop_requests).to_numpy(zero_copy_only=False)
+    table = pa.Table.from_batches([batch]).filter(pa.array(keep))
+    idx = idx[keep]
+    groups = np.array([schema.GROUP_OF_SOURCE[s] for s in schema.SOURCES], dtype=object)
+    diffs = np.array([schema.DIFFICULTY_OF_SOURCE[s] for s in schema.SOURCES], dtype=object)
+    table = (table.append_column("dt", pa.array([day.isoformat()] * table.num_rows, pa.string()))
+             .append_column("group", pa.array(groups[idx], pa.string()))
+             .append_column("difficulty", pa.array(diffs[idx], pa.string())))
+    return table.select(schema.TRAINING_SET.names).cast(schema.TRAINING_SET), idx
+
+
+def _sample_ratios(cfg: Config) -> np.ndarray:
+    unknown = set(cfg.split.sample_ratio) - set(schema.SOURCES)
+    if unknown:
+        raise HapError(f"split.sample_ratio: unknown source(s) {sorted(unknown)}; known: {list(schema.SOURCES)}")
+    ratios = np.array([float(cfg.split.sample_ratio.get(s, 1.0)) for s in schema.SOURCES])
+    if ((ratios < 0) | (ratios > 1)).any():
+        raise HapError(f"split.sample_ratio: every ratio must be in [0, 1], got {cfg.split.sample_ratio}")
+    return ratios
+
+
+def build_training_set(cfg: Config, date: dt.date) -> SplitReport:
+    """Build ``training/dt=D/{train,eval}`` from the validated lake window ending on ``date``."""
+    from hap.versioning import record_data_version  # local: versioning imports this module's constants
+
+    date = layout.day(date)
+    window = layout.window(date, cfg.split.window_days)
+    markers.require_validated(cfg, window, "split")
+    ratios = _sample_ratios(cfg)
+    eval_day, held_out = choose_eval_day(cfg, date)
+    eval_ids = choose_eval_requests(cfg, eval_day)
+    datasets = {day: _lake_dataset(cfg, "samples", day) for day in window}
+
+    report = SplitReport(date=date, window=window, eval_day=eval_day, eval_held_out_day=held_out)
+    by_source: Counter = Counter()
+    target = layout.training_set(cfg, date).parent
+    read_cols = [c for c in schema.TRAINING_SET.names if c not in ("dt", "group", "difficulty")]
+    with atomic_dir(target) as tmp:
+        train_dir, eval_dir = tmp / layout.training_set(cfg, date).name, tmp / layout.eval_set(cfg, date).name
+        train_dir.mkdir()
+        eval_dir.mkdir()
+        writer = _PartitionWriter(train_dir, cfg.split.batch_rows)
+        try:
+            for day, dataset in datasets.items():
+                drop = pa.array(eval_ids, pa.int64()) if (day == eval_day and not held_out) else None
+                for batch in dataset.to_batches(columns=read_cols, batch_size=cfg.split.batch_rows):
+                    report.lake_rows += batch.num_rows
+                    table, idx = _label_batch(batch, day, cfg, ratios, drop)
+                    by_source.update(dict(zip(*np.unique(idx, return_counts=True))))
+                    for difficulty in DIFFICULTIES:
+                        part = table.filter(pc.equal(table["difficulty"], difficulty))
+                        if part.num_rows:
+                            writer.add(difficulty, part)
+        finally:
+            writer.close()
+        report.eval_rows = _write_eval_set(cfg, eval_day, eval_ids, eval_dir / PART_FILE)
+        report.eval_requests = len(eval_ids)
+        report.by_source = {schema.SOURCES[int(i)]: int(n) for i, n in by_source.items()}
+        report.rows = sum(report.by_source.values())
+        diff_counts: Counter = Counter()
+        for source, n in report.by_source.items():
+            diff_counts[schema.DIFFICULTY_OF_SOURCE[source]] += n
+        report.by_difficulty = dict(diff_counts)
+        report.data_version = record_data_version(train_dir)
+    report.train_path, report.eval_path = layout.training_set(cfg, date), layout.eval_set(cfg, date)
+    atomic_write_json(layout.metrics_dir(cfg, date) / REPORT_FILE, report.summary())
+    return report
+
+
+def open_training_set(path: Path) -> ds.Dataset:
+    """The training set as a ``pyarrow.dataset`` (hive partition ``difficulty``; ``_*`` files ignored)."""
+    return ds.dataset(str(path), format="parquet", partitioning="hive", schema=schema.TRAINING_SET)
+
+
+def read_report(cfg: Config, date: dt.date) -> dict:
+    return json.loads((layout.metrics_dir(cfg, date) / REPORT_FILE).read_text())
