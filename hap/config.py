@@ -155,6 +155,10 @@ class GateConfig(_Section):
     min_gain: float
     max_slice_regression: float
     max_flops_per_request: float
+    cost_metric: str = "flops_per_request"
+    slice_prefixes: list[str] = ["auc_slice_"]
+    experiment: str = "hap-daily"
+    smoke_timeout_s: float = 180.0
 
 
 class AlertsConfig(_Section):
