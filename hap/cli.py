@@ -116,6 +116,50 @@ def data_version(date: DateOpt) -> None:
     typer.echo(compute(state.cfg, parse_date(date)))
 
 
+@app.command("recall-curve")
+def recall_curve(date: DateOpt) -> None:
+    """Write the per-K recall curve (DVC plot data) from the day's eval.json."""
+    from hap.plots import write_recall_curve
+
+    typer.echo(f"wrote {write_recall_curve(state.cfg, parse_date(date))}")
+
+
+# ---- registry and promotion gate (issue 6) ------------------------------------------------
+@app.command()
+def register(date: DateOpt) -> None:
+    """Log the day's training run to MLflow and register its bundle as a model version."""
+    from hap.registry import register_day
+
+    version = register_day(state.cfg, parse_date(date))
+    typer.echo(f"registered {state.cfg.gate.model_name} v{version} for {date}")
+
+
+@app.command()
+def gate(date: DateOpt) -> None:
+    """Compare the day's model with the champion on the same eval set; promote it or not."""
+    from hap.gate import blessing_path, gate_day
+
+    blessing = gate_day(state.cfg, parse_date(date))
+    typer.echo(blessing.render())
+    typer.echo(f"blessing: {blessing_path(state.cfg, date)}")
+
+
+@app.command()
+def rollback() -> None:
+    """Move the champion alias back to the previous champion."""
+    from hap.registry import rollback as run_rollback
+
+    typer.echo(run_rollback(state.cfg).render())
+
+
+@app.command()
+def models() -> None:
+    """List registered versions with aliases, key metrics, data version and gate verdict."""
+    from hap.registry import list_models, render_models
+
+    typer.echo(render_models(state.cfg, list_models(state.cfg)))
+
+
 def main() -> None:
     """Entry point: run the app and turn expected failures into a clear message, no traceback."""
     try:
