@@ -183,6 +183,10 @@ class OrchestrationConfig(_Section):
     retry_delay_seconds: float
     timezone: str
     cron: str
+    train_deployment: str = "train-ghcl/train-ghcl"
+    retrain_every_days: int = Field(default=1, ge=1)
+    date_lock_timeout_seconds: float = Field(default=3600, gt=0)
+    dvc_push: bool = True
 
 
 class Config(_Section):
