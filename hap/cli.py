@@ -160,6 +160,45 @@ def models() -> None:
     typer.echo(render_models(state.cfg, list_models(state.cfg)))
 
 
+# ---- orchestration (issue 7): through Prefect, in a subprocess so hap/ never imports flows/ ----
+def _flows(*args: str) -> None:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "flows.cli"]
+    if state.params:
+        cmd += ["--params", str(state.params)]
+    for override in state.overrides:
+        cmd += ["--set", override]
+    code = subprocess.call([*cmd, *args])
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command("run")
+def run_day(
+    date: Annotated[Optional[str], typer.Option("--date", "-d", help="Day to process (default: yesterday).")] = None,
+    force_train: Annotated[bool, typer.Option("--force-train", help="Retrain even if the skip rule says no.")] = False,
+) -> None:
+    """Run the daily retraining flow (Prefect) for one day."""
+    _flows("run", *(["--date", date] if date else []), *(["--force-train"] if force_train else []))
+
+
+@app.command()
+def backfill(
+    start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD (inclusive).")],
+    force_train: Annotated[bool, typer.Option("--force-train")] = False,
+) -> None:
+    """Run the daily flow (Prefect) over a date range, in date order."""
+    _flows("backfill", "--start", start, "--end", end, *(["--force-train"] if force_train else []))
+
+
+@app.command()
+def schedule() -> None:
+    """Serve the daily-retrain deployment on this machine (flow.serve with params' cron)."""
+    _flows("schedule")
+
+
 def main() -> None:
     """Entry point: run the app and turn expected failures into a clear message, no traceback."""
     try:

@@ -1,0 +1,106 @@
+"""Command line of the flows: ``python -m flows.cli run|backfill|schedule``.
+
+``hap run``, ``hap backfill`` and ``hap schedule`` call this module in a subprocess, so the
+library ``hap/`` never imports ``flows/`` (or Prefect). Expected failures print one line.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from hap.config import parse_override
+from hap.errors import HapError
+
+app = typer.Typer(help="Run the HAP flows through Prefect.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+
+
+class _Opts:
+    params: Optional[str] = None
+    overrides: dict[str, Any] = {}
+
+
+opts = _Opts()
+
+
+@app.callback()
+def _global(
+    params: Annotated[Optional[Path], typer.Option(help="params.yaml to use.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key (repeatable).")] = None,
+) -> None:
+    opts.params = str(params) if params else None
+    opts.overrides = dict(parse_override(o) for o in set_ or [])
+
+
+def _raise_on_failure(state: Any) -> Any:
+    """The flow's result, or its ``HapError`` re-raised (so the exit code is the step's own)."""
+    result = state.result(raise_on_failure=False)
+    if not state.is_completed():
+        if isinstance(result, HapError):
+            raise result
+        raise HapError(state.message or f"flow run ended {state.name}")
+    return result
+
+
+@app.command()
+def run(
+    date: Annotated[Optional[str], typer.Option("--date", "-d", help="Day to process (default: yesterday).")] = None,
+    force_train: Annotated[bool, typer.Option("--force-train", help="Retrain even if the skip rule says no.")] = False,
+) -> None:
+    """Run the daily retraining flow for one day."""
+    from flows.daily import daily_retrain
+
+    state = daily_retrain(date=date, force_train=force_train, overrides=opts.overrides,
+                          params_file=opts.params, return_state=True)
+    summary = _raise_on_failure(state)
+    from flows.report import gate_verdict
+
+    typer.echo(f"{summary['date']}: retrain={summary.get('retrain')} ({summary.get('retrain_reason')}); "
+               f"model version {summary.get('model_version') or '-'}; gate {gate_verdict(summary.get('gate'))}")
+
+
+@app.command()
+def backfill(
+    start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD (inclusive).")],
+    force_train: Annotated[bool, typer.Option("--force-train")] = False,
+) -> None:
+    """Run the daily flow over a date range, in order."""
+    from flows.backfill import backfill as backfill_flow
+
+    state = backfill_flow(start=start, end=end, force_train=force_train, overrides=opts.overrides,
+                          params_file=opts.params, return_state=True)
+    for row in _raise_on_failure(state):
+        typer.echo(f"{row['date']}: {row['state']}")
+
+
+@app.command()
+def schedule() -> None:
+    """Serve the daily-retrain deployment on this machine (cron and timezone from params.yaml)."""
+    from prefect.schedules import Cron
+
+    from flows.common import run_config
+    from flows.daily import daily_retrain
+
+    cfg = run_config(opts.overrides, None, opts.params)
+    o = cfg.orchestration
+    typer.echo(f"serving daily-retrain: cron '{o.cron}' ({o.timezone}); needs a Prefect server "
+               "(PREFECT_API_URL) for the schedule to fire; Ctrl-C to stop")
+    daily_retrain.serve(name="daily-retrain", schedules=[Cron(o.cron, timezone=o.timezone)],
+                        parameters={"overrides": opts.overrides, "params_file": opts.params},
+                        tags=["hap", "daily"])
+
+
+def main() -> None:
+    try:
+        app()
+    except HapError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(getattr(err, "exit_code", 1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""What every flow shares: the config a run uses, and the date it runs for.
+
+Flow parameters stay JSON (deployments and ``run_deployment`` send them over the API): a date
+string, ``overrides`` as dotted keys (``{"train.epochs": 1}``), an optional data root ``home``
+and an optional ``params_file``. Every flow rebuilds the same ``Config`` from them.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from hap.config import Config, load_config
+from hap.errors import HapError
+
+QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
+             "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+
+
+def quiet_env() -> None:
+    """Telemetry off for every library the flows touch (STACK.md)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def run_spec(overrides: dict[str, Any] | None = None, home: str | None = None,
+             params_file: str | None = None) -> dict[str, Any]:
+    """The JSON parameters that rebuild a run's config in another flow or on another worker."""
+    return {"overrides": dict(overrides or {}), "home": home, "params_file": params_file}
+
+
+def run_config(overrides: dict[str, Any] | None = None, home: str | None = None,
+               params_file: str | None = None) -> Config:
+    environ = dict(os.environ)
+    if home:
+        environ["HAP_HOME"] = str(home)
+    return load_config(params_file, dict(overrides or {}), environ=environ)
+
+
+def resolve_date(cfg: Config, date: str | dt.date | None) -> dt.date:
+    """The day a run processes: the given one, or yesterday in the schedule's timezone."""
+    if date is None or date == "":
+        return dt.datetime.now(ZoneInfo(cfg.orchestration.timezone)).date() - dt.timedelta(days=1)
+    if isinstance(date, dt.date):
+        return date
+    try:
+        return dt.date.fromisoformat(str(date))
+    except ValueError:
+        raise HapError(f"'{date}' is not a date of the form YYYY-MM-DD") from None
+
+
+def date_range(start: dt.date, end: dt.date) -> list[dt.date]:
+    if end < start:
+        raise HapError(f"backfill: end {end} is before start {start}")
+    return [start + dt.timedelta(days=i) for i in range((end - start).days + 1)]

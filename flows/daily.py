@@ -1,0 +1,125 @@
+"""``daily_retrain(date)``: ingest -> validate -> split -> train -> evaluate -> register -> gate ->
+monitor -> version the data (``dvc push``).
+
+- Failures: a transient fault is retried (``flows.retry``); a ``HapError`` such as
+  ``ValidationFailed`` is not. A failed validation ends the flow Failed with validation's own
+  message before any training, so the champion stays where it was.
+- Concurrency: the whole run holds ``hap-date-<D>`` (one run per date; a second one waits, then
+  refuses) and DVC operations hold ``dvc-<repo>`` (``flows.locks``).
+- Skip rule: ``flows.policy`` decides whether the day retrains; an alert can force the next one.
+- Output: a markdown artifact ``daily-retrain-<D>`` and ``metrics/dt=D/daily_run.json``; a
+  monitoring alert also emits the Prefect event ``hap.monitor.alert`` and an alert artifact.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+
+from flows import policy, report, tasks
+from flows.common import quiet_env, resolve_date, run_config, run_spec
+from flows.locks import date_lock
+from hap import layout
+from hap.atomic import atomic_write_json
+from hap.config import Config
+from hap.errors import HapError, ValidationFailed
+
+SUMMARY_FILE = "daily_run.json"
+ALERT_EVENT = "hap.monitor.alert"
+
+
+def _step(step: Any, cfg: Config, *args: Any) -> Any:
+    return tasks.configured(step, cfg)(cfg, *args)
+
+
+def _where(cfg: Config, day: dt.date) -> dict[str, Any]:
+    from hap.tracking import tracking_uri
+
+    return {"model_name": cfg.gate.model_name, "tracking_uri": tracking_uri(cfg),
+            "metrics_dir": str(layout.metrics_dir(cfg, day))}
+
+
+def _train(cfg: Config, day: dt.date, spec: dict[str, Any]) -> dict[str, Any]:
+    if cfg.orchestration.train_on == "gpu-pool":
+        return tasks.configured(tasks.train_remote, cfg)(cfg, day, spec)
+    return _step(tasks.train, cfg, day)
+
+
+def _retrain(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str, Any]) -> None:
+    summary["split"] = _step(tasks.split, cfg, day)
+    summary["train"] = _train(cfg, day, spec)
+    summary["model_dir"] = str(layout.model_dir(cfg, day))
+    summary["evaluate"] = _step(tasks.evaluate, cfg, day)
+    summary["model_version"] = _step(tasks.register, cfg, day)
+    summary["gate"] = _step(tasks.gate, cfg, day)
+    policy.consume_request(cfg, day)
+
+
+def _monitor(cfg: Config, day: dt.date, summary: dict[str, Any]) -> None:
+    """Monitoring that cannot run yet (no champion, no reference days) is a note, not a failure."""
+    try:
+        result = _step(tasks.monitor, cfg, day)
+    except HapError as err:
+        summary["monitor_note"] = f"monitoring skipped: {err}"
+        get_run_logger().warning(summary["monitor_note"])
+        return
+    summary["monitor"] = result
+    alerts = result.get("alerts") or []
+    if alerts:
+        raise_alert(cfg, day, alerts, result.get("html_report"))
+
+
+def raise_alert(cfg: Config, day: dt.date, alerts: list[Any], html_report: str | None) -> None:
+    """A breach: a Prefect event (automations can page or trigger a run), an artifact, and a
+    retrain request for the next run when ``monitor.on_alert: retrain``."""
+    iso = day.isoformat()
+    emit_event(event=ALERT_EVENT,
+               resource={"prefect.resource.id": f"hap.monitor.{iso}", "prefect.resource.name": f"HAP monitoring {iso}"},
+               payload={"date": iso, "alerts": [str(a) for a in alerts], "html_report": html_report,
+                        "on_alert": cfg.monitor.on_alert})
+    create_markdown_artifact(report.render_alert(iso, alerts, html_report), key=f"monitor-alert-{iso}",
+                             description=f"HAP monitoring alert for {iso}")
+    if cfg.monitor.on_alert == "retrain":
+        policy.request_retrain(cfg, day, alerts)
+
+
+def run_day(cfg: Config, day: dt.date, force_train: bool, spec: dict[str, Any]) -> dict[str, Any]:
+    """Every step for one day, in order; the summary is written even when a step fails."""
+    summary: dict[str, Any] = {"date": day.isoformat(), "status": "running", **_where(cfg, day)}
+    try:
+        summary["ingest"] = _step(tasks.ingest, cfg, day)
+        summary["validate"] = _step(tasks.validate, cfg, day)
+        decision = policy.decide(cfg, day, force=force_train)
+        summary.update(retrain=decision.retrain, retrain_reason=decision.reason)
+        if decision.retrain:
+            _retrain(cfg, day, spec, summary)
+        summary["champion"] = _step(tasks.champion, cfg)
+        _monitor(cfg, day, summary)
+        summary["version_data"] = _step(tasks.version_data, cfg, day, decision.retrain)
+        summary["status"] = "completed"
+    except BaseException as err:
+        summary.update(status="failed", error=str(err))
+        if isinstance(err, ValidationFailed):
+            summary["quarantine"] = str(layout.quarantine_day(cfg, day))
+            summary["retrain_reason"] = "validation failed: no training, champion unchanged"
+        raise
+    finally:
+        atomic_write_json(layout.metrics_dir(cfg, day) / SUMMARY_FILE, summary)
+        create_markdown_artifact(report.render_day(summary), key=f"daily-retrain-{day.isoformat()}",
+                                 description=f"HAP daily retrain for {day.isoformat()}")
+    return summary
+
+
+@flow(name="daily-retrain", log_prints=True)
+def daily_retrain(date: str | None = None, force_train: bool = False, overrides: dict[str, Any] | None = None,
+                  home: str | None = None, params_file: str | None = None) -> dict[str, Any]:
+    """Retrain the HAP pre-ranker on the day ``date`` (default: yesterday in the schedule's timezone)."""
+    quiet_env()
+    spec = run_spec(overrides, home, params_file)
+    cfg = run_config(**spec)
+    day = resolve_date(cfg, date)
+    with date_lock(day, cfg.orchestration.date_lock_timeout_seconds):
+        return run_day(cfg, day, force_train, spec)

@@ -1,0 +1,208 @@
+"""Thin Prefect tasks around the step functions of ``hap/``.
+
+Each task calls one step function with a ``Config`` and a date and returns a small JSON-friendly
+summary (counts, paths, versions), never a DataFrame. Retries: transient faults only (see
+``flows.retry``); their number and backoff come from ``params.yaml`` through ``configured``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+
+from flows import faults
+from flows.locks import dvc_lock
+from flows.retry import backoff, retry_condition
+from hap import layout
+from hap.config import REPO_ROOT, Config
+from hap.errors import HapError
+
+
+def summarize(obj: Any) -> Any:
+    """A JSON-friendly copy of a step result (dataclass, pydantic model, dict, path, date)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    elif hasattr(obj, "model_dump"):
+        obj = obj.model_dump()
+    if isinstance(obj, dict):
+        return {str(k): summarize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [summarize(v) for v in obj]
+    if isinstance(obj, (Path, dt.date)):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def _task(name: str):
+    return task(name=name, cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=retry_condition)
+
+
+def configured(step: Task, cfg: Config) -> Task:
+    """The task with this run's retry count and exponential backoff from ``params.yaml``."""
+    o = cfg.orchestration
+    return step.with_options(retries=o.retries, retry_delay_seconds=backoff(o.retry_delay_seconds, o.retries))
+
+
+# ---- data steps ----------------------------------------------------------------------------
+@_task("ingest")
+def ingest(cfg: Config, date: dt.date) -> dict[str, Any]:
+    faults.maybe_inject(cfg, "ingest")
+    from hap.ingest import ingest_day
+
+    return summarize(ingest_day(cfg, date))
+
+
+@_task("validate")
+def validate(cfg: Config, date: dt.date) -> dict[str, Any]:
+    """Raises ``ValidationFailed`` (never retried) after quarantining a bad day."""
+    faults.maybe_inject(cfg, "validate")
+    from hap.validate import validate_day
+
+    return summarize(validate_day(cfg, date))
+
+
+@_task("split")
+def split(cfg: Config, date: dt.date) -> dict[str, Any]:
+    faults.maybe_inject(cfg, "split")
+    from hap.split import build_training_set
+
+    return summarize(build_training_set(cfg, date))
+
+
+# ---- model steps ---------------------------------------------------------------------------
+@_task("train")
+def train(cfg: Config, date: dt.date, resume: bool = False) -> dict[str, Any]:
+    """Train in this process (``train_on: local``)."""
+    faults.maybe_inject(cfg, "train")
+    from hap.train import train_day
+
+    return summarize(train_day(cfg, date, resume=resume))
+
+
+@_task("train-on-gpu-pool")
+def train_remote(cfg: Config, date: dt.date, run_spec: dict[str, Any], resume: bool = False) -> dict[str, Any]:
+    """Train on the GPU work pool (``train_on: gpu-pool``) through the ``train-ghcl`` deployment.
+
+    The worker writes the bundle under the same data root (shared storage), so the result is read
+    back from ``layout.model_dir`` rather than passed through Prefect.
+    """
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(cfg.orchestration.train_deployment,
+                              parameters={**run_spec, "date": date.isoformat(), "resume": resume})
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        raise HapError(f"train-ghcl run {flow_run.name} for {date} ended "
+                       f"{state.name if state else 'without a state'}: {state.message if state else ''}")
+    bundle = layout.model_dir(cfg, date) / "bundle.json"
+    if not bundle.exists():
+        raise HapError(f"train-ghcl run {flow_run.name} completed but {bundle} is missing; "
+                       "the GPU worker must write to the same data root")
+    return {"model_dir": str(bundle.parent), "flow_run": flow_run.name, **json.loads(bundle.read_text())}
+
+
+@_task("evaluate")
+def evaluate(cfg: Config, date: dt.date) -> dict[str, Any]:
+    faults.maybe_inject(cfg, "evaluate")
+    from hap.evaluate import evaluate_day
+
+    return summarize(evaluate_day(cfg, date))
+
+
+@_task("register")
+def register(cfg: Config, date: dt.date) -> str:
+    """Log the MLflow run and register the model; retried when the tracking server is down."""
+    faults.maybe_inject(cfg, "register")
+    from hap.registry import register_day
+
+    return str(register_day(cfg, date))
+
+
+@_task("gate")
+def gate(cfg: Config, date: dt.date) -> dict[str, Any]:
+    faults.maybe_inject(cfg, "gate")
+    from hap.gate import gate_day
+
+    return summarize(gate_day(cfg, date))
+
+
+@_task("monitor")
+def monitor(cfg: Config, date: dt.date) -> dict[str, Any]:
+    faults.maybe_inject(cfg, "monitor")
+    from monitoring.daily import monitor_day
+
+    return summarize(monitor_day(cfg, date))
+
+
+@_task("champion")
+def champion(cfg: Config) -> dict[str, Any] | None:
+    """The current champion (version and metrics), or None before the first promotion."""
+    from hap.registry import list_models
+
+    models = summarize(list_models(cfg))
+    for model in models or []:
+        if isinstance(model, dict) and "champion" in (model.get("aliases") or []):
+            return model
+    return None
+
+
+# ---- data versioning -----------------------------------------------------------------------
+def _dvc(args: list[str], cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise OSError(f"`dvc {' '.join(args)}` failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return proc.stdout
+
+
+def dvc_targets(cfg: Config, date: dt.date, repo: Path = REPO_ROOT) -> list[str]:
+    """The dvc.yaml stages that produce this date's outputs, when the data root is the repo's."""
+    if not (repo / ".dvc").is_dir() or not (repo / "dvc.yaml").exists():
+        return []
+    try:
+        cfg.home.resolve().relative_to(repo.resolve())
+    except ValueError:
+        return []  # outputs outside the repository cannot be DVC outputs
+    targets = []
+    if date in cfg.pipeline.dates:
+        targets += [f"{stage}@{date.isoformat()}" for stage in ("simulate", "ingest", "validate")]
+    if date == cfg.pipeline.date and layout.model_dir(cfg, date).exists():
+        targets += ["split", "train", "evaluate"]
+    return targets
+
+
+@_task("version-data")
+def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
+    """Record the day's data version; commit its dvc.yaml stages to dvc.lock and ``dvc push``.
+
+    Holds the repository's DVC concurrency slot: parallel DVC operations fail on DVC's repo lock.
+    """
+    faults.maybe_inject(cfg, "version-data")
+    out: dict[str, Any] = {"data_version": None, "dvc": "skipped"}
+    if trained:
+        from hap.versioning import data_version
+
+        out["data_version"] = data_version(cfg, date)
+    if not cfg.orchestration.dvc_push:
+        out["dvc"] = "disabled (orchestration.dvc_push: false)"
+        return out
+    targets = dvc_targets(cfg, date)
+    if not targets:
+        out["dvc"] = "skipped: this date's outputs are not dvc.yaml stages (data root or date outside the pipeline)"
+        return out
+    with dvc_lock(REPO_ROOT, timeout_seconds=cfg.orchestration.date_lock_timeout_seconds):
+        _dvc(["commit", "--force", "--quiet", *targets], REPO_ROOT)
+        _dvc(["push", "--quiet", *targets], REPO_ROOT)
+    out["dvc"] = f"committed to dvc.lock and pushed: {', '.join(targets)}"
+    return out
