@@ -1,0 +1,202 @@
+"""``hap gate``: bless or reject the day's registered model against the champion, then move aliases.
+
+Metrics measured on different days are not comparable, so the champion is re-evaluated here on
+the challenger's own eval set, from the champion's registered artifact. The rule itself is
+``hap.blessing.decide``. A blessed model must also pass a load-and-predict smoke test of its
+registered artifact in a fresh process, whose scores must match the in-process bundle. The
+blessing record (every metric, threshold, delta, verdict and reason) is written to
+``metrics/dt=D/blessing.json`` and logged to the model's run.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hap import layout, registry, tracking
+from hap.atomic import atomic_write_json
+from hap.blessing import Decision, decide
+from hap.config import Config
+from hap.errors import HapError
+
+BLESSING_FILE = "blessing.json"
+SMOKE_TOLERANCE = 1e-4
+
+_SMOKE_SCRIPT = """
+import json, sys
+import mlflow.artifacts, mlflow.pyfunc
+from mlflow.models import Model
+local = mlflow.artifacts.download_artifacts(sys.argv[1])
+example = Model.load(local).load_input_example(local)
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(example)
+print("SMOKE " + json.dumps({"rows": len(example), "score": [float(x) for x in out["score"]],
+                             "routed": [bool(x) for x in out["routed"]]}))
+"""
+
+
+@dataclass
+class SmokeTest:
+    passed: bool
+    uri: str
+    rows: int = 0
+    max_abs_diff: float | None = None
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class Blessing:
+    date: str
+    model_name: str
+    challenger_version: str
+    champion_version: str | None
+    verdict: str                       # pass | fail
+    reasons: list[str]
+    promoted: bool
+    eval_set: str
+    eval_set_hash: str
+    challenger_metrics: dict[str, Any]
+    champion_metrics: dict[str, Any] | None
+    thresholds: dict[str, Any]
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    smoke_test: dict[str, Any] | None = None
+    previous_version: str | None = None
+    created_at: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    def render(self) -> str:
+        head = (f"gate {self.date}: {self.model_name} v{self.challenger_version} vs champion "
+                f"{('v' + self.champion_version) if self.champion_version else '(none)'}: {self.verdict.upper()}")
+        if self.promoted:
+            head += f" -> champion" + (f" (previous: v{self.previous_version})" if self.previous_version else "")
+        elif self.verdict == "fail":
+            head += " -> challenger; champion unchanged"
+        return "\n".join([head, *(f"  - {r}" for r in self.reasons)])
+
+
+def smoke_test(cfg: Config, version: str, expected: list[float] | None = None) -> SmokeTest:
+    """Load ``models:/NAME/VERSION`` in a fresh interpreter, predict its input example, compare."""
+    import time
+
+    uri = registry.model_uri(cfg, version)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", _SMOKE_SCRIPT, uri], capture_output=True, text=True,
+                              env=tracking.subprocess_env(cfg), cwd=str(cfg.home),
+                              timeout=cfg.gate.smoke_timeout_s)
+    except subprocess.TimeoutExpired:
+        return SmokeTest(False, uri, reason=f"smoke test timed out after {cfg.gate.smoke_timeout_s:g}s")
+    seconds = time.perf_counter() - start
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SMOKE ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return SmokeTest(False, uri, seconds=seconds, reason=f"smoke test failed to load/predict {uri}: {tail[0]}")
+    out = json.loads(lines[-1][len("SMOKE "):])
+    scores = out["score"]
+    if len(scores) != out["rows"] or not all(math.isfinite(s) for s in scores):
+        return SmokeTest(False, uri, out["rows"], seconds=seconds, reason="smoke test: missing or non-finite scores")
+    diff = None
+    if expected is not None:
+        diff = max((abs(a - b) for a, b in zip(scores, expected)), default=0.0)
+        if len(expected) != len(scores) or diff > SMOKE_TOLERANCE:
+            return SmokeTest(False, uri, out["rows"], diff, seconds,
+                             reason=f"smoke test: the registered artifact's scores differ from the bundle's "
+                                    f"(max |diff| {diff:.3g})")
+    return SmokeTest(True, uri, out["rows"], diff, seconds)
+
+
+def _expected_scores(cfg: Config, date: dt.date) -> list[float]:
+    from hap.pyfunc_model import HapPrerankModel
+
+    example = registry.input_example(cfg, date)
+    scorer = HapPrerankModel().load(layout.model_dir(cfg, date))
+    return [float(x) for x in scorer.predict(None, example)["score"]]
+
+
+def _thresholds(cfg: Config) -> dict[str, Any]:
+    g = cfg.gate
+    return {"primary_metric": cfg.evaluate.primary_metric, "floors": dict(g.floors), "min_gain": g.min_gain,
+            "max_slice_regression": g.max_slice_regression, "slice_prefixes": list(g.slice_prefixes),
+            "cost_metric": g.cost_metric, "max_flops_per_request": g.max_flops_per_request}
+
+
+def blessing_path(cfg: Config, date: dt.date | str):
+    return layout.metrics_dir(cfg, date) / BLESSING_FILE
+
+
+def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
+    """Compare the day's registered version with the champion on the same eval set; move aliases."""
+    from hap.evaluate import evaluate_bundle
+    from hap.versioning import content_hash
+
+    date = layout.day(date)
+    iso = date.isoformat()
+    c = tracking.client(cfg)
+    name = cfg.gate.model_name
+    challenger = registry.version_for_day(cfg, date, c)
+    if challenger is None:
+        raise HapError(f"no version of '{name}' registered for {iso}; run `hap register --date {iso}` first")
+    eval_json = layout.metrics_dir(cfg, date) / "eval.json"
+    if not eval_json.exists():
+        raise HapError(f"no eval metrics at {eval_json}; run `hap evaluate --date {iso}` first")
+    challenger_metrics = json.loads(eval_json.read_text())
+    eval_path = layout.eval_set(cfg, date)
+    eval_hash, _ = content_hash(eval_path)
+
+    champion = registry.alias_version(cfg, registry.CHAMPION, c)
+    if champion is not None and champion.version == challenger.version:
+        previous = blessing_path(cfg, date)
+        if previous.exists():
+            return Blessing(**json.loads(previous.read_text()))
+        raise HapError(f"v{challenger.version} is already the champion")
+
+    champion_metrics: dict[str, Any] | None = None
+    reasons_extra: list[str] = []
+    if champion is not None:
+        try:
+            champion_metrics = evaluate_bundle(cfg, registry.load_bundle_of(cfg, champion.version), eval_path)
+        except Exception as err:  # a champion we cannot re-evaluate gives no comparable baseline
+            reasons_extra.append(f"could not re-evaluate champion v{champion.version} on this eval set: {err}")
+            champion_metrics = {}
+
+    decision: Decision = decide(challenger_metrics, champion_metrics, cfg.gate, cfg.evaluate.primary_metric)
+    reasons = decision.reasons + reasons_extra
+    smoke: SmokeTest | None = None
+    if not reasons:
+        smoke = smoke_test(cfg, challenger.version, _expected_scores(cfg, date))
+        if not smoke.passed:
+            reasons.append(smoke.reason)
+    verdict = "pass" if not reasons else "fail"
+
+    previous_version = None
+    if verdict == "pass":
+        previous_version = registry.promote(cfg, challenger.version, c)
+    else:
+        registry.mark_challenger(cfg, challenger.version, c)
+
+    blessing = Blessing(
+        date=iso, model_name=name, challenger_version=challenger.version,
+        champion_version=champion.version if champion is not None else None,
+        verdict=verdict, reasons=reasons, promoted=verdict == "pass",
+        eval_set=str(eval_path), eval_set_hash=eval_hash,
+        challenger_metrics=challenger_metrics, champion_metrics=champion_metrics,
+        thresholds=_thresholds(cfg), checks=decision.to_dict()["checks"],
+        smoke_test=asdict(smoke) if smoke else None, previous_version=previous_version,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    path = blessing_path(cfg, date)
+    atomic_write_json(path, asdict(blessing))
+    c.set_model_version_tag(name, challenger.version, registry.TAG_VERDICT, verdict)
+    c.set_model_version_tag(name, challenger.version, registry.TAG_REASON, ("; ".join(reasons) or "ok")[:4000])
+    if challenger.run_id:
+        c.log_artifact(challenger.run_id, str(path), artifact_path="gate")
+        c.set_tag(challenger.run_id, registry.TAG_VERDICT, verdict)
+    return blessing

@@ -1,0 +1,84 @@
+"""The registered model ``hap-prerank``: one MLflow pyfunc holding both towers and the router.
+
+The version's artifacts are the whole bundle folder written by ``hap train`` (light and
+expressive weights, ``bundle.json`` with the routing config and calibrated threshold). Loading
+goes through ``hap.models.load_bundle``, so the registry serves exactly the DAMR scorer that
+``hap evaluate`` measured. Input: one row per candidate with ``request_id``, ``item_id`` and the
+29 feature columns; rows of several requests may be mixed. Output, in input order: the final
+DAMR score, the light score, the expressive score (NaN where not routed), the routing decision
+and the final rank within the request.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import mlflow.pyfunc
+
+from hap import schema
+
+BUNDLE_ARTIFACT = "bundle"
+INPUT_COLUMNS: tuple[str, ...] = ("request_id", "item_id", *schema.FEATURE_COLUMNS)
+OUTPUT_COLUMNS: tuple[str, ...] = ("request_id", "item_id", "score", "light_score", "expressive_score",
+                                   "routed", "rank")
+
+
+def to_contract_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
+    """Cast served input back to the eval-set dtypes of ``hap.schema`` (JSON widens int32 to int64)."""
+    frame = frame.reset_index(drop=True).copy()
+    for name in schema.FEATURE_COLUMNS:
+        if name == schema.USER_SEQUENCE:
+            frame[name] = [np.asarray(seq, np.int32) for seq in frame[name]]
+        elif name in schema.DENSE_FEATURES:
+            frame[name] = frame[name].astype(np.float32)
+        else:
+            frame[name] = frame[name].astype(np.int32)
+    return frame
+
+
+def serving_example(frame: pd.DataFrame) -> pd.DataFrame:
+    """The sequence column as int64 lists, so the logged signature survives a JSON round trip."""
+    frame = frame.reset_index(drop=True).copy()
+    frame[schema.USER_SEQUENCE] = [np.asarray(seq, np.int64) for seq in frame[schema.USER_SEQUENCE]]
+    return frame
+
+
+def score_frame(bundle: Any, frame: pd.DataFrame) -> pd.DataFrame:
+    """Score every request in ``frame`` through DAMR; one output row per input row, same order."""
+    frame = to_contract_dtypes(frame)
+    out = pd.DataFrame({
+        "request_id": frame["request_id"].to_numpy(np.int64),
+        "item_id": frame["item_id"].to_numpy(np.int64),
+        "score": np.zeros(len(frame), np.float64),
+        "light_score": np.zeros(len(frame), np.float64),
+        "expressive_score": np.full(len(frame), np.nan, np.float64),
+        "routed": np.zeros(len(frame), bool),
+        "rank": np.zeros(len(frame), np.int64),
+    })
+    for _, index in frame.groupby("request_id", sort=False).indices.items():
+        result = bundle.score_request(frame.iloc[index])
+        out.loc[index, "score"] = np.asarray(result.final, np.float64)
+        out.loc[index, "light_score"] = np.asarray(result.light, np.float64)
+        out.loc[index, "expressive_score"] = np.asarray(result.expressive, np.float64)
+        out.loc[index, "routed"] = np.asarray(result.routed, bool)
+        out.loc[index, "rank"] = np.asarray(result.rank, np.int64)
+    return out
+
+
+class HapPrerankModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: ``load_context`` loads the bundle, ``predict`` scores candidates."""
+
+    def load_context(self, context) -> None:  # noqa: ANN001 (mlflow's PythonModelContext)
+        self.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
+
+    def load(self, bundle_dir: Path) -> "HapPrerankModel":
+        from hap.models import load_bundle
+
+        self._bundle = load_bundle(Path(bundle_dir))
+        return self
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 (untyped: keep our signature)
+        return score_frame(self._bundle, pd.DataFrame(model_input))

@@ -1,0 +1,351 @@
+"""MLflow tracking and the ``hap-prerank`` model registry: register, aliases, rollback, listing.
+
+``register_day`` turns one day's training outputs (the bundle folder, ``history.json``,
+``diagnostics.json`` and ``eval.json``) into one MLflow run and one registered model version.
+The version carries the tags that tie it to its exact inputs (DESIGN §5): git commit, the DVC
+data version of its training set, the data window and the day. Aliases carry the decisions:
+``champion`` serves, ``previous`` is what ``hap rollback`` returns to, ``challenger`` is the
+last rejected candidate. Re-registering an unchanged bundle returns the existing version.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import math
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hap import layout, tracking
+from hap.config import REPO_ROOT, Config
+from hap.errors import HapError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
+
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+MODEL_ARTIFACT = "model"
+EXAMPLE_CANDIDATES = 32
+# Tags on every model version (and its run).
+TAG_DATE, TAG_DATA_VERSION, TAG_WINDOW, TAG_GIT = "hap.date", "data_version", "data_window", "git_commit"
+TAG_GIT_DIRTY, TAG_BUNDLE_HASH, TAG_TRAIN_PATH = "git_dirty", "hap.bundle_hash", "training_set_path"
+TAG_VERDICT, TAG_REASON, TAG_REPLACED = "gate.verdict", "gate.reason", "hap.replaced_version"
+# Runtime deps of the pyfunc; explicit, since inference is slow and pins torch without +cpu.
+PIP_REQUIREMENTS = ["torch==2.13.0", "pandas<3", "numpy", "pyarrow", "pyyaml", "pydantic>=2", "mlflow"]
+
+
+# ---- small helpers ----------------------------------------------------------------------------
+def metric_key(name: str) -> str:
+    """MLflow metric names may not hold '@': ``recall@50`` is logged as ``recall_at_50``."""
+    return re.sub(r"[^\w.\-/ :]", "_", name.replace("@", "_at_"))
+
+
+def bundle_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def git_commit() -> tuple[str, bool]:
+    """(HEAD commit, working tree dirty?) of the code that trained the model."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        return head, dirty
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def metric_series(tree: Any, prefix: str = "") -> list[tuple[str, float, int]]:
+    """(key, value, step) of every number in a history/diagnostics JSON, whatever its shape.
+
+    Lists of records use their ``epoch``/``step`` field as the step (else their index); lists of
+    numbers use their index; scalars get step 0.
+    """
+    out: list[tuple[str, float, int]] = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out += metric_series(value, f"{prefix}{key}/")
+    elif isinstance(tree, list):
+        for index, item in enumerate(tree):
+            if isinstance(item, dict):
+                step = item.get("epoch", item.get("step", index))
+                step = int(step) if _is_number(step) else index
+                for key, value in flatten(item).items():
+                    if key not in ("epoch", "step") and _is_number(value):
+                        out.append((metric_key(prefix + key.replace(".", "/")), float(value), step))
+            elif _is_number(item):
+                out.append((metric_key(prefix[:-1]), float(item), index))
+    elif _is_number(tree):
+        out.append((metric_key(prefix[:-1]), float(tree), 0))
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@contextlib.contextmanager
+def alias_lock(cfg: Config) -> Iterator[None]:
+    """Serialize alias moves between processes (embedded store; a server serializes its own)."""
+    with tracking._init_lock(cfg):
+        yield
+
+
+# ---- registration ------------------------------------------------------------------------------
+def input_example(cfg: Config, date: dt.date | str) -> "pd.DataFrame":
+    """The first eval request's first candidates, in the model's input layout."""
+    import pyarrow.dataset as ds
+
+    from hap.pyfunc_model import INPUT_COLUMNS, serving_example
+
+    path = layout.eval_set(cfg, date)
+    if not path.exists():
+        raise HapError(f"no eval set at {path}; run `hap split --date {layout.day(date)}` first")
+    table = ds.dataset(path, format="parquet").head(4096, columns=list(INPUT_COLUMNS))
+    frame = table.to_pandas()
+    first = frame["request_id"].iloc[0]
+    return serving_example(frame[frame["request_id"] == first].head(EXAMPLE_CANDIDATES))
+
+
+def versions(cfg: Config, c: "MlflowClient | None" = None) -> list["ModelVersion"]:
+    c = c or tracking.client(cfg)
+    found = c.search_model_versions(f"name='{cfg.gate.model_name}'")
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def version_for_day(cfg: Config, date: dt.date | str, c: "MlflowClient | None" = None) -> "ModelVersion | None":
+    """The newest version registered for ``date``."""
+    iso = layout.day(date).isoformat()
+    mine = [v for v in versions(cfg, c) if v.tags.get(TAG_DATE) == iso]
+    return mine[-1] if mine else None
+
+
+def register_day(cfg: Config, date: dt.date | str) -> str:
+    """Log the day's training run to MLflow and register its bundle as ``hap-prerank``; the version."""
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.models import infer_signature
+
+    from hap.pyfunc_model import BUNDLE_ARTIFACT, HapPrerankModel
+
+    date = layout.day(date)
+    iso = date.isoformat()
+    bundle_dir, metrics_dir = layout.model_dir(cfg, date), layout.metrics_dir(cfg, date)
+    if not (bundle_dir / "bundle.json").exists():
+        raise HapError(f"no model bundle at {bundle_dir}; run `hap train --date {iso}` first")
+    eval_metrics = _read_json(metrics_dir / "eval.json")
+    if eval_metrics is None:
+        raise HapError(f"no eval metrics at {metrics_dir / 'eval.json'}; run `hap evaluate --date {iso}` first")
+
+    c = tracking.client(cfg)
+    digest = bundle_hash(bundle_dir)
+    for v in versions(cfg, c):
+        if v.tags.get(TAG_DATE) == iso and v.tags.get(TAG_BUNDLE_HASH) == digest:
+            return v.version  # idempotent: this exact bundle is registered already
+
+    bundle_meta = _read_json(bundle_dir / "bundle.json") or {}
+    from hap.versioning import data_version
+
+    data_ver = data_version(cfg, date)
+    window = bundle_meta.get("window") or [d.isoformat() for d in layout.window(date, cfg.split.window_days)]
+    commit, dirty = git_commit()
+    tags = {
+        TAG_DATE: iso, TAG_DATA_VERSION: data_ver, TAG_WINDOW: ",".join(map(str, window)),
+        TAG_GIT: commit, TAG_GIT_DIRTY: str(dirty).lower(), TAG_BUNDLE_HASH: digest,
+        TAG_TRAIN_PATH: str(layout.training_set(cfg, date).relative_to(cfg.home)),
+    }
+    params = {metric_key(k): str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()
+              if not k.startswith("paths.")}
+
+    example = input_example(cfg, date)
+    scorer = HapPrerankModel().load(bundle_dir)
+    signature = infer_signature(example, scorer.predict(None, example))
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name=f"train-{iso}") as run:
+        mlflow.log_params(params)
+        mlflow.set_tags(tags)
+        now = int(time.time() * 1000)
+        series = metric_series(_read_json(bundle_dir / "history.json") or [], "train/")
+        series += metric_series(_read_json(bundle_dir / "diagnostics.json") or {}, "diag/")
+        series += [(metric_key(f"eval/{k}"), float(v), 0) for k, v in eval_metrics.items() if _is_number(v)]
+        batch = [Metric(key, value, now, step) for key, value, step in series]
+        for start in range(0, len(batch), 900):
+            c.log_batch(run.info.run_id, metrics=batch[start:start + 900], synchronous=True)
+        for name in ("bundle.json", "history.json", "diagnostics.json"):
+            if (bundle_dir / name).exists():
+                mlflow.log_artifact(str(bundle_dir / name), artifact_path="training")
+        mlflow.log_dict(eval_metrics, "eval/eval.json")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=HapPrerankModel(),
+            artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=cfg.gate.model_name,
+        )
+    version = str(info.registered_model_version)
+    for key, value in {**tags, "run_id": run.info.run_id}.items():
+        c.set_model_version_tag(cfg.gate.model_name, version, key, value)
+    return version
+
+
+# ---- aliases -----------------------------------------------------------------------------------
+def alias_version(cfg: Config, alias: str, c: "MlflowClient | None" = None) -> "ModelVersion | None":
+    from mlflow.exceptions import MlflowException
+
+    c = c or tracking.client(cfg)
+    try:
+        return c.get_model_version_by_alias(cfg.gate.model_name, alias)
+    except MlflowException:
+        return None
+
+
+def promote(cfg: Config, version: str, c: "MlflowClient | None" = None) -> str | None:
+    """Make ``version`` the champion; the old champion becomes ``previous``. The old champion."""
+    c = c or tracking.client(cfg)
+    name = cfg.gate.model_name
+    with alias_lock(cfg):
+        old = alias_version(cfg, CHAMPION, c)
+        if old is not None and old.version == str(version):
+            return None
+        if old is not None:
+            c.set_registered_model_alias(name, PREVIOUS, old.version)
+            c.set_model_version_tag(name, str(version), TAG_REPLACED, old.version)
+        # one row update: readers of @champion see the old version or the new one, never none
+        c.set_registered_model_alias(name, CHAMPION, str(version))
+        challenger = alias_version(cfg, CHALLENGER, c)
+        if challenger is not None and challenger.version == str(version):
+            c.delete_registered_model_alias(name, CHALLENGER)
+    return old.version if old is not None else None
+
+
+def mark_challenger(cfg: Config, version: str, c: "MlflowClient | None" = None) -> None:
+    c = c or tracking.client(cfg)
+    with alias_lock(cfg):
+        c.set_registered_model_alias(cfg.gate.model_name, CHALLENGER, str(version))
+
+
+@dataclass(frozen=True)
+class Rollback:
+    champion: str       # the version serving now
+    rolled_back: str    # the version that was champion before
+    previous: str | None
+
+    def render(self) -> str:
+        return (f"champion: v{self.rolled_back} -> v{self.champion}; "
+                f"previous is now {('v' + self.previous) if self.previous else 'unset'}")
+
+
+def rollback(cfg: Config) -> Rollback:
+    """Move ``champion`` back to ``previous``; ``previous`` moves one step further back."""
+    c = tracking.client(cfg)
+    name = cfg.gate.model_name
+    with alias_lock(cfg):
+        current, prev = alias_version(cfg, CHAMPION, c), alias_version(cfg, PREVIOUS, c)
+        if current is None:
+            raise HapError(f"no champion for '{name}': nothing to roll back")
+        if prev is None:
+            raise HapError(f"'{name}' has no previous champion (v{current.version} is the first): nothing to roll back to")
+        c.set_registered_model_alias(name, CHAMPION, prev.version)
+        c.set_model_version_tag(name, current.version, "hap.rolled_back", dt.datetime.now(dt.timezone.utc).isoformat())
+        before = prev.tags.get(TAG_REPLACED)
+        if before and before != current.version:
+            c.set_registered_model_alias(name, PREVIOUS, before)
+        else:
+            c.delete_registered_model_alias(name, PREVIOUS)
+            before = None
+    return Rollback(champion=prev.version, rolled_back=current.version, previous=before)
+
+
+# ---- reading back ------------------------------------------------------------------------------
+def model_uri(cfg: Config, version_or_alias: str) -> str:
+    sep = "/" if str(version_or_alias).isdigit() else "@"
+    return f"models:/{cfg.gate.model_name}{sep}{version_or_alias}"
+
+
+def load_model(cfg: Config, version_or_alias: str = CHAMPION):
+    """The registered pyfunc (``mlflow.pyfunc.PyFuncModel``) of a version or an alias."""
+    import mlflow.pyfunc
+
+    tracking.client(cfg)
+    return mlflow.pyfunc.load_model(model_uri(cfg, version_or_alias))
+
+
+def load_champion(cfg: Config):
+    return load_model(cfg, CHAMPION)
+
+
+def load_bundle_of(cfg: Config, version_or_alias: str):
+    """The ``HapBundle`` packaged in a registered version, loaded from the registry's artifact."""
+    return load_model(cfg, version_or_alias).unwrap_python_model()._bundle
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    version: str
+    aliases: list[str]
+    date: str
+    data_version: str
+    verdict: str
+    metrics: dict[str, float]
+    run_id: str
+
+
+def list_models(cfg: Config) -> list[ModelRow]:
+    from mlflow.exceptions import MlflowException
+
+    c = tracking.client(cfg)
+    try:  # version search does not fill aliases on every store; the registered model does
+        by_alias = c.get_registered_model(cfg.gate.model_name).aliases
+    except MlflowException:
+        return []
+    rows = []
+    for v in versions(cfg, c):
+        run_metrics = c.get_run(v.run_id).data.metrics if v.run_id else {}
+        aliases = sorted(a for a, ver in by_alias.items() if str(ver) == v.version)
+        rows.append(ModelRow(v.version, aliases, v.tags.get(TAG_DATE, ""),
+                             v.tags.get(TAG_DATA_VERSION, ""), v.tags.get(TAG_VERDICT, "-"),
+                             {k[len("eval/"):]: val for k, val in run_metrics.items() if k.startswith("eval/")},
+                             v.run_id or ""))
+    return rows
+
+
+def render_models(cfg: Config, rows: list[ModelRow]) -> str:
+    if not rows:
+        return f"no versions of '{cfg.gate.model_name}' registered yet"
+    keys = [metric_key(cfg.evaluate.primary_metric), "gauc", metric_key(cfg.gate.cost_metric)]
+    header = ["version", "aliases", "date", "data_version", "verdict", *keys]
+    body = [[f"v{r.version}", ",".join(r.aliases) or "-", r.date, r.data_version[:12], r.verdict,
+             *[(f"{r.metrics[k]:.4g}" if k in r.metrics else "-") for k in keys]] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(str(x).ljust(w) for x, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])

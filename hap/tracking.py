@@ -1,0 +1,86 @@
+"""Where MLflow lives: the tracking URI, a safely initialized SQLite store, the experiment.
+
+``MLFLOW_TRACKING_URI`` points at a server in production. Without it the embedded default is
+``sqlite:///<data root>/mlflow.db`` with artifacts under ``<data root>/mlartifacts``. A fresh
+SQLite database opened by two processes at once breaks (STACK.md), so the first process to
+touch it creates the schema and the experiment under an exclusive file lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hap.config import Config
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+
+def tracking_uri(cfg: Config) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{cfg.path('mlflow_db')}"
+
+
+def registry_uri(cfg: Config) -> str:
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri(cfg)
+
+
+def is_embedded(cfg: Config) -> bool:
+    return tracking_uri(cfg).startswith("sqlite:")
+
+
+def artifact_location(cfg: Config) -> str | None:
+    """Artifacts under the data root for the embedded store; a server decides its own."""
+    return cfg.path("mlflow_artifacts").as_uri() if is_embedded(cfg) else None
+
+
+@contextlib.contextmanager
+def _init_lock(cfg: Config) -> Iterator[None]:
+    if not is_embedded(cfg):
+        yield
+        return
+    lock = Path(str(cfg.path("mlflow_db")) + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def client(cfg: Config) -> "MlflowClient":
+    """An ``MlflowClient`` on an initialized store; also points the fluent API at it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(registry_uri(cfg))
+    with _init_lock(cfg):
+        c = MlflowClient(tracking_uri=uri, registry_uri=registry_uri(cfg))
+        if c.get_experiment_by_name(cfg.gate.experiment) is None:
+            c.create_experiment(cfg.gate.experiment, artifact_location=artifact_location(cfg))
+    return c
+
+
+def experiment_id(cfg: Config) -> str:
+    exp = client(cfg).get_experiment_by_name(cfg.gate.experiment)
+    assert exp is not None
+    return exp.experiment_id
+
+
+def subprocess_env(cfg: Config) -> dict[str, str]:
+    """Environment for a child process that must see the same tracking store."""
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = tracking_uri(cfg)
+    env["MLFLOW_REGISTRY_URI"] = registry_uri(cfg)
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.setdefault("DO_NOT_TRACK", "1")
+    return env
