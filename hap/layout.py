@@ -64,3 +64,13 @@ def window(end: dt.date | str, days: int) -> list[dt.date]:
     """The ``days`` dates ending on ``end``, oldest first."""
     end = day(end)
     return [end - dt.timedelta(days=days - 1 - i) for i in range(days)]
+
+
+def monitoring_workspace(cfg: Config) -> Path:
+    """The local Evidently workspace that ``evidently ui`` serves (``hap dashboard``)."""
+    return cfg.path("monitoring") / "workspace"
+
+
+def monitoring_day(cfg: Config, date: dt.date | str) -> Path:
+    """A day's monitoring outputs: table.json, the cached frame, report.html, report.json."""
+    return cfg.path("monitoring") / "days" / partition(date)

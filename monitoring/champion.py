@@ -1,0 +1,87 @@
+"""The serving model as monitoring sees it: a light scorer and a calibrated routing threshold.
+
+The champion comes from the registry's ``champion`` alias. When there is none yet (a fresh
+install, the first days of a backfill) monitoring runs data-side only and says so; it never
+fails the day for it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hap import schema
+from hap.config import Config
+from monitoring.table import Champion
+
+SCORE_BATCH = 65536
+
+
+def _window(raw: Any) -> tuple[dt.date, ...]:
+    """Parse a training window from bundle.json or a tag: a list of dates or "start..end"/"start,end"."""
+    if not raw:
+        return ()
+    if isinstance(raw, dict):
+        raw = raw.get("dates") or [raw.get("start"), raw.get("end")]
+    if isinstance(raw, str):
+        sep = ".." if ".." in raw else ","
+        raw = [p.strip() for p in raw.split(sep) if p.strip()]
+    days = [dt.date.fromisoformat(str(d)[:10]) for d in raw if d]
+    if len(days) == 2 and (days[1] - days[0]).days > 1:
+        days = [days[0] + dt.timedelta(days=i) for i in range((days[1] - days[0]).days + 1)]
+    return tuple(days)
+
+
+def routing_threshold(bundle: Any) -> float:
+    """The calibrated threshold of the bundle's router (DAMR's τ_route)."""
+    for owner in (bundle, getattr(bundle, "router", None), getattr(bundle, "routing", None)):
+        for name in ("threshold", "tau_route", "route_threshold"):
+            value = getattr(owner, name, None) if owner is not None else None
+            if isinstance(value, (int, float)):
+                return float(value)
+    meta = getattr(bundle, "meta", None) or getattr(bundle, "config", None) or {}
+    if isinstance(meta, dict):
+        routing = meta.get("routing", {})
+        for name in ("threshold", "tau_route"):
+            if isinstance(routing.get(name), (int, float)):
+                return float(routing[name])
+    raise ValueError("the bundle exposes no calibrated routing threshold")
+
+
+def from_bundle(bundle: Any, version: str, window: Any = None, source: str = "") -> Champion:
+    """Wrap a loaded ``hap.models.HapBundle``: light scores in batches of candidates."""
+    threshold = routing_threshold(bundle)
+    columns = ["request_id", "item_id", *schema.FEATURE_COLUMNS]
+
+    def score(frame: pd.DataFrame) -> np.ndarray:
+        out = np.empty(len(frame), np.float64)
+        for start in range(0, len(frame), SCORE_BATCH):
+            part = frame.iloc[start:start + SCORE_BATCH][[c for c in columns if c in frame]]
+            out[start:start + len(part)] = np.asarray(bundle.light_scores(part), np.float64).reshape(-1)
+        return out
+
+    if window is None:
+        meta = getattr(bundle, "meta", None) or {}
+        window = meta.get("window") if isinstance(meta, dict) else getattr(bundle, "window", None)
+    return Champion(version=str(version), threshold=threshold, score=score, window=_window(window), source=source)
+
+
+def from_registry(cfg: Config) -> tuple[Champion | None, str]:
+    """The ``champion`` alias of the registry, or (None, why) when there is none yet."""
+    from hap import tracking
+
+    if tracking.is_embedded(cfg) and not cfg.path("mlflow_db").exists():
+        return None, "no model registry yet"
+    try:
+        from hap import registry
+
+        version = registry.alias_version(cfg, registry.CHAMPION)
+        if version is None:
+            return None, f"no '{registry.CHAMPION}' alias on {cfg.gate.model_name} yet"
+        bundle = registry.load_bundle_of(cfg, version.version)
+        window = version.tags.get(registry.TAG_WINDOW)
+        return from_bundle(bundle, version.version, window or None, source=registry.model_uri(cfg, version.version)), ""
+    except Exception as err:  # noqa: BLE001 - the registry is optional for monitoring; say why and go on
+        return None, f"champion unavailable ({type(err).__name__}: {err})"
