@@ -70,7 +70,10 @@ def validate(cfg: Config, date: dt.date) -> dict[str, Any]:
     faults.maybe_inject(cfg, "validate")
     from hap.validate import validate_day
 
-    return summarize(validate_day(cfg, date))
+    report = validate_day(cfg, date)
+    return {"rows": summarize(report.rows), "expectations": len(report.findings),
+            "failures": len(report.failures), "warnings": len(report.warnings),
+            "docs": summarize(report.docs), "seconds": round(report.seconds, 2)}
 
 
 @_task("split")
@@ -143,7 +146,14 @@ def monitor(cfg: Config, date: dt.date) -> dict[str, Any]:
     faults.maybe_inject(cfg, "monitor")
     from monitoring.daily import monitor_day
 
-    return summarize(monitor_day(cfg, date))
+    report = monitor_day(cfg, date)
+    figures = {k: v for k, v in report.table.items() if isinstance(v, (int, float))}
+    figures.update({"drift_share": report.drift_share, "prediction_drift": report.prediction_drift})
+    return summarize({
+        "champion_version": report.champion_version, "figures": {k: v for k, v in figures.items() if v is not None},
+        "reference_days": report.reference.dates, "alerts": [a.message for a in report.alerts],
+        "html_report": report.html_report, "table_path": report.table_path, "snapshot_id": report.snapshot_id,
+        "notes": report.notes})
 
 
 @_task("champion")
@@ -201,6 +211,10 @@ def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
     if not targets:
         out["dvc"] = "skipped: this date's outputs are not dvc.yaml stages (data root or date outside the pipeline)"
         return out
+    if "evaluate" in targets:  # the evaluate stage's plot output, as `hap recall-curve` writes it
+        from hap.plots import write_recall_curve
+
+        write_recall_curve(cfg, date)
     with dvc_lock(REPO_ROOT, timeout_seconds=cfg.orchestration.date_lock_timeout_seconds):
         _dvc(["commit", "--force", "--quiet", *targets], REPO_ROOT)
         _dvc(["push", "--quiet", *targets], REPO_ROOT)
