@@ -199,6 +199,29 @@ def schedule() -> None:
     _flows("schedule")
 
 
+# ---- monitoring (monitoring/) --------------------------------------------------------------
+@app.command()
+def monitor(
+    date: DateOpt,
+    no_champion: Annotated[bool, typer.Option("--no-champion", help="Data-side only; skip the registry.")] = False,
+) -> None:
+    """Monitor a day: hard fractions, routed share, drift, CTR; Evidently snapshot, HTML, alerts."""
+    from monitoring.daily import monitor_day
+
+    report = monitor_day(state.cfg, parse_date(date), champion=None if no_champion else "registry")
+    typer.echo(report.render())
+
+
+@app.command()
+def dashboard(
+    port: Annotated[Optional[int], typer.Option(help="Port (default: monitor.ui_port).")] = None,
+) -> None:
+    """Serve the monitoring dashboards with `evidently ui` on 127.0.0.1 and print the URL."""
+    from monitoring.dashboards import serve
+
+    raise typer.Exit(serve(state.cfg, port))
+
+
 def main() -> None:
     """Entry point: run the app and turn expected failures into a clear message, no traceback."""
     try:

@@ -164,7 +164,7 @@ def frame_path(cfg: Config, date: dt.date) -> Path:
 def day_frame(cfg: Config, date: dt.date, champion: Champion | None) -> pd.DataFrame:
     """``build_frame``, cached on disk per (day, champion version): reference days are reused."""
     path = frame_path(cfg, date)
-    version = champion.version if champion else ""
+    version = f"{champion.version if champion else ''}|margin={cfg.monitor.margin}|types={cfg.simulate.n_content_types}"
     if path.exists():
         table = pq.read_table(path)
         meta = table.schema.metadata or {}
