@@ -1,0 +1,169 @@
+"""Run the JSON suites with Great Expectations 1.x on in-memory frames, and render Data Docs.
+
+One ephemeral GX context per validation run; each (suite, batch) pair becomes a GX
+``ValidationDefinition`` over a pandas dataframe asset, run with the suite parameters. Results
+are stored in the context, so ``build_docs`` renders the standard Data Docs site (HTML) into the
+day's validation folder. Results come back as flat ``Finding`` records for the summary and the
+error message.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from hap.suites import EXTRA_COLUMNS_NOTE
+
+ARG_KEYS = ("column", "column_A", "column_B", "column_list", "column_set", "value_set", "type_", "min_value", "max_value", "row_condition")
+
+
+@dataclass
+class Finding:
+    """One expectation's outcome (or one unreadable file), in the shape the summary and message use."""
+
+    file: str
+    suite: str
+    expectation: str
+    success: bool
+    severity: str = "critical"
+    args: dict[str, Any] = field(default_factory=dict)
+    why: str = ""
+    bad_rows: int | None = None
+    rows: int | None = None
+    observed: Any = None
+    examples: list[Any] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return not self.success and self.severity == "critical"
+
+    @property
+    def warning(self) -> bool:
+        return not self.success and self.severity != "critical"
+
+    def render(self) -> str:
+        args = ", ".join(f"{k}={_short(v)}" for k, v in self.args.items())
+        head = f"{self.file} [suite {self.suite}] {self.expectation}({args})"
+        if self.why:
+            head += f" -- {self.why}"
+        if self.error:
+            return f"{head}: {self.error}"
+        parts = []
+        if self.bad_rows is not None:
+            parts.append(f"{self.bad_rows} bad row(s)" + (f" of {self.rows}" if self.rows is not None else ""))
+        if self.observed is not None:
+            parts.append(f"observed {_short(self.observed)}")
+        if self.examples:
+            parts.append(f"e.g. {_short(self.examples, 300)}")
+        return f"{head}: {'; '.join(parts) or 'failed'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copies of GX result values (numpy scalars, timestamps, tuples)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            return value.item()
+        except (ValueError, AttributeError):
+            pass
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class GxRunner:
+    """A throwaway GX context: add suites and frames, run, collect findings, render docs."""
+
+    def __init__(self, docs_dir: Path | None, examples: int = 5, extra_columns: str = "warn") -> None:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        logging.getLogger("great_expectations").setLevel(logging.ERROR)
+        self.gx = gx
+        self.ctx = gx.get_context(mode="ephemeral")
+        self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        self.docs_dir = docs_dir
+        if docs_dir is not None:
+            self.ctx.add_data_docs_site(site_name="hap", site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            })
+        self.source = self.ctx.data_sources.add_pandas("hap")
+        self.examples = examples
+        self.extra_columns = extra_columns
+
+    def _suite(self, suite_json: dict[str, Any], batch: str) -> Any:
+        chosen = []
+        for exp in suite_json["expectations"]:
+            if exp.get("meta", {}).get("batch") != batch:
+                continue
+            exp = copy.deepcopy(exp)
+            if exp["meta"].get("check") == EXTRA_COLUMNS_NOTE:
+                exp["severity"] = "critical" if self.extra_columns == "fail" else "warning"
+            chosen.append(exp)
+        name = f"{suite_json['name']}.{batch}"
+        return self.ctx.suites.add(self.gx.ExpectationSuite(
+            name=name, expectations=chosen, meta={**suite_json.get("meta", {}), "batch": batch}))
+
+    def run(self, suite_json: dict[str, Any], batch: str, frame: pd.DataFrame, params: dict[str, Any],
+            file: str) -> list[Finding]:
+        """Run the ``batch`` part of a suite on ``frame``; one ``Finding`` per expectation."""
+        suite = self._suite(suite_json, batch)
+        if not suite.expectations:
+            return []
+        asset = self.source.add_dataframe_asset(f"{suite.name}")
+        definition = self.ctx.validation_definitions.add(self.gx.ValidationDefinition(
+            name=f"{suite.name}", data=asset.add_batch_definition_whole_dataframe("whole"), suite=suite))
+        index_cols = [c for c in ("request_id", "column") if c in frame.columns][:1] if len(frame) else []
+        result_format: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": self.examples}
+        if index_cols:
+            result_format["unexpected_index_column_names"] = index_cols
+        result = definition.run(batch_parameters={"dataframe": frame}, expectation_parameters=params,
+                                result_format=result_format)
+        return [self._finding(r, suite.name, file, len(frame)) for r in result.results]
+
+    def _finding(self, res: Any, suite: str, file: str, rows: int) -> Finding:
+        cfg = res.expectation_config
+        kwargs = cfg.kwargs
+        args = {k: _plain(kwargs[k]) for k in ARG_KEYS if kwargs.get(k) is not None}
+        if isinstance(args.get("row_condition"), dict):
+            args["row_condition"] = args["row_condition"].get("pass_through_filter", args["row_condition"])
+        if "column_set" in args:
+            args["column_set"] = f"<{len(args['column_set'])} contract columns>"
+        out = res.result or {}
+        severity = getattr(cfg.severity, "value", str(cfg.severity or "critical")).lower()
+        error = None
+        if res.exception_info and res.exception_info.get("raised_exception"):
+            error = "could not run: " + str(res.exception_info.get("exception_message", "")).splitlines()[0][:300]
+        examples = out.get("partial_unexpected_index_list") or out.get("partial_unexpected_list") or []
+        observed = out.get("observed_value")
+        if cfg.type == "expect_table_columns_to_match_set" and out.get("details"):
+            observed = _plain(out["details"].get("mismatched"))
+        return Finding(
+            file=file, suite=suite, expectation=cfg.type, success=bool(res.success), severity=severity, args=args,
+            why=(cfg.meta or {}).get("why", ""), bad_rows=out.get("unexpected_count"),
+            rows=out.get("element_count", rows if "unexpected_count" in out else None),
+            observed=_plain(observed), examples=_plain(list(examples)[: self.examples]), error=error)
+
+    def build_docs(self) -> Path | None:
+        if self.docs_dir is None:
+            return None
+        self.ctx.build_data_docs()
+        return self.docs_dir / "index.html"

@@ -1,0 +1,88 @@
+"""Quarantine: a bad day leaves the pipeline, with its data and the reason, and nothing is lost.
+
+``quarantine_day`` moves the day's landing folder and lake partitions into ``quarantine/dt=D/``
+and writes ``result.json`` (why). Validation calls it on failure; ingest and the flows call it
+when a raw log breaks its contract. ``markers.require_validated`` then refuses the day.
+``release_quarantine`` is for the operator who has fixed the data: either fixed in place under
+``quarantine/dt=D/landing/`` (it is moved back), or re-landed under ``landing/dt=D/`` (the fresh
+files win and the quarantined copy is archived). The stale lake partitions are discarded; the
+day then goes through ``hap ingest`` and ``hap validate`` again.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hap import layout, markers
+from hap.atomic import atomic_write_json
+from hap.config import Config
+from hap.errors import HapError
+
+RESULT_FILE = "result.json"
+RELEASED_DIR = ".released"
+
+
+def _move(src: Path, dst: Path) -> bool:
+    if not src.exists():
+        return False
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+    return True
+
+
+def quarantine_day(cfg: Config, date: dt.date | str, reason: dict[str, Any]) -> Path:
+    """Move the day's landing files and lake partitions to ``quarantine/dt=D`` with ``reason``."""
+    date = layout.day(date)
+    qdir = layout.quarantine_day(cfg, date)
+    qdir.mkdir(parents=True, exist_ok=True)
+    markers.clear_marker(cfg, date)
+    moved = {}
+    if _move(layout.landing_day(cfg, date), qdir / "landing"):
+        moved["landing"] = str(qdir / "landing")
+    for table in layout.LAKE_TABLES:
+        if _move(layout.lake_partition(cfg, table, date), qdir / "lake" / table):
+            moved[f"lake/{table}"] = str(qdir / "lake" / table)
+    atomic_write_json(qdir / RESULT_FILE, {
+        "date": date.isoformat(),
+        "quarantined_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "moved": moved,
+        "reason": reason,
+        "release": f"fix the data, then `hap release-quarantine --date {date}`",
+    })
+    return qdir
+
+
+@dataclass
+class ReleaseReport:
+    date: dt.date
+    restored_landing: bool
+    archived_to: Path
+
+    def render(self) -> str:
+        where = ("the quarantined landing files were moved back" if self.restored_landing
+                 else "the fresh files in landing/ were kept")
+        return (f"released {self.date} from quarantine: {where}; record archived at {self.archived_to}. "
+                f"Next: `hap ingest --date {self.date}` then `hap validate --date {self.date}`")
+
+
+def release_quarantine(cfg: Config, date: dt.date | str) -> ReleaseReport:
+    """Take a fixed day out of quarantine so that it can be ingested and validated again."""
+    date = layout.day(date)
+    qdir = layout.quarantine_day(cfg, date)
+    if not qdir.exists():
+        raise HapError(f"release-quarantine: {date} is not in quarantine ({qdir} does not exist)")
+    landing = layout.landing_day(cfg, date)
+    restored = False
+    if not landing.exists() and (qdir / "landing").exists():
+        restored = _move(qdir / "landing", landing)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    archive = cfg.path("quarantine") / RELEASED_DIR / f"{layout.partition(date)}-{stamp}"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(qdir, archive)
+    return ReleaseReport(date=date, restored_landing=restored, archived_to=archive)

@@ -1,0 +1,281 @@
+"""Validate a day's raw logs with the Great Expectations suites; quarantine a bad day.
+
+``validate_day`` reads ``landing/dt=D/{exposure,ranking,fullflow}.parquet`` (the pipeline runs
+ingest first, so the lake partition must exist too), runs ``expectations/*.json`` through GX on
+frames prepared pyarrow-side (``hap.validation_frames``), and writes
+``validation/dt=D/summary.json`` plus the GX Data Docs under ``validation/dt=D/docs/``.
+
+- Pass: the ``_VALIDATED.json`` marker is written; ``split`` and ``train`` require it.
+- Fail: the day moves to ``quarantine/dt=D/`` with the result (``hap.quarantine``) and
+  ``ValidationFailed`` carries a message naming each file, suite, failed expectation, bad-row
+  count and examples. The CLI prints it without a traceback and exits non-zero.
+
+Unreadable input (missing day or file, zero bytes, truncated Parquet) fails the same way. The
+volume check compares the row count with the median of the trailing days that passed, read from
+their summaries; thresholds are in ``params.yaml`` under ``validation:``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hap import layout, markers, schema
+from hap.atomic import atomic_write_json
+from hap.config import Config
+from hap.errors import HapError, ValidationFailed
+from hap.gx_runner import Finding, GxRunner
+from hap.quarantine import quarantine_day, release_quarantine  # noqa: F401 - the public API lives here too
+from hap.suites import load_suite_json
+from hap import validation_frames as vf
+
+SUMMARY_FILE = "summary.json"
+DOCS_DIR = "docs"
+SUITED = ("exposure", "ranking")      # raw logs with a GX suite; fullflow is checked for readability and columns
+
+
+@dataclass
+class ValidationReport:
+    date: dt.date
+    findings: list[Finding] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    docs: Path | None = None
+    seconds: float = 0.0
+    quarantined_to: Path | None = None
+
+    @property
+    def failures(self) -> list[Finding]:
+        return [f for f in self.findings if f.failed]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.warning]
+
+    @property
+    def success(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "date": self.date.isoformat(),
+            "status": "passed" if self.success else "failed",
+            "rows": self.rows,
+            "expectations": len(self.findings),
+            "failed": [f.to_dict() for f in self.failures],
+            "warnings": [f.to_dict() for f in self.warnings],
+            "passed": sum(f.success for f in self.findings),
+            "params": {k: str(v) if isinstance(v, (dt.datetime, dt.date)) else v for k, v in self.params.items()},
+            "docs": str(self.docs) if self.docs else None,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def render(self) -> str:
+        if self.success:
+            head = (f"validated {self.date}: {len(self.findings)} expectations passed "
+                    f"({', '.join(f'{k}={v}' for k, v in self.rows.items())} rows) in {self.seconds:.1f}s")
+        else:
+            head = (f"validation of {self.date} failed: {len(self.failures)} failed expectation(s) "
+                    f"of {len(self.findings)}")
+        lines = [head]
+        lines += [f"  FAIL {f.render()}" for f in self.failures]
+        lines += [f"  WARN {f.render()}" for f in self.warnings]
+        if self.quarantined_to:
+            lines.append(f"  the day was moved to {self.quarantined_to}; fix the data, then run "
+                         f"`hap release-quarantine --date {self.date}`")
+        if self.docs:
+            lines.append(f"  Data Docs: {self.docs}")
+        return "\n".join(lines)
+
+
+# ---- parameters ---------------------------------------------------------------------------------------
+def trailing_rows(cfg: Config, date: dt.date) -> dict[str, list[int]]:
+    """Row counts of the trailing days that passed validation, from their summaries."""
+    out: dict[str, list[int]] = {t: [] for t in SUITED}
+    for back in range(1, cfg.validation.volume_trailing_days + 1):
+        path = layout.validation_day(cfg, date - dt.timedelta(days=back)) / SUMMARY_FILE
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if summary.get("status") != "passed":
+            continue
+        for t in SUITED:
+            if t in summary.get("rows", {}):
+                out[t].append(int(summary["rows"][t]))
+    return out
+
+
+def suite_params(cfg: Config, date: dt.date) -> dict[str, Any]:
+    """Values of the suites' ``$PARAMETER`` references for ``date``."""
+    import pandas as pd
+
+    v, sim = cfg.validation, cfg.simulate
+    start = pd.Timestamp(date.isoformat(), tz="UTC")
+    params: dict[str, Any] = {
+        "day_start": start, "day_end": start + pd.Timedelta(days=1),
+        "ctr_min": v.ctr_min, "ctr_max": v.ctr_max,
+        "rank_keep": sim.rank_keep, "rank_neg_min_pos": sim.rank_keep + 1,
+        "prerank_neg_min_pos": sim.prerank_keep + 1,
+        "rank_neg_per_request": sim.rank_neg_per_request, "prerank_neg_per_request": sim.prerank_neg_per_request,
+    }
+    history = trailing_rows(cfg, date)
+    for t in SUITED:
+        if len(history[t]) >= v.volume_min_history:
+            median = statistics.median(history[t])
+            params[f"{t}_rows_min"] = max(1, int(v.volume_min_ratio * median))
+            params[f"{t}_rows_max"] = int(v.volume_max_ratio * median) + 1
+        else:
+            params[f"{t}_rows_min"], params[f"{t}_rows_max"] = 1, None
+        params[f"{t}_history_days"] = len(history[t])
+    return params
+
+
+# ---- running the checks --------------------------------------------------------------------------------
+def _problem_finding(problem: vf.ReadProblem, suite: str) -> Finding:
+    return Finding(file=problem.file, suite=suite, expectation=problem.check, success=False,
+                   why="the file must be readable Parquet", error=problem.message)
+
+
+def check_day(cfg: Config, date: dt.date, docs_dir: Path | None = None) -> ValidationReport:
+    """Run every check on the day's raw logs; no side effects besides the Data Docs."""
+    started = time.perf_counter()
+    report = ValidationReport(date=date, params=suite_params(cfg, date))
+    landing = layout.landing_day(cfg, date)
+    if not landing.exists():
+        report.findings.append(Finding(
+            file=str(landing), suite="landing", expectation="day_exists", success=False,
+            why="a day of logs must have landed", error=f"missing day: {landing} does not exist"))
+        report.seconds = time.perf_counter() - started
+        return report
+
+    tables: dict[str, pa.Table] = {}
+    for name in schema.RAW_LOGS:
+        table, problem = vf.read_table(layout.raw_log(cfg, date, name))
+        if problem:
+            report.findings.append(_problem_finding(problem, f"{name}_log"))
+        else:
+            tables[name] = table
+            report.rows[name] = table.num_rows
+
+    runner = GxRunner(docs_dir, examples=cfg.validation.examples, extra_columns=cfg.validation.extra_columns)
+    suites = {name: load_suite_json(name) for name in SUITED}
+    params = report.params
+    for name in SUITED:
+        if name in tables:
+            report.findings += runner.run(suites[name], "schema", vf.schema_frame(tables[name], schema.RAW_LOGS[name]), params,
+                                          str(layout.raw_log(cfg, date, name)))
+    if "fullflow" in tables:
+        missing = [c for c in schema.FULLFLOW_LOG.names if c not in tables["fullflow"].column_names]
+        report.findings.append(Finding(
+            file=str(layout.raw_log(cfg, date, "fullflow")), suite="fullflow_log", expectation="columns_present",
+            success=not missing, why="every contract column is present", observed=missing or None))
+
+    if report.success and all(n in tables for n in SUITED):
+        exposure, ranking = tables["exposure"], tables["ranking"]
+        exp_file, rank_file = (str(layout.raw_log(cfg, date, n)) for n in SUITED)
+        report.findings += runner.run(suites["exposure"], "rows", vf.exposure_rows(exposure, ranking), params,
+                                      exp_file)
+        report.findings += runner.run(suites["ranking"], "rows", vf.ranking_rows(ranking), params, rank_file)
+        per_request = vf.requests_frame(exposure, ranking, cfg.simulate.global_neg_per_pos)
+        report.findings += runner.run(suites["ranking"], "requests", per_request, params,
+                                      f"{rank_file} + {exp_file} (per request)")
+    elif tables:
+        report.findings.append(Finding(
+            file=str(landing), suite="landing", expectation="row_checks", success=True, severity="warning",
+            why="row-level and per-request checks skipped: a file is unreadable or breaks the schema"))
+    del tables
+    try:
+        report.docs = runner.build_docs()
+    except Exception as err:  # Data Docs are a convenience; a rendering bug must not hide the verdict
+        report.findings.append(Finding(file=str(docs_dir), suite="docs", expectation="build_data_docs",
+                                       success=False, severity="warning", error=str(err)[:300]))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _check_lake(cfg: Config, date: dt.date, report: ValidationReport) -> None:
+    """The raw logs passed; the lake partitions built from them must exist and match them."""
+    part = layout.lake_partition(cfg, "samples", date)
+    files = sorted(part.glob("*.parquet")) if part.exists() else []
+    if not files or not layout.lake_partition(cfg, "fullflow", date).exists():
+        raise HapError(f"validate: the raw logs of {date} pass, but the lake partition {part} is missing; "
+                       f"run `hap ingest --date {date}` first, then `hap validate --date {date}`")
+    lake_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if lake_rows != report.rows.get("ranking"):
+        raise HapError(f"validate: the lake partition {part} has {lake_rows} rows but the ranking log has "
+                       f"{report.rows.get('ranking')}: it is stale; re-run `hap ingest --date {date}`")
+
+
+def validate_day(cfg: Config, date: dt.date | str) -> ValidationReport:
+    """Validate one day; mark it validated, or quarantine it and raise ``ValidationFailed``."""
+    date = layout.day(date)
+    if markers.is_quarantined(cfg, date):
+        raise ValidationFailed(
+            f"validate: {date} is in quarantine ({layout.quarantine_day(cfg, date)}); fix the data, run "
+            f"`hap release-quarantine --date {date}`, `hap ingest --date {date}`, then validate again")
+    markers.clear_marker(cfg, date)
+    out_dir = layout.validation_day(cfg, date)
+    docs_dir = out_dir / DOCS_DIR if cfg.validation.data_docs else None
+    report = check_day(cfg, date, docs_dir)
+    if not report.success:
+        report.quarantined_to = layout.quarantine_day(cfg, date)
+        summary = report.to_dict()
+        atomic_write_json(out_dir / SUMMARY_FILE, summary)
+        quarantine_day(cfg, date, {"step": "validate", **summary})
+        raise ValidationFailed(report.render())
+    _check_lake(cfg, date, report)
+    summary = report.to_dict()
+    atomic_write_json(out_dir / SUMMARY_FILE, summary)
+    markers.mark_validated(cfg, date, {"summary": str(out_dir / SUMMARY_FILE), "rows": report.rows,
+                                       "warnings": len(report.warnings), "docs": summary["docs"]})
+    return report
+
+
+# ---- the training set ------------------------------------------------------------------------------------
+def check_training_set(cfg: Config, date: dt.date | str, docs_dir: Path | None = None) -> ValidationReport:
+    """Run ``expectations/training_set.json`` on the training set of the window ending ``date``."""
+    date = layout.day(date)
+    started = time.perf_counter()
+    root = layout.training_set(cfg, date)
+    report = ValidationReport(date=date, params=suite_params(cfg, date))
+    files = sorted(root.glob("difficulty=*/*.parquet")) if root.exists() else []
+    if not files:
+        report.findings.append(Finding(file=str(root), suite="training_set", expectation="files_exist",
+                                       success=False, error="no training set files"))
+        return report
+    runner = GxRunner(docs_dir, examples=cfg.validation.examples, extra_columns=cfg.validation.extra_columns)
+    suite = load_suite_json("training_set")
+    for path in files:
+        table, problem = vf.read_table(path)
+        if problem:
+            report.findings.append(_problem_finding(problem, "training_set"))
+            continue
+        report.rows[str(path.relative_to(root))] = table.num_rows
+        findings = runner.run(suite, "schema", vf.schema_frame(table, schema.TRAINING_SET), report.params, str(path))
+        report.findings += findings
+        if all(f.success or not f.failed for f in findings):
+            frame = vf.training_rows(table, path.parent.name.split("=", 1)[1])
+            report.findings += runner.run(suite, "rows", frame, report.params, str(path))
+    report.docs = runner.build_docs()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def validate_training_set(cfg: Config, date: dt.date | str) -> ValidationReport:
+    """Raise ``ValidationFailed`` when the training set breaks its suite (nothing is quarantined:
+    it is derived data; rebuild it with ``hap split``)."""
+    date = layout.day(date)
+    out_dir = layout.validation_day(cfg, date) / "training_set"
+    report = check_training_set(cfg, date, out_dir / DOCS_DIR if cfg.validation.data_docs else None)
+    atomic_write_json(out_dir / SUMMARY_FILE, report.to_dict())
+    if not report.success:
+        raise ValidationFailed(report.render())
+    return report
