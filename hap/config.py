@@ -90,6 +90,18 @@ class SimulateConfig(_Section):
         return self
 
 
+class ValidateConfig(_Section):
+    ctr_min: float = Field(ge=0.0, le=1.0)
+    ctr_max: float = Field(ge=0.0, le=1.0)
+    volume_trailing_days: int = Field(ge=1)
+    volume_min_history: int = Field(ge=1)
+    volume_min_ratio: float = Field(ge=0.0)
+    volume_max_ratio: float = Field(ge=1.0)
+    extra_columns: Literal["warn", "fail"]
+    examples: int = Field(ge=1)
+    data_docs: bool
+
+
 class SplitConfig(_Section):
     window_days: int = Field(ge=1)
     sample_ratio: dict[str, float]
@@ -200,6 +212,7 @@ class Config(_Section):
     evaluate: EvaluateConfig
     gate: GateConfig
     monitor: MonitorConfig
+    validation: ValidateConfig
     orchestration: OrchestrationConfig
 
     # ---- resolved locations under the data root -------------------------------------
