@@ -99,6 +99,23 @@ def import_recflow(
         typer.echo(f"imported {date}: {counts}")
 
 
+# ---- validation -----------------------------------------------------------------------------
+@app.command()
+def validate(date: DateOpt) -> None:
+    """Run the GX suites on a day's raw logs; mark it validated, or quarantine it and exit non-zero."""
+    from hap.validate import validate_day
+
+    typer.echo(validate_day(state.cfg, parse_date(date)).render())
+
+
+@app.command("release-quarantine")
+def release_quarantine(date: DateOpt) -> None:
+    """Take a fixed day out of quarantine, so that it can be ingested and validated again."""
+    from hap.quarantine import release_quarantine as release
+
+    typer.echo(release(state.cfg, parse_date(date)).render())
+
+
 # ---- split and data version (issue 4) ------------------------------------------------------
 @app.command()
 def split(date: DateOpt) -> None:
