@@ -174,9 +174,11 @@ class GateConfig(_Section):
 
 
 class AlertsConfig(_Section):
-    hard_fraction_model_abs_change: float
-    routed_share_abs_change: float
-    drift_share_max: float
+    hard_fraction_model_abs_change: float | None
+    routed_share_abs_change: float | None
+    drift_share_max: float | None
+    hard_fraction_data_abs_change: float | None = None
+    prediction_drift_max: float | None = None
 
 
 class MonitorConfig(_Section):
@@ -185,6 +187,11 @@ class MonitorConfig(_Section):
     margin: float
     drift_method: str
     drift_threshold: float
+    max_categories: int = 50
+    drift_exclude: list[str] = []
+    max_rows: int = Field(default=200000, ge=1000)
+    project: str = "hap-prerank"
+    ui_port: int = 8123
     alerts: AlertsConfig
     on_alert: Literal["retrain", "none"]
 
@@ -205,6 +212,7 @@ class Config(_Section):
     paths: PathsConfig
     pipeline: PipelineConfig
     simulate: SimulateConfig
+    validation: ValidateConfig
     split: SplitConfig
     model: ModelConfig
     train: TrainConfig
@@ -212,7 +220,6 @@ class Config(_Section):
     evaluate: EvaluateConfig
     gate: GateConfig
     monitor: MonitorConfig
-    validation: ValidateConfig
     orchestration: OrchestrationConfig
 
     # ---- resolved locations under the data root -------------------------------------
