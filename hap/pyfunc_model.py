@@ -75,9 +75,11 @@ class HapPrerankModel(mlflow.pyfunc.PythonModel):
         self.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
 
     def load(self, bundle_dir: Path) -> "HapPrerankModel":
+        import torch
+
         from hap.models import load_bundle
 
-        self._bundle = load_bundle(Path(bundle_dir))
+        self._bundle = load_bundle(Path(bundle_dir), device="cuda" if torch.cuda.is_available() else "cpu")
         return self
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 (untyped: keep our signature)

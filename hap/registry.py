@@ -37,6 +37,7 @@ EXAMPLE_CANDIDATES = 32
 # Tags on every model version (and its run).
 TAG_DATE, TAG_DATA_VERSION, TAG_WINDOW, TAG_GIT = "hap.date", "data_version", "data_window", "git_commit"
 TAG_GIT_DIRTY, TAG_BUNDLE_HASH, TAG_TRAIN_PATH = "git_dirty", "hap.bundle_hash", "training_set_path"
+TAG_DVC_MD5, TAG_DVC_OUT = "dvc_md5", "dvc_out"  # DVC's hash of the split stage output (hap.dvcref)
 TAG_VERDICT, TAG_REASON, TAG_REPLACED = "gate.verdict", "gate.reason", "hap.replaced_version"
 # Runtime deps of the pyfunc; explicit, since inference is slow and pins torch without +cpu.
 PIP_REQUIREMENTS = ["torch==2.13.0", "pandas<3", "numpy", "pyarrow", "pyyaml", "pydantic>=2", "mlflow"]
@@ -170,6 +171,7 @@ def register_day(cfg: Config, date: dt.date | str) -> str:
             return v.version  # idempotent: this exact bundle is registered already
 
     bundle_meta = _read_json(bundle_dir / "bundle.json") or {}
+    from hap.dvcref import dvc_dir_md5
     from hap.versioning import data_version
 
     data_ver = data_version(cfg, date)
@@ -179,6 +181,8 @@ def register_day(cfg: Config, date: dt.date | str) -> str:
         TAG_DATE: iso, TAG_DATA_VERSION: data_ver, TAG_WINDOW: ",".join(map(str, window)),
         TAG_GIT: commit, TAG_GIT_DIRTY: str(dirty).lower(), TAG_BUNDLE_HASH: digest,
         TAG_TRAIN_PATH: str(layout.training_set(cfg, date).relative_to(cfg.home)),
+        TAG_DVC_MD5: dvc_dir_md5(layout.training_set(cfg, date).parent),
+        TAG_DVC_OUT: str(layout.training_set(cfg, date).parent.relative_to(cfg.home)),
     }
     params = {metric_key(k): str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()
               if not k.startswith("paths.")}
