@@ -146,12 +146,15 @@ class TrainConfig(_Section):
     patience: int
     diagnostics_every: int
     num_threads: int
+    expressive_groups: Literal["hard", "all", "none"] = "hard"   # what the expressive model trains on
+    checkpoint_every: int = Field(default=1, ge=1)              # epochs between checkpoints
 
 
 class RoutingConfig(_Section):
     mode: Literal["topk", "threshold"]
     rho: float = Field(gt=0.0, le=1.0)
     cap: float = Field(gt=0.0, le=1.0)
+    serve: Literal["hap", "light", "expressive_all"] = "hap"     # which scorer the bundle serves
 
 
 class EvaluateConfig(_Section):
