@@ -56,6 +56,11 @@ def model_dir(cfg: Config, date: dt.date | str) -> Path:
     return cfg.path("models") / partition(date)
 
 
+def checkpoint_dir(cfg: Config, date: dt.date | str) -> Path:
+    """Training checkpoints for ``--resume``; outside the bundle folder, which is written atomically."""
+    return cfg.path("models") / ".checkpoints" / partition(date)
+
+
 def metrics_dir(cfg: Config, date: dt.date | str) -> Path:
     return cfg.path("metrics") / partition(date)
 
