@@ -5,6 +5,7 @@ tested without Prefect and the same text is printed by ``python -m flows.main``.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 KEY_METRICS = ("recall@10", "recall@50", "recall@100", "ndcg@50", "gauc", "auc", "logloss",
@@ -13,7 +14,7 @@ KEY_METRICS = ("recall@10", "recall@50", "recall@100", "ndcg@50", "gauc", "auc",
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return str(int(value)) if value.is_integer() and abs(value) < 1e12 else f"{value:.4g}"
     return str(value)
 
 
@@ -65,6 +66,11 @@ def render_day(summary: dict[str, Any]) -> str:
     counts = _counts(summary)
     if counts:
         out += ["", "## Counts", "", _table(counts, ("what", "rows"))]
+    train = summary.get("train") or {}
+    if train:
+        out += ["", "## Training", "",
+                f"- {train.get('epochs_run', '?')} epoch(s) on {train.get('device', '?')} x{train.get('world_size', 1)}"
+                f" in {_fmt(train.get('train_seconds', '?'))} s; validation {train.get('val_metric', {})}"]
     metrics = summary.get("evaluate") or {}
     if isinstance(metrics, dict) and metrics:
         out += ["", "## Offline metrics (eval set)", "", _table(_metric_rows(metrics), ("metric", "value"))]
@@ -76,8 +82,10 @@ def render_day(summary: dict[str, Any]) -> str:
     if monitor:
         figures = monitor.get("figures") or {}
         out += ["", "## Drift and hard-sample fraction", ""]
-        if isinstance(figures, dict) and figures:
-            out += [_table(sorted(figures.items()), ("figure", "value")), ""]
+        overall = {k: v for k, v in figures.items() if not re.search(r"_ct\d+$", k)} if isinstance(figures, dict) else {}
+        if overall:
+            out += [_table(sorted(overall.items()), ("figure (overall; per content type in the report)", "value")), ""]
+        out += [f"- note: {n}" for n in monitor.get("notes") or []]
         alerts = monitor.get("alerts") or []
         out += [f"- alerts: {len(alerts)}"] + [f"  - {a}" for a in alerts]
     elif summary.get("monitor_note"):
