@@ -37,6 +37,7 @@ class Finding:
     observed: Any = None
     examples: list[Any] = field(default_factory=list)
     error: str | None = None
+    gates: bool = True  # a failure here makes the row-level checks meaningless (unreadable, wrong schema)
 
     @property
     def failed(self) -> bool:
@@ -107,6 +108,7 @@ class GxRunner:
             })
         self.source = self.ctx.data_sources.add_pandas("hap")
         self.examples = examples
+        self._names: set[str] = set()
         self.extra_columns = extra_columns
 
     def _suite(self, suite_json: dict[str, Any], batch: str) -> Any:
@@ -119,6 +121,9 @@ class GxRunner:
                 exp["severity"] = "critical" if self.extra_columns == "fail" else "warning"
             chosen.append(exp)
         name = f"{suite_json['name']}.{batch}"
+        if name in self._names:  # the same suite on another file (a training-set partition)
+            name = f"{name}.{len(self._names)}"
+        self._names.add(name)
         return self.ctx.suites.add(self.gx.ExpectationSuite(
             name=name, expectations=chosen, meta={**suite_json.get("meta", {}), "batch": batch}))
 
@@ -160,10 +165,11 @@ class GxRunner:
             file=file, suite=suite, expectation=cfg.type, success=bool(res.success), severity=severity, args=args,
             why=(cfg.meta or {}).get("why", ""), bad_rows=out.get("unexpected_count"),
             rows=out.get("element_count", rows if "unexpected_count" in out else None),
-            observed=_plain(observed), examples=_plain(list(examples)[: self.examples]), error=error)
+            observed=_plain(observed), examples=_plain(list(examples)[: self.examples]), error=error,
+            gates=(cfg.meta or {}).get("gates", True))
 
     def build_docs(self) -> Path | None:
         if self.docs_dir is None:
             return None
-        self.ctx.build_data_docs()
+        self.ctx.build_data_docs(site_names=["hap"])
         return self.docs_dir / "index.html"

@@ -47,7 +47,7 @@ def type_name(t: pa.DataType) -> str:
     return str(t)
 
 
-def schema_frame(table: pa.Table, contract: pa.Schema) -> pd.DataFrame:
+def schema_frame(table: pa.Table, contract: pa.Schema, keys: tuple[str, ...] = ()) -> pd.DataFrame:
     """One row per column of the file or the contract: presence, Arrow types, nullability and
     null count (exact and cheap from Arrow), for the suites' schema checks."""
     rows = []
@@ -58,6 +58,7 @@ def schema_frame(table: pa.Table, contract: pa.Schema) -> pd.DataFrame:
             "arrow_type": type_name(table.schema.field(name).type) if in_file else "<missing>",
             "contract_type": type_name(contract.field(name).type) if in_contract else "<not in contract>",
             "nullable": contract.field(name).nullable if in_contract else True,
+            "key": name in keys,
             "null_count": int(table[name].null_count) if in_file else 0,
         })
     return pd.DataFrame(rows)
