@@ -66,12 +66,13 @@ def _window_datasets(cfg, days: int):
 
 def run_scan(home: str, requests: int, days: int) -> int:
     from hap import schema
+    from hap.split import stream_batches
 
     cfg = _cfg(home, requests, days)
     cols = [c for c in schema.TRAINING_SET.names if c not in ("dt", "group", "difficulty")]
     rows = 0
     for dataset in _window_datasets(cfg, days).values():
-        for batch in dataset.to_batches(columns=cols, batch_size=cfg.split.batch_rows):
+        for batch in stream_batches(dataset, cols, cfg.split.batch_rows):
             rows += batch.num_rows
     return rows
 
@@ -80,13 +81,13 @@ def run_label_only(home: str, requests: int, days: int) -> int:
     import pyarrow.compute as pc
 
     from hap import schema
-    from hap.split import DIFFICULTIES, _label_batch, _sample_ratios
+    from hap.split import DIFFICULTIES, _label_batch, _sample_ratios, stream_batches
 
     cfg = _cfg(home, requests, days)
     cols = [c for c in schema.TRAINING_SET.names if c not in ("dt", "group", "difficulty")]
     ratios, rows = _sample_ratios(cfg), 0
     for day, dataset in _window_datasets(cfg, days).items():
-        for batch in dataset.to_batches(columns=cols, batch_size=cfg.split.batch_rows):
+        for batch in stream_batches(dataset, cols, cfg.split.batch_rows):
             rows += batch.num_rows
             table, _ = _label_batch(batch, day, cfg, ratios, None)
             for difficulty in DIFFICULTIES:
@@ -94,7 +95,7 @@ def run_label_only(home: str, requests: int, days: int) -> int:
     return rows
 
 
-def run_duckdb(home: str, requests: int, days: int) -> int:
+def run_duckdb(home: str, requests: int, days: int, write: bool = True) -> int:
     import duckdb
 
     from hap import layout, schema
@@ -109,15 +110,17 @@ def run_duckdb(home: str, requests: int, days: int) -> int:
     diff = " ".join(f"WHEN '{s}' THEN '{d}'" for s, d in schema.DIFFICULTY_OF_SOURCE.items())
     features = ", ".join(schema.FEATURE_COLUMNS)
     con = duckdb.connect()
-    con.execute(f"""
-        COPY (
+    select = f"""
           SELECT regexp_extract(filename, 'dt=([0-9-]+)', 1) AS dt, request_id, item_id, source,
                  CASE source {group} END AS "group", CASE source {diff} END AS difficulty, label,
                  retrieval_pos, prerank_pos, rank_pos, content_type, {features}
           FROM read_parquet([{files}], filename = true)
-          WHERE (hash(request_id, item_id, {cfg.split.seed}) % 1000000) / 1000000.0 < CASE source {ratio} END
-        ) TO '{out}/train' (FORMAT parquet, PARTITION_BY (difficulty), COMPRESSION zstd)
-    """)
+          WHERE (hash(request_id, item_id, {cfg.split.seed}) % 1000000) / 1000000.0 < CASE source {ratio} END"""
+    if not write:  # the same scan and expressions, aggregated instead of written
+        cols = ", ".join(["dt", '"group"', "difficulty", "source", "label", *schema.FEATURE_COLUMNS])
+        return con.execute(f"SELECT count(*), {', '.join(f'count({c})' for c in cols.split(', '))} "
+                           f"FROM ({select})").fetchone()[0]
+    con.execute(f"COPY ({select}) TO '{out}/train' (FORMAT parquet, PARTITION_BY (difficulty), COMPRESSION zstd)")
     fullflow = f"{layout.lake_partition(cfg, 'fullflow', END)}/*.parquet"
     con.execute(f"""
         COPY (
@@ -137,7 +140,8 @@ def bench_volume(requests: int, days: int, keep: bool) -> list[Measurement]:
         return [measure("split", run_split, home, requests, days),
                 measure("pyarrow scan (I/O floor)", run_scan, home, requests, days),
                 measure("split w/o write (scan+label)", run_label_only, home, requests, days),
-                measure("duckdb same grouping", run_duckdb, home, requests, days)]
+                measure("duckdb same grouping", run_duckdb, home, requests, days),
+                measure("duckdb w/o write (scan+expressions)", run_duckdb, home, requests, days, False)]
     finally:
         if not keep:
             shutil.rmtree(home, ignore_errors=True)
@@ -152,7 +156,7 @@ def main() -> None:
     rows, payload, notes = [], {}, []
     for requests in (int(v) for v in args.volumes.split(",")):
         ms = bench_volume(requests, args.days, args.keep)
-        split, scan, label, duck = ms
+        split, scan, label, duck, duck_nowrite = ms
         payload[requests] = [m.__dict__ | {"rows_per_s": m.rows_per_s} for m in ms]
         for m in ms:
             rows.append([f"{requests:,}", m.name, m.seconds, m.rows, m.rows_per_s, m.peak_rss_mb,
@@ -167,8 +171,12 @@ def main() -> None:
                    f"({parts[worst]:.1f}s of {split.seconds:.1f}s: scan {scan.seconds:.1f}s, compute "
                    f"{compute_s:.1f}s, write {write_s:.1f}s)")
         else:
-            why = (f"DuckDB is {duck.seconds / split.seconds:.2f}x split; it is bound by its full scan plus the "
-                   f"partitioned zstd write ({scan.seconds:.1f}s of that run is the plain scan in pyarrow)")
+            d_write = duck.seconds - duck_nowrite.seconds
+            worst = "the partitioned Parquet write (PARTITION_BY + zstd)" if d_write > duck_nowrite.seconds else \
+                "the scan with its expressions"
+            why = (f"DuckDB is {duck.seconds / split.seconds:.2f}x split; its largest part is {worst}: "
+                   f"scan+expressions {duck_nowrite.seconds:.1f}s, write {d_write:.1f}s (+ eval set), "
+                   f"peak RSS {duck.peak_rss_mb:.0f} MB vs {split.peak_rss_mb:.0f} MB")
         payload[f"bottleneck_{requests}"] = why
         notes.append(f"- {requests:,} requests/day: {why}.")
     table = markdown_table(["requests/day", "stage", "s", "lake rows", "rows/s", "peak RSS MB", "× split",

@@ -17,14 +17,15 @@ where tomorrow does not exist yet — it is ``D``, the last day of the window, a
 requests are *removed from the training rows of D*, so the eval set stays held out at request
 level. ``SplitReport.eval_day`` and ``eval_held_out_day`` record which happened.
 
-Memory is bounded: the lake is streamed with ``pyarrow.dataset`` in ``split.batch_rows`` batches,
-and each difficulty buffers at most one row group before it is written.
+Memory is bounded: the lake is streamed with ``pyarrow.dataset`` one row group at a time (sliced
+into ``split.batch_rows`` batches), and each difficulty buffers at most one output row group.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -109,6 +110,19 @@ def choose_eval_day(cfg: Config, date: dt.date) -> tuple[dt.date, bool]:
     return date, False
 
 
+def stream_batches(dataset: ds.Dataset, columns: list[str], batch_rows: int,
+                   filter: ds.Expression | None = None) -> Iterator[pa.RecordBatch]:
+    """Pull the lake one row group at a time, in file and row-group order.
+
+    A synchronous pull keeps memory flat: peak memory is one lake row group (ingest writes them
+    at a fixed size) plus the writer's buffers, whatever the window's volume. (``Dataset.to_batches``
+    reads ahead asynchronously; with a slower consumer its queue grew to ~0.7 GB at 100k requests.)
+    """
+    for fragment in dataset.get_fragments():
+        for row_group in fragment.split_by_row_group():
+            yield from row_group.to_table(columns=columns, filter=filter).to_batches(max_chunksize=batch_rows)
+
+
 def _lake_dataset(cfg: Config, table: str, date: dt.date) -> ds.Dataset:
     folder = layout.lake_partition(cfg, table, date)
     files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
@@ -133,8 +147,8 @@ def _write_eval_set(cfg: Config, eval_day: dt.date, request_ids: np.ndarray, out
     feature_cols = [c for c in schema.EVAL_SET.names if c != "dt"]
     rows = 0
     with pq.ParquetWriter(out, schema.EVAL_SET, **PARQUET_OPTIONS) as writer:
-        for batch in dataset.to_batches(columns=feature_cols, batch_size=cfg.split.batch_rows,
-                                        filter=pc.is_in(ds.field("request_id"), value_set=keep)):
+        for batch in stream_batches(dataset, feature_cols, cfg.split.batch_rows,
+                                    filter=pc.is_in(ds.field("request_id"), value_set=keep)):
             if batch.num_rows == 0:
                 continue
             table = pa.Table.from_batches([batch])
@@ -234,7 +248,7 @@ def build_training_set(cfg: Config, date: dt.date) -> SplitReport:
         try:
             for day, dataset in datasets.items():
                 drop = pa.array(eval_ids, pa.int64()) if (day == eval_day and not held_out) else None
-                for batch in dataset.to_batches(columns=read_cols, batch_size=cfg.split.batch_rows):
+                for batch in stream_batches(dataset, read_cols, cfg.split.batch_rows):
                     report.lake_rows += batch.num_rows
                     table, idx = _label_batch(batch, day, cfg, ratios, drop)
                     by_source.update(dict(zip(*np.unique(idx, return_counts=True))))
