@@ -239,6 +239,30 @@ def dashboard(
     raise typer.Exit(serve(state.cfg, port))
 
 
+# ---- model: train and evaluate (issue 5) ----------------------------------------------------
+@app.command()
+def train(
+    date: DateOpt,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint of this date.")] = False,
+) -> None:
+    """Train the light and expressive towers (GHCL) on the day's training set; writes the bundle.
+
+    Under torchrun, run `torchrun --nproc-per-node N -m hap.train --date D` (same function, DDP)."""
+    from hap.train import train_day
+
+    typer.echo(train_day(state.cfg, parse_date(date), resume=resume).render())
+
+
+@app.command()
+def evaluate(date: DateOpt) -> None:
+    """Evaluate the day's bundle on its full-flow eval set; writes metrics/dt=D/eval.json."""
+    import json
+
+    from hap.evaluate import evaluate_day
+
+    typer.echo(json.dumps(evaluate_day(state.cfg, parse_date(date)), indent=1, sort_keys=True))
+
+
 def main() -> None:
     """Entry point: run the app and turn expected failures into a clear message, no traceback."""
     try:

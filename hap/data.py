@@ -1,0 +1,257 @@
+"""The training set as tensors, loaded once, and stratified request-grouped batches.
+
+Why this shape: GHCL contrasts each positive against *its own request's* negatives, group by
+group. So the unit of a batch is an **anchor** (one clicked item of one request) and every anchor
+carries exactly ``train.group_proportions[g]`` negative slots per group ``g`` drawn from its own
+request (conflict-sensitive sampling: every batch holds every group in fixed proportions).
+A batch is therefore a dense ``[B, C]`` candidate grid, ``C = 1 + sum(K_g)``; column 0 is the
+positive, then the groups' slots in ``schema.GROUPS`` order. A slot is invalid (masked) when the
+request has fewer negatives of that group than slots. Sampling is vectorized over anchors (CSR
+offsets per group, a random cyclic window per anchor): no per-row Python in the loop.
+
+Features: categorical ids are re-hashed into one shared table of ``model.hash_buckets`` rows (the
+feature index salts the hash, the click sequence shares ``i_id``'s rows, 0 stays padding); dense
+features are ``sign(x)·log1p(|x|)`` then standardized with statistics fitted on the training set and
+saved in the bundle (``FeatureSpec.to_dict``), so serving encodes exactly as training did.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from hap import schema
+from hap.config import Config
+from hap.errors import HapError
+
+REQUEST_CATEGORICAL: tuple[str, ...] = (*schema.USER_CATEGORICAL, *schema.CONTEXT_CATEGORICAL)
+ITEM_CATEGORICAL: tuple[str, ...] = schema.ITEM_CATEGORICAL
+CATEGORICAL_ORDER: tuple[str, ...] = (*REQUEST_CATEGORICAL, *ITEM_CATEGORICAL)
+SEQ_FEATURE_SLOT = CATEGORICAL_ORDER.index("i_id")  # the click sequence shares i_id's hash salt
+DENSE_ORDER: tuple[str, ...] = (*schema.USER_DENSE, *schema.ITEM_DENSE)
+N_USER_DENSE = len(schema.USER_DENSE)
+GROUPS: tuple[str, ...] = schema.GROUPS
+HARD_GROUP_IDS: tuple[int, ...] = tuple(GROUPS.index(g) for g in schema.HARD_SOURCES)
+EASY_GROUP_IDS: tuple[int, ...] = tuple(GROUPS.index(g) for g in schema.EASY_SOURCES)
+
+
+# ---- feature encoding (shared by training and serving) -------------------------------------------
+def _signed_log(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+@dataclass
+class FeatureSpec:
+    """How raw feature columns become model inputs. Saved in ``bundle.json``."""
+
+    hash_buckets: int
+    seq_len: int
+    dense_mean: list[float] = field(default_factory=lambda: [0.0] * len(DENSE_ORDER))
+    dense_std: list[float] = field(default_factory=lambda: [1.0] * len(DENSE_ORDER))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hash_buckets": self.hash_buckets, "seq_len": self.seq_len, "dense_mean": self.dense_mean,
+                "dense_std": self.dense_std, "categorical": list(CATEGORICAL_ORDER), "dense": list(DENSE_ORDER),
+                "sequence": schema.USER_SEQUENCE, "dense_transform": "standardize(sign(x)*log1p(|x|))"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
+        return cls(int(d["hash_buckets"]), int(d["seq_len"]), list(d["dense_mean"]), list(d["dense_std"]))
+
+    def fit(self, table: pa.Table) -> "FeatureSpec":
+        dense = _signed_log(_dense_matrix(table))
+        std = dense.std(axis=0)
+        self.dense_mean = [float(v) for v in dense.mean(axis=0)]
+        self.dense_std = [float(v) if v > 1e-6 else 1.0 for v in std]
+        return self
+
+    # -- encoders ---------------------------------------------------------------------------------
+    def rehash(self, ids: np.ndarray, slot: np.ndarray | int) -> np.ndarray:
+        """Raw hashed ids -> rows of the shared table; 0 (padding) stays 0."""
+        x = np.asarray(ids).astype(np.uint64)
+        s = np.asarray(slot).astype(np.uint64) + np.uint64(1)
+        with np.errstate(over="ignore"):
+            h = (x * np.uint64(0x9E3779B97F4A7C15)) ^ (s * np.uint64(0xC2B2AE3D27D4EB4F))
+            h ^= h >> np.uint64(29)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(32)
+        out = (h % np.uint64(self.hash_buckets - 1) + np.uint64(1)).astype(np.int64)
+        return np.where(x == 0, 0, out)
+
+    def encode(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """``{req_cat [N,10], req_dense [N,2], seq [N,L], item_cat [N,8], item_dense [N,8]}`` (numpy)."""
+        cat = np.stack([table[c].to_numpy(zero_copy_only=False) for c in CATEGORICAL_ORDER], axis=1)
+        cat = self.rehash(cat, np.arange(len(CATEGORICAL_ORDER))[None, :])
+        dense = (_signed_log(_dense_matrix(table)) - np.asarray(self.dense_mean)) / np.asarray(self.dense_std)
+        dense = dense.astype(np.float32)
+        seq = self.rehash(_sequence_matrix(table[schema.USER_SEQUENCE], self.seq_len), SEQ_FEATURE_SLOT)
+        n_req = len(REQUEST_CATEGORICAL)
+        return {"req_cat": cat[:, :n_req], "req_dense": dense[:, :N_USER_DENSE], "seq": seq,
+                "item_cat": cat[:, n_req:], "item_dense": dense[:, N_USER_DENSE:]}
+
+
+def _dense_matrix(table: pa.Table) -> np.ndarray:
+    return np.stack([table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in DENSE_ORDER], axis=1)
+
+
+def _sequence_matrix(column: pa.ChunkedArray | pa.Array, seq_len: int) -> np.ndarray:
+    """List column -> ``[N, seq_len]`` int64, keeping the last ``seq_len`` ids, left-padded with 0."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    n = len(lengths)
+    out = np.zeros((n, seq_len), dtype=np.int64)
+    if flat.size == 0:
+        return out
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    take = np.minimum(lengths, seq_len)
+    # position j of the output row takes flat[ends - take + (j - (seq_len - take))] when j >= seq_len - take
+    j = np.arange(seq_len)[None, :]
+    first = (seq_len - take)[:, None]
+    src = (ends - take)[:, None] + (j - first)
+    ok = j >= first
+    out[ok] = flat[np.clip(src, 0, flat.size - 1)][ok]
+    del starts
+    return out
+
+
+# ---- the training tensors -------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One stratified batch: ``B`` anchors x ``C`` candidate slots (column 0 = the positive)."""
+
+    req_cat: torch.Tensor      # [B, 10]
+    req_dense: torch.Tensor    # [B, 2]
+    seq: torch.Tensor          # [B, L]
+    item_cat: torch.Tensor     # [B, C, 8]
+    item_dense: torch.Tensor   # [B, C, 8]
+    valid: torch.Tensor        # [B, C] bool
+    col_group: torch.Tensor    # [C] long: -1 for the positive, else index into GROUPS
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
+
+    def columns(self, keep: torch.Tensor) -> "Batch":
+        """Keep only the candidate columns where ``keep`` ([C] bool) is true (the hard-only view)."""
+        idx = keep.nonzero().squeeze(1)
+        return Batch(self.req_cat, self.req_dense, self.seq, self.item_cat[:, idx], self.item_dense[:, idx],
+                     self.valid[:, idx], self.col_group[idx])
+
+    def shard(self, rank: int, world: int) -> "Batch":
+        """This rank's anchors (DDP): every rank sees the same global batch and takes a slice."""
+        sl = slice(rank, None, world)
+        return Batch(self.req_cat[sl], self.req_dense[sl], self.seq[sl], self.item_cat[sl], self.item_dense[sl],
+                     self.valid[sl], self.col_group)
+
+    @property
+    def size(self) -> int:
+        return int(self.req_cat.shape[0])
+
+
+def column_layout(proportions: dict[str, int]) -> torch.Tensor:
+    """``col_group`` of the candidate grid: -1 then ``K_g`` copies of each group index."""
+    unknown = set(proportions) - set(GROUPS)
+    if unknown:
+        raise HapError(f"train.group_proportions: unknown group(s) {sorted(unknown)}; known: {list(GROUPS)}")
+    cols = [-1]
+    for gi, g in enumerate(GROUPS):
+        cols += [gi] * int(proportions.get(g, 0))
+    return torch.tensor(cols, dtype=torch.long)
+
+
+class TrainData:
+    """The whole training set in memory as tensors, split by request into train and validation."""
+
+    def __init__(self, cfg: Config, table: pa.Table, spec: FeatureSpec | None = None) -> None:
+        from hap.split import unit_hash
+
+        if table.num_rows == 0:
+            raise HapError("the training set is empty")
+        self.cfg = cfg
+        self.spec = spec or FeatureSpec(cfg.model.hash_buckets, cfg.model.seq_len).fit(table)
+        self.col_group = column_layout(cfg.train.group_proportions)
+        rid = table["request_id"].to_numpy()
+        # one dense request index, rows grouped by request (stable: keeps the file order inside a request)
+        uniq, req_index = np.unique(rid, return_inverse=True)
+        enc = self.spec.encode(table)
+        first = np.full(len(uniq), -1, dtype=np.int64)
+        first[req_index[::-1]] = np.arange(len(rid))[::-1]
+        self.req_cat = torch.from_numpy(enc["req_cat"][first])
+        self.req_dense = torch.from_numpy(enc["req_dense"][first])
+        self.seq = torch.from_numpy(enc["seq"][first])
+        self.item_cat = torch.from_numpy(enc["item_cat"])
+        self.item_dense = torch.from_numpy(enc["item_dense"])
+        source = table["source"].to_numpy(zero_copy_only=False)
+        # per group: rows in a fixed shuffled order inside each request, as CSR offsets by request
+        rng = np.random.default_rng(cfg.train.seed)
+        shuffle = rng.permutation(len(rid))
+        self.group_rows, self.group_start, self.group_count = [], [], []
+        for g in GROUPS:
+            rows = shuffle[source[shuffle] == g]
+            rows = rows[np.argsort(req_index[rows], kind="stable")]
+            counts = np.bincount(req_index[rows], minlength=len(uniq))
+            self.group_rows.append(torch.from_numpy(rows))
+            self.group_start.append(torch.from_numpy(np.cumsum(counts) - counts))
+            self.group_count.append(torch.from_numpy(counts))
+        pos_rows = np.nonzero(source == schema.Source.EXPOSE_POS.value)[0]
+        if pos_rows.size == 0:
+            raise HapError("the training set has no positives (expose_pos)")
+        is_val = unit_hash(uniq, 0, cfg.train.seed + 0xA11) < cfg.train.val_fraction
+        anchor_req = req_index[pos_rows]
+        val_mask = is_val[anchor_req]
+        self.train_anchors = torch.from_numpy(pos_rows[~val_mask])
+        self.val_anchors = torch.from_numpy(pos_rows[val_mask])
+        self.row_req = torch.from_numpy(req_index)
+        self.n_requests = len(uniq)
+        if len(self.train_anchors) == 0 or len(self.val_anchors) == 0:
+            raise HapError(f"train/val split left an empty side ({len(self.train_anchors)} train, "
+                           f"{len(self.val_anchors)} val anchors); adjust train.val_fraction")
+
+    @classmethod
+    def load(cls, cfg: Config, path: Path, spec: FeatureSpec | None = None) -> "TrainData":
+        from hap.split import open_training_set
+
+        if not Path(path).exists():
+            raise HapError(f"no training set at {path}; run `hap split` first")
+        return cls(cfg, open_training_set(Path(path)).to_table(), spec)
+
+    @property
+    def columns(self) -> int:
+        return int(self.col_group.numel())
+
+    def make_batch(self, anchors: torch.Tensor, generator: torch.Generator) -> Batch:
+        """Gather the grid for these anchor rows; negatives come from each anchor's own request."""
+        req = self.row_req[anchors]
+        rows, valid = [anchors[:, None]], [torch.ones(len(anchors), 1, dtype=torch.bool)]
+        for gi in range(len(GROUPS)):
+            k = int((self.col_group == gi).sum())
+            if k == 0:
+                continue
+            start, count = self.group_start[gi][req], self.group_count[gi][req]
+            offset = (torch.rand(len(anchors), generator=generator) * count.clamp(min=1)).long()
+            slot = torch.arange(k)[None, :]
+            pos = start[:, None] + (offset[:, None] + slot) % count.clamp(min=1)[:, None]
+            ok = slot < count[:, None]
+            src = self.group_rows[gi]
+            picked = src[pos.clamp(max=max(len(src) - 1, 0))] if len(src) else torch.zeros_like(pos)
+            rows.append(torch.where(ok, picked, anchors[:, None]))
+            valid.append(ok)
+        rows_t, valid_t = torch.cat(rows, 1), torch.cat(valid, 1)
+        return Batch(self.req_cat[req], self.req_dense[req], self.seq[req], self.item_cat[rows_t],
+                     self.item_dense[rows_t], valid_t, self.col_group)
+
+    def batches(self, epoch: int, split: str = "train", batch_size: int | None = None) -> list[Batch]:
+        """The epoch's batches; the order and the negatives depend only on (seed, epoch), so a
+        resumed run and a DDP run see exactly the batches of a single-process run."""
+        anchors = self.train_anchors if split == "train" else self.val_anchors
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + (epoch if split == "train" else -1))
+        if split == "train":
+            anchors = anchors[torch.randperm(len(anchors), generator=gen)]
+        bs = batch_size or self.cfg.train.batch_requests
+        return [self.make_batch(anchors[i:i + bs], gen) for i in range(0, len(anchors), bs)]

@@ -1,0 +1,385 @@
+"""``hap train --date D``: train the HAP towers on the day's training set and write the bundle.
+
+- The light model trains on every group; the expressive model on the hard groups only
+  (``train.expressive_groups: hard``; ``all`` gives the ``expressive_all`` baseline).
+- Loss: ``train.loss`` (``ghcl`` | ``mixed_bce`` | ``mixed_infonce``) with ``train.harmonization``.
+- Device: CUDA when present (bf16 autocast), else CPU, deterministic for a seed.
+- Early stopping per model on a request-level validation split (mean per-group pairwise accuracy of
+  the positive over its negatives), a checkpoint every ``train.checkpoint_every`` epochs, and
+  ``resume=True`` continues from the last one: batches depend only on (seed, epoch), so a resumed
+  run reproduces an uninterrupted one.
+- Gradient-conflict diagnostics every ``train.diagnostics_every`` steps: cosine between the
+  easy-group and hard-group gradients on the shared dense parameters, and per-group gradient norms.
+- DDP: under ``torchrun`` (``WORLD_SIZE > 1``) every rank builds the same global batch and trains on
+  its slice of anchors; gradients are averaged by ``DistributedDataParallel`` (gloo on CPU).
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from hap import layout
+from hap.atomic import atomic_dir, atomic_write_json
+from hap.config import Config
+from hap.data import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS, Batch, TrainData
+from hap.errors import HapError
+from hap.losses import Harmonizer, difficulty_masks, group_losses, mixed_bce, mixed_infonce, pcgrad_combine
+from hap.models import build_models, save_bundle
+from hap.routing import calibrate_threshold
+
+CKPT_FILE = "last.pt"
+
+
+@dataclass
+class TrainResult:
+    date: str
+    bundle_dir: str
+    device: str
+    world_size: int
+    epochs_run: int
+    best_epoch: dict[str, int]
+    val_metric: dict[str, float]
+    train_seconds: float
+    samples_per_second: float        # candidate samples (valid grid cells) per second, all models
+    anchors: int
+    resumed_from_epoch: int | None = None
+    diagnostics_summary: dict[str, float] = field(default_factory=dict)
+
+    def render(self) -> str:
+        vm = ", ".join(f"{k}={v:.4f}" for k, v in self.val_metric.items())
+        return (f"trained {self.date} on {self.device} x{self.world_size}: {self.epochs_run} epochs, val {vm}, "
+                f"{self.samples_per_second:,.0f} samples/s -> {self.bundle_dir}")
+
+
+# ---- device and distributed ------------------------------------------------------------------------
+def pick_device(cfg: Config, local_rank: int = 0) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise HapError("train.device=cuda but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _dist_setup(cfg: Config) -> tuple[int, int, int]:
+    """(rank, world, local_rank); initializes the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not tdist.is_initialized():
+        use_nccl = torch.cuda.is_available() and cfg.train.device != "cpu"
+        tdist.init_process_group("nccl" if use_nccl else "gloo")
+    return tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# ---- one model being trained -----------------------------------------------------------------------
+class _Member:
+    def __init__(self, name: str, model: nn.Module, cfg: Config, keep: torch.Tensor | None,
+                 device: torch.device, world: int) -> None:
+        self.name, self.raw, self.keep = name, model.to(device), keep
+        self.net: nn.Module = self.raw
+        if world > 1:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.raw, device_ids=[device.index] if device.type == "cuda" else None)
+        self.opt = torch.optim.Adam(self.raw.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.harm = Harmonizer(cfg.train.harmonization)
+        self.last_weights: torch.Tensor | None = None
+        self.best_metric, self.best_epoch, self.bad, self.done = -1.0, -1, 0, False
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def view(self, b: Batch) -> Batch:
+        return b.columns(self.keep.to(b.col_group.device)) if self.keep is not None else b
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.raw.state_dict(), "opt": self.opt.state_dict(), "harm": self.harm.state_dict(),
+                "best_metric": self.best_metric, "best_epoch": self.best_epoch, "bad": self.bad, "done": self.done,
+                "best_state": self.best_state}
+
+    def load(self, s: dict[str, Any]) -> None:
+        self.raw.load_state_dict(s["model"])
+        self.opt.load_state_dict(s["opt"])
+        self.harm.load_state_dict(s["harm"])
+        self.best_metric, self.best_epoch, self.bad, self.done = s["best_metric"], s["best_epoch"], s["bad"], s["done"]
+        self.best_state = s["best_state"]
+
+
+def _forward(net: nn.Module, b: Batch, device: torch.device) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return net(b.req_cat, b.req_dense, b.seq, b.item_cat, b.item_dense).float()
+
+
+def _variant_loss(cfg: Config, logits: torch.Tensor, b: Batch, valid: torch.Tensor | None = None,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The configured loss as one scalar (GHCL with fixed group weights; uniform if none given)."""
+    valid = b.valid if valid is None else valid
+    if cfg.train.loss == "mixed_bce":
+        return mixed_bce(logits, valid)
+    if cfg.train.loss == "mixed_infonce":
+        return mixed_infonce(logits, valid, cfg.train.temperature)
+    losses, present = group_losses(logits, valid, b.col_group, cfg.train.temperature, cfg.train.bce_weight)
+    w = present.float() if weights is None else weights * present
+    return (w * losses).sum() / w.sum().clamp(min=1e-12)
+
+
+def _train_step(cfg: Config, m: _Member, b: Batch, device: torch.device, world: int, step: int) -> float:
+    b = m.view(b)
+    m.opt.zero_grad(set_to_none=True)
+    logits = _forward(m.net, b, device)
+    if cfg.train.loss != "ghcl":
+        loss = _variant_loss(cfg, logits, b)
+        loss.backward()
+    else:
+        losses, present = group_losses(logits, b.valid, b.col_group, cfg.train.temperature, cfg.train.bce_weight)
+        if cfg.train.harmonization == "pcgrad":
+            loss = (losses * present).sum() / present.sum().clamp(min=1)
+            loss.backward(retain_graph=True)           # embeddings (and DDP's all-reduce) from the mean loss
+            shared = m.raw.shared_parameters()
+            idx = [i for i in range(len(losses)) if bool(present[i])]
+            grads = [list(torch.autograd.grad(losses[i], shared, retain_graph=k < len(idx) - 1))
+                     for k, i in enumerate(idx)]
+            merged = pcgrad_combine(grads, torch.Generator().manual_seed(cfg.train.seed + step))
+            for p, g in zip(shared, merged):
+                if world > 1:
+                    tdist.all_reduce(g)
+                    g /= world
+                p.grad = g.to(p.dtype)
+            m.last_weights = present.float() / present.sum()
+        else:
+            w = m.harm.weights(losses, present, logits)
+            m.last_weights = w
+            loss = (w * losses).sum()
+            loss.backward()
+    m.opt.step()
+    return float(loss.detach())
+
+
+def _flat_grad(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def diagnostics(cfg: Config, m: _Member, b: Batch, device: torch.device) -> dict[str, float]:
+    """Gradient conflict on the shared dense parameters of ``m`` for this batch: the cosine between
+    the loss restricted to (positives + easy negatives) and to (positives + hard negatives), and the
+    gradient norm of each group's share of the loss. Same definition for every loss variant."""
+    b = m.view(b)
+    logits = _forward(m.raw, b, device)
+    params = m.raw.shared_parameters()
+    masks = difficulty_masks(b.col_group)
+    out: dict[str, float] = {}
+    w = m.last_weights
+    parts = {}
+    for name in ("easy", "hard"):
+        valid = b.valid & masks[name][None]
+        if bool(valid[:, 1:].any()):
+            parts[name] = _flat_grad(_variant_loss(cfg, logits, b, valid, w), params)
+    if len(parts) == 2:
+        out["cos_easy_hard"] = float(torch.nn.functional.cosine_similarity(parts["easy"], parts["hard"], dim=0))
+    for gi, g in enumerate(GROUPS):
+        valid = b.valid & ((b.col_group == gi) | (b.col_group < 0))[None]
+        if bool(valid[:, 1:].any()):
+            out[f"grad_norm/{g}"] = float(_flat_grad(_variant_loss(cfg, logits, b, valid, w), params).norm())
+    if w is not None and cfg.train.loss == "ghcl":
+        for gi, g in enumerate(GROUPS):
+            out[f"weight/{g}"] = float(w[gi])
+    return out
+
+
+@torch.no_grad()
+def validate(m: _Member, batches: list[Batch], device: torch.device) -> tuple[float, np.ndarray]:
+    """Mean over groups of P(s_pos > s_neg) on validation anchors; also every valid light score."""
+    hits = torch.zeros(len(GROUPS), dtype=torch.float64)
+    tot = torch.zeros(len(GROUPS), dtype=torch.float64)
+    scores = []
+    for b in batches:
+        b = m.view(b).to(device)
+        s = _forward(m.raw, b, device)
+        onehot = torch.nn.functional.one_hot(b.col_group.clamp(min=0), len(GROUPS)).double() * (b.col_group >= 0)[:, None]
+        win = ((s[:, :1] > s) & b.valid).double()
+        hits += (win @ onehot).sum(0).cpu()
+        tot += (b.valid.double() @ onehot).sum(0).cpu()
+        scores.append(s[b.valid].cpu().numpy())
+    present = tot > 0
+    metric = float((hits[present] / tot[present]).mean()) if present.any() else 0.0
+    return metric, np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+def _members(cfg: Config, data: TrainData, device: torch.device, world: int) -> list[_Member]:
+    torch.manual_seed(cfg.train.seed)
+    light, expressive = build_models(cfg.model.model_dump(mode="json"))
+    members = [_Member("light", light, cfg, None, device, world)]
+    if cfg.train.expressive_groups != "none":
+        keep = None
+        if cfg.train.expressive_groups == "hard":
+            keep = (data.col_group < 0) | torch.isin(data.col_group, torch.tensor(HARD_GROUP_IDS))
+        members.append(_Member("expressive", expressive, cfg, keep, device, world))
+    return members
+
+
+def _save_ckpt(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def fit(cfg: Config, data: TrainData, bundle_dir: Path, ckpt_dir: Path | None = None, resume: bool = False,
+        meta: dict[str, Any] | None = None, log: bool = True) -> TrainResult:
+    """Train on already-loaded ``data`` and write the bundle to ``bundle_dir`` (rank 0, atomically)."""
+    rank, world, local_rank = _dist_setup(cfg)
+    device = pick_device(cfg, local_rank)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    # CPU kernels are deterministic for a fixed thread count; torch.use_deterministic_algorithms
+    # would only add 3-4x slower index_put paths here, so it is not set.
+    say = (lambda *a: print(*a, flush=True)) if (log and rank == 0) else (lambda *a: None)
+    members = _members(cfg, data, device, world)
+    history: list[dict[str, Any]] = []
+    diag: list[dict[str, Any]] = []
+    start_epoch, step, resumed = 0, 0, None
+    ckpt = ckpt_dir / CKPT_FILE if ckpt_dir is not None else None
+    if ckpt is not None and resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        for m in members:
+            m.load(state["members"][m.name])
+        history, diag, step, start_epoch = state["history"], state["diagnostics"], state["step"], state["epoch"] + 1
+        resumed = state["epoch"]
+        say(f"resumed from checkpoint {ckpt} after epoch {resumed}")
+    elif ckpt is not None and ckpt.exists() and rank == 0:
+        ckpt.unlink()
+    val_batches = data.batches(0, "val")
+    t0, cells = time.perf_counter(), 0
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.train.epochs):
+        active = [m for m in members if not m.done]
+        if not active:
+            break
+        for m in active:
+            m.raw.train()
+        sums = {m.name: 0.0 for m in active}
+        n_batches = 0
+        for gb in data.batches(epoch, "train"):
+            b = gb.shard(rank, world).to(device) if world > 1 else gb.to(device)
+            for m in active:
+                sums[m.name] += _train_step(cfg, m, b, device, world, step)
+                cells += int(m.view(b).valid.sum())
+            step += 1
+            n_batches += 1
+            if cfg.train.diagnostics_every > 0 and step % cfg.train.diagnostics_every == 0 and rank == 0:
+                d = {"step": step, "epoch": epoch, **diagnostics(cfg, members[0], b, device)}
+                diag.append(d)
+                say("diag " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items()))
+        row: dict[str, Any] = {"epoch": epoch}
+        for m in active:
+            m.raw.eval()
+            metric, _ = validate(m, val_batches, device)
+            row[f"{m.name}/train_loss"] = sums[m.name] / max(n_batches, 1)
+            row[f"{m.name}/val_pairwise_acc"] = metric
+            if metric > m.best_metric + 1e-6:
+                m.best_metric, m.best_epoch, m.bad = metric, epoch, 0
+                m.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in m.raw.state_dict().items()})
+            else:
+                m.bad += 1
+                m.done = m.bad >= cfg.train.patience
+        history.append(row)
+        say("epoch " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if ckpt is not None and rank == 0 and ((epoch + 1) % cfg.train.checkpoint_every == 0):
+            _save_ckpt(ckpt, {"epoch": epoch, "step": step, "history": history, "diagnostics": diag,
+                              "members": {m.name: m.state() for m in members}})
+    seconds = time.perf_counter() - t0
+    for m in members:
+        if m.best_state is not None:
+            m.raw.load_state_dict(m.best_state)
+        m.raw.eval()
+    _, val_light = validate(members[0], val_batches, device)
+    threshold = calibrate_threshold(val_light, cfg.routing.rho)
+    if world > 1:
+        cells_t = torch.tensor([cells], dtype=torch.float64)
+        tdist.all_reduce(cells_t)
+        cells = int(cells_t.item())
+    result = TrainResult(
+        date=str((meta or {}).get("date", "")), bundle_dir=str(bundle_dir), device=str(device), world_size=world,
+        epochs_run=epoch + 1, best_epoch={m.name: m.best_epoch for m in members},
+        val_metric={m.name: m.best_metric for m in members}, train_seconds=seconds,
+        samples_per_second=cells / max(seconds, 1e-9), anchors=len(data.train_anchors), resumed_from_epoch=resumed,
+        diagnostics_summary=summarize_diagnostics(diag))
+    if rank == 0:
+        serve = cfg.routing.serve if cfg.train.expressive_groups != "none" else "light"
+        bundle_meta = {
+            **(meta or {}),
+            "model": cfg.model.model_dump(mode="json"),
+            "features": data.spec.to_dict(),
+            "routing": {"mode": cfg.routing.mode, "rho": cfg.routing.rho, "cap": cfg.routing.cap,
+                        "threshold": threshold, "serve": serve},
+            "train": cfg.train.model_dump(mode="json"),
+            "groups": list(GROUPS), "hard_groups": [GROUPS[i] for i in HARD_GROUP_IDS],
+            "easy_groups": [GROUPS[i] for i in EASY_GROUP_IDS],
+            "result": asdict(result),
+        }
+        with atomic_dir(Path(bundle_dir)) as tmp:
+            save_bundle(tmp, bundle_meta, members[0].raw,
+                        members[1].raw if len(members) > 1 else None)
+            atomic_write_json(tmp / "history.json", history)
+            atomic_write_json(tmp / "diagnostics.json", {"summary": result.diagnostics_summary, "steps": diag})
+    if world > 1:
+        tdist.barrier()
+    return result
+
+
+def summarize_diagnostics(diag: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of each diagnostic over the run (what the paper-table compares across variants)."""
+    keys = sorted({k for d in diag for k in d if k not in ("step", "epoch")})
+    return {f"mean/{k}": float(np.mean([d[k] for d in diag if k in d])) for k in keys}
+
+
+def train_day(cfg: Config, date: dt.date | str, resume: bool = False) -> TrainResult:
+    """Train the day's bundle from ``layout.training_set(cfg, date)`` into ``layout.model_dir``."""
+    from hap.versioning import data_version
+
+    date = layout.day(date)
+    path = layout.training_set(cfg, date)
+    if not path.exists():
+        raise HapError(f"no training set at {path}; run `hap split --date {date}` first")
+    data = TrainData.load(cfg, path)
+    split_report = layout.metrics_dir(cfg, date) / "split.json"
+    window = [d.isoformat() for d in layout.window(date, cfg.split.window_days)]
+    eval_day = None
+    if split_report.exists():
+        rep = json.loads(split_report.read_text())
+        window, eval_day = rep.get("window", window), rep.get("eval_day")
+    meta = {"date": date.isoformat(), "window": window, "eval_day": eval_day,
+            "data_version": data_version(cfg, date)}
+    return fit(cfg, data, layout.model_dir(cfg, date), layout.checkpoint_dir(cfg, date), resume, meta)
+
+
+def main() -> None:
+    """``python -m hap.train --date D [--resume]``: the torchrun entry (same function as ``hap train``)."""
+    import argparse
+
+    from hap.config import load_config
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--date", required=True)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+    result = train_day(load_config(overrides=args.set), args.date, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result.render())
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
