@@ -181,6 +181,7 @@ class AlertsConfig(_Section):
     routed_share_abs_change: float | None
     drift_share_max: float | None
     hard_fraction_data_abs_change: float | None = None
+    routed_share_rel_change: float | None = None
     prediction_drift_max: float | None = None
 
 

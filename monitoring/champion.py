@@ -35,37 +35,45 @@ def _window(raw: Any) -> tuple[dt.date, ...]:
 
 
 def routing_threshold(bundle: Any) -> float:
-    """The calibrated threshold of the bundle's router (DAMR's τ_route)."""
-    for owner in (bundle, getattr(bundle, "router", None), getattr(bundle, "routing", None)):
-        for name in ("threshold", "tau_route", "route_threshold"):
-            value = getattr(owner, name, None) if owner is not None else None
-            if isinstance(value, (int, float)):
-                return float(value)
-    meta = getattr(bundle, "meta", None) or getattr(bundle, "config", None) or {}
-    if isinstance(meta, dict):
-        routing = meta.get("routing", {})
-        for name in ("threshold", "tau_route"):
-            if isinstance(routing.get(name), (int, float)):
-                return float(routing[name])
-    raise ValueError("the bundle exposes no calibrated routing threshold")
+    """The calibrated threshold of the bundle's router (DAMR's τ_route), from ``bundle.json``."""
+    value = (getattr(bundle, "routing", None) or {}).get("threshold")
+    if value is None:
+        raise ValueError("the bundle's routing config holds no calibrated threshold")
+    return float(value)
+
+
+def light_scores(bundle: Any, frame: pd.DataFrame) -> np.ndarray:
+    """The light model's score of every row, each with its own request's user side.
+
+    ``HapBundle.score_request`` scores one request at a time; monitoring scores whole days of
+    mixed requests, so it runs the light towers row-wise in batches (same weights, same math:
+    ``head(user(row), item(row))``).
+    """
+    import pyarrow as pa
+    import torch
+
+    model = bundle.light
+    if model is None:
+        raise ValueError("the bundle has no light model")
+    columns = [c for c in ("request_id", "item_id", *schema.FEATURE_COLUMNS) if c in frame]
+    out = np.empty(len(frame), np.float64)
+    with torch.no_grad():
+        for start in range(0, len(frame), SCORE_BATCH):
+            part = frame.iloc[start:start + SCORE_BATCH][columns]
+            enc = bundle.encode(pa.Table.from_pandas(part, preserve_index=False))
+            user = model.user(enc["req_cat"], enc["req_dense"], enc["seq"])
+            scores = model.head(user, model.item(enc["item_cat"], enc["item_dense"]))
+            out[start:start + len(part)] = scores.float().cpu().numpy().reshape(-1)
+    return out
 
 
 def from_bundle(bundle: Any, version: str, window: Any = None, source: str = "") -> Champion:
-    """Wrap a loaded ``hap.models.HapBundle``: light scores in batches of candidates."""
+    """Wrap a loaded ``hap.models.HapBundle``: its light scorer, threshold and training window."""
     threshold = routing_threshold(bundle)
-    columns = ["request_id", "item_id", *schema.FEATURE_COLUMNS]
-
-    def score(frame: pd.DataFrame) -> np.ndarray:
-        out = np.empty(len(frame), np.float64)
-        for start in range(0, len(frame), SCORE_BATCH):
-            part = frame.iloc[start:start + SCORE_BATCH][[c for c in columns if c in frame]]
-            out[start:start + len(part)] = np.asarray(bundle.light_scores(part), np.float64).reshape(-1)
-        return out
-
     if window is None:
-        meta = getattr(bundle, "meta", None) or {}
-        window = meta.get("window") if isinstance(meta, dict) else getattr(bundle, "window", None)
-    return Champion(version=str(version), threshold=threshold, score=score, window=_window(window), source=source)
+        window = (getattr(bundle, "meta", None) or {}).get("window")
+    return Champion(version=str(version), threshold=threshold, score=lambda frame: light_scores(bundle, frame),
+                    window=_window(window), source=source)
 
 
 def from_registry(cfg: Config) -> tuple[Champion | None, str]:

@@ -122,6 +122,17 @@ def evaluate_alerts(cfg: Config, table: dict[str, float | None], ref: dict[str, 
             alerts.append(Alert(rule, column, today, base, limit,
                                 f"{label} {today:.3f} vs reference {base:.3f} "
                                 f"(moved {100 * (today - base):+.1f} points, limit {100 * limit:.1f})"))
+    relative = [("routed_share_rel_change", "routed", "routed share")]
+    for rule, column, label in relative:
+        limit = getattr(rules, rule)
+        today, base = table.get(column), (ref or {}).get(column)
+        if limit is None or today is None or not base:
+            continue
+        change = (today - base) / base
+        if abs(change) > limit:
+            alerts.append(Alert(rule, column, today, base, limit,
+                                f"{label} {today:.3f} vs reference {base:.3f} "
+                                f"({100 * change:+.0f}% relative, limit {100 * limit:.0f}%)"))
     ceilings = [("drift_share_max", "drift_share", drift_share, "feature drift share"),
                 ("prediction_drift_max", "drift:light_score", prediction_drift, "light-score drift")]
     for rule, metric, value, label in ceilings:

@@ -96,6 +96,21 @@ def refresh(cfg: Config) -> tuple[Any, Any]:
     return ws, project
 
 
+def mean_series(cfg: Config, column: str) -> dict[str, float]:
+    """What a ``MeanValue`` line panel plots for ``column``: {day: value}, read from the workspace."""
+    ws, project = open_project(cfg)
+    out: dict[str, float] = {}
+    for sid in ws.list_runs(project.id):
+        run = ws.get_run(project.id, sid)
+        if run is None:
+            continue
+        for result in run.metric_results.values():
+            params = result.metric_value_location.metric.params
+            if params.get("type", "").endswith(":MeanValue") and params.get("column") == column:
+                out[run.metadata.get("hap_date", str(run.timestamp))] = float(result.value)
+    return dict(sorted(out.items()))
+
+
 def ui_command(cfg: Config, port: int | None = None) -> list[str]:
     exe = Path(sys.executable).with_name("evidently")
     return [str(exe) if exe.exists() else "evidently", "ui", "--workspace", str(layout.monitoring_workspace(cfg)),

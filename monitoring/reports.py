@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from hap import layout, schema
@@ -26,6 +27,8 @@ META_DATE = "hap_date"
 META_KIND = "hap_kind"
 REPORT_HTML = "report.html"
 SNAPSHOT_ID = "snapshot_id"
+# Fractions kept in table.json but not sent to Evidently (no panel plots them; each costs a widget).
+TABLE_ONLY = ("ctr_ct", "exposed_share")
 
 
 @dataclass
@@ -50,8 +53,15 @@ def categorical_columns(cfg: Config, reference: pd.DataFrame | None, current: pd
 
 
 def _cap(frame: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
-    """At most ``rows`` rows, sampled deterministically (Evidently's cost grows with rows)."""
-    return frame if len(frame) <= rows else frame.sample(rows, random_state=seed).sort_index()
+    """About ``rows`` rows, whole requests sampled deterministically (Evidently's cost grows
+    with rows; sampling requests, not rows, keeps the per-request features and fractions intact)."""
+    if len(frame) <= rows:
+        return frame
+    ids = frame["request_id"].to_numpy()
+    keep_share = rows / len(frame)
+    salt = np.uint64(seed * 2654435761 % (1 << 32))
+    hashed = ((ids.astype(np.uint64) + salt) * np.uint64(11400714819323198485)) >> np.uint64(40)
+    return frame[hashed < np.uint64(keep_share * (1 << 24))]
 
 
 def build_report(cfg: Config, columns: list[str], *, reference: bool, champion: bool):
@@ -105,7 +115,7 @@ def run_day_report(
     seed = date.toordinal()
     current = _cap(current, cfg.monitor.max_rows, seed)
     has_champion = champion_version is not None
-    columns = [c for c in indicator_columns(cfg) if current[c].notna().any()]
+    columns = [c for c in indicator_columns(cfg) if current[c].notna().any() and not c.startswith(TABLE_ONLY)]
     if has_champion:
         columns += ["light_score", "champion_version"]
     cats = categorical_columns(cfg, reference, current)
