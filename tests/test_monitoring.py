@@ -109,6 +109,7 @@ def _alert_days(reports) -> dict[dt.date, list[str]]:
 
 
 # ---- acceptance ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_retrieval_degrades_alerts_on_day_6_or_7_and_not_before(degrading):
     _, reports = degrading
     fired = _alert_days(reports)
@@ -123,6 +124,7 @@ def test_retrieval_degrades_alerts_on_day_6_or_7_and_not_before(degrading):
     assert by_date[first].table["routed"] > 1.3 * by_date[DAYS[4]].table["routed"]
 
 
+@pytest.mark.slow
 def test_stable_never_alerts(stable):
     _, reports = stable
     assert _alert_days(reports) == {}, {str(r.date): r.figures for r in reports}
@@ -130,6 +132,7 @@ def test_stable_never_alerts(stable):
     assert reports[-1].drift_share is not None and reports[-1].prediction_drift is not None
 
 
+@pytest.mark.slow
 def test_content_shift_shows_in_per_content_type_series(shifting):
     from monitoring.dashboards import mean_series, open_project
 
@@ -149,6 +152,7 @@ def test_content_shift_shows_in_per_content_type_series(shifting):
     assert html.exists() and html.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_rerun_replaces_the_days_snapshot(shifting):
     from monitoring.daily import monitor_day, read_monitor
     from monitoring.dashboards import open_project
@@ -183,6 +187,7 @@ def test_alert_rules_follow_params(make_cfg):
 
 
 # ---- the dashboard, rendered -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_dashboard_screenshot_has_one_point_per_day(shifting, tmp_path):
     from monitoring.screenshot import find_chromium, screenshot
 
