@@ -15,9 +15,15 @@ export PYTHONDONTWRITEBYTECODE :=
 
 venv: $(STAMP)
 
+# uv installs the ~250 pinned packages in parallel (about 2x faster than pip here). It ignores
+# pip's config, so pip's find-links folder (where the local CPU torch wheel lives) is passed on.
+FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+UV_FLAGS := --compile-bytecode $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt uv
+	$(BIN)/uv pip install --python $(BIN)/python $(UV_FLAGS) -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 run: venv ## the main job, end to end on embedded defaults
