@@ -40,8 +40,15 @@ def to_contract_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def serving_example(frame: pd.DataFrame) -> pd.DataFrame:
-    """The sequence column as int64 lists, so the logged signature survives a JSON round trip."""
+    """Integers as int64, floats as float64 and the sequence as int64 lists: the widths a JSON
+    payload decodes to, so a client of the served model passes the logged signature.
+    ``score_frame`` narrows back to the contract dtypes itself."""
     frame = frame.reset_index(drop=True).copy()
+    for column in frame.columns:
+        if pd.api.types.is_integer_dtype(frame[column]):
+            frame[column] = frame[column].astype(np.int64)
+        elif pd.api.types.is_float_dtype(frame[column]):
+            frame[column] = frame[column].astype(np.float64)
     frame[schema.USER_SEQUENCE] = [np.asarray(seq, np.int64) for seq in frame[schema.USER_SEQUENCE]]
     return frame
 

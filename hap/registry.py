@@ -85,7 +85,7 @@ def _is_number(value: Any) -> bool:
 def metric_series(tree: Any, prefix: str = "") -> list[tuple[str, float, int]]:
     """(key, value, step) of every number in a history/diagnostics JSON, whatever its shape.
 
-    Lists of records use their ``epoch``/``step`` field as the step (else their index); lists of
+    Lists of records use their ``step`` (else ``epoch``) field as the step (else their index); lists of
     numbers use their index; scalars get step 0.
     """
     out: list[tuple[str, float, int]] = []
@@ -95,7 +95,7 @@ def metric_series(tree: Any, prefix: str = "") -> list[tuple[str, float, int]]:
     elif isinstance(tree, list):
         for index, item in enumerate(tree):
             if isinstance(item, dict):
-                step = item.get("epoch", item.get("step", index))
+                step = item.get("step", item.get("epoch", index))
                 step = int(step) if _is_number(step) else index
                 for key, value in flatten(item).items():
                     if key not in ("epoch", "step") and _is_number(value):
@@ -134,9 +134,17 @@ def input_example(cfg: Config, date: dt.date | str) -> "pd.DataFrame":
     return serving_example(frame[frame["request_id"] == first].head(EXAMPLE_CANDIDATES))
 
 
+def _str_version(mv: "ModelVersion") -> "ModelVersion":
+    """MLflow's SQL store hands back ``version`` as an int, while aliases, tags and URIs carry it as
+    text. The project compares and prints versions as strings, so every ModelVersion it reads is
+    normalized here, at the two places it enters."""
+    mv._version = str(mv.version)
+    return mv
+
+
 def versions(cfg: Config, c: "MlflowClient | None" = None) -> list["ModelVersion"]:
     c = c or tracking.client(cfg)
-    found = c.search_model_versions(f"name='{cfg.gate.model_name}'")
+    found = [_str_version(v) for v in c.search_model_versions(f"name='{cfg.gate.model_name}'")]
     return sorted(found, key=lambda v: int(v.version))
 
 
@@ -184,15 +192,17 @@ def register_day(cfg: Config, date: dt.date | str) -> str:
         TAG_DVC_MD5: dvc_dir_md5(layout.training_set(cfg, date).parent),
         TAG_DVC_OUT: str(layout.training_set(cfg, date).parent.relative_to(cfg.home)),
     }
-    params = {metric_key(k): str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()
-              if not k.startswith("paths.")}
+    # the model and train sections come from the bundle: they are what this model was trained with
+    trained = {**cfg.model_dump(mode="json"),
+               **{k: bundle_meta[k] for k in ("model", "train") if isinstance(bundle_meta.get(k), dict)}}
+    params = {metric_key(k): str(v)[:500] for k, v in flatten(trained).items() if not k.startswith("paths.")}
 
     example = input_example(cfg, date)
     scorer = HapPrerankModel().load(bundle_dir)
     signature = infer_signature(example, scorer.predict(None, example))
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-    with mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name=f"train-{iso}") as run:
+    with tracking.fluent(cfg), mlflow.start_run(experiment_id=tracking.experiment_id(cfg),
+                                                 run_name=f"train-{iso}") as run:
         mlflow.log_params(params)
         mlflow.set_tags(tags)
         now = int(time.time() * 1000)
@@ -228,7 +238,7 @@ def alias_version(cfg: Config, alias: str, c: "MlflowClient | None" = None) -> "
 
     c = c or tracking.client(cfg)
     try:
-        return c.get_model_version_by_alias(cfg.gate.model_name, alias)
+        return _str_version(c.get_model_version_by_alias(cfg.gate.model_name, alias))
     except MlflowException:
         return None
 
@@ -301,7 +311,8 @@ def load_model(cfg: Config, version_or_alias: str = CHAMPION):
     import mlflow.pyfunc
 
     tracking.client(cfg)
-    return mlflow.pyfunc.load_model(model_uri(cfg, version_or_alias))
+    with tracking.fluent(cfg):
+        return mlflow.pyfunc.load_model(model_uri(cfg, version_or_alias))
 
 
 def load_champion(cfg: Config):

@@ -55,14 +55,39 @@ def _init_lock(cfg: Config) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def client(cfg: Config) -> "MlflowClient":
-    """An ``MlflowClient`` on an initialized store; also points the fluent API at it."""
+_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextlib.contextmanager
+def fluent(cfg: Config) -> Iterator[None]:
+    """Point MLflow's fluent API (``start_run``, ``pyfunc.load_model``) at ``cfg``'s store, then undo it.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` into this process's
+    environment, which ``tracking_uri`` reads as the user's choice: left in place, the first store
+    a process touched would capture every later config. So the setting is scoped.
+    """
     import mlflow
+
+    saved = {name: os.environ.get(name) for name in _URI_VARS}
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    mlflow.set_registry_uri(registry_uri(cfg))
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def client(cfg: Config) -> "MlflowClient":
+    """An ``MlflowClient`` on ``cfg``'s store, created (schema, experiment) on first use."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(registry_uri(cfg))
     with _init_lock(cfg):
         c = MlflowClient(tracking_uri=uri, registry_uri=registry_uri(cfg))
         if c.get_experiment_by_name(cfg.gate.experiment) is None:

@@ -1,0 +1,227 @@
+"""MLflow registry and promotion gate against a real SQLite registry in a temp dir.
+
+One scenario, run once per module (training and MLflow start-up are the expensive parts), with
+real models trained on the tiny simulated window:
+
+  v1  a barely trained model (a handful of steps at a tiny learning rate): the first model,
+      promoted because it clears the (test-lowered) floors;
+  v2  a properly trained model: beats v1 on the same eval set, promoted; v1 becomes ``previous``;
+  v3  barely trained again (another seed): rejected against v2, reason in the blessing,
+      ``champion`` unchanged, ``challenger`` set;
+  then the same day with a NaN metric is rejected; ``hap rollback`` restores v1.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from hap import layout, markers
+
+DAY = dt.date(2026, 11, 3)  # window 11-02..11-03, eval day 11-04 (all in the tiny lake)
+FLOORS = {"recall@50": 0.0, "gauc": 0.3}  # low: the barely trained first model must clear them
+WEAK = {"train.epochs": 1, "train.lr": 1e-6}
+GOOD = {"train.epochs": 2, "train.diagnostics_every": 1}
+
+
+def _train_eval(cfg, overrides):
+    from hap.evaluate import evaluate_day
+    from hap.train import train_day
+
+    run_cfg = cfg.updated(overrides)
+    train_day(run_cfg, DAY)
+    return evaluate_day(run_cfg, DAY)
+
+
+@pytest.fixture(scope="module")
+def scenario(tiny_lake, tmp_path_factory):
+    from hap import gate, registry
+    from hap.split import build_training_set
+
+    home = tmp_path_factory.mktemp("registry") / "data"
+    # slices of the tiny eval day hold a few dozen requests: their AUC moves by a few points
+    # between any two models, so the slice rule gets a tolerance that only a collapse exceeds
+    cfg = tiny_config(home, paths__lake=str(tiny_lake.path("lake")), gate__floors=FLOORS,
+                      gate__max_slice_regression=0.2,
+                      model__hash_buckets=4096, evaluate__latency_repeats=1)
+    for day in layout.window(DAY + dt.timedelta(days=1), 3):
+        markers.mark_validated(cfg, day, {"note": "validated in tiny_lake"})
+    build_training_set(cfg, DAY)
+
+    out: dict = {"cfg": cfg, "seconds": {}}
+
+    def step(key, fn, *args):
+        start = time.perf_counter()
+        out[key] = fn(*args)
+        out["seconds"][key] = round(time.perf_counter() - start, 1)
+
+    step("eval1", _train_eval, cfg, WEAK)
+    step("v1", registry.register_day, cfg, DAY)
+    step("v1_again", registry.register_day, cfg, DAY)
+    step("b1", gate.gate_day, cfg, DAY)
+
+    step("eval2", _train_eval, cfg, GOOD)
+    step("v2", registry.register_day, cfg, DAY)
+    step("b2", gate.gate_day, cfg, DAY)
+    out["example"] = registry.input_example(cfg, DAY)
+    step("v2_scores", lambda: registry.load_champion(cfg).predict(out["example"]))
+
+    step("eval3", _train_eval, cfg, {**WEAK, "train.seed": 8})
+    step("v3", registry.register_day, cfg, DAY)
+    step("b3", gate.gate_day, cfg, DAY)
+    out["b3_file"] = json.loads(gate.blessing_path(cfg, DAY).read_text())
+    print("registry scenario seconds:", out["seconds"], file=sys.stderr)
+    return out
+
+
+def test_first_model_is_promoted(scenario):
+    from hap import registry
+
+    b1 = scenario["b1"]
+    assert b1.verdict == "pass" and b1.promoted and b1.champion_version is None
+    assert b1.challenger_version == scenario["v1"]
+    assert b1.smoke_test["passed"] and b1.smoke_test["rows"] > 0
+    assert scenario["v1_again"] == scenario["v1"], "re-registering the same bundle must not add a version"
+
+
+def test_better_model_promoted_old_becomes_previous(scenario):
+    from hap import registry
+
+    cfg, b2 = scenario["cfg"], scenario["b2"]
+    assert b2.verdict == "pass", b2.reasons
+    assert b2.champion_version == scenario["v1"]
+    # the champion was re-evaluated on the same eval set: its metrics equal v1's own evaluation
+    primary = cfg.evaluate.primary_metric
+    assert b2.champion_metrics[primary] == pytest.approx(scenario["eval1"][primary], abs=1e-9)
+    assert b2.challenger_metrics[primary] > b2.champion_metrics[primary]
+    gain = next(c for c in b2.checks if c["name"] == f"gain:{primary}")
+    assert gain["passed"] and gain["delta"] > 0
+
+
+def test_degraded_challenger_rejected_champion_unchanged(scenario):
+    from hap import registry
+
+    cfg, b3 = scenario["cfg"], scenario["b3"]
+    assert b3.verdict == "fail" and not b3.promoted
+    assert any("does not beat the champion" in r for r in b3.reasons), b3.reasons
+    assert scenario["b3_file"]["verdict"] == "fail" and scenario["b3_file"]["reasons"] == b3.reasons
+    assert {"challenger_metrics", "champion_metrics", "thresholds", "checks"} <= set(scenario["b3_file"])
+    assert registry.alias_version(cfg, registry.CHAMPION).version == scenario["v2"]
+    assert registry.alias_version(cfg, registry.CHALLENGER).version == scenario["v3"]
+    tags = registry.version_for_day(cfg, DAY).tags
+    assert tags[registry.TAG_VERDICT] == "fail" and "champion" in tags[registry.TAG_REASON]
+    # the blessing is also an artifact of the version's run
+    from hap import tracking
+
+    run_id = registry.version_for_day(cfg, DAY).run_id
+    paths = [a.path for a in tracking.client(cfg).list_artifacts(run_id, "gate")]
+    assert "gate/blessing.json" in paths
+
+
+def test_run_records_params_history_diagnostics_and_tags(scenario):
+    from hap import registry, tracking
+
+    cfg = scenario["cfg"]
+    client = tracking.client(cfg)
+    v2 = client.get_model_version(cfg.gate.model_name, scenario["v2"])
+    run = client.get_run(v2.run_id)
+    assert run.data.params["train.epochs"] == "2"
+    assert any(k.startswith("train/") for k in run.data.metrics)
+    assert any(k.startswith("diag/") for k in run.data.metrics)
+    assert run.data.metrics["eval/recall_at_50"] == pytest.approx(scenario["eval2"]["recall@50"])
+    for tag in (registry.TAG_GIT, registry.TAG_DATA_VERSION, registry.TAG_WINDOW, registry.TAG_DVC_MD5):
+        assert v2.tags[tag] and run.data.tags[tag] == v2.tags[tag]
+    assert v2.tags[registry.TAG_WINDOW] == "2026-11-02,2026-11-03"
+
+
+def test_nan_metric_never_promoted(scenario):
+    from hap import gate, registry
+
+    cfg = scenario["cfg"]
+    eval_json = layout.metrics_dir(cfg, DAY) / "eval.json"
+    saved = eval_json.read_text()
+    try:  # the day's metrics, better than the champion's on the primary metric, but gauc is NaN
+        metrics = {**scenario["eval2"], "recall@50": 1.0, "gauc": float("nan")}
+        eval_json.write_text(json.dumps(metrics))
+        b = gate.gate_day(cfg, DAY)
+    finally:
+        eval_json.write_text(saved)
+    assert b.verdict == "fail" and any("gauc" in r and "NaN" in r for r in b.reasons), b.reasons
+    assert registry.alias_version(cfg, registry.CHAMPION).version == scenario["v2"]
+
+
+def test_champion_loads_by_alias_in_fresh_process(scenario):
+    from hap import registry, tracking
+
+    cfg, example = scenario["cfg"], scenario["example"]
+    # the payload is decoded the way `mlflow models serve` decodes a dataframe_split request
+    script = ("import sys, json, mlflow.pyfunc\n"
+              "from mlflow.utils.proto_json_utils import dataframe_from_raw_json\n"
+              "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
+              "df = dataframe_from_raw_json(sys.argv[2], schema=m.metadata.get_input_schema())\n"
+              "print('OUT ' + json.dumps([float(x) for x in m.predict(df)['score']]))\n")
+    payload = example.to_json(orient="split")
+    proc = subprocess.run([sys.executable, "-c", script, registry.model_uri(cfg, "champion"), payload],
+                          capture_output=True, text=True, env=tracking.subprocess_env(cfg), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("OUT "))[4:])
+    in_process = scenario["v2_scores"]["score"].to_numpy()
+    assert len(fresh) == len(example) and np.allclose(fresh, in_process, atol=1e-5)
+    assert np.isfinite(in_process).all() and in_process.std() > 0
+    routed = scenario["v2_scores"]["routed"].to_numpy()
+    assert 0 < routed.sum() < len(routed)
+
+
+def test_rollback_and_models_cli(scenario, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hap import registry
+    from hap.cli import app
+
+    cfg = scenario["cfg"]
+    env = {"HAP_HOME": str(cfg.home)}
+    args = ["--set", f"paths.lake={cfg.path('lake')}"]
+    runner = CliRunner()
+    listing = runner.invoke(app, [*args, "models"], env=env)
+    assert listing.exit_code == 0, listing.output
+    row = next(ln for ln in listing.output.splitlines() if ln.startswith(f"v{scenario['v2']} "))
+    assert "champion" in row and "pass" in row
+    assert "challenger" in next(ln for ln in listing.output.splitlines() if ln.startswith(f"v{scenario['v3']} "))
+
+    result = runner.invoke(app, [*args, "rollback"], env=env)
+    assert result.exit_code == 0, result.output
+    assert registry.alias_version(cfg, registry.CHAMPION).version == scenario["v1"]
+    assert registry.alias_version(cfg, registry.PREVIOUS) is None
+    again = runner.invoke(app, [*args, "rollback"], env=env)  # nothing before v1
+    assert again.exit_code != 0
+
+
+def test_training_set_fetched_back_with_dvc_from_tags(scenario, tmp_path):
+    from hap import registry
+    from hap.dvcref import fetch_training_set
+    from hap.versioning import content_hash
+
+    cfg = scenario["cfg"]
+    tags = registry.version_for_day(cfg, DAY).tags  # the version's own record of its data
+    # what the daily flow does after training: the split output is DVC-tracked and pushed
+    producer = cfg.home
+    out = tags[registry.TAG_DVC_OUT]
+    remote = str(cfg.path("dvc_remote"))
+    for cmd in (["init", "--no-scm", "-q"], ["remote", "add", "-d", "origin", remote], ["add", "-q", out],
+                ["push", "-q", f"{out}.dvc"]):
+        subprocess.run([sys.executable, "-m", "dvc", *cmd], cwd=producer, check=True, capture_output=True)
+    dvc_file = (producer / f"{out}.dvc").read_text()
+    assert tags[registry.TAG_DVC_MD5] in dvc_file, "our DVC hash must equal the one `dvc add` records"
+
+    fetched = fetch_training_set(tags[registry.TAG_DVC_MD5], remote, tmp_path / "fetch" / "train-set")
+    train_rel = Path(tags[registry.TAG_TRAIN_PATH]).relative_to(out)
+    version, _ = content_hash(fetched / train_rel)
+    assert version == tags[registry.TAG_DATA_VERSION]
