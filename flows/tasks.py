@@ -169,6 +169,9 @@ def champion(cfg: Config) -> dict[str, Any] | None:
 
 
 # ---- data versioning -----------------------------------------------------------------------
+PUSH_REMOTE = "hap"
+
+
 def _dvc(args: list[str], cwd: Path) -> str:
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -215,8 +218,11 @@ def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
         from hap.plots import write_recall_curve
 
         write_recall_curve(cfg, date)
+    remote = cfg.dvc_remote_url()
     with dvc_lock(REPO_ROOT, timeout_seconds=cfg.orchestration.date_lock_timeout_seconds):
         _dvc(["commit", "--force", "--quiet", *targets], REPO_ROOT)
-        _dvc(["push", "--quiet", *targets], REPO_ROOT)
-    out["dvc"] = f"committed to dvc.lock and pushed: {', '.join(targets)}"
+        # the remote named in params (or HAP_DVC_REMOTE), kept in the untracked .dvc/config.local
+        _dvc(["remote", "add", "--local", "--force", PUSH_REMOTE, remote], REPO_ROOT)
+        _dvc(["push", "--quiet", "-r", PUSH_REMOTE, *targets], REPO_ROOT)
+    out["dvc"] = f"committed to dvc.lock and pushed to {remote}: {', '.join(targets)}"
     return out

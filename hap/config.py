@@ -2,7 +2,8 @@
 
 ``params.yaml`` is the single source of tunables. Overrides, strongest last:
 the file, ``HAP__SECTION__KEY=value`` environment variables, ``--set section.key=value``
-CLI flags. ``HAP_HOME`` moves the data root. Values in overrides are parsed as YAML, so
+CLI flags. ``HAP_HOME`` moves the data root; ``HAP_DVC_REMOTE`` and ``HAP_LAKE_URL`` set
+``paths.dvc_remote`` and ``paths.lake``. Values in overrides are parsed as YAML, so
 ``--set train.epochs=3`` gives an int and ``--set split.sample_ratio.global_neg=0.5`` a float.
 """
 from __future__ import annotations
@@ -14,11 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 ENV_PREFIX = "HAP__"
+# Deployment-facing names for keys the infrastructure sets (infra/); ``HAP__...`` still wins.
+ENV_ALIASES = {"HAP_DVC_REMOTE": "paths.dvc_remote", "HAP_LAKE_URL": "paths.lake"}
 
 
 class _Section(BaseModel):
@@ -38,6 +41,18 @@ class PathsConfig(_Section):
     mlflow_db: str
     mlflow_artifacts: str
     dvc_remote: str
+
+    @field_validator("lake")
+    @classmethod
+    def _lake_is_a_filesystem_path(cls, value: str) -> str:
+        """The lake is read and written with atomic renames, which object stores do not have:
+        it takes a path (relative to the data root, absolute, or ``file://``), e.g. a shared volume."""
+        if value.startswith("file://"):
+            return value[len("file://"):]
+        if "://" in value:
+            raise ValueError(f"paths.lake / HAP_LAKE_URL must be a filesystem path or file:// URL, not "
+                             f"{value!r}: put the lake on a shared volume (infra/README.md)")
+        return value
 
 
 class PipelineConfig(_Section):
@@ -235,6 +250,11 @@ class Config(_Section):
         """Absolute location of one ``paths`` entry under the data root."""
         return self.home / getattr(self.paths, name)
 
+    def dvc_remote_url(self) -> str:
+        """Where ``dvc push`` sends data: an object-store URL as given, else a folder under the data root."""
+        remote = self.paths.dvc_remote
+        return remote if "://" in remote else str(self.path("dvc_remote"))
+
     def updated(self, overrides: dict[str, Any]) -> "Config":
         """A copy with dotted-key overrides applied (``{"train.epochs": 2}``)."""
         raw = self.model_dump(mode="json")
@@ -264,7 +284,7 @@ def parse_override(assignment: str) -> tuple[str, Any]:
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {key: environ[name] for name, key in ENV_ALIASES.items() if environ.get(name)}
     for name, text in environ.items():
         if name.startswith(ENV_PREFIX):
             key = name[len(ENV_PREFIX):].lower().replace("__", ".")

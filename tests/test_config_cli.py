@@ -19,6 +19,17 @@ def test_overrides_env_then_flags(tmp_path):
     assert cfg.path("lake") == tmp_path.resolve() / "lake"
 
 
+def test_deployment_env_names_set_the_lake_and_the_dvc_remote(tmp_path):
+    env = {"HAP_HOME": str(tmp_path), "HAP_DVC_REMOTE": "s3://bucket/store", "HAP_LAKE_URL": f"file://{tmp_path}/shared/lake"}
+    cfg = load_config(environ=env)
+    assert cfg.dvc_remote_url() == "s3://bucket/store"
+    assert cfg.path("lake") == tmp_path / "shared" / "lake"
+    assert load_config(environ={"HAP_HOME": str(tmp_path)}).dvc_remote_url() == str(tmp_path.resolve() / "dvc-remote")
+    assert load_config(environ={**env, "HAP__PATHS__DVC_REMOTE": "/mnt/dvc"}).dvc_remote_url() == "/mnt/dvc"
+    with pytest.raises(ValidationError, match="shared volume"):
+        load_config(environ={**env, "HAP_LAKE_URL": "s3://bucket/lake"})
+
+
 def test_bad_values_and_unknown_keys_are_refused(tmp_path):
     env = {"HAP_HOME": str(tmp_path)}
     with pytest.raises(KeyError, match="unknown config key"):

@@ -27,7 +27,7 @@ def test_prefect_yaml_entrypoints_resolve_to_real_flows():
 
     deployments = _deployments()
     assert set(deployments) == {"daily-retrain", "train-ghcl", "backfill"}
-    expected_pool = {"daily-retrain": "cpu", "train-ghcl": "gpu", "backfill": "cpu"}
+    expected_pool = {"daily-retrain": "cpu-pool", "train-ghcl": "gpu-pool", "backfill": "cpu-pool"}
     for name, dep in deployments.items():
         flow = load_flow_from_entrypoint(dep["entrypoint"], use_placeholder_flow=False)
         assert isinstance(flow, Flow)

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from hap.config import load_config
+
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
 COMPOSE = INFRA / "docker-compose.yml"
@@ -201,14 +203,13 @@ def test_workers_get_the_settings_the_code_reads(compose: dict[str, Any], env: d
         assert e["PREFECT_API_URL"] == f"http://prefect-server:{SERVER_PORTS['prefect-server']}/api"
         assert e["MLFLOW_TRACKING_URI"] == f"http://mlflow:{SERVER_PORTS['mlflow']}"
         assert e["HAP_DVC_REMOTE"].startswith(f"s3://{env['DVC_BUCKET']}/")
-        assert e["HAP_LAKE_URL"].startswith(f"s3://{env['LAKE_BUCKET']}/")
+        assert load_config(environ={"HAP_DVC_REMOTE": e["HAP_DVC_REMOTE"]}).dvc_remote_url() == e["HAP_DVC_REMOTE"]
         assert e["AWS_ENDPOINT_URL"] == e["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
         assert {"hap-data:/data"} == set(s[name]["volumes"]) and e["HAP_HOME"] == "/data"
         # the hap config accepts the override the stack sets
-        from hap.config import load_config
         key = "HAP__ORCHESTRATION__TRAIN_ON"
         assert load_config(environ={key: e[key]}).orchestration.train_on == env["TRAIN_ON"]
-    for bucket in ("MLFLOW_ARTIFACT_BUCKET", "DVC_BUCKET", "LAKE_BUCKET"):
+    for bucket in ("MLFLOW_ARTIFACT_BUCKET", "DVC_BUCKET"):
         assert f"$${bucket}" in yaml.safe_load(COMPOSE.read_text())["services"]["minio-init"]["command"][0] \
             or f"${{{bucket}}}" in buckets
     assert s["worker-cpu"]["command"][s["worker-cpu"]["command"].index("--pool") + 1] == env["PREFECT_CPU_POOL"]
@@ -266,6 +267,13 @@ def test_gpu_job_template_renders_with_one_gpu() -> None:
     assert job["env"]["HAP__TRAIN__DEVICE"] == "cuda"
 
 
+def test_prefect_deployments_use_the_pools_the_workers_serve(env: dict[str, str]) -> None:
+    deployments = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    assert deployments["daily-retrain"]["work_pool"]["name"] == env["PREFECT_CPU_POOL"]
+    assert deployments["backfill"]["work_pool"]["name"] == env["PREFECT_CPU_POOL"]
+    assert deployments["train-ghcl"]["work_pool"]["name"] == env["PREFECT_GPU_POOL"]
+
+
 def test_helm_values_point_workers_at_the_pools_and_the_server(env: dict[str, str]) -> None:
     config = yaml.safe_load((INFRA / "k8s" / "hap-config.yaml").read_text())["data"]
     for kind, pool in (("gpu", env["PREFECT_GPU_POOL"]), ("cpu", env["PREFECT_CPU_POOL"])):
@@ -274,6 +282,6 @@ def test_helm_values_point_workers_at_the_pools_and_the_server(env: dict[str, st
         assert worker["config"]["workPool"] == pool and worker["config"]["type"] == "kubernetes"
         assert worker["apiConfig"] == "selfHostedServer"
         assert worker["selfHostedServerApiConfig"]["apiUrl"] == config["PREFECT_API_URL"]
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "HAP_DVC_REMOTE", "HAP_LAKE_URL"):
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "HAP_HOME", "HAP_DVC_REMOTE"):
         assert config[key], key
     assert not any(_SECRET_KEY.search(k) for k in config), "credentials belong in the Secret"
