@@ -64,6 +64,27 @@ def schema_frame(table: pa.Table, contract: pa.Schema, keys: tuple[str, ...] = (
     return pd.DataFrame(rows)
 
 
+# Columns the row-level expectations read. Feature columns are covered by the schema frame
+# (types and exact null counts from Arrow), so they are not converted to pandas.
+EXPOSURE_ROW_COLUMNS = ("request_id", "timestamp", "user_id", "item_id", "position", "content_type", "click", "like",
+                        "comment", "share", "dwell")
+RANKING_ROW_COLUMNS = ("request_id", "item_id", "source", "retrieval_pos", "prerank_pos", "rank_pos", "content_type")
+TRAINING_ROW_COLUMNS = ("dt", "request_id", "item_id", "source", "group", "difficulty", "label", "retrieval_pos",
+                        "prerank_pos", "rank_pos", "content_type")
+
+
+def _frame(table: pa.Table, columns: tuple[str, ...]) -> pd.DataFrame:
+    """Selected columns as pandas, numbers widened to int64/float64: GX's pandas range checks are
+    vectorized only for those dtypes (int32 or float32 fall back to a Python loop per value)."""
+    frame = table.select([c for c in columns if c in table.column_names]).to_pandas(strings_to_categorical=True)
+    for name, dtype in frame.dtypes.items():
+        if pd.api.types.is_integer_dtype(dtype) and dtype != "int64":
+            frame[name] = frame[name].astype("int64")
+        elif pd.api.types.is_float_dtype(dtype) and dtype != "float64":
+            frame[name] = frame[name].astype("float64")
+    return frame
+
+
 def _list_len(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.list_value_length(col)
 
@@ -71,7 +92,7 @@ def _list_len(col: pa.ChunkedArray) -> pa.ChunkedArray:
 def exposure_rows(exposure: pa.Table, ranking: pa.Table) -> pd.DataFrame:
     """Exposure rows without the list column, plus ``u_click_seq_len`` and ``has_ranking_row``."""
     seq = schema.USER_SEQUENCE
-    frame = exposure.drop_columns([seq]).to_pandas()
+    frame = _frame(exposure, EXPOSURE_ROW_COLUMNS)
     frame[f"{seq}_len"] = _list_len(exposure[seq]).to_pandas()
     frame["has_ranking_row"] = has_ranking_row(exposure, ranking)
     return frame
@@ -93,7 +114,7 @@ def has_ranking_row(exposure: pa.Table, ranking: pa.Table) -> np.ndarray:
 
 def ranking_rows(ranking: pa.Table) -> pd.DataFrame:
     """Ranking rows; ``source`` as a categorical keeps the string column cheap in pandas."""
-    return ranking.to_pandas(strings_to_categorical=True)
+    return _frame(ranking, RANKING_ROW_COLUMNS)
 
 
 def requests_frame(exposure: pa.Table, ranking: pa.Table, global_neg_per_pos: int) -> pd.DataFrame:
@@ -118,7 +139,7 @@ def requests_frame(exposure: pa.Table, ranking: pa.Table, global_neg_per_pos: in
 def training_rows(table: pa.Table, partition_difficulty: str) -> pd.DataFrame:
     """Training-set rows of one Hive partition, plus ``partition_matches`` (folder == column)."""
     seq = schema.USER_SEQUENCE
-    frame = table.drop_columns([seq]).to_pandas(strings_to_categorical=True)
+    frame = _frame(table, TRAINING_ROW_COLUMNS)
     frame[f"{seq}_len"] = _list_len(table[seq]).to_pandas()
     frame["partition_matches"] = (frame["difficulty"].astype(str) == partition_difficulty).to_numpy()
     return frame
