@@ -1,0 +1,198 @@
+"""The DVC pipeline, for real: ``dvc repro`` up to split on a tiny window in a copy of the repo.
+
+A copy of the working tree's pipeline files (``hap/``, ``expectations/``, ``dvc.yaml``, ``.dvc/config``,
+``.dvcignore``) becomes its own git repo with a tiny ``params.yaml``; the real ``dvc`` and ``hap``
+commands run in it (``PYTHONPATH`` points ``hap`` at the copy). Targets stop at ``split`` so no
+model is trained. DVC operations run one at a time (the repo lock, STACK.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY_OVERRIDES
+from hap.config import REPO_ROOT, load_config
+
+pytestmark = pytest.mark.slow
+
+VENV_BIN = Path(sys.executable).parent
+DATE = "2026-11-02"
+COPIED = ["hap", "expectations", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", "pyproject.toml"]
+
+
+def _env(repo: Path, tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAP") and k != "PYTHONPATH"}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(repo),
+               DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+def _run(repo: Path, tmp: Path, *args: str) -> str:
+    res = subprocess.run(list(args), cwd=repo, env=_env(repo, tmp), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    return res.stdout + res.stderr
+
+
+def dvc(repo: Path, tmp: Path, *args: str) -> str:
+    return _run(repo, tmp, str(VENV_BIN / "dvc"), *args)
+
+
+def git(repo: Path, tmp: Path, *args: str) -> str:
+    return _run(repo, tmp, "git", *args)
+
+
+def _write_tiny_params(repo: Path, **extra: object) -> None:
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for key, value in {**TINY_OVERRIDES, **extra}.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    raw["paths"]["home"] = "data"
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _lock(repo: Path) -> dict:
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """A repo copy after one ``dvc repro split``; returns (repo, tmp, repro output)."""
+    tmp = tmp_path_factory.mktemp("dvc")
+    repo = tmp / "repo"
+    for rel in COPIED:
+        src, dst = REPO_ROOT / rel, repo / rel
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "uncommitted"))
+        elif src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    (repo / ".gitignore").write_text("/data/\n__pycache__/\n")
+    _write_tiny_params(repo)
+    git(repo, tmp, "init", "-q")
+    git(repo, tmp, "add", "-A")
+    git(repo, tmp, "commit", "-q", "-m", "pipeline copy")
+    out = dvc(repo, tmp, "repro", "split")
+    return repo, tmp, out
+
+
+def test_repro_runs_every_stage_up_to_split(pipeline_repo) -> None:
+    repo, tmp, out = pipeline_repo
+    for stage in ("simulate@2026-11-01", "ingest@2026-11-03", "validate@2026-11-02", "split"):
+        assert f"Running stage '{stage}'" in out, out
+    assert "Running stage 'train'" not in out
+    train = repo / "data" / "training" / f"dt={DATE}" / "train"
+    assert (train / "difficulty=hard" / "part-0.parquet").exists()
+    assert (repo / "data" / "training" / f"dt={DATE}" / "eval" / "part-0.parquet").exists()
+    split_metrics = json.loads((repo / "data" / "metrics" / f"dt={DATE}" / "split.json").read_text())
+    assert split_metrics["eval_day"] == "2026-11-03" and split_metrics["eval_held_out_day"] is True
+    assert split_metrics["rows"] > 0
+    assert set(_lock(repo)) >= {"simulate@2026-11-01", "ingest@2026-11-02", "validate@2026-11-03", "split"}
+    shown = dvc(repo, tmp, "metrics", "show", "--json")
+    assert '"rows"' in shown
+
+
+def test_second_repro_does_nothing(pipeline_repo) -> None:
+    repo, tmp, _ = pipeline_repo
+    lock_before = (repo / "dvc.lock").read_text()
+    stamp = (repo / "data" / "training" / f"dt={DATE}" / "train" / "_data_version.json").stat().st_mtime_ns
+    out = dvc(repo, tmp, "repro", "split")
+    assert "Running stage" not in out, out
+    assert (repo / "dvc.lock").read_text() == lock_before
+    assert (repo / "data" / "training" / f"dt={DATE}" / "train" / "_data_version.json").stat().st_mtime_ns == stamp
+
+
+def test_split_param_change_reruns_split_only(pipeline_repo) -> None:
+    repo, tmp, _ = pipeline_repo
+    lock_before = _lock(repo)
+    version_before = _run(repo, tmp, str(VENV_BIN / "hap"), "data-version", "--date", DATE).strip()
+    _write_tiny_params(repo, **{"split.sample_ratio.global_neg": 0.5})
+    out = dvc(repo, tmp, "repro", "split")
+    assert "Running stage 'split'" in out, out
+    assert not any(f"Running stage '{s}@" in out for s in ("simulate", "ingest", "validate"))
+    lock_after = _lock(repo)
+    for name in lock_before:
+        if name != "split":
+            assert lock_after[name] == lock_before[name], name
+    assert lock_after["split"]["outs"] != lock_before["split"]["outs"]
+    # back to the original params: the run cache restores the first training set, same version
+    _write_tiny_params(repo)
+    dvc(repo, tmp, "repro", "split")
+    assert _run(repo, tmp, str(VENV_BIN / "hap"), "data-version", "--date", DATE).strip() == version_before
+    assert _lock(repo)["split"] == lock_before["split"]
+
+
+def test_push_then_pull_into_a_clean_clone(pipeline_repo) -> None:
+    repo, tmp, _ = pipeline_repo
+    dvc(repo, tmp, "push")
+    git(repo, tmp, "add", "dvc.lock", "params.yaml")
+    git(repo, tmp, "commit", "-q", "-m", "lock")
+    clone = tmp / "clone"
+    _run(tmp, tmp, "git", "clone", "-q", str(repo), str(clone))
+    assert not (clone / "data").exists()
+    dvc(clone, tmp, "remote", "modify", "--local", "local", "url", str(repo / "data" / "dvc-remote"))
+    dvc(clone, tmp, "pull", "--with-deps", "split")  # train has no outputs yet
+    for rel in (f"training/dt={DATE}", "lake/samples/dt=2026-11-01", "landing/dt=2026-11-03"):
+        assert _files(clone / "data" / rel) == _files(repo / "data" / rel), rel
+    assert "Running stage" not in dvc(clone, tmp, "repro", "split")
+
+
+def test_two_clean_rebuilds_give_the_same_training_set_hash(pipeline_repo, tmp_path: Path) -> None:
+    """An independent rebuild through the library (the Prefect path) matches the DVC build."""
+    from hap.ingest import ingest_day
+    from hap.simulate import simulate_day
+    from hap.split import build_training_set
+    from hap.validate import validate_day
+    from hap.versioning import data_version
+
+    repo, tmp, _ = pipeline_repo
+    dvc_version = _run(repo, tmp, str(VENV_BIN / "hap"), "data-version", "--date", DATE).strip()
+    cfg = load_config(repo / "params.yaml", environ={"HAP_HOME": str(tmp_path / "rebuild")})
+    for day in cfg.pipeline.dates:
+        simulate_day(cfg, day, progress=False)
+        ingest_day(cfg, day)
+        validate_day(cfg, day)
+    report = build_training_set(cfg, cfg.pipeline.date)
+    assert report.data_version == data_version(cfg, cfg.pipeline.date) == dvc_version
+
+
+def test_full_graph_through_evaluate(pipeline_repo) -> None:
+    """split -> train -> evaluate with tiny training; a split param change re-runs split and after."""
+    repo, tmp, _ = pipeline_repo
+    missing = [m for m in ("hap/train.py", "hap/models.py", "hap/evaluate.py") if not (REPO_ROOT / m).exists()]
+    if missing:
+        pytest.skip(f"the model issue has not landed {missing}; the train/evaluate stages cannot run yet")
+    tiny_train = {"train.epochs": 1}
+    _write_tiny_params(repo, **tiny_train)
+    out = dvc(repo, tmp, "repro", "evaluate")
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out
+    metrics = json.loads((repo / "data" / "metrics" / f"dt={DATE}" / "eval.json").read_text())
+    assert "recall@50" in json.dumps(metrics)
+    curve = json.loads((repo / "data" / "metrics" / f"dt={DATE}" / "recall_curve.json").read_text())
+    assert [row["k"] for row in curve] == sorted(row["k"] for row in curve) and curve
+    assert "recall" in dvc(repo, tmp, "plots", "show", "--json")
+    assert "Running stage" not in dvc(repo, tmp, "repro", "evaluate")
+    # a split param change re-runs split and everything after it, nothing before it
+    _write_tiny_params(repo, **tiny_train, **{"split.sample_ratio.rank_neg": 0.5})
+    # (a dry run cannot show it: downstream stages only change once split's output has)
+    out = dvc(repo, tmp, "repro", "evaluate")
+    assert "Running stage 'split'" in out or "Stage 'split' is cached" in out, out
+    for stage in ("train", "evaluate"):
+        assert f"Running stage '{stage}'" in out, out
+    assert not any(f"Running stage '{s}@" in out for s in ("simulate", "ingest", "validate"))
+    _write_tiny_params(repo, **tiny_train)
