@@ -49,10 +49,10 @@ def _counts(summary: dict[str, Any]) -> list[tuple[str, Any]]:
 def gate_verdict(gate: dict[str, Any] | None) -> str:
     if not gate:
         return "not run"
-    promoted = gate.get("promoted", gate.get("blessed"))
-    verdict = gate.get("verdict") or ("promoted" if promoted else "not promoted")
+    promoted = "promoted to champion" if gate.get("promoted", gate.get("blessed")) else "not promoted"
+    verdict = gate.get("verdict")
     reason = gate.get("reason") or "; ".join(str(r) for r in gate.get("reasons") or [])
-    return f"{verdict}" + (f" ({reason})" if reason else "")
+    return (f"{verdict}, {promoted}" if verdict else promoted) + (f" ({reason})" if reason else "")
 
 
 def render_day(summary: dict[str, Any]) -> str:

@@ -1,0 +1,193 @@
+"""Flow tests: the daily retraining under Prefect's test harness, on tiny simulated days.
+
+Real components throughout (Prefect's temporary server, MLflow on SQLite, the real steps); the
+only fault is a real ``OSError`` raised by the fault-injection hook on a task's first attempt.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from hap import layout
+from hap.config import REPO_ROOT
+from tests.conftest import TINY_OVERRIDES, tiny_config
+
+pytestmark = pytest.mark.slow
+
+D1, D2, D3 = (dt.date(2026, 11, 1) + dt.timedelta(days=i) for i in range(3))
+
+FLOW_OVERRIDES: dict[str, Any] = {
+    **TINY_OVERRIDES,
+    "simulate.days": 3,
+    "model.embed_dim": 8,
+    "model.hash_buckets": 4096,
+    "model.light.tower_dims": [16],
+    "model.light.mlp_dims": [16],
+    "model.expressive.tower_dims": [16],
+    "model.expressive.mlp_dims": [16, 16],
+    "model.expressive.attention_heads": 1,
+    "train.epochs": 1,
+    "evaluate.latency_candidates": 200,
+    "evaluate.latency_repeats": 1,
+    "orchestration.retry_delay_seconds": 0.05,
+    "validation.data_docs": False,
+}
+
+
+# ---- fixtures ----------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for the whole session (it costs about 10 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> dict[str, Any]:
+    """Three simulated (landed, not ingested) days under a fresh data root."""
+    from hap.simulate import simulate_days
+
+    home = tmp_path_factory.mktemp("flows") / "data"
+    cfg = tiny_config(home, **{k.replace(".", "__"): v for k, v in FLOW_OVERRIDES.items()})
+    list(simulate_days(cfg, D1, 3, progress=False))
+    return {"home": str(home), "cfg": cfg, "kw": {"overrides": FLOW_OVERRIDES, "home": str(home)}}
+
+
+@pytest.fixture(scope="module")
+def backfilled(world: dict[str, Any]) -> dict[str, Any]:
+    """The success path: backfill D1..D2 with a transient fault in ingest and in register."""
+    from flows.backfill import backfill
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HAP_INJECT_FAULTS", "ingest:1,register:1")
+    try:
+        state = backfill(start=D1.isoformat(), end=D2.isoformat(), return_state=True, **world["kw"])
+    finally:
+        mp.undo()
+    return {"state": state}
+
+
+def _client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _task_runs(flow_run_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with _client() as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def _champion(cfg) -> str | None:
+    from hap.registry import CHAMPION, alias_version
+
+    version = alias_version(cfg, CHAMPION)
+    return None if version is None else str(version.version)
+
+
+# ---- acceptance ------------------------------------------------------------------------------
+def test_success_path_promotes_a_model_and_creates_an_artifact(world, backfilled):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    cfg = world["cfg"]
+    assert backfilled["state"].is_completed(), backfilled["state"].message
+    first = json.loads((layout.metrics_dir(cfg, D1) / "daily_run.json").read_text())
+    assert first["status"] == "completed" and first["retrain"] is False  # warm-up: window incomplete
+    day = json.loads((layout.metrics_dir(cfg, D2) / "daily_run.json").read_text())
+    assert day["status"] == "completed" and day["retrain"] is True
+    assert day["gate"]["promoted"] is True, day["gate"]
+    assert _champion(cfg) == day["model_version"]
+    assert (layout.model_dir(cfg, D2) / "bundle.json").exists()
+    with _client() as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"daily-retrain-{D2}"])))
+    assert arts and arts[0].type == "markdown"
+    text = arts[0].data
+    assert f"version {day['model_version']}" in text and "promoted" in text and "recall@50" in text
+
+
+def test_transient_faults_are_retried_and_the_run_succeeds(world, backfilled):
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    assert backfilled["state"].is_completed()
+    home = Path(world["home"])
+    assert (home / ".faults" / "ingest").read_text() == "1"      # the first attempt did raise
+    assert (home / ".faults" / "register").read_text() == "1"
+    with _client() as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="register")))
+    retried = [r for r in runs if r.run_count == 2 and r.state.is_completed()]
+    assert retried, [(r.name, r.run_count, r.state.name) for r in runs]
+
+
+def test_corrupt_day_fails_without_training_and_keeps_the_champion(world, backfilled):
+    from flows.daily import daily_retrain
+    from hap.registry import version_for_day
+
+    cfg = world["cfg"]
+    champion_before = _champion(cfg)
+    assert champion_before is not None
+    path = layout.raw_log(cfg, D3, "exposure")
+    table = pq.read_table(path)  # every exposure clicked: CTR 1.0, far outside validation's range
+    table = table.set_column(table.schema.get_field_index("click"), "click",
+                             pa.array([1] * table.num_rows, type=pa.int8()))
+    pq.write_table(table, path)
+
+    state = daily_retrain(date=D3.isoformat(), return_state=True, **world["kw"])
+    assert state.is_failed()
+    assert "ValidationFailed" in state.message and "2026-11-03" in state.message
+    runs = _task_runs(state.state_details.flow_run_id)
+    names = {r.name.rsplit("-", 1)[0]: r for r in runs}
+    assert names["validate"].run_count == 1                      # a HapError is never retried
+    assert not {"split", "train", "register", "gate"} & set(names)
+    assert not layout.model_dir(cfg, D3).exists()
+    assert version_for_day(cfg, D3) is None
+    assert _champion(cfg) == champion_before
+    summary = json.loads((layout.metrics_dir(cfg, D3) / "daily_run.json").read_text())
+    assert summary["status"] == "failed" and layout.quarantine_day(cfg, D3).exists()
+
+
+def test_two_runs_for_one_date_do_not_interleave(world, backfilled):
+    from flows.daily import daily_retrain
+
+    states: list = []
+
+    def go() -> None:
+        states.append(daily_retrain(date=D1.isoformat(), return_state=True, **world["kw"]))
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(states) == 2 and all(s.is_completed() for s in states), [s.message for s in states]
+    spans = []
+    for s in states:
+        runs = _task_runs(s.state_details.flow_run_id)
+        assert len(runs) >= 3
+        spans.append((min(r.start_time for r in runs), max(r.end_time for r in runs)))
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert a1 <= b0, f"task runs of the two runs interleave: {spans}"
+
+
+def test_second_run_refuses_when_the_date_stays_locked(world, backfilled):
+    from flows.daily import daily_retrain
+    from flows.locks import date_lock
+
+    kw = {**world["kw"], "overrides": {**FLOW_OVERRIDES, "orchestration.date_lock_timeout_seconds": 1}}
+    with date_lock(D1, None):
+        started = time.perf_counter()
+        state = daily_retrain(date=D1.isoformat(), return_state=True, **kw)
+    assert state.is_failed() and "refusing rather than interleaving" in state.message
+    assert time.perf_counter() - started < 60
