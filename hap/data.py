@@ -85,18 +85,31 @@ class FeatureSpec:
 
     def encode(self, table: pa.Table) -> dict[str, np.ndarray]:
         """``{req_cat [N,10], req_dense [N,2], seq [N,L], item_cat [N,8], item_dense [N,8]}`` (numpy)."""
-        cat = np.stack([table[c].to_numpy(zero_copy_only=False) for c in CATEGORICAL_ORDER], axis=1)
-        cat = self.rehash(cat, np.arange(len(CATEGORICAL_ORDER))[None, :])
-        dense = (_signed_log(_dense_matrix(table)) - np.asarray(self.dense_mean)) / np.asarray(self.dense_std)
-        dense = dense.astype(np.float32)
-        seq = self.rehash(_sequence_matrix(table[schema.USER_SEQUENCE], self.seq_len), SEQ_FEATURE_SLOT)
+        return {**self.encode_request(table), **self.encode_items(table)}
+
+    def encode_request(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """The user and context side of each row: ``req_cat``, ``req_dense``, ``seq``."""
+        cat = np.stack([table[c].to_numpy(zero_copy_only=False) for c in REQUEST_CATEGORICAL], axis=1)
+        dense = _dense_matrix(table, schema.USER_DENSE)
+        return {"req_cat": self.rehash(cat, np.arange(len(REQUEST_CATEGORICAL))[None, :]),
+                "req_dense": self._standardize(dense, slice(0, N_USER_DENSE)),
+                "seq": self.rehash(_sequence_matrix(table[schema.USER_SEQUENCE], self.seq_len), SEQ_FEATURE_SLOT)}
+
+    def encode_items(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """The candidate side of each row: ``item_cat``, ``item_dense``."""
         n_req = len(REQUEST_CATEGORICAL)
-        return {"req_cat": cat[:, :n_req], "req_dense": dense[:, :N_USER_DENSE], "seq": seq,
-                "item_cat": cat[:, n_req:], "item_dense": dense[:, N_USER_DENSE:]}
+        cat = np.stack([table[c].to_numpy(zero_copy_only=False) for c in ITEM_CATEGORICAL], axis=1)
+        dense = _dense_matrix(table, schema.ITEM_DENSE)
+        return {"item_cat": self.rehash(cat, np.arange(n_req, len(CATEGORICAL_ORDER))[None, :]),
+                "item_dense": self._standardize(dense, slice(N_USER_DENSE, len(DENSE_ORDER)))}
+
+    def _standardize(self, dense: np.ndarray, columns: slice) -> np.ndarray:
+        mean, std = np.asarray(self.dense_mean)[columns], np.asarray(self.dense_std)[columns]
+        return ((_signed_log(dense) - mean) / std).astype(np.float32)
 
 
-def _dense_matrix(table: pa.Table) -> np.ndarray:
-    return np.stack([table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in DENSE_ORDER], axis=1)
+def _dense_matrix(table: pa.Table, columns: tuple[str, ...] = DENSE_ORDER) -> np.ndarray:
+    return np.stack([table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in columns], axis=1)
 
 
 def _sequence_matrix(column: pa.ChunkedArray | pa.Array, seq_len: int) -> np.ndarray:

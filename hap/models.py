@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from torch import nn
 
 from hap.data import CATEGORICAL_ORDER, DENSE_ORDER, ITEM_CATEGORICAL, N_USER_DENSE, REQUEST_CATEGORICAL
 from hap.errors import HapError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 BUNDLE_FORMAT = "hap-bundle/1"
 N_REQ_CAT, N_ITEM_CAT = len(REQUEST_CATEGORICAL), len(ITEM_CATEGORICAL)
@@ -181,6 +184,20 @@ class RequestScores:
     rank: np.ndarray         # 1-based final position
 
 
+@dataclass(frozen=True)
+class ItemCache:
+    """Item-tower outputs of a catalogue snapshot, by ``item_id`` (sorted, for a binary search)."""
+
+    ids: np.ndarray                       # [N] int64, sorted, unique
+    vectors: dict[str, torch.Tensor]      # tower name -> [N, D]
+
+    def lookup(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row of each id in ``vectors`` (0 where absent) and whether it is present."""
+        pos = np.searchsorted(self.ids, item_ids).clip(max=len(self.ids) - 1)
+        hit = self.ids[pos] == item_ids
+        return np.where(hit, pos, 0), hit
+
+
 class HapBundle:
     """Both towers, the feature spec and the routing config: the DAMR scorer, from a folder."""
 
@@ -192,6 +209,7 @@ class HapBundle:
         self.spec = FeatureSpec.from_dict(meta["features"])
         self.routing: dict[str, Any] = dict(meta["routing"])
         self.device = torch.device(device)
+        self.item_cache: ItemCache | None = None
         for m in (light, expressive):
             if m is not None:
                 m.to(self.device).eval()
@@ -206,25 +224,44 @@ class HapBundle:
         meta = {**self.meta, "routing": {**self.routing, **changes}}
         out = HapBundle.__new__(HapBundle)
         out.meta, out.light, out.expressive, out.spec, out.device = meta, self.light, self.expressive, self.spec, self.device
-        out.routing = meta["routing"]
+        out.routing, out.item_cache = meta["routing"], self.item_cache
         return out
+
+    @torch.no_grad()
+    def cache_items(self, catalogue: Any) -> "HapBundle":
+        """Precompute both item towers for a catalogue snapshot (rows with ``item_id`` and the item
+        features; the last row of an id wins). Serving then skips the item side for cached ids.
+        Item features drift (age, CTR, popularity), so rebuild it when they refresh: daily here."""
+        table = _as_table(catalogue)
+        ids = table["item_id"].to_numpy()
+        _, last = np.unique(ids[::-1], return_index=True)
+        table = table.take(np.sort(len(ids) - 1 - last))
+        order = np.argsort(table["item_id"].to_numpy(), kind="stable")
+        table = table.take(order)
+        enc = self._tensors(self.spec.encode_items(table))
+        vectors = {name: model.item(enc["item_cat"], enc["item_dense"])
+                   for name, model in (("light", self.light), ("expressive", self.expressive)) if model is not None}
+        self.item_cache = ItemCache(table["item_id"].to_numpy(), vectors)
+        return self
 
     def encode(self, frame: Any) -> dict[str, torch.Tensor]:
         """A pyarrow Table or pandas DataFrame of candidate rows -> model input tensors."""
-        import pyarrow as pa
+        return self._tensors(self.spec.encode(_as_table(frame)))
 
-        table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
-        return {k: torch.from_numpy(v).to(self.device) for k, v in self.spec.encode(table).items()}
+    def _tensors(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
 
     @torch.no_grad()
     def score_request(self, frame: Any) -> RequestScores:
-        """The serving path for one request's candidates: user side once, item side per candidate,
+        """The serving path for one request's candidates: the request side encoded and run once
+        (every row of a request carries the same user and context), the item side per candidate,
         light scores for all, the expressive model on the routed ones."""
         from hap.routing import damr_order
 
-        enc = self.encode(frame)
-        n = enc["item_cat"].shape[0]
-        light = self._scores(self.light, enc, n) if self.light is not None else None
+        table = _as_table(frame)
+        user = self._tensors(self.spec.encode_request(table.slice(0, 1)))
+        n = table.num_rows
+        light = self._scores(self.light, user, self._item_vectors("light", table)) if self.light is not None else None
         expr = np.full(n, np.nan, np.float32)
         if self.serve == "light" or self.expressive is None:
             routed = np.zeros(n, bool)
@@ -234,18 +271,36 @@ class HapBundle:
             from hap.routing import route
 
             routed = route(light, self.routing)
-        if routed.any():
-            idx = torch.from_numpy(np.nonzero(routed)[0]).to(self.device)
-            expr[routed] = self._scores(self.expressive, {k: v[idx] for k, v in enc.items()}, len(idx))
+        if routed.all():
+            expr[:] = self._scores(self.expressive, user, self._item_vectors("expressive", table))
+        elif routed.any():
+            expr[routed] = self._scores(self.expressive, user,
+                                        self._item_vectors("expressive", table.take(np.nonzero(routed)[0])))
         if light is None:
             light = np.where(routed, expr, np.nan).astype(np.float32)
         final, rank = damr_order(light, expr, routed)
         return RequestScores(final, light, expr, routed, rank)
 
-    def _scores(self, model: nn.Module, enc: dict[str, torch.Tensor], n: int) -> np.ndarray:
-        user = model.user(enc["req_cat"][:1], enc["req_dense"][:1], enc["seq"][:1])
-        v = model.item(enc["item_cat"], enc["item_dense"]).unsqueeze(0)        # [1, n, D]
-        return model.head(user, v)[0].float().cpu().numpy()
+    def _item_vectors(self, tower: str, table: "pa.Table") -> torch.Tensor:
+        """``[n, D]`` item-tower outputs of ``tower`` for the rows of ``table``: cached ids from the
+        cache, the others (or all, without a cache) through the tower."""
+        model = getattr(self, tower)
+        cache = self.item_cache
+        if cache is None or tower not in cache.vectors:
+            enc = self._tensors(self.spec.encode_items(table))
+            return model.item(enc["item_cat"], enc["item_dense"])
+        pos, hit = cache.lookup(table["item_id"].to_numpy())
+        out = cache.vectors[tower][torch.from_numpy(pos).to(self.device)]
+        if not hit.all():
+            miss = np.nonzero(~hit)[0]
+            enc = self._tensors(self.spec.encode_items(table.take(miss)))
+            out[torch.from_numpy(miss).to(self.device)] = model.item(enc["item_cat"], enc["item_dense"])
+        return out
+
+    @staticmethod
+    def _scores(model: nn.Module, user_enc: dict[str, torch.Tensor], item_vectors: torch.Tensor) -> np.ndarray:
+        user = model.user(user_enc["req_cat"][:1], user_enc["req_dense"][:1], user_enc["seq"][:1])
+        return model.head(user, item_vectors.unsqueeze(0))[0].float().cpu().numpy()   # [1, n, D] -> [n]
 
     def flops_per_request(self, n: int) -> dict[str, float]:
         from hap.routing import flops_per_request
@@ -262,6 +317,12 @@ def save_bundle(folder: Path, meta: dict[str, Any], light: nn.Module | None, exp
     if expressive is not None:
         torch.save({k: v.detach().cpu() for k, v in expressive.state_dict().items()}, folder / "expressive.pt")
     (folder / "bundle.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _as_table(frame: Any) -> "pa.Table":
+    import pyarrow as pa
+
+    return frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
 
 
 def load_bundle(path: Path | str, device: str = "cpu") -> HapBundle:

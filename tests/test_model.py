@@ -218,8 +218,21 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
 
     table = pq.read_table(layout.eval_set(tiny_split, DATE))
     one = table.filter(table["request_id"].to_numpy() == table["request_id"][0].as_py())
-    here = load_bundle(folder).score_request(one)
+    bundle = load_bundle(folder)
+    here = bundle.score_request(one)
     assert here.routed.sum() == int(np.ceil(0.1 * one.num_rows))
+    # serving encodes the request side once; the batch path encodes it on every row: same scores
+    enc = bundle.encode(one)
+    with torch.no_grad():
+        batch_light = bundle.light(enc["req_cat"], enc["req_dense"], enc["seq"], enc["item_cat"][:, None],
+                                   enc["item_dense"][:, None])[:, 0].numpy()
+    assert np.allclose(batch_light, here.light, atol=1e-5)
+    # the item-tower cache changes no score, whether it holds every candidate or only some
+    for catalogue in (table, one.slice(0, one.num_rows // 2)):
+        cached = load_bundle(folder).cache_items(catalogue).score_request(one)
+        assert np.allclose(cached.light, here.light, atol=1e-5)
+        assert np.allclose(cached.expressive[cached.routed], here.expressive[here.routed], atol=1e-5)
+        assert (cached.routed == here.routed).all()
     assert (here.rank[here.routed] <= here.routed.sum()).all()
     code = ("import sys, json, pyarrow.parquet as pq; from hap.models import load_bundle; "
             "t = pq.read_table(sys.argv[2]); t = t.filter(t['request_id'].to_numpy() == t['request_id'][0].as_py()); "
