@@ -227,6 +227,38 @@ def _members(cfg: Config, data: TrainData, device: torch.device, world: int) -> 
     return members
 
 
+@dataclass
+class StepTiming:
+    tower: str
+    seconds: float
+    steps: int
+    cells: int        # candidate samples trained on (valid grid cells)
+    requests: int     # anchors: one user-tower pass each
+
+
+def time_training_steps(cfg: Config, data: TrainData, tower: str, steps: int, device: torch.device,
+                        warmup: int = 3) -> StepTiming:
+    """Wall time of ``steps`` real training steps (``_train_step``) of one tower, after ``warmup``
+    untimed ones: the unit ``bench/`` turns into samples/s and achieved FLOP/s."""
+    member = next(m for m in _members(cfg.updated({"train.expressive_groups": "all"}), data, device, 1)
+                  if m.name == tower)
+    member.raw.train()
+    batches = [b.to(device) for b in data.batches(0, "train")]
+    batches = (batches * (1 + (steps + warmup) // max(len(batches), 1)))[:steps + warmup]
+    for i, b in enumerate(batches[:warmup]):
+        _train_step(cfg, member, b, device, 1, i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timed = batches[warmup:]
+    cells, requests = sum(int(b.valid.sum()) for b in timed), sum(b.size for b in timed)
+    t0 = time.perf_counter()
+    for i, b in enumerate(timed):
+        _train_step(cfg, member, b, device, 1, warmup + i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return StepTiming(tower, time.perf_counter() - t0, steps, cells, requests)
+
+
 def _save_ckpt(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -1,0 +1,143 @@
+"""Training throughput against a dense matmul peak, and DAMR serving latency (issue 9, parts 2-3).
+
+Training: real ``_train_step`` calls (``hap.train.time_training_steps``) of each tower on the
+default-scale training set, as candidate samples/s and achieved FLOP/s. The baseline, measured
+in the same process right before, is a dense float32 matmul (bf16 as well on CUDA): achieved
+FLOP/s is reported as a fraction of it. FLOPs per step are counted from the layer shapes over the
+grid the model actually runs (B anchors x C candidate slots), forward + backward = 3 x forward.
+
+Serving: ``HapBundle.score_request`` on one request of ``evaluate.latency_candidates`` (1,000)
+candidates for light-only, HAP at rho = 0.1 and ``expressive_all``, with the item-tower cache
+filled from the eval day's candidates (as a serving process fills it from the day's catalogue);
+latency as a ratio of ``expressive_all``'s, FLOPs per request from the layer shapes (the cache
+removes item-tower FLOPs, so the FLOPs column counts them: the uncached cost).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import markdown_table, write_results
+
+DEFAULT_HOME = Path(__file__).resolve().parent.parent / "data" / "bench-quality"
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 20) -> float:
+    """FLOP/s of a dense ``n x n`` matmul: the machine's practical peak for this process."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def step_flops(model: torch.nn.Module, requests: int, grid_cells: int) -> float:
+    """Forward + backward FLOPs (3 x forward) of the dense layers over the executed grid."""
+    f = model.flops()
+    return 3.0 * (requests * f["user"] + grid_cells * (f["item"] + f["head"]))
+
+
+def bench_training(cfg: Any, data: Any, device: torch.device, steps: int) -> tuple[list[list[Any]], dict[str, Any]]:
+    from hap.models import build_models
+    from hap.train import time_training_steps
+
+    peak = matmul_peak(device)
+    out: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "matmul_peak_flops": peak}
+    if device.type == "cuda":
+        out["matmul_peak_bf16_flops"] = matmul_peak(device, torch.bfloat16)
+        torch.cuda.reset_peak_memory_stats(device)
+    rows = [["dense matmul 1024² fp32 (baseline)", "-", f"{peak / 1e9:.1f}", 1.0, "-"]]
+    light, expressive = build_models(cfg.model.model_dump(mode="json"))
+    batch = data.batches(0, "train")[0]
+    grid_per_anchor = int(batch.item_cat.shape[1])
+    for name, model in (("light", light), ("expressive", expressive)):
+        timing = time_training_steps(cfg, data, name, steps, device)
+        flops = step_flops(model, timing.requests, timing.requests * grid_per_anchor)
+        achieved = flops / timing.seconds
+        out[name] = {"seconds": timing.seconds, "steps": timing.steps, "samples": timing.cells,
+                     "samples_per_second": timing.cells / timing.seconds, "achieved_flops": achieved,
+                     "fraction_of_peak": achieved / peak}
+        rows.append([f"train {name} ({timing.steps} steps)", f"{timing.cells / timing.seconds:,.0f}",
+                     f"{achieved / 1e9:.2f}", achieved / peak, f"{timing.seconds:.2f}"])
+    if device.type == "cuda":
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return rows, out
+
+
+def bench_serving(cfg: Any, bundle: Any, eval_table: Any) -> tuple[list[list[Any]], dict[str, Any]]:
+    from hap.evaluate import latency_ms_per_1k
+
+    n = cfg.evaluate.latency_candidates
+    modes = {"light": {"serve": "light"}, "hap@0.1": {"serve": "hap", "mode": "topk", "rho": 0.1},
+             "expressive_all": {"serve": "expressive_all"}}
+    cached = bundle.with_routing().cache_items(eval_table)   # every candidate's item vectors precomputed
+    measured = {}
+    for label, routing in modes.items():
+        b = cached.with_routing(**routing)
+        measured[label] = {"ms_per_request": latency_ms_per_1k(cfg, b, eval_table) * n / 1000,
+                           "flops_per_request": b.flops_per_request(n)["flops_per_request"]}
+    base = measured["expressive_all"]
+    rows = [[label, f"{m['ms_per_request']:.2f}", m["ms_per_request"] / base["ms_per_request"],
+             f"{m['flops_per_request'] / 1e6:.1f}M", m["flops_per_request"] / base["flops_per_request"]]
+            for label, m in measured.items()]
+    return rows, {"candidates": n, **measured}
+
+
+def run(home: Path, steps: int) -> None:
+    import pyarrow.dataset as ds
+
+    from bench.paper_table import prepare
+    from hap import layout
+    from hap.config import load_config
+    from hap.data import TrainData
+    from hap.models import load_bundle
+    from hap.train import fit, pick_device
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
+    environ["HAP_HOME"] = str(home)
+    cfg = load_config(environ=environ).updated({"train.diagnostics_every": 0, "evaluate.latency_repeats": 21})
+    date = prepare(cfg)
+    data = TrainData.load(cfg, layout.training_set(cfg, date))
+    device = pick_device(cfg)
+    train_rows, train_out = bench_training(cfg, data, device, steps)
+
+    bundle_dir = home / "bench-bundles" / "serving"
+    if not (bundle_dir / "bundle.json").exists():
+        fit(cfg.updated({"train.epochs": 1}), data, bundle_dir, meta={"date": date.isoformat()}, log=False)
+    eval_table = ds.dataset(layout.eval_set(cfg, date), format="parquet").to_table()
+    serve_rows, serve_out = bench_serving(cfg, load_bundle(bundle_dir), eval_table)
+
+    table = (f"Training on {device} ({torch.get_num_threads()} threads), batch of "
+             f"{cfg.train.batch_requests} requests:\n\n"
+             + markdown_table(["what", "samples/s", "GFLOP/s", "× matmul peak", "s"], train_rows)
+             + f"\n\nServing one request of {serve_out['candidates']} candidates, item-tower cache on (median of "
+             f"{cfg.evaluate.latency_repeats}):\n\n"
+             + markdown_table(["scorer", "ms/request", "× expressive_all latency", "FLOPs", "× expressive_all FLOPs"],
+                              serve_rows))
+    write_results("model", {"training": train_out, "serving": serve_out}, table)
+    print(table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--home", type=Path, default=DEFAULT_HOME, help="data root (shared with bench.paper_table)")
+    ap.add_argument("--steps", type=int, default=40, help="timed training steps per tower")
+    args = ap.parse_args()
+    np.seterr(all="ignore")
+    run(args.home, args.steps)
+
+
+if __name__ == "__main__":
+    main()
