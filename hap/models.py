@@ -275,25 +275,26 @@ class HapBundle:
             expr[:] = self._scores(self.expressive, user, self._item_vectors("expressive", table))
         elif routed.any():
             expr[routed] = self._scores(self.expressive, user,
-                                        self._item_vectors("expressive", table.take(np.nonzero(routed)[0])))
+                                        self._item_vectors("expressive", table, np.nonzero(routed)[0]))
         if light is None:
             light = np.where(routed, expr, np.nan).astype(np.float32)
         final, rank = damr_order(light, expr, routed)
         return RequestScores(final, light, expr, routed, rank)
 
-    def _item_vectors(self, tower: str, table: "pa.Table") -> torch.Tensor:
-        """``[n, D]`` item-tower outputs of ``tower`` for the rows of ``table``: cached ids from the
-        cache, the others (or all, without a cache) through the tower."""
+    def _item_vectors(self, tower: str, table: "pa.Table", rows: np.ndarray | None = None) -> torch.Tensor:
+        """``[n, D]`` item-tower outputs of ``tower`` for ``rows`` of ``table`` (all by default):
+        cached ids from the cache, the others (or all, without a cache) through the tower."""
         model = getattr(self, tower)
         cache = self.item_cache
         if cache is None or tower not in cache.vectors:
-            enc = self._tensors(self.spec.encode_items(table))
+            enc = self._tensors(self.spec.encode_items(table if rows is None else table.take(rows)))
             return model.item(enc["item_cat"], enc["item_dense"])
-        pos, hit = cache.lookup(table["item_id"].to_numpy())
+        ids = table["item_id"].to_numpy()
+        pos, hit = cache.lookup(ids if rows is None else ids[rows])
         out = cache.vectors[tower][torch.from_numpy(pos).to(self.device)]
         if not hit.all():
             miss = np.nonzero(~hit)[0]
-            enc = self._tensors(self.spec.encode_items(table.take(miss)))
+            enc = self._tensors(self.spec.encode_items(table.take(miss if rows is None else rows[miss])))
             out[torch.from_numpy(miss).to(self.device)] = model.item(enc["item_cat"], enc["item_dense"])
         return out
 

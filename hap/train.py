@@ -88,10 +88,13 @@ class _Member:
                  device: torch.device, world: int) -> None:
         self.name, self.raw, self.keep = name, model.to(device), keep
         self.net: nn.Module = self.raw
+        # fused: one kernel per step instead of a pass per Adam op over the hashed embedding table,
+        # which every step touches in full (its gradient is table-sized): ~1.2x light steps on CPU
+        self.opt = torch.optim.Adam(self.raw.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                    fused=True)
         if world > 1:
             self.net = nn.parallel.DistributedDataParallel(
                 self.raw, device_ids=[device.index] if device.type == "cuda" else None)
-        self.opt = torch.optim.Adam(self.raw.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.harm = Harmonizer(cfg.train.harmonization)
         self.last_weights: torch.Tensor | None = None
         self.best_metric, self.best_epoch, self.bad, self.done = -1.0, -1, 0, False
