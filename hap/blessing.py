@@ -2,9 +2,10 @@
 
 Kept free of MLflow and torch so the rule itself is cheap to test and to read: a challenger is
 blessed only when every metric the gate reads is present and finite, it clears the absolute
-floors and the cost ceiling and, when a champion exists, it beats the champion's primary metric
-by ``min_gain`` and regresses no slice by more than ``max_slice_regression``. Both were measured
-on the same eval set by the caller.
+floors and the cost ceiling and, when a champion exists, its primary metric is at least the
+champion's + ``min_gain`` (negative: a non-inferiority margin, so a fresher model of equal quality
+replaces the champion) and it regresses no slice by more than ``max_slice_regression``. Both
+were measured on the same eval set by the caller.
 """
 from __future__ import annotations
 
