@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench.common import Measurement, markdown_table, measure, write_results
+from bench.common import PRODUCTION_LIKE, Measurement, markdown_table, measure, write_results
 
 DAY = dt.date(2026, 11, 1)
 
@@ -26,7 +26,8 @@ def _cfg(home: str, requests: int):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     env["HAP_HOME"] = home
-    return load_config(environ=env, overrides={"simulate.requests_per_day": requests, "split.window_days": 1,
+    return load_config(environ=env, overrides={"simulate.requests_per_day": requests, **PRODUCTION_LIKE,
+                                               "split.window_days": 1,
                                                "pipeline.date": DAY.isoformat()})
 
 

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 
-from bench.common import markdown_table, measure, write_results
+from bench.common import PRODUCTION_LIKE, markdown_table, measure, write_results
 
 DAY = dt.date(2026, 11, 1)
 
@@ -27,7 +27,7 @@ def _cfg(home: str, requests: int, docs: bool = True):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     env["HAP_HOME"] = home
-    return load_config(environ=env, overrides={"simulate.requests_per_day": requests,
+    return load_config(environ=env, overrides={"simulate.requests_per_day": requests, **PRODUCTION_LIKE,
                                                "validation.data_docs": docs})
 
 
