@@ -36,6 +36,24 @@ TINY_OVERRIDES: dict[str, Any] = {
 }
 
 
+# A tiny model and fast retries for tests that run the whole daily flow: they check the wiring,
+# not model quality.
+TINY_FLOW_RUN: dict[str, Any] = {
+    "model.embed_dim": 8,
+    "model.hash_buckets": 4096,
+    "model.light.tower_dims": [16],
+    "model.light.mlp_dims": [16],
+    "model.expressive.tower_dims": [16],
+    "model.expressive.mlp_dims": [16, 16],
+    "model.expressive.attention_heads": 1,
+    "train.epochs": 1,
+    "evaluate.latency_candidates": 200,
+    "evaluate.latency_repeats": 1,
+    "orchestration.retry_delay_seconds": 0.05,
+    "validation.data_docs": False,
+}
+
+
 def tiny_config(home: Path, **overrides: Any) -> Config:
     """A tiny config rooted at ``home``; keyword overrides use ``__`` for dots."""
     merged = {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}

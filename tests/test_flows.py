@@ -19,7 +19,7 @@ import yaml
 
 from hap import layout
 from hap.config import REPO_ROOT
-from tests.conftest import TINY_OVERRIDES, tiny_config
+from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +28,7 @@ D1, D2, D3 = (dt.date(2026, 11, 1) + dt.timedelta(days=i) for i in range(3))
 FLOW_OVERRIDES: dict[str, Any] = {
     **TINY_OVERRIDES,
     "simulate.days": 3,
-    "model.embed_dim": 8,
-    "model.hash_buckets": 4096,
-    "model.light.tower_dims": [16],
-    "model.light.mlp_dims": [16],
-    "model.expressive.tower_dims": [16],
-    "model.expressive.mlp_dims": [16, 16],
-    "model.expressive.attention_heads": 1,
-    "train.epochs": 1,
-    "evaluate.latency_candidates": 200,
-    "evaluate.latency_repeats": 1,
-    "orchestration.retry_delay_seconds": 0.05,
-    "validation.data_docs": False,
+    **TINY_FLOW_RUN,
 }
 
 

@@ -251,22 +251,8 @@ def test_servers_are_up_and_backed_by_postgres(servers: Servers) -> None:
 # ---- the daily flow against the servers -------------------------------------------------------
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
 
-# The tiny shape of tests/conftest.py plus a tiny model: the point here is the wiring, not quality.
-TINY_RUN: dict[str, object] = {
-    "split.window_days": 1,  # both days train, so the registry holds two versions
-    "model.embed_dim": 8,
-    "model.hash_buckets": 4096,
-    "model.light.tower_dims": [16],
-    "model.light.mlp_dims": [16],
-    "model.expressive.tower_dims": [16],
-    "model.expressive.mlp_dims": [16, 16],
-    "model.expressive.attention_heads": 1,
-    "train.epochs": 1,
-    "evaluate.latency_candidates": 200,
-    "evaluate.latency_repeats": 1,
-    "orchestration.retry_delay_seconds": 0.05,
-    "validation.data_docs": False,
-}
+# both days train (a one-day window), so the registry holds two versions
+ONE_DAY_WINDOW = {"split.window_days": 1}
 
 # Runs in a fresh interpreter, configured by environment only (PREFECT_API_URL,
 # MLFLOW_TRACKING_URI, HAP_HOME), exactly as a worker container would be.
@@ -292,12 +278,12 @@ def _api(url: str, body: dict | None = None) -> object:
 def two_days(servers: Servers) -> dict[str, object]:
     """Two simulated days, then the daily flow for each, in a subprocess pointed at the servers."""
     from hap.simulate import simulate_days
-    from tests.conftest import TINY_OVERRIDES, tiny_config
+    from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES, tiny_config
 
     flows_daily = REPO / "flows" / "daily.py"
     if not flows_daily.exists():
         pytest.skip("flows/daily.py not written yet")
-    overrides = {**TINY_OVERRIDES, "simulate.days": 2, **TINY_RUN}
+    overrides = {**TINY_OVERRIDES, "simulate.days": 2, **TINY_FLOW_RUN, **ONE_DAY_WINDOW}
     home = servers.root / "hap-data"
     cfg = tiny_config(home, **{k.replace(".", "__"): v for k, v in overrides.items()})
     list(simulate_days(cfg, D1, 2, progress=False))
