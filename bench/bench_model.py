@@ -83,7 +83,7 @@ def bench_serving(cfg: Any, bundle: Any, eval_table: Any) -> tuple[list[list[Any
     n = cfg.evaluate.latency_candidates
     modes = {"light": {"serve": "light"}, "hap@0.1": {"serve": "hap", "mode": "topk", "rho": 0.1},
              "expressive_all": {"serve": "expressive_all"}}
-    cached = bundle.with_routing().cache_items(eval_table)   # every candidate's item vectors precomputed
+    cached = bundle.cache_items(eval_table)   # every candidate's item vectors precomputed
     rows: list[list[Any]] = []
     out: dict[str, Any] = {"candidates": n}
     for cache_label, base_bundle in (("off", bundle), ("on", cached)):

@@ -229,20 +229,19 @@ class HapBundle:
 
     @torch.no_grad()
     def cache_items(self, catalogue: Any) -> "HapBundle":
-        """Precompute both item towers for a catalogue snapshot (rows with ``item_id`` and the item
-        features; the last row of an id wins). Serving then skips the item side for cached ids.
-        Item features drift (age, CTR, popularity), so rebuild it when they refresh: daily here."""
+        """The same weights with both item towers precomputed for a catalogue snapshot (rows with
+        ``item_id`` and the item features; the last row of an id wins). Serving then skips the
+        item side for cached ids. Item features drift (age, CTR, popularity), so rebuild it when
+        they refresh: daily here."""
         table = _as_table(catalogue)
         ids = table["item_id"].to_numpy()
-        _, last = np.unique(ids[::-1], return_index=True)
-        table = table.take(np.sort(len(ids) - 1 - last))
-        order = np.argsort(table["item_id"].to_numpy(), kind="stable")
-        table = table.take(order)
-        enc = self._tensors(self.spec.encode_items(table))
-        vectors = {name: model.item(enc["item_cat"], enc["item_dense"])
-                   for name, model in (("light", self.light), ("expressive", self.expressive)) if model is not None}
-        self.item_cache = ItemCache(table["item_id"].to_numpy(), vectors)
-        return self
+        unique_ids, last_from_end = np.unique(ids[::-1], return_index=True)   # sorted ids, last rows
+        enc = self._tensors(self.spec.encode_items(table.take(len(ids) - 1 - last_from_end)))
+        out = self.with_routing()
+        out.item_cache = ItemCache(unique_ids, {
+            name: model.item(enc["item_cat"], enc["item_dense"])
+            for name, model in (("light", self.light), ("expressive", self.expressive)) if model is not None})
+        return out
 
     def encode(self, frame: Any) -> dict[str, torch.Tensor]:
         """A pyarrow Table or pandas DataFrame of candidate rows -> model input tensors."""
