@@ -22,7 +22,7 @@ DAY = dt.date(2026, 11, 1)
 
 
 def _cfg(home: str, requests: int):
-    from hap.config import load_config
+    from hap.core.config import load_config
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     env["HAP_HOME"] = home
@@ -32,30 +32,30 @@ def _cfg(home: str, requests: int):
 
 
 def run_simulate(home: str, requests: int) -> int:
-    from hap.simulate import simulate_day
+    from hap.sources.simulator import simulate_day
 
     return simulate_day(_cfg(home, requests), DAY, progress=False).requests
 
 
 def run_ingest(home: str, requests: int) -> int:
-    from hap.ingest import ingest_day
+    from hap.data.ingest import ingest_day
 
     return ingest_day(_cfg(home, requests), DAY).samples
 
 
 def run_validate(home: str, requests: int) -> int:
-    from hap.validate import validate_day
+    from hap.data.validate import validate_day
 
     validate_day(_cfg(home, requests), DAY)
     import pyarrow.parquet as pq
-    from hap import layout
+    from hap.core import layout
 
     cfg = _cfg(home, requests)
     return sum(pq.read_metadata(layout.raw_log(cfg, DAY, n)).num_rows for n in ("exposure", "ranking"))
 
 
 def run_split(home: str, requests: int) -> int:
-    from hap.split import build_training_set
+    from hap.data.split import build_training_set
 
     report = build_training_set(_cfg(home, requests), DAY)
     return int(getattr(report, "rows", 0) or getattr(report, "train_rows", 0))
@@ -64,7 +64,7 @@ def run_split(home: str, requests: int) -> int:
 def run_pyarrow_io(home: str, requests: int) -> int:
     """The I/O limit: read every raw log and write it back, nothing else."""
     import pyarrow.parquet as pq
-    from hap import layout
+    from hap.core import layout
 
     cfg = _cfg(home, requests)
     out = Path(home) / "io-baseline"
@@ -80,7 +80,7 @@ def run_pyarrow_io(home: str, requests: int) -> int:
 def run_duckdb(home: str, requests: int) -> int:
     """The same join and difficulty split in DuckDB SQL."""
     import duckdb
-    from hap import layout, schema
+    from hap.core import layout, schema
 
     cfg = _cfg(home, requests)
     exp, rank = layout.raw_log(cfg, DAY, "exposure"), layout.raw_log(cfg, DAY, "ranking")

@@ -33,8 +33,8 @@ def run(home: Path) -> dict[str, Any]:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.daily import daily_retrain
-    from hap.config import load_config
-    from hap.simulate import simulate_day
+    from hap.core.config import load_config
+    from hap.sources.simulator import simulate_day
 
     cfg = load_config(environ={"HAP_HOME": str(home)})
     days = [cfg.simulate.start + dt.timedelta(days=i) for i in range(cfg.split.window_days + 1)]

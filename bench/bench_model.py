@@ -50,8 +50,8 @@ def step_flops(model: torch.nn.Module, requests: int, grid_cells: int) -> float:
 
 
 def bench_training(cfg: Any, data: Any, device: torch.device, steps: int) -> tuple[list[list[Any]], dict[str, Any]]:
-    from hap.models import build_models
-    from hap.train import time_training_steps
+    from hap.model.towers import build_models
+    from hap.model.train import time_training_steps
 
     peak = matmul_peak(device)
     out: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "matmul_peak_flops": peak}
@@ -78,7 +78,7 @@ def bench_training(cfg: Any, data: Any, device: torch.device, steps: int) -> tup
 
 def bench_serving(cfg: Any, bundle: Any, eval_table: Any) -> tuple[list[list[Any]], dict[str, Any]]:
     """Each scorer without and with the item-tower cache; ratios within the same cache setting."""
-    from hap.evaluate import latency_ms_per_1k
+    from hap.model.evaluate import latency_ms_per_1k
 
     n = cfg.evaluate.latency_candidates
     modes = {"light": {"serve": "light"}, "hap@0.1": {"serve": "hap", "mode": "topk", "rho": 0.1},
@@ -104,11 +104,11 @@ def run(home: Path, steps: int) -> None:
     import pyarrow.dataset as ds
 
     from bench.paper_table import prepare
-    from hap import layout
-    from hap.config import load_config
-    from hap.data import TrainData
-    from hap.models import load_bundle
-    from hap.train import fit, pick_device
+    from hap.core import layout
+    from hap.core.config import load_config
+    from hap.model.batches import TrainData
+    from hap.model.towers import load_bundle
+    from hap.model.train import fit, pick_device
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     environ["HAP_HOME"] = str(home)

@@ -28,7 +28,7 @@ END = dt.date(2026, 11, 1)
 
 
 def _cfg(home: str, requests: int, days: int):
-    from hap.config import load_config
+    from hap.core.config import load_config
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     env["HAP_HOME"] = home
@@ -38,10 +38,10 @@ def _cfg(home: str, requests: int, days: int):
 
 
 def prepare(home: str, requests: int, days: int) -> int:
-    from hap import layout
-    from hap.ingest import ingest_day
-    from hap.markers import mark_validated
-    from hap.simulate import simulate_day
+    from hap.core import layout
+    from hap.data.ingest import ingest_day
+    from hap.data.markers import mark_validated
+    from hap.sources.simulator import simulate_day
 
     cfg = _cfg(home, requests, days)
     rows = 0
@@ -53,21 +53,21 @@ def prepare(home: str, requests: int, days: int) -> int:
 
 
 def run_split(home: str, requests: int, days: int) -> int:
-    from hap.split import build_training_set
+    from hap.data.split import build_training_set
 
     return build_training_set(_cfg(home, requests, days), END).lake_rows
 
 
 def _window_datasets(cfg, days: int):
-    from hap import layout
-    from hap.split import _lake_dataset
+    from hap.core import layout
+    from hap.data.split import _lake_dataset
 
     return {day: _lake_dataset(cfg, "samples", day) for day in layout.window(END, days)}
 
 
 def run_scan(home: str, requests: int, days: int) -> int:
-    from hap import schema
-    from hap.split import stream_batches
+    from hap.core import schema
+    from hap.data.split import stream_batches
 
     cfg = _cfg(home, requests, days)
     cols = [c for c in schema.TRAINING_SET.names if c not in ("dt", "group", "difficulty")]
@@ -81,8 +81,8 @@ def run_scan(home: str, requests: int, days: int) -> int:
 def run_label_only(home: str, requests: int, days: int) -> int:
     import pyarrow.compute as pc
 
-    from hap import schema
-    from hap.split import DIFFICULTIES, _label_batch, _sample_ratios, stream_batches
+    from hap.core import schema
+    from hap.data.split import DIFFICULTIES, _label_batch, _sample_ratios, stream_batches
 
     cfg = _cfg(home, requests, days)
     cols = [c for c in schema.TRAINING_SET.names if c not in ("dt", "group", "difficulty")]
@@ -99,7 +99,7 @@ def run_label_only(home: str, requests: int, days: int) -> int:
 def run_duckdb(home: str, requests: int, days: int, write: bool = True) -> int:
     import duckdb
 
-    from hap import layout, schema
+    from hap.core import layout, schema
 
     cfg = _cfg(home, requests, days)
     out = Path(home) / "duckdb-split"

@@ -23,7 +23,7 @@ DAY = dt.date(2026, 11, 1)
 
 
 def _cfg(home: str, requests: int, docs: bool = True):
-    from hap.config import load_config
+    from hap.core.config import load_config
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     env["HAP_HOME"] = home
@@ -32,8 +32,8 @@ def _cfg(home: str, requests: int, docs: bool = True):
 
 
 def prepare(home: str, requests: int) -> int:
-    from hap.ingest import ingest_day
-    from hap.simulate import simulate_day
+    from hap.data.ingest import ingest_day
+    from hap.sources.simulator import simulate_day
 
     cfg = _cfg(home, requests)
     stats = simulate_day(cfg, DAY, progress=False)
@@ -44,14 +44,14 @@ def prepare(home: str, requests: int) -> int:
 def read_day(home: str, requests: int) -> int:
     import pyarrow.parquet as pq
 
-    from hap import layout, schema
+    from hap.core import layout, schema
 
     cfg = _cfg(home, requests)
     return sum(pq.read_table(layout.raw_log(cfg, DAY, n)).num_rows for n in schema.RAW_LOGS)
 
 
 def validate(home: str, requests: int, docs: bool = True) -> int:
-    from hap.validate import validate_day
+    from hap.data.validate import validate_day
 
     report = validate_day(_cfg(home, requests, docs), DAY)
     return sum(report.rows.values())

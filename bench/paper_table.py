@@ -37,11 +37,12 @@ COLUMNS = ("recall@10", "recall@50", "recall@100", "ndcg@50", "gauc", "auc_slice
 
 def prepare(cfg: Any) -> dt.date:
     """Simulate, ingest, validate and split; reuses what exists (same params => same bytes)."""
-    from hap import layout, markers
-    from hap.ingest import ingest_day
-    from hap.simulate import simulate_day
-    from hap.split import build_training_set
-    from hap.validate import validate_day
+    from hap.core import layout
+    from hap.data import markers
+    from hap.data.ingest import ingest_day
+    from hap.sources.simulator import simulate_day
+    from hap.data.split import build_training_set
+    from hap.data.validate import validate_day
 
     start = cfg.simulate.start
     date = start + dt.timedelta(days=cfg.split.window_days - 1)
@@ -61,12 +62,12 @@ def prepare(cfg: Any) -> dt.date:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from hap import layout
-    from hap.config import load_config
-    from hap.data import TrainData
-    from hap.evaluate import evaluate_bundle
-    from hap.models import load_bundle
-    from hap.train import fit
+    from hap.core import layout
+    from hap.core.config import load_config
+    from hap.model.batches import TrainData
+    from hap.model.evaluate import evaluate_bundle
+    from hap.model.towers import load_bundle
+    from hap.model.train import fit
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     environ["HAP_HOME"] = str(args.home)

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 
 from flows.common import date_range, quiet_env, resolve_date, run_config
 from flows.daily import daily_retrain
-from hap.errors import HapError
+from hap.core.errors import HapError
 
 
 @flow(name="backfill", log_prints=True)

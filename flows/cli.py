@@ -11,8 +11,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from hap.config import parse_override
-from hap.errors import HapError
+from hap.core.config import parse_override
+from hap.core.errors import HapError
 
 app = typer.Typer(help="Run the HAP flows through Prefect.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)

@@ -11,8 +11,8 @@ import os
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from hap.config import Config, load_config
-from hap.errors import HapError
+from hap.core.config import Config, load_config
+from hap.core.errors import HapError
 
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
              "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}

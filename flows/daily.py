@@ -22,10 +22,10 @@ from prefect.events import emit_event
 from flows import policy, report, tasks
 from flows.common import quiet_env, resolve_date, run_config, run_spec
 from flows.locks import date_lock
-from hap import layout
-from hap.atomic import atomic_write_json
-from hap.config import Config
-from hap.errors import HapError, ValidationFailed
+from hap.core import layout
+from hap.core.atomic import atomic_write_json
+from hap.core.config import Config
+from hap.core.errors import HapError, ValidationFailed
 
 SUMMARY_FILE = "daily_run.json"
 ALERT_EVENT = "hap.monitor.alert"
@@ -36,7 +36,7 @@ def _step(step: Any, cfg: Config, *args: Any) -> Any:
 
 
 def _where(cfg: Config, day: dt.date) -> dict[str, Any]:
-    from hap.tracking import tracking_uri
+    from hap.registry.tracking import tracking_uri
 
     return {"model_name": cfg.gate.model_name, "tracking_uri": tracking_uri(cfg),
             "metrics_dir": str(layout.metrics_dir(cfg, day))}

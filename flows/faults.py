@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from hap.config import Config
+from hap.core.config import Config
 
 ENV = "HAP_INJECT_FAULTS"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
-from hap.errors import HapError
+from hap.core.errors import HapError
 
 
 class RunRefused(HapError):

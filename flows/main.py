@@ -14,13 +14,13 @@ import time
 from typing import Any
 
 from flows.common import quiet_env, run_config
-from hap import layout
-from hap.config import Config
+from hap.core import layout
+from hap.core.config import Config
 
 
 def _summary(cfg: Config, last: Any, elapsed: float) -> str:
-    from hap.registry import list_models
-    from hap.tracking import tracking_uri
+    from hap.registry.registration import list_models
+    from hap.registry.tracking import tracking_uri
 
     lines = ["", "=" * 72, "HAP daily retraining: summary", "=" * 72]
     rows = list_models(cfg)
@@ -59,7 +59,7 @@ def main() -> int:
     started = time.perf_counter()
     cfg = run_config()
     from flows.backfill import backfill
-    from hap.simulate import simulate_days
+    from hap.sources.simulator import simulate_days
 
     start, days = cfg.simulate.start, cfg.simulate.days
     print(f"simulating {days} days from {start} into {cfg.path('landing')}")

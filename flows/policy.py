@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hap import layout
-from hap.atomic import atomic_write_json
-from hap.config import Config
+from hap.core import layout
+from hap.core.atomic import atomic_write_json
+from hap.core.config import Config
 
 REQUEST_FILE = "retrain_request.json"
 BUNDLE_FILE = "bundle.json"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hap.errors import HapError
+from hap.core.errors import HapError
 
 # Text of errors from HTTP clients (MLflow's REST client, httpx) that mean "the server is not there".
 _TRANSIENT_TEXT = ("Max retries exceeded", "Connection refused", "ConnectionError", "timed out",

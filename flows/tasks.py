@@ -21,9 +21,9 @@ from prefect.cache_policies import NO_CACHE
 from flows import faults
 from flows.locks import dvc_lock
 from flows.retry import backoff, retry_condition
-from hap import layout
-from hap.config import REPO_ROOT, Config
-from hap.errors import HapError
+from hap.core import layout
+from hap.core.config import REPO_ROOT, Config
+from hap.core.errors import HapError
 
 
 def summarize(obj: Any) -> Any:
@@ -59,7 +59,7 @@ def configured(step: Task, cfg: Config) -> Task:
 @_task("ingest")
 def ingest(cfg: Config, date: dt.date) -> dict[str, Any]:
     faults.maybe_inject(cfg, "ingest")
-    from hap.ingest import ingest_day
+    from hap.data.ingest import ingest_day
 
     return summarize(ingest_day(cfg, date))
 
@@ -68,7 +68,7 @@ def ingest(cfg: Config, date: dt.date) -> dict[str, Any]:
 def validate(cfg: Config, date: dt.date) -> dict[str, Any]:
     """Raises ``ValidationFailed`` (never retried) after quarantining a bad day."""
     faults.maybe_inject(cfg, "validate")
-    from hap.validate import validate_day
+    from hap.data.validate import validate_day
 
     report = validate_day(cfg, date)
     return {"rows": summarize(report.rows), "expectations": len(report.findings),
@@ -79,7 +79,7 @@ def validate(cfg: Config, date: dt.date) -> dict[str, Any]:
 @_task("split")
 def split(cfg: Config, date: dt.date) -> dict[str, Any]:
     faults.maybe_inject(cfg, "split")
-    from hap.split import build_training_set
+    from hap.data.split import build_training_set
 
     return summarize(build_training_set(cfg, date))
 
@@ -89,7 +89,7 @@ def split(cfg: Config, date: dt.date) -> dict[str, Any]:
 def train(cfg: Config, date: dt.date, resume: bool = False) -> dict[str, Any]:
     """Train in this process (``train_on: local``)."""
     faults.maybe_inject(cfg, "train")
-    from hap.train import train_day
+    from hap.model.train import train_day
 
     return summarize(train_day(cfg, date, resume=resume))
 
@@ -119,7 +119,7 @@ def train_remote(cfg: Config, date: dt.date, run_spec: dict[str, Any], resume: b
 @_task("evaluate")
 def evaluate(cfg: Config, date: dt.date) -> dict[str, Any]:
     faults.maybe_inject(cfg, "evaluate")
-    from hap.evaluate import evaluate_day
+    from hap.model.evaluate import evaluate_day
 
     return summarize(evaluate_day(cfg, date))
 
@@ -128,7 +128,7 @@ def evaluate(cfg: Config, date: dt.date) -> dict[str, Any]:
 def register(cfg: Config, date: dt.date) -> str:
     """Log the MLflow run and register the model; retried when the tracking server is down."""
     faults.maybe_inject(cfg, "register")
-    from hap.registry import register_day
+    from hap.registry.registration import register_day
 
     return str(register_day(cfg, date))
 
@@ -136,7 +136,7 @@ def register(cfg: Config, date: dt.date) -> str:
 @_task("gate")
 def gate(cfg: Config, date: dt.date) -> dict[str, Any]:
     faults.maybe_inject(cfg, "gate")
-    from hap.gate import gate_day
+    from hap.registry.gate import gate_day
 
     return summarize(gate_day(cfg, date))
 
@@ -159,7 +159,7 @@ def monitor(cfg: Config, date: dt.date) -> dict[str, Any]:
 @_task("champion")
 def champion(cfg: Config) -> dict[str, Any] | None:
     """The current champion (version and metrics), or None before the first promotion."""
-    from hap.registry import list_models
+    from hap.registry.registration import list_models
 
     models = summarize(list_models(cfg))
     for model in models or []:
@@ -204,7 +204,7 @@ def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
     faults.maybe_inject(cfg, "version-data")
     out: dict[str, Any] = {"data_version": None, "dvc": "skipped"}
     if trained:
-        from hap.versioning import data_version
+        from hap.data.versioning import data_version
 
         out["data_version"] = data_version(cfg, date)
     if not cfg.orchestration.dvc_push:
@@ -215,7 +215,7 @@ def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
         out["dvc"] = "skipped: this date's outputs are not dvc.yaml stages (data root or date outside the pipeline)"
         return out
     if "evaluate" in targets:  # the evaluate stage's plot output, as `hap recall-curve` writes it
-        from hap.plots import write_recall_curve
+        from hap.model.plots import write_recall_curve
 
         write_recall_curve(cfg, date)
     remote = cfg.dvc_remote_url()

@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from hap.config import Config, load_config
-from hap.errors import HapError
+from hap.core.config import Config, load_config
+from hap.core.errors import HapError
 
 app = typer.Typer(
     help="HAP pre-ranking: simulate, ingest, validate, split, train, evaluate, gate, monitor.",
@@ -68,7 +68,7 @@ def simulate(
     scenario: Annotated[Optional[str], typer.Option(help="stable | retrieval_degrades | content_shift")] = None,
 ) -> None:
     """Write simulated raw daily logs (exposure, ranking, full-flow) into the landing folder."""
-    from hap.simulate import simulate_days
+    from hap.sources.simulator import simulate_days
 
     overrides = {k: v for k, v in {"simulate.requests_per_day": requests, "simulate.scenario": scenario}.items()
                  if v is not None}
@@ -82,7 +82,7 @@ def simulate(
 @app.command()
 def ingest(date: DateOpt) -> None:
     """Join a day's exposure and ranking logs per request into the lake (atomic, idempotent)."""
-    from hap.ingest import ingest_day
+    from hap.data.ingest import ingest_day
 
     report = ingest_day(state.cfg, parse_date(date))
     typer.echo(report.render())
@@ -93,7 +93,7 @@ def import_recflow(
     path: Annotated[Path, typer.Argument(help="RecFlow root holding all_stage/ and realshow/.")],
 ) -> None:
     """Map RecFlow's daily feather files into our raw log contracts, one landing day per file."""
-    from hap.recflow import import_recflow as run_import
+    from hap.sources.recflow import import_recflow as run_import
 
     for date, counts in run_import(state.cfg, path):
         typer.echo(f"imported {date}: {counts}")
@@ -103,7 +103,7 @@ def import_recflow(
 @app.command()
 def validate(date: DateOpt) -> None:
     """Run the GX suites on a day's raw logs; mark it validated, or quarantine it and exit non-zero."""
-    from hap.validate import validate_day
+    from hap.data.validate import validate_day
 
     typer.echo(validate_day(state.cfg, parse_date(date)).render())
 
@@ -111,7 +111,7 @@ def validate(date: DateOpt) -> None:
 @app.command("release-quarantine")
 def release_quarantine(date: DateOpt) -> None:
     """Take a fixed day out of quarantine, so that it can be ingested and validated again."""
-    from hap.quarantine import release_quarantine as release
+    from hap.data.quarantine import release_quarantine as release
 
     typer.echo(release(state.cfg, parse_date(date)).render())
 
@@ -120,7 +120,7 @@ def release_quarantine(date: DateOpt) -> None:
 @app.command()
 def split(date: DateOpt) -> None:
     """Build the difficulty-split training set and the full-flow eval set for the window ending on D."""
-    from hap.split import build_training_set
+    from hap.data.split import build_training_set
 
     typer.echo(build_training_set(state.cfg, parse_date(date)).render())
 
@@ -128,7 +128,7 @@ def split(date: DateOpt) -> None:
 @app.command("data-version")
 def data_version(date: DateOpt) -> None:
     """Print the content hash of the training set for the window ending on D."""
-    from hap.versioning import data_version as compute
+    from hap.data.versioning import data_version as compute
 
     typer.echo(compute(state.cfg, parse_date(date)))
 
@@ -136,7 +136,7 @@ def data_version(date: DateOpt) -> None:
 @app.command("recall-curve")
 def recall_curve(date: DateOpt) -> None:
     """Write the per-K recall curve (DVC plot data) from the day's eval.json."""
-    from hap.plots import write_recall_curve
+    from hap.model.plots import write_recall_curve
 
     typer.echo(f"wrote {write_recall_curve(state.cfg, parse_date(date))}")
 
@@ -145,7 +145,7 @@ def recall_curve(date: DateOpt) -> None:
 @app.command()
 def register(date: DateOpt) -> None:
     """Log the day's training run to MLflow and register its bundle as a model version."""
-    from hap.registry import register_day
+    from hap.registry.registration import register_day
 
     version = register_day(state.cfg, parse_date(date))
     typer.echo(f"registered {state.cfg.gate.model_name} v{version} for {date}")
@@ -154,7 +154,7 @@ def register(date: DateOpt) -> None:
 @app.command()
 def gate(date: DateOpt) -> None:
     """Compare the day's model with the champion on the same eval set; promote it or not."""
-    from hap.gate import blessing_path, gate_day
+    from hap.registry.gate import blessing_path, gate_day
 
     blessing = gate_day(state.cfg, parse_date(date))
     typer.echo(blessing.render())
@@ -164,7 +164,7 @@ def gate(date: DateOpt) -> None:
 @app.command()
 def rollback() -> None:
     """Move the champion alias back to the previous champion."""
-    from hap.registry import rollback as run_rollback
+    from hap.registry.registration import rollback as run_rollback
 
     typer.echo(run_rollback(state.cfg).render())
 
@@ -172,7 +172,7 @@ def rollback() -> None:
 @app.command()
 def models() -> None:
     """List registered versions with aliases, key metrics, data version and gate verdict."""
-    from hap.registry import list_models, render_models
+    from hap.registry.registration import list_models, render_models
 
     typer.echo(render_models(state.cfg, list_models(state.cfg)))
 
@@ -247,8 +247,8 @@ def train(
 ) -> None:
     """Train the light and expressive towers (GHCL) on the day's training set; writes the bundle.
 
-    Under torchrun, run `torchrun --nproc-per-node N -m hap.train --date D` (same function, DDP)."""
-    from hap.train import train_day
+    Under torchrun, run `torchrun --nproc-per-node N -m hap.model.train --date D` (same function, DDP)."""
+    from hap.model.train import train_day
 
     typer.echo(train_day(state.cfg, parse_date(date), resume=resume).render())
 
@@ -258,7 +258,7 @@ def evaluate(date: DateOpt) -> None:
     """Evaluate the day's bundle on its full-flow eval set; writes metrics/dt=D/eval.json."""
     import json
 
-    from hap.evaluate import evaluate_day
+    from hap.model.evaluate import evaluate_day
 
     typer.echo(json.dumps(evaluate_day(state.cfg, parse_date(date)), indent=1, sort_keys=True))
 

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hap import schema
-from hap.config import Config
+from hap.core import schema
+from hap.core.config import Config
 from monitoring.table import Champion
 
 SCORE_BATCH = 65536
@@ -68,7 +68,7 @@ def light_scores(bundle: Any, frame: pd.DataFrame) -> np.ndarray:
 
 
 def from_bundle(bundle: Any, version: str, window: Any = None, source: str = "") -> Champion:
-    """Wrap a loaded ``hap.models.HapBundle``: its light scorer, threshold and training window."""
+    """Wrap a loaded ``hap.model.towers.HapBundle``: its light scorer, threshold and training window."""
     threshold = routing_threshold(bundle)
     if window is None:
         window = (getattr(bundle, "meta", None) or {}).get("window")
@@ -78,12 +78,12 @@ def from_bundle(bundle: Any, version: str, window: Any = None, source: str = "")
 
 def from_registry(cfg: Config) -> tuple[Champion | None, str]:
     """The ``champion`` alias of the registry, or (None, why) when there is none yet."""
-    from hap import tracking
+    from hap.registry import tracking
 
     if tracking.is_embedded(cfg) and not cfg.path("mlflow_db").exists():
         return None, "no model registry yet"
     try:
-        from hap import registry
+        from hap.registry import registration as registry
 
         version = registry.alias_version(cfg, registry.CHAMPION)
         if version is None:

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from hap import layout
-from hap.atomic import atomic_write_json
-from hap.config import Config
+from hap.core import layout
+from hap.core.atomic import atomic_write_json
+from hap.core.config import Config
 from monitoring import champion as champion_mod
 from monitoring.table import Champion, Reference, day_frame, reference_dates, summarize, write_table
 

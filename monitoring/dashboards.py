@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hap import layout
-from hap.config import Config
+from hap.core import layout
+from hap.core.config import Config
 
 TAB_OVERVIEW = "Hard fraction"
 TAB_CONTENT = "Per content type"

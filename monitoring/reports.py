@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hap import layout, schema
-from hap.config import Config
+from hap.core import layout, schema
+from hap.core.config import Config
 from monitoring import dashboards
 from monitoring.table import FEATURES, indicator_columns
 
@@ -145,7 +145,7 @@ def run_day_report(
 
 def add_snapshot(cfg: Config, date: dt.date, snapshot: Any) -> str:
     """Add the day's snapshot to the project, replacing the day's earlier one (one point per day)."""
-    from hap.atomic import atomic_write_text
+    from hap.core.atomic import atomic_write_text
 
     ws, project = dashboards.open_project(cfg)
     marker = layout.monitoring_day(cfg, date) / SNAPSHOT_ID

@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from hap.config import Config, load_config
+from hap.core.config import Config, load_config
 from monitoring import dashboards
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")

@@ -33,10 +33,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hap import layout, schema
-from hap.atomic import atomic_write_bytes
-from hap.config import Config
-from hap.errors import HapError
+from hap.core import layout, schema
+from hap.core.atomic import atomic_write_bytes
+from hap.core.config import Config
+from hap.core.errors import HapError
 
 FEATURES: tuple[str, ...] = schema.FEATURE_COLUMNS
 # Indicator columns; each is also split per content type.
@@ -194,7 +194,7 @@ def summarize(cfg: Config, frame: pd.DataFrame) -> dict[str, float | None]:
 
 
 def write_table(cfg: Config, date: dt.date, row: dict[str, Any]) -> Path:
-    from hap.atomic import atomic_write_json
+    from hap.core.atomic import atomic_write_json
 
     path = layout.monitoring_day(cfg, date) / TABLE_FILE
     atomic_write_json(path, {"date": date.isoformat(), **row})

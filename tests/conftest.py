@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hap.config import Config, load_config
+from hap.core.config import Config, load_config
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -75,8 +75,8 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
 @pytest.fixture(scope="session")
 def tiny_lake(tmp_path_factory: pytest.TempPathFactory) -> Config:
     """Four simulated days, ingested into the lake once per session. Treat it as read-only."""
-    from hap.ingest import ingest_day
-    from hap.simulate import simulate_days
+    from hap.data.ingest import ingest_day
+    from hap.sources.simulator import simulate_days
 
     cfg = tiny_config(tmp_path_factory.mktemp("tiny") / "data")
     for date, _ in simulate_days(cfg, cfg.simulate.start, cfg.simulate.days):

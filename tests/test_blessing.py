@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from hap.blessing import decide
+from hap.registry.blessing import decide
 
 
 @pytest.fixture

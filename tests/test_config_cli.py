@@ -7,7 +7,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from hap.config import load_config
+from hap.core.config import load_config
 
 
 def test_overrides_env_then_flags(tmp_path):

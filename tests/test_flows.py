@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from hap import layout
-from hap.config import REPO_ROOT
+from hap.core import layout
+from hap.core.config import REPO_ROOT
 from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def prefect_harness():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> dict[str, Any]:
     """Three simulated (landed, not ingested) days under a fresh data root."""
-    from hap.simulate import simulate_days
+    from hap.sources.simulator import simulate_days
 
     home = tmp_path_factory.mktemp("flows") / "data"
     cfg = tiny_config(home, **{k.replace(".", "__"): v for k, v in FLOW_OVERRIDES.items()})
@@ -81,7 +81,7 @@ def _task_runs(flow_run_id) -> list:
 
 
 def _champion(cfg) -> str | None:
-    from hap.registry import CHAMPION, alias_version
+    from hap.registry.registration import CHAMPION, alias_version
 
     version = alias_version(cfg, CHAMPION)
     return None if version is None else str(version.version)
@@ -122,7 +122,7 @@ def test_transient_faults_are_retried_and_the_run_succeeds(world, backfilled):
 
 def test_corrupt_day_fails_without_training_and_keeps_the_champion(world, backfilled):
     from flows.daily import daily_retrain
-    from hap.registry import version_for_day
+    from hap.registry.registration import version_for_day
 
     cfg = world["cfg"]
     champion_before = _champion(cfg)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hap import layout
-from hap.config import REPO_ROOT, load_config
-from hap.errors import NotValidated, ValidationFailed
+from hap.core import layout
+from hap.core.config import REPO_ROOT, load_config
+from hap.core.errors import NotValidated, ValidationFailed
 
 D = dt.date(2026, 11, 5)
 

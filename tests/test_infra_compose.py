@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from hap.config import load_config
+from hap.core.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"

@@ -7,10 +7,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from hap import layout, schema
-from hap.errors import DataContractError
-from hap.ingest import ingest_day
-from hap.simulate import simulate_day
+from hap.core import layout, schema
+from hap.core.errors import DataContractError
+from hap.data.ingest import ingest_day
+from hap.sources.simulator import simulate_day
 
 DAY = dt.date(2026, 11, 1)
 

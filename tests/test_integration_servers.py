@@ -277,7 +277,7 @@ def _api(url: str, body: dict | None = None) -> object:
 @pytest.fixture(scope="module")
 def two_days(servers: Servers) -> dict[str, object]:
     """Two simulated days, then the daily flow for each, in a subprocess pointed at the servers."""
-    from hap.simulate import simulate_days
+    from hap.sources.simulator import simulate_days
     from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES, tiny_config
 
     flows_daily = REPO / "flows" / "daily.py"

@@ -17,8 +17,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from conftest import tiny_config
-from hap import layout, markers
-from hap.config import Config
+from hap.core import layout
+from hap.data import markers
+from hap.core.config import Config
 
 DATE = dt.date(2026, 11, 2)
 TINY_MODEL = {
@@ -38,9 +39,9 @@ def model_cfg(home: Path, **kw) -> Config:
 @pytest.fixture(scope="module")
 def tiny_split(tmp_path_factory: pytest.TempPathFactory) -> Config:
     """Three simulated, ingested days; window 11-01..11-02, eval day 11-03 (held out)."""
-    from hap.ingest import ingest_day
-    from hap.simulate import simulate_days
-    from hap.split import build_training_set
+    from hap.data.ingest import ingest_day
+    from hap.sources.simulator import simulate_days
+    from hap.data.split import build_training_set
 
     home = tmp_path_factory.mktemp("model") / "data"
     cfg = model_cfg(home)
@@ -53,7 +54,7 @@ def tiny_split(tmp_path_factory: pytest.TempPathFactory) -> Config:
 
 # ---- metric kernels -----------------------------------------------------------------------------
 def test_auc_and_gauc_match_sklearn() -> None:
-    from hap.evaluate import auc, gauc
+    from hap.model.evaluate import auc, gauc
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 500)
@@ -71,7 +72,7 @@ def test_auc_and_gauc_match_sklearn() -> None:
 
 
 def test_recall_and_ndcg_match_brute_force() -> None:
-    from hap.evaluate import ranking_metrics
+    from hap.model.evaluate import ranking_metrics
 
     rng = np.random.default_rng(1)
     r, n = 30, 40
@@ -101,8 +102,8 @@ def test_recall_and_ndcg_match_brute_force() -> None:
 
 # ---- losses ----------------------------------------------------------------------------------------
 def test_ghcl_group_softmax_sees_only_its_group() -> None:
-    from hap.data import column_layout
-    from hap.losses import group_losses, mixed_bce, mixed_infonce
+    from hap.model.batches import column_layout
+    from hap.model.losses import group_losses, mixed_bce, mixed_infonce
 
     cols = column_layout({"expose_neg": 2, "rank_neg": 2, "prerank_neg": 2, "global_neg": 1})
     torch.manual_seed(0)
@@ -130,7 +131,7 @@ def test_ghcl_group_softmax_sees_only_its_group() -> None:
 
 
 def test_harmonizers() -> None:
-    from hap.losses import Harmonizer, pcgrad_combine
+    from hap.model.losses import Harmonizer, pcgrad_combine
 
     logits = torch.randn(8, 5, requires_grad=True)
     losses = torch.stack([(logits[:, 0] * 10).pow(2).mean(), logits[:, 1].pow(2).mean()])
@@ -145,7 +146,7 @@ def test_harmonizers() -> None:
 
 # ---- routing -----------------------------------------------------------------------------------------
 def test_routing_and_order() -> None:
-    from hap.routing import damr_order, route, route_grid
+    from hap.model.routing import damr_order, route, route_grid
 
     light = np.array([0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 0.8, 0.0, 0.4, 0.6])
     routed = route(light, {"mode": "topk", "rho": 0.2})
@@ -165,7 +166,7 @@ def test_routing_and_order() -> None:
 
 # ---- data --------------------------------------------------------------------------------------------
 def test_batches_are_stratified_by_group(tiny_split: Config) -> None:
-    from hap.data import GROUPS, TrainData
+    from hap.model.batches import GROUPS, TrainData
 
     data = TrainData.load(tiny_split, layout.training_set(tiny_split, DATE))
     props = tiny_split.train.group_proportions
@@ -187,9 +188,9 @@ def test_batches_are_stratified_by_group(tiny_split: Config) -> None:
 
 # ---- train, bundle, evaluate ---------------------------------------------------------------------------
 def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> None:
-    from hap.evaluate import evaluate_day
-    from hap.models import load_bundle
-    from hap.train import train_day
+    from hap.model.evaluate import evaluate_day
+    from hap.model.towers import load_bundle
+    from hap.model.train import train_day
 
     result = train_day(tiny_split, DATE)
     folder = layout.model_dir(tiny_split, DATE)
@@ -234,7 +235,7 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
         assert np.allclose(cached.expressive[cached.routed], here.expressive[here.routed], atol=1e-5)
         assert (cached.routed == here.routed).all()
     assert (here.rank[here.routed] <= here.routed.sum()).all()
-    code = ("import sys, json, pyarrow.parquet as pq; from hap.models import load_bundle; "
+    code = ("import sys, json, pyarrow.parquet as pq; from hap.model.towers import load_bundle; "
             "t = pq.read_table(sys.argv[2]); t = t.filter(t['request_id'].to_numpy() == t['request_id'][0].as_py()); "
             "r = load_bundle(sys.argv[1]).score_request(t); print(json.dumps(r.light.tolist()))")
     out = subprocess.run([sys.executable, "-c", code, str(folder), str(layout.eval_set(tiny_split, DATE) / "part-0.parquet")],
@@ -243,8 +244,8 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
 
 
 def test_deterministic_and_resume_matches_uninterrupted(tiny_split: Config, tmp_path: Path) -> None:
-    from hap.data import TrainData
-    from hap.train import fit
+    from hap.model.batches import TrainData
+    from hap.model.train import fit
 
     cfg = tiny_split.updated({"train.epochs": 2, "train.patience": 5, "train.harmonization": "gradnorm"})
     data = TrainData.load(cfg, layout.training_set(cfg, DATE))
@@ -263,8 +264,8 @@ def test_deterministic_and_resume_matches_uninterrupted(tiny_split: Config, tmp_
 
 def test_ddp_two_processes_agree_with_single(tiny_split: Config, tmp_path: Path) -> None:
     """torchrun, 2 CPU processes with gloo, vs one process on the same data and seed."""
-    from hap.data import TrainData
-    from hap.train import fit
+    from hap.model.batches import TrainData
+    from hap.model.train import fit
 
     sets = {"train.epochs": 1, "train.loss": "mixed_infonce", "train.expressive_groups": "none",
             "train.batch_requests": 64, "train.diagnostics_every": 0}
@@ -274,7 +275,7 @@ def test_ddp_two_processes_agree_with_single(tiny_split: Config, tmp_path: Path)
     env.update({f"HAP__{k.upper().replace('.', '__')}": json.dumps(v) for k, v in {**TINY_MODEL, **sets}.items()})
     env.update({"HAP__SIMULATE__START": "2026-11-01", "HAP__SPLIT__WINDOW_DAYS": "2"})
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           "29517", "-m", "hap.train", "--date", DATE.isoformat()],
+                           "29517", "-m", "hap.model.train", "--date", DATE.isoformat()],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x2" in proc.stdout

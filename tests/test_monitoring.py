@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from hap import layout
-from hap.config import Config
+from hap.core import layout
+from hap.core.config import Config
 from tests.conftest import tiny_config
 
 START = dt.date(2026, 11, 1)
@@ -49,8 +49,8 @@ def scenario_config(home: Path, scenario: str, **extra) -> Config:
 
 
 def _simulate(cfg: Config, days: list[dt.date]) -> None:
-    from hap.ingest import ingest_day
-    from hap.simulate import simulate_day
+    from hap.data.ingest import ingest_day
+    from hap.sources.simulator import simulate_day
 
     for date in days:
         simulate_day(cfg, date, progress=False)
@@ -60,10 +60,10 @@ def _simulate(cfg: Config, days: list[dt.date]) -> None:
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory: pytest.TempPathFactory):
     """A tiny champion trained (1 epoch) on days 1-3 with the real validate/split/train steps."""
-    train = pytest.importorskip("hap.train", reason="hap.train (model issue) not available")
-    from hap.models import load_bundle
-    from hap.split import build_training_set
-    from hap.validate import validate_day
+    train = pytest.importorskip("hap.model.train", reason="hap.train (model issue) not available")
+    from hap.model.towers import load_bundle
+    from hap.data.split import build_training_set
+    from hap.data.validate import validate_day
     from monitoring.champion import from_bundle
 
     cfg = scenario_config(tmp_path_factory.mktemp("champion") / "data", "stable")

@@ -10,10 +10,10 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
-from hap import layout, schema
-from hap.errors import DataContractError
-from hap.ingest import ingest_day
-from hap.recflow import import_recflow
+from hap.core import layout, schema
+from hap.core.errors import DataContractError
+from hap.data.ingest import ingest_day
+from hap.sources.recflow import import_recflow
 
 DAY = dt.date(2024, 2, 1)
 

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from hap import layout, markers
+from hap.core import layout
+from hap.data import markers
 
 DAY = dt.date(2026, 11, 3)  # window 11-02..11-03, eval day 11-04 (all in the tiny lake)
 FLOORS = {"recall@50": 0.0, "gauc": 0.3}  # low: the barely trained first model must clear them
@@ -33,8 +34,8 @@ GOOD = {"train.epochs": 2, "train.diagnostics_every": 1}
 
 
 def _train_eval(cfg, overrides):
-    from hap.evaluate import evaluate_day
-    from hap.train import train_day
+    from hap.model.evaluate import evaluate_day
+    from hap.model.train import train_day
 
     run_cfg = cfg.updated(overrides)
     train_day(run_cfg, DAY)
@@ -43,8 +44,8 @@ def _train_eval(cfg, overrides):
 
 @pytest.fixture(scope="module")
 def scenario(tiny_lake, tmp_path_factory):
-    from hap import gate, registry
-    from hap.split import build_training_set
+    from hap.registry import gate, registration as registry
+    from hap.data.split import build_training_set
 
     home = tmp_path_factory.mktemp("registry") / "data"
     # slices of the tiny eval day hold a few dozen requests: their AUC moves by a few points
@@ -83,7 +84,7 @@ def scenario(tiny_lake, tmp_path_factory):
 
 
 def test_first_model_is_promoted(scenario):
-    from hap import registry
+    from hap.registry import registration as registry
 
     b1 = scenario["b1"]
     assert b1.verdict == "pass" and b1.promoted and b1.champion_version is None
@@ -93,7 +94,7 @@ def test_first_model_is_promoted(scenario):
 
 
 def test_better_model_promoted_old_becomes_previous(scenario):
-    from hap import registry
+    from hap.registry import registration as registry
 
     cfg, b2 = scenario["cfg"], scenario["b2"]
     assert b2.verdict == "pass", b2.reasons
@@ -107,7 +108,7 @@ def test_better_model_promoted_old_becomes_previous(scenario):
 
 
 def test_degraded_challenger_rejected_champion_unchanged(scenario):
-    from hap import registry
+    from hap.registry import registration as registry
 
     cfg, b3 = scenario["cfg"], scenario["b3"]
     assert b3.verdict == "fail" and not b3.promoted
@@ -119,7 +120,7 @@ def test_degraded_challenger_rejected_champion_unchanged(scenario):
     tags = registry.version_for_day(cfg, DAY).tags
     assert tags[registry.TAG_VERDICT] == "fail" and "champion" in tags[registry.TAG_REASON]
     # the blessing is also an artifact of the version's run
-    from hap import tracking
+    from hap.registry import tracking
 
     run_id = registry.version_for_day(cfg, DAY).run_id
     paths = [a.path for a in tracking.client(cfg).list_artifacts(run_id, "gate")]
@@ -127,7 +128,7 @@ def test_degraded_challenger_rejected_champion_unchanged(scenario):
 
 
 def test_run_records_params_history_diagnostics_and_tags(scenario):
-    from hap import registry, tracking
+    from hap.registry import registration as registry, tracking
 
     cfg = scenario["cfg"]
     client = tracking.client(cfg)
@@ -143,7 +144,7 @@ def test_run_records_params_history_diagnostics_and_tags(scenario):
 
 
 def test_nan_metric_never_promoted(scenario):
-    from hap import gate, registry
+    from hap.registry import gate, registration as registry
 
     cfg = scenario["cfg"]
     eval_json = layout.metrics_dir(cfg, DAY) / "eval.json"
@@ -159,7 +160,7 @@ def test_nan_metric_never_promoted(scenario):
 
 
 def test_champion_loads_by_alias_in_fresh_process(scenario):
-    from hap import registry, tracking
+    from hap.registry import registration as registry, tracking
 
     cfg, example = scenario["cfg"], scenario["example"]
     # the payload is decoded the way `mlflow models serve` decodes a dataframe_split request
@@ -183,7 +184,7 @@ def test_champion_loads_by_alias_in_fresh_process(scenario):
 def test_rollback_and_models_cli(scenario, monkeypatch):
     from typer.testing import CliRunner
 
-    from hap import registry
+    from hap.registry import registration as registry
     from hap.cli import app
 
     cfg = scenario["cfg"]
@@ -205,9 +206,9 @@ def test_rollback_and_models_cli(scenario, monkeypatch):
 
 
 def test_training_set_fetched_back_with_dvc_from_tags(scenario, tmp_path):
-    from hap import registry
-    from hap.dvcref import fetch_training_set
-    from hap.versioning import content_hash
+    from hap.registry import registration as registry
+    from hap.data.dvc_repo import fetch_training_set
+    from hap.data.versioning import content_hash
 
     cfg = scenario["cfg"]
     tags = registry.version_for_day(cfg, DAY).tags  # the version's own record of its data

@@ -9,8 +9,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from hap import layout, schema
-from hap.simulate import day_knobs, drift_strength, simulate_day
+from hap.core import layout, schema
+from hap.sources.simulator import day_knobs, drift_strength, simulate_day
 
 DAY = dt.date(2026, 11, 1)
 

@@ -16,11 +16,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from hap import layout, markers, schema
-from hap.config import Config
-from hap.errors import HapError, NotValidated
-from hap.split import build_training_set, open_training_set, read_report, unit_hash
-from hap.versioning import VERSION_FILE, data_version
+from hap.core import layout, schema
+from hap.data import markers
+from hap.core.config import Config
+from hap.core.errors import HapError, NotValidated
+from hap.data.split import build_training_set, open_training_set, read_report, unit_hash
+from hap.data.versioning import VERSION_FILE, data_version
 
 D1, D2, D3, D4 = (dt.date(2026, 11, d) for d in (1, 2, 3, 4))
 

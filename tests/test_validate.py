@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import tiny_config
-from hap import layout, markers, schema
-from hap.errors import DataContractError, NotValidated, ValidationFailed
+from hap.core import layout, schema
+from hap.data import markers
+from hap.core.errors import DataContractError, NotValidated, ValidationFailed
 
 DAY = dt.date(2026, 11, 3)
 HISTORY = [dt.date(2026, 11, 1), dt.date(2026, 11, 2)]
@@ -52,9 +53,9 @@ def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root with two validated days and ``DAY`` simulated and ingested, not yet validated."""
-    from hap.ingest import ingest_day
-    from hap.simulate import simulate_day
-    from hap.validate import validate_day
+    from hap.data.ingest import ingest_day
+    from hap.sources.simulator import simulate_day
+    from hap.data.validate import validate_day
 
     home = tmp_path_factory.mktemp("pristine") / "data"
     cfg = _cfg(home)
@@ -288,7 +289,7 @@ def test_corruption_is_caught_and_quarantined(corrupt, file, expectation, detail
     assert not layout.model_dir(cfg, DAY).exists() and not cfg.path("models").exists()
     assert not layout.metrics_dir(cfg, DAY).exists()
     # the champion is untouched
-    from hap import registry
+    from hap.registry import registration as registry
 
     champion = registry.alias_version(cfg, "champion")
     assert champion is not None and str(champion.version) == "1"
@@ -332,7 +333,7 @@ def test_extra_column_warns_by_default_and_fails_when_configured(day_copy, monke
 
 
 def test_release_quarantine_after_a_fix(day_copy, monkeypatch, capsys):
-    from hap.ingest import ingest_day
+    from hap.data.ingest import ingest_day
 
     cfg = _cfg(day_copy)
     landing = layout.landing_day(cfg, DAY)
@@ -365,8 +366,8 @@ def test_release_quarantine_after_a_fix(day_copy, monkeypatch, capsys):
 
 def test_ingest_contract_error_can_quarantine_the_day(day_copy):
     """Ingest (or a flow) calls ``quarantine_day`` when a raw log breaks its contract."""
-    from hap.ingest import ingest_day
-    from hap.validate import quarantine_day
+    from hap.data.ingest import ingest_day
+    from hap.data.validate import quarantine_day
 
     cfg = _cfg(day_copy)
     truncated_file(layout.landing_day(cfg, DAY))
@@ -383,17 +384,17 @@ def test_ingest_contract_error_can_quarantine_the_day(day_copy):
 
 def test_suites_in_sync_with_schema():
     """``expectations/*.json`` are what ``hap.suites`` generates from ``hap.schema``."""
-    from hap import suites
+    from hap.data import suites
 
     for table in suites.SUITE_FILES:
         assert suites.load_suite_json(table) == json.loads(suites.render(table)), \
-            f"run `python -m hap.suites`: {suites.SUITE_FILES[table]} is stale"
+            f"run `python -m hap.data.suites`: {suites.SUITE_FILES[table]} is stale"
 
 
 def test_training_set_suite(pristine, tmp_path):
     """The training-set suite passes on a real split and catches a mislabelled sample."""
-    split = pytest.importorskip("hap.split")
-    from hap.validate import validate_training_set
+    split = pytest.importorskip("hap.data.split")
+    from hap.data.validate import validate_training_set
 
     home = tmp_path / "data"
     shutil.copytree(pristine, home)
@@ -412,9 +413,9 @@ def test_training_set_suite(pristine, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["stable", "retrieval_degrades", "content_shift"])
 def test_no_false_alarm_over_ten_days(scenario, tmp_path):
-    from hap.ingest import ingest_day
-    from hap.simulate import simulate_day
-    from hap.validate import validate_day
+    from hap.data.ingest import ingest_day
+    from hap.sources.simulator import simulate_day
+    from hap.data.validate import validate_day
 
     start = dt.date(2026, 11, 1)
     cfg = _cfg(tmp_path / "data", **{"simulate.scenario": scenario, "simulate.drift_start": "2026-11-04",

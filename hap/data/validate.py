@@ -27,14 +27,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hap import layout, markers, schema
-from hap.atomic import atomic_write_json
-from hap.config import Config
-from hap.errors import HapError, ValidationFailed
-from hap.gx_runner import Finding, GxRunner
-from hap.quarantine import quarantine_day, release_quarantine  # noqa: F401 - the public API lives here too
-from hap.suites import KEY_COLUMNS, load_suite_json
-from hap import validation_frames as vf
+from hap.core import layout, schema
+from hap.data import markers
+from hap.core.atomic import atomic_write_json
+from hap.core.config import Config
+from hap.core.errors import HapError, ValidationFailed
+from hap.data.gx_runner import Finding, GxRunner
+from hap.data.quarantine import quarantine_day, release_quarantine  # noqa: F401 - the public API lives here too
+from hap.data.suites import KEY_COLUMNS, load_suite_json
+from hap.data import frames as vf
 
 SUMMARY_FILE = "summary.json"
 DOCS_DIR = "docs"

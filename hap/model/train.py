@@ -29,14 +29,14 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from hap import layout
-from hap.atomic import atomic_dir, atomic_write_json
-from hap.config import Config
-from hap.data import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS, Batch, TrainData
-from hap.errors import HapError
-from hap.losses import Harmonizer, difficulty_masks, group_losses, mixed_bce, mixed_infonce, pcgrad_combine
-from hap.models import build_models, save_bundle
-from hap.routing import calibrate_threshold
+from hap.core import layout
+from hap.core.atomic import atomic_dir, atomic_write_json
+from hap.core.config import Config
+from hap.model.batches import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS, Batch, TrainData
+from hap.core.errors import HapError
+from hap.model.losses import Harmonizer, difficulty_masks, group_losses, mixed_bce, mixed_infonce, pcgrad_combine
+from hap.model.towers import build_models, save_bundle
+from hap.model.routing import calibrate_threshold
 
 CKPT_FILE = "last.pt"
 
@@ -380,7 +380,7 @@ def summarize_diagnostics(diag: list[dict[str, Any]]) -> dict[str, float]:
 
 def train_day(cfg: Config, date: dt.date | str, resume: bool = False) -> TrainResult:
     """Train the day's bundle from ``layout.training_set(cfg, date)`` into ``layout.model_dir``."""
-    from hap.versioning import data_version
+    from hap.data.versioning import data_version
 
     date = layout.day(date)
     path = layout.training_set(cfg, date)
@@ -399,10 +399,10 @@ def train_day(cfg: Config, date: dt.date | str, resume: bool = False) -> TrainRe
 
 
 def main() -> None:
-    """``python -m hap.train --date D [--resume]``: the torchrun entry (same function as ``hap train``)."""
+    """``python -m hap.model.train --date D [--resume]``: the torchrun entry (same function as ``hap train``)."""
     import argparse
 
-    from hap.config import load_config
+    from hap.core.config import load_config
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--date", required=True)

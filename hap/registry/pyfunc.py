@@ -2,7 +2,7 @@
 
 The version's artifacts are the whole bundle folder written by ``hap train`` (light and
 expressive weights, ``bundle.json`` with the routing config and calibrated threshold). Loading
-goes through ``hap.models.load_bundle``, so the registry serves exactly the DAMR scorer that
+goes through ``hap.model.towers.load_bundle``, so the registry serves exactly the DAMR scorer that
 ``hap evaluate`` measured. Input: one row per candidate with ``request_id``, ``item_id`` and the
 29 feature columns; rows of several requests may be mixed. Output, in input order: the final
 DAMR score, the light score, the expressive score (NaN where not routed), the routing decision
@@ -18,7 +18,7 @@ import pandas as pd
 
 import mlflow.pyfunc
 
-from hap import schema
+from hap.core import schema
 
 BUNDLE_ARTIFACT = "bundle"
 INPUT_COLUMNS: tuple[str, ...] = ("request_id", "item_id", *schema.FEATURE_COLUMNS)
@@ -84,7 +84,7 @@ class HapPrerankModel(mlflow.pyfunc.PythonModel):
     def load(self, bundle_dir: Path) -> "HapPrerankModel":
         import torch
 
-        from hap.models import load_bundle
+        from hap.model.towers import load_bundle
 
         self._bundle = load_bundle(Path(bundle_dir), device="cuda" if torch.cuda.is_available() else "cpu")
         return self

@@ -17,11 +17,12 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hap import layout, registry, tracking
-from hap.atomic import atomic_write_json
-from hap.blessing import Decision, decide
-from hap.config import Config
-from hap.errors import HapError
+from hap.core import layout
+from hap.registry import registration as registry, tracking
+from hap.core.atomic import atomic_write_json
+from hap.registry.blessing import Decision, decide
+from hap.core.config import Config
+from hap.core.errors import HapError
 
 BLESSING_FILE = "blessing.json"
 SMOKE_TOLERANCE = 1e-4
@@ -114,7 +115,7 @@ def smoke_test(cfg: Config, version: str, expected: list[float] | None = None) -
 
 
 def _expected_scores(cfg: Config, date: dt.date) -> list[float]:
-    from hap.pyfunc_model import HapPrerankModel
+    from hap.registry.pyfunc import HapPrerankModel
 
     example = registry.input_example(cfg, date)
     scorer = HapPrerankModel().load(layout.model_dir(cfg, date))
@@ -134,8 +135,8 @@ def blessing_path(cfg: Config, date: dt.date | str):
 
 def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
     """Compare the day's registered version with the champion on the same eval set; move aliases."""
-    from hap.evaluate import evaluate_bundle
-    from hap.versioning import content_hash
+    from hap.model.evaluate import evaluate_bundle
+    from hap.data.versioning import content_hash
 
     date = layout.day(date)
     iso = date.isoformat()

@@ -10,10 +10,10 @@ import json
 import re
 from pathlib import Path
 
-from hap import layout
-from hap.atomic import atomic_write_json
-from hap.config import Config
-from hap.errors import HapError
+from hap.core import layout
+from hap.core.atomic import atomic_write_json
+from hap.core.config import Config
+from hap.core.errors import HapError
 
 CURVE_FILE = "recall_curve.json"
 _AT_K = re.compile(r"^(recall|ndcg)@(\d+)$")

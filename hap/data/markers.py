@@ -12,10 +12,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from hap import layout
-from hap.atomic import atomic_write_json
-from hap.config import Config
-from hap.errors import NotValidated
+from hap.core import layout
+from hap.core.atomic import atomic_write_json
+from hap.core.config import Config
+from hap.core.errors import NotValidated
 
 MARKER_NAME = "_VALIDATED.json"
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from hap.suites import EXTRA_COLUMNS_NOTE
+from hap.data.suites import EXTRA_COLUMNS_NOTE
 
 ARG_KEYS = ("column", "column_A", "column_B", "column_list", "column_set", "value_set", "type_", "min_value", "max_value", "row_condition")
 

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hap import layout, markers
-from hap.atomic import atomic_write_json
-from hap.config import Config
-from hap.errors import HapError
+from hap.core import layout
+from hap.data import markers
+from hap.core.atomic import atomic_write_json
+from hap.core.config import Config
+from hap.core.errors import HapError
 
 RESULT_FILE = "result.json"
 RELEASED_DIR = ".released"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from hap.config import Config
+from hap.core.config import Config
 
 LAKE_TABLES = ("samples", "fullflow")
 

@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hap import layout, schema
-from hap.atomic import atomic_dir
-from hap.config import Config
-from hap.errors import DataContractError
+from hap.core import layout, schema
+from hap.core.atomic import atomic_dir
+from hap.core.config import Config
+from hap.core.errors import DataContractError
 
 PART_FILE = "part-0.parquet"
 BATCH_ROWS = 262_144

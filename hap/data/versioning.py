@@ -13,10 +13,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from hap import layout
-from hap.atomic import atomic_write_json
-from hap.config import Config
-from hap.errors import HapError
+from hap.core import layout
+from hap.core.atomic import atomic_write_json
+from hap.core.config import Config
+from hap.core.errors import HapError
 
 VERSION_FILE = "_data_version.json"
 ALGORITHM = "sha256-tree-v1"

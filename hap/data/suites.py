@@ -2,7 +2,7 @@
 
 The suites live as GX 1.x JSON in ``expectations/`` (reviewed in the repo, loaded with
 ``gx.ExpectationSuite(**json)``). This module writes them, so the column lists and types never
-drift from the contracts: ``python -m hap.suites`` regenerates the files and a test checks they
+drift from the contracts: ``python -m hap.data.suites`` regenerates the files and a test checks they
 are in sync. Thresholds are ``$PARAMETER`` references filled at run time from ``params.yaml``
 (``validation:`` and the cascade shape in ``simulate:``) and from the trailing days' volumes.
 
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 
-from hap import schema
-from hap.config import REPO_ROOT
+from hap.core import schema
+from hap.core.config import REPO_ROOT
 
 SUITE_DIR = REPO_ROOT / "expectations"
 SUITE_FILES = {"exposure": "exposure_log.json", "ranking": "ranking_log.json", "training_set": "training_set.json"}
@@ -107,7 +107,7 @@ def exposure_suite() -> dict[str, Any]:
            column="click", min_value=P("ctr_min"), max_value=P("ctr_max")),
     ]
     return {"name": "exposure_log", "expectations": ex,
-            "meta": {"table": "exposure", "contract": "hap.schema.EXPOSURE_LOG", "generated_by": "hap.suites"}}
+            "meta": {"table": "exposure", "contract": "hap.core.schema.EXPOSURE_LOG", "generated_by": "hap.data.suites"}}
 
 
 def ranking_suite() -> dict[str, Any]:
@@ -154,7 +154,7 @@ def ranking_suite() -> dict[str, Any]:
            column="global_neg_gap", min_value=0, max_value=0),
     ]
     return {"name": "ranking_log", "expectations": ex,
-            "meta": {"table": "ranking", "contract": "hap.schema.RANKING_LOG", "generated_by": "hap.suites"}}
+            "meta": {"table": "ranking", "contract": "hap.core.schema.RANKING_LOG", "generated_by": "hap.data.suites"}}
 
 
 def training_set_suite() -> dict[str, Any]:
@@ -191,7 +191,7 @@ def training_set_suite() -> dict[str, Any]:
            condition_parser="pandas"),
     ]
     return {"name": "training_set", "expectations": ex,
-            "meta": {"table": "training_set", "contract": "hap.schema.TRAINING_SET", "generated_by": "hap.suites"}}
+            "meta": {"table": "training_set", "contract": "hap.core.schema.TRAINING_SET", "generated_by": "hap.data.suites"}}
 
 
 BUILDERS = {"exposure": exposure_suite, "ranking": ranking_suite, "training_set": training_set_suite}

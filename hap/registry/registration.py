@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hap import layout, tracking
-from hap.config import REPO_ROOT, Config
-from hap.errors import HapError
+from hap.core import layout
+from hap.registry import tracking
+from hap.core.config import REPO_ROOT, Config
+from hap.core.errors import HapError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -123,7 +124,7 @@ def input_example(cfg: Config, date: dt.date | str) -> "pd.DataFrame":
     """The first eval request's first candidates, in the model's input layout."""
     import pyarrow.dataset as ds
 
-    from hap.pyfunc_model import INPUT_COLUMNS, serving_example
+    from hap.registry.pyfunc import INPUT_COLUMNS, serving_example
 
     path = layout.eval_set(cfg, date)
     if not path.exists():
@@ -161,7 +162,7 @@ def register_day(cfg: Config, date: dt.date | str) -> str:
     from mlflow.entities import Metric
     from mlflow.models import infer_signature
 
-    from hap.pyfunc_model import BUNDLE_ARTIFACT, HapPrerankModel
+    from hap.registry.pyfunc import BUNDLE_ARTIFACT, HapPrerankModel
 
     date = layout.day(date)
     iso = date.isoformat()
@@ -179,8 +180,8 @@ def register_day(cfg: Config, date: dt.date | str) -> str:
             return v.version  # idempotent: this exact bundle is registered already
 
     bundle_meta = _read_json(bundle_dir / "bundle.json") or {}
-    from hap.dvcref import dvc_dir_md5
-    from hap.versioning import data_version
+    from hap.data.dvc_repo import dvc_dir_md5
+    from hap.data.versioning import data_version
 
     data_ver = data_version(cfg, date)
     window = bundle_meta.get("window") or [d.isoformat() for d in layout.window(date, cfg.split.window_days)]
@@ -220,7 +221,7 @@ def register_day(cfg: Config, date: dt.date | str) -> str:
             name=MODEL_ARTIFACT,
             python_model=HapPrerankModel(),
             artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
-            code_paths=[str(Path(__file__).resolve().parent)],
+            code_paths=[str(Path(__file__).resolve().parents[1])],
             signature=signature,
             input_example=example,
             pip_requirements=PIP_REQUIREMENTS,

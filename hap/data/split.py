@@ -35,10 +35,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from hap import layout, markers, schema
-from hap.atomic import atomic_dir, atomic_write_json
-from hap.config import Config
-from hap.errors import DataContractError, HapError
+from hap.core import layout, schema
+from hap.data import markers
+from hap.core.atomic import atomic_dir, atomic_write_json
+from hap.core.config import Config
+from hap.core.errors import DataContractError, HapError
 
 PART_FILE = "part-0.parquet"
 REPORT_FILE = "split.json"
@@ -226,7 +227,7 @@ def _sample_ratios(cfg: Config) -> np.ndarray:
 
 def build_training_set(cfg: Config, date: dt.date) -> SplitReport:
     """Build ``training/dt=D/{train,eval}`` from the validated lake window ending on ``date``."""
-    from hap.versioning import record_data_version  # local: versioning imports this module's constants
+    from hap.data.versioning import record_data_version  # local: versioning imports this module's constants
 
     date = layout.day(date)
     window = layout.window(date, cfg.split.window_days)

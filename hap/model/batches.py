@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from hap import schema
-from hap.config import Config
-from hap.errors import HapError
+from hap.core import schema
+from hap.core.config import Config
+from hap.core.errors import HapError
 
 REQUEST_CATEGORICAL: tuple[str, ...] = (*schema.USER_CATEGORICAL, *schema.CONTEXT_CATEGORICAL)
 ITEM_CATEGORICAL: tuple[str, ...] = schema.ITEM_CATEGORICAL
@@ -182,7 +182,7 @@ class TrainData:
     """The whole training set in memory as tensors, split by request into train and validation."""
 
     def __init__(self, cfg: Config, table: pa.Table, spec: FeatureSpec | None = None) -> None:
-        from hap.split import unit_hash
+        from hap.data.split import unit_hash
 
         if table.num_rows == 0:
             raise HapError("the training set is empty")
@@ -228,7 +228,7 @@ class TrainData:
 
     @classmethod
     def load(cls, cfg: Config, path: Path, spec: FeatureSpec | None = None) -> "TrainData":
-        from hap.split import open_training_set
+        from hap.data.split import open_training_set
 
         if not Path(path).exists():
             raise HapError(f"no training set at {path}; run `hap split` first")

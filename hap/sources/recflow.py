@@ -26,11 +26,11 @@ import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
-from hap import layout, schema
-from hap.atomic import atomic_dir
-from hap.config import Config
-from hap.errors import DataContractError
-from hap.hashing import hash_ids
+from hap.core import layout, schema
+from hap.core.atomic import atomic_dir
+from hap.core.config import Config
+from hap.core.errors import DataContractError
+from hap.core.hashing import hash_ids
 
 REALSHOW_COLUMNS = ("request_id", "request_timestamp", "user_id", "device_id", "age", "gender", "province",
                     "video_id", "author_id", "category_level_one", "category_level_two", "upload_type",

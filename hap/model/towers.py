@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hap.data import CATEGORICAL_ORDER, DENSE_ORDER, ITEM_CATEGORICAL, N_USER_DENSE, REQUEST_CATEGORICAL
-from hap.errors import HapError
+from hap.model.batches import CATEGORICAL_ORDER, DENSE_ORDER, ITEM_CATEGORICAL, N_USER_DENSE, REQUEST_CATEGORICAL
+from hap.core.errors import HapError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -203,7 +203,7 @@ class HapBundle:
 
     def __init__(self, meta: dict[str, Any], light: LightweightModel | None, expressive: ExpressiveModel | None,
                  device: str = "cpu") -> None:
-        from hap.data import FeatureSpec
+        from hap.model.batches import FeatureSpec
 
         self.meta, self.light, self.expressive = meta, light, expressive
         self.spec = FeatureSpec.from_dict(meta["features"])
@@ -255,7 +255,7 @@ class HapBundle:
         """The serving path for one request's candidates: the request side encoded and run once
         (every row of a request carries the same user and context), the item side per candidate,
         light scores for all, the expressive model on the routed ones."""
-        from hap.routing import damr_order
+        from hap.model.routing import damr_order
 
         table = _as_table(frame)
         user = self._tensors(self.spec.encode_request(table.slice(0, 1)))
@@ -267,7 +267,7 @@ class HapBundle:
         elif self.serve == "expressive_all" or light is None:
             routed = np.ones(n, bool)
         else:
-            from hap.routing import route
+            from hap.model.routing import route
 
             routed = route(light, self.routing)
         if routed.all():
@@ -303,7 +303,7 @@ class HapBundle:
         return model.head(user, item_vectors.unsqueeze(0))[0].float().cpu().numpy()   # [1, n, D] -> [n]
 
     def flops_per_request(self, n: int) -> dict[str, float]:
-        from hap.routing import flops_per_request
+        from hap.model.routing import flops_per_request
 
         return flops_per_request(self.light, self.expressive, n, self.routing)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hap.config import Config
+from hap.core.config import Config
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hap.errors import HapError
+from hap.core.errors import HapError
 
 _CHUNK = 1 << 20
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from hap.config import GateConfig
+from hap.core.config import GateConfig
 
 Verdict = Literal["pass", "fail"]
 

@@ -31,11 +31,11 @@ import pyarrow.parquet as pq
 import torch
 from scipy.stats import rankdata
 
-from hap import layout, schema
-from hap.atomic import atomic_write_json
-from hap.config import Config
-from hap.errors import HapError
-from hap.routing import ROUTED_OFFSET, route_grid
+from hap.core import layout, schema
+from hap.core.atomic import atomic_write_json
+from hap.core.config import Config
+from hap.core.errors import HapError
+from hap.model.routing import ROUTED_OFFSET, route_grid
 
 EVAL_FILE = "eval.json"
 CHUNK_ROWS = 8192
@@ -257,7 +257,7 @@ def latency_ms_per_1k(cfg: Config, bundle: Any, table: pa.Table) -> float:
 
 def evaluate_day(cfg: Config, date: dt.date | str) -> dict[str, float]:
     """Evaluate the day's bundle on the day's eval set; writes ``metrics/dt=D/eval.json``."""
-    from hap.models import load_bundle
+    from hap.model.towers import load_bundle
 
     date = layout.day(date)
     metrics = evaluate_bundle(cfg, load_bundle(layout.model_dir(cfg, date)), layout.eval_set(cfg, date))

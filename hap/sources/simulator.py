@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from hap import layout, schema
-from hap.atomic import atomic_dir
-from hap.config import Config, SimulateConfig
-from hap.hashing import hash_ids
+from hap.core import layout, schema
+from hap.core.atomic import atomic_dir
+from hap.core.config import Config, SimulateConfig
+from hap.core.hashing import hash_ids
 
 RNG_STREAM_UNIVERSE = 0
 RNG_STREAM_CHUNK = 1

@@ -1,4 +1,4 @@
-"""GHCL and the mixing baselines, on the ``[B, C]`` candidate grid of ``hap.data.Batch``.
+"""GHCL and the mixing baselines, on the ``[B, C]`` candidate grid of ``hap.model.batches.Batch``.
 
 - ``group_losses``: per group ``g``, an InfoNCE whose softmax sees the positive and only that
   group's negatives (temperature tau), plus ``bce_weight`` x the BCE of the positive and those
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hap.data import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS
+from hap.model.batches import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS
 
 
 @dataclass
