@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: venv run test test-fast lint bench bench-quality serve dashboard clean
+.PHONY: venv run test test-fast lint format bench bench-quality serve dashboard clean
 
 venv: $(STAMP)
 
@@ -29,7 +29,15 @@ $(STAMP): pyproject.toml constraints.txt
 run: venv ## the main job, end to end on embedded defaults
 	$(BIN)/python -m flows.main
 
-test: venv ## the whole test suite (unit, data, model, flow, end-to-end)
+lint: venv ## ruff: lint and format check (make test runs it first)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint ## the whole test suite (unit, data, model, system), after the linter
 	$(BIN)/python -m pytest -q
 
 test-fast: venv

@@ -7,6 +7,7 @@ Each stage runs in a fresh process (honest peak RSS). Baselines in the same run:
 
 Usage: python -m bench.bench_data_path [--volumes 10000,100000,300000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,15 @@ def _cfg(home: str, requests: int):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     env["HAP_HOME"] = home
-    return load_config(environ=env, overrides={"simulate.requests_per_day": requests, **PRODUCTION_LIKE,
-                                               "split.window_days": 1,
-                                               "pipeline.date": DAY.isoformat()})
+    return load_config(
+        environ=env,
+        overrides={
+            "simulate.requests_per_day": requests,
+            **PRODUCTION_LIKE,
+            "split.window_days": 1,
+            "pipeline.date": DAY.isoformat(),
+        },
+    )
 
 
 def run_simulate(home: str, requests: int) -> int:
@@ -48,6 +55,7 @@ def run_validate(home: str, requests: int) -> int:
 
     validate_day(_cfg(home, requests), DAY)
     import pyarrow.parquet as pq
+
     from hap.core import layout
 
     cfg = _cfg(home, requests)
@@ -64,6 +72,7 @@ def run_split(home: str, requests: int) -> int:
 def run_pyarrow_io(home: str, requests: int) -> int:
     """The I/O limit: read every raw log and write it back, nothing else."""
     import pyarrow.parquet as pq
+
     from hap.core import layout
 
     cfg = _cfg(home, requests)
@@ -80,6 +89,7 @@ def run_pyarrow_io(home: str, requests: int) -> int:
 def run_duckdb(home: str, requests: int) -> int:
     """The same join and difficulty split in DuckDB SQL."""
     import duckdb
+
     from hap.core import layout, schema
 
     cfg = _cfg(home, requests)
@@ -115,9 +125,11 @@ def run_duckdb(home: str, requests: int) -> int:
 def bench_volume(requests: int) -> list[Measurement]:
     home = tempfile.mkdtemp(prefix=f"hap-bench-{requests}-")
     try:
-        results = [measure("simulate", run_simulate, home, requests),
-                   measure("pyarrow I/O (baseline)", run_pyarrow_io, home, requests),
-                   measure("ingest", run_ingest, home, requests)]
+        results = [
+            measure("simulate", run_simulate, home, requests),
+            measure("pyarrow I/O (baseline)", run_pyarrow_io, home, requests),
+            measure("ingest", run_ingest, home, requests),
+        ]
         for name, fn in (("validate", run_validate), ("split", run_split)):
             try:
                 results.append(measure(name, fn, home, requests))
@@ -126,10 +138,14 @@ def bench_volume(requests: int) -> list[Measurement]:
         results.append(measure("duckdb join+split", run_duckdb, home, requests))
         done = {m.name: m for m in results}
         if "split" in done:  # what DuckDB's one query does: the join (ingest) and the split
-            results.append(Measurement("ingest + split (vs DuckDB's join+split)",
-                                       done["ingest"].seconds + done["split"].seconds,
-                                       max(done["ingest"].peak_rss_mb, done["split"].peak_rss_mb),
-                                       done["ingest"].rows))
+            results.append(
+                Measurement(
+                    "ingest + split (vs DuckDB's join+split)",
+                    done["ingest"].seconds + done["split"].seconds,
+                    max(done["ingest"].peak_rss_mb, done["split"].peak_rss_mb),
+                    done["ingest"].rows,
+                )
+            )
         return results
     finally:
         shutil.rmtree(home, ignore_errors=True)
@@ -147,10 +163,21 @@ def main() -> None:
         duck = next(m for m in ms if m.name.startswith("duckdb"))
         payload[requests] = [m.__dict__ | {"rows_per_s": m.rows_per_s} for m in ms]
         for m in ms:
-            rows.append([f"{requests:,}", m.name, m.seconds, m.rows, m.rows_per_s, m.peak_rss_mb,
-                         m.seconds / base.seconds, m.seconds / duck.seconds])
-    table = markdown_table(["requests/day", "stage", "s", "rows", "rows/s", "peak RSS MB", "× pyarrow I/O",
-                            "× DuckDB"], rows)
+            rows.append(
+                [
+                    f"{requests:,}",
+                    m.name,
+                    m.seconds,
+                    m.rows,
+                    m.rows_per_s,
+                    m.peak_rss_mb,
+                    m.seconds / base.seconds,
+                    m.seconds / duck.seconds,
+                ]
+            )
+    table = markdown_table(
+        ["requests/day", "stage", "s", "rows", "rows/s", "peak RSS MB", "× pyarrow I/O", "× DuckDB"], rows
+    )
     write_results("data_path", {"volumes": payload}, table)
 
 

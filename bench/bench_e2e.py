@@ -1,4 +1,4 @@
-"""The daily flow end to end at the default scale, broken down per task (issue 9, part 4).
+"""The daily flow end to end at the default scale, broken down per task.
 
 Lands ``split.window_days + 1`` simulated days (simulation is the data source, not a flow step),
 runs ``daily-retrain`` for each of them in order against a temporary Prefect server, and reads
@@ -6,6 +6,7 @@ the task runs of the last run (a full window and an existing champion: every ste
 from the Prefect API. Each task's share of the flow's wall time is its ratio to the whole flow, measured
 in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,9 @@ def task_breakdown(flow_run_id: Any) -> list[tuple[str, float]]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     runs = sorted((r for r in runs if r.start_time), key=lambda r: r.start_time)
-    return [(r.name.rsplit("-", 1)[0], (r.end_time - r.start_time).total_seconds()) for r in runs if r.end_time]
+    return [
+        (r.name.rsplit("-", 1)[0], (r.end_time - r.start_time).total_seconds()) for r in runs if r.end_time
+    ]
 
 
 def run(home: Path) -> dict[str, Any]:
@@ -49,8 +52,12 @@ def run(home: Path) -> dict[str, Any]:
             if not state.is_completed():
                 raise SystemExit(f"daily-retrain {day} ended {state.type}: {state.message}")
         tasks = task_breakdown(state.state_details.flow_run_id)
-    return {"requests_per_day": cfg.simulate.requests_per_day, "days": walls, "last_day": days[-1].isoformat(),
-            "tasks": tasks}
+    return {
+        "requests_per_day": cfg.simulate.requests_per_day,
+        "days": walls,
+        "last_day": days[-1].isoformat(),
+        "tasks": tasks,
+    }
 
 
 def main() -> None:
@@ -62,8 +69,12 @@ def main() -> None:
     flow_s = out["days"][out["last_day"]]
     rows = [[name, f"{s:.1f}", s / flow_s] for name, s in out["tasks"]]
     rows.append(["whole flow run (baseline)", f"{flow_s:.1f}", 1.0])
-    table = (f"daily-retrain on {out['last_day']} ({out['requests_per_day']:,} requests/day; its window is complete "
-             f"and a champion exists, so it trains, registers and gates):\n\n" + markdown_table(["task", "s", "× flow wall time"], rows))
+    table = (
+        f"daily-retrain on {out['last_day']} ({out['requests_per_day']:,} requests/day; "
+        "its window is complete "
+        f"and a champion exists, so it trains, registers and gates):\n\n"
+        + markdown_table(["task", "s", "× flow wall time"], rows)
+    )
     write_results("e2e", out, table)
     print(table)
 

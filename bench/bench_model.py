@@ -1,4 +1,4 @@
-"""Training throughput against a dense matmul peak, and DAMR serving latency (issue 9, parts 2-3).
+"""Training throughput against a dense matmul peak, and DAMR serving latency.
 
 Training: real ``_train_step`` calls (``hap.train.time_training_steps``) of each tower on the
 default-scale training set, as candidate samples/s and achieved FLOP/s. The baseline, measured
@@ -12,6 +12,7 @@ item-tower cache (filled from the eval day's candidates, as a serving process fi
 day's catalogue); latency as a ratio of ``expressive_all``'s under the same cache setting, FLOPs
 per request from the layer shapes (item towers included: the uncached cost).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,9 @@ from bench.common import markdown_table, write_results
 DEFAULT_HOME = Path(__file__).resolve().parent.parent / "data" / "bench-quality"
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 20) -> float:
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 20
+) -> float:
     """FLOP/s of a dense ``n x n`` matmul: the machine's practical peak for this process."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -49,12 +52,18 @@ def step_flops(model: torch.nn.Module, requests: int, grid_cells: int) -> float:
     return 3.0 * (requests * f["user"] + grid_cells * (f["item"] + f["head"]))
 
 
-def bench_training(cfg: Any, data: Any, device: torch.device, steps: int) -> tuple[list[list[Any]], dict[str, Any]]:
+def bench_training(
+    cfg: Any, data: Any, device: torch.device, steps: int
+) -> tuple[list[list[Any]], dict[str, Any]]:
     from hap.model.towers import build_models
     from hap.model.train import time_training_steps
 
     peak = matmul_peak(device)
-    out: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(), "matmul_peak_flops": peak}
+    out: dict[str, Any] = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "matmul_peak_flops": peak,
+    }
     if device.type == "cuda":
         out["matmul_peak_bf16_flops"] = matmul_peak(device, torch.bfloat16)
         torch.cuda.reset_peak_memory_stats(device)
@@ -66,11 +75,23 @@ def bench_training(cfg: Any, data: Any, device: torch.device, steps: int) -> tup
         timing = time_training_steps(cfg, data, name, steps, device)
         flops = step_flops(model, timing.requests, timing.requests * grid_per_anchor)
         achieved = flops / timing.seconds
-        out[name] = {"seconds": timing.seconds, "steps": timing.steps, "samples": timing.cells,
-                     "samples_per_second": timing.cells / timing.seconds, "achieved_flops": achieved,
-                     "fraction_of_peak": achieved / peak}
-        rows.append([f"train {name} ({timing.steps} steps)", f"{timing.cells / timing.seconds:,.0f}",
-                     f"{achieved / 1e9:.2f}", achieved / peak, f"{timing.seconds:.2f}"])
+        out[name] = {
+            "seconds": timing.seconds,
+            "steps": timing.steps,
+            "samples": timing.cells,
+            "samples_per_second": timing.cells / timing.seconds,
+            "achieved_flops": achieved,
+            "fraction_of_peak": achieved / peak,
+        }
+        rows.append(
+            [
+                f"train {name} ({timing.steps} steps)",
+                f"{timing.cells / timing.seconds:,.0f}",
+                f"{achieved / 1e9:.2f}",
+                achieved / peak,
+                f"{timing.seconds:.2f}",
+            ]
+        )
     if device.type == "cuda":
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return rows, out
@@ -81,21 +102,34 @@ def bench_serving(cfg: Any, bundle: Any, eval_table: Any) -> tuple[list[list[Any
     from hap.model.evaluate import latency_ms_per_1k
 
     n = cfg.evaluate.latency_candidates
-    modes = {"light": {"serve": "light"}, "hap@0.1": {"serve": "hap", "mode": "topk", "rho": 0.1},
-             "expressive_all": {"serve": "expressive_all"}}
-    cached = bundle.cache_items(eval_table)   # every candidate's item vectors precomputed
+    modes = {
+        "light": {"serve": "light"},
+        "hap@0.1": {"serve": "hap", "mode": "topk", "rho": 0.1},
+        "expressive_all": {"serve": "expressive_all"},
+    }
+    cached = bundle.cache_items(eval_table)  # every candidate's item vectors precomputed
     rows: list[list[Any]] = []
     out: dict[str, Any] = {"candidates": n}
     for cache_label, base_bundle in (("off", bundle), ("on", cached)):
         measured = {}
         for label, routing in modes.items():
             b = base_bundle.with_routing(**routing)
-            measured[label] = {"ms_per_request": latency_ms_per_1k(cfg, b, eval_table) * n / 1000,
-                               "flops_per_request": b.flops_per_request(n)["flops_per_request"]}
+            measured[label] = {
+                "ms_per_request": latency_ms_per_1k(cfg, b, eval_table) * n / 1000,
+                "flops_per_request": b.flops_per_request(n)["flops_per_request"],
+            }
         base = measured["expressive_all"]
-        rows += [[label, cache_label, f"{m['ms_per_request']:.2f}", m["ms_per_request"] / base["ms_per_request"],
-                  f"{m['flops_per_request'] / 1e6:.1f}M", m["flops_per_request"] / base["flops_per_request"]]
-                 for label, m in measured.items()]
+        rows += [
+            [
+                label,
+                cache_label,
+                f"{m['ms_per_request']:.2f}",
+                m["ms_per_request"] / base["ms_per_request"],
+                f"{m['flops_per_request'] / 1e6:.1f}M",
+                m["flops_per_request"] / base["flops_per_request"],
+            ]
+            for label, m in measured.items()
+        ]
         out[f"item_cache_{cache_label}"] = measured
     return rows, out
 
@@ -124,20 +158,33 @@ def run(home: Path, steps: int) -> None:
     eval_table = ds.dataset(layout.eval_set(cfg, date), format="parquet").to_table()
     serve_rows, serve_out = bench_serving(cfg, load_bundle(bundle_dir), eval_table)
 
-    table = (f"Training on {device} ({torch.get_num_threads()} threads), batch of "
-             f"{cfg.train.batch_requests} requests:\n\n"
-             + markdown_table(["what", "samples/s", "GFLOP/s", "× matmul peak", "s"], train_rows)
-             + f"\n\nServing one request of {serve_out['candidates']} candidates (median of "
-             f"{cfg.evaluate.latency_repeats}); FLOPs count the item towers, which the cache skips:\n\n"
-             + markdown_table(["scorer", "item cache", "ms/request", "× expressive_all latency", "FLOPs",
-                               "× expressive_all FLOPs"], serve_rows))
+    table = (
+        f"Training on {device} ({torch.get_num_threads()} threads), batch of "
+        f"{cfg.train.batch_requests} requests:\n\n"
+        + markdown_table(["what", "samples/s", "GFLOP/s", "× matmul peak", "s"], train_rows)
+        + f"\n\nServing one request of {serve_out['candidates']} candidates (median of "
+        f"{cfg.evaluate.latency_repeats}); FLOPs count the item towers, which the cache skips:\n\n"
+        + markdown_table(
+            [
+                "scorer",
+                "item cache",
+                "ms/request",
+                "× expressive_all latency",
+                "FLOPs",
+                "× expressive_all FLOPs",
+            ],
+            serve_rows,
+        )
+    )
     write_results("model", {"training": train_out, "serving": serve_out}, table)
     print(table)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--home", type=Path, default=DEFAULT_HOME, help="data root (shared with bench.paper_table)")
+    ap.add_argument(
+        "--home", type=Path, default=DEFAULT_HOME, help="data root (shared with bench.paper_table)"
+    )
     ap.add_argument("--steps", type=int, default=40, help="timed training steps per tower")
     args = ap.parse_args()
     np.seterr(all="ignore")

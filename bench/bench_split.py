@@ -13,6 +13,7 @@ validated (this benchmark measures the split, not validation), then runs in fres
 
 Rows are the lake rows read. Usage: ``python -m bench.bench_split [--volumes 10000,100000] [--days 1]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,15 @@ def _cfg(home: str, requests: int, days: int):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     env["HAP_HOME"] = home
-    return load_config(environ=env, overrides={"simulate.requests_per_day": requests, **PRODUCTION_LIKE,
-                                               "split.window_days": days,
-                                               "pipeline.date": END.isoformat()})
+    return load_config(
+        environ=env,
+        overrides={
+            "simulate.requests_per_day": requests,
+            **PRODUCTION_LIKE,
+            "split.window_days": days,
+            "pipeline.date": END.isoformat(),
+        },
+    )
 
 
 def prepare(home: str, requests: int, days: int) -> int:
@@ -105,7 +112,9 @@ def run_duckdb(home: str, requests: int, days: int, write: bool = True) -> int:
     out = Path(home) / "duckdb-split"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
-    files = ", ".join(f"'{layout.lake_partition(cfg, 'samples', d)}/*.parquet'" for d in layout.window(END, days))
+    files = ", ".join(
+        f"'{layout.lake_partition(cfg, 'samples', d)}/*.parquet'" for d in layout.window(END, days)
+    )
     ratio = " ".join(f"WHEN '{s}' THEN {cfg.split.sample_ratio.get(s, 1.0)}" for s in schema.SOURCES)
     group = " ".join(f"WHEN '{s}' THEN '{g}'" for s, g in schema.GROUP_OF_SOURCE.items())
     diff = " ".join(f"WHEN '{s}' THEN '{d}'" for s, d in schema.DIFFICULTY_OF_SOURCE.items())
@@ -116,17 +125,22 @@ def run_duckdb(home: str, requests: int, days: int, write: bool = True) -> int:
                  CASE source {group} END AS "group", CASE source {diff} END AS difficulty, label,
                  retrieval_pos, prerank_pos, rank_pos, content_type, {features}
           FROM read_parquet([{files}], filename = true)
-          WHERE (hash(request_id, item_id, {cfg.split.seed}) % 1000000) / 1000000.0 < CASE source {ratio} END"""
+          WHERE (hash(request_id, item_id, {cfg.split.seed}) % 1000000) / 1000000.0
+                < CASE source {ratio} END"""
     if not write:  # the same scan and expressions, aggregated instead of written
         cols = ", ".join(["dt", '"group"', "difficulty", "source", "label", *schema.FEATURE_COLUMNS])
-        return con.execute(f"SELECT count(*), {', '.join(f'count({c})' for c in cols.split(', '))} "
-                           f"FROM ({select})").fetchone()[0]
-    con.execute(f"COPY ({select}) TO '{out}/train' (FORMAT parquet, PARTITION_BY (difficulty), COMPRESSION zstd)")
+        return con.execute(
+            f"SELECT count(*), {', '.join(f'count({c})' for c in cols.split(', '))} FROM ({select})"
+        ).fetchone()[0]
+    con.execute(
+        f"COPY ({select}) TO '{out}/train' (FORMAT parquet, PARTITION_BY (difficulty), COMPRESSION zstd)"
+    )
     fullflow = f"{layout.lake_partition(cfg, 'fullflow', END)}/*.parquet"
     con.execute(f"""
         COPY (
           WITH chosen AS (SELECT DISTINCT request_id FROM read_parquet('{fullflow}')
-                          ORDER BY hash(request_id, {cfg.split.seed}), request_id LIMIT {cfg.split.eval_max_requests})
+                          ORDER BY hash(request_id, {cfg.split.seed}), request_id
+                          LIMIT {cfg.split.eval_max_requests})
           SELECT f.* FROM read_parquet('{fullflow}') f SEMI JOIN chosen USING (request_id)
         ) TO '{out}/eval.parquet' (FORMAT parquet, COMPRESSION zstd)
     """)
@@ -137,12 +151,17 @@ def bench_volume(requests: int, days: int, keep: bool) -> list[Measurement]:
     home = tempfile.mkdtemp(prefix=f"hap-bench-split-{requests}-")
     try:
         prep = measure("prepare (simulate+ingest, not compared)", prepare, home, requests, days)
-        print(f"prepared {requests:,} requests/day x {days} day(s): {prep.rows:,} lake rows in {prep.seconds:.0f}s")
-        return [measure("split", run_split, home, requests, days),
-                measure("pyarrow scan (I/O floor)", run_scan, home, requests, days),
-                measure("split w/o write (scan+label)", run_label_only, home, requests, days),
-                measure("duckdb same grouping", run_duckdb, home, requests, days),
-                measure("duckdb w/o write (scan+expressions)", run_duckdb, home, requests, days, False)]
+        print(
+            f"prepared {requests:,} requests/day x {days} day(s): "
+            f"{prep.rows:,} lake rows in {prep.seconds:.0f}s"
+        )
+        return [
+            measure("split", run_split, home, requests, days),
+            measure("pyarrow scan (I/O floor)", run_scan, home, requests, days),
+            measure("split w/o write (scan+label)", run_label_only, home, requests, days),
+            measure("duckdb same grouping", run_duckdb, home, requests, days),
+            measure("duckdb w/o write (scan+expressions)", run_duckdb, home, requests, days, False),
+        ]
     finally:
         if not keep:
             shutil.rmtree(home, ignore_errors=True)
@@ -160,28 +179,49 @@ def main() -> None:
         split, scan, label, duck, duck_nowrite = ms
         payload[requests] = [m.__dict__ | {"rows_per_s": m.rows_per_s} for m in ms]
         for m in ms:
-            rows.append([f"{requests:,}", m.name, m.seconds, m.rows, m.rows_per_s, m.peak_rss_mb,
-                         m.seconds / split.seconds, m.seconds / duck.seconds])
+            rows.append(
+                [
+                    f"{requests:,}",
+                    m.name,
+                    m.seconds,
+                    m.rows,
+                    m.rows_per_s,
+                    m.peak_rss_mb,
+                    m.seconds / split.seconds,
+                    m.seconds / duck.seconds,
+                ]
+            )
         write_s, compute_s = split.seconds - label.seconds, label.seconds - scan.seconds
         slower = "split" if split.seconds > duck.seconds else "duckdb"
         if slower == "split":
-            parts = {"Parquet encode+zstd+write (and eval set, hashing)": write_s,
-                     "per-batch compute (hash, index_in, filters, casts)": compute_s, "scan/decode": scan.seconds}
+            parts = {
+                "Parquet encode+zstd+write (and eval set, hashing)": write_s,
+                "per-batch compute (hash, index_in, filters, casts)": compute_s,
+                "scan/decode": scan.seconds,
+            }
             worst = max(parts, key=parts.get)
-            why = (f"split is {split.seconds / duck.seconds:.2f}x DuckDB; its largest part is {worst} "
-                   f"({parts[worst]:.1f}s of {split.seconds:.1f}s: scan {scan.seconds:.1f}s, compute "
-                   f"{compute_s:.1f}s, write {write_s:.1f}s)")
+            why = (
+                f"split is {split.seconds / duck.seconds:.2f}x DuckDB; its largest part is {worst} "
+                f"({parts[worst]:.1f}s of {split.seconds:.1f}s: scan {scan.seconds:.1f}s, compute "
+                f"{compute_s:.1f}s, write {write_s:.1f}s)"
+            )
         else:
             d_write = duck.seconds - duck_nowrite.seconds
-            worst = "the partitioned Parquet write (PARTITION_BY + zstd)" if d_write > duck_nowrite.seconds else \
-                "the scan with its expressions"
-            why = (f"DuckDB is {duck.seconds / split.seconds:.2f}x split; its largest part is {worst}: "
-                   f"scan+expressions {duck_nowrite.seconds:.1f}s, write {d_write:.1f}s (+ eval set), "
-                   f"peak RSS {duck.peak_rss_mb:.0f} MB vs {split.peak_rss_mb:.0f} MB")
+            worst = (
+                "the partitioned Parquet write (PARTITION_BY + zstd)"
+                if d_write > duck_nowrite.seconds
+                else "the scan with its expressions"
+            )
+            why = (
+                f"DuckDB is {duck.seconds / split.seconds:.2f}x split; its largest part is {worst}: "
+                f"scan+expressions {duck_nowrite.seconds:.1f}s, write {d_write:.1f}s (+ eval set), "
+                f"peak RSS {duck.peak_rss_mb:.0f} MB vs {split.peak_rss_mb:.0f} MB"
+            )
         payload[f"bottleneck_{requests}"] = why
         notes.append(f"- {requests:,} requests/day: {why}.")
-    table = markdown_table(["requests/day", "stage", "s", "lake rows", "rows/s", "peak RSS MB", "× split",
-                            "× DuckDB"], rows)
+    table = markdown_table(
+        ["requests/day", "stage", "s", "lake rows", "rows/s", "peak RSS MB", "× split", "× DuckDB"], rows
+    )
     write_results("split", {"days": args.days, "volumes": payload}, table + "\n\n" + "\n".join(notes))
 
 

@@ -9,6 +9,7 @@ The target is validation under 60 s on 2 cores for 100k requests.
 
 Usage: python -m bench.bench_validate [--requests 100000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,10 @@ def _cfg(home: str, requests: int, docs: bool = True):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     env["HAP_HOME"] = home
-    return load_config(environ=env, overrides={"simulate.requests_per_day": requests, **PRODUCTION_LIKE,
-                                               "validation.data_docs": docs})
+    return load_config(
+        environ=env,
+        overrides={"simulate.requests_per_day": requests, **PRODUCTION_LIKE, "validation.data_docs": docs},
+    )
 
 
 def prepare(home: str, requests: int) -> int:
@@ -69,15 +72,28 @@ def main() -> None:
         val_nodocs = measure("validate, no Data Docs", validate, home, args.requests, False)
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    rows = [[m.name, m.rows, m.seconds, m.peak_rss_mb, m.seconds / read.seconds]
-            for m in (read, val, val_nodocs)]
+    rows = [
+        [m.name, m.rows, m.seconds, m.peak_rss_mb, m.seconds / read.seconds] for m in (read, val, val_nodocs)
+    ]
     table = markdown_table(["stage", "rows", "seconds", "peak RSS MB", "x read"], rows)
-    print(f"validation of one day at {args.requests:,} requests ({prep.rows:,} raw rows; "
-          f"simulate+ingest took {prep.seconds:.1f}s)")
+    print(
+        f"validation of one day at {args.requests:,} requests ({prep.rows:,} raw rows; "
+        f"simulate+ingest took {prep.seconds:.1f}s)"
+    )
     print(table)
-    write_results("validate", {"requests": args.requests, "read_s": read.seconds, "validate_s": val.seconds,
-                               "validate_nodocs_s": val_nodocs.seconds, "ratio": val.seconds / read.seconds,
-                               "peak_rss_mb": val.peak_rss_mb, "rows": val.rows}, table)
+    write_results(
+        "validate",
+        {
+            "requests": args.requests,
+            "read_s": read.seconds,
+            "validate_s": val.seconds,
+            "validate_nodocs_s": val_nodocs.seconds,
+            "ratio": val.seconds / read.seconds,
+            "peak_rss_mb": val.peak_rss_mb,
+            "rows": val.rows,
+        },
+        table,
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Machines here are shared and noisy, so each benchmark runs its baseline in the same process
 and reports ratios; absolute seconds are printed only as indications.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,9 @@ def measure(name: str, fn: Callable[..., int], *args: Any) -> Measurement:
 
 def machine() -> str:
     mem = psutil.virtual_memory().total / 2**30
-    return f"{platform.machine()}, {psutil.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}"
+    return (
+        f"{platform.machine()}, {psutil.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}"
+    )
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

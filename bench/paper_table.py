@@ -1,4 +1,4 @@
-"""The paper's table on our data (issue 5 acceptance): ``make bench-quality``.
+"""The paper's table on our data: ``make bench-quality``.
 
 Simulates the default data (``params.yaml``), ingests and validates it, builds the training set
 for the window ending ``D = simulate.start + split.window_days - 1`` (eval day ``D + 1``), then for
@@ -15,6 +15,7 @@ independent given the seed (same batches, separate optimizers), so it is not tra
 Prints a markdown table of mean ± std over seeds and writes ``bench/results/paper_table.{md,json}``
 plus the claims check. Options: ``--seeds 3 --epochs E --batch B --home DIR --from-json FILE``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,17 @@ from bench.common import RESULTS, markdown_table, write_results
 
 RHOS = (0.05, 0.1, 0.2, 0.5)
 HARMONIZATIONS = ("uniform", "gradnorm", "pcgrad")
-COLUMNS = ("recall@10", "recall@50", "recall@100", "ndcg@50", "gauc", "auc_slice_easy", "auc_slice_hard",
-           "flops_per_request", "latency_ms_per_1k")
+COLUMNS = (
+    "recall@10",
+    "recall@50",
+    "recall@100",
+    "ndcg@50",
+    "gauc",
+    "auc_slice_easy",
+    "auc_slice_hard",
+    "flops_per_request",
+    "latency_ms_per_1k",
+)
 
 
 def prepare(cfg: Any) -> dt.date:
@@ -40,9 +50,9 @@ def prepare(cfg: Any) -> dt.date:
     from hap.core import layout
     from hap.data import markers
     from hap.data.ingest import ingest_day
-    from hap.sources.simulator import simulate_day
     from hap.data.split import build_training_set
     from hap.data.validate import validate_day
+    from hap.sources.simulator import simulate_day
 
     start = cfg.simulate.start
     date = start + dt.timedelta(days=cfg.split.window_days - 1)
@@ -60,7 +70,6 @@ def prepare(cfg: Any) -> dt.date:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
 
     from hap.core import layout
     from hap.core.config import load_config
@@ -88,21 +97,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg_seed = base.updated({"train.seed": base.train.seed + seed})
         data = TrainData.load(cfg_seed, layout.training_set(cfg_seed, date))
         plan: list[tuple[str, dict[str, Any], list[tuple[str, dict[str, Any]]]]] = [
-            ("mixed_bce", {"train.loss": "mixed_bce", "train.expressive_groups": "none"}, [("mixed_bce", {})]),
-            ("mixed_infonce", {"train.loss": "mixed_infonce", "train.expressive_groups": "none"},
-             [("mixed_infonce", {})]),
+            (
+                "mixed_bce",
+                {"train.loss": "mixed_bce", "train.expressive_groups": "none"},
+                [("mixed_bce", {})],
+            ),
+            (
+                "mixed_infonce",
+                {"train.loss": "mixed_infonce", "train.expressive_groups": "none"},
+                [("mixed_infonce", {})],
+            ),
         ]
         for h in HARMONIZATIONS:
             if h == default_h:
                 evals = [(f"ghcl_{h}", {"serve": "light"})] + [
-                    (f"hap@{rho}", {"serve": "hap", "mode": "topk", "rho": rho}) for rho in RHOS]
-                plan.append((f"ghcl_{h}+expressive", {"train.harmonization": h, "train.expressive_groups": "hard"},
-                             evals))
+                    (f"hap@{rho}", {"serve": "hap", "mode": "topk", "rho": rho}) for rho in RHOS
+                ]
+                plan.append(
+                    (
+                        f"ghcl_{h}+expressive",
+                        {"train.harmonization": h, "train.expressive_groups": "hard"},
+                        evals,
+                    )
+                )
             else:
-                plan.append((f"ghcl_{h}", {"train.harmonization": h, "train.expressive_groups": "none"},
-                             [(f"ghcl_{h}", {})]))
-        plan.append(("expressive_all", {"train.expressive_groups": "all", "routing.serve": "expressive_all"},
-                     [("expressive_all", {"serve": "expressive_all"})]))
+                plan.append(
+                    (
+                        f"ghcl_{h}",
+                        {"train.harmonization": h, "train.expressive_groups": "none"},
+                        [(f"ghcl_{h}", {})],
+                    )
+                )
+        plan.append(
+            (
+                "expressive_all",
+                {"train.expressive_groups": "all", "routing.serve": "expressive_all"},
+                [("expressive_all", {"serve": "expressive_all"})],
+            )
+        )
         for name, overrides, evals in plan:
             cfg = cfg_seed.updated(overrides)
             t = time.perf_counter()
@@ -111,27 +143,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bundle = load_bundle(work / f"seed{seed}" / name)
             for label, routing in evals:
                 t = time.perf_counter()
-                metrics = evaluate_bundle(cfg, bundle.with_routing(**routing) if routing else bundle, eval_path)
-                row = {"variant": label, "seed": seed, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t,
-                       "epochs_run": result.epochs_run, "samples_per_second": result.samples_per_second,
-                       "diagnostics": result.diagnostics_summary, "metrics": metrics}
+                metrics = evaluate_bundle(
+                    cfg, bundle.with_routing(**routing) if routing else bundle, eval_path
+                )
+                row = {
+                    "variant": label,
+                    "seed": seed,
+                    "train_seconds": train_s,
+                    "eval_seconds": time.perf_counter() - t,
+                    "epochs_run": result.epochs_run,
+                    "samples_per_second": result.samples_per_second,
+                    "diagnostics": result.diagnostics_summary,
+                    "metrics": metrics,
+                }
                 runs.append(row)
-                print(f"[{time.perf_counter() - t_all:7.0f}s] seed {seed} {label}: train {train_s:.0f}s "
-                      f"R@50={metrics.get('recall@50', float('nan')):.4f} "
-                      f"easyAUC={metrics.get('auc_slice_easy', float('nan')):.4f} "
-                      f"cos={result.diagnostics_summary.get('mean/cos_easy_hard', float('nan')):.3f}", flush=True)
+                print(
+                    f"[{time.perf_counter() - t_all:7.0f}s] seed {seed} {label}: train {train_s:.0f}s "
+                    f"R@50={metrics.get('recall@50', float('nan')):.4f} "
+                    f"easyAUC={metrics.get('auc_slice_easy', float('nan')):.4f} "
+                    f"cos={result.diagnostics_summary.get('mean/cos_easy_hard', float('nan')):.3f}",
+                    flush=True,
+                )
             RESULTS.mkdir(parents=True, exist_ok=True)
             (RESULTS / "paper_table.partial.json").write_text(json.dumps(runs, indent=1, default=str))
         del data
-    return {"date": date.isoformat(), "seeds": args.seeds, "default_harmonization": default_h,
-            "config": {"epochs": base.train.epochs, "batch_requests": base.train.batch_requests,
-                       "requests_per_day": base.simulate.requests_per_day, "window_days": base.split.window_days},
-            "runs": runs}
+    return {
+        "date": date.isoformat(),
+        "seeds": args.seeds,
+        "default_harmonization": default_h,
+        "config": {
+            "epochs": base.train.epochs,
+            "batch_requests": base.train.batch_requests,
+            "requests_per_day": base.simulate.requests_per_day,
+            "window_days": base.split.window_days,
+        },
+        "runs": runs,
+    }
 
 
 def _stats(runs: list[dict[str, Any]], variant: str, key: str) -> tuple[float, float]:
-    vals = [r["metrics"][key] if key in r["metrics"] else r["diagnostics"].get(key, np.nan)
-            for r in runs if r["variant"] == variant]
+    vals = [
+        r["metrics"][key] if key in r["metrics"] else r["diagnostics"].get(key, np.nan)
+        for r in runs
+        if r["variant"] == variant
+    ]
     vals = [v for v in vals if v is not None and np.isfinite(v)]
     if not vals:
         return float("nan"), float("nan")
@@ -154,8 +209,22 @@ def summarize(payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             else:
                 cells.append(f"{m:.4f}±{s:.4f}")
         rows.append(cells)
-    table = markdown_table(["variant", "R@10", "R@50", "R@100", "NDCG@50", "GAUC", "AUC easy", "AUC hard",
-                            "FLOPs/req", "ms/1k cand", "cos(easy,hard)"], rows)
+    table = markdown_table(
+        [
+            "variant",
+            "R@10",
+            "R@50",
+            "R@100",
+            "NDCG@50",
+            "GAUC",
+            "AUC easy",
+            "AUC hard",
+            "FLOPs/req",
+            "ms/1k cand",
+            "cos(easy,hard)",
+        ],
+        rows,
+    )
     claims = check_claims(summary, payload["default_harmonization"])
     return table, {"summary": summary, "claims": claims}
 
@@ -173,15 +242,23 @@ def check_claims(summary: dict[str, Any], default_h: str) -> dict[str, Any]:
         r, rs = g(f"ghcl_{h}", "recall@50")
         e, es = g(f"ghcl_{h}", "auc_slice_easy")
         sd_r, sd_e = max(rs, bce_rs), max(es, bce_es)
-        per_h[h] = {"recall@50_gain": r - bce_r, "recall@50_2std": 2 * sd_r, "easy_auc_gain": e - bce_e,
-                    "easy_auc_2std": 2 * sd_e, "holds": bool(r - bce_r > 2 * sd_r and e - bce_e > 2 * sd_e)}
+        per_h[h] = {
+            "recall@50_gain": r - bce_r,
+            "recall@50_2std": 2 * sd_r,
+            "easy_auc_gain": e - bce_e,
+            "easy_auc_2std": 2 * sd_e,
+            "holds": bool(r - bce_r > 2 * sd_r and e - bce_e > 2 * sd_e),
+        }
     out["1_ghcl_beats_mixed_bce"] = per_h
     hap_r, _ = g("hap@0.1", "recall@50")
     ea_r, _ = g("expressive_all", "recall@50")
     hap_f, _ = g("hap@0.1", "flops_per_request")
     ea_f, _ = g("expressive_all", "flops_per_request")
-    out["2_hap_vs_expressive_all"] = {"recall_ratio": hap_r / ea_r, "flops_ratio": hap_f / ea_f,
-                                      "holds": bool(hap_r / ea_r >= 0.99 and hap_f / ea_f <= 0.25)}
+    out["2_hap_vs_expressive_all"] = {
+        "recall_ratio": hap_r / ea_r,
+        "flops_ratio": hap_f / ea_f,
+        "holds": bool(hap_r / ea_r >= 0.99 and hap_f / ea_f <= 0.25),
+    }
     cos = {v: g(v, "mean/cos_easy_hard")[0] for v in summary if v.startswith(("mixed_", "ghcl_"))}
     mixed = min(cos.get("mixed_bce", np.nan), cos.get("mixed_infonce", np.nan))
     ghcl = cos.get(f"ghcl_{default_h}", np.nan)
@@ -195,7 +272,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=0, help="override train.epochs (0: params)")
     ap.add_argument("--batch", type=int, default=0, help="override train.batch_requests (0: params)")
     ap.add_argument("--diag-every", type=int, default=10)
-    ap.add_argument("--home", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "bench-quality")
+    ap.add_argument(
+        "--home", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "bench-quality"
+    )
     ap.add_argument("--from-json", type=Path, help="re-summarize a saved run instead of training")
     args = ap.parse_args()
     if args.from_json:

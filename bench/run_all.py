@@ -4,6 +4,7 @@ Each benchmark runs as its own process (clean memory figures, no state carried b
 and writes ``bench/results/<name>.{json,md}``; this script then joins the tables into
 ``bench/results/README.md``, the page the project README links. ``--only`` picks a subset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,10 @@ BENCHMARKS: dict[str, list[str]] = {
 
 def collect() -> str:
     """The tables of every result present, in benchmark order, under one heading."""
-    parts = [f"# Benchmarks\n\nLatest run of `make bench` on {machine()}. Every figure is a ratio against a "
-             "baseline measured in the same process; seconds are indications only.\n"]
+    parts = [
+        f"# Benchmarks\n\nLatest run of `make bench` on {machine()}. Every figure is a ratio against a "
+        "baseline measured in the same process; seconds are indications only.\n"
+    ]
     for name in BENCHMARKS:
         md = RESULTS / f"{name}.md"
         if md.exists():
@@ -35,7 +38,9 @@ def collect() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of " + ", ".join(BENCHMARKS))
+    ap.add_argument(
+        "--only", default=",".join(BENCHMARKS), help="comma-separated subset of " + ", ".join(BENCHMARKS)
+    )
     ap.add_argument("--collect", action="store_true", help="only rebuild bench/results/README.md")
     args = ap.parse_args()
     failed = []

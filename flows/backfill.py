@@ -5,6 +5,7 @@ a range is idempotent: every step replaces its day's outputs atomically. A faile
 example a quarantined one) leaves the champion unchanged; the backfill goes on with the next day
 and ends Failed, naming the failed days.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,8 +18,14 @@ from hap.core.errors import HapError
 
 
 @flow(name="backfill", log_prints=True)
-def backfill(start: str, end: str, force_train: bool = False, overrides: dict[str, Any] | None = None,
-             home: str | None = None, params_file: str | None = None) -> list[dict[str, Any]]:
+def backfill(
+    start: str,
+    end: str,
+    force_train: bool = False,
+    overrides: dict[str, Any] | None = None,
+    home: str | None = None,
+    params_file: str | None = None,
+) -> list[dict[str, Any]]:
     """Run ``daily_retrain`` for every day from ``start`` to ``end`` inclusive, in order."""
     quiet_env()
     cfg = run_config(overrides, home, params_file)
@@ -26,11 +33,18 @@ def backfill(start: str, end: str, force_train: bool = False, overrides: dict[st
     logger = get_run_logger()
     results: list[dict[str, Any]] = []
     for day in days:
-        state = daily_retrain(date=day.isoformat(), force_train=force_train, overrides=overrides,
-                              home=home, params_file=params_file, return_state=True)
+        state = daily_retrain(
+            date=day.isoformat(),
+            force_train=force_train,
+            overrides=overrides,
+            home=home,
+            params_file=params_file,
+            return_state=True,
+        )
         ok = state.is_completed()
-        results.append({"date": day.isoformat(), "state": state.name,
-                        "message": None if ok else state.message})
+        results.append(
+            {"date": day.isoformat(), "state": state.name, "message": None if ok else state.message}
+        )
         logger.info("backfill %s: %s", day, state.name)
     failed = [r for r in results if r["state"] != "Completed"]
     if failed:

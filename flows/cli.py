@@ -3,23 +3,28 @@
 ``hap run``, ``hap backfill`` and ``hap schedule`` call this module in a subprocess, so the
 library ``hap/`` never imports ``flows/`` (or Prefect). Expected failures print one line.
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from hap.core.config import parse_override
 from hap.core.errors import HapError
 
-app = typer.Typer(help="Run the HAP flows through Prefect.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Run the HAP flows through Prefect.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 
 
 class _Opts:
-    params: Optional[str] = None
+    params: str | None = None
     overrides: dict[str, Any] = {}
 
 
@@ -28,8 +33,10 @@ opts = _Opts()
 
 @app.callback()
 def _global(
-    params: Annotated[Optional[Path], typer.Option(help="params.yaml to use.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key (repeatable).")] = None,
+    params: Annotated[Path | None, typer.Option(help="params.yaml to use.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key (repeatable).")
+    ] = None,
 ) -> None:
     opts.params = str(params) if params else None
     opts.overrides = dict(parse_override(o) for o in set_ or [])
@@ -47,19 +54,30 @@ def _raise_on_failure(state: Any) -> Any:
 
 @app.command()
 def run(
-    date: Annotated[Optional[str], typer.Option("--date", "-d", help="Day to process (default: yesterday).")] = None,
-    force_train: Annotated[bool, typer.Option("--force-train", help="Retrain even if the skip rule says no.")] = False,
+    date: Annotated[
+        str | None, typer.Option("--date", "-d", help="Day to process (default: yesterday).")
+    ] = None,
+    force_train: Annotated[
+        bool, typer.Option("--force-train", help="Retrain even if the skip rule says no.")
+    ] = False,
 ) -> None:
     """Run the daily retraining flow for one day."""
     from flows.daily import daily_retrain
 
-    state = daily_retrain(date=date, force_train=force_train, overrides=opts.overrides,
-                          params_file=opts.params, return_state=True)
+    state = daily_retrain(
+        date=date,
+        force_train=force_train,
+        overrides=opts.overrides,
+        params_file=opts.params,
+        return_state=True,
+    )
     summary = _raise_on_failure(state)
     from flows.report import gate_verdict
 
-    typer.echo(f"{summary['date']}: retrain={summary.get('retrain')} ({summary.get('retrain_reason')}); "
-               f"model version {summary.get('model_version') or '-'}; gate {gate_verdict(summary.get('gate'))}")
+    typer.echo(
+        f"{summary['date']}: retrain={summary.get('retrain')} ({summary.get('retrain_reason')}); "
+        f"model version {summary.get('model_version') or '-'}; gate {gate_verdict(summary.get('gate'))}"
+    )
 
 
 @app.command()
@@ -71,8 +89,14 @@ def backfill(
     """Run the daily flow over a date range, in order."""
     from flows.backfill import backfill as backfill_flow
 
-    state = backfill_flow(start=start, end=end, force_train=force_train, overrides=opts.overrides,
-                          params_file=opts.params, return_state=True)
+    state = backfill_flow(
+        start=start,
+        end=end,
+        force_train=force_train,
+        overrides=opts.overrides,
+        params_file=opts.params,
+        return_state=True,
+    )
     for row in _raise_on_failure(state):
         typer.echo(f"{row['date']}: {row['state']}")
 
@@ -87,11 +111,16 @@ def schedule() -> None:
 
     cfg = run_config(opts.overrides, None, opts.params)
     o = cfg.orchestration
-    typer.echo(f"serving daily-retrain: cron '{o.cron}' ({o.timezone}); needs a Prefect server "
-               "(PREFECT_API_URL) for the schedule to fire; Ctrl-C to stop")
-    daily_retrain.serve(name="daily-retrain", schedules=[Cron(o.cron, timezone=o.timezone)],
-                        parameters={"overrides": opts.overrides, "params_file": opts.params},
-                        tags=["hap", "daily"])
+    typer.echo(
+        f"serving daily-retrain: cron '{o.cron}' ({o.timezone}); needs a Prefect server "
+        "(PREFECT_API_URL) for the schedule to fire; Ctrl-C to stop"
+    )
+    daily_retrain.serve(
+        name="daily-retrain",
+        schedules=[Cron(o.cron, timezone=o.timezone)],
+        parameters={"overrides": opts.overrides, "params_file": opts.params},
+        tags=["hap", "daily"],
+    )
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ Flow parameters stay JSON (deployments and ``run_deployment`` send them over the
 string, ``overrides`` as dotted keys (``{"train.epochs": 1}``), an optional data root ``home``
 and an optional ``params_file``. Every flow rebuilds the same ``Config`` from them.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -14,8 +15,12 @@ from zoneinfo import ZoneInfo
 from hap.core.config import Config, load_config
 from hap.core.errors import HapError
 
-QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1",
-             "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+QUIET_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+}
 
 
 def quiet_env() -> None:
@@ -24,14 +29,16 @@ def quiet_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def run_spec(overrides: dict[str, Any] | None = None, home: str | None = None,
-             params_file: str | None = None) -> dict[str, Any]:
+def run_spec(
+    overrides: dict[str, Any] | None = None, home: str | None = None, params_file: str | None = None
+) -> dict[str, Any]:
     """The JSON parameters that rebuild a run's config in another flow or on another worker."""
     return {"overrides": dict(overrides or {}), "home": home, "params_file": params_file}
 
 
-def run_config(overrides: dict[str, Any] | None = None, home: str | None = None,
-               params_file: str | None = None) -> Config:
+def run_config(
+    overrides: dict[str, Any] | None = None, home: str | None = None, params_file: str | None = None
+) -> Config:
     environ = dict(os.environ)
     if home:
         environ["HAP_HOME"] = str(home)

@@ -10,6 +10,7 @@ monitor -> version the data (``dvc push``).
 - Output: a markdown artifact ``daily-retrain-<D>`` and ``metrics/dt=D/daily_run.json``; a
   monitoring alert also emits the Prefect event ``hap.monitor.alert`` and an alert artifact.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -38,8 +39,11 @@ def _step(step: Any, cfg: Config, *args: Any) -> Any:
 def _where(cfg: Config, day: dt.date) -> dict[str, Any]:
     from hap.registry.tracking import tracking_uri
 
-    return {"model_name": cfg.gate.model_name, "tracking_uri": tracking_uri(cfg),
-            "metrics_dir": str(layout.metrics_dir(cfg, day))}
+    return {
+        "model_name": cfg.gate.model_name,
+        "tracking_uri": tracking_uri(cfg),
+        "metrics_dir": str(layout.metrics_dir(cfg, day)),
+    }
 
 
 def _train(cfg: Config, day: dt.date, spec: dict[str, Any]) -> dict[str, Any]:
@@ -76,12 +80,24 @@ def raise_alert(cfg: Config, day: dt.date, alerts: list[Any], html_report: str |
     """A breach: a Prefect event (automations can page or trigger a run), an artifact, and a
     retrain request for the next run when ``monitor.on_alert: retrain``."""
     iso = day.isoformat()
-    emit_event(event=ALERT_EVENT,
-               resource={"prefect.resource.id": f"hap.monitor.{iso}", "prefect.resource.name": f"HAP monitoring {iso}"},
-               payload={"date": iso, "alerts": [str(a) for a in alerts], "html_report": html_report,
-                        "on_alert": cfg.monitor.on_alert})
-    create_markdown_artifact(report.render_alert(iso, alerts, html_report), key=f"monitor-alert-{iso}",
-                             description=f"HAP monitoring alert for {iso}")
+    emit_event(
+        event=ALERT_EVENT,
+        resource={
+            "prefect.resource.id": f"hap.monitor.{iso}",
+            "prefect.resource.name": f"HAP monitoring {iso}",
+        },
+        payload={
+            "date": iso,
+            "alerts": [str(a) for a in alerts],
+            "html_report": html_report,
+            "on_alert": cfg.monitor.on_alert,
+        },
+    )
+    create_markdown_artifact(
+        report.render_alert(iso, alerts, html_report),
+        key=f"monitor-alert-{iso}",
+        description=f"HAP monitoring alert for {iso}",
+    )
     if cfg.monitor.on_alert == "retrain":
         policy.request_retrain(cfg, day, alerts)
 
@@ -108,14 +124,22 @@ def run_day(cfg: Config, day: dt.date, force_train: bool, spec: dict[str, Any]) 
         raise
     finally:
         atomic_write_json(layout.metrics_dir(cfg, day) / SUMMARY_FILE, summary)
-        create_markdown_artifact(report.render_day(summary), key=f"daily-retrain-{day.isoformat()}",
-                                 description=f"HAP daily retrain for {day.isoformat()}")
+        create_markdown_artifact(
+            report.render_day(summary),
+            key=f"daily-retrain-{day.isoformat()}",
+            description=f"HAP daily retrain for {day.isoformat()}",
+        )
     return summary
 
 
 @flow(name="daily-retrain", log_prints=True)
-def daily_retrain(date: str | None = None, force_train: bool = False, overrides: dict[str, Any] | None = None,
-                  home: str | None = None, params_file: str | None = None) -> dict[str, Any]:
+def daily_retrain(
+    date: str | None = None,
+    force_train: bool = False,
+    overrides: dict[str, Any] | None = None,
+    home: str | None = None,
+    params_file: str | None = None,
+) -> dict[str, Any]:
     """Retrain the HAP pre-ranker on the day ``date`` (default: yesterday in the schedule's timezone)."""
     quiet_env()
     spec = run_spec(overrides, home, params_file)

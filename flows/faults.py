@@ -4,6 +4,7 @@
 ``OSError`` (a transient fault). Attempts are counted in a file under the data root, so the
 count survives retries in other processes and each data root starts fresh. Unset in production.
 """
+
 from __future__ import annotations
 
 import os

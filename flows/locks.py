@@ -4,6 +4,7 @@ A limit that does not exist makes ``concurrency()`` a silent no-op, so each lock
 its limit (capacity 1) and then acquires it with ``strict=True``. The limits live on the Prefect
 server, so they hold across processes and machines that share it, not only across threads.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,10 @@ def exclusive(name: str, timeout_seconds: float | None, what: str) -> Iterator[N
         try:  # only a timeout while *acquiring* is a refusal; the body's errors pass through
             stack.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True))
         except TimeoutError:
-            raise RunRefused(f"{what}: another run has held '{name}' for more than {timeout_seconds}s; "
-                             "refusing rather than interleaving") from None
+            raise RunRefused(
+                f"{what}: another run has held '{name}' for more than {timeout_seconds}s; "
+                "refusing rather than interleaving"
+            ) from None
         yield
 
 

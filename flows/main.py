@@ -6,6 +6,7 @@
 
 ``HAP_HOME`` moves the data root; ``HAP__SECTION__KEY`` env vars override params as everywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,15 @@ def _summary(cfg: Config, last: Any, elapsed: float) -> str:
     champ = next((r for r in rows if "champion" in r.aliases), None)
     lines.append(f"model versions registered: {len(rows)}")
     if champ:
-        keys = [k for k in ("recall@50", "ndcg@50", "gauc", "auc_slice_easy", "auc_slice_hard",
-                            "flops_per_request") if k in champ.metrics]
-        lines.append(f"champion: {cfg.gate.model_name} v{champ.version} (trained {champ.date}, data {champ.data_version[:12]})")
+        keys = [
+            k
+            for k in ("recall@50", "ndcg@50", "gauc", "auc_slice_easy", "auc_slice_hard", "flops_per_request")
+            if k in champ.metrics
+        ]
+        lines.append(
+            f"champion: {cfg.gate.model_name} v{champ.version} "
+            f"(trained {champ.date}, data {champ.data_version[:12]})"
+        )
         lines += [f"  {k:<20} {champ.metrics[k]:.4g}" for k in keys]
     else:
         lines.append("champion: none promoted")
@@ -42,15 +49,21 @@ def _summary(cfg: Config, last: Any, elapsed: float) -> str:
         lines.append(f"today ({last}): retrain={day.get('retrain')} ({day.get('retrain_reason')})")
         for key, value in sorted((mon.get("figures") or {}).items()):
             lines.append(f"  {key:<32} {value:.4g}" if isinstance(value, float) else f"  {key:<32} {value}")
-        lines.append(f"  alerts: {len(mon.get('alerts') or [])}" + "".join(f"\n    - {a}" for a in mon.get("alerts") or []))
+        lines.append(
+            f"  alerts: {len(mon.get('alerts') or [])}"
+            + "".join(f"\n    - {a}" for a in mon.get("alerts") or [])
+        )
         if mon.get("html_report"):
             lines.append(f"  Evidently report: {mon['html_report']}")
         if day.get("monitor_note"):
             lines.append(f"  {day['monitor_note']}")
-    lines += ["", "open the UIs (127.0.0.1 only):",
-              f"  mlflow ui --backend-store-uri {tracking_uri(cfg)} --host 127.0.0.1 --port 5000",
-              "  hap dashboard            # evidently ui on the monitoring workspace",
-              f"took {elapsed:.0f} s"]
+    lines += [
+        "",
+        "open the UIs (127.0.0.1 only):",
+        f"  mlflow ui --backend-store-uri {tracking_uri(cfg)} --host 127.0.0.1 --port 5000",
+        "  hap dashboard            # evidently ui on the monitoring workspace",
+        f"took {elapsed:.0f} s",
+    ]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ It skips when the training window ``[D - w + 1, D]`` is incomplete: a day of it 
 (the warm-up days at the start of a history). A day that landed but failed validation is not
 "missing": the split then refuses it loudly instead of training around it.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -77,16 +78,21 @@ def trained_days(cfg: Config) -> list[dt.date]:
 
 def missing_window_days(cfg: Config, date: dt.date) -> list[dt.date]:
     """Window days whose logs never landed and never reached the lake."""
-    return [d for d in layout.window(date, cfg.split.window_days)
-            if not layout.landing_day(cfg, d).exists()
-            and not layout.lake_partition(cfg, "samples", d).exists()]
+    return [
+        d
+        for d in layout.window(date, cfg.split.window_days)
+        if not layout.landing_day(cfg, d).exists() and not layout.lake_partition(cfg, "samples", d).exists()
+    ]
 
 
 def decide(cfg: Config, date: dt.date, force: bool = False) -> Decision:
     missing = missing_window_days(cfg, date)
     if missing:
-        return Decision(False, f"window incomplete: {', '.join(d.isoformat() for d in missing)} never landed "
-                               f"(window_days={cfg.split.window_days})")
+        return Decision(
+            False,
+            f"window incomplete: {', '.join(d.isoformat() for d in missing)} never landed "
+            f"(window_days={cfg.split.window_days})",
+        )
     if force:
         return Decision(True, "forced")
     request = pending_request(cfg, date)
@@ -99,5 +105,8 @@ def decide(cfg: Config, date: dt.date, force: bool = False) -> Decision:
     every = cfg.orchestration.retrain_every_days
     if age >= every:
         return Decision(True, f"last model is {age} day(s) old (retrain_every_days={every})")
-    return Decision(False, f"last model ({earlier[-1].isoformat()}) is {age} day(s) old, "
-                           f"retrain_every_days={every}, no alert pending")
+    return Decision(
+        False,
+        f"last model ({earlier[-1].isoformat()}) is {age} day(s) old, "
+        f"retrain_every_days={every}, no alert pending",
+    )

@@ -3,13 +3,25 @@
 Rendering is a pure function of the run summary (a dict of the tasks' JSON summaries), so it is
 tested without Prefect and the same text is printed by ``python -m flows.main``.
 """
+
 from __future__ import annotations
 
 import re
 from typing import Any
 
-KEY_METRICS = ("recall@10", "recall@50", "recall@100", "ndcg@50", "gauc", "auc", "logloss",
-               "auc_slice_easy", "auc_slice_hard", "flops_per_request", "latency_ms_per_1k")
+KEY_METRICS = (
+    "recall@10",
+    "recall@50",
+    "recall@100",
+    "ndcg@50",
+    "gauc",
+    "auc",
+    "logloss",
+    "auc_slice_easy",
+    "auc_slice_hard",
+    "flops_per_request",
+    "latency_ms_per_1k",
+)
 
 
 def _fmt(value: Any) -> str:
@@ -58,9 +70,12 @@ def gate_verdict(gate: dict[str, Any] | None) -> str:
 def render_day(summary: dict[str, Any]) -> str:
     """Markdown for one daily run."""
     date = summary.get("date")
-    out = [f"# HAP daily retrain, {date}", "",
-           f"**Status:** {summary.get('status', 'completed')}  ",
-           f"**Retrain:** {'yes' if summary.get('retrain') else 'no'} ({summary.get('retrain_reason', '')})  "]
+    out = [
+        f"# HAP daily retrain, {date}",
+        "",
+        f"**Status:** {summary.get('status', 'completed')}  ",
+        f"**Retrain:** {'yes' if summary.get('retrain') else 'no'} ({summary.get('retrain_reason', '')})  ",
+    ]
     if summary.get("error"):
         out += ["", f"**Failure:** {summary['error']}"]
     counts = _counts(summary)
@@ -68,23 +83,42 @@ def render_day(summary: dict[str, Any]) -> str:
         out += ["", "## Counts", "", _table(counts, ("what", "rows"))]
     train = summary.get("train") or {}
     if train:
-        out += ["", "## Training", "",
-                f"- {train.get('epochs_run', '?')} epoch(s) on {train.get('device', '?')} x{train.get('world_size', 1)}"
-                f" in {_fmt(train.get('train_seconds', '?'))} s; validation {train.get('val_metric', {})}"]
+        out += [
+            "",
+            "## Training",
+            "",
+            f"- {train.get('epochs_run', '?')} epoch(s) on {train.get('device', '?')}"
+            f" x{train.get('world_size', 1)}"
+            f" in {_fmt(train.get('train_seconds', '?'))} s; validation {train.get('val_metric', {})}",
+        ]
     metrics = summary.get("evaluate") or {}
     if isinstance(metrics, dict) and metrics:
         out += ["", "## Offline metrics (eval set)", "", _table(_metric_rows(metrics), ("metric", "value"))]
-    out += ["", "## Gate", "", f"- model version: {summary.get('model_version') or 'none registered'}",
-            f"- verdict: {gate_verdict(summary.get('gate'))}"]
+    out += [
+        "",
+        "## Gate",
+        "",
+        f"- model version: {summary.get('model_version') or 'none registered'}",
+        f"- verdict: {gate_verdict(summary.get('gate'))}",
+    ]
     champ = summary.get("champion") or {}
     out += [f"- champion now: {champ.get('version', 'none') if champ else 'none'}"]
     monitor = summary.get("monitor") or {}
     if monitor:
         figures = monitor.get("figures") or {}
         out += ["", "## Drift and hard-sample fraction", ""]
-        overall = {k: v for k, v in figures.items() if not re.search(r"_ct\d+$", k)} if isinstance(figures, dict) else {}
+        overall = (
+            {k: v for k, v in figures.items() if not re.search(r"_ct\d+$", k)}
+            if isinstance(figures, dict)
+            else {}
+        )
         if overall:
-            out += [_table(sorted(overall.items()), ("figure (overall; per content type in the report)", "value")), ""]
+            out += [
+                _table(
+                    sorted(overall.items()), ("figure (overall; per content type in the report)", "value")
+                ),
+                "",
+            ]
         out += [f"- note: {n}" for n in monitor.get("notes") or []]
         alerts = monitor.get("alerts") or []
         out += [f"- alerts: {len(alerts)}"] + [f"  - {a}" for a in alerts]
@@ -92,8 +126,10 @@ def render_day(summary: dict[str, Any]) -> str:
         out += ["", "## Drift", "", f"- {summary['monitor_note']}"]
     out += ["", "## Where to look", ""]
     if summary.get("model_version"):
-        out.append(f"- MLflow model: `{summary.get('model_name', 'hap-prerank')}` version {summary['model_version']}"
-                   f" (tracking: `{summary.get('tracking_uri', '')}`)")
+        out.append(
+            f"- MLflow model: `{summary.get('model_name', 'hap-prerank')}` version {summary['model_version']}"
+            f" (tracking: `{summary.get('tracking_uri', '')}`)"
+        )
     if monitor.get("html_report"):
         out.append(f"- Evidently report: `{monitor['html_report']}`")
     versioning = summary.get("version_data") or {}

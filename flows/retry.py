@@ -4,6 +4,7 @@ Transient faults (I/O errors, a tracking server that is down or times out) are r
 exponential backoff. Expected failures (``hap.errors.HapError``: a day that fails validation, a
 missing prerequisite, a refused promotion) are never retried: retrying cannot change the answer.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,8 +12,16 @@ from typing import Any
 from hap.core.errors import HapError
 
 # Text of errors from HTTP clients (MLflow's REST client, httpx) that mean "the server is not there".
-_TRANSIENT_TEXT = ("Max retries exceeded", "Connection refused", "ConnectionError", "timed out",
-                   "Temporary failure", "503", "502", "504")
+_TRANSIENT_TEXT = (
+    "Max retries exceeded",
+    "Connection refused",
+    "ConnectionError",
+    "timed out",
+    "Temporary failure",
+    "503",
+    "502",
+    "504",
+)
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -37,4 +46,4 @@ def retry_condition(task: Any, task_run: Any, state: Any) -> bool:
 
 def backoff(base_seconds: float, retries: int) -> list[float]:
     """Exponential backoff delays: base, 2*base, 4*base, ..."""
-    return [base_seconds * 2 ** i for i in range(retries)]
+    return [base_seconds * 2**i for i in range(retries)]

@@ -4,6 +4,7 @@ Each task calls one step function with a ``Config`` and a date and returns a sma
 summary (counts, paths, versions), never a DataFrame. Retries: transient faults only (see
 ``flows.retry``); their number and backoff come from ``params.yaml`` through ``configured``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,9 +72,14 @@ def validate(cfg: Config, date: dt.date) -> dict[str, Any]:
     from hap.data.validate import validate_day
 
     report = validate_day(cfg, date)
-    return {"rows": summarize(report.rows), "expectations": len(report.findings),
-            "failures": len(report.failures), "warnings": len(report.warnings),
-            "docs": summarize(report.docs), "seconds": round(report.seconds, 2)}
+    return {
+        "rows": summarize(report.rows),
+        "expectations": len(report.findings),
+        "failures": len(report.failures),
+        "warnings": len(report.warnings),
+        "docs": summarize(report.docs),
+        "seconds": round(report.seconds, 2),
+    }
 
 
 @_task("split")
@@ -95,7 +101,9 @@ def train(cfg: Config, date: dt.date, resume: bool = False) -> dict[str, Any]:
 
 
 @_task("train-on-gpu-pool")
-def train_remote(cfg: Config, date: dt.date, run_spec: dict[str, Any], resume: bool = False) -> dict[str, Any]:
+def train_remote(
+    cfg: Config, date: dt.date, run_spec: dict[str, Any], resume: bool = False
+) -> dict[str, Any]:
     """Train on the GPU work pool (``train_on: gpu-pool``) through the ``train-ghcl`` deployment.
 
     The worker writes the bundle under the same data root (shared storage), so the result is read
@@ -103,16 +111,22 @@ def train_remote(cfg: Config, date: dt.date, run_spec: dict[str, Any], resume: b
     """
     from prefect.deployments import run_deployment
 
-    flow_run = run_deployment(cfg.orchestration.train_deployment,
-                              parameters={**run_spec, "date": date.isoformat(), "resume": resume})
+    flow_run = run_deployment(
+        cfg.orchestration.train_deployment,
+        parameters={**run_spec, "date": date.isoformat(), "resume": resume},
+    )
     state = flow_run.state
     if state is None or not state.is_completed():
-        raise HapError(f"train-ghcl run {flow_run.name} for {date} ended "
-                       f"{state.name if state else 'without a state'}: {state.message if state else ''}")
+        raise HapError(
+            f"train-ghcl run {flow_run.name} for {date} ended "
+            f"{state.name if state else 'without a state'}: {state.message if state else ''}"
+        )
     bundle = layout.model_dir(cfg, date) / "bundle.json"
     if not bundle.exists():
-        raise HapError(f"train-ghcl run {flow_run.name} completed but {bundle} is missing; "
-                       "the GPU worker must write to the same data root")
+        raise HapError(
+            f"train-ghcl run {flow_run.name} completed but {bundle} is missing; "
+            "the GPU worker must write to the same data root"
+        )
     return {"model_dir": str(bundle.parent), "flow_run": flow_run.name, **json.loads(bundle.read_text())}
 
 
@@ -149,11 +163,18 @@ def monitor(cfg: Config, date: dt.date) -> dict[str, Any]:
     report = monitor_day(cfg, date)
     figures = {k: v for k, v in report.table.items() if isinstance(v, (int, float))}
     figures.update({"drift_share": report.drift_share, "prediction_drift": report.prediction_drift})
-    return summarize({
-        "champion_version": report.champion_version, "figures": {k: v for k, v in figures.items() if v is not None},
-        "reference_days": report.reference.dates, "alerts": [a.message for a in report.alerts],
-        "html_report": report.html_report, "table_path": report.table_path, "snapshot_id": report.snapshot_id,
-        "notes": report.notes})
+    return summarize(
+        {
+            "champion_version": report.champion_version,
+            "figures": {k: v for k, v in figures.items() if v is not None},
+            "reference_days": report.reference.dates,
+            "alerts": [a.message for a in report.alerts],
+            "html_report": report.html_report,
+            "table_path": report.table_path,
+            "snapshot_id": report.snapshot_id,
+            "notes": report.notes,
+        }
+    )
 
 
 @_task("champion")
@@ -212,7 +233,9 @@ def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
         return out
     targets = dvc_targets(cfg, date)
     if not targets:
-        out["dvc"] = "skipped: this date's outputs are not dvc.yaml stages (data root or date outside the pipeline)"
+        out["dvc"] = (
+            "skipped: this date's outputs are not dvc.yaml stages (data root or date outside the pipeline)"
+        )
         return out
     if "evaluate" in targets:  # the evaluate stage's plot output, as `hap recall-curve` writes it
         from hap.model.plots import write_recall_curve

@@ -4,6 +4,7 @@
 (the deployment lives in ``prefect.yaml`` on the ``gpu`` pool; its Kubernetes job template in
 ``infra/``). The worker must see the same data root (shared volume or object store).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,8 +16,13 @@ from flows.common import quiet_env, resolve_date, run_config
 
 
 @flow(name="train-ghcl", log_prints=True)
-def train_ghcl(date: str, resume: bool = False, overrides: dict[str, Any] | None = None,
-               home: str | None = None, params_file: str | None = None) -> dict[str, Any]:
+def train_ghcl(
+    date: str,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+    home: str | None = None,
+    params_file: str | None = None,
+) -> dict[str, Any]:
     """Train the HAP towers for the window ending on ``date``; returns the training summary."""
     quiet_env()
     cfg = run_config(overrides, home, params_file)

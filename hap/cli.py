@@ -4,12 +4,13 @@ Each command parses its flags, loads the config and calls one step function from
 Heavy libraries are imported inside the commands, so ``hap --help`` stays fast. Expected
 failures (``HapError``) print one clear message and exit non-zero, without a traceback.
 """
+
 from __future__ import annotations
 
 import datetime as dt
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,9 +28,9 @@ DateOpt = Annotated[str, typer.Option("--date", "-d", help="Partition date, YYYY
 
 
 class _State:
-    params: Optional[Path] = None
+    params: Path | None = None
     overrides: list[str] = []
-    _cfg: Optional[Config] = None
+    _cfg: Config | None = None
 
     @property
     def cfg(self) -> Config:
@@ -43,9 +44,11 @@ state = _State()
 
 @app.callback()
 def _global(
-    params: Annotated[Optional[Path], typer.Option(help="params.yaml to use (default: the repo's).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a config key, e.g. --set train.epochs=2 (repeatable).")] = None,
+    params: Annotated[Path | None, typer.Option(help="params.yaml to use (default: the repo's).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set train.epochs=2 (repeatable)."),
+    ] = None,
 ) -> None:
     state.params = params
     state.overrides = list(set_ or [])
@@ -62,21 +65,28 @@ def parse_date(text: str) -> dt.date:
 # ---- foundation ----------------------------------------------------------------------------
 @app.command()
 def simulate(
-    start: Annotated[Optional[str], typer.Option(help="First day, YYYY-MM-DD (default: simulate.start).")] = None,
-    days: Annotated[Optional[int], typer.Option(help="Number of days (default: simulate.days).")] = None,
-    requests: Annotated[Optional[int], typer.Option(help="Requests per day.")] = None,
-    scenario: Annotated[Optional[str], typer.Option(help="stable | retrieval_degrades | content_shift")] = None,
+    start: Annotated[
+        str | None, typer.Option(help="First day, YYYY-MM-DD (default: simulate.start).")
+    ] = None,
+    days: Annotated[int | None, typer.Option(help="Number of days (default: simulate.days).")] = None,
+    requests: Annotated[int | None, typer.Option(help="Requests per day.")] = None,
+    scenario: Annotated[str | None, typer.Option(help="stable | retrieval_degrades | content_shift")] = None,
 ) -> None:
     """Write simulated raw daily logs (exposure, ranking, full-flow) into the landing folder."""
     from hap.sources.simulator import simulate_days
 
-    overrides = {k: v for k, v in {"simulate.requests_per_day": requests, "simulate.scenario": scenario}.items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"simulate.requests_per_day": requests, "simulate.scenario": scenario}.items()
+        if v is not None
+    }
     cfg = state.cfg.updated(overrides) if overrides else state.cfg
     first = parse_date(start) if start else cfg.simulate.start
     for date, stats in simulate_days(cfg, first, days or cfg.simulate.days):
-        typer.echo(f"simulated {date}: {stats.requests} requests, {stats.exposures} exposures, "
-                   f"{stats.ranking_rows} ranking rows, {stats.fullflow_rows} full-flow rows")
+        typer.echo(
+            f"simulated {date}: {stats.requests} requests, {stats.exposures} exposures, "
+            f"{stats.ranking_rows} ranking rows, {stats.fullflow_rows} full-flow rows"
+        )
 
 
 @app.command()
@@ -116,7 +126,7 @@ def release_quarantine(date: DateOpt) -> None:
     typer.echo(release(state.cfg, parse_date(date)).render())
 
 
-# ---- split and data version (issue 4) ------------------------------------------------------
+# ---- split and data version ------------------------------------------------------
 @app.command()
 def split(date: DateOpt) -> None:
     """Build the difficulty-split training set and the full-flow eval set for the window ending on D."""
@@ -141,7 +151,7 @@ def recall_curve(date: DateOpt) -> None:
     typer.echo(f"wrote {write_recall_curve(state.cfg, parse_date(date))}")
 
 
-# ---- registry and promotion gate (issue 6) ------------------------------------------------
+# ---- registry and promotion gate ------------------------------------------------
 @app.command()
 def register(date: DateOpt) -> None:
     """Log the day's training run to MLflow and register its bundle as a model version."""
@@ -177,7 +187,7 @@ def models() -> None:
     typer.echo(render_models(state.cfg, list_models(state.cfg)))
 
 
-# ---- orchestration (issue 7): through Prefect, in a subprocess so hap/ never imports flows/ ----
+# ---- orchestration: through Prefect, in a subprocess so hap/ never imports flows/ ----
 def _flows(*args: str) -> None:
     import subprocess
 
@@ -193,8 +203,12 @@ def _flows(*args: str) -> None:
 
 @app.command("run")
 def run_day(
-    date: Annotated[Optional[str], typer.Option("--date", "-d", help="Day to process (default: yesterday).")] = None,
-    force_train: Annotated[bool, typer.Option("--force-train", help="Retrain even if the skip rule says no.")] = False,
+    date: Annotated[
+        str | None, typer.Option("--date", "-d", help="Day to process (default: yesterday).")
+    ] = None,
+    force_train: Annotated[
+        bool, typer.Option("--force-train", help="Retrain even if the skip rule says no.")
+    ] = False,
 ) -> None:
     """Run the daily retraining flow (Prefect) for one day."""
     _flows("run", *(["--date", date] if date else []), *(["--force-train"] if force_train else []))
@@ -220,7 +234,9 @@ def schedule() -> None:
 @app.command()
 def monitor(
     date: DateOpt,
-    no_champion: Annotated[bool, typer.Option("--no-champion", help="Data-side only; skip the registry.")] = False,
+    no_champion: Annotated[
+        bool, typer.Option("--no-champion", help="Data-side only; skip the registry.")
+    ] = False,
 ) -> None:
     """Monitor a day: hard fractions, routed share, drift, CTR; Evidently snapshot, HTML, alerts."""
     from monitoring.daily import monitor_day
@@ -231,7 +247,7 @@ def monitor(
 
 @app.command()
 def dashboard(
-    port: Annotated[Optional[int], typer.Option(help="Port (default: monitor.ui_port).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: monitor.ui_port).")] = None,
 ) -> None:
     """Serve the monitoring dashboards with `evidently ui` on 127.0.0.1 and print the URL."""
     from monitoring.dashboards import serve
@@ -239,7 +255,7 @@ def dashboard(
     raise typer.Exit(serve(state.cfg, port))
 
 
-# ---- model: train and evaluate (issue 5) ----------------------------------------------------
+# ---- model: train and evaluate ----------------------------------------------------
 @app.command()
 def train(
     date: DateOpt,

@@ -1,4 +1,4 @@
-"""Drift monitoring of the hard-sample fraction (DESIGN §7).
+"""Drift monitoring of the hard-sample fraction.
 
 - ``table``: the day's monitoring frame and its summary, from the lake and the champion;
 - ``reports``: the Evidently report of a day against its reference, the workspace snapshot, HTML;

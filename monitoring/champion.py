@@ -4,6 +4,7 @@ The champion comes from the registry's ``champion`` alias. When there is none ye
 install, the first days of a backfill) monitoring runs data-side only and says so; it never
 fails the day for it.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -59,11 +60,11 @@ def light_scores(bundle: Any, frame: pd.DataFrame) -> np.ndarray:
     out = np.empty(len(frame), np.float64)
     with torch.no_grad():
         for start in range(0, len(frame), SCORE_BATCH):
-            part = frame.iloc[start:start + SCORE_BATCH][columns]
+            part = frame.iloc[start : start + SCORE_BATCH][columns]
             enc = bundle.encode(pa.Table.from_pandas(part, preserve_index=False))
             user = model.user(enc["req_cat"], enc["req_dense"], enc["seq"])
             scores = model.head(user, model.item(enc["item_cat"], enc["item_dense"]))
-            out[start:start + len(part)] = scores.float().cpu().numpy().reshape(-1)
+            out[start : start + len(part)] = scores.float().cpu().numpy().reshape(-1)
     return out
 
 
@@ -72,8 +73,13 @@ def from_bundle(bundle: Any, version: str, window: Any = None, source: str = "")
     threshold = routing_threshold(bundle)
     if window is None:
         window = (getattr(bundle, "meta", None) or {}).get("window")
-    return Champion(version=str(version), threshold=threshold, score=lambda frame: light_scores(bundle, frame),
-                    window=_window(window), source=source)
+    return Champion(
+        version=str(version),
+        threshold=threshold,
+        score=lambda frame: light_scores(bundle, frame),
+        window=_window(window),
+        source=source,
+    )
 
 
 def from_registry(cfg: Config) -> tuple[Champion | None, str]:
@@ -90,6 +96,8 @@ def from_registry(cfg: Config) -> tuple[Champion | None, str]:
             return None, f"no '{registry.CHAMPION}' alias on {cfg.gate.model_name} yet"
         bundle = registry.load_bundle_of(cfg, version.version)
         window = version.tags.get(registry.TAG_WINDOW)
-        return from_bundle(bundle, version.version, window or None, source=registry.model_uri(cfg, version.version)), ""
+        return from_bundle(
+            bundle, version.version, window or None, source=registry.model_uri(cfg, version.version)
+        ), ""
     except Exception as err:  # noqa: BLE001 - the registry is optional for monitoring; say why and go on
         return None, f"champion unavailable ({type(err).__name__}: {err})"

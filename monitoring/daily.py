@@ -6,6 +6,7 @@ whose inputs are missing (no reference yet, no champion) are skipped and the rep
 This module only records breaches; the Prefect flow turns them into an event and a markdown
 artifact, and ``monitor.on_alert: retrain`` makes the next daily run retrain.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -27,10 +28,10 @@ MONITOR_JSON = "monitor.json"
 
 @dataclass(frozen=True)
 class Alert:
-    rule: str                 # the key in monitor.alerts
+    rule: str  # the key in monitor.alerts
     metric: str
     value: float
-    reference: float | None   # None for ceilings (drift share)
+    reference: float | None  # None for ceilings (drift share)
     threshold: float
     message: str
 
@@ -40,7 +41,7 @@ class MonitorReport:
     date: dt.date
     champion_version: str | None
     reference: Reference
-    table: dict[str, float | None]            # today's monitoring table row
+    table: dict[str, float | None]  # today's monitoring table row
     reference_table: dict[str, float | None]  # the same over the pooled reference days
     drift_share: float | None
     prediction_drift: float | None
@@ -64,24 +65,39 @@ class MonitorReport:
     def figures(self) -> dict[str, float | None]:
         """The headline numbers (what the flow's artifact and ``hap run``'s summary show)."""
         t = self.table
-        return {"hard_fraction_data": t.get("hard_neg"), "hard_fraction_model": t.get("near_margin"),
-                "routed_share": t.get("routed"), "ctr": t.get("ctr"), "drift_share": self.drift_share,
-                "prediction_drift": self.prediction_drift}
+        return {
+            "hard_fraction_data": t.get("hard_neg"),
+            "hard_fraction_model": t.get("near_margin"),
+            "routed_share": t.get("routed"),
+            "ctr": t.get("ctr"),
+            "drift_share": self.drift_share,
+            "prediction_drift": self.prediction_drift,
+        }
 
     def to_json(self) -> dict[str, Any]:
-        return {"date": self.date.isoformat(), "champion_version": self.champion_version,
-                "model_side": self.model_side, "reference": {**asdict(self.reference),
-                                                             "dates": [d.isoformat() for d in self.reference.dates]},
-                "figures": self.figures, "table": self.table, "reference_table": self.reference_table,
-                "alerts": [asdict(a) for a in self.alerts], "retrain": self.retrain,
-                "html_report": str(self.html_report), "snapshot_id": self.snapshot_id, "notes": self.notes}
+        return {
+            "date": self.date.isoformat(),
+            "champion_version": self.champion_version,
+            "model_side": self.model_side,
+            "reference": {**asdict(self.reference), "dates": [d.isoformat() for d in self.reference.dates]},
+            "figures": self.figures,
+            "table": self.table,
+            "reference_table": self.reference_table,
+            "alerts": [asdict(a) for a in self.alerts],
+            "retrain": self.retrain,
+            "html_report": str(self.html_report),
+            "snapshot_id": self.snapshot_id,
+            "notes": self.notes,
+        }
 
     def render(self) -> str:
         def fmt(v: float | None) -> str:
             return "n/a" if v is None else f"{v:.3f}"
 
-        head = (f"monitor {self.date}: champion {('v' + self.champion_version) if self.model_side else 'none'}; "
-                f"reference {self.reference.kind} {[d.isoformat() for d in self.reference.dates]}")
+        head = (
+            f"monitor {self.date}: champion {('v' + self.champion_version) if self.model_side else 'none'}; "
+            f"reference {self.reference.kind} {[d.isoformat() for d in self.reference.dates]}"
+        )
         figs = ", ".join(f"{k}={fmt(v)}" for k, v in self.figures.items())
         lines = [head, f"  {figs}"]
         lines += [f"  note: {n}" for n in self.notes]
@@ -91,37 +107,63 @@ class MonitorReport:
 
     def markdown(self) -> str:
         """A markdown summary for the flow's artifact."""
-        rows = "\n".join(f"| {k} | {'n/a' if v is None else f'{v:.4f}'} | "
-                         f"{'n/a' if self.reference_table.get(_TABLE_KEY.get(k, k)) is None else f'{self.reference_table[_TABLE_KEY.get(k, k)]:.4f}'} |"
-                         for k, v in self.figures.items())
+
+        def cell(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.4f}"
+
+        rows = "\n".join(
+            f"| {k} | {cell(v)} | {cell(self.reference_table.get(_TABLE_KEY.get(k, k)))} |"
+            for k, v in self.figures.items()
+        )
         alerts = "\n".join(f"- **{a.rule}**: {a.message}" for a in self.alerts) or "- none"
         notes = "\n".join(f"- {n}" for n in self.notes)
-        return (f"# Monitoring {self.date}\n\nChampion: {self.champion_version or 'none'}; reference: "
-                f"{self.reference.note}\n\n| figure | today | reference |\n|---|---|---|\n{rows}\n\n"
-                f"## Alerts\n{alerts}\n\n{notes}\n\nReport: `{self.html_report}`\n")
+        return (
+            f"# Monitoring {self.date}\n\nChampion: {self.champion_version or 'none'}; reference: "
+            f"{self.reference.note}\n\n| figure | today | reference |\n|---|---|---|\n{rows}\n\n"
+            f"## Alerts\n{alerts}\n\n{notes}\n\nReport: `{self.html_report}`\n"
+        )
 
 
-_TABLE_KEY = {"hard_fraction_data": "hard_neg", "hard_fraction_model": "near_margin", "routed_share": "routed",
-              "ctr": "ctr"}
+_TABLE_KEY = {
+    "hard_fraction_data": "hard_neg",
+    "hard_fraction_model": "near_margin",
+    "routed_share": "routed",
+    "ctr": "ctr",
+}
 
 
-def evaluate_alerts(cfg: Config, table: dict[str, float | None], ref: dict[str, float | None] | None,
-                    drift_share: float | None, prediction_drift: float | None) -> list[Alert]:
+def evaluate_alerts(
+    cfg: Config,
+    table: dict[str, float | None],
+    ref: dict[str, float | None] | None,
+    drift_share: float | None,
+    prediction_drift: float | None,
+) -> list[Alert]:
     """Apply ``monitor.alerts``: absolute moves against the reference, and ceilings."""
     rules = cfg.monitor.alerts
     alerts: list[Alert] = []
-    moves = [("hard_fraction_model_abs_change", "near_margin", "model-side hard fraction"),
-             ("routed_share_abs_change", "routed", "routed share"),
-             ("hard_fraction_data_abs_change", "hard_neg", "data-side hard fraction")]
+    moves = [
+        ("hard_fraction_model_abs_change", "near_margin", "model-side hard fraction"),
+        ("routed_share_abs_change", "routed", "routed share"),
+        ("hard_fraction_data_abs_change", "hard_neg", "data-side hard fraction"),
+    ]
     for rule, column, label in moves:
         limit = getattr(rules, rule)
         today, base = table.get(column), (ref or {}).get(column)
         if limit is None or today is None or base is None:
             continue
         if abs(today - base) > limit:
-            alerts.append(Alert(rule, column, today, base, limit,
-                                f"{label} {today:.3f} vs reference {base:.3f} "
-                                f"(moved {100 * (today - base):+.1f} points, limit {100 * limit:.1f})"))
+            alerts.append(
+                Alert(
+                    rule,
+                    column,
+                    today,
+                    base,
+                    limit,
+                    f"{label} {today:.3f} vs reference {base:.3f} "
+                    f"(moved {100 * (today - base):+.1f} points, limit {100 * limit:.1f})",
+                )
+            )
     relative = [("routed_share_rel_change", "routed", "routed share")]
     for rule, column, label in relative:
         limit = getattr(rules, rule)
@@ -130,11 +172,21 @@ def evaluate_alerts(cfg: Config, table: dict[str, float | None], ref: dict[str, 
             continue
         change = (today - base) / base
         if abs(change) > limit:
-            alerts.append(Alert(rule, column, today, base, limit,
-                                f"{label} {today:.3f} vs reference {base:.3f} "
-                                f"({100 * change:+.0f}% relative, limit {100 * limit:.0f}%)"))
-    ceilings = [("drift_share_max", "drift_share", drift_share, "feature drift share"),
-                ("prediction_drift_max", "drift:light_score", prediction_drift, "light-score drift")]
+            alerts.append(
+                Alert(
+                    rule,
+                    column,
+                    today,
+                    base,
+                    limit,
+                    f"{label} {today:.3f} vs reference {base:.3f} "
+                    f"({100 * change:+.0f}% relative, limit {100 * limit:.0f}%)",
+                )
+            )
+    ceilings = [
+        ("drift_share_max", "drift_share", drift_share, "feature drift share"),
+        ("prediction_drift_max", "drift:light_score", prediction_drift, "light-score drift"),
+    ]
     for rule, metric, value, label in ceilings:
         limit = getattr(rules, rule)
         if limit is not None and value is not None and value > limit:
@@ -143,7 +195,8 @@ def evaluate_alerts(cfg: Config, table: dict[str, float | None], ref: dict[str, 
 
 
 def monitor_day(
-    cfg: Config, date: dt.date | str,
+    cfg: Config,
+    date: dt.date | str,
     champion: Champion | None | Literal["registry"] = "registry",
 ) -> MonitorReport:
     """Monitor one ingested day against its reference; write table.json, report.html, monitor.json."""
@@ -156,13 +209,17 @@ def monitor_day(
         if why:
             notes.append(why)
     if champion is None:
-        notes.append("no champion: data-side metrics only (routed share, model-side hard fraction and "
-                     "prediction drift are skipped)")
+        notes.append(
+            "no champion: data-side metrics only (routed share, model-side hard fraction and "
+            "prediction drift are skipped)"
+        )
     frame = day_frame(cfg, date, champion)
     ref = reference_dates(cfg, date, champion)
     if ref.note and ref.kind == "trailing" and cfg.monitor.reference == "champion_window":
         notes.append(ref.note)
-    ref_frame = pd.concat([day_frame(cfg, d, champion) for d in ref.dates], ignore_index=True) if ref.dates else None
+    ref_frame = (
+        pd.concat([day_frame(cfg, d, champion) for d in ref.dates], ignore_index=True) if ref.dates else None
+    )
     if ref_frame is None:
         notes.append("no reference days ingested yet: no drift and no change alerts today")
     table = summarize(cfg, frame)
@@ -171,13 +228,35 @@ def monitor_day(
     report = run_day_report(cfg, date, frame, ref_frame, version, ref.note)
     drift_share = report.values.get("drift_share")
     prediction_drift = report.values.get("drift:light_score")
-    alerts = evaluate_alerts(cfg, table, ref_table if ref_frame is not None else None, drift_share, prediction_drift)
-    table_path = write_table(cfg, date, {**table, "drift_share": drift_share, "prediction_drift": prediction_drift,
-                                         "champion_version": version, "alerts": len(alerts)})
-    result = MonitorReport(date=date, champion_version=version, reference=ref, table=table,
-                           reference_table=ref_table, drift_share=drift_share, prediction_drift=prediction_drift,
-                           alerts=alerts, html_report=report.html, table_path=table_path,
-                           snapshot_id=report.snapshot_id, on_alert=cfg.monitor.on_alert, notes=notes)
+    alerts = evaluate_alerts(
+        cfg, table, ref_table if ref_frame is not None else None, drift_share, prediction_drift
+    )
+    table_path = write_table(
+        cfg,
+        date,
+        {
+            **table,
+            "drift_share": drift_share,
+            "prediction_drift": prediction_drift,
+            "champion_version": version,
+            "alerts": len(alerts),
+        },
+    )
+    result = MonitorReport(
+        date=date,
+        champion_version=version,
+        reference=ref,
+        table=table,
+        reference_table=ref_table,
+        drift_share=drift_share,
+        prediction_drift=prediction_drift,
+        alerts=alerts,
+        html_report=report.html,
+        table_path=table_path,
+        snapshot_id=report.snapshot_id,
+        on_alert=cfg.monitor.on_alert,
+        notes=notes,
+    )
     atomic_write_json(layout.monitoring_day(cfg, date) / MONITOR_JSON, result.to_json())
     return result
 

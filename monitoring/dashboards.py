@@ -4,6 +4,7 @@ Every panel is a line over time, one point per monitored day (one snapshot per d
 is the source of truth: ``apply_dashboard`` clears the project's dashboard and re-adds these
 panels, so a change here shows up at the next ``hap monitor`` (or ``hap dashboard``).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -32,38 +33,94 @@ def panels(cfg: Config) -> list[tuple[str, Any]]:
 
     cts = range(cfg.simulate.n_content_types)
     per_ct = lambda col, title, desc: line_plot_panel(  # noqa: E731
-        title=title, description=desc, size="half",
-        values=[_mean(f"{col}_ct{k}", f"type {k}") for k in cts])
+        title=title, description=desc, size="half", values=[_mean(f"{col}_ct{k}", f"type {k}") for k in cts]
+    )
     out: list[tuple[str, Any]] = [
-        (TAB_OVERVIEW, line_plot_panel(
-            title="Hard-sample fraction", size="full",
-            description="data-side: hard sources among logged negatives; model-side: negatives within "
-                        f"{cfg.monitor.margin} of their request's positive (champion light score)",
-            values=[_mean("hard_neg", "data-side (hard sources)"), _mean("near_margin", "model-side (near margin)")])),
-        (TAB_OVERVIEW, line_plot_panel(
-            title="Routed share", size="half",
-            description="full-flow candidates above the champion's calibrated routing threshold",
-            values=[_mean("routed", "routed to the expressive model")])),
-        (TAB_OVERVIEW, line_plot_panel(
-            title="Champion version", size="half", description="registry version that scored the day",
-            values=[_mean("champion_version", "champion")])),
-        (TAB_CONTENT, per_ct("hard_neg", "Hard fraction (data-side) by content type", "hard sources among negatives")),
-        (TAB_CONTENT, per_ct("near_margin", "Hard fraction (model-side) by content type", "negatives near the positive")),
-        (TAB_CONTENT, per_ct("routed", "Routed share by content type", "candidates above the routing threshold")),
+        (
+            TAB_OVERVIEW,
+            line_plot_panel(
+                title="Hard-sample fraction",
+                size="full",
+                description="data-side: hard sources among logged negatives; model-side: negatives within "
+                f"{cfg.monitor.margin} of their request's positive (champion light score)",
+                values=[
+                    _mean("hard_neg", "data-side (hard sources)"),
+                    _mean("near_margin", "model-side (near margin)"),
+                ],
+            ),
+        ),
+        (
+            TAB_OVERVIEW,
+            line_plot_panel(
+                title="Routed share",
+                size="half",
+                description="full-flow candidates above the champion's calibrated routing threshold",
+                values=[_mean("routed", "routed to the expressive model")],
+            ),
+        ),
+        (
+            TAB_OVERVIEW,
+            line_plot_panel(
+                title="Champion version",
+                size="half",
+                description="registry version that scored the day",
+                values=[_mean("champion_version", "champion")],
+            ),
+        ),
+        (
+            TAB_CONTENT,
+            per_ct("hard_neg", "Hard fraction (data-side) by content type", "hard sources among negatives"),
+        ),
+        (
+            TAB_CONTENT,
+            per_ct(
+                "near_margin", "Hard fraction (model-side) by content type", "negatives near the positive"
+            ),
+        ),
+        (
+            TAB_CONTENT,
+            per_ct("routed", "Routed share by content type", "candidates above the routing threshold"),
+        ),
         (TAB_CONTENT, per_ct("exposed", "Content mix of exposures", "share of exposures by content type")),
-        (TAB_DRIFT, line_plot_panel(
-            title="Feature drift share", size="half",
-            description=f"share of features drifted ({cfg.monitor.drift_method}, threshold {cfg.monitor.drift_threshold})",
-            values=[PanelMetric(legend="drifted share", metric="DriftedColumnsCount",
-                                metric_labels={"value_type": "share"})])),
-        (TAB_DRIFT, line_plot_panel(
-            title="Prediction drift (light score)", size="half",
-            description=f"{cfg.monitor.drift_method} score of the champion's light scores",
-            values=[PanelMetric(legend="light score drift", metric="ValueDrift",
-                                metric_labels={"column": "light_score"})])),
-        (TAB_DRIFT, line_plot_panel(
-            title="CTR", size="half", description="clicks per exposure",
-            values=[_mean("ctr", "CTR")])),
+        (
+            TAB_DRIFT,
+            line_plot_panel(
+                title="Feature drift share",
+                size="half",
+                description=(
+                    f"share of features drifted ({cfg.monitor.drift_method}, "
+                    f"threshold {cfg.monitor.drift_threshold})"
+                ),
+                values=[
+                    PanelMetric(
+                        legend="drifted share",
+                        metric="DriftedColumnsCount",
+                        metric_labels={"value_type": "share"},
+                    )
+                ],
+            ),
+        ),
+        (
+            TAB_DRIFT,
+            line_plot_panel(
+                title="Prediction drift (light score)",
+                size="half",
+                description=f"{cfg.monitor.drift_method} score of the champion's light scores",
+                values=[
+                    PanelMetric(
+                        legend="light score drift",
+                        metric="ValueDrift",
+                        metric_labels={"column": "light_score"},
+                    )
+                ],
+            ),
+        ),
+        (
+            TAB_DRIFT,
+            line_plot_panel(
+                title="CTR", size="half", description="clicks per exposure", values=[_mean("ctr", "CTR")]
+            ),
+        ),
     ]
     return out
 
@@ -84,7 +141,9 @@ def open_project(cfg: Config) -> tuple[Any, Any]:
     found = ws.search_project(cfg.monitor.project)
     if found:
         return ws, found[0]
-    project = ws.create_project(cfg.monitor.project, description="HAP pre-ranker: hard-sample fraction, drift, CTR")
+    project = ws.create_project(
+        cfg.monitor.project, description="HAP pre-ranker: hard-sample fraction, drift, CTR"
+    )
     apply_dashboard(project, cfg)
     return ws, project
 
@@ -113,8 +172,16 @@ def mean_series(cfg: Config, column: str) -> dict[str, float]:
 
 def ui_command(cfg: Config, port: int | None = None) -> list[str]:
     exe = Path(sys.executable).with_name("evidently")
-    return [str(exe) if exe.exists() else "evidently", "ui", "--workspace", str(layout.monitoring_workspace(cfg)),
-            "--host", "127.0.0.1", "--port", str(port or cfg.monitor.ui_port)]
+    return [
+        str(exe) if exe.exists() else "evidently",
+        "ui",
+        "--workspace",
+        str(layout.monitoring_workspace(cfg)),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port or cfg.monitor.ui_port),
+    ]
 
 
 def project_url(cfg: Config, project: Any, port: int | None = None) -> str:

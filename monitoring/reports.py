@@ -7,6 +7,7 @@ One ``Report`` per day compares the day's monitoring frame with its reference fr
 champion's light scores. The snapshot goes into the local workspace project (one snapshot per
 day: a re-run replaces the day's snapshot) and a static HTML copy is saved with the day.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -33,7 +34,7 @@ TABLE_ONLY = ("ctr_ct", "exposed_share")
 
 @dataclass
 class DayReport:
-    values: dict[str, float | None]   # metric name -> value (MeanValue:<col>, drift_share, ...)
+    values: dict[str, float | None]  # metric name -> value (MeanValue:<col>, drift_share, ...)
     html: Path
     snapshot_id: str
     drift_columns: list[str]
@@ -47,9 +48,12 @@ def categorical_columns(cfg: Config, reference: pd.DataFrame | None, current: pd
     """Low-cardinality categorical features drift by category share; hashed ids with more
     than ``monitor.max_categories`` values drift as a histogram of their hash buckets."""
     base = reference if reference is not None and len(reference) else current
-    return [c for c in FEATURES
-            if (c in schema.CATEGORICAL_FEATURES or c == schema.USER_SEQUENCE)
-            and base[c].nunique(dropna=True) <= cfg.monitor.max_categories]
+    return [
+        c
+        for c in FEATURES
+        if (c in schema.CATEGORICAL_FEATURES or c == schema.USER_SEQUENCE)
+        and base[c].nunique(dropna=True) <= cfg.monitor.max_categories
+    ]
 
 
 def _cap(frame: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
@@ -71,11 +75,18 @@ def build_report(cfg: Config, columns: list[str], *, reference: bool, champion: 
     mon = cfg.monitor
     metrics: list[Any] = [RowCount(), *[MeanValue(column=c) for c in columns]]
     if reference:
-        metrics.append(DriftedColumnsCount(columns=drift_columns(cfg), method=mon.drift_method,
-                                           threshold=mon.drift_threshold,
-                                           drift_share=mon.alerts.drift_share_max or 0.5))
+        metrics.append(
+            DriftedColumnsCount(
+                columns=drift_columns(cfg),
+                method=mon.drift_method,
+                threshold=mon.drift_threshold,
+                drift_share=mon.alerts.drift_share_max or 0.5,
+            )
+        )
         if champion:
-            metrics.append(ValueDrift(column="light_score", method=mon.drift_method, threshold=mon.drift_threshold))
+            metrics.append(
+                ValueDrift(column="light_score", method=mon.drift_method, threshold=mon.drift_threshold)
+            )
     return Report(metrics)
 
 
@@ -106,8 +117,12 @@ def extract_values(snapshot: Any) -> dict[str, float | None]:
 
 
 def run_day_report(
-    cfg: Config, date: dt.date, current: pd.DataFrame, reference: pd.DataFrame | None,
-    champion_version: str | None, ref_note: str,
+    cfg: Config,
+    date: dt.date,
+    current: pd.DataFrame,
+    reference: pd.DataFrame | None,
+    champion_version: str | None,
+    ref_note: str,
 ) -> DayReport:
     """Run the day's report, save its HTML, and put its snapshot in the workspace project."""
     from evidently import DataDefinition, Dataset
@@ -128,19 +143,29 @@ def run_day_report(
         reference = _cap(reference, cfg.monitor.max_rows, seed + 1)
         ref_ds = Dataset.from_pandas(reference[keep], data_definition=definition)
     report = build_report(cfg, columns, reference=ref_ds is not None, champion=has_champion)
-    metadata = {META_DATE: date.isoformat(), META_KIND: "daily", "reference": ref_note,
-                "champion": champion_version or "none"}
-    snapshot = report.run(cur_ds, ref_ds, timestamp=dt.datetime.combine(date, dt.time(12)),
-                          metadata=metadata, tags=["daily", f"champion-{champion_version or 'none'}"],
-                          name=f"monitor {date.isoformat()}")
+    metadata = {
+        META_DATE: date.isoformat(),
+        META_KIND: "daily",
+        "reference": ref_note,
+        "champion": champion_version or "none",
+    }
+    snapshot = report.run(
+        cur_ds,
+        ref_ds,
+        timestamp=dt.datetime.combine(date, dt.time(12)),
+        metadata=metadata,
+        tags=["daily", f"champion-{champion_version or 'none'}"],
+        name=f"monitor {date.isoformat()}",
+    )
     html = layout.monitoring_day(cfg, date) / REPORT_HTML
     html.parent.mkdir(parents=True, exist_ok=True)
     tmp = html.with_name(f".tmp-{html.name}")
     snapshot.save_html(str(tmp))
     tmp.replace(html)
     snapshot_id = add_snapshot(cfg, date, snapshot)
-    return DayReport(values=extract_values(snapshot), html=html, snapshot_id=snapshot_id,
-                     drift_columns=drift_columns(cfg))
+    return DayReport(
+        values=extract_values(snapshot), html=html, snapshot_id=snapshot_id, drift_columns=drift_columns(cfg)
+    )
 
 
 def add_snapshot(cfg: Config, date: dt.date, snapshot: Any) -> str:

@@ -5,6 +5,7 @@ headless Chromium, save a PNG, stop the server. Used by the dashboard test and b
 
 Chromium is Debian's ``chromium`` package; ``find_chromium()`` returns None when it is absent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,15 +50,23 @@ def _wait_http(url: str, timeout: float) -> None:
         time.sleep(0.3)
 
 
-def screenshot(cfg: Config, out: Path, tab: str | None = None, width: int = 1400, height: int = 2200,
-               timeout: float = 60.0) -> Path:
+def screenshot(
+    cfg: Config,
+    out: Path,
+    tab: str | None = None,
+    width: int = 1400,
+    height: int = 2200,
+    timeout: float = 60.0,
+) -> Path:
     """Serve the workspace, capture the project's dashboard (optionally one tab), stop the server."""
     chromium = find_chromium()
     if chromium is None:
         raise FileNotFoundError("chromium is not installed (apt-get install -y chromium)")
     _, project = dashboards.refresh(cfg)
     port = free_port()
-    server = subprocess.Popen(dashboards.ui_command(cfg, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        dashboards.ui_command(cfg, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_http(f"{base}/api/projects", timeout)
@@ -66,10 +75,24 @@ def screenshot(cfg: Config, out: Path, tab: str | None = None, width: int = 1400
             url += f"?tab={_tab_id(cfg, project, tab)}"
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--hide-scrollbars", f"--window-size={width},{height}", "--virtual-time-budget=20000",
-                        f"--screenshot={out}", url],
-                       check=True, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--hide-scrollbars",
+                f"--window-size={width},{height}",
+                "--virtual-time-budget=20000",
+                f"--screenshot={out}",
+                url,
+            ],
+            check=True,
+            timeout=timeout,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return out
     finally:
         server.terminate()

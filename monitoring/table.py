@@ -19,6 +19,7 @@ champion's light scores). Indicator columns:
 
 Without a champion the model-side columns are NaN and the report says so.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -51,10 +52,10 @@ class Champion:
     """What monitoring needs of the serving model: its light scorer and routing threshold."""
 
     version: str
-    threshold: float                                   # calibrated routing threshold on light scores
-    score: Callable[[pd.DataFrame], np.ndarray]       # light score per row (features as columns)
-    window: tuple[dt.date, ...] = ()                  # its training window (reference=champion_window)
-    source: str = ""                                   # where it came from, for the report
+    threshold: float  # calibrated routing threshold on light scores
+    score: Callable[[pd.DataFrame], np.ndarray]  # light score per row (features as columns)
+    window: tuple[dt.date, ...] = ()  # its training window (reference=champion_window)
+    source: str = ""  # where it came from, for the report
 
 
 def content_types(cfg: Config) -> list[int]:
@@ -117,11 +118,15 @@ def build_frame(cfg: Config, date: dt.date, champion: Champion | None) -> pd.Dat
     if champion is not None:
         scores = np.asarray(champion.score(frame), np.float64)
         if scores.shape != (len(frame),):
-            raise HapError(f"monitor: champion v{champion.version} returned {scores.shape} scores for {len(frame)} rows")
+            raise HapError(
+                f"monitor: champion v{champion.version} returned {scores.shape} scores for {len(frame)} rows"
+            )
         frame["light_score"] = scores
         frame["routed"] = np.where(~is_sample, scores > champion.threshold, np.nan)
         near = np.full(len(frame), np.nan)
-        near[is_sample] = _near_margin(frame[is_sample].reset_index(drop=True), scores[is_sample], cfg.monitor.margin)
+        near[is_sample] = _near_margin(
+            frame[is_sample].reset_index(drop=True), scores[is_sample], cfg.monitor.margin
+        )
         frame["near_margin"] = np.where(is_neg, near, np.nan)
         frame["champion_version"] = float(champion.version) if str(champion.version).isdigit() else np.nan
     else:
@@ -164,7 +169,10 @@ def frame_path(cfg: Config, date: dt.date) -> Path:
 def day_frame(cfg: Config, date: dt.date, champion: Champion | None) -> pd.DataFrame:
     """``build_frame``, cached on disk per (day, champion version): reference days are reused."""
     path = frame_path(cfg, date)
-    version = f"{champion.version if champion else ''}|margin={cfg.monitor.margin}|types={cfg.simulate.n_content_types}"
+    version = (
+        f"{champion.version if champion else ''}"
+        f"|margin={cfg.monitor.margin}|types={cfg.simulate.n_content_types}"
+    )
     if path.exists():
         table = pq.read_table(path)
         meta = table.schema.metadata or {}
@@ -172,7 +180,9 @@ def day_frame(cfg: Config, date: dt.date, champion: Champion | None) -> pd.DataF
             return table.to_pandas()
     frame = build_frame(cfg, date, champion)
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"hap.champion": version.encode()})
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"hap.champion": version.encode()}
+    )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
@@ -222,8 +232,12 @@ class Reference:
 
 def reference_dates(cfg: Config, date: dt.date, champion: Champion | None) -> Reference:
     """Trailing ``k`` ingested days before ``date``, or the champion's training window."""
+
     def ingested(d: dt.date) -> bool:
-        return layout.lake_partition(cfg, "samples", d).exists() and layout.lake_partition(cfg, "fullflow", d).exists()
+        return (
+            layout.lake_partition(cfg, "samples", d).exists()
+            and layout.lake_partition(cfg, "fullflow", d).exists()
+        )
 
     if cfg.monitor.reference == "champion_window":
         if champion is not None and champion.window:

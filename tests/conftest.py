@@ -3,6 +3,7 @@
 Tests use tiny data but the real components. ``tiny_overrides`` is the one place that shrinks
 the simulator; tests that need another shape pass their own overrides to ``make_cfg``.
 """
+
 from __future__ import annotations
 
 import datetime as dt

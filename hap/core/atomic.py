@@ -1,4 +1,5 @@
 """Atomic writes: readers see the old output or the new one, never half of either."""
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ CLI flags. ``HAP_HOME`` moves the data root; ``HAP_DVC_REMOTE`` and ``HAP_LAKE_U
 ``paths.dvc_remote`` and ``paths.lake``. Values in overrides are parsed as YAML, so
 ``--set train.epochs=3`` gives an int and ``--set split.sample_ratio.global_neg=0.5`` a float.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,10 +49,12 @@ class PathsConfig(_Section):
         """The lake is read and written with atomic renames, which object stores do not have:
         it takes a path (relative to the data root, absolute, or ``file://``), e.g. a shared volume."""
         if value.startswith("file://"):
-            return value[len("file://"):]
+            return value[len("file://") :]
         if "://" in value:
-            raise ValueError(f"paths.lake / HAP_LAKE_URL must be a filesystem path or file:// URL, not "
-                             f"{value!r}: put the lake on a shared volume (infra/README.md)")
+            raise ValueError(
+                f"paths.lake / HAP_LAKE_URL must be a filesystem path or file:// URL, not "
+                f"{value!r}: put the lake on a shared volume (infra/README.md)"
+            )
         return value
 
 
@@ -97,11 +100,19 @@ class SimulateConfig(_Section):
     content_shift_strength: float
 
     @model_validator(mode="after")
-    def _cascade_shape(self) -> "SimulateConfig":
-        if not (self.exposed_per_request <= self.rank_keep < self.prerank_keep < self.retrieval_size
-                <= self.retrieval_pool <= self.n_items):
-            raise ValueError("simulate: need exposed <= rank_keep < prerank_keep < retrieval_size "
-                             "<= retrieval_pool <= n_items")
+    def _cascade_shape(self) -> SimulateConfig:
+        if not (
+            self.exposed_per_request
+            <= self.rank_keep
+            < self.prerank_keep
+            < self.retrieval_size
+            <= self.retrieval_pool
+            <= self.n_items
+        ):
+            raise ValueError(
+                "simulate: need exposed <= rank_keep < prerank_keep < retrieval_size "
+                "<= retrieval_pool <= n_items"
+            )
         return self
 
 
@@ -139,7 +150,7 @@ class ModelConfig(_Section):
     expressive: TowerConfig
 
     @model_validator(mode="after")
-    def _expressive_is_deeper(self) -> "ModelConfig":
+    def _expressive_is_deeper(self) -> ModelConfig:
         if len(self.expressive.mlp_dims) <= len(self.light.mlp_dims):
             raise ValueError("model: the expressive MLP must have more layers than the light one (N > M)")
         return self
@@ -161,15 +172,15 @@ class TrainConfig(_Section):
     patience: int
     diagnostics_every: int
     num_threads: int
-    expressive_groups: Literal["hard", "all", "none"] = "hard"   # what the expressive model trains on
-    checkpoint_every: int = Field(default=1, ge=1)              # epochs between checkpoints
+    expressive_groups: Literal["hard", "all", "none"] = "hard"  # what the expressive model trains on
+    checkpoint_every: int = Field(default=1, ge=1)  # epochs between checkpoints
 
 
 class RoutingConfig(_Section):
     mode: Literal["topk", "threshold"]
     rho: float = Field(gt=0.0, le=1.0)
     cap: float = Field(gt=0.0, le=1.0)
-    serve: Literal["hap", "light", "expressive_all"] = "hap"     # which scorer the bundle serves
+    serve: Literal["hap", "light", "expressive_all"] = "hap"  # which scorer the bundle serves
 
 
 class EvaluateConfig(_Section):
@@ -255,7 +266,7 @@ class Config(_Section):
         remote = self.paths.dvc_remote
         return remote if "://" in remote else str(self.path("dvc_remote"))
 
-    def updated(self, overrides: dict[str, Any]) -> "Config":
+    def updated(self, overrides: dict[str, Any]) -> Config:
         """A copy with dotted-key overrides applied (``{"train.epochs": 2}``)."""
         raw = self.model_dump(mode="json")
         for key, value in overrides.items():
@@ -287,7 +298,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {key: environ[name] for name, key in ENV_ALIASES.items() if environ.get(name)}
     for name, text in environ.items():
         if name.startswith(ENV_PREFIX):
-            key = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             out[key] = yaml.safe_load(text)
     return out
 
@@ -311,6 +322,6 @@ def load_config(
         _set_dotted(raw, key, value)
     home = Path(environ.get("HAP_HOME") or raw["paths"]["home"])
     if not home.is_absolute():
-        home = (params_file.resolve().parent / home)
+        home = params_file.resolve().parent / home
     raw["paths"]["home"] = str(home.resolve())
     return Config.model_validate(raw)

@@ -1,4 +1,5 @@
 """Expected failures. The CLI prints them as one clear message, without a traceback."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Where each artifact lives under the data root. One place, so no step guesses a path."""
+
 from __future__ import annotations
 
 import datetime as dt

@@ -9,15 +9,16 @@ all import from here. Raw logs land per day as::
 
 Ingest joins them per request into the lake (``lake/samples/dt=D``, ``lake/fullflow/dt=D``).
 """
+
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import pyarrow as pa
 
 
-class Source(str, Enum):
-    """Where a training sample comes from (DESIGN §2)."""
+class Source(StrEnum):
+    """Where a training sample comes from."""
 
     EXPOSE_POS = "expose_pos"
     EXPOSE_NEG = "expose_neg"
@@ -26,7 +27,7 @@ class Source(str, Enum):
     GLOBAL_NEG = "global_neg"
 
 
-class RankingSource(str, Enum):
+class RankingSource(StrEnum):
     """The ``source`` column of the raw ranking log: exposures are split by click at ingest."""
 
     EXPOSED = "exposed"
@@ -35,7 +36,7 @@ class RankingSource(str, Enum):
     GLOBAL_NEG = "global_neg"
 
 
-class Difficulty(str, Enum):
+class Difficulty(StrEnum):
     """Partition key of the training set. Positives are their own partition."""
 
     POSITIVE = "positive"
@@ -63,10 +64,26 @@ USER_CATEGORICAL = ("u_id", "u_age", "u_gender", "u_city", "u_device")
 USER_DENSE = ("u_activity", "u_ctr")
 USER_SEQUENCE = "u_click_seq"  # recent clicked item ids (hashed like i_id), fixed length, 0 = pad
 CONTEXT_CATEGORICAL = ("c_hour", "c_weekday", "c_network", "c_os", "c_channel")
-ITEM_CATEGORICAL = ("i_id", "i_author", "i_content_type", "i_category", "i_subcategory", "i_tag",
-                    "i_language", "i_resolution")
-ITEM_DENSE = ("i_age_hours", "i_duration", "i_ctr", "i_popularity", "i_quality", "i_followers",
-              "i_title_len", "i_cover_score")
+ITEM_CATEGORICAL = (
+    "i_id",
+    "i_author",
+    "i_content_type",
+    "i_category",
+    "i_subcategory",
+    "i_tag",
+    "i_language",
+    "i_resolution",
+)
+ITEM_DENSE = (
+    "i_age_hours",
+    "i_duration",
+    "i_ctr",
+    "i_popularity",
+    "i_quality",
+    "i_followers",
+    "i_title_len",
+    "i_cover_score",
+)
 
 REQUEST_FEATURES: tuple[str, ...] = (*USER_CATEGORICAL, *USER_DENSE, USER_SEQUENCE, *CONTEXT_CATEGORICAL)
 ITEM_FEATURES: tuple[str, ...] = (*ITEM_CATEGORICAL, *ITEM_DENSE)
@@ -92,45 +109,51 @@ TIMESTAMP = pa.timestamp("ms", tz="UTC")
 POSITION = pa.int32()
 
 # ---- raw logs ---------------------------------------------------------------------------
-EXPOSURE_LOG = pa.schema([
-    pa.field("request_id", pa.int64(), nullable=False),
-    pa.field("timestamp", TIMESTAMP, nullable=False),
-    pa.field("user_id", pa.int64(), nullable=False),
-    pa.field("item_id", pa.int64(), nullable=False),
-    pa.field("position", POSITION, nullable=False),       # display position, 1-based
-    pa.field("content_type", pa.int8(), nullable=False),
-    pa.field("click", pa.int8(), nullable=False),
-    pa.field("like", pa.int8(), nullable=False),
-    pa.field("comment", pa.int8(), nullable=False),
-    pa.field("share", pa.int8(), nullable=False),
-    pa.field("dwell", pa.float32(), nullable=False),      # seconds
-    *_feature_fields(REQUEST_FEATURES),
-])
+EXPOSURE_LOG = pa.schema(
+    [
+        pa.field("request_id", pa.int64(), nullable=False),
+        pa.field("timestamp", TIMESTAMP, nullable=False),
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("position", POSITION, nullable=False),  # display position, 1-based
+        pa.field("content_type", pa.int8(), nullable=False),
+        pa.field("click", pa.int8(), nullable=False),
+        pa.field("like", pa.int8(), nullable=False),
+        pa.field("comment", pa.int8(), nullable=False),
+        pa.field("share", pa.int8(), nullable=False),
+        pa.field("dwell", pa.float32(), nullable=False),  # seconds
+        *_feature_fields(REQUEST_FEATURES),
+    ]
+)
 
-RANKING_LOG = pa.schema([
-    pa.field("request_id", pa.int64(), nullable=False),
-    pa.field("item_id", pa.int64(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),      # RankingSource
-    pa.field("retrieval_pos", POSITION),                  # null where the item never got there
-    pa.field("prerank_pos", POSITION),
-    pa.field("rank_pos", POSITION),
-    pa.field("content_type", pa.int8(), nullable=False),
-    pa.field("true_affinity", pa.float32()),              # simulator ground truth; null on real data
-    *_feature_fields(ITEM_FEATURES),
-])
+RANKING_LOG = pa.schema(
+    [
+        pa.field("request_id", pa.int64(), nullable=False),
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # RankingSource
+        pa.field("retrieval_pos", POSITION),  # null where the item never got there
+        pa.field("prerank_pos", POSITION),
+        pa.field("rank_pos", POSITION),
+        pa.field("content_type", pa.int8(), nullable=False),
+        pa.field("true_affinity", pa.float32()),  # simulator ground truth; null on real data
+        *_feature_fields(ITEM_FEATURES),
+    ]
+)
 
-FULLFLOW_LOG = pa.schema([
-    pa.field("request_id", pa.int64(), nullable=False),
-    pa.field("item_id", pa.int64(), nullable=False),
-    pa.field("retrieval_pos", POSITION, nullable=False),
-    pa.field("prerank_pos", POSITION),
-    pa.field("rank_pos", POSITION),
-    pa.field("exposed", pa.bool_(), nullable=False),
-    pa.field("click", pa.int8(), nullable=False),
-    pa.field("content_type", pa.int8(), nullable=False),
-    pa.field("true_affinity", pa.float32()),
-    *_feature_fields(ITEM_FEATURES),
-])
+FULLFLOW_LOG = pa.schema(
+    [
+        pa.field("request_id", pa.int64(), nullable=False),
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("retrieval_pos", POSITION, nullable=False),
+        pa.field("prerank_pos", POSITION),
+        pa.field("rank_pos", POSITION),
+        pa.field("exposed", pa.bool_(), nullable=False),
+        pa.field("click", pa.int8(), nullable=False),
+        pa.field("content_type", pa.int8(), nullable=False),
+        pa.field("true_affinity", pa.float32()),
+        *_feature_fields(ITEM_FEATURES),
+    ]
+)
 
 RAW_LOGS: dict[str, pa.Schema] = {"exposure": EXPOSURE_LOG, "ranking": RANKING_LOG, "fullflow": FULLFLOW_LOG}
 
@@ -141,61 +164,69 @@ _REQUEST_KEYS = [
     pa.field("user_id", pa.int64(), nullable=False),
 ]
 
-LAKE_SAMPLES = pa.schema([
-    *_REQUEST_KEYS,
-    pa.field("item_id", pa.int64(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),      # Source
-    pa.field("label", pa.int8(), nullable=False),          # click
-    pa.field("position", POSITION),                        # display position for exposures
-    pa.field("retrieval_pos", POSITION),
-    pa.field("prerank_pos", POSITION),
-    pa.field("rank_pos", POSITION),
-    pa.field("content_type", pa.int8(), nullable=False),
-    pa.field("true_affinity", pa.float32()),
-    *_feature_fields(FEATURE_COLUMNS),
-])
+LAKE_SAMPLES = pa.schema(
+    [
+        *_REQUEST_KEYS,
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # Source
+        pa.field("label", pa.int8(), nullable=False),  # click
+        pa.field("position", POSITION),  # display position for exposures
+        pa.field("retrieval_pos", POSITION),
+        pa.field("prerank_pos", POSITION),
+        pa.field("rank_pos", POSITION),
+        pa.field("content_type", pa.int8(), nullable=False),
+        pa.field("true_affinity", pa.float32()),
+        *_feature_fields(FEATURE_COLUMNS),
+    ]
+)
 
-LAKE_FULLFLOW = pa.schema([
-    *_REQUEST_KEYS,
-    pa.field("item_id", pa.int64(), nullable=False),
-    pa.field("label", pa.int8(), nullable=False),
-    pa.field("exposed", pa.bool_(), nullable=False),
-    pa.field("retrieval_pos", POSITION, nullable=False),
-    pa.field("prerank_pos", POSITION),
-    pa.field("rank_pos", POSITION),
-    pa.field("content_type", pa.int8(), nullable=False),
-    pa.field("true_affinity", pa.float32()),
-    *_feature_fields(FEATURE_COLUMNS),
-])
+LAKE_FULLFLOW = pa.schema(
+    [
+        *_REQUEST_KEYS,
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("label", pa.int8(), nullable=False),
+        pa.field("exposed", pa.bool_(), nullable=False),
+        pa.field("retrieval_pos", POSITION, nullable=False),
+        pa.field("prerank_pos", POSITION),
+        pa.field("rank_pos", POSITION),
+        pa.field("content_type", pa.int8(), nullable=False),
+        pa.field("true_affinity", pa.float32()),
+        *_feature_fields(FEATURE_COLUMNS),
+    ]
+)
 
 # ---- training set and full-flow eval set --------------------------------------------------
-TRAINING_SET = pa.schema([
-    pa.field("dt", pa.string(), nullable=False),
-    pa.field("request_id", pa.int64(), nullable=False),
-    pa.field("item_id", pa.int64(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("group", pa.string(), nullable=False),        # GROUP_OF_SOURCE
-    pa.field("difficulty", pa.string(), nullable=False),   # Difficulty; also the partition key
-    pa.field("label", pa.int8(), nullable=False),
-    pa.field("retrieval_pos", POSITION),
-    pa.field("prerank_pos", POSITION),
-    pa.field("rank_pos", POSITION),
-    pa.field("content_type", pa.int8(), nullable=False),
-    *_feature_fields(FEATURE_COLUMNS),
-])
+TRAINING_SET = pa.schema(
+    [
+        pa.field("dt", pa.string(), nullable=False),
+        pa.field("request_id", pa.int64(), nullable=False),
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("group", pa.string(), nullable=False),  # GROUP_OF_SOURCE
+        pa.field("difficulty", pa.string(), nullable=False),  # Difficulty; also the partition key
+        pa.field("label", pa.int8(), nullable=False),
+        pa.field("retrieval_pos", POSITION),
+        pa.field("prerank_pos", POSITION),
+        pa.field("rank_pos", POSITION),
+        pa.field("content_type", pa.int8(), nullable=False),
+        *_feature_fields(FEATURE_COLUMNS),
+    ]
+)
 
-EVAL_SET = pa.schema([
-    pa.field("dt", pa.string(), nullable=False),
-    pa.field("request_id", pa.int64(), nullable=False),
-    pa.field("item_id", pa.int64(), nullable=False),
-    pa.field("label", pa.int8(), nullable=False),
-    pa.field("exposed", pa.bool_(), nullable=False),
-    pa.field("retrieval_pos", POSITION, nullable=False),
-    pa.field("prerank_pos", POSITION),
-    pa.field("rank_pos", POSITION),
-    pa.field("content_type", pa.int8(), nullable=False),
-    *_feature_fields(FEATURE_COLUMNS),
-])
+EVAL_SET = pa.schema(
+    [
+        pa.field("dt", pa.string(), nullable=False),
+        pa.field("request_id", pa.int64(), nullable=False),
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("label", pa.int8(), nullable=False),
+        pa.field("exposed", pa.bool_(), nullable=False),
+        pa.field("retrieval_pos", POSITION, nullable=False),
+        pa.field("prerank_pos", POSITION),
+        pa.field("rank_pos", POSITION),
+        pa.field("content_type", pa.int8(), nullable=False),
+        *_feature_fields(FEATURE_COLUMNS),
+    ]
+)
 
 TABLES: dict[str, pa.Schema] = {
     **RAW_LOGS,

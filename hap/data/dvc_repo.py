@@ -6,6 +6,7 @@ DVC's hashing code (``dvc_data``), so it equals what ``dvc commit``/``dvc push``
 ``dvc.lock``. ``fetch_training_set`` turns that tag back into files: it writes a one-output
 ``.dvc`` file in a scratch DVC project that uses the same remote and runs ``dvc pull``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,11 @@ def dvc_dir_md5(folder: Path) -> str:
     from dvc_data.hashfile.tree import Tree
 
     folder = Path(folder)
-    entries = [{"relpath": p.relative_to(folder).as_posix(), "md5": _md5(p)}
-               for p in sorted(folder.rglob("*")) if p.is_file()]
+    entries = [
+        {"relpath": p.relative_to(folder).as_posix(), "md5": _md5(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    ]
     tree = Tree.from_list(entries, hash_name="md5")
     tree.digest()
     return tree.hash_info.value
@@ -41,7 +45,9 @@ def dvc_dir_md5(folder: Path) -> str:
 
 def _dvc(args: list[str], cwd: Path) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env
+    )
     if proc.returncode != 0:
         raise HapError(f"`dvc {' '.join(args)}` failed: {(proc.stderr or proc.stdout).strip()[-600:]}")
     return proc.stdout
@@ -57,7 +63,6 @@ def fetch_training_set(dir_md5: str, remote: str, dest: Path) -> Path:
     if not (project / ".dvc").is_dir():
         _dvc(["init", "--no-scm", "--quiet"], project)
     _dvc(["remote", "add", "--force", "--default", "origin", remote], project)
-    (project / f"{dest.name}.dvc").write_text(
-        f"outs:\n- md5: {dir_md5}\n  path: {dest.name}\n  hash: md5\n")
+    (project / f"{dest.name}.dvc").write_text(f"outs:\n- md5: {dir_md5}\n  path: {dest.name}\n  hash: md5\n")
     _dvc(["pull", "--quiet", f"{dest.name}.dvc"], project)
     return dest

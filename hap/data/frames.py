@@ -5,6 +5,7 @@ pyarrow, producing derived columns and a per-request frame; GX then applies the 
 from ``expectations/*.json`` to them. No check is dropped: each derived column is named by the
 expectation that uses it (see ``hap.suites``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ def read_table(path: Path, columns: list[str] | None = None) -> tuple[pa.Table |
     try:
         return pq.read_table(path, columns=columns), None
     except (pa.ArrowInvalid, OSError, ValueError) as err:
-        return None, ReadProblem(str(path), "parquet_readable", f"unreadable Parquet, truncated or corrupt ({err})")
+        return None, ReadProblem(
+            str(path), "parquet_readable", f"unreadable Parquet, truncated or corrupt ({err})"
+        )
 
 
 def type_name(t: pa.DataType) -> str:
@@ -53,30 +56,66 @@ def schema_frame(table: pa.Table, contract: pa.Schema, keys: tuple[str, ...] = (
     rows = []
     for name in [*contract.names, *[n for n in table.column_names if n not in contract.names]]:
         in_file, in_contract = name in table.column_names, name in contract.names
-        rows.append({
-            "column": name, "in_file": in_file, "in_contract": in_contract,
-            "arrow_type": type_name(table.schema.field(name).type) if in_file else "<missing>",
-            "contract_type": type_name(contract.field(name).type) if in_contract else "<not in contract>",
-            "nullable": contract.field(name).nullable if in_contract else True,
-            "key": name in keys,
-            "null_count": int(table[name].null_count) if in_file else 0,
-        })
+        rows.append(
+            {
+                "column": name,
+                "in_file": in_file,
+                "in_contract": in_contract,
+                "arrow_type": type_name(table.schema.field(name).type) if in_file else "<missing>",
+                "contract_type": type_name(contract.field(name).type) if in_contract else "<not in contract>",
+                "nullable": contract.field(name).nullable if in_contract else True,
+                "key": name in keys,
+                "null_count": int(table[name].null_count) if in_file else 0,
+            }
+        )
     return pd.DataFrame(rows)
 
 
 # Columns the row-level expectations read. Feature columns are covered by the schema frame
 # (types and exact null counts from Arrow), so they are not converted to pandas.
-EXPOSURE_ROW_COLUMNS = ("request_id", "timestamp", "user_id", "item_id", "position", "content_type", "click", "like",
-                        "comment", "share", "dwell")
-RANKING_ROW_COLUMNS = ("request_id", "item_id", "source", "retrieval_pos", "prerank_pos", "rank_pos", "content_type")
-TRAINING_ROW_COLUMNS = ("dt", "request_id", "item_id", "source", "group", "difficulty", "label", "retrieval_pos",
-                        "prerank_pos", "rank_pos", "content_type")
+EXPOSURE_ROW_COLUMNS = (
+    "request_id",
+    "timestamp",
+    "user_id",
+    "item_id",
+    "position",
+    "content_type",
+    "click",
+    "like",
+    "comment",
+    "share",
+    "dwell",
+)
+RANKING_ROW_COLUMNS = (
+    "request_id",
+    "item_id",
+    "source",
+    "retrieval_pos",
+    "prerank_pos",
+    "rank_pos",
+    "content_type",
+)
+TRAINING_ROW_COLUMNS = (
+    "dt",
+    "request_id",
+    "item_id",
+    "source",
+    "group",
+    "difficulty",
+    "label",
+    "retrieval_pos",
+    "prerank_pos",
+    "rank_pos",
+    "content_type",
+)
 
 
 def _frame(table: pa.Table, columns: tuple[str, ...]) -> pd.DataFrame:
     """Selected columns as pandas, numbers widened to int64/float64: GX's pandas range checks are
     vectorized only for those dtypes (int32 or float32 fall back to a Python loop per value)."""
-    frame = table.select([c for c in columns if c in table.column_names]).to_pandas(strings_to_categorical=True)
+    frame = table.select([c for c in columns if c in table.column_names]).to_pandas(
+        strings_to_categorical=True
+    )
     for name, dtype in frame.dtypes.items():
         if pd.api.types.is_integer_dtype(dtype) and dtype != "int64":
             frame[name] = frame[name].astype("int64")
@@ -101,8 +140,13 @@ def exposure_rows(exposure: pa.Table, ranking: pa.Table) -> pd.DataFrame:
 def has_ranking_row(exposure: pa.Table, ranking: pa.Table) -> np.ndarray:
     """For each exposure row: is ``(request_id, item_id)`` logged with source 'exposed'?"""
     n = exposure.num_rows
-    keys = pa.table({"request_id": exposure["request_id"], "item_id": exposure["item_id"],
-                     "_row": pa.array(np.arange(n, dtype=np.int64))})
+    keys = pa.table(
+        {
+            "request_id": exposure["request_id"],
+            "item_id": exposure["item_id"],
+            "_row": pa.array(np.arange(n, dtype=np.int64)),
+        }
+    )
     exposed = ranking.filter(pc.equal(ranking["source"], schema.RankingSource.EXPOSED.value))
     logged = exposed.select(["request_id", "item_id"]).group_by(["request_id", "item_id"]).aggregate([])
     logged = logged.append_column("_hit", pa.array(np.ones(logged.num_rows, dtype=bool)))
@@ -120,10 +164,15 @@ def ranking_rows(ranking: pa.Table) -> pd.DataFrame:
 def requests_frame(exposure: pa.Table, ranking: pa.Table, global_neg_per_pos: int) -> pd.DataFrame:
     """One row per request seen in either log, with exposure, click and per-source counts."""
     exp = exposure.group_by("request_id").aggregate([("item_id", "count"), ("click", "sum")]).to_pandas()
-    exp.columns = ["n_exposures" if c == "item_id_count" else "n_clicks" if c == "click_sum" else c
-                   for c in exp.columns]
-    counts = (ranking.select(["request_id", "source"]).group_by(["request_id", "source"])
-              .aggregate([("source", "count")]).to_pandas())
+    exp.columns = [
+        "n_exposures" if c == "item_id_count" else "n_clicks" if c == "click_sum" else c for c in exp.columns
+    ]
+    counts = (
+        ranking.select(["request_id", "source"])
+        .group_by(["request_id", "source"])
+        .aggregate([("source", "count")])
+        .to_pandas()
+    )
     per_source = counts.pivot(index="request_id", columns="source", values="source_count")
     out = exp.set_index("request_id").join(per_source, how="outer")
     for src in schema.RANKING_SOURCES:
@@ -132,7 +181,13 @@ def requests_frame(exposure: pa.Table, ranking: pa.Table, global_neg_per_pos: in
     out["n_clicks"] = out["n_clicks"].fillna(0).astype("int64")
     out["exposed_gap"] = out["n_exposures"] - out["n_exposed"]
     out["global_neg_gap"] = out["n_global_neg"] - global_neg_per_pos * out["n_clicks"]
-    keep = ["n_exposures", "n_clicks", *[f"n_{s}" for s in schema.RANKING_SOURCES], "exposed_gap", "global_neg_gap"]
+    keep = [
+        "n_exposures",
+        "n_clicks",
+        *[f"n_{s}" for s in schema.RANKING_SOURCES],
+        "exposed_gap",
+        "global_neg_gap",
+    ]
     return out[keep].reset_index()
 
 

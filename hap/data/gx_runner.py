@@ -6,6 +6,7 @@ are stored in the context, so ``build_docs`` renders the standard Data Docs site
 day's validation folder. Results come back as flat ``Finding`` records for the summary and the
 error message.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,18 @@ import pandas as pd
 
 from hap.data.suites import EXTRA_COLUMNS_NOTE
 
-ARG_KEYS = ("column", "column_A", "column_B", "column_list", "column_set", "value_set", "type_", "min_value", "max_value", "row_condition")
+ARG_KEYS = (
+    "column",
+    "column_A",
+    "column_B",
+    "column_list",
+    "column_set",
+    "value_set",
+    "type_",
+    "min_value",
+    "max_value",
+    "row_condition",
+)
 
 
 @dataclass
@@ -56,7 +68,9 @@ class Finding:
             return f"{head}: {self.error}"
         parts = []
         if self.bad_rows is not None:
-            parts.append(f"{self.bad_rows} bad row(s)" + (f" of {self.rows}" if self.rows is not None else ""))
+            parts.append(
+                f"{self.bad_rows} bad row(s)" + (f" of {self.rows}" if self.rows is not None else "")
+            )
         if self.observed is not None:
             parts.append(f"observed {_short(self.observed)}")
         if self.examples:
@@ -101,11 +115,17 @@ class GxRunner:
         self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
         self.docs_dir = docs_dir
         if docs_dir is not None:
-            self.ctx.add_data_docs_site(site_name="hap", site_config={
-                "class_name": "SiteBuilder",
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            })
+            self.ctx.add_data_docs_site(
+                site_name="hap",
+                site_config={
+                    "class_name": "SiteBuilder",
+                    "store_backend": {
+                        "class_name": "TupleFilesystemStoreBackend",
+                        "base_directory": str(docs_dir),
+                    },
+                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                },
+            )
         self.source = self.ctx.data_sources.add_pandas("hap")
         self.examples = examples
         self._names: set[str] = set()
@@ -124,24 +144,35 @@ class GxRunner:
         if name in self._names:  # the same suite on another file (a training-set partition)
             name = f"{name}.{len(self._names)}"
         self._names.add(name)
-        return self.ctx.suites.add(self.gx.ExpectationSuite(
-            name=name, expectations=chosen, meta={**suite_json.get("meta", {}), "batch": batch}))
+        return self.ctx.suites.add(
+            self.gx.ExpectationSuite(
+                name=name, expectations=chosen, meta={**suite_json.get("meta", {}), "batch": batch}
+            )
+        )
 
-    def run(self, suite_json: dict[str, Any], batch: str, frame: pd.DataFrame, params: dict[str, Any],
-            file: str) -> list[Finding]:
+    def run(
+        self, suite_json: dict[str, Any], batch: str, frame: pd.DataFrame, params: dict[str, Any], file: str
+    ) -> list[Finding]:
         """Run the ``batch`` part of a suite on ``frame``; one ``Finding`` per expectation."""
         suite = self._suite(suite_json, batch)
         if not suite.expectations:
             return []
         asset = self.source.add_dataframe_asset(f"{suite.name}")
-        definition = self.ctx.validation_definitions.add(self.gx.ValidationDefinition(
-            name=f"{suite.name}", data=asset.add_batch_definition_whole_dataframe("whole"), suite=suite))
+        definition = self.ctx.validation_definitions.add(
+            self.gx.ValidationDefinition(
+                name=f"{suite.name}", data=asset.add_batch_definition_whole_dataframe("whole"), suite=suite
+            )
+        )
         index_cols = [c for c in ("request_id", "column") if c in frame.columns][:1] if len(frame) else []
-        result_format: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": self.examples}
+        result_format: dict[str, Any] = {
+            "result_format": "SUMMARY",
+            "partial_unexpected_count": self.examples,
+        }
         if index_cols:
             result_format["unexpected_index_column_names"] = index_cols
-        result = definition.run(batch_parameters={"dataframe": frame}, expectation_parameters=params,
-                                result_format=result_format)
+        result = definition.run(
+            batch_parameters={"dataframe": frame}, expectation_parameters=params, result_format=result_format
+        )
         return [self._finding(r, suite.name, file, len(frame)) for r in result.results]
 
     def _finding(self, res: Any, suite: str, file: str, rows: int) -> Finding:
@@ -156,17 +187,28 @@ class GxRunner:
         severity = getattr(cfg.severity, "value", str(cfg.severity or "critical")).lower()
         error = None
         if res.exception_info and res.exception_info.get("raised_exception"):
-            error = "could not run: " + str(res.exception_info.get("exception_message", "")).splitlines()[0][:300]
+            error = (
+                "could not run: " + str(res.exception_info.get("exception_message", "")).splitlines()[0][:300]
+            )
         examples = out.get("partial_unexpected_index_list") or out.get("partial_unexpected_list") or []
         observed = out.get("observed_value")
         if cfg.type == "expect_table_columns_to_match_set" and out.get("details"):
             observed = _plain(out["details"].get("mismatched"))
         return Finding(
-            file=file, suite=suite, expectation=cfg.type, success=bool(res.success), severity=severity, args=args,
-            why=(cfg.meta or {}).get("why", ""), bad_rows=out.get("unexpected_count"),
+            file=file,
+            suite=suite,
+            expectation=cfg.type,
+            success=bool(res.success),
+            severity=severity,
+            args=args,
+            why=(cfg.meta or {}).get("why", ""),
+            bad_rows=out.get("unexpected_count"),
             rows=out.get("element_count", rows if "unexpected_count" in out else None),
-            observed=_plain(observed), examples=_plain(list(examples)[: self.examples]), error=error,
-            gates=(cfg.meta or {}).get("gates", True))
+            observed=_plain(observed),
+            examples=_plain(list(examples)[: self.examples]),
+            error=error,
+            gates=(cfg.meta or {}).get("gates", True),
+        )
 
     def build_docs(self) -> Path | None:
         if self.docs_dir is None:

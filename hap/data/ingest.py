@@ -9,6 +9,7 @@ The ranking log is streamed batch by batch, so memory grows with the exposure lo
 third of the rows, and only the request-side columns are kept). Each partition is written to a
 temporary folder and renamed into place: re-running a day replaces it, never duplicates it.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -42,8 +43,10 @@ class IngestReport:
 
     def render(self) -> str:
         sources = ", ".join(f"{k}={v}" for k, v in sorted(self.by_source.items()))
-        return (f"ingested {self.date}: {self.requests} requests, {self.samples} samples ({sources}), "
-                f"{self.fullflow_rows} full-flow rows -> {', '.join(str(p) for p in self.paths)}")
+        return (
+            f"ingested {self.date}: {self.requests} requests, {self.samples} samples ({sources}), "
+            f"{self.fullflow_rows} full-flow rows -> {', '.join(str(p) for p in self.paths)}"
+        )
 
 
 # ---- reading raw logs against their contract -----------------------------------------------------
@@ -58,7 +61,9 @@ def open_raw_log(cfg: Config, date: dt.date, name: str) -> pq.ParquetFile:
         handle = pq.ParquetFile(path)
         handle.schema_arrow  # noqa: B018 - forces the footer to be parsed
     except (pa.ArrowInvalid, OSError) as err:
-        raise DataContractError(f"{path}: unreadable Parquet ({err}); the file is truncated or corrupt") from None
+        raise DataContractError(
+            f"{path}: unreadable Parquet ({err}); the file is truncated or corrupt"
+        ) from None
     check_contract(path, handle.schema_arrow, schema.RAW_LOGS[name])
     return handle
 
@@ -87,15 +92,17 @@ def _safely_castable(src: pa.DataType, dst: pa.DataType) -> bool:
     if pa.types.is_timestamp(src) and pa.types.is_timestamp(dst):
         return True
     if (pa.types.is_string(src) or pa.types.is_large_string(src) or pa.types.is_dictionary(src)) and (
-            pa.types.is_string(dst)):
+        pa.types.is_string(dst)
+    ):
         return True
     if pa.types.is_list(src) and pa.types.is_list(dst):
         return _safely_castable(src.value_type, dst.value_type)
     return False
 
 
-def read_conformed(handle: pq.ParquetFile, contract: pa.Schema, columns: list[str] | None = None,
-                   path: Path | None = None) -> pa.Table:
+def read_conformed(
+    handle: pq.ParquetFile, contract: pa.Schema, columns: list[str] | None = None, path: Path | None = None
+) -> pa.Table:
     """Read the contract columns and cast them to the contract types."""
     names = columns or contract.names
     try:
@@ -111,11 +118,11 @@ def read_conformed(handle: pq.ParquetFile, contract: pa.Schema, columns: list[st
 class _RequestSide:
     """The request-side columns, one row per request sorted by id, and the exposure lookup."""
 
-    table: pa.Table               # REQUEST_KEYS + REQUEST_FEATURES, sorted by request_id
-    request_ids: np.ndarray       # sorted unique request ids
-    exp_keys: np.ndarray          # sorted composite keys of the exposures (request_id, item_id)
-    exp_label: np.ndarray         # click, aligned with exp_keys
-    exp_position: np.ndarray      # display position, aligned with exp_keys
+    table: pa.Table  # REQUEST_KEYS + REQUEST_FEATURES, sorted by request_id
+    request_ids: np.ndarray  # sorted unique request ids
+    exp_keys: np.ndarray  # sorted composite keys of the exposures (request_id, item_id)
+    exp_label: np.ndarray  # click, aligned with exp_keys
+    exp_position: np.ndarray  # display position, aligned with exp_keys
 
 
 def _composite(request_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
@@ -134,7 +141,9 @@ def _request_side(exposure: pa.Table) -> _RequestSide:
     keys = _composite(req, exposure["item_id"].to_numpy())
     korder = np.argsort(keys, kind="stable")
     return _RequestSide(
-        table=table, request_ids=ids, exp_keys=keys[korder],
+        table=table,
+        request_ids=ids,
+        exp_keys=keys[korder],
         exp_label=exposure["click"].to_numpy()[korder],
         exp_position=exposure["position"].to_numpy()[korder],
     )
@@ -143,11 +152,16 @@ def _request_side(exposure: pa.Table) -> _RequestSide:
 def _lookup_requests(side: _RequestSide, request_ids: np.ndarray, path: Path) -> np.ndarray:
     idx = np.searchsorted(side.request_ids, request_ids)
     idx_clipped = np.minimum(idx, len(side.request_ids) - 1)
-    orphan = side.request_ids[idx_clipped] != request_ids if len(side.request_ids) else np.ones(len(request_ids), bool)
+    orphan = (
+        side.request_ids[idx_clipped] != request_ids
+        if len(side.request_ids)
+        else np.ones(len(request_ids), bool)
+    )
     if orphan.any():
         examples = np.unique(request_ids[orphan])[:5].tolist()
         raise DataContractError(
-            f"{path}: {int(orphan.sum())} row(s) belong to requests with no exposure (e.g. {examples})")
+            f"{path}: {int(orphan.sum())} row(s) belong to requests with no exposure (e.g. {examples})"
+        )
     return idx_clipped
 
 
@@ -165,11 +179,14 @@ def _join_samples(side: _RequestSide, ranking: pa.Table, path: Path) -> pa.Table
         at = np.minimum(np.searchsorted(side.exp_keys, keys), len(side.exp_keys) - 1)
         found = side.exp_keys[at] == keys
         if not found.all():
-            raise DataContractError(f"{path}: {int((~found).sum())} 'exposed' ranking row(s) have no exposure-log row")
+            raise DataContractError(
+                f"{path}: {int((~found).sum())} 'exposed' ranking row(s) have no exposure-log row"
+            )
         label[exposed] = side.exp_label[at]
         position[exposed] = side.exp_position[at]
-    source = np.where(exposed, np.where(label == 1, schema.Source.EXPOSE_POS.value, schema.Source.EXPOSE_NEG.value),
-                      src)
+    source = np.where(
+        exposed, np.where(label == 1, schema.Source.EXPOSE_POS.value, schema.Source.EXPOSE_NEG.value), src
+    )
     columns = {
         "request_id": ranking["request_id"],
         "timestamp": req_side["timestamp"],
@@ -178,7 +195,10 @@ def _join_samples(side: _RequestSide, ranking: pa.Table, path: Path) -> pa.Table
         "source": pa.array(source, pa.string()),
         "label": pa.array(label),
         "position": pa.array(position, mask=~exposed),
-        **{c: ranking[c] for c in ("retrieval_pos", "prerank_pos", "rank_pos", "content_type", "true_affinity")},
+        **{
+            c: ranking[c]
+            for c in ("retrieval_pos", "prerank_pos", "rank_pos", "content_type", "true_affinity")
+        },
         **{c: req_side[c] for c in schema.REQUEST_FEATURES},
         **{c: ranking[c] for c in schema.ITEM_FEATURES},
     }
@@ -193,16 +213,25 @@ def _join_fullflow(side: _RequestSide, fullflow: pa.Table, path: Path) -> pa.Tab
         "user_id": req_side["user_id"],
         "item_id": fullflow["item_id"],
         "label": fullflow["click"],
-        **{c: fullflow[c] for c in ("exposed", "retrieval_pos", "prerank_pos", "rank_pos", "content_type",
-                                    "true_affinity")},
+        **{
+            c: fullflow[c]
+            for c in ("exposed", "retrieval_pos", "prerank_pos", "rank_pos", "content_type", "true_affinity")
+        },
         **{c: req_side[c] for c in schema.REQUEST_FEATURES},
         **{c: fullflow[c] for c in schema.ITEM_FEATURES},
     }
     return pa.table(columns).select(schema.LAKE_FULLFLOW.names).cast(schema.LAKE_FULLFLOW)
 
 
-def _stream_join(handle: pq.ParquetFile, contract: pa.Schema, out: Path, out_schema: pa.Schema,
-                 join, side: _RequestSide, path: Path) -> tuple[int, Counter]:
+def _stream_join(
+    handle: pq.ParquetFile,
+    contract: pa.Schema,
+    out: Path,
+    out_schema: pa.Schema,
+    join,
+    side: _RequestSide,
+    path: Path,
+) -> tuple[int, Counter]:
     rows, by_source = 0, Counter()
     with pq.ParquetWriter(out, out_schema, **PARQUET_OPTIONS) as writer:
         try:
@@ -225,7 +254,15 @@ def ingest_day(cfg: Config, date: dt.date) -> IngestReport:
     date = layout.day(date)
     handles = {name: open_raw_log(cfg, date, name) for name in schema.RAW_LOGS}
     exp_path = layout.raw_log(cfg, date, "exposure")
-    exp_cols = ["request_id", "timestamp", "user_id", "item_id", "position", "click", *schema.REQUEST_FEATURES]
+    exp_cols = [
+        "request_id",
+        "timestamp",
+        "user_id",
+        "item_id",
+        "position",
+        "click",
+        *schema.REQUEST_FEATURES,
+    ]
     exposure = read_conformed(handles["exposure"], schema.EXPOSURE_LOG, exp_cols, exp_path)
     side = _request_side(exposure)
     del exposure
@@ -238,8 +275,15 @@ def ingest_day(cfg: Config, date: dt.date) -> IngestReport:
     for table, (raw, contract, out_schema, join) in targets.items():
         target = layout.lake_partition(cfg, table, date)
         with atomic_dir(target) as tmp:
-            rows, by_source = _stream_join(handles[raw], contract, tmp / PART_FILE, out_schema, join, side,
-                                           layout.raw_log(cfg, date, raw))
+            rows, by_source = _stream_join(
+                handles[raw],
+                contract,
+                tmp / PART_FILE,
+                out_schema,
+                join,
+                side,
+                layout.raw_log(cfg, date, raw),
+            )
         report.paths.append(target)
         if table == "samples":
             report.samples, report.by_source = rows, dict(by_source)

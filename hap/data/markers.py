@@ -4,6 +4,7 @@ A day may feed training only when ``validation/dt=D/_VALIDATED.json`` exists and
 not in quarantine. ``validate`` writes the marker; ``split`` and ``train`` call
 ``require_validated``.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -53,6 +54,9 @@ def require_validated(cfg: Config, dates: Iterable[dt.date | str], step: str) ->
         if is_quarantined(cfg, date):
             raise NotValidated(
                 f"{step}: day {iso} is quarantined ({layout.quarantine_day(cfg, date)}); fix the data "
-                f"and run `hap release-quarantine --date {iso}`, then `hap validate --date {iso}`")
+                f"and run `hap release-quarantine --date {iso}`, then `hap validate --date {iso}`"
+            )
         if not marker_path(cfg, date).exists():
-            raise NotValidated(f"{step}: day {iso} has not passed validation; run `hap validate --date {iso}` first")
+            raise NotValidated(
+                f"{step}: day {iso} has not passed validation; run `hap validate --date {iso}` first"
+            )

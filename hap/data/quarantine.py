@@ -8,6 +8,7 @@ when a raw log breaks its contract. ``markers.require_validated`` then refuses t
 files win and the quarantined copy is archived). The stale lake partitions are discarded; the
 day then goes through ``hap ingest`` and ``hap validate`` again.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -18,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from hap.core import layout
-from hap.data import markers
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import HapError
+from hap.data import markers
 
 RESULT_FILE = "result.json"
 RELEASED_DIR = ".released"
@@ -49,13 +50,16 @@ def quarantine_day(cfg: Config, date: dt.date | str, reason: dict[str, Any]) -> 
     for table in layout.LAKE_TABLES:
         if _move(layout.lake_partition(cfg, table, date), qdir / "lake" / table):
             moved[f"lake/{table}"] = str(qdir / "lake" / table)
-    atomic_write_json(qdir / RESULT_FILE, {
-        "date": date.isoformat(),
-        "quarantined_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "moved": moved,
-        "reason": reason,
-        "release": f"fix the data, then `hap release-quarantine --date {date}`",
-    })
+    atomic_write_json(
+        qdir / RESULT_FILE,
+        {
+            "date": date.isoformat(),
+            "quarantined_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "moved": moved,
+            "reason": reason,
+            "release": f"fix the data, then `hap release-quarantine --date {date}`",
+        },
+    )
     return qdir
 
 
@@ -66,10 +70,15 @@ class ReleaseReport:
     archived_to: Path
 
     def render(self) -> str:
-        where = ("the quarantined landing files were moved back" if self.restored_landing
-                 else "the fresh files in landing/ were kept")
-        return (f"released {self.date} from quarantine: {where}; record archived at {self.archived_to}. "
-                f"Next: `hap ingest --date {self.date}` then `hap validate --date {self.date}`")
+        where = (
+            "the quarantined landing files were moved back"
+            if self.restored_landing
+            else "the fresh files in landing/ were kept"
+        )
+        return (
+            f"released {self.date} from quarantine: {where}; record archived at {self.archived_to}. "
+            f"Next: `hap ingest --date {self.date}` then `hap validate --date {self.date}`"
+        )
 
 
 def release_quarantine(cfg: Config, date: dt.date | str) -> ReleaseReport:
@@ -82,7 +91,7 @@ def release_quarantine(cfg: Config, date: dt.date | str) -> ReleaseReport:
     restored = False
     if not landing.exists() and (qdir / "landing").exists():
         restored = _move(qdir / "landing", landing)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
     archive = cfg.path("quarantine") / RELEASED_DIR / f"{layout.partition(date)}-{stamp}"
     archive.parent.mkdir(parents=True, exist_ok=True)
     os.replace(qdir, archive)

@@ -12,7 +12,7 @@ Writes, atomically as one folder ``training/dt=D/``:
 - ``train/_data_version.json``: the content hash of the training set (``hap.versioning``).
 
 **Which day is evaluated.** The eval day is ``D + 1`` when that day has passed validation (the
-held-out day after the window, DESIGN §6; ``dvc repro`` ingests it). Otherwise — the daily run,
+held-out day after the window; ``dvc repro`` ingests it). Otherwise — the daily run,
 where tomorrow does not exist yet — it is ``D``, the last day of the window, and the chosen eval
 requests are *removed from the training rows of D*, so the eval set stays held out at request
 level. ``SplitReport.eval_day`` and ``eval_held_out_day`` record which happened.
@@ -20,6 +20,7 @@ level. ``SplitReport.eval_day`` and ``eval_held_out_day`` record which happened.
 Memory is bounded: the lake is streamed with ``pyarrow.dataset`` one row group at a time (sliced
 into ``split.batch_rows`` batches), and each difficulty buffers at most one output row group.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -36,10 +37,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from hap.core import layout, schema
-from hap.data import markers
 from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import DataContractError, HapError
+from hap.data import markers
 
 PART_FILE = "part-0.parquet"
 REPORT_FILE = "split.json"
@@ -53,9 +54,9 @@ class SplitReport:
     date: dt.date
     window: list[dt.date]
     eval_day: dt.date
-    eval_held_out_day: bool            # True: eval day is D+1; False: D, its eval requests removed from train
-    rows: int = 0                      # training rows written
-    lake_rows: int = 0                 # lake rows read from the window
+    eval_held_out_day: bool  # True: eval day is D+1; False: D, its eval requests removed from train
+    rows: int = 0  # training rows written
+    lake_rows: int = 0  # lake rows read from the window
     by_source: dict[str, int] = field(default_factory=dict)
     by_difficulty: dict[str, int] = field(default_factory=dict)
     eval_requests: int = 0
@@ -70,18 +71,22 @@ class SplitReport:
         out.pop("train_path"), out.pop("eval_path")
         out["date"], out["eval_day"] = self.date.isoformat(), self.eval_day.isoformat()
         out["window"] = [d.isoformat() for d in self.window]
-        out["by_source"], out["by_difficulty"] = dict(sorted(self.by_source.items())), dict(
-            sorted(self.by_difficulty.items()))
+        out["by_source"], out["by_difficulty"] = (
+            dict(sorted(self.by_source.items())),
+            dict(sorted(self.by_difficulty.items())),
+        )
         return out
 
     def render(self) -> str:
         eval_note = "held-out day D+1" if self.eval_held_out_day else "last window day, requests held out"
         diff = ", ".join(f"{k}={v}" for k, v in sorted(self.by_difficulty.items()))
-        return (f"split {self.date} (window {self.window[0]}..{self.window[-1]}): {self.rows} training rows "
-                f"of {self.lake_rows} ({diff}) -> {self.train_path}\n"
-                f"eval {self.eval_day} ({eval_note}): {self.eval_requests} requests, {self.eval_rows} rows "
-                f"-> {self.eval_path}\n"
-                f"data version {self.data_version}")
+        return (
+            f"split {self.date} (window {self.window[0]}..{self.window[-1]}): {self.rows} training rows "
+            f"of {self.lake_rows} ({diff}) -> {self.train_path}\n"
+            f"eval {self.eval_day} ({eval_note}): {self.eval_requests} requests, {self.eval_rows} rows "
+            f"-> {self.eval_path}\n"
+            f"data version {self.data_version}"
+        )
 
 
 # ---- deterministic hashing ------------------------------------------------------------------------
@@ -93,7 +98,9 @@ def unit_hash(request_id: np.ndarray, item_id: np.ndarray | int, salt: int) -> n
     with np.errstate(over="ignore"):
         r = np.asarray(request_id).astype(np.uint64)
         i = np.asarray(item_id).astype(np.uint64)
-        x = r * np.uint64(0x9E3779B97F4A7C15) ^ (i + np.uint64(salt & 0xFFFFFFFF)) * np.uint64(0xC2B2AE3D27D4EB4F)
+        x = r * np.uint64(0x9E3779B97F4A7C15) ^ (i + np.uint64(salt & 0xFFFFFFFF)) * np.uint64(
+            0xC2B2AE3D27D4EB4F
+        )
         x ^= x >> np.uint64(30)
         x *= np.uint64(0xBF58476D1CE4E5B9)
         x ^= x >> np.uint64(27)
@@ -111,8 +118,9 @@ def choose_eval_day(cfg: Config, date: dt.date) -> tuple[dt.date, bool]:
     return date, False
 
 
-def stream_batches(dataset: ds.Dataset, columns: list[str], batch_rows: int,
-                   filter: ds.Expression | None = None) -> Iterator[pa.RecordBatch]:
+def stream_batches(
+    dataset: ds.Dataset, columns: list[str], batch_rows: int, filter: ds.Expression | None = None
+) -> Iterator[pa.RecordBatch]:
     """Pull the lake one row group at a time, in file and row-group order.
 
     A synchronous pull keeps memory flat: peak memory is one lake row group (ingest writes them
@@ -128,8 +136,10 @@ def _lake_dataset(cfg: Config, table: str, date: dt.date) -> ds.Dataset:
     folder = layout.lake_partition(cfg, table, date)
     files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
     if not files:
-        raise HapError(f"split: no lake data at {folder} although {date} is marked validated; "
-                       f"run `hap ingest --date {date}` and `hap validate --date {date}`")
+        raise HapError(
+            f"split: no lake data at {folder} although {date} is marked validated; "
+            f"run `hap ingest --date {date}` and `hap validate --date {date}`"
+        )
     return ds.dataset([str(p) for p in files], format="parquet")
 
 
@@ -148,8 +158,12 @@ def _write_eval_set(cfg: Config, eval_day: dt.date, request_ids: np.ndarray, out
     feature_cols = [c for c in schema.EVAL_SET.names if c != "dt"]
     rows = 0
     with pq.ParquetWriter(out, schema.EVAL_SET, **PARQUET_OPTIONS) as writer:
-        for batch in stream_batches(dataset, feature_cols, cfg.split.batch_rows,
-                                    filter=pc.is_in(ds.field("request_id"), value_set=keep)):
+        for batch in stream_batches(
+            dataset,
+            feature_cols,
+            cfg.split.batch_rows,
+            filter=pc.is_in(ds.field("request_id"), value_set=keep),
+        ):
             if batch.num_rows == 0:
                 continue
             table = pa.Table.from_batches([batch])
@@ -181,9 +195,12 @@ class _PartitionWriter:
         if difficulty not in self.writers:
             folder = self.root / f"difficulty={difficulty}"
             folder.mkdir(parents=True, exist_ok=True)
-            self.writers[difficulty] = pq.ParquetWriter(folder / PART_FILE, schema.TRAINING_SET, **PARQUET_OPTIONS)
-        self.writers[difficulty].write_table(pa.concat_tables(self.buffers[difficulty]),
-                                             row_group_size=self.row_group_rows)
+            self.writers[difficulty] = pq.ParquetWriter(
+                folder / PART_FILE, schema.TRAINING_SET, **PARQUET_OPTIONS
+            )
+        self.writers[difficulty].write_table(
+            pa.concat_tables(self.buffers[difficulty]), row_group_size=self.row_group_rows
+        )
         self.buffers[difficulty], self.buffered[difficulty] = [], 0
 
     def close(self) -> None:
@@ -193,8 +210,9 @@ class _PartitionWriter:
             writer.close()
 
 
-def _label_batch(batch: pa.RecordBatch, day: dt.date, cfg: Config, ratios: np.ndarray,
-                 drop_requests: pa.Array | None) -> tuple[pa.Table, np.ndarray]:
+def _label_batch(
+    batch: pa.RecordBatch, day: dt.date, cfg: Config, ratios: np.ndarray, drop_requests: pa.Array | None
+) -> tuple[pa.Table, np.ndarray]:
     """Sample one lake batch and add ``dt``, ``group``, ``difficulty``; returns the rows and their
     source index (into ``schema.SOURCES``)."""
     src_idx = pc.index_in(batch["source"], value_set=pa.array(schema.SOURCES))
@@ -202,23 +220,29 @@ def _label_batch(batch: pa.RecordBatch, day: dt.date, cfg: Config, ratios: np.nd
         bad = pc.unique(pc.filter(batch["source"], pc.is_null(src_idx))).to_pylist()[:5]
         raise DataContractError(f"split: unknown sample source(s) {bad} in the lake for {day}")
     idx = src_idx.to_numpy(zero_copy_only=False).astype(np.int64)
-    keep = unit_hash(batch["request_id"].to_numpy(), batch["item_id"].to_numpy(), cfg.split.seed) < ratios[idx]
+    keep = (
+        unit_hash(batch["request_id"].to_numpy(), batch["item_id"].to_numpy(), cfg.split.seed) < ratios[idx]
+    )
     if drop_requests is not None:
         keep &= ~pc.is_in(batch["request_id"], value_set=drop_requests).to_numpy(zero_copy_only=False)
     table = pa.Table.from_batches([batch]).filter(pa.array(keep))
     idx = idx[keep]
     groups = np.array([schema.GROUP_OF_SOURCE[s] for s in schema.SOURCES], dtype=object)
     diffs = np.array([schema.DIFFICULTY_OF_SOURCE[s] for s in schema.SOURCES], dtype=object)
-    table = (table.append_column("dt", pa.array([day.isoformat()] * table.num_rows, pa.string()))
-             .append_column("group", pa.array(groups[idx], pa.string()))
-             .append_column("difficulty", pa.array(diffs[idx], pa.string())))
+    table = (
+        table.append_column("dt", pa.array([day.isoformat()] * table.num_rows, pa.string()))
+        .append_column("group", pa.array(groups[idx], pa.string()))
+        .append_column("difficulty", pa.array(diffs[idx], pa.string()))
+    )
     return table.select(schema.TRAINING_SET.names).cast(schema.TRAINING_SET), idx
 
 
 def _sample_ratios(cfg: Config) -> np.ndarray:
     unknown = set(cfg.split.sample_ratio) - set(schema.SOURCES)
     if unknown:
-        raise HapError(f"split.sample_ratio: unknown source(s) {sorted(unknown)}; known: {list(schema.SOURCES)}")
+        raise HapError(
+            f"split.sample_ratio: unknown source(s) {sorted(unknown)}; known: {list(schema.SOURCES)}"
+        )
     ratios = np.array([float(cfg.split.sample_ratio.get(s, 1.0)) for s in schema.SOURCES])
     if ((ratios < 0) | (ratios > 1)).any():
         raise HapError(f"split.sample_ratio: every ratio must be in [0, 1], got {cfg.split.sample_ratio}")

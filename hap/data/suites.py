@@ -19,19 +19,25 @@ new upstream column is additive and ingest keeps only contract columns, so it ca
 training; failing would stop daily retraining for a harmless change. A renamed column still
 fails, because its contract name is then missing. ``extra_columns: fail`` makes it critical.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
-
 from hap.core import schema
 from hap.core.config import REPO_ROOT
 
 SUITE_DIR = REPO_ROOT / "expectations"
-SUITE_FILES = {"exposure": "exposure_log.json", "ranking": "ranking_log.json", "training_set": "training_set.json"}
-EXTRA_COLUMNS_NOTE = "extra_columns"  # meta.check of the expectation whose severity follows validation.extra_columns
+SUITE_FILES = {
+    "exposure": "exposure_log.json",
+    "ranking": "ranking_log.json",
+    "training_set": "training_set.json",
+}
+EXTRA_COLUMNS_NOTE = (
+    "extra_columns"  # meta.check of the expectation whose severity follows validation.extra_columns
+)
 
 
 def P(name: str) -> dict[str, str]:
@@ -55,106 +61,297 @@ def _schema_part() -> list[dict[str, Any]]:
     Arrow type found, the contract type, and the column's null count (``hap.validation_frames``)."""
     why_extra = "no unknown column (warning by default: an additive upstream change, dropped at ingest)"
     return [
-        _e("expect_column_values_to_be_in_set", "schema", "every contract column is present",
-           column="in_file", value_set=[True]),
-        {**_e("expect_column_values_to_be_in_set", "schema", why_extra, severity="warning",
-              column="in_contract", value_set=[True]),
-         "meta": {"batch": "schema", "check": EXTRA_COLUMNS_NOTE, "why": why_extra}},
-        _e("expect_column_pair_values_to_be_equal", "schema", "each column has its contract Arrow type",
-           column_A="arrow_type", column_B="contract_type", row_condition="in_file & in_contract",
-           condition_parser="pandas"),
-        {**_e("expect_column_values_to_be_between", "schema", "non-nullable contract columns hold no null",
-              column="null_count", max_value=0, row_condition="in_file & in_contract & ~nullable & ~key",
-              condition_parser="pandas"),
-         "meta": {"batch": "schema", "gates": False, "why": "non-key, non-nullable contract columns hold no null "
-                  "(keys are checked row by row)"}},
+        _e(
+            "expect_column_values_to_be_in_set",
+            "schema",
+            "every contract column is present",
+            column="in_file",
+            value_set=[True],
+        ),
+        {
+            **_e(
+                "expect_column_values_to_be_in_set",
+                "schema",
+                why_extra,
+                severity="warning",
+                column="in_contract",
+                value_set=[True],
+            ),
+            "meta": {"batch": "schema", "check": EXTRA_COLUMNS_NOTE, "why": why_extra},
+        },
+        _e(
+            "expect_column_pair_values_to_be_equal",
+            "schema",
+            "each column has its contract Arrow type",
+            column_A="arrow_type",
+            column_B="contract_type",
+            row_condition="in_file & in_contract",
+            condition_parser="pandas",
+        ),
+        {
+            **_e(
+                "expect_column_values_to_be_between",
+                "schema",
+                "non-nullable contract columns hold no null",
+                column="null_count",
+                max_value=0,
+                row_condition="in_file & in_contract & ~nullable & ~key",
+                condition_parser="pandas",
+            ),
+            "meta": {
+                "batch": "schema",
+                "gates": False,
+                "why": "non-key, non-nullable contract columns hold no null (keys are checked row by row)",
+            },
+        },
     ]
 
 
 def _not_null(table: str) -> list[dict[str, Any]]:
-    return [_e("expect_column_values_to_not_be_null", "rows", f"key column {c} is never null", column=c)
-            for c in KEY_COLUMNS[table]]
+    return [
+        _e("expect_column_values_to_not_be_null", "rows", f"key column {c} is never null", column=c)
+        for c in KEY_COLUMNS[table]
+    ]
 
 
 def exposure_suite() -> dict[str, Any]:
     ex = [
         *_schema_part(),
-        _e("expect_table_row_count_to_be_between", "rows",
-           "not empty, and volume within a tolerance of the trailing median",
-           min_value=P("exposure_rows_min"), max_value=P("exposure_rows_max")),
+        _e(
+            "expect_table_row_count_to_be_between",
+            "rows",
+            "not empty, and volume within a tolerance of the trailing median",
+            min_value=P("exposure_rows_min"),
+            max_value=P("exposure_rows_max"),
+        ),
         *_not_null("exposure"),
-        _e("expect_compound_columns_to_be_unique", "rows", "one row per exposed item of a request",
-           column_list=["request_id", "item_id"]),
-        _e("expect_compound_columns_to_be_unique", "rows", "one item per display slot of a request",
-           column_list=["request_id", "position"]),
-        _e("expect_column_values_to_be_between", "rows", "display positions are 1-based", column="position",
-           min_value=1),
-        *[_e("expect_column_values_to_be_in_set", "rows", f"{col} is a 0/1 label", column=col, value_set=[0, 1])
-          for col in ("click", "like", "comment", "share")],
-        _e("expect_column_values_to_be_between", "rows", "dwell time is not negative", column="dwell", min_value=0),
-        _e("expect_column_values_to_be_between", "rows", "content types are non-negative codes",
-           column="content_type", min_value=0),
-        _e("expect_column_values_to_be_between", "rows", "timestamps fall inside the partition's UTC day",
-           column="timestamp", min_value=P("day_start"), max_value=P("day_end"), strict_max=True),
-        _e("expect_column_values_to_be_between", "rows", "the recent-click sequence is not empty",
-           column="u_click_seq_len", min_value=1),
-        _e("expect_column_values_to_not_be_null", "rows", "the recent-click sequence is present",
-           column="u_click_seq_len"),
-        _e("expect_column_values_to_be_in_set", "rows",
-           "referential integrity: every exposure has a ranking-log row (source 'exposed')",
-           column="has_ranking_row", value_set=[True]),
-        _e("expect_column_mean_to_be_between", "rows", "CTR within bounds (a CTR of 0 is a broken click log)",
-           column="click", min_value=P("ctr_min"), max_value=P("ctr_max")),
+        _e(
+            "expect_compound_columns_to_be_unique",
+            "rows",
+            "one row per exposed item of a request",
+            column_list=["request_id", "item_id"],
+        ),
+        _e(
+            "expect_compound_columns_to_be_unique",
+            "rows",
+            "one item per display slot of a request",
+            column_list=["request_id", "position"],
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "display positions are 1-based",
+            column="position",
+            min_value=1,
+        ),
+        *[
+            _e(
+                "expect_column_values_to_be_in_set",
+                "rows",
+                f"{col} is a 0/1 label",
+                column=col,
+                value_set=[0, 1],
+            )
+            for col in ("click", "like", "comment", "share")
+        ],
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "dwell time is not negative",
+            column="dwell",
+            min_value=0,
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "content types are non-negative codes",
+            column="content_type",
+            min_value=0,
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "timestamps fall inside the partition's UTC day",
+            column="timestamp",
+            min_value=P("day_start"),
+            max_value=P("day_end"),
+            strict_max=True,
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "the recent-click sequence is not empty",
+            column="u_click_seq_len",
+            min_value=1,
+        ),
+        _e(
+            "expect_column_values_to_not_be_null",
+            "rows",
+            "the recent-click sequence is present",
+            column="u_click_seq_len",
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "referential integrity: every exposure has a ranking-log row (source 'exposed')",
+            column="has_ranking_row",
+            value_set=[True],
+        ),
+        _e(
+            "expect_column_mean_to_be_between",
+            "rows",
+            "CTR within bounds (a CTR of 0 is a broken click log)",
+            column="click",
+            min_value=P("ctr_min"),
+            max_value=P("ctr_max"),
+        ),
     ]
-    return {"name": "exposure_log", "expectations": ex,
-            "meta": {"table": "exposure", "contract": "hap.core.schema.EXPOSURE_LOG", "generated_by": "hap.data.suites"}}
+    return {
+        "name": "exposure_log",
+        "expectations": ex,
+        "meta": {
+            "table": "exposure",
+            "contract": "hap.core.schema.EXPOSURE_LOG",
+            "generated_by": "hap.data.suites",
+        },
+    }
 
 
 def ranking_suite() -> dict[str, Any]:
     src = 'source=="{}"'.format
     ex = [
         *_schema_part(),
-        _e("expect_table_row_count_to_be_between", "rows",
-           "not empty, and volume within a tolerance of the trailing median",
-           min_value=P("ranking_rows_min"), max_value=P("ranking_rows_max")),
+        _e(
+            "expect_table_row_count_to_be_between",
+            "rows",
+            "not empty, and volume within a tolerance of the trailing median",
+            min_value=P("ranking_rows_min"),
+            max_value=P("ranking_rows_max"),
+        ),
         *_not_null("ranking"),
-        _e("expect_compound_columns_to_be_unique", "rows", "key: (request_id, item_id, source) is unique",
-           column_list=["request_id", "item_id", "source"]),
-        _e("expect_column_values_to_be_in_set", "rows", "source is a known ranking-log source", column="source",
-           value_set=list(schema.RANKING_SOURCES)),
-        *[_e("expect_column_values_to_be_between", "rows", f"{col} is 1-based where present", column=col,
-             min_value=1) for col in ("retrieval_pos", "prerank_pos", "rank_pos")],
-        _e("expect_column_values_to_be_between", "rows", "content types are non-negative codes",
-           column="content_type", min_value=0),
-        _e("expect_column_values_to_not_be_null", "rows", "a rank_neg passed the ranking stage", column="rank_pos",
-           row_condition=src("rank_neg"), condition_parser="pandas"),
-        _e("expect_column_values_to_be_between", "rows", "rank_neg are ranked below the ranking cut (> 50)",
-           column="rank_pos", min_value=P("rank_neg_min_pos"), row_condition=src("rank_neg"),
-           condition_parser="pandas"),
-        _e("expect_column_values_to_not_be_null", "rows", "a prerank_neg passed the pre-ranking stage",
-           column="prerank_pos", row_condition=src("prerank_neg"), condition_parser="pandas"),
-        _e("expect_column_values_to_be_between", "rows",
-           "prerank_neg are pre-ranked below the pre-ranking cut (> 200)",
-           column="prerank_pos", min_value=P("prerank_neg_min_pos"), row_condition=src("prerank_neg"),
-           condition_parser="pandas"),
-        _e("expect_column_values_to_be_between", "rows", "exposed items come from the ranking top",
-           column="rank_pos", min_value=1, max_value=P("rank_keep"), row_condition=src("exposed"),
-           condition_parser="pandas"),
-        _e("expect_column_values_to_be_between", "requests", "every logged request has at least one exposure",
-           column="n_exposures", min_value=1),
-        _e("expect_column_values_to_be_between", "requests",
-           "every exposure of a request is logged in the ranking log and vice versa",
-           column="exposed_gap", min_value=0, max_value=0),
-        _e("expect_column_values_to_be_between", "requests", "sampling: rank_neg per request",
-           column="n_rank_neg", min_value=P("rank_neg_per_request"), max_value=P("rank_neg_per_request")),
-        _e("expect_column_values_to_be_between", "requests", "sampling: prerank_neg per request",
-           column="n_prerank_neg", min_value=P("prerank_neg_per_request"), max_value=P("prerank_neg_per_request")),
-        _e("expect_column_values_to_be_between", "requests",
-           "sampling: global_neg_per_pos global negatives per click (n_global_neg - per_pos * clicks == 0)",
-           column="global_neg_gap", min_value=0, max_value=0),
+        _e(
+            "expect_compound_columns_to_be_unique",
+            "rows",
+            "key: (request_id, item_id, source) is unique",
+            column_list=["request_id", "item_id", "source"],
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "source is a known ranking-log source",
+            column="source",
+            value_set=list(schema.RANKING_SOURCES),
+        ),
+        *[
+            _e(
+                "expect_column_values_to_be_between",
+                "rows",
+                f"{col} is 1-based where present",
+                column=col,
+                min_value=1,
+            )
+            for col in ("retrieval_pos", "prerank_pos", "rank_pos")
+        ],
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "content types are non-negative codes",
+            column="content_type",
+            min_value=0,
+        ),
+        _e(
+            "expect_column_values_to_not_be_null",
+            "rows",
+            "a rank_neg passed the ranking stage",
+            column="rank_pos",
+            row_condition=src("rank_neg"),
+            condition_parser="pandas",
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "rank_neg are ranked below the ranking cut (> 50)",
+            column="rank_pos",
+            min_value=P("rank_neg_min_pos"),
+            row_condition=src("rank_neg"),
+            condition_parser="pandas",
+        ),
+        _e(
+            "expect_column_values_to_not_be_null",
+            "rows",
+            "a prerank_neg passed the pre-ranking stage",
+            column="prerank_pos",
+            row_condition=src("prerank_neg"),
+            condition_parser="pandas",
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "prerank_neg are pre-ranked below the pre-ranking cut (> 200)",
+            column="prerank_pos",
+            min_value=P("prerank_neg_min_pos"),
+            row_condition=src("prerank_neg"),
+            condition_parser="pandas",
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "exposed items come from the ranking top",
+            column="rank_pos",
+            min_value=1,
+            max_value=P("rank_keep"),
+            row_condition=src("exposed"),
+            condition_parser="pandas",
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "requests",
+            "every logged request has at least one exposure",
+            column="n_exposures",
+            min_value=1,
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "requests",
+            "every exposure of a request is logged in the ranking log and vice versa",
+            column="exposed_gap",
+            min_value=0,
+            max_value=0,
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "requests",
+            "sampling: rank_neg per request",
+            column="n_rank_neg",
+            min_value=P("rank_neg_per_request"),
+            max_value=P("rank_neg_per_request"),
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "requests",
+            "sampling: prerank_neg per request",
+            column="n_prerank_neg",
+            min_value=P("prerank_neg_per_request"),
+            max_value=P("prerank_neg_per_request"),
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "requests",
+            "sampling: global_neg_per_pos global negatives per click (n_global_neg - per_pos * clicks == 0)",
+            column="global_neg_gap",
+            min_value=0,
+            max_value=0,
+        ),
     ]
-    return {"name": "ranking_log", "expectations": ex,
-            "meta": {"table": "ranking", "contract": "hap.core.schema.RANKING_LOG", "generated_by": "hap.data.suites"}}
+    return {
+        "name": "ranking_log",
+        "expectations": ex,
+        "meta": {
+            "table": "ranking",
+            "contract": "hap.core.schema.RANKING_LOG",
+            "generated_by": "hap.data.suites",
+        },
+    }
 
 
 def training_set_suite() -> dict[str, Any]:
@@ -163,35 +360,105 @@ def training_set_suite() -> dict[str, Any]:
         *_schema_part(),
         _e("expect_table_row_count_to_be_between", "rows", "the training set is not empty", min_value=1),
         *_not_null("training_set"),
-        _e("expect_compound_columns_to_be_unique", "rows", "key: (dt, request_id, item_id, source) is unique",
-           column_list=["dt", "request_id", "item_id", "source"]),
-        _e("expect_column_values_to_be_in_set", "rows", "known source", column="source", value_set=list(schema.SOURCES)),
-        _e("expect_column_values_to_be_in_set", "rows", "known group", column="group",
-           value_set=sorted(set(schema.GROUP_OF_SOURCE.values()))),
-        _e("expect_column_values_to_be_in_set", "rows", "known difficulty", column="difficulty",
-           value_set=[d.value for d in schema.Difficulty]),
+        _e(
+            "expect_compound_columns_to_be_unique",
+            "rows",
+            "key: (dt, request_id, item_id, source) is unique",
+            column_list=["dt", "request_id", "item_id", "source"],
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "known source",
+            column="source",
+            value_set=list(schema.SOURCES),
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "known group",
+            column="group",
+            value_set=sorted(set(schema.GROUP_OF_SOURCE.values())),
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "known difficulty",
+            column="difficulty",
+            value_set=[d.value for d in schema.Difficulty],
+        ),
         _e("expect_column_values_to_be_in_set", "rows", "labels are 0/1", column="label", value_set=[0, 1]),
-        _e("expect_column_values_to_be_in_set", "rows", "positives are labelled 1", column="label", value_set=[1],
-           row_condition='source=="expose_pos"', condition_parser="pandas"),
-        _e("expect_column_values_to_be_in_set", "rows", "negatives are labelled 0", column="label", value_set=[0],
-           row_condition='source!="expose_pos"', condition_parser="pandas"),
-        _e("expect_column_values_to_be_in_set", "rows", "hard sources sit in the hard partition",
-           column="difficulty", value_set=["hard"], row_condition=src(list(schema.HARD_SOURCES)),
-           condition_parser="pandas"),
-        _e("expect_column_values_to_be_in_set", "rows", "easy sources sit in the easy partition",
-           column="difficulty", value_set=["easy"], row_condition=src(list(schema.EASY_SOURCES)),
-           condition_parser="pandas"),
-        _e("expect_column_values_to_be_in_set", "rows", "the Hive partition folder matches the difficulty column",
-           column="partition_matches", value_set=[True]),
-        _e("expect_column_values_to_be_between", "rows", "rank_neg are ranked below the ranking cut",
-           column="rank_pos", min_value=P("rank_neg_min_pos"), row_condition='source=="rank_neg"',
-           condition_parser="pandas"),
-        _e("expect_column_values_to_be_between", "rows", "prerank_neg are pre-ranked below the pre-ranking cut",
-           column="prerank_pos", min_value=P("prerank_neg_min_pos"), row_condition='source=="prerank_neg"',
-           condition_parser="pandas"),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "positives are labelled 1",
+            column="label",
+            value_set=[1],
+            row_condition='source=="expose_pos"',
+            condition_parser="pandas",
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "negatives are labelled 0",
+            column="label",
+            value_set=[0],
+            row_condition='source!="expose_pos"',
+            condition_parser="pandas",
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "hard sources sit in the hard partition",
+            column="difficulty",
+            value_set=["hard"],
+            row_condition=src(list(schema.HARD_SOURCES)),
+            condition_parser="pandas",
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "easy sources sit in the easy partition",
+            column="difficulty",
+            value_set=["easy"],
+            row_condition=src(list(schema.EASY_SOURCES)),
+            condition_parser="pandas",
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "the Hive partition folder matches the difficulty column",
+            column="partition_matches",
+            value_set=[True],
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "rank_neg are ranked below the ranking cut",
+            column="rank_pos",
+            min_value=P("rank_neg_min_pos"),
+            row_condition='source=="rank_neg"',
+            condition_parser="pandas",
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "prerank_neg are pre-ranked below the pre-ranking cut",
+            column="prerank_pos",
+            min_value=P("prerank_neg_min_pos"),
+            row_condition='source=="prerank_neg"',
+            condition_parser="pandas",
+        ),
     ]
-    return {"name": "training_set", "expectations": ex,
-            "meta": {"table": "training_set", "contract": "hap.core.schema.TRAINING_SET", "generated_by": "hap.data.suites"}}
+    return {
+        "name": "training_set",
+        "expectations": ex,
+        "meta": {
+            "table": "training_set",
+            "contract": "hap.core.schema.TRAINING_SET",
+            "generated_by": "hap.data.suites",
+        },
+    }
 
 
 BUILDERS = {"exposure": exposure_suite, "ranking": ranking_suite, "training_set": training_set_suite}

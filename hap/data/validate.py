@@ -14,6 +14,7 @@ Unreadable input (missing day or file, zero bytes, truncated Parquet) fails the 
 volume check compares the row count with the median of the trailing days that passed, read from
 their summaries; thresholds are in ``params.yaml`` under ``validation:``.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -28,18 +29,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hap.core import layout, schema
-from hap.data import markers
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import HapError, ValidationFailed
+from hap.data import frames as vf
+from hap.data import markers
 from hap.data.gx_runner import Finding, GxRunner
 from hap.data.quarantine import quarantine_day, release_quarantine  # noqa: F401 - the public API lives here too
 from hap.data.suites import KEY_COLUMNS, load_suite_json
-from hap.data import frames as vf
 
 SUMMARY_FILE = "summary.json"
 DOCS_DIR = "docs"
-SUITED = ("exposure", "ranking")      # raw logs with a GX suite; fullflow is checked for readability and columns
+SUITED = ("exposure", "ranking")  # raw logs with a GX suite; fullflow is checked for readability and columns
 
 
 @dataclass
@@ -73,24 +74,32 @@ class ValidationReport:
             "failed": [f.to_dict() for f in self.failures],
             "warnings": [f.to_dict() for f in self.warnings],
             "passed": sum(f.success for f in self.findings),
-            "params": {k: str(v) if isinstance(v, (dt.datetime, dt.date)) else v for k, v in self.params.items()},
+            "params": {
+                k: str(v) if isinstance(v, (dt.datetime, dt.date)) else v for k, v in self.params.items()
+            },
             "docs": str(self.docs) if self.docs else None,
             "seconds": round(self.seconds, 3),
         }
 
     def render(self) -> str:
         if self.success:
-            head = (f"validated {self.date}: {len(self.findings)} expectations passed "
-                    f"({', '.join(f'{k}={v}' for k, v in self.rows.items())} rows) in {self.seconds:.1f}s")
+            head = (
+                f"validated {self.date}: {len(self.findings)} expectations passed "
+                f"({', '.join(f'{k}={v}' for k, v in self.rows.items())} rows) in {self.seconds:.1f}s"
+            )
         else:
-            head = (f"validation of {self.date} failed: {len(self.failures)} failed expectation(s) "
-                    f"of {len(self.findings)}")
+            head = (
+                f"validation of {self.date} failed: {len(self.failures)} failed expectation(s) "
+                f"of {len(self.findings)}"
+            )
         lines = [head]
         lines += [f"  FAIL {f.render()}" for f in self.failures]
         lines += [f"  WARN {f.render()}" for f in self.warnings]
         if self.quarantined_to:
-            lines.append(f"  the day was moved to {self.quarantined_to}; fix the data, then run "
-                         f"`hap release-quarantine --date {self.date}`")
+            lines.append(
+                f"  the day was moved to {self.quarantined_to}; fix the data, then run "
+                f"`hap release-quarantine --date {self.date}`"
+            )
         if self.docs:
             lines.append(f"  Data Docs: {self.docs}")
         return "\n".join(lines)
@@ -121,11 +130,15 @@ def suite_params(cfg: Config, date: dt.date) -> dict[str, Any]:
     v, sim = cfg.validation, cfg.simulate
     start = pd.Timestamp(date.isoformat(), tz="UTC")
     params: dict[str, Any] = {
-        "day_start": start, "day_end": start + pd.Timedelta(days=1),
-        "ctr_min": v.ctr_min, "ctr_max": v.ctr_max,
-        "rank_keep": sim.rank_keep, "rank_neg_min_pos": sim.rank_keep + 1,
+        "day_start": start,
+        "day_end": start + pd.Timedelta(days=1),
+        "ctr_min": v.ctr_min,
+        "ctr_max": v.ctr_max,
+        "rank_keep": sim.rank_keep,
+        "rank_neg_min_pos": sim.rank_keep + 1,
         "prerank_neg_min_pos": sim.prerank_keep + 1,
-        "rank_neg_per_request": sim.rank_neg_per_request, "prerank_neg_per_request": sim.prerank_neg_per_request,
+        "rank_neg_per_request": sim.rank_neg_per_request,
+        "prerank_neg_per_request": sim.prerank_neg_per_request,
     }
     history = trailing_rows(cfg, date)
     for t in SUITED:
@@ -141,8 +154,14 @@ def suite_params(cfg: Config, date: dt.date) -> dict[str, Any]:
 
 # ---- running the checks --------------------------------------------------------------------------------
 def _problem_finding(problem: vf.ReadProblem, suite: str) -> Finding:
-    return Finding(file=problem.file, suite=suite, expectation=problem.check, success=False,
-                   why="the file must be readable Parquet", error=problem.message)
+    return Finding(
+        file=problem.file,
+        suite=suite,
+        expectation=problem.check,
+        success=False,
+        why="the file must be readable Parquet",
+        error=problem.message,
+    )
 
 
 def check_day(cfg: Config, date: dt.date, docs_dir: Path | None = None) -> ValidationReport:
@@ -151,9 +170,16 @@ def check_day(cfg: Config, date: dt.date, docs_dir: Path | None = None) -> Valid
     report = ValidationReport(date=date, params=suite_params(cfg, date))
     landing = layout.landing_day(cfg, date)
     if not landing.exists():
-        report.findings.append(Finding(
-            file=str(landing), suite="landing", expectation="day_exists", success=False,
-            why="a day of logs must have landed", error=f"missing day: {landing} does not exist"))
+        report.findings.append(
+            Finding(
+                file=str(landing),
+                suite="landing",
+                expectation="day_exists",
+                success=False,
+                why="a day of logs must have landed",
+                error=f"missing day: {landing} does not exist",
+            )
+        )
         report.seconds = time.perf_counter() - started
         return report
 
@@ -171,33 +197,62 @@ def check_day(cfg: Config, date: dt.date, docs_dir: Path | None = None) -> Valid
     params = report.params
     for name in SUITED:
         if name in tables:
-            report.findings += runner.run(suites[name], "schema", vf.schema_frame(tables[name], schema.RAW_LOGS[name], KEY_COLUMNS[name]), params,
-                                          str(layout.raw_log(cfg, date, name)))
+            report.findings += runner.run(
+                suites[name],
+                "schema",
+                vf.schema_frame(tables[name], schema.RAW_LOGS[name], KEY_COLUMNS[name]),
+                params,
+                str(layout.raw_log(cfg, date, name)),
+            )
     if "fullflow" in tables:
         missing = [c for c in schema.FULLFLOW_LOG.names if c not in tables["fullflow"].column_names]
-        report.findings.append(Finding(
-            file=str(layout.raw_log(cfg, date, "fullflow")), suite="fullflow_log", expectation="columns_present",
-            success=not missing, why="every contract column is present", observed=missing or None))
+        report.findings.append(
+            Finding(
+                file=str(layout.raw_log(cfg, date, "fullflow")),
+                suite="fullflow_log",
+                expectation="columns_present",
+                success=not missing,
+                why="every contract column is present",
+                observed=missing or None,
+            )
+        )
 
     if not any(f.failed and f.gates for f in report.findings) and all(n in tables for n in SUITED):
         exposure, ranking = tables["exposure"], tables["ranking"]
         exp_file, rank_file = (str(layout.raw_log(cfg, date, n)) for n in SUITED)
-        report.findings += runner.run(suites["exposure"], "rows", vf.exposure_rows(exposure, ranking), params,
-                                      exp_file)
+        report.findings += runner.run(
+            suites["exposure"], "rows", vf.exposure_rows(exposure, ranking), params, exp_file
+        )
         report.findings += runner.run(suites["ranking"], "rows", vf.ranking_rows(ranking), params, rank_file)
         per_request = vf.requests_frame(exposure, ranking, cfg.simulate.global_neg_per_pos)
-        report.findings += runner.run(suites["ranking"], "requests", per_request, params,
-                                      f"{rank_file} + {exp_file} (per request)")
+        report.findings += runner.run(
+            suites["ranking"], "requests", per_request, params, f"{rank_file} + {exp_file} (per request)"
+        )
     elif tables:
-        report.findings.append(Finding(
-            file=str(landing), suite="landing", expectation="row_checks", success=True, severity="warning",
-            why="row-level and per-request checks skipped: a file is unreadable or breaks the schema"))
+        report.findings.append(
+            Finding(
+                file=str(landing),
+                suite="landing",
+                expectation="row_checks",
+                success=True,
+                severity="warning",
+                why="row-level and per-request checks skipped: a file is unreadable or breaks the schema",
+            )
+        )
     del tables
     try:
         report.docs = runner.build_docs()
     except Exception as err:  # Data Docs are a convenience; a rendering bug must not hide the verdict
-        report.findings.append(Finding(file=str(docs_dir), suite="docs", expectation="build_data_docs",
-                                       success=False, severity="warning", error=str(err)[:300]))
+        report.findings.append(
+            Finding(
+                file=str(docs_dir),
+                suite="docs",
+                expectation="build_data_docs",
+                success=False,
+                severity="warning",
+                error=str(err)[:300],
+            )
+        )
     report.seconds = time.perf_counter() - started
     return report
 
@@ -207,12 +262,16 @@ def _check_lake(cfg: Config, date: dt.date, report: ValidationReport) -> None:
     part = layout.lake_partition(cfg, "samples", date)
     files = sorted(part.glob("*.parquet")) if part.exists() else []
     if not files or not layout.lake_partition(cfg, "fullflow", date).exists():
-        raise HapError(f"validate: the raw logs of {date} pass, but the lake partition {part} is missing; "
-                       f"run `hap ingest --date {date}` first, then `hap validate --date {date}`")
+        raise HapError(
+            f"validate: the raw logs of {date} pass, but the lake partition {part} is missing; "
+            f"run `hap ingest --date {date}` first, then `hap validate --date {date}`"
+        )
     lake_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     if lake_rows != report.rows.get("ranking"):
-        raise HapError(f"validate: the lake partition {part} has {lake_rows} rows but the ranking log has "
-                       f"{report.rows.get('ranking')}: it is stale; re-run `hap ingest --date {date}`")
+        raise HapError(
+            f"validate: the lake partition {part} has {lake_rows} rows but the ranking log has "
+            f"{report.rows.get('ranking')}: it is stale; re-run `hap ingest --date {date}`"
+        )
 
 
 def validate_day(cfg: Config, date: dt.date | str) -> ValidationReport:
@@ -221,7 +280,8 @@ def validate_day(cfg: Config, date: dt.date | str) -> ValidationReport:
     if markers.is_quarantined(cfg, date):
         raise ValidationFailed(
             f"validate: {date} is in quarantine ({layout.quarantine_day(cfg, date)}); fix the data, run "
-            f"`hap release-quarantine --date {date}`, `hap ingest --date {date}`, then validate again")
+            f"`hap release-quarantine --date {date}`, `hap ingest --date {date}`, then validate again"
+        )
     markers.clear_marker(cfg, date)
     out_dir = layout.validation_day(cfg, date)
     docs_dir = out_dir / DOCS_DIR if cfg.validation.data_docs else None
@@ -235,8 +295,16 @@ def validate_day(cfg: Config, date: dt.date | str) -> ValidationReport:
     _check_lake(cfg, date, report)
     summary = report.to_dict()
     atomic_write_json(out_dir / SUMMARY_FILE, summary)
-    markers.mark_validated(cfg, date, {"summary": str(out_dir / SUMMARY_FILE), "rows": report.rows,
-                                       "warnings": len(report.warnings), "docs": summary["docs"]})
+    markers.mark_validated(
+        cfg,
+        date,
+        {
+            "summary": str(out_dir / SUMMARY_FILE),
+            "rows": report.rows,
+            "warnings": len(report.warnings),
+            "docs": summary["docs"],
+        },
+    )
     return report
 
 
@@ -249,8 +317,15 @@ def check_training_set(cfg: Config, date: dt.date | str, docs_dir: Path | None =
     report = ValidationReport(date=date, params=suite_params(cfg, date))
     files = sorted(root.glob("difficulty=*/*.parquet")) if root.exists() else []
     if not files:
-        report.findings.append(Finding(file=str(root), suite="training_set", expectation="files_exist",
-                                       success=False, error="no training set files"))
+        report.findings.append(
+            Finding(
+                file=str(root),
+                suite="training_set",
+                expectation="files_exist",
+                success=False,
+                error="no training set files",
+            )
+        )
         return report
     runner = GxRunner(docs_dir, examples=cfg.validation.examples, extra_columns=cfg.validation.extra_columns)
     suite = load_suite_json("training_set")
@@ -260,7 +335,13 @@ def check_training_set(cfg: Config, date: dt.date | str, docs_dir: Path | None =
             report.findings.append(_problem_finding(problem, "training_set"))
             continue
         report.rows[str(path.relative_to(root))] = table.num_rows
-        findings = runner.run(suite, "schema", vf.schema_frame(table, schema.TRAINING_SET, KEY_COLUMNS["training_set"]), report.params, str(path))
+        findings = runner.run(
+            suite,
+            "schema",
+            vf.schema_frame(table, schema.TRAINING_SET, KEY_COLUMNS["training_set"]),
+            report.params,
+            str(path),
+        )
         report.findings += findings
         if not any(f.failed and f.gates for f in findings):
             frame = vf.training_rows(table, path.parent.name.split("=", 1)[1])

@@ -6,6 +6,7 @@ identical bytes for an identical window and params, so the hash is stable across
 clean clones. It does not need DVC: the Prefect path and ``dvc repro`` get the same value. DVC's
 own directory md5 (in ``dvc.lock``) is a second, independent fingerprint of the same folder.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -24,8 +25,11 @@ _CHUNK = 1 << 20
 
 
 def _data_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file()
-                  and not any(part.startswith(("_", ".")) for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(("_", ".")) for part in p.relative_to(folder).parts)
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -48,7 +52,9 @@ def content_hash(folder: Path) -> tuple[str, dict[str, str]]:
 def record_data_version(folder: Path) -> str:
     """Hash ``folder`` and write ``folder/_data_version.json``; returns the hash."""
     version, files = content_hash(folder)
-    atomic_write_json(folder / VERSION_FILE, {"data_version": version, "algorithm": ALGORITHM, "files": files})
+    atomic_write_json(
+        folder / VERSION_FILE, {"data_version": version, "algorithm": ALGORITHM, "files": files}
+    )
     return version
 
 
@@ -67,6 +73,8 @@ def data_version(cfg: Config, date: dt.date | str) -> str:
     if record.exists():
         recorded = json.loads(record.read_text()).get("data_version")
         if recorded != version:
-            raise HapError(f"training set {folder} changed after the split (recorded {recorded}, now {version}); "
-                           f"rebuild it with `hap split --date {iso}`")
+            raise HapError(
+                f"training set {folder} changed after the split (recorded {recorded}, now {version}); "
+                f"rebuild it with `hap split --date {iso}`"
+            )
     return version

@@ -14,6 +14,7 @@ feature index salts the hash, the click sequence shares ``i_id``'s rows, 0 stays
 features are ``sign(x)·log1p(|x|)`` then standardized with statistics fitted on the training set and
 saved in the bundle (``FeatureSpec.to_dict``), so serving encodes exactly as training did.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,15 +56,22 @@ class FeatureSpec:
     dense_std: list[float] = field(default_factory=lambda: [1.0] * len(DENSE_ORDER))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hash_buckets": self.hash_buckets, "seq_len": self.seq_len, "dense_mean": self.dense_mean,
-                "dense_std": self.dense_std, "categorical": list(CATEGORICAL_ORDER), "dense": list(DENSE_ORDER),
-                "sequence": schema.USER_SEQUENCE, "dense_transform": "standardize(sign(x)*log1p(|x|))"}
+        return {
+            "hash_buckets": self.hash_buckets,
+            "seq_len": self.seq_len,
+            "dense_mean": self.dense_mean,
+            "dense_std": self.dense_std,
+            "categorical": list(CATEGORICAL_ORDER),
+            "dense": list(DENSE_ORDER),
+            "sequence": schema.USER_SEQUENCE,
+            "dense_transform": "standardize(sign(x)*log1p(|x|))",
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
+    def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
         return cls(int(d["hash_buckets"]), int(d["seq_len"]), list(d["dense_mean"]), list(d["dense_std"]))
 
-    def fit(self, table: pa.Table) -> "FeatureSpec":
+    def fit(self, table: pa.Table) -> FeatureSpec:
         dense = _signed_log(_dense_matrix(table))
         std = dense.std(axis=0)
         self.dense_mean = [float(v) for v in dense.mean(axis=0)]
@@ -91,17 +99,21 @@ class FeatureSpec:
         """The user and context side of each row: ``req_cat``, ``req_dense``, ``seq``."""
         cat = np.stack([table[c].to_numpy(zero_copy_only=False) for c in REQUEST_CATEGORICAL], axis=1)
         dense = _dense_matrix(table, schema.USER_DENSE)
-        return {"req_cat": self.rehash(cat, np.arange(len(REQUEST_CATEGORICAL))[None, :]),
-                "req_dense": self._standardize(dense, slice(0, N_USER_DENSE)),
-                "seq": self.rehash(_sequence_matrix(table[schema.USER_SEQUENCE], self.seq_len), SEQ_FEATURE_SLOT)}
+        return {
+            "req_cat": self.rehash(cat, np.arange(len(REQUEST_CATEGORICAL))[None, :]),
+            "req_dense": self._standardize(dense, slice(0, N_USER_DENSE)),
+            "seq": self.rehash(_sequence_matrix(table[schema.USER_SEQUENCE], self.seq_len), SEQ_FEATURE_SLOT),
+        }
 
     def encode_items(self, table: pa.Table) -> dict[str, np.ndarray]:
         """The candidate side of each row: ``item_cat``, ``item_dense``."""
         n_req = len(REQUEST_CATEGORICAL)
         cat = np.stack([table[c].to_numpy(zero_copy_only=False) for c in ITEM_CATEGORICAL], axis=1)
         dense = _dense_matrix(table, schema.ITEM_DENSE)
-        return {"item_cat": self.rehash(cat, np.arange(n_req, len(CATEGORICAL_ORDER))[None, :]),
-                "item_dense": self._standardize(dense, slice(N_USER_DENSE, len(DENSE_ORDER)))}
+        return {
+            "item_cat": self.rehash(cat, np.arange(n_req, len(CATEGORICAL_ORDER))[None, :]),
+            "item_dense": self._standardize(dense, slice(N_USER_DENSE, len(DENSE_ORDER))),
+        }
 
     def _standardize(self, dense: np.ndarray, columns: slice) -> np.ndarray:
         mean, std = np.asarray(self.dense_mean)[columns], np.asarray(self.dense_std)[columns]
@@ -139,28 +151,42 @@ def _sequence_matrix(column: pa.ChunkedArray | pa.Array, seq_len: int) -> np.nda
 class Batch:
     """One stratified batch: ``B`` anchors x ``C`` candidate slots (column 0 = the positive)."""
 
-    req_cat: torch.Tensor      # [B, 10]
-    req_dense: torch.Tensor    # [B, 2]
-    seq: torch.Tensor          # [B, L]
-    item_cat: torch.Tensor     # [B, C, 8]
-    item_dense: torch.Tensor   # [B, C, 8]
-    valid: torch.Tensor        # [B, C] bool
-    col_group: torch.Tensor    # [C] long: -1 for the positive, else index into GROUPS
+    req_cat: torch.Tensor  # [B, 10]
+    req_dense: torch.Tensor  # [B, 2]
+    seq: torch.Tensor  # [B, L]
+    item_cat: torch.Tensor  # [B, C, 8]
+    item_dense: torch.Tensor  # [B, C, 8]
+    valid: torch.Tensor  # [B, C] bool
+    col_group: torch.Tensor  # [C] long: -1 for the positive, else index into GROUPS
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
 
-    def columns(self, keep: torch.Tensor) -> "Batch":
+    def columns(self, keep: torch.Tensor) -> Batch:
         """Keep only the candidate columns where ``keep`` ([C] bool) is true (the hard-only view)."""
         idx = keep.nonzero().squeeze(1)
-        return Batch(self.req_cat, self.req_dense, self.seq, self.item_cat[:, idx], self.item_dense[:, idx],
-                     self.valid[:, idx], self.col_group[idx])
+        return Batch(
+            self.req_cat,
+            self.req_dense,
+            self.seq,
+            self.item_cat[:, idx],
+            self.item_dense[:, idx],
+            self.valid[:, idx],
+            self.col_group[idx],
+        )
 
-    def shard(self, rank: int, world: int) -> "Batch":
+    def shard(self, rank: int, world: int) -> Batch:
         """This rank's anchors (DDP): every rank sees the same global batch and takes a slice."""
         sl = slice(rank, None, world)
-        return Batch(self.req_cat[sl], self.req_dense[sl], self.seq[sl], self.item_cat[sl], self.item_dense[sl],
-                     self.valid[sl], self.col_group)
+        return Batch(
+            self.req_cat[sl],
+            self.req_dense[sl],
+            self.seq[sl],
+            self.item_cat[sl],
+            self.item_dense[sl],
+            self.valid[sl],
+            self.col_group,
+        )
 
     @property
     def size(self) -> int:
@@ -223,11 +249,13 @@ class TrainData:
         self.row_req = torch.from_numpy(req_index)
         self.n_requests = len(uniq)
         if len(self.train_anchors) == 0 or len(self.val_anchors) == 0:
-            raise HapError(f"train/val split left an empty side ({len(self.train_anchors)} train, "
-                           f"{len(self.val_anchors)} val anchors); adjust train.val_fraction")
+            raise HapError(
+                f"train/val split left an empty side ({len(self.train_anchors)} train, "
+                f"{len(self.val_anchors)} val anchors); adjust train.val_fraction"
+            )
 
     @classmethod
-    def load(cls, cfg: Config, path: Path, spec: FeatureSpec | None = None) -> "TrainData":
+    def load(cls, cfg: Config, path: Path, spec: FeatureSpec | None = None) -> TrainData:
         from hap.data.split import open_training_set
 
         if not Path(path).exists():
@@ -256,15 +284,24 @@ class TrainData:
             rows.append(torch.where(ok, picked, anchors[:, None]))
             valid.append(ok)
         rows_t, valid_t = torch.cat(rows, 1), torch.cat(valid, 1)
-        return Batch(self.req_cat[req], self.req_dense[req], self.seq[req], self.item_cat[rows_t],
-                     self.item_dense[rows_t], valid_t, self.col_group)
+        return Batch(
+            self.req_cat[req],
+            self.req_dense[req],
+            self.seq[req],
+            self.item_cat[rows_t],
+            self.item_dense[rows_t],
+            valid_t,
+            self.col_group,
+        )
 
     def batches(self, epoch: int, split: str = "train", batch_size: int | None = None) -> list[Batch]:
         """The epoch's batches; the order and the negatives depend only on (seed, epoch), so a
         resumed run and a DDP run see exactly the batches of a single-process run."""
         anchors = self.train_anchors if split == "train" else self.val_anchors
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + (epoch if split == "train" else -1))
+        gen = torch.Generator().manual_seed(
+            self.cfg.train.seed * 1_000_003 + (epoch if split == "train" else -1)
+        )
         if split == "train":
             anchors = anchors[torch.randperm(len(anchors), generator=gen)]
         bs = batch_size or self.cfg.train.batch_requests
-        return [self.make_batch(anchors[i:i + bs], gen) for i in range(0, len(anchors), bs)]
+        return [self.make_batch(anchors[i : i + bs], gen) for i in range(0, len(anchors), bs)]

@@ -1,4 +1,4 @@
-"""Offline evaluation (DESIGN §6): ``hap evaluate --date D`` -> ``metrics/dt=D/eval.json``.
+"""Offline evaluation: ``hap evaluate --date D`` -> ``metrics/dt=D/eval.json``.
 
 Everything is computed on padded ``[requests, candidates]`` grids, vectorized:
 - ``recall@K`` / ``ndcg@K``: clicked items among each request's full candidate list (the full-flow
@@ -15,6 +15,7 @@ Everything is computed on padded ``[requests, candidates]`` grids, vectorized:
   ``latency_ms_per_1k`` (median wall time of the serving path on ``evaluate.latency_candidates``).
 NaN metrics (an empty slice) are left out rather than written, so a gate never compares NaN.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -27,7 +28,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import torch
 from scipy.stats import rankdata
 
@@ -85,8 +85,9 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()) if len(y) else float("nan")
 
 
-def ranking_metrics(key: np.ndarray, labels: np.ndarray, valid: np.ndarray, ks: list[int],
-                    rank50: np.ndarray | None = None) -> dict[str, float]:
+def ranking_metrics(
+    key: np.ndarray, labels: np.ndarray, valid: np.ndarray, ks: list[int], rank50: np.ndarray | None = None
+) -> dict[str, float]:
     """Recall@K, NDCG@K (binary relevance) and optionally rank50_recall@K on ``[R, n]`` grids."""
     key = np.where(valid, key, -np.inf)
     order = np.argsort(-key, axis=1, kind="stable")
@@ -107,23 +108,30 @@ def ranking_metrics(key: np.ndarray, labels: np.ndarray, valid: np.ndarray, ks: 
             top = np.take_along_axis(rank50 * valid, order, axis=1).astype(np.float64)
             n_top = top.sum(1)
             ok = n_top > 0
-            out[f"rank50_recall@{k}"] = float((top[:, :kk].sum(1)[ok] / n_top[ok]).mean()) if ok.any() else float("nan")
+            out[f"rank50_recall@{k}"] = (
+                float((top[:, :kk].sum(1)[ok] / n_top[ok]).mean()) if ok.any() else float("nan")
+            )
     return out
 
 
 # ---- scoring many requests at once -----------------------------------------------------------------
 @torch.no_grad()
-def score_rows(model: torch.nn.Module, enc: dict[str, torch.Tensor], row_req: torch.Tensor,
-               req_first: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+def score_rows(
+    model: torch.nn.Module,
+    enc: dict[str, torch.Tensor],
+    row_req: torch.Tensor,
+    req_first: torch.Tensor,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Scores of ``rows`` (default all): the user side once per request, the item side per row."""
     user = model.user(enc["req_cat"][req_first], enc["req_dense"][req_first], enc["seq"][req_first])
     rows = torch.arange(len(row_req)) if rows is None else rows
     out = torch.empty(len(rows))
     for s in range(0, len(rows), CHUNK_ROWS):
-        r = rows[s:s + CHUNK_ROWS]
+        r = rows[s : s + CHUNK_ROWS]
         v = model.item(enc["item_cat"][r], enc["item_dense"][r])
         u = {k: t[row_req[r]] for k, t in user.items()}
-        out[s:s + CHUNK_ROWS] = model.head(u, v).float()
+        out[s : s + CHUNK_ROWS] = model.head(u, v).float()
     return out
 
 
@@ -139,7 +147,9 @@ def _index(request_id: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return ri, first, col, counts
 
 
-def _grid(values: np.ndarray, ri: np.ndarray, col: np.ndarray, shape: tuple[int, int], fill: Any) -> np.ndarray:
+def _grid(
+    values: np.ndarray, ri: np.ndarray, col: np.ndarray, shape: tuple[int, int], fill: Any
+) -> np.ndarray:
     g = np.full(shape, fill, dtype=np.asarray(values).dtype if not isinstance(fill, float) else np.float64)
     g[ri, col] = values
     return g
@@ -150,7 +160,7 @@ def _put(out: dict[str, float], values: dict[str, float]) -> None:
 
 
 def evaluate_bundle(cfg: Config, bundle: Any, eval_set_path: Path | str) -> dict[str, float]:
-    """Every §6 metric of ``bundle`` on the full-flow eval set at ``eval_set_path``."""
+    """Every offline metric of ``bundle`` on the full-flow eval set at ``eval_set_path``."""
     eval_set_path = Path(eval_set_path)
     if not eval_set_path.exists():
         raise HapError(f"no eval set at {eval_set_path}; run `hap split` first")
@@ -177,7 +187,9 @@ def evaluate_bundle(cfg: Config, bundle: Any, eval_set_path: Path | str) -> dict
         idx = torch.from_numpy(np.flatnonzero(routed_rows))
         expr[routed_rows] = score_rows(bundle.expressive, enc, row_req, req_first, idx).numpy()
     base = light if light is not None else np.zeros(len(ri), np.float32)
-    key = np.where(routed_rows, np.nan_to_num(expr).astype(np.float64) + ROUTED_OFFSET, base.astype(np.float64))
+    key = np.where(
+        routed_rows, np.nan_to_num(expr).astype(np.float64) + ROUTED_OFFSET, base.astype(np.float64)
+    )
     prob = 1.0 / (1.0 + np.exp(-np.where(routed_rows, np.nan_to_num(expr), base).astype(np.float64)))
 
     labels = table["label"].to_numpy().astype(np.int64)
@@ -191,13 +203,22 @@ def evaluate_bundle(cfg: Config, bundle: Any, eval_set_path: Path | str) -> dict
     _put(out, ranking_metrics(grid_key, grid_lab, valid, ks, grid_r50))
 
     exposed = table["exposed"].to_numpy(zero_copy_only=False).astype(bool)
-    _put(out, {"auc": auc(labels[exposed], key[exposed]), "gauc": gauc(ri[exposed], labels[exposed], key[exposed]),
-               "logloss": logloss(labels[exposed], prob[exposed])})
+    _put(
+        out,
+        {
+            "auc": auc(labels[exposed], key[exposed]),
+            "gauc": gauc(ri[exposed], labels[exposed], key[exposed]),
+            "logloss": logloss(labels[exposed], prob[exposed]),
+        },
+    )
     for c in np.unique(ctype):
         m = ctype == c
         lab_c = _grid(labels * m, ri, col, shape, 0)
         rec = ranking_metrics(grid_key, lab_c, valid, [50])
-        _put(out, {f"ct{c}_recall@50": rec["recall@50"], f"ct{c}_auc": auc(labels[exposed & m], key[exposed & m])})
+        _put(
+            out,
+            {f"ct{c}_recall@50": rec["recall@50"], f"ct{c}_auc": auc(labels[exposed & m], key[exposed & m])},
+        )
 
     slice_model = bundle.expressive if serve == "expressive_all" or bundle.light is None else bundle.light
     _put(out, source_slices(cfg, bundle, slice_model, table))
@@ -205,8 +226,15 @@ def evaluate_bundle(cfg: Config, bundle: Any, eval_set_path: Path | str) -> dict
     n_mean = int(round(float(counts.mean())))
     flops = bundle.flops_per_request(n_mean)
     _put(out, flops)
-    _put(out, {"routed_share": float(routed_rows.mean()), "n_requests": float(len(counts)),
-               "n_clicks": float(labels.sum()), "candidates_per_request": float(counts.mean())})
+    _put(
+        out,
+        {
+            "routed_share": float(routed_rows.mean()),
+            "n_requests": float(len(counts)),
+            "n_clicks": float(labels.sum()),
+            "candidates_per_request": float(counts.mean()),
+        },
+    )
     _put(out, {"latency_ms_per_1k": latency_ms_per_1k(cfg, bundle, table)})
     return dict(sorted(out.items()))
 
@@ -220,7 +248,11 @@ def source_slices(cfg: Config, bundle: Any, model: torch.nn.Module, eval_table: 
         folder = layout.lake_partition(cfg, "samples", d)
         files = sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
         if files:
-            parts.append(ds.dataset(files, format="parquet").to_table(filter=pc.is_in(ds.field("request_id"), value_set=req)))
+            parts.append(
+                ds.dataset(files, format="parquet").to_table(
+                    filter=pc.is_in(ds.field("request_id"), value_set=req)
+                )
+            )
     if not parts or sum(p.num_rows for p in parts) == 0:
         return {}
     samples = pa.concat_tables(parts)
@@ -263,4 +295,3 @@ def evaluate_day(cfg: Config, date: dt.date | str) -> dict[str, float]:
     metrics = evaluate_bundle(cfg, load_bundle(layout.model_dir(cfg, date)), layout.eval_set(cfg, date))
     atomic_write_json(layout.metrics_dir(cfg, date) / EVAL_FILE, metrics)
     return metrics
-

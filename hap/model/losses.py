@@ -10,6 +10,7 @@
   parameters), ``pcgrad`` (per-group gradients on the shared dense parameters, conflicting pairs
   projected onto each other's normal plane, Yu et al. 2020).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,36 +27,37 @@ class GroupIndex:
 
     cols: torch.Tensor
     pad: torch.Tensor
-    present: torch.Tensor   # [G] bool: the group has columns in this grid
+    present: torch.Tensor  # [G] bool: the group has columns in this grid
 
     @classmethod
-    def of(cls, col_group: torch.Tensor) -> "GroupIndex":
+    def of(cls, col_group: torch.Tensor) -> GroupIndex:
         g = len(GROUPS)
         counts = torch.stack([(col_group == i).sum() for i in range(g)])
         k = max(int(counts.max()), 1)
         cols = torch.zeros(g, k, dtype=torch.long, device=col_group.device)
         pad = torch.zeros(g, k, dtype=torch.bool, device=col_group.device)
-        for i in range(g):   # G is 4; this runs once per grid layout, not per row
+        for i in range(g):  # G is 4; this runs once per grid layout, not per row
             idx = (col_group == i).nonzero().squeeze(1)
             cols[i, : len(idx)], pad[i, : len(idx)] = idx, True
         return cls(cols, pad, counts > 0)
 
 
-def group_losses(logits: torch.Tensor, valid: torch.Tensor, col_group: torch.Tensor, temperature: float,
-                 bce_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def group_losses(
+    logits: torch.Tensor, valid: torch.Tensor, col_group: torch.Tensor, temperature: float, bce_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group GHCL loss ``[G]`` and a ``[G]`` mask of groups that had any valid pair."""
     gi = GroupIndex.of(col_group)
     logits = logits.float()
-    neg = logits[:, gi.cols]                                    # [B, G, K]
-    ok = valid[:, gi.cols] & gi.pad[None]                       # [B, G, K]
+    neg = logits[:, gi.cols]  # [B, G, K]
+    ok = valid[:, gi.cols] & gi.pad[None]  # [B, G, K]
     pos = logits[:, :1].unsqueeze(1).expand(-1, len(GROUPS), 1)  # [B, G, 1]
     z = torch.cat([pos, neg.masked_fill(~ok, float("-inf"))], dim=2) / temperature
-    nce = torch.logsumexp(z, dim=2) - z[..., 0]                 # [B, G]
-    has = ok.any(2)                                             # anchors with >= 1 negative in g
+    nce = torch.logsumexp(z, dim=2) - z[..., 0]  # [B, G]
+    has = ok.any(2)  # anchors with >= 1 negative in g
     n_anchor = has.sum(0).clamp(min=1)
     nce_g = (nce * has).sum(0) / n_anchor
-    bce_pos = F.softplus(-logits[:, 0])[:, None] * has          # -log sigmoid(s_pos)
-    bce_neg = (F.softplus(neg) * ok).sum(2)                     # -log(1 - sigmoid(s_neg))
+    bce_pos = F.softplus(-logits[:, 0])[:, None] * has  # -log sigmoid(s_pos)
+    bce_neg = (F.softplus(neg) * ok).sum(2)  # -log(1 - sigmoid(s_neg))
     bce_g = (bce_pos + bce_neg).sum(0) / (has.sum(0) + ok.sum((0, 2))).clamp(min=1)
     return nce_g + bce_weight * bce_g, has.any(0) & gi.present
 
@@ -85,20 +87,25 @@ class Harmonizer:
         self.kind, self.momentum = kind, momentum
         self.ema: torch.Tensor | None = None
 
-    def weights(self, losses: torch.Tensor, present: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+    def weights(
+        self, losses: torch.Tensor, present: torch.Tensor, logits: torch.Tensor | None
+    ) -> torch.Tensor:
         w = present.float()
         if self.kind == "gradnorm" and logits is not None and logits.requires_grad:
             # each group's gradient magnitude where the groups meet the model: at the logits
             norms = []
-            for i in range(len(losses)):   # G autograd calls on the tiny loss graph, not the model
+            for i in range(len(losses)):  # G autograd calls on the tiny loss graph, not the model
                 if bool(present[i]):
                     (g,) = torch.autograd.grad(losses[i], logits, retain_graph=True)
                     norms.append(g.float().norm())
                 else:
                     norms.append(torch.zeros((), device=losses.device))
             norms_t = torch.stack(norms).detach()
-            self.ema = norms_t if self.ema is None else torch.where(
-                present, self.momentum * self.ema + (1 - self.momentum) * norms_t, self.ema)
+            self.ema = (
+                norms_t
+                if self.ema is None
+                else torch.where(present, self.momentum * self.ema + (1 - self.momentum) * norms_t, self.ema)
+            )
             w = present.float() / self.ema.clamp(min=1e-8)
         w = w / w.sum().clamp(min=1e-12)
         return w.detach()
@@ -113,7 +120,7 @@ class Harmonizer:
 def pcgrad_combine(grads: list[list[torch.Tensor]], generator: torch.Generator) -> list[torch.Tensor]:
     """PCGrad: for each group's gradient, project away its conflict with every other group's
     (in a random order), then average. ``grads[g][p]``: group g's gradient of parameter p."""
-    flat = torch.stack([torch.cat([t.reshape(-1) for t in g]) for g in grads])   # [G, P]
+    flat = torch.stack([torch.cat([t.reshape(-1) for t in g]) for g in grads])  # [G, P]
     projected = flat.clone()
     n = flat.shape[0]
     for i in range(n):
@@ -126,7 +133,7 @@ def pcgrad_combine(grads: list[list[torch.Tensor]], generator: torch.Generator) 
     merged = projected.mean(0)
     out, offset = [], 0
     for t in grads[0]:
-        out.append(merged[offset: offset + t.numel()].view_as(t))
+        out.append(merged[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
     return out
 

@@ -3,6 +3,7 @@
 ``hap evaluate`` writes flat metric names (``recall@10``, ``ndcg@50``, ...); DVC plots want a
 list of records, so this turns them into ``[{"k": 10, "recall": .., "ndcg": ..}, ...]``.
 """
+
 from __future__ import annotations
 
 import datetime as dt

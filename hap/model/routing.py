@@ -6,6 +6,7 @@ The light model scores every candidate; the hardest go to the expressive model:
   time on validation data to route a share ``rho``), capped at ``ceil(cap * n)`` (adaptive budget).
 Final order: the routed set by expressive score, then the rest by light score.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,10 +51,15 @@ def route_grid(light: torch.Tensor, valid: torch.Tensor, routing: dict[str, Any]
     return (rank < k[:, None]) & valid
 
 
-def damr_order(light: np.ndarray, expressive: np.ndarray, routed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def damr_order(
+    light: np.ndarray, expressive: np.ndarray, routed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(final score, 1-based rank): routed by expressive score first, then the rest by light score."""
-    final = np.where(routed, np.nan_to_num(expressive, nan=0.0).astype(np.float64) + ROUTED_OFFSET,
-                     light.astype(np.float64))
+    final = np.where(
+        routed,
+        np.nan_to_num(expressive, nan=0.0).astype(np.float64) + ROUTED_OFFSET,
+        light.astype(np.float64),
+    )
     order = np.argsort(-final, kind="stable")
     rank = np.empty(len(final), np.int64)
     rank[order] = np.arange(1, len(final) + 1)
@@ -78,7 +84,11 @@ def flops_per_request(light: Any, expressive: Any, n: int, routing: dict[str, An
     if ef:
         out["flops_expressive_all"] = float(ef["user"] + n * (ef["item"] + ef["head"]))
     if lf and ef:
-        share = float(routing.get("cap", 1.0)) if routing.get("mode") == "threshold" else float(routing.get("rho", 0.1))
+        share = (
+            float(routing.get("cap", 1.0))
+            if routing.get("mode") == "threshold"
+            else float(routing.get("rho", 0.1))
+        )
         k = budget(n, share)
         out["flops_hap"] = out["flops_light"] + float(ef["user"] + k * (ef["item"] + ef["head"]))
     serve = routing.get("serve", "hap")

@@ -11,6 +11,7 @@ the same layer shapes (``flops()``), so cost numbers follow the params.
 A bundle folder (``hap train`` output) is ``bundle.json`` + ``light.pt`` / ``expressive.pt`` state
 dicts; ``load_bundle(path)`` rebuilds everything from that folder alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from hap.model.batches import CATEGORICAL_ORDER, DENSE_ORDER, ITEM_CATEGORICAL, N_USER_DENSE, REQUEST_CATEGORICAL
 from hap.core.errors import HapError
+from hap.model.batches import (
+    CATEGORICAL_ORDER,
+    DENSE_ORDER,
+    ITEM_CATEGORICAL,
+    N_USER_DENSE,
+    REQUEST_CATEGORICAL,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -62,9 +69,10 @@ class _TwoTower(nn.Module):
         self.user_tower = mlp([N_REQ_CAT * embed_dim + N_USER_DENSE + embed_dim, *tower_dims])
         self.item_tower = mlp([N_ITEM_CAT * embed_dim + N_ITEM_DENSE, *tower_dims])
 
-    def _user_vec(self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        seq_emb = self.emb(seq)                                     # [B, L, E]
+    def _user_vec(
+        self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        seq_emb = self.emb(seq)  # [B, L, E]
         mask = (seq != 0).unsqueeze(-1).to(seq_emb.dtype)
         pooled = (seq_emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         x = torch.cat([self.emb(req_cat).flatten(1), req_dense, pooled], dim=1)
@@ -75,8 +83,14 @@ class _TwoTower(nn.Module):
         x = torch.cat([self.emb(item_cat).flatten(-2), item_dense], dim=-1)
         return self.item_tower(x)
 
-    def forward(self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor,
-                item_cat: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        req_cat: torch.Tensor,
+        req_dense: torch.Tensor,
+        seq: torch.Tensor,
+        item_cat: torch.Tensor,
+        item_dense: torch.Tensor,
+    ) -> torch.Tensor:
         """Logits ``[B, C]`` for ``B`` requests x ``C`` candidates each."""
         return self.head(self.user(req_cat, req_dense, seq), self.item(item_cat, item_dense))
 
@@ -87,10 +101,12 @@ class _TwoTower(nn.Module):
 
     def flops(self) -> dict[str, int]:
         """FLOPs of one user-side pass and of one candidate (item tower + head)."""
-        e, l = self.embed_dim, self.seq_len
-        user = linear_flops(self.user_tower) + 2 * l * e
-        return {"user": user + self._user_extra_flops(), "item": linear_flops(self.item_tower),
-                "head": self._head_flops()}
+        user = linear_flops(self.user_tower) + 2 * self.seq_len * self.embed_dim
+        return {
+            "user": user + self._user_extra_flops(),
+            "item": linear_flops(self.item_tower),
+            "head": self._head_flops(),
+        }
 
     def _user_extra_flops(self) -> int:
         return 0
@@ -99,13 +115,16 @@ class _TwoTower(nn.Module):
 class LightweightModel(_TwoTower):
     """``[u + v, u * v]`` -> M-layer MLP -> CTR logit."""
 
-    def __init__(self, hash_buckets: int, embed_dim: int, tower_dims: list[int], mlp_dims: list[int],
-                 seq_len: int) -> None:
+    def __init__(
+        self, hash_buckets: int, embed_dim: int, tower_dims: list[int], mlp_dims: list[int], seq_len: int
+    ) -> None:
         super().__init__(hash_buckets, embed_dim, tower_dims, seq_len)
         self.mlp = mlp([2 * self.dim, *mlp_dims], final_activation=True)
         self.out = nn.Linear(mlp_dims[-1] if mlp_dims else 2 * self.dim, 1)
 
-    def user(self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor) -> dict[str, torch.Tensor]:
+    def user(
+        self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         u, _, _ = self._user_vec(req_cat, req_dense, seq)
         return {"u": u}
 
@@ -121,35 +140,44 @@ class LightweightModel(_TwoTower):
 class ExpressiveModel(_TwoTower):
     """Wider towers + target attention (candidate over recent clicks) -> N-layer MLP -> CTR logit."""
 
-    def __init__(self, hash_buckets: int, embed_dim: int, tower_dims: list[int], mlp_dims: list[int],
-                 seq_len: int, heads: int) -> None:
+    def __init__(
+        self,
+        hash_buckets: int,
+        embed_dim: int,
+        tower_dims: list[int],
+        mlp_dims: list[int],
+        seq_len: int,
+        heads: int,
+    ) -> None:
         super().__init__(hash_buckets, embed_dim, tower_dims, seq_len)
         self.heads = max(1, heads)
         if self.dim % self.heads:
             raise HapError(f"model.expressive: tower output {self.dim} not divisible by {self.heads} heads")
         self.q = nn.Linear(self.dim, self.dim)
-        self.kv = nn.Linear(embed_dim, 2 * self.dim)   # user side: once per request
+        self.kv = nn.Linear(embed_dim, 2 * self.dim)  # user side: once per request
         self.mlp = mlp([3 * self.dim, *mlp_dims], final_activation=True)
         self.out = nn.Linear(mlp_dims[-1], 1)
 
-    def user(self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor) -> dict[str, torch.Tensor]:
+    def user(
+        self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         u, seq_emb, mask = self._user_vec(req_cat, req_dense, seq)
-        k, v = self.kv(seq_emb).chunk(2, dim=-1)         # [B, L, D] each
+        k, v = self.kv(seq_emb).chunk(2, dim=-1)  # [B, L, D] each
         return {"u": u, "k": k, "v": v, "mask": mask}
 
     def head(self, user: dict[str, torch.Tensor], cand: torch.Tensor) -> torch.Tensor:
-        squeeze = cand.dim() == 2                         # [N, D] candidates of rows already aligned
+        squeeze = cand.dim() == 2  # [N, D] candidates of rows already aligned
         if squeeze:
             cand = cand.unsqueeze(1)
             user = {k: t for k, t in user.items()}
         b, c, d = cand.shape
         h, dh = self.heads, d // self.heads
-        q = self.q(cand).view(b, c, h, dh).transpose(1, 2)                      # [B, H, C, dh]
-        k = user["k"].view(b, -1, h, dh).transpose(1, 2)                        # [B, H, L, dh]
+        q = self.q(cand).view(b, c, h, dh).transpose(1, 2)  # [B, H, C, dh]
+        k = user["k"].view(b, -1, h, dh).transpose(1, 2)  # [B, H, L, dh]
         val = user["v"].view(b, -1, h, dh).transpose(1, 2)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)                         # [B, H, C, L]
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)  # [B, H, C, L]
         att = att.masked_fill(~user["mask"][:, None, None, :], -1e4).softmax(-1)
-        ctx = (att @ val).transpose(1, 2).reshape(b, c, d)                      # [B, C, D]
+        ctx = (att @ val).transpose(1, 2).reshape(b, c, d)  # [B, C, D]
         u = user["u"].unsqueeze(1).expand_as(cand)
         logit = self.out(self.mlp(torch.cat([u + cand, u * cand, ctx], dim=-1))).squeeze(-1)
         return logit.squeeze(1) if squeeze else logit
@@ -158,18 +186,25 @@ class ExpressiveModel(_TwoTower):
         return linear_flops(self.kv) * self.seq_len
 
     def _head_flops(self) -> int:
-        attn = 2 * 2 * self.seq_len * self.dim + 5 * self.heads * self.seq_len   # q.k, att.v, softmax
+        attn = 2 * 2 * self.seq_len * self.dim + 5 * self.heads * self.seq_len  # q.k, att.v, softmax
         return linear_flops(self.q) + attn + linear_flops(self.mlp) + linear_flops(self.out) + 3 * self.dim
 
 
 def build_models(model_cfg: dict[str, Any]) -> tuple[LightweightModel, ExpressiveModel]:
     """Both towers from the ``model`` params section (a plain dict, as stored in bundle.json)."""
     light, expr = model_cfg["light"], model_cfg["expressive"]
-    common = dict(hash_buckets=model_cfg["hash_buckets"], embed_dim=model_cfg["embed_dim"],
-                  seq_len=model_cfg["seq_len"])
-    return (LightweightModel(tower_dims=light["tower_dims"], mlp_dims=light["mlp_dims"], **common),
-            ExpressiveModel(tower_dims=expr["tower_dims"], mlp_dims=expr["mlp_dims"],
-                            heads=expr.get("attention_heads", 1), **common))
+    common = dict(
+        hash_buckets=model_cfg["hash_buckets"], embed_dim=model_cfg["embed_dim"], seq_len=model_cfg["seq_len"]
+    )
+    return (
+        LightweightModel(tower_dims=light["tower_dims"], mlp_dims=light["mlp_dims"], **common),
+        ExpressiveModel(
+            tower_dims=expr["tower_dims"],
+            mlp_dims=expr["mlp_dims"],
+            heads=expr.get("attention_heads", 1),
+            **common,
+        ),
+    )
 
 
 # ---- the bundle ------------------------------------------------------------------------------------
@@ -177,19 +212,19 @@ def build_models(model_cfg: dict[str, Any]) -> tuple[LightweightModel, Expressiv
 class RequestScores:
     """One request's DAMR result, in input order."""
 
-    final: np.ndarray        # the score the final order sorts by (routed ones above the rest)
+    final: np.ndarray  # the score the final order sorts by (routed ones above the rest)
     light: np.ndarray
-    expressive: np.ndarray   # NaN where not routed
-    routed: np.ndarray       # bool
-    rank: np.ndarray         # 1-based final position
+    expressive: np.ndarray  # NaN where not routed
+    routed: np.ndarray  # bool
+    rank: np.ndarray  # 1-based final position
 
 
 @dataclass(frozen=True)
 class ItemCache:
     """Item-tower outputs of a catalogue snapshot, by ``item_id`` (sorted, for a binary search)."""
 
-    ids: np.ndarray                       # [N] int64, sorted, unique
-    vectors: dict[str, torch.Tensor]      # tower name -> [N, D]
+    ids: np.ndarray  # [N] int64, sorted, unique
+    vectors: dict[str, torch.Tensor]  # tower name -> [N, D]
 
     def lookup(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row of each id in ``vectors`` (0 where absent) and whether it is present."""
@@ -201,8 +236,13 @@ class ItemCache:
 class HapBundle:
     """Both towers, the feature spec and the routing config: the DAMR scorer, from a folder."""
 
-    def __init__(self, meta: dict[str, Any], light: LightweightModel | None, expressive: ExpressiveModel | None,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self,
+        meta: dict[str, Any],
+        light: LightweightModel | None,
+        expressive: ExpressiveModel | None,
+        device: str = "cpu",
+    ) -> None:
         from hap.model.batches import FeatureSpec
 
         self.meta, self.light, self.expressive = meta, light, expressive
@@ -219,28 +259,39 @@ class HapBundle:
         """``light`` | ``hap`` | ``expressive_all``: which scorer ``score_request`` runs."""
         return self.routing.get("serve", "hap")
 
-    def with_routing(self, **changes: Any) -> "HapBundle":
+    def with_routing(self, **changes: Any) -> HapBundle:
         """The same weights with other routing settings (rho sweeps, serve mode) — no copy of weights."""
         meta = {**self.meta, "routing": {**self.routing, **changes}}
         out = HapBundle.__new__(HapBundle)
-        out.meta, out.light, out.expressive, out.spec, out.device = meta, self.light, self.expressive, self.spec, self.device
+        out.meta, out.light, out.expressive, out.spec, out.device = (
+            meta,
+            self.light,
+            self.expressive,
+            self.spec,
+            self.device,
+        )
         out.routing, out.item_cache = meta["routing"], self.item_cache
         return out
 
     @torch.no_grad()
-    def cache_items(self, catalogue: Any) -> "HapBundle":
+    def cache_items(self, catalogue: Any) -> HapBundle:
         """The same weights with both item towers precomputed for a catalogue snapshot (rows with
         ``item_id`` and the item features; the last row of an id wins). Serving then skips the
         item side for cached ids. Item features drift (age, CTR, popularity), so rebuild it when
         they refresh: daily here."""
         table = _as_table(catalogue)
         ids = table["item_id"].to_numpy()
-        unique_ids, last_from_end = np.unique(ids[::-1], return_index=True)   # sorted ids, last rows
+        unique_ids, last_from_end = np.unique(ids[::-1], return_index=True)  # sorted ids, last rows
         enc = self._tensors(self.spec.encode_items(table.take(len(ids) - 1 - last_from_end)))
         out = self.with_routing()
-        out.item_cache = ItemCache(unique_ids, {
-            name: model.item(enc["item_cat"], enc["item_dense"])
-            for name, model in (("light", self.light), ("expressive", self.expressive)) if model is not None})
+        out.item_cache = ItemCache(
+            unique_ids,
+            {
+                name: model.item(enc["item_cat"], enc["item_dense"])
+                for name, model in (("light", self.light), ("expressive", self.expressive))
+                if model is not None
+            },
+        )
         return out
 
     def encode(self, frame: Any) -> dict[str, torch.Tensor]:
@@ -260,7 +311,11 @@ class HapBundle:
         table = _as_table(frame)
         user = self._tensors(self.spec.encode_request(table.slice(0, 1)))
         n = table.num_rows
-        light = self._scores(self.light, user, self._item_vectors("light", table)) if self.light is not None else None
+        light = (
+            self._scores(self.light, user, self._item_vectors("light", table))
+            if self.light is not None
+            else None
+        )
         expr = np.full(n, np.nan, np.float32)
         if self.serve == "light" or self.expressive is None:
             routed = np.zeros(n, bool)
@@ -273,14 +328,15 @@ class HapBundle:
         if routed.all():
             expr[:] = self._scores(self.expressive, user, self._item_vectors("expressive", table))
         elif routed.any():
-            expr[routed] = self._scores(self.expressive, user,
-                                        self._item_vectors("expressive", table, np.nonzero(routed)[0]))
+            expr[routed] = self._scores(
+                self.expressive, user, self._item_vectors("expressive", table, np.nonzero(routed)[0])
+            )
         if light is None:
             light = np.where(routed, expr, np.nan).astype(np.float32)
         final, rank = damr_order(light, expr, routed)
         return RequestScores(final, light, expr, routed, rank)
 
-    def _item_vectors(self, tower: str, table: "pa.Table", rows: np.ndarray | None = None) -> torch.Tensor:
+    def _item_vectors(self, tower: str, table: pa.Table, rows: np.ndarray | None = None) -> torch.Tensor:
         """``[n, D]`` item-tower outputs of ``tower`` for ``rows`` of ``table`` (all by default):
         cached ids from the cache, the others (or all, without a cache) through the tower."""
         model = getattr(self, tower)
@@ -298,9 +354,11 @@ class HapBundle:
         return out
 
     @staticmethod
-    def _scores(model: nn.Module, user_enc: dict[str, torch.Tensor], item_vectors: torch.Tensor) -> np.ndarray:
+    def _scores(
+        model: nn.Module, user_enc: dict[str, torch.Tensor], item_vectors: torch.Tensor
+    ) -> np.ndarray:
         user = model.user(user_enc["req_cat"][:1], user_enc["req_dense"][:1], user_enc["seq"][:1])
-        return model.head(user, item_vectors.unsqueeze(0))[0].float().cpu().numpy()   # [1, n, D] -> [n]
+        return model.head(user, item_vectors.unsqueeze(0))[0].float().cpu().numpy()  # [1, n, D] -> [n]
 
     def flops_per_request(self, n: int) -> dict[str, float]:
         from hap.model.routing import flops_per_request
@@ -308,18 +366,27 @@ class HapBundle:
         return flops_per_request(self.light, self.expressive, n, self.routing)
 
 
-def save_bundle(folder: Path, meta: dict[str, Any], light: nn.Module | None, expressive: nn.Module | None) -> None:
+def save_bundle(
+    folder: Path, meta: dict[str, Any], light: nn.Module | None, expressive: nn.Module | None
+) -> None:
     """Write ``bundle.json`` and the state dicts into ``folder`` (the caller makes it atomic)."""
     folder = Path(folder)
-    meta = {**meta, "format": BUNDLE_FORMAT, "has_light": light is not None, "has_expressive": expressive is not None}
+    meta = {
+        **meta,
+        "format": BUNDLE_FORMAT,
+        "has_light": light is not None,
+        "has_expressive": expressive is not None,
+    }
     if light is not None:
         torch.save({k: v.detach().cpu() for k, v in light.state_dict().items()}, folder / "light.pt")
     if expressive is not None:
-        torch.save({k: v.detach().cpu() for k, v in expressive.state_dict().items()}, folder / "expressive.pt")
+        torch.save(
+            {k: v.detach().cpu() for k, v in expressive.state_dict().items()}, folder / "expressive.pt"
+        )
     (folder / "bundle.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _as_table(frame: Any) -> "pa.Table":
+def _as_table(frame: Any) -> pa.Table:
     import pyarrow as pa
 
     return frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
@@ -345,5 +412,13 @@ def load_bundle(path: Path | str, device: str = "cpu") -> HapBundle:
     return HapBundle(meta, loaded[0], loaded[1], device)
 
 
-__all__ = ["LightweightModel", "ExpressiveModel", "HapBundle", "RequestScores", "build_models", "load_bundle",
-           "save_bundle", "CATEGORICAL_ORDER"]
+__all__ = [
+    "LightweightModel",
+    "ExpressiveModel",
+    "HapBundle",
+    "RequestScores",
+    "build_models",
+    "load_bundle",
+    "save_bundle",
+    "CATEGORICAL_ORDER",
+]

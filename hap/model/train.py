@@ -13,6 +13,7 @@
 - DDP: under ``torchrun`` (``WORLD_SIZE > 1``) every rank builds the same global batch and trains on
   its slice of anchors; gradients are averaged by ``DistributedDataParallel`` (gloo on CPU).
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,11 +33,18 @@ from torch import nn
 from hap.core import layout
 from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
-from hap.model.batches import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS, Batch, TrainData
 from hap.core.errors import HapError
-from hap.model.losses import Harmonizer, difficulty_masks, group_losses, mixed_bce, mixed_infonce, pcgrad_combine
-from hap.model.towers import build_models, save_bundle
+from hap.model.batches import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS, Batch, TrainData
+from hap.model.losses import (
+    Harmonizer,
+    difficulty_masks,
+    group_losses,
+    mixed_bce,
+    mixed_infonce,
+    pcgrad_combine,
+)
 from hap.model.routing import calibrate_threshold
+from hap.model.towers import build_models, save_bundle
 
 CKPT_FILE = "last.pt"
 
@@ -51,15 +59,17 @@ class TrainResult:
     best_epoch: dict[str, int]
     val_metric: dict[str, float]
     train_seconds: float
-    samples_per_second: float        # candidate samples (valid grid cells) per second, all models
+    samples_per_second: float  # candidate samples (valid grid cells) per second, all models
     anchors: int
     resumed_from_epoch: int | None = None
     diagnostics_summary: dict[str, float] = field(default_factory=dict)
 
     def render(self) -> str:
         vm = ", ".join(f"{k}={v:.4f}" for k, v in self.val_metric.items())
-        return (f"trained {self.date} on {self.device} x{self.world_size}: {self.epochs_run} epochs, val {vm}, "
-                f"{self.samples_per_second:,.0f} samples/s -> {self.bundle_dir}")
+        return (
+            f"trained {self.date} on {self.device} x{self.world_size}: {self.epochs_run} epochs, val {vm}, "
+            f"{self.samples_per_second:,.0f} samples/s -> {self.bundle_dir}"
+        )
 
 
 # ---- device and distributed ------------------------------------------------------------------------
@@ -84,17 +94,26 @@ def _dist_setup(cfg: Config) -> tuple[int, int, int]:
 
 # ---- one model being trained -----------------------------------------------------------------------
 class _Member:
-    def __init__(self, name: str, model: nn.Module, cfg: Config, keep: torch.Tensor | None,
-                 device: torch.device, world: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        cfg: Config,
+        keep: torch.Tensor | None,
+        device: torch.device,
+        world: int,
+    ) -> None:
         self.name, self.raw, self.keep = name, model.to(device), keep
         self.net: nn.Module = self.raw
         # fused: one kernel per step instead of a pass per Adam op over the hashed embedding table,
         # which every step touches in full (its gradient is table-sized): ~1.2x light steps on CPU
-        self.opt = torch.optim.Adam(self.raw.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                    fused=True)
+        self.opt = torch.optim.Adam(
+            self.raw.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
+        )
         if world > 1:
             self.net = nn.parallel.DistributedDataParallel(
-                self.raw, device_ids=[device.index] if device.type == "cuda" else None)
+                self.raw, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.harm = Harmonizer(cfg.train.harmonization)
         self.last_weights: torch.Tensor | None = None
         self.best_metric, self.best_epoch, self.bad, self.done = -1.0, -1, 0, False
@@ -104,15 +123,27 @@ class _Member:
         return b.columns(self.keep.to(b.col_group.device)) if self.keep is not None else b
 
     def state(self) -> dict[str, Any]:
-        return {"model": self.raw.state_dict(), "opt": self.opt.state_dict(), "harm": self.harm.state_dict(),
-                "best_metric": self.best_metric, "best_epoch": self.best_epoch, "bad": self.bad, "done": self.done,
-                "best_state": self.best_state}
+        return {
+            "model": self.raw.state_dict(),
+            "opt": self.opt.state_dict(),
+            "harm": self.harm.state_dict(),
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "bad": self.bad,
+            "done": self.done,
+            "best_state": self.best_state,
+        }
 
     def load(self, s: dict[str, Any]) -> None:
         self.raw.load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])
         self.harm.load_state_dict(s["harm"])
-        self.best_metric, self.best_epoch, self.bad, self.done = s["best_metric"], s["best_epoch"], s["bad"], s["done"]
+        self.best_metric, self.best_epoch, self.bad, self.done = (
+            s["best_metric"],
+            s["best_epoch"],
+            s["bad"],
+            s["done"],
+        )
         self.best_state = s["best_state"]
 
 
@@ -121,8 +152,13 @@ def _forward(net: nn.Module, b: Batch, device: torch.device) -> torch.Tensor:
         return net(b.req_cat, b.req_dense, b.seq, b.item_cat, b.item_dense).float()
 
 
-def _variant_loss(cfg: Config, logits: torch.Tensor, b: Batch, valid: torch.Tensor | None = None,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
+def _variant_loss(
+    cfg: Config,
+    logits: torch.Tensor,
+    b: Batch,
+    valid: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The configured loss as one scalar (GHCL with fixed group weights; uniform if none given)."""
     valid = b.valid if valid is None else valid
     if cfg.train.loss == "mixed_bce":
@@ -142,14 +178,18 @@ def _train_step(cfg: Config, m: _Member, b: Batch, device: torch.device, world: 
         loss = _variant_loss(cfg, logits, b)
         loss.backward()
     else:
-        losses, present = group_losses(logits, b.valid, b.col_group, cfg.train.temperature, cfg.train.bce_weight)
+        losses, present = group_losses(
+            logits, b.valid, b.col_group, cfg.train.temperature, cfg.train.bce_weight
+        )
         if cfg.train.harmonization == "pcgrad":
             loss = (losses * present).sum() / present.sum().clamp(min=1)
-            loss.backward(retain_graph=True)           # embeddings (and DDP's all-reduce) from the mean loss
+            loss.backward(retain_graph=True)  # embeddings (and DDP's all-reduce) from the mean loss
             shared = m.raw.shared_parameters()
             idx = [i for i in range(len(losses)) if bool(present[i])]
-            grads = [list(torch.autograd.grad(losses[i], shared, retain_graph=k < len(idx) - 1))
-                     for k, i in enumerate(idx)]
+            grads = [
+                list(torch.autograd.grad(losses[i], shared, retain_graph=k < len(idx) - 1))
+                for k, i in enumerate(idx)
+            ]
             merged = pcgrad_combine(grads, torch.Generator().manual_seed(cfg.train.seed + step))
             for p, g in zip(shared, merged):
                 if world > 1:
@@ -168,7 +208,9 @@ def _train_step(cfg: Config, m: _Member, b: Batch, device: torch.device, world: 
 
 def _flat_grad(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+    )
 
 
 def diagnostics(cfg: Config, m: _Member, b: Batch, device: torch.device) -> dict[str, float]:
@@ -187,7 +229,9 @@ def diagnostics(cfg: Config, m: _Member, b: Batch, device: torch.device) -> dict
         if bool(valid[:, 1:].any()):
             parts[name] = _flat_grad(_variant_loss(cfg, logits, b, valid, w), params)
     if len(parts) == 2:
-        out["cos_easy_hard"] = float(torch.nn.functional.cosine_similarity(parts["easy"], parts["hard"], dim=0))
+        out["cos_easy_hard"] = float(
+            torch.nn.functional.cosine_similarity(parts["easy"], parts["hard"], dim=0)
+        )
     for gi, g in enumerate(GROUPS):
         valid = b.valid & ((b.col_group == gi) | (b.col_group < 0))[None]
         if bool(valid[:, 1:].any()):
@@ -207,7 +251,10 @@ def validate(m: _Member, batches: list[Batch], device: torch.device) -> tuple[fl
     for b in batches:
         b = m.view(b).to(device)
         s = _forward(m.raw, b, device)
-        onehot = torch.nn.functional.one_hot(b.col_group.clamp(min=0), len(GROUPS)).double() * (b.col_group >= 0)[:, None]
+        onehot = (
+            torch.nn.functional.one_hot(b.col_group.clamp(min=0), len(GROUPS)).double()
+            * (b.col_group >= 0)[:, None]
+        )
         win = ((s[:, :1] > s) & b.valid).double()
         hits += (win @ onehot).sum(0).cpu()
         tot += (b.valid.double() @ onehot).sum(0).cpu()
@@ -235,19 +282,23 @@ class StepTiming:
     tower: str
     seconds: float
     steps: int
-    cells: int        # candidate samples trained on (valid grid cells)
-    requests: int     # anchors: one user-tower pass each
+    cells: int  # candidate samples trained on (valid grid cells)
+    requests: int  # anchors: one user-tower pass each
 
 
-def time_training_steps(cfg: Config, data: TrainData, tower: str, steps: int, device: torch.device,
-                        warmup: int = 3) -> StepTiming:
+def time_training_steps(
+    cfg: Config, data: TrainData, tower: str, steps: int, device: torch.device, warmup: int = 3
+) -> StepTiming:
     """Wall time of ``steps`` real training steps (``_train_step``) of one tower, after ``warmup``
     untimed ones: the unit ``bench/`` turns into samples/s and achieved FLOP/s."""
-    member = next(m for m in _members(cfg.updated({"train.expressive_groups": "all"}), data, device, 1)
-                  if m.name == tower)
+    member = next(
+        m
+        for m in _members(cfg.updated({"train.expressive_groups": "all"}), data, device, 1)
+        if m.name == tower
+    )
     member.raw.train()
     batches = [b.to(device) for b in data.batches(0, "train")]
-    batches = (batches * (1 + (steps + warmup) // max(len(batches), 1)))[:steps + warmup]
+    batches = (batches * (1 + (steps + warmup) // max(len(batches), 1)))[: steps + warmup]
     for i, b in enumerate(batches[:warmup]):
         _train_step(cfg, member, b, device, 1, i)
     if device.type == "cuda":
@@ -269,8 +320,15 @@ def _save_ckpt(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def fit(cfg: Config, data: TrainData, bundle_dir: Path, ckpt_dir: Path | None = None, resume: bool = False,
-        meta: dict[str, Any] | None = None, log: bool = True) -> TrainResult:
+def fit(
+    cfg: Config,
+    data: TrainData,
+    bundle_dir: Path,
+    ckpt_dir: Path | None = None,
+    resume: bool = False,
+    meta: dict[str, Any] | None = None,
+    log: bool = True,
+) -> TrainResult:
     """Train on already-loaded ``data`` and write the bundle to ``bundle_dir`` (rank 0, atomically)."""
     rank, world, local_rank = _dist_setup(cfg)
     device = pick_device(cfg, local_rank)
@@ -288,7 +346,12 @@ def fit(cfg: Config, data: TrainData, bundle_dir: Path, ckpt_dir: Path | None = 
         state = torch.load(ckpt, map_location=device, weights_only=False)
         for m in members:
             m.load(state["members"][m.name])
-        history, diag, step, start_epoch = state["history"], state["diagnostics"], state["step"], state["epoch"] + 1
+        history, diag, step, start_epoch = (
+            state["history"],
+            state["diagnostics"],
+            state["step"],
+            state["epoch"] + 1,
+        )
         resumed = state["epoch"]
         say(f"resumed from checkpoint {ckpt} after epoch {resumed}")
     elif ckpt is not None and ckpt.exists() and rank == 0:
@@ -314,7 +377,10 @@ def fit(cfg: Config, data: TrainData, bundle_dir: Path, ckpt_dir: Path | None = 
             if cfg.train.diagnostics_every > 0 and step % cfg.train.diagnostics_every == 0 and rank == 0:
                 d = {"step": step, "epoch": epoch, **diagnostics(cfg, members[0], b, device)}
                 diag.append(d)
-                say("diag " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items()))
+                say(
+                    "diag "
+                    + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+                )
         row: dict[str, Any] = {"epoch": epoch}
         for m in active:
             m.raw.eval()
@@ -328,10 +394,21 @@ def fit(cfg: Config, data: TrainData, bundle_dir: Path, ckpt_dir: Path | None = 
                 m.bad += 1
                 m.done = m.bad >= cfg.train.patience
         history.append(row)
-        say("epoch " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        say(
+            "epoch "
+            + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        )
         if ckpt is not None and rank == 0 and ((epoch + 1) % cfg.train.checkpoint_every == 0):
-            _save_ckpt(ckpt, {"epoch": epoch, "step": step, "history": history, "diagnostics": diag,
-                              "members": {m.name: m.state() for m in members}})
+            _save_ckpt(
+                ckpt,
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "history": history,
+                    "diagnostics": diag,
+                    "members": {m.name: m.state() for m in members},
+                },
+            )
     seconds = time.perf_counter() - t0
     for m in members:
         if m.best_state is not None:
@@ -344,29 +421,44 @@ def fit(cfg: Config, data: TrainData, bundle_dir: Path, ckpt_dir: Path | None = 
         tdist.all_reduce(cells_t)
         cells = int(cells_t.item())
     result = TrainResult(
-        date=str((meta or {}).get("date", "")), bundle_dir=str(bundle_dir), device=str(device), world_size=world,
-        epochs_run=epoch + 1, best_epoch={m.name: m.best_epoch for m in members},
-        val_metric={m.name: m.best_metric for m in members}, train_seconds=seconds,
-        samples_per_second=cells / max(seconds, 1e-9), anchors=len(data.train_anchors), resumed_from_epoch=resumed,
-        diagnostics_summary=summarize_diagnostics(diag))
+        date=str((meta or {}).get("date", "")),
+        bundle_dir=str(bundle_dir),
+        device=str(device),
+        world_size=world,
+        epochs_run=epoch + 1,
+        best_epoch={m.name: m.best_epoch for m in members},
+        val_metric={m.name: m.best_metric for m in members},
+        train_seconds=seconds,
+        samples_per_second=cells / max(seconds, 1e-9),
+        anchors=len(data.train_anchors),
+        resumed_from_epoch=resumed,
+        diagnostics_summary=summarize_diagnostics(diag),
+    )
     if rank == 0:
         serve = cfg.routing.serve if cfg.train.expressive_groups != "none" else "light"
         bundle_meta = {
             **(meta or {}),
             "model": cfg.model.model_dump(mode="json"),
             "features": data.spec.to_dict(),
-            "routing": {"mode": cfg.routing.mode, "rho": cfg.routing.rho, "cap": cfg.routing.cap,
-                        "threshold": threshold, "serve": serve},
+            "routing": {
+                "mode": cfg.routing.mode,
+                "rho": cfg.routing.rho,
+                "cap": cfg.routing.cap,
+                "threshold": threshold,
+                "serve": serve,
+            },
             "train": cfg.train.model_dump(mode="json"),
-            "groups": list(GROUPS), "hard_groups": [GROUPS[i] for i in HARD_GROUP_IDS],
+            "groups": list(GROUPS),
+            "hard_groups": [GROUPS[i] for i in HARD_GROUP_IDS],
             "easy_groups": [GROUPS[i] for i in EASY_GROUP_IDS],
             "result": asdict(result),
         }
         with atomic_dir(Path(bundle_dir)) as tmp:
-            save_bundle(tmp, bundle_meta, members[0].raw,
-                        members[1].raw if len(members) > 1 else None)
+            save_bundle(tmp, bundle_meta, members[0].raw, members[1].raw if len(members) > 1 else None)
             atomic_write_json(tmp / "history.json", history)
-            atomic_write_json(tmp / "diagnostics.json", {"summary": result.diagnostics_summary, "steps": diag})
+            atomic_write_json(
+                tmp / "diagnostics.json", {"summary": result.diagnostics_summary, "steps": diag}
+            )
     if world > 1:
         tdist.barrier()
     return result
@@ -393,13 +485,17 @@ def train_day(cfg: Config, date: dt.date | str, resume: bool = False) -> TrainRe
     if split_report.exists():
         rep = json.loads(split_report.read_text())
         window, eval_day = rep.get("window", window), rep.get("eval_day")
-    meta = {"date": date.isoformat(), "window": window, "eval_day": eval_day,
-            "data_version": data_version(cfg, date)}
+    meta = {
+        "date": date.isoformat(),
+        "window": window,
+        "eval_day": eval_day,
+        "data_version": data_version(cfg, date),
+    }
     return fit(cfg, data, layout.model_dir(cfg, date), layout.checkpoint_dir(cfg, date), resume, meta)
 
 
 def main() -> None:
-    """``python -m hap.model.train --date D [--resume]``: the torchrun entry (same function as ``hap train``)."""
+    """``python -m hap.model.train --date D [--resume]``: the torchrun entry (same as ``hap train``)."""
     import argparse
 
     from hap.core.config import load_config

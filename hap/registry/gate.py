@@ -7,6 +7,7 @@ registered artifact in a fresh process, whose scores must match the in-process b
 blessing record (every metric, threshold, delta, verdict and reason) is written to
 ``metrics/dt=D/blessing.json`` and logged to the model's run.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -18,11 +19,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hap.core import layout
-from hap.registry import registration as registry, tracking
 from hap.core.atomic import atomic_write_json
-from hap.registry.blessing import Decision, decide
 from hap.core.config import Config
 from hap.core.errors import HapError
+from hap.registry import registration as registry
+from hap.registry import tracking
+from hap.registry.blessing import Decision, decide
 
 BLESSING_FILE = "blessing.json"
 SMOKE_TOLERANCE = 1e-4
@@ -56,7 +58,7 @@ class Blessing:
     model_name: str
     challenger_version: str
     champion_version: str | None
-    verdict: str                       # pass | fail
+    verdict: str  # pass | fail
     reasons: list[str]
     promoted: bool
     eval_set: str
@@ -74,10 +76,14 @@ class Blessing:
         return self.verdict == "pass"
 
     def render(self) -> str:
-        head = (f"gate {self.date}: {self.model_name} v{self.challenger_version} vs champion "
-                f"{('v' + self.champion_version) if self.champion_version else '(none)'}: {self.verdict.upper()}")
+        head = (
+            f"gate {self.date}: {self.model_name} v{self.challenger_version} vs champion "
+            f"{('v' + self.champion_version) if self.champion_version else '(none)'}: {self.verdict.upper()}"
+        )
         if self.promoted:
-            head += f" -> champion" + (f" (previous: v{self.previous_version})" if self.previous_version else "")
+            head += " -> champion" + (
+                f" (previous: v{self.previous_version})" if self.previous_version else ""
+            )
         elif self.verdict == "fail":
             head += " -> challenger; champion unchanged"
         return "\n".join([head, *(f"  - {r}" for r in self.reasons)])
@@ -90,27 +96,42 @@ def smoke_test(cfg: Config, version: str, expected: list[float] | None = None) -
     uri = registry.model_uri(cfg, version)
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", _SMOKE_SCRIPT, uri], capture_output=True, text=True,
-                              env=tracking.subprocess_env(cfg), cwd=str(cfg.home),
-                              timeout=cfg.gate.smoke_timeout_s)
+        proc = subprocess.run(
+            [sys.executable, "-c", _SMOKE_SCRIPT, uri],
+            capture_output=True,
+            text=True,
+            env=tracking.subprocess_env(cfg),
+            cwd=str(cfg.home),
+            timeout=cfg.gate.smoke_timeout_s,
+        )
     except subprocess.TimeoutExpired:
         return SmokeTest(False, uri, reason=f"smoke test timed out after {cfg.gate.smoke_timeout_s:g}s")
     seconds = time.perf_counter() - start
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SMOKE ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return SmokeTest(False, uri, seconds=seconds, reason=f"smoke test failed to load/predict {uri}: {tail[0]}")
-    out = json.loads(lines[-1][len("SMOKE "):])
+        return SmokeTest(
+            False, uri, seconds=seconds, reason=f"smoke test failed to load/predict {uri}: {tail[0]}"
+        )
+    out = json.loads(lines[-1][len("SMOKE ") :])
     scores = out["score"]
     if len(scores) != out["rows"] or not all(math.isfinite(s) for s in scores):
-        return SmokeTest(False, uri, out["rows"], seconds=seconds, reason="smoke test: missing or non-finite scores")
+        return SmokeTest(
+            False, uri, out["rows"], seconds=seconds, reason="smoke test: missing or non-finite scores"
+        )
     diff = None
     if expected is not None:
         diff = max((abs(a - b) for a, b in zip(scores, expected)), default=0.0)
         if len(expected) != len(scores) or diff > SMOKE_TOLERANCE:
-            return SmokeTest(False, uri, out["rows"], diff, seconds,
-                             reason=f"smoke test: the registered artifact's scores differ from the bundle's "
-                                    f"(max |diff| {diff:.3g})")
+            return SmokeTest(
+                False,
+                uri,
+                out["rows"],
+                diff,
+                seconds,
+                reason=f"smoke test: the registered artifact's scores differ from the bundle's "
+                f"(max |diff| {diff:.3g})",
+            )
     return SmokeTest(True, uri, out["rows"], diff, seconds)
 
 
@@ -124,9 +145,15 @@ def _expected_scores(cfg: Config, date: dt.date) -> list[float]:
 
 def _thresholds(cfg: Config) -> dict[str, Any]:
     g = cfg.gate
-    return {"primary_metric": cfg.evaluate.primary_metric, "floors": dict(g.floors), "min_gain": g.min_gain,
-            "max_slice_regression": g.max_slice_regression, "slice_prefixes": list(g.slice_prefixes),
-            "cost_metric": g.cost_metric, "max_flops_per_request": g.max_flops_per_request}
+    return {
+        "primary_metric": cfg.evaluate.primary_metric,
+        "floors": dict(g.floors),
+        "min_gain": g.min_gain,
+        "max_slice_regression": g.max_slice_regression,
+        "slice_prefixes": list(g.slice_prefixes),
+        "cost_metric": g.cost_metric,
+        "max_flops_per_request": g.max_flops_per_request,
+    }
 
 
 def blessing_path(cfg: Config, date: dt.date | str):
@@ -135,8 +162,8 @@ def blessing_path(cfg: Config, date: dt.date | str):
 
 def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
     """Compare the day's registered version with the champion on the same eval set; move aliases."""
-    from hap.model.evaluate import evaluate_bundle
     from hap.data.versioning import content_hash
+    from hap.model.evaluate import evaluate_bundle
 
     date = layout.day(date)
     iso = date.isoformat()
@@ -165,7 +192,9 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
         try:
             champion_metrics = evaluate_bundle(cfg, registry.load_bundle_of(cfg, champion.version), eval_path)
         except Exception as err:  # a champion we cannot re-evaluate gives no comparable baseline
-            reasons_extra.append(f"could not re-evaluate champion v{champion.version} on this eval set: {err}")
+            reasons_extra.append(
+                f"could not re-evaluate champion v{champion.version} on this eval set: {err}"
+            )
             champion_metrics = {}
 
     decision: Decision = decide(challenger_metrics, champion_metrics, cfg.gate, cfg.evaluate.primary_metric)
@@ -184,19 +213,29 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
         registry.mark_challenger(cfg, challenger.version, c)
 
     blessing = Blessing(
-        date=iso, model_name=name, challenger_version=challenger.version,
+        date=iso,
+        model_name=name,
+        challenger_version=challenger.version,
         champion_version=champion.version if champion is not None else None,
-        verdict=verdict, reasons=reasons, promoted=verdict == "pass",
-        eval_set=str(eval_path), eval_set_hash=eval_hash,
-        challenger_metrics=challenger_metrics, champion_metrics=champion_metrics,
-        thresholds=_thresholds(cfg), checks=decision.to_dict()["checks"],
-        smoke_test=asdict(smoke) if smoke else None, previous_version=previous_version,
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        verdict=verdict,
+        reasons=reasons,
+        promoted=verdict == "pass",
+        eval_set=str(eval_path),
+        eval_set_hash=eval_hash,
+        challenger_metrics=challenger_metrics,
+        champion_metrics=champion_metrics,
+        thresholds=_thresholds(cfg),
+        checks=decision.to_dict()["checks"],
+        smoke_test=asdict(smoke) if smoke else None,
+        previous_version=previous_version,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     path = blessing_path(cfg, date)
     atomic_write_json(path, asdict(blessing))
     c.set_model_version_tag(name, challenger.version, registry.TAG_VERDICT, verdict)
-    c.set_model_version_tag(name, challenger.version, registry.TAG_REASON, ("; ".join(reasons) or "ok")[:4000])
+    c.set_model_version_tag(
+        name, challenger.version, registry.TAG_REASON, ("; ".join(reasons) or "ok")[:4000]
+    )
     if challenger.run_id:
         c.log_artifact(challenger.run_id, str(path), artifact_path="gate")
         c.set_tag(challenger.run_id, registry.TAG_VERDICT, verdict)

@@ -8,22 +8,29 @@ goes through ``hap.model.towers.load_bundle``, so the registry serves exactly th
 DAMR score, the light score, the expressive score (NaN where not routed), the routing decision
 and the final rank within the request.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-
-import mlflow.pyfunc
 
 from hap.core import schema
 
 BUNDLE_ARTIFACT = "bundle"
 INPUT_COLUMNS: tuple[str, ...] = ("request_id", "item_id", *schema.FEATURE_COLUMNS)
-OUTPUT_COLUMNS: tuple[str, ...] = ("request_id", "item_id", "score", "light_score", "expressive_score",
-                                   "routed", "rank")
+OUTPUT_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "item_id",
+    "score",
+    "light_score",
+    "expressive_score",
+    "routed",
+    "rank",
+)
 
 
 def to_contract_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
@@ -56,15 +63,17 @@ def serving_example(frame: pd.DataFrame) -> pd.DataFrame:
 def score_frame(bundle: Any, frame: pd.DataFrame) -> pd.DataFrame:
     """Score every request in ``frame`` through DAMR; one output row per input row, same order."""
     frame = to_contract_dtypes(frame)
-    out = pd.DataFrame({
-        "request_id": frame["request_id"].to_numpy(np.int64),
-        "item_id": frame["item_id"].to_numpy(np.int64),
-        "score": np.zeros(len(frame), np.float64),
-        "light_score": np.zeros(len(frame), np.float64),
-        "expressive_score": np.full(len(frame), np.nan, np.float64),
-        "routed": np.zeros(len(frame), bool),
-        "rank": np.zeros(len(frame), np.int64),
-    })
+    out = pd.DataFrame(
+        {
+            "request_id": frame["request_id"].to_numpy(np.int64),
+            "item_id": frame["item_id"].to_numpy(np.int64),
+            "score": np.zeros(len(frame), np.float64),
+            "light_score": np.zeros(len(frame), np.float64),
+            "expressive_score": np.full(len(frame), np.nan, np.float64),
+            "routed": np.zeros(len(frame), bool),
+            "rank": np.zeros(len(frame), np.int64),
+        }
+    )
     for _, index in frame.groupby("request_id", sort=False).indices.items():
         result = bundle.score_request(frame.iloc[index])
         out.loc[index, "score"] = np.asarray(result.final, np.float64)
@@ -81,7 +90,7 @@ class HapPrerankModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:  # noqa: ANN001 (mlflow's PythonModelContext)
         self.load(Path(context.artifacts[BUNDLE_ARTIFACT]))
 
-    def load(self, bundle_dir: Path) -> "HapPrerankModel":
+    def load(self, bundle_dir: Path) -> HapPrerankModel:
         import torch
 
         from hap.model.towers import load_bundle

@@ -2,11 +2,12 @@
 
 ``register_day`` turns one day's training outputs (the bundle folder, ``history.json``,
 ``diagnostics.json`` and ``eval.json``) into one MLflow run and one registered model version.
-The version carries the tags that tie it to its exact inputs (DESIGN §5): git commit, the DVC
+The version carries the tags that tie it to its exact inputs: git commit, the DVC
 data version of its training set, the data window and the day. Aliases carry the decisions:
 ``champion`` serves, ``previous`` is what ``hap rollback`` returns to, ``challenger`` is the
 last rejected candidate. Re-registering an unchanged bundle returns the existing version.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hap.core import layout
-from hap.registry import tracking
 from hap.core.config import REPO_ROOT, Config
 from hap.core.errors import HapError
+from hap.registry import tracking
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,10 +62,22 @@ def bundle_hash(folder: Path) -> str:
 def git_commit() -> tuple[str, bool]:
     """(HEAD commit, working tree dirty?) of the code that trained the model."""
     try:
-        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            != ""
+        )
         return head, dirty
     except (OSError, subprocess.SubprocessError):
         return "unknown", False
@@ -120,7 +133,7 @@ def alias_lock(cfg: Config) -> Iterator[None]:
 
 
 # ---- registration ------------------------------------------------------------------------------
-def input_example(cfg: Config, date: dt.date | str) -> "pd.DataFrame":
+def input_example(cfg: Config, date: dt.date | str) -> pd.DataFrame:
     """The first eval request's first candidates, in the model's input layout."""
     import pyarrow.dataset as ds
 
@@ -135,7 +148,7 @@ def input_example(cfg: Config, date: dt.date | str) -> "pd.DataFrame":
     return serving_example(frame[frame["request_id"] == first].head(EXAMPLE_CANDIDATES))
 
 
-def _str_version(mv: "ModelVersion") -> "ModelVersion":
+def _str_version(mv: ModelVersion) -> ModelVersion:
     """MLflow's SQL store hands back ``version`` as an int, while aliases, tags and URIs carry it as
     text. The project compares and prints versions as strings, so every ModelVersion it reads is
     normalized here, at the two places it enters."""
@@ -143,13 +156,13 @@ def _str_version(mv: "ModelVersion") -> "ModelVersion":
     return mv
 
 
-def versions(cfg: Config, c: "MlflowClient | None" = None) -> list["ModelVersion"]:
+def versions(cfg: Config, c: MlflowClient | None = None) -> list[ModelVersion]:
     c = c or tracking.client(cfg)
     found = [_str_version(v) for v in c.search_model_versions(f"name='{cfg.gate.model_name}'")]
     return sorted(found, key=lambda v: int(v.version))
 
 
-def version_for_day(cfg: Config, date: dt.date | str, c: "MlflowClient | None" = None) -> "ModelVersion | None":
+def version_for_day(cfg: Config, date: dt.date | str, c: MlflowClient | None = None) -> ModelVersion | None:
     """The newest version registered for ``date``."""
     iso = layout.day(date).isoformat()
     mine = [v for v in versions(cfg, c) if v.tags.get(TAG_DATE) == iso]
@@ -171,7 +184,9 @@ def register_day(cfg: Config, date: dt.date | str) -> str:
         raise HapError(f"no model bundle at {bundle_dir}; run `hap train --date {iso}` first")
     eval_metrics = _read_json(metrics_dir / "eval.json")
     if eval_metrics is None:
-        raise HapError(f"no eval metrics at {metrics_dir / 'eval.json'}; run `hap evaluate --date {iso}` first")
+        raise HapError(
+            f"no eval metrics at {metrics_dir / 'eval.json'}; run `hap evaluate --date {iso}` first"
+        )
 
     c = tracking.client(cfg)
     digest = bundle_hash(bundle_dir)
@@ -187,23 +202,31 @@ def register_day(cfg: Config, date: dt.date | str) -> str:
     window = bundle_meta.get("window") or [d.isoformat() for d in layout.window(date, cfg.split.window_days)]
     commit, dirty = git_commit()
     tags = {
-        TAG_DATE: iso, TAG_DATA_VERSION: data_ver, TAG_WINDOW: ",".join(map(str, window)),
-        TAG_GIT: commit, TAG_GIT_DIRTY: str(dirty).lower(), TAG_BUNDLE_HASH: digest,
+        TAG_DATE: iso,
+        TAG_DATA_VERSION: data_ver,
+        TAG_WINDOW: ",".join(map(str, window)),
+        TAG_GIT: commit,
+        TAG_GIT_DIRTY: str(dirty).lower(),
+        TAG_BUNDLE_HASH: digest,
         TAG_TRAIN_PATH: str(layout.training_set(cfg, date).relative_to(cfg.home)),
         TAG_DVC_MD5: dvc_dir_md5(layout.training_set(cfg, date).parent),
         TAG_DVC_OUT: str(layout.training_set(cfg, date).parent.relative_to(cfg.home)),
     }
     # the model and train sections come from the bundle: they are what this model was trained with
-    trained = {**cfg.model_dump(mode="json"),
-               **{k: bundle_meta[k] for k in ("model", "train") if isinstance(bundle_meta.get(k), dict)}}
+    trained = {
+        **cfg.model_dump(mode="json"),
+        **{k: bundle_meta[k] for k in ("model", "train") if isinstance(bundle_meta.get(k), dict)},
+    }
     params = {metric_key(k): str(v)[:500] for k, v in flatten(trained).items() if not k.startswith("paths.")}
 
     example = input_example(cfg, date)
     scorer = HapPrerankModel().load(bundle_dir)
     signature = infer_signature(example, scorer.predict(None, example))
 
-    with tracking.fluent(cfg), mlflow.start_run(experiment_id=tracking.experiment_id(cfg),
-                                                 run_name=f"train-{iso}") as run:
+    with (
+        tracking.fluent(cfg),
+        mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name=f"train-{iso}") as run,
+    ):
         mlflow.log_params(params)
         mlflow.set_tags(tags)
         now = int(time.time() * 1000)
@@ -212,7 +235,7 @@ def register_day(cfg: Config, date: dt.date | str) -> str:
         series += [(metric_key(f"eval/{k}"), float(v), 0) for k, v in eval_metrics.items() if _is_number(v)]
         batch = [Metric(key, value, now, step) for key, value, step in series]
         for start in range(0, len(batch), 900):
-            c.log_batch(run.info.run_id, metrics=batch[start:start + 900], synchronous=True)
+            c.log_batch(run.info.run_id, metrics=batch[start : start + 900], synchronous=True)
         for name in ("bundle.json", "history.json", "diagnostics.json"):
             if (bundle_dir / name).exists():
                 mlflow.log_artifact(str(bundle_dir / name), artifact_path="training")
@@ -234,7 +257,7 @@ def register_day(cfg: Config, date: dt.date | str) -> str:
 
 
 # ---- aliases -----------------------------------------------------------------------------------
-def alias_version(cfg: Config, alias: str, c: "MlflowClient | None" = None) -> "ModelVersion | None":
+def alias_version(cfg: Config, alias: str, c: MlflowClient | None = None) -> ModelVersion | None:
     from mlflow.exceptions import MlflowException
 
     c = c or tracking.client(cfg)
@@ -244,7 +267,7 @@ def alias_version(cfg: Config, alias: str, c: "MlflowClient | None" = None) -> "
         return None
 
 
-def promote(cfg: Config, version: str, c: "MlflowClient | None" = None) -> str | None:
+def promote(cfg: Config, version: str, c: MlflowClient | None = None) -> str | None:
     """Make ``version`` the champion; the old champion becomes ``previous``. The old champion."""
     c = c or tracking.client(cfg)
     name = cfg.gate.model_name
@@ -263,7 +286,7 @@ def promote(cfg: Config, version: str, c: "MlflowClient | None" = None) -> str |
     return old.version if old is not None else None
 
 
-def mark_challenger(cfg: Config, version: str, c: "MlflowClient | None" = None) -> None:
+def mark_challenger(cfg: Config, version: str, c: MlflowClient | None = None) -> None:
     c = c or tracking.client(cfg)
     with alias_lock(cfg):
         c.set_registered_model_alias(cfg.gate.model_name, CHALLENGER, str(version))
@@ -271,13 +294,15 @@ def mark_challenger(cfg: Config, version: str, c: "MlflowClient | None" = None) 
 
 @dataclass(frozen=True)
 class Rollback:
-    champion: str       # the version serving now
-    rolled_back: str    # the version that was champion before
+    champion: str  # the version serving now
+    rolled_back: str  # the version that was champion before
     previous: str | None
 
     def render(self) -> str:
-        return (f"champion: v{self.rolled_back} -> v{self.champion}; "
-                f"previous is now {('v' + self.previous) if self.previous else 'unset'}")
+        return (
+            f"champion: v{self.rolled_back} -> v{self.champion}; "
+            f"previous is now {('v' + self.previous) if self.previous else 'unset'}"
+        )
 
 
 def rollback(cfg: Config) -> Rollback:
@@ -289,9 +314,12 @@ def rollback(cfg: Config) -> Rollback:
         if current is None:
             raise HapError(f"no champion for '{name}': nothing to roll back")
         if prev is None:
-            raise HapError(f"'{name}' has no previous champion (v{current.version} is the first): nothing to roll back to")
+            raise HapError(
+                f"'{name}' has no previous champion (v{current.version} is the first): "
+                "nothing to roll back to"
+            )
         c.set_registered_model_alias(name, CHAMPION, prev.version)
-        c.set_model_version_tag(name, current.version, "hap.rolled_back", dt.datetime.now(dt.timezone.utc).isoformat())
+        c.set_model_version_tag(name, current.version, "hap.rolled_back", dt.datetime.now(dt.UTC).isoformat())
         before = prev.tags.get(TAG_REPLACED)
         if before and before != current.version:
             c.set_registered_model_alias(name, PREVIOUS, before)
@@ -348,10 +376,17 @@ def list_models(cfg: Config) -> list[ModelRow]:
     for v in versions(cfg, c):
         run_metrics = c.get_run(v.run_id).data.metrics if v.run_id else {}
         aliases = sorted(a for a, ver in by_alias.items() if str(ver) == v.version)
-        rows.append(ModelRow(v.version, aliases, v.tags.get(TAG_DATE, ""),
-                             v.tags.get(TAG_DATA_VERSION, ""), v.tags.get(TAG_VERDICT, "-"),
-                             {k[len("eval/"):]: val for k, val in run_metrics.items() if k.startswith("eval/")},
-                             v.run_id or ""))
+        rows.append(
+            ModelRow(
+                v.version,
+                aliases,
+                v.tags.get(TAG_DATE, ""),
+                v.tags.get(TAG_DATA_VERSION, ""),
+                v.tags.get(TAG_VERDICT, "-"),
+                {k[len("eval/") :]: val for k, val in run_metrics.items() if k.startswith("eval/")},
+                v.run_id or "",
+            )
+        )
     return rows
 
 
@@ -360,8 +395,17 @@ def render_models(cfg: Config, rows: list[ModelRow]) -> str:
         return f"no versions of '{cfg.gate.model_name}' registered yet"
     keys = [metric_key(cfg.evaluate.primary_metric), "gauc", metric_key(cfg.gate.cost_metric)]
     header = ["version", "aliases", "date", "data_version", "verdict", *keys]
-    body = [[f"v{r.version}", ",".join(r.aliases) or "-", r.date, r.data_version[:12], r.verdict,
-             *[(f"{r.metrics[k]:.4g}" if k in r.metrics else "-") for k in keys]] for r in rows]
+    body = [
+        [
+            f"v{r.version}",
+            ",".join(r.aliases) or "-",
+            r.date,
+            r.data_version[:12],
+            r.verdict,
+            *[(f"{r.metrics[k]:.4g}" if k in r.metrics else "-") for k in keys],
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(str(x).ljust(w) for x, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])

@@ -5,6 +5,7 @@
 SQLite database opened by two processes at once breaks (STACK.md), so the first process to
 touch it creates the schema and the experiment under an exclusive file lock.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,7 +84,7 @@ def fluent(cfg: Config) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def client(cfg: Config) -> "MlflowClient":
+def client(cfg: Config) -> MlflowClient:
     """An ``MlflowClient`` on ``cfg``'s store, created (schema, experiment) on first use."""
     from mlflow.tracking import MlflowClient
 

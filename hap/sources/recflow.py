@@ -15,6 +15,7 @@ RecFlow ships one feather file per day in two folders: ``realshow/`` (the exposu
   resolution, most dense item values, the click sequence) are filled with 0, the padding id.
 - The full-flow log is every ``all_stage`` candidate of a ``full_flow_fraction`` sample of requests.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -32,9 +33,24 @@ from hap.core.config import Config
 from hap.core.errors import DataContractError
 from hap.core.hashing import hash_ids
 
-REALSHOW_COLUMNS = ("request_id", "request_timestamp", "user_id", "device_id", "age", "gender", "province",
-                    "video_id", "author_id", "category_level_one", "category_level_two", "upload_type",
-                    "upload_timestamp", "duration", "realshow", "effective_view")
+REALSHOW_COLUMNS = (
+    "request_id",
+    "request_timestamp",
+    "user_id",
+    "device_id",
+    "age",
+    "gender",
+    "province",
+    "video_id",
+    "author_id",
+    "category_level_one",
+    "category_level_two",
+    "upload_type",
+    "upload_timestamp",
+    "duration",
+    "realshow",
+    "effective_view",
+)
 ALL_STAGE_COLUMNS = (*REALSHOW_COLUMNS[:-2], "rank_neg", "coarse_neg", "prerank_neg", "rank_index")
 RECFLOW_ITEM_SALTS = {"i_id": 10, "i_author": 11, "i_content_type": 12, "i_category": 13, "i_subcategory": 14}
 
@@ -59,8 +75,13 @@ def _col(table: pa.Table, name: str, dtype=np.int64) -> np.ndarray:
 def _item_features(table: pa.Table, ts_ms: np.ndarray, buckets: int) -> dict[str, np.ndarray]:
     n = table.num_rows
     feats: dict[str, np.ndarray] = {name: np.zeros(n, np.int32) for name in schema.ITEM_CATEGORICAL}
-    sources = {"i_id": "video_id", "i_author": "author_id", "i_content_type": "upload_type",
-               "i_category": "category_level_one", "i_subcategory": "category_level_two"}
+    sources = {
+        "i_id": "video_id",
+        "i_author": "author_id",
+        "i_content_type": "upload_type",
+        "i_category": "category_level_one",
+        "i_subcategory": "category_level_two",
+    }
     for feat, column in sources.items():
         feats[feat] = hash_ids(_col(table, column), RECFLOW_ITEM_SALTS[feat], buckets)
     feats.update({name: np.zeros(n, np.float32) for name in schema.ITEM_DENSE})
@@ -82,20 +103,32 @@ def _exposure(table: pa.Table, date: dt.date, seq_len: int, buckets: int) -> pa.
     click = _col(table, "effective_view", np.int8)
     hour = (ts // 3_600_000) % 24
     cols = {
-        "request_id": req, "timestamp": pa.array(ts).cast(schema.TIMESTAMP), "user_id": _col(table, "user_id"),
-        "item_id": _col(table, "video_id"), "position": position,
+        "request_id": req,
+        "timestamp": pa.array(ts).cast(schema.TIMESTAMP),
+        "user_id": _col(table, "user_id"),
+        "item_id": _col(table, "video_id"),
+        "position": position,
         "content_type": (_col(table, "upload_type") % 128).astype(np.int8),
-        "click": click, "like": _col(table, "like", np.int8), "comment": _col(table, "comment", np.int8),
-        "share": _col(table, "forward", np.int8), "dwell": np.zeros(n, np.float32),
-        "u_id": hash_ids(_col(table, "user_id"), 1, buckets), "u_age": hash_ids(_col(table, "age"), 2, buckets),
+        "click": click,
+        "like": _col(table, "like", np.int8),
+        "comment": _col(table, "comment", np.int8),
+        "share": _col(table, "forward", np.int8),
+        "dwell": np.zeros(n, np.float32),
+        "u_id": hash_ids(_col(table, "user_id"), 1, buckets),
+        "u_age": hash_ids(_col(table, "age"), 2, buckets),
         "u_gender": hash_ids(_col(table, "gender"), 3, buckets),
         "u_city": hash_ids(_col(table, "province"), 4, buckets),
         "u_device": hash_ids(_col(table, "device_id"), 5, buckets),
-        "u_activity": np.zeros(n, np.float32), "u_ctr": np.zeros(n, np.float32),
-        schema.USER_SEQUENCE: pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n * seq_len, np.int32)), seq_len)
-        .cast(pa.list_(pa.int32())),
-        "c_hour": hash_ids(hour, 20, buckets), "c_weekday": hash_ids(np.full(n, date.weekday()), 21, buckets),
-        "c_network": np.zeros(n, np.int32), "c_os": np.zeros(n, np.int32), "c_channel": np.zeros(n, np.int32),
+        "u_activity": np.zeros(n, np.float32),
+        "u_ctr": np.zeros(n, np.float32),
+        schema.USER_SEQUENCE: pa.FixedSizeListArray.from_arrays(
+            pa.array(np.zeros(n * seq_len, np.int32)), seq_len
+        ).cast(pa.list_(pa.int32())),
+        "c_hour": hash_ids(hour, 20, buckets),
+        "c_weekday": hash_ids(np.full(n, date.weekday()), 21, buckets),
+        "c_network": np.zeros(n, np.int32),
+        "c_os": np.zeros(n, np.int32),
+        "c_channel": np.zeros(n, np.int32),
     }
     return pa.table(cols).cast(schema.EXPOSURE_LOG)
 
@@ -106,28 +139,38 @@ def _ranking(exposed: pa.Table, negatives: pa.Table, pool: pa.Table, cfg: Config
     pieces = []
     rank_neg = _col(negatives, "rank_neg").astype(bool)
     pre_neg = (_col(negatives, "coarse_neg") | _col(negatives, "prerank_neg")).astype(bool) & ~rank_neg
-    for table, source in ((exposed, "exposed"), (negatives.filter(pa.array(rank_neg)), "rank_neg"),
-                          (negatives.filter(pa.array(pre_neg)), "prerank_neg")):
+    for table, source in (
+        (exposed, "exposed"),
+        (negatives.filter(pa.array(rank_neg)), "rank_neg"),
+        (negatives.filter(pa.array(pre_neg)), "prerank_neg"),
+    ):
         pieces.append((table, source))
     # global negatives: global_neg_per_pos random pool videos per click
     clicks = _col(exposed, "effective_view").astype(bool)
     clicked_req = _col(exposed, "request_id")[clicks]
     draw = rng.integers(0, max(pool.num_rows, 1), len(clicked_req) * sim.global_neg_per_pos)
     glob = pool.take(pa.array(draw)) if pool.num_rows else pool
-    glob = glob.set_column(glob.column_names.index("request_id"), "request_id",
-                           pa.array(np.repeat(clicked_req, sim.global_neg_per_pos)))
+    glob = glob.set_column(
+        glob.column_names.index("request_id"),
+        "request_id",
+        pa.array(np.repeat(clicked_req, sim.global_neg_per_pos)),
+    )
     pieces.append((glob, "global_neg"))
 
     out = []
     for table, source in pieces:
         n = table.num_rows
         ts = _col(table, "request_timestamp")
-        rank_index = _col(table, "rank_index") + 1 if "rank_index" in table.column_names else np.zeros(n, np.int64)
+        rank_index = (
+            _col(table, "rank_index") + 1 if "rank_index" in table.column_names else np.zeros(n, np.int64)
+        )
         has_rank = (rank_index > 0) & (source == "rank_neg")
         cols = {
-            "request_id": _col(table, "request_id"), "item_id": _col(table, "video_id"),
+            "request_id": _col(table, "request_id"),
+            "item_id": _col(table, "video_id"),
             "source": pa.array([source] * n, pa.string()),
-            "retrieval_pos": pa.nulls(n, pa.int32()), "prerank_pos": pa.nulls(n, pa.int32()),
+            "retrieval_pos": pa.nulls(n, pa.int32()),
+            "prerank_pos": pa.nulls(n, pa.int32()),
             "rank_pos": pa.array(rank_index.astype(np.int32), mask=~has_rank),
             "content_type": (_col(table, "upload_type") % 128).astype(np.int8),
             "true_affinity": pa.nulls(n, pa.float32()),
@@ -144,18 +187,25 @@ def _fullflow(all_stage: pa.Table, exposed: pa.Table, cfg: Config, date: dt.date
     rng = np.random.default_rng([cfg.simulate.seed, date.toordinal(), 78])
     req = np.unique(_col(exposed, "request_id"))
     chosen = req[rng.random(len(req)) < cfg.simulate.full_flow_fraction]
-    cand = pa.concat_tables([all_stage.select(list(ALL_STAGE_COLUMNS[:14])),
-                             exposed.select(list(ALL_STAGE_COLUMNS[:14]))])
+    cand = pa.concat_tables(
+        [all_stage.select(list(ALL_STAGE_COLUMNS[:14])), exposed.select(list(ALL_STAGE_COLUMNS[:14]))]
+    )
     cand = cand.filter(pa.array(np.isin(_col(cand, "request_id"), chosen)))
     n = cand.num_rows
     exp_keys = set(zip(_col(exposed, "request_id").tolist(), _col(exposed, "video_id").tolist()))
-    clicks = dict(zip(zip(_col(exposed, "request_id").tolist(), _col(exposed, "video_id").tolist()),
-                      _col(exposed, "effective_view").tolist()))
+    clicks = dict(
+        zip(
+            zip(_col(exposed, "request_id").tolist(), _col(exposed, "video_id").tolist()),
+            _col(exposed, "effective_view").tolist(),
+        )
+    )
     pairs = list(zip(_col(cand, "request_id").tolist(), _col(cand, "video_id").tolist()))
     ts = _col(cand, "request_timestamp")
     cols = {
-        "request_id": _col(cand, "request_id"), "item_id": _col(cand, "video_id"),
-        "retrieval_pos": np.arange(1, n + 1, dtype=np.int32), "prerank_pos": pa.nulls(n, pa.int32()),
+        "request_id": _col(cand, "request_id"),
+        "item_id": _col(cand, "video_id"),
+        "retrieval_pos": np.arange(1, n + 1, dtype=np.int32),
+        "prerank_pos": pa.nulls(n, pa.int32()),
         "rank_pos": pa.nulls(n, pa.int32()),
         "exposed": np.array([p in exp_keys for p in pairs], bool),
         "click": np.array([clicks.get(p, 0) for p in pairs], np.int8),
@@ -181,7 +231,11 @@ def import_day(cfg: Config, root: Path, date: dt.date) -> dict[str, int]:
     with atomic_dir(layout.landing_day(cfg, date)) as tmp:
         for log, table in (("exposure", exposure), ("ranking", ranking), ("fullflow", fullflow)):
             pq.write_table(table, tmp / f"{log}.parquet", compression="zstd")
-    return {"exposures": exposure.num_rows, "ranking_rows": ranking.num_rows, "fullflow_rows": fullflow.num_rows}
+    return {
+        "exposures": exposure.num_rows,
+        "ranking_rows": ranking.num_rows,
+        "fullflow_rows": fullflow.num_rows,
+    }
 
 
 def import_recflow(cfg: Config, root: Path) -> Iterator[tuple[dt.date, dict[str, int]]]:
@@ -189,8 +243,10 @@ def import_recflow(cfg: Config, root: Path) -> Iterator[tuple[dt.date, dict[str,
     root = Path(root)
     if not (root / "realshow").is_dir() or not (root / "all_stage").is_dir():
         raise DataContractError(f"{root}: not a RecFlow root (expected realshow/ and all_stage/ folders)")
-    days = sorted({p.stem for p in (root / "realshow").glob("*.feather")}
-                  & {p.stem for p in (root / "all_stage").glob("*.feather")})
+    days = sorted(
+        {p.stem for p in (root / "realshow").glob("*.feather")}
+        & {p.stem for p in (root / "all_stage").glob("*.feather")}
+    )
     if not days:
         raise DataContractError(f"{root}: no day has both realshow/ and all_stage/ feather files")
     for stem in days:

@@ -1,4 +1,4 @@
-"""A simulator of the recommendation cascade with a known ground truth (DESIGN §4).
+"""A simulator of the recommendation cascade with a known ground truth.
 
 Users and items have latent vectors; the true affinity is ``u·v + item bias + the user's
 content-type preference``. Each request runs retrieval → pre-ranking → ranking → exposure →
@@ -10,6 +10,7 @@ Generation is chunked: each chunk of requests becomes one Parquet row group, so 
 flat in the day's volume. A day depends only on (seed, date, config): the same seed gives the
 same bytes, and days can be generated independently (DVC runs them as separate stages).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -49,14 +50,14 @@ class DayStats:
 # ---- the latent universe: users, items and their static features ------------------------------
 @dataclass(frozen=True)
 class Universe:
-    user_vec: np.ndarray          # (U, d)
-    user_segment: np.ndarray      # (U,)
-    user_pref: np.ndarray         # (U, T) content-type preference
-    user_weight: np.ndarray       # (U,) request probability
+    user_vec: np.ndarray  # (U, d)
+    user_segment: np.ndarray  # (U,)
+    user_pref: np.ndarray  # (U, T) content-type preference
+    user_weight: np.ndarray  # (U,) request probability
     user_static: dict[str, np.ndarray]
-    item_vec: np.ndarray          # (I, d)
-    item_bias: np.ndarray         # (I,)
-    item_ctype: np.ndarray        # (I,)
+    item_vec: np.ndarray  # (I, d)
+    item_bias: np.ndarray  # (I,)
+    item_ctype: np.ndarray  # (I,)
     item_static: dict[str, np.ndarray]
 
 
@@ -108,9 +109,14 @@ def build_universe(sim: SimulateConfig) -> Universe:
         "i_cover_score": rng.uniform(0, 1, n_i).astype(np.float32),
     }
     return Universe(
-        user_vec=user_vec.astype(np.float32), user_segment=user_segment, user_pref=user_pref.astype(np.float32),
-        user_weight=activity / activity.sum(), user_static=user_static,
-        item_vec=item_vec.astype(np.float32), item_bias=item_bias.astype(np.float32), item_ctype=item_ctype,
+        user_vec=user_vec.astype(np.float32),
+        user_segment=user_segment,
+        user_pref=user_pref.astype(np.float32),
+        user_weight=activity / activity.sum(),
+        user_static=user_static,
+        item_vec=item_vec.astype(np.float32),
+        item_bias=item_bias.astype(np.float32),
+        item_ctype=item_ctype,
         item_static=item_static,
     )
 
@@ -174,7 +180,12 @@ def _random_subset(rng: np.random.Generator, rows: int, width: int, k: int) -> n
 
 
 def _chunk(
-    sim: SimulateConfig, uni: Universe, knobs: DayKnobs, date: dt.date, first_index: int, size: int,
+    sim: SimulateConfig,
+    uni: Universe,
+    knobs: DayKnobs,
+    date: dt.date,
+    first_index: int,
+    size: int,
 ) -> dict[str, pa.Table]:
     rng = np.random.default_rng([sim.seed, RNG_STREAM_CHUNK, date.toordinal(), first_index])
     n_items = sim.n_items
@@ -196,21 +207,24 @@ def _chunk(
     noisy = pool_aff + knobs.retrieval_noise * rng.standard_normal(pool.shape, dtype=np.float32)
     noisy[dup] = -np.inf
     ret_cols = _top_positions(noisy, sim.retrieval_size)
-    cand = np.take_along_axis(pool, ret_cols, 1)              # (R, 1000) by retrieval position
+    cand = np.take_along_axis(pool, ret_cols, 1)  # (R, 1000) by retrieval position
     cand_aff = np.take_along_axis(pool_aff, ret_cols, 1)
     n_ret = sim.retrieval_size
 
     # 2. pre-ranking: affinity + large noise, over all retrieved candidates.
-    pre_order = _top_positions(cand_aff + sim.prerank_noise * rng.standard_normal(cand.shape, dtype=np.float32), n_ret)
+    pre_order = _top_positions(
+        cand_aff + sim.prerank_noise * rng.standard_normal(cand.shape, dtype=np.float32), n_ret
+    )
     prerank_pos = np.empty_like(pre_order)
     np.put_along_axis(prerank_pos, pre_order, np.arange(1, n_ret + 1)[None, :], 1)
     # 3. ranking: the pre-ranker's top prerank_keep, by affinity + small noise.
-    kept = pre_order[:, :sim.prerank_keep]
+    kept = pre_order[:, : sim.prerank_keep]
     kept_aff = np.take_along_axis(cand_aff, kept, 1)
-    rank_order = _top_positions(kept_aff + sim.rank_noise * rng.standard_normal(kept.shape, dtype=np.float32),
-                                sim.prerank_keep)
-    by_rank = np.take_along_axis(kept, rank_order, 1)         # candidate columns in ranking order
-    rank_pos = np.zeros_like(cand, dtype=np.int32)            # 0 = never ranked
+    rank_order = _top_positions(
+        kept_aff + sim.rank_noise * rng.standard_normal(kept.shape, dtype=np.float32), sim.prerank_keep
+    )
+    by_rank = np.take_along_axis(kept, rank_order, 1)  # candidate columns in ranking order
+    rank_pos = np.zeros_like(cand, dtype=np.int32)  # 0 = never ranked
     np.put_along_axis(rank_pos, by_rank, np.arange(1, sim.prerank_keep + 1)[None, :], 1)
 
     # 4-5. exposure of the ranking top, clicks from the true affinity with a position bias.
@@ -222,12 +236,14 @@ def _chunk(
     click = (rng.random(exp_aff.shape) < 1 / (1 + np.exp(-logit))).astype(np.int8)
 
     # Logged negatives: 10 from ranking positions > rank_keep, 10 from pre-ranking positions > prerank_keep.
-    rank_tail = by_rank[:, sim.rank_keep:]
+    rank_tail = by_rank[:, sim.rank_keep :]
     rank_neg_cols = np.take_along_axis(
-        rank_tail, _random_subset(rng, size, rank_tail.shape[1], sim.rank_neg_per_request), 1)
-    pre_tail = pre_order[:, sim.prerank_keep:]
+        rank_tail, _random_subset(rng, size, rank_tail.shape[1], sim.rank_neg_per_request), 1
+    )
+    pre_tail = pre_order[:, sim.prerank_keep :]
     prerank_neg_cols = np.take_along_axis(
-        pre_tail, _random_subset(rng, size, pre_tail.shape[1], sim.prerank_neg_per_request), 1)
+        pre_tail, _random_subset(rng, size, pre_tail.shape[1], sim.prerank_neg_per_request), 1
+    )
     global_items = _sample_distinct(rng, n_items, click.sum(1) * sim.global_neg_per_pos)
 
     # The user's recent clicks: the favourites among a random handful of items.
@@ -235,11 +251,26 @@ def _chunk(
     seq_score = np.take_along_axis(affinity, seq_pool, 1) + rng.gumbel(size=seq_pool.shape)
     seq_items = np.take_along_axis(seq_pool, _top_positions(seq_score, sim.seq_len), 1)
 
-    ranking = _ranking_table(sim, uni, req_ids, users, cand, cand_aff, prerank_pos, rank_pos,
-                             exp_cols, rank_neg_cols, prerank_neg_cols, global_items, affinity)
+    ranking = _ranking_table(
+        sim,
+        uni,
+        req_ids,
+        users,
+        cand,
+        cand_aff,
+        prerank_pos,
+        rank_pos,
+        exp_cols,
+        rank_neg_cols,
+        prerank_neg_cols,
+        global_items,
+        affinity,
+    )
     exposure = _exposure_table(sim, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, click, seq_items)
     full_rows = np.flatnonzero(rng.random(size) < sim.full_flow_fraction)
-    fullflow = _fullflow_table(uni, req_ids, cand, cand_aff, prerank_pos, rank_pos, exp_cols, click, full_rows)
+    fullflow = _fullflow_table(
+        uni, req_ids, cand, cand_aff, prerank_pos, rank_pos, exp_cols, click, full_rows
+    )
     return {"exposure": exposure, "ranking": ranking, "fullflow": fullflow}
 
 
@@ -247,11 +278,28 @@ def _item_columns(uni: Universe, items: np.ndarray) -> dict[str, np.ndarray]:
     return {name: uni.item_static[name][items] for name in schema.ITEM_FEATURES}
 
 
-def _ranking_table(sim, uni, req_ids, users, cand, cand_aff, prerank_pos, rank_pos,
-                   exp_cols, rank_neg_cols, prerank_neg_cols, global_items, affinity) -> pa.Table:
+def _ranking_table(
+    sim,
+    uni,
+    req_ids,
+    users,
+    cand,
+    cand_aff,
+    prerank_pos,
+    rank_pos,
+    exp_cols,
+    rank_neg_cols,
+    prerank_neg_cols,
+    global_items,
+    affinity,
+) -> pa.Table:
     size = len(req_ids)
     parts_cols = [exp_cols, rank_neg_cols, prerank_neg_cols]
-    parts_src = [schema.RankingSource.EXPOSED, schema.RankingSource.RANK_NEG, schema.RankingSource.PRERANK_NEG]
+    parts_src = [
+        schema.RankingSource.EXPOSED,
+        schema.RankingSource.RANK_NEG,
+        schema.RankingSource.PRERANK_NEG,
+    ]
     rows, cols, sources = [], [], []
     for block, src in zip(parts_cols, parts_src):
         rows.append(np.repeat(np.arange(size), block.shape[1]))
@@ -276,7 +324,9 @@ def _ranking_table(sim, uni, req_ids, users, cand, cand_aff, prerank_pos, rank_p
     pre = np.concatenate([pre, np.zeros(len(g_items), np.int32)])
     rk = np.concatenate([rk, np.zeros(len(g_items), np.int32)])
     aff = np.concatenate([aff, affinity[g_row, g_items]])
-    src = np.concatenate(sources + [np.full(len(g_items), schema.RankingSource.GLOBAL_NEG.value, dtype=object)])
+    src = np.concatenate(
+        sources + [np.full(len(g_items), schema.RankingSource.GLOBAL_NEG.value, dtype=object)]
+    )
     order = np.lexsort((np.arange(len(row)), row))  # group rows by request, keep source order
     columns = {
         "request_id": req_ids[row],
@@ -307,9 +357,12 @@ def _exposure_table(sim, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, 
     seq = hash_ids(seq_items, 10, sim.hash_buckets)  # same hash as i_id: the sequence lives in item-id space
     b = sim.hash_buckets
     request_features = {
-        **{name: uni.user_static[name][users][row] for name in (*schema.USER_CATEGORICAL, *schema.USER_DENSE)},
-        schema.USER_SEQUENCE: pa.FixedSizeListArray.from_arrays(pa.array(seq[row].ravel()), sim.seq_len)
-        .cast(pa.list_(pa.int32())),
+        **{
+            name: uni.user_static[name][users][row] for name in (*schema.USER_CATEGORICAL, *schema.USER_DENSE)
+        },
+        schema.USER_SEQUENCE: pa.FixedSizeListArray.from_arrays(pa.array(seq[row].ravel()), sim.seq_len).cast(
+            pa.list_(pa.int32())
+        ),
         "c_hour": hash_ids(hours, 20, b),
         "c_weekday": hash_ids(np.full(n, date.weekday()), 21, b),
         "c_network": hash_ids(rng.integers(0, 4, size)[row], 22, b),
@@ -331,7 +384,8 @@ def _exposure_table(sim, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, 
         **request_features,
     }
     return pa.table({k: (v if isinstance(v, pa.Array) else pa.array(v)) for k, v in columns.items()}).cast(
-        schema.EXPOSURE_LOG)
+        schema.EXPOSURE_LOG
+    )
 
 
 def _fullflow_table(uni, req_ids, cand, cand_aff, prerank_pos, rank_pos, exp_cols, click, rows) -> pa.Table:
@@ -355,7 +409,8 @@ def _fullflow_table(uni, req_ids, cand, cand_aff, prerank_pos, rank_pos, exp_col
         **_item_columns(uni, items),
     }
     return pa.table({k: (v if isinstance(v, pa.Array) else pa.array(v)) for k, v in columns.items()}).cast(
-        schema.FULLFLOW_LOG)
+        schema.FULLFLOW_LOG
+    )
 
 
 # ---- days ----------------------------------------------------------------------------------------
@@ -367,11 +422,15 @@ def simulate_day(cfg: Config, date: dt.date, progress: bool = True) -> DayStats:
     counts = dict(requests=0, exposures=0, clicks=0, ranking_rows=0, fullflow_rows=0)
     target = layout.landing_day(cfg, date)
     with atomic_dir(target) as tmp:
-        writers = {name: pq.ParquetWriter(tmp / f"{name}.parquet", s, **PARQUET_OPTIONS)
-                   for name, s in schema.RAW_LOGS.items()}
+        writers = {
+            name: pq.ParquetWriter(tmp / f"{name}.parquet", s, **PARQUET_OPTIONS)
+            for name, s in schema.RAW_LOGS.items()
+        }
         try:
             starts = range(0, sim.requests_per_day, sim.chunk_requests)
-            for start in tqdm(starts, desc=f"simulate {date}", unit="chunk", disable=not progress, leave=False):
+            for start in tqdm(
+                starts, desc=f"simulate {date}", unit="chunk", disable=not progress, leave=False
+            ):
                 size = min(sim.chunk_requests, sim.requests_per_day - start)
                 tables = _chunk(sim, uni, knobs, date, start, size)
                 for name, table in tables.items():
@@ -387,7 +446,9 @@ def simulate_day(cfg: Config, date: dt.date, progress: bool = True) -> DayStats:
     return DayStats(date=date, path=target, **counts)
 
 
-def simulate_days(cfg: Config, start: dt.date, days: int, progress: bool = True) -> Iterator[tuple[dt.date, DayStats]]:
+def simulate_days(
+    cfg: Config, start: dt.date, days: int, progress: bool = True
+) -> Iterator[tuple[dt.date, DayStats]]:
     for offset in range(days):
         date = start + dt.timedelta(days=offset)
         yield date, simulate_day(cfg, date, progress=progress)

@@ -1,4 +1,5 @@
 """The simulator's invariants, checked on its real output."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -48,7 +49,9 @@ def test_toutiaorec_sampling_per_request(day_logs):
     assert (rank.loc[rank.source == "rank_neg", "rank_pos"] > sim.rank_keep).all()
     assert (rank.loc[rank.source == "prerank_neg", "prerank_pos"] > sim.prerank_keep).all()
     assert rank.loc[rank.source == "prerank_neg", "rank_pos"].isna().all()
-    assert rank.loc[rank.source == "global_neg", ["retrieval_pos", "prerank_pos", "rank_pos"]].isna().all().all()
+    assert (
+        rank.loc[rank.source == "global_neg", ["retrieval_pos", "prerank_pos", "rank_pos"]].isna().all().all()
+    )
     assert not rank.duplicated(["request_id", "item_id", "source"]).any()
 
 
@@ -56,7 +59,9 @@ def test_true_affinity_orders_sources_and_ctr_rises_with_it(day_logs):
     _, _, logs = day_logs
     rank = logs["ranking"].to_pandas()
     exp = logs["exposure"].to_pandas()
-    exposed = rank[rank.source == "exposed"].merge(exp[["request_id", "item_id", "click"]], on=["request_id", "item_id"])
+    exposed = rank[rank.source == "exposed"].merge(
+        exp[["request_id", "item_id", "click"]], on=["request_id", "item_id"]
+    )
     mean = rank.groupby("source").true_affinity.mean()
     expose_neg = exposed.loc[exposed.click == 0, "true_affinity"].mean()
     assert expose_neg > mean["rank_neg"] > mean["prerank_neg"] > mean["global_neg"]
@@ -79,7 +84,9 @@ def test_fullflow_logs_every_retrieved_candidate(day_logs):
 def test_same_seed_same_bytes_other_seed_other_bytes(make_cfg, tmp_path):
     def digest(cfg):
         simulate_day(cfg, DAY, progress=False)
-        return {n: hashlib.sha256(layout.raw_log(cfg, DAY, n).read_bytes()).hexdigest() for n in schema.RAW_LOGS}
+        return {
+            n: hashlib.sha256(layout.raw_log(cfg, DAY, n).read_bytes()).hexdigest() for n in schema.RAW_LOGS
+        }
 
     first = digest(make_cfg(tmp_path / "a", simulate__requests_per_day=60))
     again = digest(make_cfg(tmp_path / "b", simulate__requests_per_day=60))
@@ -90,8 +97,11 @@ def test_same_seed_same_bytes_other_seed_other_bytes(make_cfg, tmp_path):
 
 def test_drift_scenarios_change_the_cascade(make_cfg):
     stable = make_cfg(simulate__scenario="stable").simulate
-    degrade = make_cfg(simulate__scenario="retrieval_degrades", simulate__drift_start="2026-11-03",
-                       simulate__drift_ramp_days=2).simulate
+    degrade = make_cfg(
+        simulate__scenario="retrieval_degrades",
+        simulate__drift_start="2026-11-03",
+        simulate__drift_ramp_days=2,
+    ).simulate
     shift = make_cfg(simulate__scenario="content_shift", simulate__drift_start="2026-11-03").simulate
     before, after = dt.date(2026, 11, 2), dt.date(2026, 11, 10)
     assert drift_strength(stable, after) == 0.0
@@ -103,8 +113,12 @@ def test_drift_scenarios_change_the_cascade(make_cfg):
 
 
 def test_content_shift_moves_the_content_mix(make_cfg):
-    cfg = make_cfg(simulate__scenario="content_shift", simulate__drift_start="2026-11-02",
-                   simulate__drift_ramp_days=1, simulate__content_shift_strength=3.0)
+    cfg = make_cfg(
+        simulate__scenario="content_shift",
+        simulate__drift_start="2026-11-02",
+        simulate__drift_ramp_days=1,
+        simulate__content_shift_strength=3.0,
+    )
     share = {}
     for date in (dt.date(2026, 11, 1), dt.date(2026, 11, 2)):
         simulate_day(cfg, date, progress=False)

@@ -1,4 +1,5 @@
 """The promotion rule (hap.blessing.decide) on metric dicts: floors, gain, slices, cost, NaN."""
+
 from __future__ import annotations
 
 import math
@@ -10,14 +11,24 @@ from hap.registry.blessing import decide
 
 @pytest.fixture
 def gate(make_cfg):
-    cfg = make_cfg(gate__floors={"recall@50": 0.05, "gauc": 0.5}, gate__min_gain=0.001,
-                   gate__max_slice_regression=0.02, gate__max_flops_per_request=1e6)
+    cfg = make_cfg(
+        gate__floors={"recall@50": 0.05, "gauc": 0.5},
+        gate__min_gain=0.001,
+        gate__max_slice_regression=0.02,
+        gate__max_flops_per_request=1e6,
+    )
     return cfg.gate
 
 
 def metrics(**kw):
-    base = {"recall@50": 0.30, "gauc": 0.62, "auc_slice_easy": 0.90, "auc_slice_hard": 0.60,
-            "flops_per_request": 5e5, "logloss": 0.3}
+    base = {
+        "recall@50": 0.30,
+        "gauc": 0.62,
+        "auc_slice_easy": 0.90,
+        "auc_slice_hard": 0.60,
+        "flops_per_request": 5e5,
+        "logloss": 0.3,
+    }
     base.update(kw)
     return base
 

@@ -1,8 +1,8 @@
 """Orchestration pieces that need no Prefect server: deployments, retry rule, skip rule, report."""
+
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import pytest
 import yaml
@@ -56,7 +56,9 @@ def test_prefect_yaml_schedules_parse_and_match_params():
     from prefect.server.schemas.schedules import CronSchedule
 
     server_side = CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
-    runs = asyncio.run(server_side.get_dates(n=3, start=dt.datetime(2026, 10, 24, 12, tzinfo=ZoneInfo("UTC"))))
+    runs = asyncio.run(
+        server_side.get_dates(n=3, start=dt.datetime(2026, 10, 24, 12, tzinfo=ZoneInfo("UTC")))
+    )
     local = [r.astimezone(ZoneInfo(cfg.orchestration.timezone)) for r in runs]
     assert [r.hour for r in local] == [4, 4, 4]
     assert [r.date() for r in local] == [dt.date(2026, 10, 25), dt.date(2026, 10, 26), dt.date(2026, 10, 27)]
@@ -104,7 +106,7 @@ def test_skip_rule(make_cfg):
 
     cfg = make_cfg(split__window_days=2, orchestration__retrain_every_days=3)
     _land(cfg, D)
-    assert not policy.decide(cfg, D).retrain                           # window incomplete
+    assert not policy.decide(cfg, D).retrain  # window incomplete
     _land(cfg, D - dt.timedelta(days=1))
     assert policy.decide(cfg, D).reason == "no earlier model"
     _trained(cfg, D - dt.timedelta(days=1))
@@ -115,27 +117,45 @@ def test_skip_rule(make_cfg):
     # an alert of an earlier day makes this run retrain, and a retrain answers it
     policy.request_retrain(cfg, D - dt.timedelta(days=1), ["hard fraction moved"])
     assert policy.decide(cfg, D).retrain and "alert" in policy.decide(cfg, D).reason
-    assert policy.pending_request(cfg, D - dt.timedelta(days=1)) is None   # not before it was made
+    assert policy.pending_request(cfg, D - dt.timedelta(days=1)) is None  # not before it was made
     policy.consume_request(cfg, D)
     assert not policy.decide(cfg, D).retrain
     cfg_old = make_cfg(split__window_days=2, orchestration__retrain_every_days=1)
-    assert policy.decide(cfg_old, D).retrain                           # default: every day
+    assert policy.decide(cfg_old, D).retrain  # default: every day
 
 
 def test_report_renders_counts_metrics_verdict_and_links():
     from flows.report import render_day
 
-    text = render_day({
-        "date": "2026-11-05", "status": "completed", "retrain": True, "retrain_reason": "no earlier model",
-        "ingest": {"requests": 240, "samples": 9000, "by_source": {"expose_pos": 40}},
-        "split": {"rows": 8000, "by_difficulty": {"easy": 3000, "hard": 5000}},
-        "evaluate": {"recall@50": 0.41, "gauc": 0.66},
-        "model_version": "3", "tracking_uri": "sqlite:///x/mlflow.db",
-        "gate": {"verdict": "pass", "promoted": True, "reasons": ["first model"]},
-        "champion": {"version": "3"},
-        "monitor": {"figures": {"hard_fraction_model": 0.31}, "alerts": ["routed share moved"],
-                    "html_report": "/x/report.html"},
-    })
-    for needle in ("240", "recall@50", "0.41", "version 3", "pass", "hard_fraction_model",
-                   "routed share moved", "/x/report.html", "sqlite:///x/mlflow.db"):
+    text = render_day(
+        {
+            "date": "2026-11-05",
+            "status": "completed",
+            "retrain": True,
+            "retrain_reason": "no earlier model",
+            "ingest": {"requests": 240, "samples": 9000, "by_source": {"expose_pos": 40}},
+            "split": {"rows": 8000, "by_difficulty": {"easy": 3000, "hard": 5000}},
+            "evaluate": {"recall@50": 0.41, "gauc": 0.66},
+            "model_version": "3",
+            "tracking_uri": "sqlite:///x/mlflow.db",
+            "gate": {"verdict": "pass", "promoted": True, "reasons": ["first model"]},
+            "champion": {"version": "3"},
+            "monitor": {
+                "figures": {"hard_fraction_model": 0.31},
+                "alerts": ["routed share moved"],
+                "html_report": "/x/report.html",
+            },
+        }
+    )
+    for needle in (
+        "240",
+        "recall@50",
+        "0.41",
+        "version 3",
+        "pass",
+        "hard_fraction_model",
+        "routed share moved",
+        "/x/report.html",
+        "sqlite:///x/mlflow.db",
+    ):
         assert needle in text, needle

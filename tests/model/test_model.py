@@ -2,6 +2,7 @@
 
 Tiny data (3 simulated days, 240 requests each) and tiny towers; real torch, real files.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -14,21 +15,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from sklearn.metrics import roc_auc_score
 
-from conftest import tiny_config
 from hap.core import layout
-from hap.data import markers
 from hap.core.config import Config
+from hap.data import markers
 
 DATE = dt.date(2026, 11, 2)
 TINY_MODEL = {
-    "model.hash_buckets": 4096, "model.embed_dim": 8,
-    "model.light.tower_dims": [16, 8], "model.light.mlp_dims": [8],
-    "model.expressive.tower_dims": [16, 8], "model.expressive.mlp_dims": [16, 8, 8],
+    "model.hash_buckets": 4096,
+    "model.embed_dim": 8,
+    "model.light.tower_dims": [16, 8],
+    "model.light.mlp_dims": [8],
+    "model.expressive.tower_dims": [16, 8],
+    "model.expressive.mlp_dims": [16, 8, 8],
     "model.expressive.attention_heads": 2,
-    "train.epochs": 2, "train.batch_requests": 64, "train.diagnostics_every": 5, "train.patience": 5,
-    "evaluate.latency_repeats": 1, "evaluate.latency_candidates": 200,
+    "train.epochs": 2,
+    "train.batch_requests": 64,
+    "train.diagnostics_every": 5,
+    "train.patience": 5,
+    "evaluate.latency_repeats": 1,
+    "evaluate.latency_candidates": 200,
 }
 
 
@@ -40,8 +48,8 @@ def model_cfg(home: Path, **kw) -> Config:
 def tiny_split(tmp_path_factory: pytest.TempPathFactory) -> Config:
     """Three simulated, ingested days; window 11-01..11-02, eval day 11-03 (held out)."""
     from hap.data.ingest import ingest_day
-    from hap.sources.simulator import simulate_days
     from hap.data.split import build_training_set
+    from hap.sources.simulator import simulate_days
 
     home = tmp_path_factory.mktemp("model") / "data"
     cfg = model_cfg(home)
@@ -112,7 +120,7 @@ def test_ghcl_group_softmax_sees_only_its_group() -> None:
     base, present = group_losses(logits, valid, cols, 0.5, 0.0)
     assert present.all()
     bumped = logits.clone()
-    bumped[:, cols == 3] += 5.0       # a global negative gets harder
+    bumped[:, cols == 3] += 5.0  # a global negative gets harder
     after, _ = group_losses(bumped, valid, cols, 0.5, 0.0)
     assert torch.allclose(after[:3], base[:3]) and after[3] > base[3]
     # a single group's InfoNCE by hand
@@ -125,9 +133,13 @@ def test_ghcl_group_softmax_sees_only_its_group() -> None:
     assert not present2[3]
     labels = torch.zeros_like(logits)
     labels[:, 0] = 1
-    assert mixed_bce(logits, valid) == pytest.approx(float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)))
+    assert mixed_bce(logits, valid) == pytest.approx(
+        float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels))
+    )
     z = logits / 0.3
-    assert mixed_infonce(logits, valid, 0.3) == pytest.approx(float((torch.logsumexp(z, 1) - z[:, 0]).mean()), rel=1e-6)
+    assert mixed_infonce(logits, valid, 0.3) == pytest.approx(
+        float((torch.logsumexp(z, 1) - z[:, 0]).mean()), rel=1e-6
+    )
 
 
 def test_harmonizers() -> None:
@@ -137,11 +149,11 @@ def test_harmonizers() -> None:
     losses = torch.stack([(logits[:, 0] * 10).pow(2).mean(), logits[:, 1].pow(2).mean()])
     present = torch.tensor([True, True])
     w = Harmonizer("gradnorm").weights(losses, present, logits)
-    assert w.sum() == pytest.approx(1.0) and w[0] < w[1]      # the dominating group is damped
+    assert w.sum() == pytest.approx(1.0) and w[0] < w[1]  # the dominating group is damped
     assert torch.allclose(Harmonizer("uniform").weights(losses, present, logits), torch.tensor([0.5, 0.5]))
     g1, g2 = [torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])]
     (merged,) = pcgrad_combine([g1, g2], torch.Generator().manual_seed(0))
-    assert float(merged @ g1[0]) >= -1e-6 and float(merged @ g2[0]) >= -1e-6   # no conflict left
+    assert float(merged @ g1[0]) >= -1e-6 and float(merged @ g2[0]) >= -1e-6  # no conflict left
 
 
 # ---- routing -----------------------------------------------------------------------------------------
@@ -155,7 +167,7 @@ def test_routing_and_order() -> None:
     assert thr.sum() == 3 and set(np.flatnonzero(thr)) == {1, 6, 3}
     expr = np.where(routed, np.array([0, 0.1, 0, 0, 0, 0, 0.9, 0, 0, 0]), np.nan)
     _, rank = damr_order(light, expr, routed)
-    assert rank[6] == 1 and rank[1] == 2 and rank[3] == 3     # routed by expressive, then light order
+    assert rank[6] == 1 and rank[1] == 2 and rank[3] == 3  # routed by expressive, then light order
     grid = torch.tensor(np.stack([light, light[::-1]]), dtype=torch.float32)
     valid = torch.ones_like(grid, dtype=torch.bool)
     valid[1, :5] = False
@@ -174,16 +186,22 @@ def test_batches_are_stratified_by_group(tiny_split: Config) -> None:
     assert sum(b.size for b in batches) == len(data.train_anchors)
     b = batches[0]
     for gi, g in enumerate(GROUPS):
-        assert int((b.col_group == gi).sum()) == props[g]      # every batch holds every group, fixed counts
+        assert int((b.col_group == gi).sum()) == props[g]  # every batch holds every group, fixed counts
     # every candidate comes from the anchor's own request: the request-side features match
-    anchors = data.train_anchors[torch.randperm(len(data.train_anchors), generator=torch.Generator().manual_seed(
-        tiny_split.train.seed * 1_000_003))][: b.size]
+    anchors = data.train_anchors[
+        torch.randperm(
+            len(data.train_anchors),
+            generator=torch.Generator().manual_seed(tiny_split.train.seed * 1_000_003),
+        )
+    ][: b.size]
     assert torch.equal(b.item_cat[:, 0], data.item_cat[anchors])
     assert b.valid[:, 0].all()
     assert set(data.row_req[data.val_anchors].tolist()).isdisjoint(data.row_req[data.train_anchors].tolist())
     # same (seed, epoch) -> same batches; another epoch -> another order
     again = data.batches(0)[0]
-    assert torch.equal(again.item_cat, b.item_cat) and not torch.equal(data.batches(1)[0].item_cat, b.item_cat)
+    assert torch.equal(again.item_cat, b.item_cat) and not torch.equal(
+        data.batches(1)[0].item_cat, b.item_cat
+    )
 
 
 # ---- train, bundle, evaluate ---------------------------------------------------------------------------
@@ -200,15 +218,30 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
     assert meta["data_version"] and meta["window"] == ["2026-11-01", "2026-11-02"]
     assert np.isfinite(meta["routing"]["threshold"])
     diag = json.loads((folder / "diagnostics.json").read_text())
-    assert diag["steps"] and "cos_easy_hard" in diag["steps"][0] and "grad_norm/global_neg" in diag["steps"][0]
+    assert (
+        diag["steps"] and "cos_easy_hard" in diag["steps"][0] and "grad_norm/global_neg" in diag["steps"][0]
+    )
     assert len(json.loads((folder / "history.json").read_text())) == result.epochs_run == 2
-    assert result.val_metric["light"] > 0.55           # learned something over chance on the pairs
+    assert result.val_metric["light"] > 0.55  # learned something over chance on the pairs
 
     metrics = evaluate_day(tiny_split, DATE)
     saved = json.loads((layout.metrics_dir(tiny_split, DATE) / "eval.json").read_text())
     assert saved == pytest.approx(metrics)
-    for key in ("recall@10", "recall@50", "recall@100", "ndcg@50", "rank50_recall@50", "auc", "gauc", "logloss",
-                "auc_slice_easy", "auc_slice_hard", "auc_slice_global_neg", "flops_per_request", "latency_ms_per_1k"):
+    for key in (
+        "recall@10",
+        "recall@50",
+        "recall@100",
+        "ndcg@50",
+        "rank50_recall@50",
+        "auc",
+        "gauc",
+        "logloss",
+        "auc_slice_easy",
+        "auc_slice_hard",
+        "auc_slice_global_neg",
+        "flops_per_request",
+        "latency_ms_per_1k",
+    ):
         assert key in metrics and np.isfinite(metrics[key]), key
     assert metrics["routed_share"] == pytest.approx(0.1, abs=0.01)
     assert metrics["flops_light"] < metrics["flops_hap"] < metrics["flops_expressive_all"]
@@ -225,8 +258,9 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
     # serving encodes the request side once; the batch path encodes it on every row: same scores
     enc = bundle.encode(one)
     with torch.no_grad():
-        batch_light = bundle.light(enc["req_cat"], enc["req_dense"], enc["seq"], enc["item_cat"][:, None],
-                                   enc["item_dense"][:, None])[:, 0].numpy()
+        batch_light = bundle.light(
+            enc["req_cat"], enc["req_dense"], enc["seq"], enc["item_cat"][:, None], enc["item_dense"][:, None]
+        )[:, 0].numpy()
     assert np.allclose(batch_light, here.light, atol=1e-5)
     # the item-tower cache changes no score, whether it holds every candidate or only some
     for catalogue in (table, one.slice(0, one.num_rows // 2)):
@@ -235,11 +269,18 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
         assert np.allclose(cached.expressive[cached.routed], here.expressive[here.routed], atol=1e-5)
         assert (cached.routed == here.routed).all()
     assert (here.rank[here.routed] <= here.routed.sum()).all()
-    code = ("import sys, json, pyarrow.parquet as pq; from hap.model.towers import load_bundle; "
-            "t = pq.read_table(sys.argv[2]); t = t.filter(t['request_id'].to_numpy() == t['request_id'][0].as_py()); "
-            "r = load_bundle(sys.argv[1]).score_request(t); print(json.dumps(r.light.tolist()))")
-    out = subprocess.run([sys.executable, "-c", code, str(folder), str(layout.eval_set(tiny_split, DATE) / "part-0.parquet")],
-                         capture_output=True, text=True, check=True)
+    code = (
+        "import sys, json, pyarrow.parquet as pq; from hap.model.towers import load_bundle; "
+        "t = pq.read_table(sys.argv[2]); "
+        "t = t.filter(t['request_id'].to_numpy() == t['request_id'][0].as_py()); "
+        "r = load_bundle(sys.argv[1]).score_request(t); print(json.dumps(r.light.tolist()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(folder), str(layout.eval_set(tiny_split, DATE) / "part-0.parquet")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert np.allclose(json.loads(out.stdout), here.light, atol=1e-6)
 
 
@@ -250,8 +291,10 @@ def test_deterministic_and_resume_matches_uninterrupted(tiny_split: Config, tmp_
     cfg = tiny_split.updated({"train.epochs": 2, "train.patience": 5, "train.harmonization": "gradnorm"})
     data = TrainData.load(cfg, layout.training_set(cfg, DATE))
     straight = fit(cfg, data, tmp_path / "a", tmp_path / "ck-a", log=False)
-    again = fit(cfg, data, tmp_path / "b", tmp_path / "ck-b", log=False)
-    fit(cfg.updated({"train.epochs": 1}), data, tmp_path / "c", tmp_path / "ck-c", log=False)   # "crash" after 1
+    fit(cfg, data, tmp_path / "b", tmp_path / "ck-b", log=False)  # a second identical run, compared below
+    fit(
+        cfg.updated({"train.epochs": 1}), data, tmp_path / "c", tmp_path / "ck-c", log=False
+    )  # "crash" after 1
     resumed = fit(cfg, data, tmp_path / "c", tmp_path / "ck-c", resume=True, log=False)
     assert resumed.resumed_from_epoch == 0 and straight.resumed_from_epoch is None
     sa, sb, sc = (torch.load(tmp_path / x / "light.pt") for x in "abc")
@@ -267,16 +310,39 @@ def test_ddp_two_processes_agree_with_single(tiny_split: Config, tmp_path: Path)
     from hap.model.batches import TrainData
     from hap.model.train import fit
 
-    sets = {"train.epochs": 1, "train.loss": "mixed_infonce", "train.expressive_groups": "none",
-            "train.batch_requests": 64, "train.diagnostics_every": 0}
+    sets = {
+        "train.epochs": 1,
+        "train.loss": "mixed_infonce",
+        "train.expressive_groups": "none",
+        "train.batch_requests": 64,
+        "train.diagnostics_every": 0,
+    }
     cfg = tiny_split.updated(sets)
     single = fit(cfg, TrainData.load(cfg, layout.training_set(cfg, DATE)), tmp_path / "single", log=False)
     env = {**os.environ, "HAP_HOME": str(tiny_split.home), "OMP_NUM_THREADS": "1"}
-    env.update({f"HAP__{k.upper().replace('.', '__')}": json.dumps(v) for k, v in {**TINY_MODEL, **sets}.items()})
+    env.update(
+        {f"HAP__{k.upper().replace('.', '__')}": json.dumps(v) for k, v in {**TINY_MODEL, **sets}.items()}
+    )
     env.update({"HAP__SIMULATE__START": "2026-11-01", "HAP__SPLIT__WINDOW_DAYS": "2"})
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           "29517", "-m", "hap.model.train", "--date", DATE.isoformat()],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "hap.model.train",
+            "--date",
+            DATE.isoformat(),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x2" in proc.stdout
     a = torch.load(tmp_path / "single" / "light.pt")

@@ -5,6 +5,7 @@ A copy of the working tree's pipeline files (``hap/``, ``expectations/``, ``dvc.
 commands run in it (``PYTHONPATH`` points ``hap`` at the copy). Targets stop at ``split`` so no
 model is trained. DVC operations run one at a time (the repo lock, STACK.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_OVERRIDES
+
 from hap.core.config import REPO_ROOT, load_config
 
 pytestmark = pytest.mark.slow
@@ -29,15 +30,26 @@ COPIED = ["hap", "expectations", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", "
 
 def _env(repo: Path, tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP") and k != "PYTHONPATH"}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(repo),
-               DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(repo),
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(tmp / "dvc-site-cache"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     return env
 
 
 def _run(repo: Path, tmp: Path, *args: str) -> str:
-    res = subprocess.run(list(args), cwd=repo, env=_env(repo, tmp), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        list(args), cwd=repo, env=_env(repo, tmp), capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
     return res.stdout + res.stderr
 
@@ -63,7 +75,9 @@ def _write_tiny_params(repo: Path, **extra: object) -> None:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _lock(repo: Path) -> dict:
@@ -114,7 +128,9 @@ def test_second_repro_does_nothing(pipeline_repo) -> None:
     out = dvc(repo, tmp, "repro", "split")
     assert "Running stage" not in out, out
     assert (repo / "dvc.lock").read_text() == lock_before
-    assert (repo / "data" / "training" / f"dt={DATE}" / "train" / "_data_version.json").stat().st_mtime_ns == stamp
+    assert (
+        repo / "data" / "training" / f"dt={DATE}" / "train" / "_data_version.json"
+    ).stat().st_mtime_ns == stamp
 
 
 def test_split_param_change_reruns_split_only(pipeline_repo) -> None:
@@ -155,10 +171,10 @@ def test_push_then_pull_into_a_clean_clone(pipeline_repo) -> None:
 def test_two_clean_rebuilds_give_the_same_training_set_hash(pipeline_repo, tmp_path: Path) -> None:
     """An independent rebuild through the library (the Prefect path) matches the DVC build."""
     from hap.data.ingest import ingest_day
-    from hap.sources.simulator import simulate_day
     from hap.data.split import build_training_set
     from hap.data.validate import validate_day
     from hap.data.versioning import data_version
+    from hap.sources.simulator import simulate_day
 
     repo, tmp, _ = pipeline_repo
     dvc_version = _run(repo, tmp, str(VENV_BIN / "hap"), "data-version", "--date", DATE).strip()
@@ -174,7 +190,11 @@ def test_two_clean_rebuilds_give_the_same_training_set_hash(pipeline_repo, tmp_p
 def test_full_graph_through_evaluate(pipeline_repo) -> None:
     """split -> train -> evaluate with tiny training; a split param change re-runs split and after."""
     repo, tmp, _ = pipeline_repo
-    missing = [m for m in ("hap/model/train.py", "hap/model/towers.py", "hap/model/evaluate.py") if not (REPO_ROOT / m).exists()]
+    missing = [
+        m
+        for m in ("hap/model/train.py", "hap/model/towers.py", "hap/model/evaluate.py")
+        if not (REPO_ROOT / m).exists()
+    ]
     if missing:
         pytest.skip(f"the model issue has not landed {missing}; the train/evaluate stages cannot run yet")
     tiny_train = {"train.epochs": 1}

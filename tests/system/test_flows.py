@@ -3,6 +3,7 @@
 Real components throughout (Prefect's temporary server, MLflow on SQLite, the real steps); the
 only fault is a real ``OSError`` raised by the fault-injection hook on a task's first attempt.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -15,10 +16,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from hap.core import layout
-from hap.core.config import REPO_ROOT
 from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -101,7 +100,9 @@ def test_success_path_promotes_a_model_and_creates_an_artifact(world, backfilled
     assert _champion(cfg) == day["model_version"]
     assert (layout.model_dir(cfg, D2) / "bundle.json").exists()
     with _client() as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"daily-retrain-{D2}"])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"daily-retrain-{D2}"]))
+        )
     assert arts and arts[0].type == "markdown"
     text = arts[0].data
     assert f"version {day['model_version']}" in text and "promoted" in text and "recall@50" in text
@@ -112,7 +113,7 @@ def test_transient_faults_are_retried_and_the_run_succeeds(world, backfilled):
 
     assert backfilled["state"].is_completed()
     home = Path(world["home"])
-    assert (home / ".faults" / "ingest").read_text() == "1"      # the first attempt did raise
+    assert (home / ".faults" / "ingest").read_text() == "1"  # the first attempt did raise
     assert (home / ".faults" / "register").read_text() == "1"
     with _client() as client:
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="register")))
@@ -129,8 +130,9 @@ def test_corrupt_day_fails_without_training_and_keeps_the_champion(world, backfi
     assert champion_before is not None
     path = layout.raw_log(cfg, D3, "exposure")
     table = pq.read_table(path)  # every exposure clicked: CTR 1.0, far outside validation's range
-    table = table.set_column(table.schema.get_field_index("click"), "click",
-                             pa.array([1] * table.num_rows, type=pa.int8()))
+    table = table.set_column(
+        table.schema.get_field_index("click"), "click", pa.array([1] * table.num_rows, type=pa.int8())
+    )
     pq.write_table(table, path)
 
     state = daily_retrain(date=D3.isoformat(), return_state=True, **world["kw"])
@@ -138,7 +140,7 @@ def test_corrupt_day_fails_without_training_and_keeps_the_champion(world, backfi
     assert "ValidationFailed" in state.message and "2026-11-03" in state.message
     runs = _task_runs(state.state_details.flow_run_id)
     names = {r.name.rsplit("-", 1)[0]: r for r in runs}
-    assert names["validate"].run_count == 1                      # a HapError is never retried
+    assert names["validate"].run_count == 1  # a HapError is never retried
     assert not {"split", "train", "register", "gate"} & set(names)
     assert not layout.model_dir(cfg, D3).exists()
     assert version_for_day(cfg, D3) is None

@@ -1,12 +1,13 @@
 """The production configuration, on loopback: PostgreSQL, an MLflow server and a Prefect server.
 
-DESIGN §8 promises that the same code runs against real servers with configuration only. This
+The design promises that the same code runs against real servers with configuration only. This
 test starts Debian's PostgreSQL 15 (``initdb``/``pg_ctl`` binaries, as a non-root user),
 ``mlflow server`` on a Postgres backend with served artifacts, and ``prefect server start`` on a
 Postgres database, all bound to 127.0.0.1, then runs the daily flow for two simulated days with
 nothing but ``PREFECT_API_URL``/``MLFLOW_TRACKING_URI``/``HAP_HOME`` set, and checks the results
 through the servers' own APIs. Every server is stopped by the PID the fixture started.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -29,7 +30,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PG_BIN = Path(os.environ.get("HAP_PG_BIN", "/usr/lib/postgresql/15/bin"))
 VENV_BIN = Path(sys.executable).parent
 PG_USER = "hap"
@@ -122,23 +123,57 @@ class _Postgres:
         self.prefix: list[str] = []
         if os.geteuid() == 0:
             user = "postgres" if _has_user("postgres") else "nobody"
-            self.prefix = ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}",
-                           "--init-groups", "--"]
+            self.prefix = [
+                "setpriv",
+                f"--reuid={user}",
+                f"--regid={pwd.getpwnam(user).pw_gid}",
+                "--init-groups",
+                "--",
+            ]
             shutil.chown(root, user=user)
             root.chmod(0o700)
 
     def start(self) -> None:
-        init = subprocess.run(self.prefix + [str(PG_BIN / "initdb"), "-D", str(self.data), "-U", PG_USER,
-                                             "--auth=trust", "-E", "UTF8", "--no-sync"],
-                              capture_output=True, text=True)
+        init = subprocess.run(
+            self.prefix
+            + [
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                PG_USER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if init.returncode:
             raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
         logf = open(self.log, "wb")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            self.prefix + [str(PG_BIN / "postgres"), "-D", str(self.data), "-h", "127.0.0.1",
-                           "-p", str(self.port), "-k", str(self.root), "-c", "fsync=off",
-                           "-c", "max_connections=200"],
-            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+            self.prefix
+            + [
+                str(PG_BIN / "postgres"),
+                "-D",
+                str(self.data),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-k",
+                str(self.root),
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         import psycopg2
 
         def ready() -> bool:
@@ -175,8 +210,9 @@ def _has_user(name: str) -> bool:
 
 def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     logf = open(log, "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=log.parent,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +225,9 @@ def servers() -> Iterator[Servers]:
     pg_root = Path(tempfile.mkdtemp(prefix="hap-pg-"))  # its own top-level dir: chowned to the pg user
     pg = _Postgres(pg_root, _free_port())
     procs: list[tuple[str, subprocess.Popen]] = []
-    base_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("PREFECT_", "MLFLOW_", "HAP_", "HAP__"))}
+    base_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "HAP_", "HAP__"))
+    }
     base_env.update(QUIET_ENV)
     try:
         pg.start()
@@ -198,30 +235,58 @@ def servers() -> Iterator[Servers]:
 
         mlflow_port = _free_port()
         artifacts = root / "mlflow-artifacts"
-        mlflow_cmd = [str(VENV_BIN / "mlflow"), "server",
-                      "--backend-store-uri", s.pg_url("mlflow"),
-                      "--artifacts-destination", str(artifacts),
-                      "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"]
+        mlflow_cmd = [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            s.pg_url("mlflow"),
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+        ]
         mlflow = _spawn(mlflow_cmd, base_env, root / "mlflow.log")
         procs.append(("mlflow", mlflow))
 
         prefect_port = _free_port()
-        prefect_env = {**base_env,
-                       "PREFECT_HOME": str(root / "prefect-home"),
-                       "PREFECT_API_DATABASE_CONNECTION_URL": s.pg_url("prefect", "postgresql+asyncpg"),
-                       "PREFECT_UI_ENABLED": "false"}
-        prefect = _spawn([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                          "--port", str(prefect_port), "--no-ui"], prefect_env, root / "prefect.log")
+        prefect_env = {
+            **base_env,
+            "PREFECT_HOME": str(root / "prefect-home"),
+            "PREFECT_API_DATABASE_CONNECTION_URL": s.pg_url("prefect", "postgresql+asyncpg"),
+            "PREFECT_UI_ENABLED": "false",
+        }
+        prefect = _spawn(
+            [
+                str(VENV_BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(prefect_port),
+                "--no-ui",
+            ],
+            prefect_env,
+            root / "prefect.log",
+        )
         procs.append(("prefect", prefect))
 
         s.mlflow_url = f"http://127.0.0.1:{mlflow_port}"
         s.prefect_api_url = f"http://127.0.0.1:{prefect_port}/api"
         _wait(lambda: _http_ok(f"{s.mlflow_url}/health"), "mlflow server", mlflow, root / "mlflow.log")
-        _wait(lambda: _http_ok(f"{s.prefect_api_url}/health"), "prefect server", prefect, root / "prefect.log")
-        s.env = {**base_env,
-                 "MLFLOW_TRACKING_URI": s.mlflow_url,
-                 "PREFECT_API_URL": s.prefect_api_url,
-                 "PREFECT_HOME": str(root / "prefect-client-home")}
+        _wait(
+            lambda: _http_ok(f"{s.prefect_api_url}/health"), "prefect server", prefect, root / "prefect.log"
+        )
+        s.env = {
+            **base_env,
+            "MLFLOW_TRACKING_URI": s.mlflow_url,
+            "PREFECT_API_URL": s.prefect_api_url,
+            "PREFECT_HOME": str(root / "prefect-client-home"),
+        }
         yield s
     finally:
         for name, proc in reversed(procs):
@@ -268,8 +333,9 @@ for date in sys.argv[2:]:
 
 def _api(url: str, body: dict | None = None) -> object:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="GET" if body is None else "POST")
+    req = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST"
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
@@ -289,8 +355,14 @@ def two_days(servers: Servers) -> dict[str, object]:
     list(simulate_days(cfg, D1, 2, progress=False))
     env = {**servers.env, "HAP_HOME": str(home), "PYTHONPATH": str(REPO)}
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", RUN_DAYS, json.dumps(overrides), D1.isoformat(), D2.isoformat()],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_DAYS, json.dumps(overrides), D1.isoformat(), D2.isoformat()],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     (Path(os.environ.get("HAP_INTEGRATION_LOG", servers.root / "flow.log"))).write_text(out)
     assert proc.returncode == 0, out[-4000:]
@@ -300,18 +372,28 @@ def two_days(servers: Servers) -> dict[str, object]:
 
 
 def test_daily_flow_runs_are_completed_in_the_prefect_server(servers: Servers, two_days: dict) -> None:
-    runs = _api(f"{servers.prefect_api_url}/flow_runs/filter",
-                {"flows": {"name": {"any_": ["daily-retrain"]}}, "sort": "START_TIME_ASC"})
+    runs = _api(
+        f"{servers.prefect_api_url}/flow_runs/filter",
+        {"flows": {"name": {"any_": ["daily-retrain"]}}, "sort": "START_TIME_ASC"},
+    )
     assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"]
     assert sorted(r["parameters"]["date"] for r in runs) == [D1.isoformat(), D2.isoformat()]
     for run in runs:  # every task of the run reached the server, and none failed
-        tasks = _api(f"{servers.prefect_api_url}/task_runs/filter",
-                     {"flow_runs": {"id": {"any_": [run["id"]]}}})
+        tasks = _api(
+            f"{servers.prefect_api_url}/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}}
+        )
         names = {t["name"].rsplit("-", 1)[0] for t in tasks}
         assert {"ingest", "validate"} <= names, names
-        assert all(t["state_type"] == "COMPLETED" for t in tasks), [(t["name"], t["state_type"]) for t in tasks]
-    artifacts = _api(f"{servers.prefect_api_url}/artifacts/filter", {"artifacts": {"key": {"like_": "daily-retrain-"}}})
-    assert {a["key"] for a in artifacts} >= {f"daily-retrain-{D1.isoformat()}", f"daily-retrain-{D2.isoformat()}"}
+        assert all(t["state_type"] == "COMPLETED" for t in tasks), [
+            (t["name"], t["state_type"]) for t in tasks
+        ]
+    artifacts = _api(
+        f"{servers.prefect_api_url}/artifacts/filter", {"artifacts": {"key": {"like_": "daily-retrain-"}}}
+    )
+    assert {a["key"] for a in artifacts} >= {
+        f"daily-retrain-{D1.isoformat()}",
+        f"daily-retrain-{D2.isoformat()}",
+    }
 
 
 def test_models_versions_and_champion_are_in_the_mlflow_server(servers: Servers, two_days: dict) -> None:
@@ -331,8 +413,9 @@ def test_models_versions_and_champion_are_in_the_mlflow_server(servers: Servers,
     assert not cfg.path("mlflow_db").exists()
 
 
-def test_registered_artifacts_are_served_back(servers: Servers, two_days: dict,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registered_artifacts_are_served_back(
+    servers: Servers, two_days: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The champion's model files download through the server, and live in its artifact store."""
     import mlflow.artifacts
 
@@ -341,8 +424,11 @@ def test_registered_artifacts_are_served_back(servers: Servers, two_days: dict,
     # a client configured the way a user configures one: the tracking URI in the environment
     # (``models:/`` URIs resolve through the registry, which defaults to the tracking server)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow_url)
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{cfg.gate.model_name}@champion", dst_path=str(dest)))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{cfg.gate.model_name}@champion", dst_path=str(dest)
+        )
+    )
     assert (local / "MLmodel").is_file()
     assert any(p.stat().st_size > 0 for p in local.rglob("*") if p.is_file() and p.name != "MLmodel")
     stored = list((servers.root / "mlflow-artifacts").rglob("MLmodel"))

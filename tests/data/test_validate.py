@@ -5,6 +5,7 @@ the day under test, ingested); each corruption works on a copy of it. The CLI is
 through ``hap.cli.main``, the same code path as the ``hap`` console script. "Champion untouched"
 is checked against a real MLflow registry whose ``champion`` alias is set up once by the fixture.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -19,11 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import tiny_config
+
 from hap.core import layout, schema
-from hap.data import markers
 from hap.core.errors import DataContractError, NotValidated, ValidationFailed
+from hap.data import markers
 
 DAY = dt.date(2026, 11, 3)
 HISTORY = [dt.date(2026, 11, 1), dt.date(2026, 11, 2)]
@@ -54,8 +55,8 @@ def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root with two validated days and ``DAY`` simulated and ingested, not yet validated."""
     from hap.data.ingest import ingest_day
-    from hap.sources.simulator import simulate_day
     from hap.data.validate import validate_day
+    from hap.sources.simulator import simulate_day
 
     home = tmp_path_factory.mktemp("pristine") / "data"
     cfg = _cfg(home)
@@ -74,8 +75,14 @@ def day_copy(pristine: Path, tmp_path: Path) -> Path:
     return home
 
 
-def run_cli(home: Path, args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-            registry: str | None = None, **overrides) -> tuple[int, str]:
+def run_cli(
+    home: Path,
+    args: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    registry: str | None = None,
+    **overrides,
+) -> tuple[int, str]:
     """Run ``hap`` in-process; returns (exit code, stdout + stderr)."""
     from hap import cli
 
@@ -125,16 +132,25 @@ def missing_column(d: Path) -> None:
 
 
 def wrong_dtype(d: Path) -> None:
-    _rw(d, "exposure", lambda t: t.set_column(t.schema.get_field_index("position"), "position",
-                                              pc.cast(t["position"], pa.string())))
+    _rw(
+        d,
+        "exposure",
+        lambda t: t.set_column(
+            t.schema.get_field_index("position"), "position", pc.cast(t["position"], pa.string())
+        ),
+    )
 
 
 def null_keys(d: Path) -> None:
     def fn(t):
         col = t["item_id"].combine_chunks()
         mask = _first(t, 3)
-        return t.set_column(t.schema.get_field_index("item_id"), pa.field("item_id", pa.int64()),
-                            pa.array(col.to_numpy(), pa.int64(), mask=mask))
+        return t.set_column(
+            t.schema.get_field_index("item_id"),
+            pa.field("item_id", pa.int64()),
+            pa.array(col.to_numpy(), pa.int64(), mask=mask),
+        )
+
     _rw(d, "ranking", fn)
 
 
@@ -162,8 +178,12 @@ def timestamps_other_day(d: Path) -> None:
     def fn(t):
         ts = t["timestamp"].combine_chunks().cast(pa.int64()).to_numpy().copy()
         ts[:7] += 86_400_000
-        return t.set_column(t.schema.get_field_index("timestamp"), t.schema.field("timestamp"),
-                            pa.array(ts).cast(schema.TIMESTAMP))
+        return t.set_column(
+            t.schema.get_field_index("timestamp"),
+            t.schema.field("timestamp"),
+            pa.array(ts).cast(schema.TIMESTAMP),
+        )
+
     _rw(d, "exposure", fn)
 
 
@@ -208,6 +228,7 @@ def exposure_without_ranking_row(d: Path) -> None:
         drop = np.zeros(t.num_rows, bool)
         drop[exposed[[0, 15, 30]]] = True
         return t.filter(pa.array(~drop))
+
     _rw(d, "ranking", fn)
 
 
@@ -215,7 +236,10 @@ def unknown_source(d: Path) -> None:
     def fn(t):
         src = t["source"].to_numpy(zero_copy_only=False).astype(object)
         src[np.flatnonzero(src == "global_neg")[:3]] = "bogus_neg"
-        return t.set_column(t.schema.get_field_index("source"), t.schema.field("source"), pa.array(src, pa.string()))
+        return t.set_column(
+            t.schema.get_field_index("source"), t.schema.field("source"), pa.array(src, pa.string())
+        )
+
     _rw(d, "ranking", fn)
 
 
@@ -225,20 +249,41 @@ def sampling_count(d: Path) -> None:
         keep = np.ones(t.num_rows, bool)
         keep[rank_neg[:3]] = False  # the first request loses 3 of its rank_neg
         return t.filter(pa.array(keep))
+
     _rw(d, "ranking", fn)
 
 
 # (corruption, file it names, expectation it names, bad-row count or None)
 CORPUS = [
-    (missing_column, "exposure.parquet", "expect_column_values_to_be_in_set(column=in_file", "'column': 'click'"),
+    (
+        missing_column,
+        "exposure.parquet",
+        "expect_column_values_to_be_in_set(column=in_file",
+        "'column': 'click'",
+    ),
     (wrong_dtype, "exposure.parquet", "expect_column_pair_values_to_be_equal", "'arrow_type': 'string'"),
     (null_keys, "ranking.parquet", "expect_column_values_to_not_be_null(column=item_id)", "3 bad row(s)"),
     (duplicate_keys, "ranking.parquet", "expect_compound_columns_to_be_unique", "8 bad row(s)"),
-    (label_out_of_range, "exposure.parquet", "expect_column_values_to_be_in_set(column=click", "5 bad row(s)"),
-    (negative_position, "exposure.parquet", "expect_column_values_to_be_between(column=position", "4 bad row(s)"),
+    (
+        label_out_of_range,
+        "exposure.parquet",
+        "expect_column_values_to_be_in_set(column=click",
+        "5 bad row(s)",
+    ),
+    (
+        negative_position,
+        "exposure.parquet",
+        "expect_column_values_to_be_between(column=position",
+        "4 bad row(s)",
+    ),
     (rank_neg_above_cut, "ranking.parquet", 'row_condition=source=="rank_neg"', "6 bad row(s)"),
     (prerank_neg_above_cut, "ranking.parquet", 'row_condition=source=="prerank_neg"', "6 bad row(s)"),
-    (timestamps_other_day, "exposure.parquet", "expect_column_values_to_be_between(column=timestamp", "7 bad row(s)"),
+    (
+        timestamps_other_day,
+        "exposure.parquet",
+        "expect_column_values_to_be_between(column=timestamp",
+        "7 bad row(s)",
+    ),
     (empty_day, "exposure.parquet", "expect_table_row_count_to_be_between", "observed 0"),
     (truncated_file, "ranking.parquet", "parquet_readable", "truncated or corrupt"),
     (zero_byte_file, "exposure.parquet", "file_not_empty", "zero-byte"),
@@ -246,16 +291,26 @@ CORPUS = [
     (missing_day, "landing/dt=2026-11-03", "day_exists", "missing day"),
     (ctr_zero, "exposure.parquet", "expect_column_mean_to_be_between(column=click", "observed 0"),
     (volume_drop, "exposure.parquet", "expect_table_row_count_to_be_between", "observed 750"),
-    (exposure_without_ranking_row, "exposure.parquet", "expect_column_values_to_be_in_set(column=has_ranking_row",
-     "3 bad row(s)"),
+    (
+        exposure_without_ranking_row,
+        "exposure.parquet",
+        "expect_column_values_to_be_in_set(column=has_ranking_row",
+        "3 bad row(s)",
+    ),
     (unknown_source, "ranking.parquet", "expect_column_values_to_be_in_set(column=source", "3 bad row(s)"),
-    (sampling_count, "ranking.parquet", "expect_column_values_to_be_between(column=n_rank_neg", "1 bad row(s)"),
+    (
+        sampling_count,
+        "ranking.parquet",
+        "expect_column_values_to_be_between(column=n_rank_neg",
+        "1 bad row(s)",
+    ),
 ]
 
 
 @pytest.mark.parametrize("corrupt,file,expectation,detail", CORPUS, ids=[c[0].__name__ for c in CORPUS])
-def test_corruption_is_caught_and_quarantined(corrupt, file, expectation, detail, day_copy, registry_uri,
-                                              monkeypatch, capsys):
+def test_corruption_is_caught_and_quarantined(
+    corrupt, file, expectation, detail, day_copy, registry_uri, monkeypatch, capsys
+):
     cfg = _cfg(day_copy)
     landing = layout.landing_day(cfg, DAY)
     corrupt(landing)
@@ -301,8 +356,13 @@ def test_corpus_is_large_enough():
 
 
 def test_valid_day_passes_with_marker_summary_and_docs(day_copy, monkeypatch, capsys):
-    code, out = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys,
-                        **{"validation.data_docs": True})
+    code, out = run_cli(
+        day_copy,
+        ["validate", "--date", DAY.isoformat()],
+        monkeypatch,
+        capsys,
+        **{"validation.data_docs": True},
+    )
     assert code == 0, out
     assert f"validated {DAY}" in out
     cfg = _cfg(day_copy)
@@ -310,7 +370,9 @@ def test_valid_day_passes_with_marker_summary_and_docs(day_copy, monkeypatch, ca
     markers.require_validated(cfg, [*HISTORY, DAY], "split")
     summary = json.loads((layout.validation_day(cfg, DAY) / "summary.json").read_text())
     assert summary["status"] == "passed" and summary["failed"] == [] and summary["passed"] >= 40
-    assert summary["params"]["exposure_history_days"] == "2" or summary["params"]["exposure_history_days"] == 2
+    assert (
+        summary["params"]["exposure_history_days"] == "2" or summary["params"]["exposure_history_days"] == 2
+    )
     docs = layout.validation_day(cfg, DAY) / "docs"
     assert (docs / "index.html").exists()
     assert list((docs / "validations").rglob("*.html")), "no validation result page in the Data Docs"
@@ -318,15 +380,23 @@ def test_valid_day_passes_with_marker_summary_and_docs(day_copy, monkeypatch, ca
 
 def test_extra_column_warns_by_default_and_fails_when_configured(day_copy, monkeypatch, capsys):
     cfg = _cfg(day_copy)
-    _rw(layout.landing_day(cfg, DAY), "exposure", lambda t: t.append_column("debug_flag", pa.array(
-        np.zeros(t.num_rows, np.int8))))
+    _rw(
+        layout.landing_day(cfg, DAY),
+        "exposure",
+        lambda t: t.append_column("debug_flag", pa.array(np.zeros(t.num_rows, np.int8))),
+    )
     code, out = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys)
     assert code == 0, out
     assert "WARN" in out and "'column': 'debug_flag'" in out
     assert markers.is_validated(cfg, DAY)
 
-    code, out = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys,
-                        **{"validation.extra_columns": "fail"})
+    code, out = run_cli(
+        day_copy,
+        ["validate", "--date", DAY.isoformat()],
+        monkeypatch,
+        capsys,
+        **{"validation.extra_columns": "fail"},
+    )
     assert code == ValidationFailed.exit_code
     assert "FAIL" in out and "debug_flag" in out
     assert markers.is_quarantined(cfg, DAY) and not markers.marker_path(cfg, DAY).exists()
@@ -387,8 +457,9 @@ def test_suites_in_sync_with_schema():
     from hap.data import suites
 
     for table in suites.SUITE_FILES:
-        assert suites.load_suite_json(table) == json.loads(suites.render(table)), \
+        assert suites.load_suite_json(table) == json.loads(suites.render(table)), (
             f"run `python -m hap.data.suites`: {suites.SUITE_FILES[table]} is stale"
+        )
 
 
 def test_training_set_suite(pristine, tmp_path):
@@ -414,12 +485,18 @@ def test_training_set_suite(pristine, tmp_path):
 @pytest.mark.parametrize("scenario", ["stable", "retrieval_degrades", "content_shift"])
 def test_no_false_alarm_over_ten_days(scenario, tmp_path):
     from hap.data.ingest import ingest_day
-    from hap.sources.simulator import simulate_day
     from hap.data.validate import validate_day
+    from hap.sources.simulator import simulate_day
 
     start = dt.date(2026, 11, 1)
-    cfg = _cfg(tmp_path / "data", **{"simulate.scenario": scenario, "simulate.drift_start": "2026-11-04",
-                                     "simulate.drift_ramp_days": 3})
+    cfg = _cfg(
+        tmp_path / "data",
+        **{
+            "simulate.scenario": scenario,
+            "simulate.drift_start": "2026-11-04",
+            "simulate.drift_ramp_days": 3,
+        },
+    )
     for offset in range(10):
         date = start + dt.timedelta(days=offset)
         simulate_day(cfg, date, progress=False)

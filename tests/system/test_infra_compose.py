@@ -8,6 +8,7 @@ env file, published ports unique and on loopback, health checks and dependencies
 workers pointed at the servers and buckets the stack actually creates. The Kubernetes GPU job
 template is rendered with Prefect's own templating and must reserve ``nvidia.com/gpu: 1``.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,11 @@ import yaml
 
 from hap.core.config import load_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 COMPOSE = INFRA / "docker-compose.yml"
 ENV_EXAMPLE = INFRA / ".env.example"
-SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
+SCHEMA = REPO / "tests" / "fixtures" / "compose-spec.json"
 GPU_TEMPLATE = INFRA / "k8s" / "gpu-pool-base-job-template.json"
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}, $VAR; "$$" is a literal "$".
@@ -53,6 +54,7 @@ def referenced_vars(text: str) -> set[str]:
 
 def interpolate(text: str, env: dict[str, str]) -> str:
     """Compose's variable interpolation, enough of it for this file; unset required vars fail."""
+
     def sub(m: re.Match[str]) -> str:
         name, op, arg = m.group(1) or m.group(4), m.group(2), m.group(3)
         value = env.get(name)
@@ -111,11 +113,14 @@ def test_the_schema_check_catches_a_broken_file(compose: dict[str, Any]) -> None
     broken["services"]["mlflow"]["helthcheck"] = broken["services"]["mlflow"].pop("healthcheck")
     broken["services"]["postgres"]["ports"] = "5432:5432"
     errors = _errors(validator, broken)
-    assert any("helthcheck" in e for e in errors) and any(e.startswith("services/postgres/ports") for e in errors)
+    assert any("helthcheck" in e for e in errors) and any(
+        e.startswith("services/postgres/ports") for e in errors
+    )
 
 
 def test_every_variable_is_declared_in_env_example_and_every_setting_is_used(
-        raw_text: str, env: dict[str, str]) -> None:
+    raw_text: str, env: dict[str, str]
+) -> None:
     used = referenced_vars(raw_text)
     assert used - env.keys() == set(), "compose uses variables missing from .env.example"
     assert env.keys() - used == set(), ".env.example declares settings the compose file never uses"
@@ -137,8 +142,9 @@ def test_no_secret_is_in_the_repository(raw_text: str, env: dict[str, str]) -> N
 def test_every_service_image_comes_from_env_example(compose: dict[str, Any], raw_text: str) -> None:
     raw = yaml.safe_load(raw_text)["services"]
     for name, svc in raw.items():
-        assert re.fullmatch(r"\$\{[A-Z_]+_IMAGE:\?[^}]+\}", svc.get("image", "")), \
+        assert re.fullmatch(r"\$\{[A-Z_]+_IMAGE:\?[^}]+\}", svc.get("image", "")), (
             f"{name}: image must be a required ${{..._IMAGE}} variable"
+        )
         assert ":" in compose["services"][name]["image"], f"{name}: image tag not pinned"
 
 
@@ -151,8 +157,11 @@ def test_ports_are_explicit_unique_and_on_loopback(compose: dict[str, Any], env:
             assert host_port.isdigit() and container_port.isdigit(), f"{name}: '{spec}' not explicit"
             assert int(host_port) not in seen, f"{name} and {seen.get(int(host_port))} share {host_port}"
             seen[int(host_port)] = name
-    published = {name: int(str(svc["ports"][0]).split(":")[2])
-                 for name, svc in compose["services"].items() if svc.get("ports")}
+    published = {
+        name: int(str(svc["ports"][0]).split(":")[2])
+        for name, svc in compose["services"].items()
+        if svc.get("ports")
+    }
     for server, port in SERVER_PORTS.items():
         assert published.get(server) == port, f"{server} must publish its port {port}"
     assert {int(env[k]) for k in env if k.endswith("_PORT")} == set(seen)
@@ -203,17 +212,26 @@ def test_workers_get_the_settings_the_code_reads(compose: dict[str, Any], env: d
         assert e["PREFECT_API_URL"] == f"http://prefect-server:{SERVER_PORTS['prefect-server']}/api"
         assert e["MLFLOW_TRACKING_URI"] == f"http://mlflow:{SERVER_PORTS['mlflow']}"
         assert e["HAP_DVC_REMOTE"].startswith(f"s3://{env['DVC_BUCKET']}/")
-        assert load_config(environ={"HAP_DVC_REMOTE": e["HAP_DVC_REMOTE"]}).dvc_remote_url() == e["HAP_DVC_REMOTE"]
+        assert (
+            load_config(environ={"HAP_DVC_REMOTE": e["HAP_DVC_REMOTE"]}).dvc_remote_url()
+            == e["HAP_DVC_REMOTE"]
+        )
         assert e["AWS_ENDPOINT_URL"] == e["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
         assert {"hap-data:/data"} == set(s[name]["volumes"]) and e["HAP_HOME"] == "/data"
         # the hap config accepts the override the stack sets
         key = "HAP__ORCHESTRATION__TRAIN_ON"
         assert load_config(environ={key: e[key]}).orchestration.train_on == env["TRAIN_ON"]
     for bucket in ("MLFLOW_ARTIFACT_BUCKET", "DVC_BUCKET"):
-        assert f"$${bucket}" in yaml.safe_load(COMPOSE.read_text())["services"]["minio-init"]["command"][0] \
+        assert (
+            f"$${bucket}" in yaml.safe_load(COMPOSE.read_text())["services"]["minio-init"]["command"][0]
             or f"${{{bucket}}}" in buckets
-    assert s["worker-cpu"]["command"][s["worker-cpu"]["command"].index("--pool") + 1] == env["PREFECT_CPU_POOL"]
-    assert s["worker-gpu"]["command"][s["worker-gpu"]["command"].index("--pool") + 1] == env["PREFECT_GPU_POOL"]
+        )
+    assert (
+        s["worker-cpu"]["command"][s["worker-cpu"]["command"].index("--pool") + 1] == env["PREFECT_CPU_POOL"]
+    )
+    assert (
+        s["worker-gpu"]["command"][s["worker-gpu"]["command"].index("--pool") + 1] == env["PREFECT_GPU_POOL"]
+    )
 
 
 def test_gpu_worker_reserves_an_nvidia_device(compose: dict[str, Any], env: dict[str, str]) -> None:

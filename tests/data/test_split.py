@@ -4,6 +4,7 @@ Runs on a copy of the session's tiny lake (4 days x 240 requests). Validation ma
 directly with ``hap.markers`` (the contract split consumes); GX itself is tested by the
 validation tests and end to end in ``test_dvc_pipeline.py``.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -17,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from hap.core import layout, schema
-from hap.data import markers
 from hap.core.config import Config
 from hap.core.errors import HapError, NotValidated
+from hap.data import markers
 from hap.data.split import build_training_set, open_training_set, read_report, unit_hash
 from hap.data.versioning import VERSION_FILE, data_version
 
@@ -40,14 +41,17 @@ def _lake_counts(cfg: Config, days: list[dt.date]) -> dict[str, int]:
     out: dict[str, int] = {}
     for day in days:
         table = ds.dataset(str(layout.lake_partition(cfg, "samples", day)), format="parquet").to_table(
-            columns=["source"])
+            columns=["source"]
+        )
         for row in pc.value_counts(table["source"]).to_pylist():
             out[row["values"]] = out.get(row["values"], 0) + row["counts"]
     return out
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_training_set_content_and_partitions(lake_cfg: Config) -> None:
@@ -58,7 +62,10 @@ def test_training_set_content_and_partitions(lake_cfg: Config) -> None:
     assert report.rows == train.num_rows == report.lake_rows == sum(_lake_counts(lake_cfg, [D1, D2]).values())
     assert report.by_source == _lake_counts(lake_cfg, [D1, D2])
     assert sorted(p.name for p in report.train_path.iterdir() if p.is_dir()) == [
-        "difficulty=easy", "difficulty=hard", "difficulty=positive"]
+        "difficulty=easy",
+        "difficulty=hard",
+        "difficulty=positive",
+    ]
     for part in report.train_path.glob("difficulty=*/*.parquet"):
         file_schema = pq.read_schema(part)
         assert file_schema.equals(schema.TRAINING_SET, check_metadata=False)
@@ -71,8 +78,12 @@ def test_training_set_content_and_partitions(lake_cfg: Config) -> None:
         assert r["difficulty"] == schema.DIFFICULTY_OF_SOURCE[r["source"]]
         assert r["label"] == (1 if r["source"] == "expose_pos" else 0)
     # one row per (request, sample)
-    keys = pc.binary_join_element_wise(pc.cast(train["request_id"], "string"), pc.cast(train["item_id"], "string"),
-                                       pc.cast(train["source"], "string"), "/")
+    keys = pc.binary_join_element_wise(
+        pc.cast(train["request_id"], "string"),
+        pc.cast(train["item_id"], "string"),
+        pc.cast(train["source"], "string"),
+        "/",
+    )
     assert pc.count_distinct(keys).as_py() == train.num_rows
     # the eval set: full-flow rows of D+1 for at most eval_max_requests requests, contract schema
     ev = pq.read_table(report.eval_path)
@@ -102,8 +113,14 @@ def test_rebuild_is_byte_identical(lake_cfg: Config, make_cfg, tmp_path: Path) -
 
 def test_sampling_ratio_is_stratified_and_nested(lake_cfg: Config) -> None:
     full = build_training_set(lake_cfg, D2)
-    full_keys = set(zip(*open_training_set(full.train_path).to_table(columns=["request_id", "item_id"]).to_pydict()
-                         .values()))
+    full_keys = set(
+        zip(
+            *open_training_set(full.train_path)
+            .to_table(columns=["request_id", "item_id"])
+            .to_pydict()
+            .values()
+        )
+    )
     cfg = lake_cfg.updated({"split.sample_ratio.global_neg": 0.5, "split.sample_ratio.prerank_neg": 0.0})
     half = build_training_set(cfg, D2)
     assert half.by_source.get("prerank_neg", 0) == 0
@@ -111,8 +128,14 @@ def test_sampling_ratio_is_stratified_and_nested(lake_cfg: Config) -> None:
     assert half.by_source["rank_neg"] == full.by_source["rank_neg"]
     share = half.by_source["global_neg"] / full.by_source["global_neg"]
     assert 0.4 < share < 0.6, share
-    half_keys = set(zip(*open_training_set(half.train_path).to_table(columns=["request_id", "item_id"]).to_pydict()
-                         .values()))
+    half_keys = set(
+        zip(
+            *open_training_set(half.train_path)
+            .to_table(columns=["request_id", "item_id"])
+            .to_pydict()
+            .values()
+        )
+    )
     assert half_keys < full_keys  # a subsample, decided per (request, item), not a reshuffle
     assert half.data_version != full.data_version
     # the hash is uniform enough for ratios to mean what they say

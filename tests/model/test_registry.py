@@ -10,11 +10,11 @@ real models trained on the tiny simulated window:
       ``champion`` unchanged, ``challenger`` set;
   then the same day with a NaN metric is rejected; ``hap rollback`` restores v1.
 """
+
 from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import subprocess
 import sys
 import time
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config
+
 from hap.core import layout
 from hap.data import markers
 
@@ -44,15 +44,22 @@ def _train_eval(cfg, overrides):
 
 @pytest.fixture(scope="module")
 def scenario(tiny_lake, tmp_path_factory):
-    from hap.registry import gate, registration as registry
     from hap.data.split import build_training_set
+    from hap.registry import gate
+    from hap.registry import registration as registry
 
     home = tmp_path_factory.mktemp("registry") / "data"
     # slices of the tiny eval day hold a few dozen requests: their AUC moves by a few points
     # between any two models, so the slice rule gets a tolerance that only a collapse exceeds
-    cfg = tiny_config(home, paths__lake=str(tiny_lake.path("lake")), gate__floors=FLOORS,
-                      gate__max_slice_regression=0.2, gate__min_gain=0.0,
-                      model__hash_buckets=4096, evaluate__latency_repeats=1)
+    cfg = tiny_config(
+        home,
+        paths__lake=str(tiny_lake.path("lake")),
+        gate__floors=FLOORS,
+        gate__max_slice_regression=0.2,
+        gate__min_gain=0.0,
+        model__hash_buckets=4096,
+        evaluate__latency_repeats=1,
+    )
     for day in layout.window(DAY + dt.timedelta(days=1), 3):
         markers.mark_validated(cfg, day, {"note": "validated in tiny_lake"})
     build_training_set(cfg, DAY)
@@ -84,7 +91,6 @@ def scenario(tiny_lake, tmp_path_factory):
 
 
 def test_first_model_is_promoted(scenario):
-    from hap.registry import registration as registry
 
     b1 = scenario["b1"]
     assert b1.verdict == "pass" and b1.promoted and b1.champion_version is None
@@ -94,7 +100,6 @@ def test_first_model_is_promoted(scenario):
 
 
 def test_better_model_promoted_old_becomes_previous(scenario):
-    from hap.registry import registration as registry
 
     cfg, b2 = scenario["cfg"], scenario["b2"]
     assert b2.verdict == "pass", b2.reasons
@@ -128,7 +133,8 @@ def test_degraded_challenger_rejected_champion_unchanged(scenario):
 
 
 def test_run_records_params_history_diagnostics_and_tags(scenario):
-    from hap.registry import registration as registry, tracking
+    from hap.registry import registration as registry
+    from hap.registry import tracking
 
     cfg = scenario["cfg"]
     client = tracking.client(cfg)
@@ -144,7 +150,8 @@ def test_run_records_params_history_diagnostics_and_tags(scenario):
 
 
 def test_nan_metric_never_promoted(scenario):
-    from hap.registry import gate, registration as registry
+    from hap.registry import gate
+    from hap.registry import registration as registry
 
     cfg = scenario["cfg"]
     eval_json = layout.metrics_dir(cfg, DAY) / "eval.json"
@@ -160,18 +167,26 @@ def test_nan_metric_never_promoted(scenario):
 
 
 def test_champion_loads_by_alias_in_fresh_process(scenario):
-    from hap.registry import registration as registry, tracking
+    from hap.registry import registration as registry
+    from hap.registry import tracking
 
     cfg, example = scenario["cfg"], scenario["example"]
     # the payload is decoded the way `mlflow models serve` decodes a dataframe_split request
-    script = ("import sys, json, mlflow.pyfunc\n"
-              "from mlflow.utils.proto_json_utils import dataframe_from_raw_json\n"
-              "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
-              "df = dataframe_from_raw_json(sys.argv[2], schema=m.metadata.get_input_schema())\n"
-              "print('OUT ' + json.dumps([float(x) for x in m.predict(df)['score']]))\n")
+    script = (
+        "import sys, json, mlflow.pyfunc\n"
+        "from mlflow.utils.proto_json_utils import dataframe_from_raw_json\n"
+        "m = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "df = dataframe_from_raw_json(sys.argv[2], schema=m.metadata.get_input_schema())\n"
+        "print('OUT ' + json.dumps([float(x) for x in m.predict(df)['score']]))\n"
+    )
     payload = example.to_json(orient="split")
-    proc = subprocess.run([sys.executable, "-c", script, registry.model_uri(cfg, "champion"), payload],
-                          capture_output=True, text=True, env=tracking.subprocess_env(cfg), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, registry.model_uri(cfg, "champion"), payload],
+        capture_output=True,
+        text=True,
+        env=tracking.subprocess_env(cfg),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     fresh = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("OUT "))[4:])
     in_process = scenario["v2_scores"]["score"].to_numpy()
@@ -184,8 +199,8 @@ def test_champion_loads_by_alias_in_fresh_process(scenario):
 def test_rollback_and_models_cli(scenario, monkeypatch):
     from typer.testing import CliRunner
 
-    from hap.registry import registration as registry
     from hap.cli import app
+    from hap.registry import registration as registry
 
     cfg = scenario["cfg"]
     env = {"HAP_HOME": str(cfg.home)}
@@ -195,7 +210,9 @@ def test_rollback_and_models_cli(scenario, monkeypatch):
     assert listing.exit_code == 0, listing.output
     row = next(ln for ln in listing.output.splitlines() if ln.startswith(f"v{scenario['v2']} "))
     assert "champion" in row and "pass" in row
-    assert "challenger" in next(ln for ln in listing.output.splitlines() if ln.startswith(f"v{scenario['v3']} "))
+    assert "challenger" in next(
+        ln for ln in listing.output.splitlines() if ln.startswith(f"v{scenario['v3']} ")
+    )
 
     result = runner.invoke(app, [*args, "rollback"], env=env)
     assert result.exit_code == 0, result.output
@@ -206,9 +223,9 @@ def test_rollback_and_models_cli(scenario, monkeypatch):
 
 
 def test_training_set_fetched_back_with_dvc_from_tags(scenario, tmp_path):
-    from hap.registry import registration as registry
     from hap.data.dvc_repo import fetch_training_set
     from hap.data.versioning import content_hash
+    from hap.registry import registration as registry
 
     cfg = scenario["cfg"]
     tags = registry.version_for_day(cfg, DAY).tags  # the version's own record of its data
@@ -216,8 +233,12 @@ def test_training_set_fetched_back_with_dvc_from_tags(scenario, tmp_path):
     producer = cfg.home
     out = tags[registry.TAG_DVC_OUT]
     remote = str(cfg.path("dvc_remote"))
-    for cmd in (["init", "--no-scm", "-q"], ["remote", "add", "-d", "origin", remote], ["add", "-q", out],
-                ["push", "-q", f"{out}.dvc"]):
+    for cmd in (
+        ["init", "--no-scm", "-q"],
+        ["remote", "add", "-d", "origin", remote],
+        ["add", "-q", out],
+        ["push", "-q", f"{out}.dvc"],
+    ):
         subprocess.run([sys.executable, "-m", "dvc", *cmd], cwd=producer, check=True, capture_output=True)
     dvc_file = (producer / f"{out}.dvc").read_text()
     assert tags[registry.TAG_DVC_MD5] in dvc_file, "our DVC hash must equal the one `dvc add` records"

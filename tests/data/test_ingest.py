@@ -1,4 +1,5 @@
 """Ingest joins the raw logs into the lake atomically and idempotently."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -34,8 +35,9 @@ def test_ingest_joins_per_request_and_is_idempotent(landed):
     again = ingest_day(cfg, DAY)
     relake = _lake(cfg, "samples")
     assert again.samples == first.samples == relake.num_rows
-    assert relake.sort_by([("request_id", "ascending"), ("item_id", "ascending"), ("source", "ascending")]).equals(
-        lake.sort_by([("request_id", "ascending"), ("item_id", "ascending"), ("source", "ascending")]))
+    assert relake.sort_by(
+        [("request_id", "ascending"), ("item_id", "ascending"), ("source", "ascending")]
+    ).equals(lake.sort_by([("request_id", "ascending"), ("item_id", "ascending"), ("source", "ascending")]))
     assert set(first.by_source) == set(schema.SOURCES)
     # no temp folders left behind by the atomic rename
     assert not [p for p in layout.lake_table(cfg, "samples").iterdir() if p.name.startswith(".")]

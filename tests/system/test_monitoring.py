@@ -6,10 +6,12 @@ day is small, but the retrieval pool is kept well below the item count so that
 ``retrieval_degrades`` can really widen it (with the default tiny config the pool is already
 capped at the item count and the scenario barely changes the candidates).
 """
+
 from __future__ import annotations
 
 import datetime as dt
 import json
+import struct
 import warnings
 from pathlib import Path
 
@@ -44,8 +46,10 @@ SHAPE = {
 
 
 def scenario_config(home: Path, scenario: str, **extra) -> Config:
-    return tiny_config(home, **{k.replace(".", "__"): v for k, v in {**SHAPE, "simulate.scenario": scenario,
-                                                                      **extra}.items()})
+    return tiny_config(
+        home,
+        **{k.replace(".", "__"): v for k, v in {**SHAPE, "simulate.scenario": scenario, **extra}.items()},
+    )
 
 
 def _simulate(cfg: Config, days: list[dt.date]) -> None:
@@ -61,9 +65,9 @@ def _simulate(cfg: Config, days: list[dt.date]) -> None:
 def champion(tmp_path_factory: pytest.TempPathFactory):
     """A tiny champion trained (1 epoch) on days 1-3 with the real validate/split/train steps."""
     train = pytest.importorskip("hap.model.train", reason="hap.train (model issue) not available")
-    from hap.model.towers import load_bundle
     from hap.data.split import build_training_set
     from hap.data.validate import validate_day
+    from hap.model.towers import load_bundle
     from monitoring.champion import from_bundle
 
     cfg = scenario_config(tmp_path_factory.mktemp("champion") / "data", "stable")
@@ -141,7 +145,7 @@ def test_content_shift_shows_in_per_content_type_series(shifting):
     assert any("data-side metrics only" in n for n in reports[0].notes)
     before = [r.table["exposed_ct0"] for r in reports[:5]]
     after = [r.table["exposed_ct0"] for r in reports[5:]]
-    assert min(after) > max(before) + 0.2, (before, after)   # content type 0 takes over the exposures
+    assert min(after) > max(before) + 0.2, (before, after)  # content type 0 takes over the exposures
     # the same series is in the workspace, one snapshot per day, as the dashboard plots it
     ws, project = open_project(cfg)
     assert len(ws.list_runs(project.id)) == len(DAYS)
@@ -177,13 +181,15 @@ def test_alert_rules_follow_params(make_cfg):
     ref = {"routed": 0.12, "near_margin": 0.09, "hard_neg": 0.57}
     rules = [a.rule for a in evaluate_alerts(cfg, today, ref, drift_share=0.1, prediction_drift=None)]
     assert rules == ["routed_share_abs_change", "routed_share_rel_change"]
-    assert evaluate_alerts(cfg, today, None, None, None) == []          # no reference yet: no change alert
-    off = cfg.updated({"monitor.alerts.routed_share_abs_change": None, "monitor.alerts.routed_share_rel_change": None})
-    assert evaluate_alerts(off, today, ref, 0.1, None) == []            # a null rule is off
+    assert evaluate_alerts(cfg, today, None, None, None) == []  # no reference yet: no change alert
+    off = cfg.updated(
+        {"monitor.alerts.routed_share_abs_change": None, "monitor.alerts.routed_share_rel_change": None}
+    )
+    assert evaluate_alerts(off, today, ref, 0.1, None) == []  # a null rule is off
     ceiling = [a.rule for a in evaluate_alerts(cfg, today, today, drift_share=0.6, prediction_drift=None)]
     assert ceiling == ["drift_share_max"]
     missing = {"routed": None, "near_margin": None, "hard_neg": 0.56}
-    assert evaluate_alerts(cfg, missing, ref, 0.1, None) == []          # no champion: model rules skipped
+    assert evaluate_alerts(cfg, missing, ref, 0.1, None) == []  # no champion: model rules skipped
 
 
 # ---- the dashboard, rendered -----------------------------------------------------------------------
@@ -195,7 +201,9 @@ def test_dashboard_screenshot_has_one_point_per_day(shifting, tmp_path):
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     cfg, _ = shifting
     out = screenshot(cfg, tmp_path / "dashboard.png", height=1500)
-    assert out.exists() and out.stat().st_size > 20_000
-    keep = Path(__file__).resolve().parent.parent / "bench" / "results"
-    if keep.is_dir():
-        (keep / "monitoring_dashboard.png").write_bytes(out.read_bytes())
+    png = out.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    assert (width, height) == (1400, 1500), (width, height)
+    # a rendered dashboard compresses far worse than a blank page of the same size
+    assert len(png) > 20_000
