@@ -216,3 +216,34 @@ def test_full_graph_through_evaluate(pipeline_repo) -> None:
         assert f"Running stage '{stage}'" in out, out
     assert not any(f"Running stage '{s}@" in out for s in ("simulate", "ingest", "validate"))
     _write_tiny_params(repo, **tiny_train)
+
+
+def _changed_stages(repo: Path, tmp: Path) -> set[str]:
+    return set(json.loads(dvc(repo, tmp, "status", "--json")))
+
+
+@pytest.mark.parametrize(
+    ("module", "expect", "untouched"),
+    [
+        ("hap/model/losses.py", {"train", "evaluate"}, {"split", "validate@2026-11-02"}),
+        ("hap/data/split.py", {"split", "train", "evaluate"}, {"simulate@2026-11-02"}),
+        ("hap/core/schema.py", {"simulate@2026-11-01", "ingest@2026-11-02", "split", "train"}, set()),
+        ("hap/sources/simulator.py", {"simulate@2026-11-03"}, {"ingest@2026-11-03", "train"}),
+    ],
+)
+def test_touching_a_module_marks_the_stages_that_import_it(pipeline_repo, module, expect, untouched) -> None:
+    """A code change is a dependency change: ``dvc status`` names every stage that can import it."""
+    repo, tmp, _ = pipeline_repo
+    _write_tiny_params(repo, **{"train.epochs": 1})
+    dvc(repo, tmp, "repro", "evaluate")  # a clean, complete graph (a no-op after the test above)
+    assert _changed_stages(repo, tmp) == set()
+    path = repo / module
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + b"\n# touched\n")
+        changed = _changed_stages(repo, tmp)
+        assert expect <= changed, changed
+        assert not (untouched & changed), changed
+    finally:
+        path.write_bytes(original)
+    assert _changed_stages(repo, tmp) == set()
