@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from hap.core.config import load_config
     from hap.model.batches import TrainData
     from hap.model.evaluate import evaluate_bundle
-    from hap.model.towers import load_bundle
+    from hap.model.serving import load_bundle
     from hap.model.train import fit
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}

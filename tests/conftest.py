@@ -29,7 +29,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "simulate.requests_per_day": 240,
     "simulate.n_users": 300,
     "simulate.n_items": 4000,
-    "simulate.full_flow_fraction": 0.1,
+    "simulate.full_flow_requests": 24,
     "simulate.chunk_requests": 100,
     "split.window_days": 2,
     "pipeline.date": "2026-11-02",

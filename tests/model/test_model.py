@@ -158,12 +158,14 @@ def test_harmonizers() -> None:
 
 # ---- routing -----------------------------------------------------------------------------------------
 def test_routing_and_order() -> None:
+    from hap.core.config import RoutingConfig
     from hap.model.routing import damr_order, route, route_grid
 
     light = np.array([0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 0.8, 0.0, 0.4, 0.6])
-    routed = route(light, {"mode": "topk", "rho": 0.2})
+    topk = RoutingConfig(mode="topk", rho=0.2, cap=0.2)
+    routed = route(light, topk)
     assert set(np.flatnonzero(routed)) == {1, 6}
-    thr = route(light, {"mode": "threshold", "threshold": 0.35, "cap": 0.3})
+    thr = route(light, RoutingConfig(mode="threshold", rho=0.1, threshold=0.35, cap=0.3))
     assert thr.sum() == 3 and set(np.flatnonzero(thr)) == {1, 6, 3}
     expr = np.where(routed, np.array([0, 0.1, 0, 0, 0, 0, 0.9, 0, 0, 0]), np.nan)
     _, rank = damr_order(light, expr, routed)
@@ -171,9 +173,9 @@ def test_routing_and_order() -> None:
     grid = torch.tensor(np.stack([light, light[::-1]]), dtype=torch.float32)
     valid = torch.ones_like(grid, dtype=torch.bool)
     valid[1, :5] = False
-    got = route_grid(grid, valid, {"mode": "topk", "rho": 0.2}).numpy()
+    got = route_grid(grid, valid, topk).numpy()
     assert (got[0] == routed).all()
-    assert got[1].sum() == 1 and got[1, 5:].tolist() == route(light[::-1][5:], {"rho": 0.2}).tolist()
+    assert got[1].sum() == 1 and got[1, 5:].tolist() == route(light[::-1][5:], topk).tolist()
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ def test_batches_are_stratified_by_group(tiny_split: Config) -> None:
 # ---- train, bundle, evaluate ---------------------------------------------------------------------------
 def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> None:
     from hap.model.evaluate import evaluate_day
-    from hap.model.towers import load_bundle
+    from hap.model.serving import load_bundle
     from hap.model.train import train_day
 
     result = train_day(tiny_split, DATE)
@@ -233,9 +235,18 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
         "recall@100",
         "ndcg@50",
         "rank50_recall@50",
-        "auc",
+        "auc_light",
+        "auc_expressive",
         "gauc",
         "logloss",
+        "logloss_constant",
+        "gt_recall@50",
+        "exp_clicks@10",
+        "ref_prerank_recall@50",
+        "ref_truth_gt_recall@50",
+        "ci/gt_recall@50/halfwidth",
+        "vs_light/gt_recall@50/lo",
+        "vs_ref_random/recall@50/diff",
         "auc_slice_easy",
         "auc_slice_hard",
         "auc_slice_global_neg",
@@ -270,7 +281,7 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
         assert (cached.routed == here.routed).all()
     assert (here.rank[here.routed] <= here.routed.sum()).all()
     code = (
-        "import sys, json, pyarrow.parquet as pq; from hap.model.towers import load_bundle; "
+        "import sys, json, pyarrow.parquet as pq; from hap.model.serving import load_bundle; "
         "t = pq.read_table(sys.argv[2]); "
         "t = t.filter(t['request_id'].to_numpy() == t['request_id'][0].as_py()); "
         "r = load_bundle(sys.argv[1]).score_request(t); print(json.dumps(r.light.tolist()))"
