@@ -176,7 +176,7 @@ def paired_interval(
         return float("nan"), float("nan"), float("nan"), n
     a, b = a[ok], b[ok]
     diff = float(np.mean(a - b))
-    if np.ptp(a - b) == 0:  # every request moved by the same amount: no sampling noise to bound
+    if np.ptp(a - b) <= 1e-12:  # every request moved by the same amount: no sampling noise to bound
         return diff, diff, diff, n
     res = bootstrap(
         (a, b),
