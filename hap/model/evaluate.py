@@ -15,8 +15,8 @@ the same requests, each metric first per request (``hap.model.metrics``):
 - on exposures: ``auc_light`` / ``auc_expressive`` (each model's own logits), ``gauc`` (final
   order), ``logloss`` of the served probability next to ``logloss_constant`` (the base rate);
 - ``auc_slice_<source|easy|hard>``: mean per-request AUC of positives against each negative source
-  on the eval day's lake samples of the eval requests (single-model score: light, or expressive
-  for ``expressive_all``); ``ct<k>_recall@50`` by content type;
+  on the eval requests' samples, which the split writes next to the eval set (single-model score:
+  light, or expressive for ``expressive_all``); ``ct<k>_recall@50`` by content type;
 - paired bootstrap 95% intervals: ``ci/<metric>/lo|hi|halfwidth`` for the model's primary metric,
   ``vs_<other>/<metric>/diff|lo|hi|n`` against the light model and each reference ranker;
 - cost: ``flops_*``, ``routed_share``, ``latency_ms_per_1k``.
@@ -85,6 +85,7 @@ class Evaluation:
 class EvalSet:
     """The eval set on its request grid."""
 
+    path: Path
     table: pa.Table
     index: RequestIndex
     valid: np.ndarray
@@ -114,7 +115,7 @@ def load_eval_set(path: Path | str) -> EvalSet:
     if table.num_rows == 0:
         raise HapError(f"the eval set at {path} is empty")
     index = RequestIndex.of(table["request_id"].to_numpy())
-    return EvalSet(table, index, index.valid())
+    return EvalSet(path, table, index, index.valid())
 
 
 # ---- rankers ------------------------------------------------------------------------------------------
@@ -186,28 +187,17 @@ def exposure_metrics(
 
 
 # ---- source slices (lake samples of the eval requests) --------------------------------------------
-def _eval_samples(cfg: Config, es: EvalSet) -> pa.Table | None:
-    req = pa.array(np.unique(es.column("request_id")), pa.int64())
-    parts = []
-    for d in np.unique(es.column("dt")):
-        files = sorted(
-            str(p)
-            for p in layout.lake_partition(cfg, "samples", d).glob("*.parquet")
-            if not p.name.startswith((".", "_"))
-        )
-        if files:
-            parts.append(
-                ds.dataset(files, format="parquet").to_table(
-                    filter=pc.is_in(ds.field("request_id"), value_set=req)
-                )
-            )
-    parts = [p for p in parts if p.num_rows]
-    return pa.concat_tables(parts) if parts else None
+def _eval_samples(eval_set_path: Path) -> pa.Table | None:
+    folder = layout.eval_samples_of(eval_set_path)
+    if not folder.exists():
+        return None
+    table = ds.dataset(str(folder), format="parquet").to_table()
+    return table if table.num_rows else None
 
 
-def slice_vectors(cfg: Config, bundle: HapBundle, es: EvalSet) -> dict[str, np.ndarray]:
+def slice_vectors(bundle: HapBundle, es: EvalSet) -> dict[str, np.ndarray]:
     """Per eval request, the AUC of its positives against each negative source (and easy/hard)."""
-    samples = _eval_samples(cfg, es)
+    samples = _eval_samples(es.path)
     if samples is None:
         return {}
     tower = "expressive" if bundle.serve == "expressive_all" or bundle.light is None else "light"
@@ -268,7 +258,7 @@ def evaluate_bundle(cfg: Config, bundle: HapBundle, eval_set_path: Path | str) -
         rankers["light"] = scores.light.astype(np.float64)
     vectors = {f"{r}/{m}": v for r, key in rankers.items() for m, v in ranker_vectors(cfg, es, key).items()}
     vectors |= {f"model/{m}": v for m, v in content_type_vectors(es, final).items()}
-    vectors |= {f"model/{m}": v for m, v in slice_vectors(cfg, bundle, es).items()}
+    vectors |= {f"model/{m}": v for m, v in slice_vectors(bundle, es).items()}
 
     metrics = {_public(k): _nanmean(v) for k, v in vectors.items()}
     metrics |= exposure_metrics(bundle, es, scores.light, final, served)
