@@ -18,39 +18,13 @@ from flows.common import quiet_env, run_config
 from hap.core import layout
 from hap.core.config import Config
 
-RANKERS = (
-    ("champion", ""),
-    ("its light model", "light_"),
-    ("logged ranking order", "ref_ranking_"),
-    ("logged pre-ranking order", "ref_prerank_"),
-    ("logged retrieval order", "ref_retrieval_"),
-    ("random order", "ref_random_"),
-    ("ground truth", "ref_truth_"),
-)
-TABLE_METRICS = ("gt_recall@50", "exp_clicks@10", "recall@50", "ndcg@50")
-
 
 def champion_table(cfg: Config, metrics: dict[str, float]) -> list[str]:
     """The champion next to the reference rankers of its eval set (metrics as logged to MLflow)."""
+    from hap.model.evaluate import render_table
     from hap.registry.registration import metric_key
 
-    def cell(name: str) -> str:
-        value = metrics.get(metric_key(name))
-        return f"{value:>14.4f}" if value is not None else f"{'-':>14}"
-
-    lines = [f"  {'ranker (same eval requests)':<28}" + "".join(f"{m:>14}" for m in TABLE_METRICS)]
-    for label, prefix in RANKERS:
-        if any(metric_key(prefix + m) in metrics for m in TABLE_METRICS):
-            lines.append(f"  {label:<28}" + "".join(cell(prefix + m) for m in TABLE_METRICS))
-    primary = cfg.evaluate.primary_metric
-    half = metrics.get(metric_key(f"ci/{primary}/halfwidth"))
-    if half is not None:
-        n = metrics.get(metric_key("n_requests"), float("nan"))
-        lines.append(f"  {primary}: 95% interval half-width {half:.4f} over {n:.0f} eval requests")
-    for key in ("gauc", "auc_light", "auc_expressive", "logloss", "logloss_constant", "flops_per_request"):
-        if metric_key(key) in metrics:
-            lines.append(f"  {key:<28}{metrics[metric_key(key)]:.4g}")
-    return lines
+    return ["  " + line for line in render_table(cfg, metrics, metric_key)]
 
 
 def _summary(cfg: Config, last: Any, elapsed: float) -> str:

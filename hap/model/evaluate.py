@@ -302,6 +302,40 @@ def latency_ms_per_1k(cfg: Config, bundle: Any, table: pa.Table) -> float:
     return float(np.median(times) * 1000.0 * 1000.0 / n)
 
 
+RANKERS = (
+    ("model", ""),
+    ("its light model", "light_"),
+    ("logged ranking order", "ref_ranking_"),
+    ("logged pre-ranking order", "ref_prerank_"),
+    ("logged retrieval order", "ref_retrieval_"),
+    ("random order", "ref_random_"),
+    ("ground truth", "ref_truth_"),
+)
+TABLE_METRICS = ("gt_recall@50", "exp_clicks@10", "recall@50", "ndcg@50")
+
+
+def render_table(cfg: Config, metrics: dict[str, Any], key: Any = str) -> list[str]:
+    """The model next to the reference rankers on the same requests, its interval and own AUCs;
+    ``key`` maps a metric name to the dict's key (MLflow's spelling for logged metrics)."""
+
+    def cell(name: str) -> str:
+        value = metrics.get(key(name))
+        return f"{value:>14.4f}" if isinstance(value, float) and math.isfinite(value) else f"{'-':>14}"
+
+    lines = [f"{'ranker (same eval requests)':<28}" + "".join(f"{m:>14}" for m in TABLE_METRICS)]
+    for label, prefix in RANKERS:
+        if any(key(prefix + m) in metrics for m in TABLE_METRICS):
+            lines.append(f"{label:<28}" + "".join(cell(prefix + m) for m in TABLE_METRICS))
+    primary = primary_metric(cfg, {m: 0 for m in TABLE_METRICS if key(m) in metrics})
+    half, n = metrics.get(key(f"ci/{primary}/halfwidth")), metrics.get(key("n_requests"))
+    if half is not None and n is not None:
+        lines.append(f"{primary}: 95% interval half-width {half:.4f} over {n:.0f} eval requests")
+    for name in ("gauc", "auc_light", "auc_expressive", "logloss", "logloss_constant", "flops_per_request"):
+        if isinstance(metrics.get(key(name)), float):
+            lines.append(f"{name:<28}{metrics[key(name)]:.4g}")
+    return lines
+
+
 def json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
     """NaN as null: present but not a number, which the gate never promotes."""
     return {k: (float(v) if math.isfinite(v) else None) for k, v in metrics.items()}
