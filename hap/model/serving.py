@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from hap.core import schema
 from hap.core.config import ModelConfig, RoutingConfig
 from hap.core.errors import HapError
-from hap.model.batches import FeatureSpec
+from hap.model.batches import ITEM_CATEGORICAL, FeatureSpec
 from hap.model.routing import damr_key, flops_per_request, route_grid
 from hap.model.towers import BUNDLE_FORMAT, ExpressiveModel, LightweightModel, build_models
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 CHUNK_ROWS = 8192  # rows per item-tower + head pass: bounds memory on a 1M-row eval set
+ITEM_COLUMNS = ["item_id", *ITEM_CATEGORICAL, *schema.ITEM_DENSE]
 
 
 @dataclass
@@ -159,12 +161,13 @@ class HapBundle:
         req = self._tensors(self.spec.encode_request(table.take(index.first_row)))
         user = model.user(req["req_cat"], req["req_dense"], req["seq"])
         rows = np.arange(table.num_rows) if rows is None else np.asarray(rows, np.int64)
+        items = table.select(ITEM_COLUMNS)  # each chunk takes item columns only (not the sequences)
         out = np.empty(len(rows), np.float32)
         for s in range(0, len(rows), CHUNK_ROWS):
             r = rows[s : s + CHUNK_ROWS]
             at = torch.from_numpy(index.row_request[r]).to(self.device)
             u = {k: t[at] for k, t in user.items()}
-            out[s : s + len(r)] = model.head(u, self._item_vectors(tower, table, r)).float().cpu().numpy()
+            out[s : s + len(r)] = model.head(u, self._item_vectors(tower, items, r)).float().cpu().numpy()
         return out
 
     def _item_vectors(self, tower: str, table: pa.Table, rows: np.ndarray) -> torch.Tensor:
