@@ -374,14 +374,13 @@ def test_ddp_two_processes_agree_with_single(tiny_split: Config, tmp_path: Path)
 
 # ---- behaviour of the one scoring path and of evaluation ---------------------------------------------
 @pytest.fixture(scope="module")
-def bundle_dir(tiny_split: Config) -> Path:
-    """The day's trained bundle (trained here when the train test has not run first)."""
+def bundle_dir(tiny_split: Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A HAP bundle trained on the tiny window, in its own folder (other tests retrain the day's)."""
     from hap.model.train import train_day
 
-    folder = layout.model_dir(tiny_split, DATE)
-    if not (folder / "bundle.json").exists():
-        train_day(tiny_split, DATE)
-    return folder
+    cfg = tiny_split.updated({"paths.models": str(tmp_path_factory.mktemp("behaviour") / "models")})
+    train_day(cfg, DATE)
+    return layout.model_dir(cfg, DATE)
 
 
 def _one_request(cfg: Config):
