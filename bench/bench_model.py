@@ -141,7 +141,7 @@ def run(home: Path, steps: int) -> None:
     from hap.core import layout
     from hap.core.config import load_config
     from hap.model.batches import TrainData
-    from hap.model.towers import load_bundle
+    from hap.model.serving import load_bundle
     from hap.model.train import fit, pick_device
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}

@@ -12,8 +12,11 @@ each seed trains and evaluates:
 
 The light model of the HAP run *is* its ``ghcl_<default>`` row: training of the two towers is
 independent given the seed (same batches, separate optimizers), so it is not trained twice.
-Prints a markdown table of mean ± std over seeds and writes ``bench/results/paper_table.{md,json}``
-plus the claims check. Options: ``--seeds 3 --epochs E --batch B --home DIR --from-json FILE``.
+Prints a markdown table of mean ± std over seeds, with the reference rankers of the same eval set
+as ``ref_*`` rows (logged retrieval / pre-ranking / ranking orders, random, ground truth) and the
+paired bootstrap intervals of the compared variants on the primary metric, and writes
+``bench/results/paper_table.{md,json}`` plus the claims check.
+Options: ``--seeds 3 --epochs E --batch B --home DIR --from-json FILE``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,16 @@ from bench.common import RESULTS, markdown_table, write_results
 
 RHOS = (0.05, 0.1, 0.2, 0.5)
 HARMONIZATIONS = ("uniform", "gradnorm", "pcgrad")
+REFERENCES = ("retrieval", "prerank", "ranking", "random", "truth")
+PAIRS = (  # (a, b): the paired interval of a - b on the primary metric, per seed, same eval requests
+    ("ghcl_{h}", "mixed_bce"),
+    ("ghcl_{h}", "mixed_infonce"),
+    ("hap@0.1", "expressive_all"),
+    ("hap@0.1", "ghcl_{h}"),
+)
 COLUMNS = (
+    "gt_recall@50",
+    "exp_clicks@10",
     "recall@10",
     "recall@50",
     "recall@100",
@@ -75,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from hap.core.config import load_config
     from hap.model.batches import TrainData
     from hap.model.evaluate import evaluate_bundle
-    from hap.model.towers import load_bundle
+    from hap.model.serving import load_bundle
     from hap.model.train import fit
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
@@ -92,6 +104,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     default_h = base.train.harmonization
     runs: list[dict[str, Any]] = []
     work = Path(args.home) / "bench-bundles"
+    primary = base.evaluate.primary_metric
+    vectors: dict[int, dict[str, Any]] = {}
     t_all = time.perf_counter()
     for seed in range(args.seeds):
         cfg_seed = base.updated({"train.seed": base.train.seed + seed})
@@ -143,9 +157,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bundle = load_bundle(work / f"seed{seed}" / name)
             for label, routing in evals:
                 t = time.perf_counter()
-                metrics = evaluate_bundle(
+                result_eval = evaluate_bundle(
                     cfg, bundle.with_routing(**routing) if routing else bundle, eval_path
                 )
+                metrics = result_eval.metrics
+                vectors.setdefault(seed, {})[label] = result_eval.vectors.get(f"model/{primary}")
+                if not any(r["variant"].startswith("ref_") for r in runs):
+                    runs += reference_rows(metrics)
                 row = {
                     "variant": label,
                     "seed": seed,
@@ -178,7 +196,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "window_days": base.split.window_days,
         },
         "runs": runs,
+        "primary_metric": primary,
+        "paired": paired_intervals(base, vectors, default_h),
     }
+
+
+def reference_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The reference rankers of the eval set as table rows (they do not depend on the seed)."""
+    rows = []
+    for ref in REFERENCES:
+        got = {k: metrics.get(f"ref_{ref}_{k}") for k in COLUMNS if f"ref_{ref}_{k}" in metrics}
+        if got:
+            rows.append({"variant": f"ref_{ref}", "seed": 0, "metrics": got, "diagnostics": {}})
+    return rows
+
+
+def paired_intervals(cfg: Any, vectors: dict[int, dict[str, Any]], default_h: str) -> list[dict[str, Any]]:
+    """Per seed, the paired bootstrap interval of each compared pair on the same eval requests."""
+    from hap.model.metrics import paired_interval
+
+    e, out = cfg.evaluate, []
+    for seed, by_variant in sorted(vectors.items()):
+        for a, b in PAIRS:
+            a, b = a.format(h=default_h), b.format(h=default_h)
+            if by_variant.get(a) is None or by_variant.get(b) is None:
+                continue
+            d, lo, hi, n = paired_interval(
+                by_variant[a], by_variant[b], e.confidence, e.bootstrap_resamples, e.seed
+            )
+            out.append({"seed": seed, "a": a, "b": b, "diff": d, "lo": lo, "hi": hi, "n": n})
+    return out
 
 
 def _stats(runs: list[dict[str, Any]], variant: str, key: str) -> tuple[float, float]:
@@ -212,6 +259,8 @@ def summarize(payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     table = markdown_table(
         [
             "variant",
+            "gtR@50",
+            "E[clicks]@10",
             "R@10",
             "R@50",
             "R@100",
@@ -226,7 +275,23 @@ def summarize(payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         rows,
     )
     claims = check_claims(summary, payload["default_harmonization"])
-    return table, {"summary": summary, "claims": claims}
+    paired = payload.get("paired") or []
+    if paired:
+        table += f"\n\nPaired 95% intervals on {payload.get('primary_metric')} (same eval requests):\n\n"
+        table += markdown_table(
+            ["seed", "a - b", "diff", "95% interval", "requests"],
+            [
+                [
+                    p["seed"],
+                    f"{p['a']} - {p['b']}",
+                    f"{p['diff']:+.4f}",
+                    f"[{p['lo']:+.4f}, {p['hi']:+.4f}]",
+                    p["n"],
+                ]
+                for p in paired
+            ],
+        )
+    return table, {"summary": summary, "claims": claims, "paired": paired}
 
 
 def check_claims(summary: dict[str, Any], default_h: str) -> dict[str, Any]:

@@ -19,6 +19,14 @@ from hap.core import layout
 from hap.core.config import Config
 
 
+def champion_table(cfg: Config, metrics: dict[str, float]) -> list[str]:
+    """The champion next to the reference rankers of its eval set (metrics as logged to MLflow)."""
+    from hap.model.evaluate import render_table
+    from hap.registry.registration import metric_key
+
+    return ["  " + line for line in render_table(cfg, metrics, metric_key)]
+
+
 def _summary(cfg: Config, last: Any, elapsed: float) -> str:
     from hap.registry.registration import list_models
     from hap.registry.tracking import tracking_uri
@@ -28,16 +36,11 @@ def _summary(cfg: Config, last: Any, elapsed: float) -> str:
     champ = next((r for r in rows if "champion" in r.aliases), None)
     lines.append(f"model versions registered: {len(rows)}")
     if champ:
-        keys = [
-            k
-            for k in ("recall@50", "ndcg@50", "gauc", "auc_slice_easy", "auc_slice_hard", "flops_per_request")
-            if k in champ.metrics
-        ]
         lines.append(
             f"champion: {cfg.gate.model_name} v{champ.version} "
             f"(trained {champ.date}, data {champ.data_version[:12]})"
         )
-        lines += [f"  {k:<20} {champ.metrics[k]:.4g}" for k in keys]
+        lines += champion_table(cfg, champ.metrics)
     else:
         lines.append("champion: none promoted")
     for row in rows:

@@ -271,12 +271,15 @@ def train(
 
 @app.command()
 def evaluate(date: DateOpt) -> None:
-    """Evaluate the day's bundle on its full-flow eval set; writes metrics/dt=D/eval.json."""
-    import json
+    """Evaluate the day's bundle and the reference rankers on its full-flow eval set; writes
+    metrics/dt=D/eval.json (every metric) and eval_requests.parquet (per-request vectors)."""
+    from hap.core import layout
+    from hap.model.evaluate import EVAL_FILE, evaluate_day, render_table
 
-    from hap.model.evaluate import evaluate_day
-
-    typer.echo(json.dumps(evaluate_day(state.cfg, parse_date(date)), indent=1, sort_keys=True))
+    day = parse_date(date)
+    metrics = evaluate_day(state.cfg, day)
+    typer.echo("\n".join(render_table(state.cfg, metrics)))
+    typer.echo(f"wrote {layout.metrics_dir(state.cfg, day) / EVAL_FILE} ({len(metrics)} metrics)")
 
 
 def main() -> None:

@@ -17,8 +17,6 @@ from hap.core import schema
 from hap.core.config import Config
 from monitoring.table import Champion
 
-SCORE_BATCH = 65536
-
 
 def _window(raw: Any) -> tuple[dt.date, ...]:
     """Parse a training window from bundle.json or a tag: a list of dates or "start..end"/"start,end"."""
@@ -37,39 +35,27 @@ def _window(raw: Any) -> tuple[dt.date, ...]:
 
 def routing_threshold(bundle: Any) -> float:
     """The calibrated threshold of the bundle's router (DAMR's τ_route), from ``bundle.json``."""
-    value = (getattr(bundle, "routing", None) or {}).get("threshold")
+    value = bundle.routing.threshold
     if value is None:
         raise ValueError("the bundle's routing config holds no calibrated threshold")
     return float(value)
 
 
 def light_scores(bundle: Any, frame: pd.DataFrame) -> np.ndarray:
-    """The light model's score of every row, each with its own request's user side.
-
-    ``HapBundle.score_request`` scores one request at a time; monitoring scores whole days of
-    mixed requests, so it runs the light towers row-wise in batches (same weights, same math:
-    ``head(user(row), item(row))``).
-    """
-    import pyarrow as pa
-    import torch
-
-    model = bundle.light
-    if model is None:
+    """The light model's score of every row, each with its own request's user side (the
+    serving module's batch scorer over a whole day of mixed requests)."""
+    if bundle.light is None:
         raise ValueError("the bundle has no light model")
+    from hap.model.serving import RequestIndex
+
     columns = [c for c in ("request_id", "item_id", *schema.FEATURE_COLUMNS) if c in frame]
-    out = np.empty(len(frame), np.float64)
-    with torch.no_grad():
-        for start in range(0, len(frame), SCORE_BATCH):
-            part = frame.iloc[start : start + SCORE_BATCH][columns]
-            enc = bundle.encode(pa.Table.from_pandas(part, preserve_index=False))
-            user = model.user(enc["req_cat"], enc["req_dense"], enc["seq"])
-            scores = model.head(user, model.item(enc["item_cat"], enc["item_dense"]))
-            out[start : start + len(part)] = scores.float().cpu().numpy().reshape(-1)
-    return out
+    ids = frame["request_id"].to_numpy() if "request_id" in frame else np.arange(len(frame))
+    scores = bundle.tower_scores("light", frame[columns], index=RequestIndex.of(ids))
+    return scores.astype(np.float64)
 
 
 def from_bundle(bundle: Any, version: str, window: Any = None, source: str = "") -> Champion:
-    """Wrap a loaded ``hap.model.towers.HapBundle``: its light scorer, threshold and training window."""
+    """Wrap a loaded ``hap.model.serving.HapBundle``: its light scorer, threshold and training window."""
     threshold = routing_threshold(bundle)
     if window is None:
         window = (getattr(bundle, "meta", None) or {}).get("window")

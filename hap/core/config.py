@@ -92,7 +92,7 @@ class SimulateConfig(_Section):
     position_bias: float
     affinity_scale: float
     seq_len: int
-    full_flow_fraction: float = Field(ge=0.0, le=1.0)
+    full_flow_requests: int = Field(ge=0)  # requests a day logged with every candidate: a count, not a share
     hash_buckets: int
     chunk_requests: int = Field(ge=1)
     degrade_pool_factor: float
@@ -181,20 +181,31 @@ class RoutingConfig(_Section):
     rho: float = Field(gt=0.0, le=1.0)
     cap: float = Field(gt=0.0, le=1.0)
     serve: Literal["hap", "light", "expressive_all"] = "hap"  # which scorer the bundle serves
+    threshold: float | None = None  # calibrated on validation data by training; null in params
+
+
+ReferenceRanker = Literal["retrieval", "prerank", "ranking", "random", "truth"]
 
 
 class EvaluateConfig(_Section):
     ks: list[int]
-    primary_metric: str
+    primary_metric: str  # on data with ground truth (simulated)
+    fallback_metric: str = "recall@50"  # primary when the eval set has no true_affinity (real data)
     latency_candidates: int
     latency_repeats: int
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)  # of every paired bootstrap interval
+    bootstrap_resamples: int = Field(default=2000, ge=100)
+    seed: int = 0  # of the bootstrap and of the random reference order
 
 
 class GateConfig(_Section):
     model_name: str
     floors: dict[str, float]
-    min_gain: float
-    max_slice_regression: float
+    margin: float = Field(ge=0.0)  # non-inferiority: lower bound of (challenger - champion) > -margin
+    max_slice_regression: float = Field(ge=0.0)  # the same rule's margin for each slice
+    min_train_rows_ratio: float = Field(default=0.5, ge=0.0)  # train rows vs trailing training sets' median
+    max_train_rows_ratio: float = Field(default=2.0, ge=1.0)
+    health_trailing_days: int = Field(default=3, ge=1)
     max_flops_per_request: float
     cost_metric: str = "flops_per_request"
     slice_prefixes: list[str] = ["auc_slice_"]

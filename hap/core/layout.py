@@ -53,6 +53,15 @@ def eval_set(cfg: Config, date: dt.date | str) -> Path:
     return cfg.path("training") / partition(date) / "eval"
 
 
+def eval_samples(cfg: Config, date: dt.date | str) -> Path:
+    """The lake samples (every negative source) of the eval requests: the slice AUCs' data."""
+    return eval_samples_of(eval_set(cfg, date))
+
+
+def eval_samples_of(eval_set_path: Path) -> Path:
+    return Path(eval_set_path).parent / "eval_samples"
+
+
 def model_dir(cfg: Config, date: dt.date | str) -> Path:
     return cfg.path("models") / partition(date)
 

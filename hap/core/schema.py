@@ -224,6 +224,7 @@ EVAL_SET = pa.schema(
         pa.field("prerank_pos", POSITION),
         pa.field("rank_pos", POSITION),
         pa.field("content_type", pa.int8(), nullable=False),
+        pa.field("true_affinity", pa.float32()),  # simulator ground truth; null on real data
         *_feature_fields(FEATURE_COLUMNS),
     ]
 )

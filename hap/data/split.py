@@ -173,6 +173,16 @@ def _write_eval_set(cfg: Config, eval_day: dt.date, request_ids: np.ndarray, out
     return rows
 
 
+def _write_eval_samples(cfg: Config, eval_day: dt.date, request_ids: np.ndarray, out: Path) -> None:
+    """The eval requests' lake samples, so evaluation reads the training folder only."""
+    keep = pc.is_in(ds.field("request_id"), value_set=pa.array(request_ids, pa.int64()))
+    with pq.ParquetWriter(out, schema.LAKE_SAMPLES, **PARQUET_OPTIONS) as writer:
+        for batch in stream_batches(
+            _lake_dataset(cfg, "samples", eval_day), schema.LAKE_SAMPLES.names, cfg.split.batch_rows, keep
+        ):
+            writer.write_table(pa.Table.from_batches([batch]).cast(schema.LAKE_SAMPLES))
+
+
 # ---- the training set -----------------------------------------------------------------------------
 class _PartitionWriter:
     """One Parquet file per difficulty; buffers up to one row group so files are not fragmented."""
@@ -284,6 +294,9 @@ def build_training_set(cfg: Config, date: dt.date) -> SplitReport:
         finally:
             writer.close()
         report.eval_rows = _write_eval_set(cfg, eval_day, eval_ids, eval_dir / PART_FILE)
+        samples_dir = tmp / layout.eval_samples(cfg, date).name
+        samples_dir.mkdir()
+        _write_eval_samples(cfg, eval_day, eval_ids, samples_dir / PART_FILE)
         report.eval_requests = len(eval_ids)
         report.by_source = {schema.SOURCES[int(i)]: int(n) for i, n in by_source.items()}
         report.rows = sum(report.by_source.values())

@@ -1,19 +1,29 @@
-"""Offline evaluation: ``hap evaluate --date D`` -> ``metrics/dt=D/eval.json``.
+"""Offline evaluation: ``hap evaluate --date D`` -> ``metrics/dt=D/eval.json`` + ``eval_requests.parquet``.
 
-Everything is computed on padded ``[requests, candidates]`` grids, vectorized:
-- ``recall@K`` / ``ndcg@K``: clicked items among each request's full candidate list (the full-flow
-  eval set), ranked in the DAMR final order; means over requests with at least one click;
-- ``rank50_recall@K``: share of the ranking stage's top 50 (``rank_pos <= 50``) inside our top K;
-- ``auc`` / ``gauc`` / ``logloss`` on the exposed candidates (GAUC weighted by exposures);
-- ``auc_slice_<source>``, ``auc_slice_easy``, ``auc_slice_hard``: pairwise AUC of positives against
-  each negative source. The full-flow list has no ``global_neg`` and no source labels, so these come
-  from the **lake samples of the eval day, restricted to the eval requests** (held out from training
-  in both split modes). They use the single-model score of the served scorer (light for ``light``
-  and ``hap``, which has no candidate list to route on there; expressive for ``expressive_all``);
-- ``ct<k>_recall@50`` and ``ct<k>_auc``: slices by content type;
-- ``flops_per_request`` (and light / HAP / expressive-all), ``routed_share``,
-  ``latency_ms_per_1k`` (median wall time of the serving path on ``evaluate.latency_candidates``).
-NaN metrics (an empty slice) are left out rather than written, so a gate never compares NaN.
+The eval set is every retrieved candidate of the eval day's full-flow requests. The served model
+(``serving.HapBundle.score_table``, the DAMR final order) is measured next to yardsticks ranked on
+the same requests, each metric first per request (``hap.model.metrics``):
+
+- the model (bare names), its own light model (``light_``) and the reference rankers
+  (``ref_<name>_``): the logged ``retrieval``, ``prerank`` and ``ranking`` orders, a seeded
+  ``random`` order and, where the eval set has ``true_affinity`` (simulated data), the ``truth``
+  order. Logged orders are favoured by click metrics: every click lies in the ranking stage's top
+  by construction (selection bias), so only the ground-truth metrics compare them fairly;
+- click metrics ``recall@K`` / ``ndcg@K`` (requests without a click skipped) and
+  ``rank50_recall@K``; ground-truth metrics ``gt_recall@K`` and ``exp_clicks@10`` (absent, not 0,
+  without ``true_affinity``);
+- on exposures: ``auc_light`` / ``auc_expressive`` (each model's own logits), ``gauc`` (final
+  order), ``logloss`` of the served probability next to ``logloss_constant`` (the base rate);
+- ``auc_slice_<source|easy|hard>``: mean per-request AUC of positives against each negative source
+  on the eval requests' samples, which the split writes next to the eval set (single-model score:
+  light, or expressive for ``expressive_all``); ``ct<k>_recall@50`` by content type;
+- paired bootstrap 95% intervals: ``ci/<metric>/lo|hi|halfwidth`` for the model's primary metric,
+  ``vs_<other>/<metric>/diff|lo|hi|n`` against the light model and each reference ranker;
+- cost: ``flops_*``, ``routed_share``, ``latency_ms_per_1k``.
+
+A non-finite model score is a failure: every model metric is NaN (written as null), so the gate
+never promotes it; NaN never sorts into a high recall. Per-request vectors are kept in
+``eval_requests.parquet`` so the gate and the paper table compare models on the same requests.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,247 +39,251 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import torch
-from scipy.stats import rankdata
+import pyarrow.parquet as pq
 
 from hap.core import layout, schema
-from hap.core.atomic import atomic_write_json
+from hap.core.atomic import atomic_write_bytes, atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import HapError
-from hap.model.routing import ROUTED_OFFSET, route_grid
+from hap.model.metrics import (
+    _nanmean,
+    auc,
+    click_vectors,
+    gauc,
+    group_aucs,
+    logloss,
+    order_of,
+    paired_interval,
+    ranking_metrics,
+    share_vectors,
+    truth_vectors,
+)
+from hap.model.serving import HapBundle, RequestIndex
 
 EVAL_FILE = "eval.json"
-CHUNK_ROWS = 8192
+REQUESTS_FILE = "eval_requests.parquet"
+REFERENCES = ("retrieval", "prerank", "ranking", "random", "truth")
+CLICKS_K = 10  # exp_clicks@10: the ranker's top 10 shown in slots 1..10, as the simulator exposes
+__all__ = ["auc", "gauc", "logloss", "ranking_metrics", "evaluate_bundle", "evaluate_day"]
 
 
-# ---- metric kernels (tested against scikit-learn and brute force) ---------------------------------
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC via the Mann-Whitney rank sum (ties averaged)."""
-    y = np.asarray(labels).astype(bool)
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    r = rankdata(np.asarray(scores, np.float64))
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+@dataclass
+class Evaluation:
+    """Metrics (``eval.json``) and the per-request vectors they are means of."""
 
+    metrics: dict[str, float]
+    request_ids: np.ndarray
+    vectors: dict[str, np.ndarray]  # "<ranker>/<metric>" -> [requests]
 
-def gauc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
-    """Group AUC: per-group AUC weighted by group size, over groups holding both classes."""
-    g = np.asarray(groups)
-    y = np.asarray(labels).astype(np.float64)
-    s = np.asarray(scores, np.float64)
-    _, gi = np.unique(g, return_inverse=True)
-    # rank within group (average ties): sort by (group, score), then average ranks of equal runs
-    order = np.lexsort((s, gi))
-    gs, ss = gi[order], s[order]
-    new_run = np.r_[True, (gs[1:] != gs[:-1]) | (ss[1:] != ss[:-1])]
-    run_id = np.cumsum(new_run) - 1
-    pos_in_group = np.arange(len(gs)) - np.r_[0, np.flatnonzero(gs[1:] != gs[:-1]) + 1][gs]
-    run_mean = np.bincount(run_id, weights=pos_in_group + 1.0) / np.bincount(run_id)
-    ranks = np.empty(len(s))
-    ranks[order] = run_mean[run_id]
-    n = np.bincount(gi).astype(np.float64)
-    n1 = np.bincount(gi, weights=y)
-    n0 = n - n1
-    rsum = np.bincount(gi, weights=ranks * y)
-    ok = (n1 > 0) & (n0 > 0)
-    if not ok.any():
-        return float("nan")
-    per = (rsum[ok] - n1[ok] * (n1[ok] + 1) / 2) / (n1[ok] * n0[ok])
-    return float((per * n[ok]).sum() / n[ok].sum())
-
-
-def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
-    p = np.clip(np.asarray(probs, np.float64), eps, 1 - eps)
-    y = np.asarray(labels, np.float64)
-    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()) if len(y) else float("nan")
-
-
-def ranking_metrics(
-    key: np.ndarray, labels: np.ndarray, valid: np.ndarray, ks: list[int], rank50: np.ndarray | None = None
-) -> dict[str, float]:
-    """Recall@K, NDCG@K (binary relevance) and optionally rank50_recall@K on ``[R, n]`` grids."""
-    key = np.where(valid, key, -np.inf)
-    order = np.argsort(-key, axis=1, kind="stable")
-    rel = np.take_along_axis(labels * valid, order, axis=1).astype(np.float64)
-    n_rel = rel.sum(1)
-    has = n_rel > 0
-    disc = 1.0 / np.log2(np.arange(key.shape[1]) + 2.0)
-    out: dict[str, float] = {}
-    cum = np.cumsum(rel, axis=1)
-    for k in ks:
-        kk = min(k, key.shape[1])
-        hits = cum[:, kk - 1]
-        dcg = (rel[:, :kk] * disc[:kk]).sum(1)
-        ideal = np.cumsum(disc)[np.clip(np.minimum(n_rel, kk).astype(int) - 1, 0, None)]
-        out[f"recall@{k}"] = float((hits[has] / n_rel[has]).mean()) if has.any() else float("nan")
-        out[f"ndcg@{k}"] = float((dcg[has] / ideal[has]).mean()) if has.any() else float("nan")
-        if rank50 is not None:
-            top = np.take_along_axis(rank50 * valid, order, axis=1).astype(np.float64)
-            n_top = top.sum(1)
-            ok = n_top > 0
-            out[f"rank50_recall@{k}"] = (
-                float((top[:, :kk].sum(1)[ok] / n_top[ok]).mean()) if ok.any() else float("nan")
-            )
-    return out
-
-
-# ---- scoring many requests at once -----------------------------------------------------------------
-@torch.no_grad()
-def score_rows(
-    model: torch.nn.Module,
-    enc: dict[str, torch.Tensor],
-    row_req: torch.Tensor,
-    req_first: torch.Tensor,
-    rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Scores of ``rows`` (default all): the user side once per request, the item side per row."""
-    user = model.user(enc["req_cat"][req_first], enc["req_dense"][req_first], enc["seq"][req_first])
-    rows = torch.arange(len(row_req)) if rows is None else rows
-    out = torch.empty(len(rows))
-    for s in range(0, len(rows), CHUNK_ROWS):
-        r = rows[s : s + CHUNK_ROWS]
-        v = model.item(enc["item_cat"][r], enc["item_dense"][r])
-        u = {k: t[row_req[r]] for k, t in user.items()}
-        out[s : s + CHUNK_ROWS] = model.head(u, v).float()
-    return out
-
-
-def _index(request_id: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(request index per row, first row per request, column in the grid per row, rows per request)."""
-    uniq, ri = np.unique(request_id, return_inverse=True)
-    order = np.argsort(ri, kind="stable")
-    counts = np.bincount(ri, minlength=len(uniq))
-    starts = np.cumsum(counts) - counts
-    col = np.empty(len(ri), np.int64)
-    col[order] = np.arange(len(ri)) - np.repeat(starts, counts)
-    first = order[starts]
-    return ri, first, col, counts
-
-
-def _grid(
-    values: np.ndarray, ri: np.ndarray, col: np.ndarray, shape: tuple[int, int], fill: Any
-) -> np.ndarray:
-    g = np.full(shape, fill, dtype=np.asarray(values).dtype if not isinstance(fill, float) else np.float64)
-    g[ri, col] = values
-    return g
-
-
-def _put(out: dict[str, float], values: dict[str, float]) -> None:
-    out.update({k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)})
-
-
-def evaluate_bundle(cfg: Config, bundle: Any, eval_set_path: Path | str) -> dict[str, float]:
-    """Every offline metric of ``bundle`` on the full-flow eval set at ``eval_set_path``."""
-    eval_set_path = Path(eval_set_path)
-    if not eval_set_path.exists():
-        raise HapError(f"no eval set at {eval_set_path}; run `hap split` first")
-    table = ds.dataset(str(eval_set_path), format="parquet").to_table()
-    if table.num_rows == 0:
-        raise HapError(f"the eval set at {eval_set_path} is empty")
-    enc = {k: torch.from_numpy(v) for k, v in bundle.spec.encode(table).items()}
-    ri, first, col, counts = _index(table["request_id"].to_numpy())
-    shape = (len(counts), int(counts.max()))
-    row_req, req_first = torch.from_numpy(ri), torch.from_numpy(first)
-    serve = bundle.serve if bundle.expressive is not None else "light"
-    valid = _grid(np.ones(len(ri), bool), ri, col, shape, False)
-
-    light = score_rows(bundle.light, enc, row_req, req_first).numpy() if bundle.light is not None else None
-    if serve == "light":
-        routed_rows = np.zeros(len(ri), bool)
-    elif serve == "expressive_all" or light is None:
-        routed_rows = np.ones(len(ri), bool)
-    else:
-        lg = torch.from_numpy(_grid(light, ri, col, shape, -np.inf).astype(np.float32))
-        routed_rows = route_grid(lg, torch.from_numpy(valid), bundle.routing).numpy()[ri, col]
-    expr = np.full(len(ri), np.nan, np.float32)
-    if routed_rows.any():
-        idx = torch.from_numpy(np.flatnonzero(routed_rows))
-        expr[routed_rows] = score_rows(bundle.expressive, enc, row_req, req_first, idx).numpy()
-    base = light if light is not None else np.zeros(len(ri), np.float32)
-    key = np.where(
-        routed_rows, np.nan_to_num(expr).astype(np.float64) + ROUTED_OFFSET, base.astype(np.float64)
-    )
-    prob = 1.0 / (1.0 + np.exp(-np.where(routed_rows, np.nan_to_num(expr), base).astype(np.float64)))
-
-    labels = table["label"].to_numpy().astype(np.int64)
-    rank_pos = table["rank_pos"].fill_null(10**9).to_numpy()
-    ctype = table["content_type"].to_numpy().astype(np.int64)
-    grid_key = _grid(key, ri, col, shape, -np.inf)
-    grid_lab = _grid(labels, ri, col, shape, 0)
-    grid_r50 = _grid((rank_pos <= 50).astype(np.int64), ri, col, shape, 0)
-    ks = list(cfg.evaluate.ks)
-    out: dict[str, float] = {}
-    _put(out, ranking_metrics(grid_key, grid_lab, valid, ks, grid_r50))
-
-    exposed = table["exposed"].to_numpy(zero_copy_only=False).astype(bool)
-    _put(
-        out,
-        {
-            "auc": auc(labels[exposed], key[exposed]),
-            "gauc": gauc(ri[exposed], labels[exposed], key[exposed]),
-            "logloss": logloss(labels[exposed], prob[exposed]),
-        },
-    )
-    for c in np.unique(ctype):
-        m = ctype == c
-        lab_c = _grid(labels * m, ri, col, shape, 0)
-        rec = ranking_metrics(grid_key, lab_c, valid, [50])
-        _put(
-            out,
-            {f"ct{c}_recall@50": rec["recall@50"], f"ct{c}_auc": auc(labels[exposed & m], key[exposed & m])},
+    def table(self) -> pa.Table:
+        return pa.table(
+            {"request_id": self.request_ids, **{k: v.astype(np.float64) for k, v in self.vectors.items()}}
         )
 
-    slice_model = bundle.expressive if serve == "expressive_all" or bundle.light is None else bundle.light
-    _put(out, source_slices(cfg, bundle, slice_model, table))
 
-    n_mean = int(round(float(counts.mean())))
-    flops = bundle.flops_per_request(n_mean)
-    _put(out, flops)
-    _put(
-        out,
-        {
-            "routed_share": float(routed_rows.mean()),
-            "n_requests": float(len(counts)),
-            "n_clicks": float(labels.sum()),
-            "candidates_per_request": float(counts.mean()),
-        },
+@dataclass
+class EvalSet:
+    """The eval set on its request grid."""
+
+    path: Path
+    table: pa.Table
+    index: RequestIndex
+    valid: np.ndarray
+
+    def grid(self, values: np.ndarray, fill: Any) -> np.ndarray:
+        return self.index.grid(values, fill)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.table[name].to_numpy(zero_copy_only=False)
+
+    def has_truth(self) -> bool:
+        names = self.table.schema.names
+        return "true_affinity" in names and self.table["true_affinity"].null_count < self.table.num_rows
+
+
+def primary_metric(cfg: Config, metrics: dict[str, Any]) -> str:
+    """The gate's primary metric: ground truth where the eval set has it, else the click fallback."""
+    p = cfg.evaluate.primary_metric
+    return p if p in metrics or not p.startswith(("gt_", "exp_clicks")) else cfg.evaluate.fallback_metric
+
+
+def load_eval_set(path: Path | str) -> EvalSet:
+    path = Path(path)
+    if not path.exists():
+        raise HapError(f"no eval set at {path}; run `hap split` first")
+    table = ds.dataset(str(path), format="parquet").to_table()
+    if table.num_rows == 0:
+        raise HapError(f"the eval set at {path} is empty")
+    index = RequestIndex.of(table["request_id"].to_numpy())
+    return EvalSet(path, table, index, index.valid())
+
+
+# ---- rankers ------------------------------------------------------------------------------------------
+def reference_keys(cfg: Config, es: EvalSet) -> dict[str, np.ndarray]:
+    """Row keys (higher ranks first) of the reference rankers present on this eval set."""
+    big = 1e9
+    retrieval = es.column("retrieval_pos").astype(np.float64)
+    prerank = np.nan_to_num(pc.fill_null(es.table["prerank_pos"], int(big)).to_numpy().astype(np.float64))
+    ranked = pc.fill_null(es.table["rank_pos"], 0).to_numpy().astype(np.float64)
+    keys = {
+        "retrieval": -retrieval,
+        "prerank": -prerank,
+        # the logged ranking order covers the pre-ranker's top only; the rest follows the pre-ranker
+        "ranking": np.where(ranked > 0, -ranked, -big - prerank),
+        "random": np.random.default_rng(cfg.evaluate.seed).random(es.table.num_rows),
+    }
+    if es.has_truth():
+        keys["truth"] = es.table["true_affinity"].to_numpy(zero_copy_only=False).astype(np.float64)
+    return keys
+
+
+def ranker_vectors(cfg: Config, es: EvalSet, key: np.ndarray) -> dict[str, np.ndarray]:
+    """Every per-request ranking metric of one ranker's row keys (all NaN if a key is not finite)."""
+    ks = list(cfg.evaluate.ks)
+    grid_key = es.grid(key, -np.inf)
+    order = order_of(grid_key, es.valid)
+    labels = es.grid(es.column("label").astype(np.int64), 0)
+    rank_pos = pc.fill_null(es.table["rank_pos"], 10**9).to_numpy()
+    out = click_vectors(order, labels, es.valid, ks)
+    out.update(
+        share_vectors(order, es.grid((rank_pos <= 50).astype(np.int64), 0), es.valid, ks, "rank50_recall")
     )
-    _put(out, {"latency_ms_per_1k": latency_ms_per_1k(cfg, bundle, table)})
-    return dict(sorted(out.items()))
+    if es.has_truth():
+        truth = es.grid(np.nan_to_num(es.column("true_affinity").astype(np.float64), nan=-np.inf), -np.inf)
+        logit = (cfg.simulate.click_offset, cfg.simulate.position_bias)
+        out.update(truth_vectors(order, truth, es.valid, ks, logit, CLICKS_K))
+    if not np.isfinite(key).all():  # a NaN score is a failure, not a ranking
+        out = {k: np.full_like(v, np.nan) for k, v in out.items()}
+    return out
 
 
-def source_slices(cfg: Config, bundle: Any, model: torch.nn.Module, eval_table: pa.Table) -> dict[str, float]:
-    """Pairwise AUC of positives vs each negative source on the eval day's lake samples."""
-    days = np.unique(eval_table["dt"].to_numpy(zero_copy_only=False))
-    req = pa.array(np.unique(eval_table["request_id"].to_numpy()), pa.int64())
-    parts = []
-    for d in days:
-        folder = layout.lake_partition(cfg, "samples", d)
-        files = sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
-        if files:
-            parts.append(
-                ds.dataset(files, format="parquet").to_table(
-                    filter=pc.is_in(ds.field("request_id"), value_set=req)
-                )
-            )
-    if not parts or sum(p.num_rows for p in parts) == 0:
+def content_type_vectors(es: EvalSet, key: np.ndarray) -> dict[str, np.ndarray]:
+    """Recall@50 of each content type's clicks."""
+    order = order_of(es.grid(key, -np.inf), es.valid)
+    ctype, labels = es.column("content_type").astype(np.int64), es.column("label").astype(np.int64)
+    out = {}
+    for c in np.unique(ctype):
+        vec = click_vectors(order, es.grid(labels * (ctype == c), 0), es.valid, [50])["recall@50"]
+        out[f"ct{c}_recall@50"] = vec if np.isfinite(key).all() else np.full_like(vec, np.nan)
+    return out
+
+
+# ---- exposure metrics ------------------------------------------------------------------------------
+def exposure_metrics(
+    bundle: HapBundle, es: EvalSet, light: np.ndarray, final: np.ndarray, served: np.ndarray
+) -> dict[str, float]:
+    """Each model's own AUC, the final order's GAUC and log loss next to a constant predictor's."""
+    exposed = es.column("exposed").astype(bool)
+    y = es.column("label").astype(np.int64)[exposed]
+    rows = np.flatnonzero(exposed)
+    out = {"auc_light": auc(y, light[rows]) if bundle.light is not None else float("nan")}
+    if bundle.expressive is not None and len(rows):
+        out["auc_expressive"] = auc(y, bundle.tower_scores("expressive", es.table, rows, es.index))
+    out["gauc"] = gauc(es.index.row_request[rows], y, final[rows])
+    prob = 1.0 / (1.0 + np.exp(-np.clip(served[rows].astype(np.float64), -50, 50)))
+    out["logloss"] = logloss(y, prob)
+    out["logloss_constant"] = logloss(y, np.full(len(y), y.mean() if len(y) else 0.5))
+    return {k: (v if np.isfinite(served).all() else float("nan")) for k, v in out.items()}
+
+
+# ---- source slices (lake samples of the eval requests) --------------------------------------------
+def _eval_samples(eval_set_path: Path) -> pa.Table | None:
+    folder = layout.eval_samples_of(eval_set_path)
+    if not folder.exists():
+        return None
+    table = ds.dataset(str(folder), format="parquet").to_table()
+    return table if table.num_rows else None
+
+
+def slice_vectors(bundle: HapBundle, es: EvalSet) -> dict[str, np.ndarray]:
+    """Per eval request, the AUC of its positives against each negative source (and easy/hard)."""
+    samples = _eval_samples(es.path)
+    if samples is None:
         return {}
-    samples = pa.concat_tables(parts)
-    enc = {k: torch.from_numpy(v) for k, v in bundle.spec.encode(samples).items()}
-    ri, first, _, _ = _index(samples["request_id"].to_numpy())
-    s = score_rows(model, enc, torch.from_numpy(ri), torch.from_numpy(first)).numpy()
+    tower = "expressive" if bundle.serve == "expressive_all" or bundle.light is None else "light"
+    scores = bundle.tower_scores(tower, samples)
+    req_ids = np.unique(es.column("request_id"))
+    group = np.searchsorted(req_ids, samples["request_id"].to_numpy())
     src = samples["source"].to_numpy(zero_copy_only=False)
     pos = src == schema.Source.EXPOSE_POS.value
-    out: dict[str, float] = {}
-    for source in schema.NEGATIVE_SOURCES:
-        m = pos | (src == source)
-        out[f"auc_slice_{source}"] = auc(pos[m], s[m])
-    for name, sources in (("easy", schema.EASY_SOURCES), ("hard", schema.HARD_SOURCES)):
+    slices = {s: [s] for s in schema.NEGATIVE_SOURCES} | {
+        "easy": schema.EASY_SOURCES,
+        "hard": schema.HARD_SOURCES,
+    }
+    out = {}
+    for name, sources in slices.items():
         m = pos | np.isin(src, sources)
-        out[f"auc_slice_{name}"] = auc(pos[m], s[m])
+        vec = group_aucs(group[m], pos[m], scores[m], len(req_ids))
+        out[f"auc_slice_{name}"] = vec if np.isfinite(scores).all() else np.full_like(vec, np.nan)
     return out
+
+
+# ---- intervals -------------------------------------------------------------------------------------
+def interval_metrics(cfg: Config, vectors: dict[str, np.ndarray], primary: str) -> dict[str, float]:
+    """The model's primary-metric interval and paired intervals against its light model and each reference."""
+    e = cfg.evaluate
+    out: dict[str, float] = {}
+    if f"model/{primary}" not in vectors:
+        return out
+    _, lo, hi, _ = paired_interval(
+        vectors[f"model/{primary}"], None, e.confidence, e.bootstrap_resamples, e.seed
+    )
+    out |= {f"ci/{primary}/lo": lo, f"ci/{primary}/hi": hi, f"ci/{primary}/halfwidth": (hi - lo) / 2}
+    compared = sorted({primary, e.fallback_metric} & {k.split("/", 1)[1] for k in vectors})
+    others = sorted({k.split("/", 1)[0] for k in vectors} - {"model"})
+    for other in others:
+        for metric in compared:
+            if f"{other}/{metric}" not in vectors:
+                continue
+            d, lo, hi, n = paired_interval(
+                vectors[f"model/{metric}"],
+                vectors[f"{other}/{metric}"],
+                e.confidence,
+                e.bootstrap_resamples,
+                e.seed,
+            )
+            out |= {f"vs_{other}/{metric}/{k}": v for k, v in zip(("diff", "lo", "hi", "n"), (d, lo, hi, n))}
+    return out
+
+
+# ---- the evaluation ----------------------------------------------------------------------------------
+def evaluate_bundle(cfg: Config, bundle: HapBundle, eval_set_path: Path | str) -> Evaluation:
+    """Every offline metric of ``bundle`` and its yardsticks on the full-flow eval set."""
+    es = load_eval_set(eval_set_path)
+    scores = bundle.score_table(es.table, es.index)
+    served = np.where(scores.routed, scores.expressive, scores.light)
+    final = np.where(np.isfinite(served), scores.final, np.nan)
+    rankers = {"model": final, **{f"ref_{k}": v for k, v in reference_keys(cfg, es).items()}}
+    if bundle.light is not None and bundle.serve != "light":
+        rankers["light"] = scores.light.astype(np.float64)
+    vectors = {f"{r}/{m}": v for r, key in rankers.items() for m, v in ranker_vectors(cfg, es, key).items()}
+    vectors |= {f"model/{m}": v for m, v in content_type_vectors(es, final).items()}
+    vectors |= {f"model/{m}": v for m, v in slice_vectors(bundle, es).items()}
+
+    metrics = {_public(k): _nanmean(v) for k, v in vectors.items()}
+    metrics |= exposure_metrics(bundle, es, scores.light, final, served)
+    metrics |= interval_metrics(cfg, vectors, primary_metric(cfg, metrics))
+    metrics |= cost_metrics(cfg, bundle, es, scores.routed)
+    metrics["nonfinite_scores"] = float((~np.isfinite(served)).sum())
+    return Evaluation(dict(sorted(metrics.items())), np.unique(es.column("request_id")), vectors)
+
+
+def _public(vector_name: str) -> str:
+    """``model/recall@50`` -> ``recall@50``; ``ref_prerank/recall@50`` -> ``ref_prerank_recall@50``."""
+    ranker, metric = vector_name.split("/", 1)
+    return metric if ranker == "model" else f"{ranker}_{metric}"
+
+
+def cost_metrics(cfg: Config, bundle: HapBundle, es: EvalSet, routed: np.ndarray) -> dict[str, float]:
+    counts = es.index.counts
+    return {
+        **bundle.flops_per_request(int(round(float(counts.mean())))),
+        "routed_share": float(routed.mean()),
+        "n_requests": float(len(counts)),
+        "n_clicks": float(es.column("label").sum()),
+        "candidates_per_request": float(counts.mean()),
+        "latency_ms_per_1k": latency_ms_per_1k(cfg, bundle, es.table),
+    }
 
 
 def latency_ms_per_1k(cfg: Config, bundle: Any, table: pa.Table) -> float:
@@ -287,11 +302,64 @@ def latency_ms_per_1k(cfg: Config, bundle: Any, table: pa.Table) -> float:
     return float(np.median(times) * 1000.0 * 1000.0 / n)
 
 
+RANKERS = (
+    ("model", ""),
+    ("its light model", "light_"),
+    ("logged ranking order", "ref_ranking_"),
+    ("logged pre-ranking order", "ref_prerank_"),
+    ("logged retrieval order", "ref_retrieval_"),
+    ("random order", "ref_random_"),
+    ("ground truth", "ref_truth_"),
+)
+TABLE_METRICS = ("gt_recall@50", "exp_clicks@10", "recall@50", "ndcg@50")
+
+
+def render_table(cfg: Config, metrics: dict[str, Any], key: Any = str) -> list[str]:
+    """The model next to the reference rankers on the same requests, its interval and own AUCs;
+    ``key`` maps a metric name to the dict's key (MLflow's spelling for logged metrics)."""
+
+    def cell(name: str) -> str:
+        value = metrics.get(key(name))
+        return f"{value:>14.4f}" if isinstance(value, float) and math.isfinite(value) else f"{'-':>14}"
+
+    lines = [f"{'ranker (same eval requests)':<28}" + "".join(f"{m:>14}" for m in TABLE_METRICS)]
+    for label, prefix in RANKERS:
+        if any(key(prefix + m) in metrics for m in TABLE_METRICS):
+            lines.append(f"{label:<28}" + "".join(cell(prefix + m) for m in TABLE_METRICS))
+    primary = primary_metric(cfg, {m: 0 for m in TABLE_METRICS if key(m) in metrics})
+    half, n = metrics.get(key(f"ci/{primary}/halfwidth")), metrics.get(key("n_requests"))
+    if half is not None and n is not None:
+        lines.append(f"{primary}: 95% interval half-width {half:.4f} over {n:.0f} eval requests")
+    for name in ("gauc", "auc_light", "auc_expressive", "logloss", "logloss_constant", "flops_per_request"):
+        if isinstance(metrics.get(key(name)), float):
+            lines.append(f"{name:<28}{metrics[key(name)]:.4g}")
+    return lines
+
+
+def json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
+    """NaN as null: present but not a number, which the gate never promotes."""
+    return {k: (float(v) if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def read_vectors(cfg: Config, date: dt.date | str) -> pa.Table:
+    path = layout.metrics_dir(cfg, date) / REQUESTS_FILE
+    if not path.exists():
+        raise HapError(
+            f"no per-request eval vectors at {path}; run `hap evaluate --date {layout.day(date)}` first"
+        )
+    return pq.read_table(path)
+
+
 def evaluate_day(cfg: Config, date: dt.date | str) -> dict[str, float]:
-    """Evaluate the day's bundle on the day's eval set; writes ``metrics/dt=D/eval.json``."""
-    from hap.model.towers import load_bundle
+    """Evaluate the day's bundle on the day's eval set; writes ``eval.json`` and the per-request vectors."""
+    import io
+
+    from hap.model.serving import load_bundle
 
     date = layout.day(date)
-    metrics = evaluate_bundle(cfg, load_bundle(layout.model_dir(cfg, date)), layout.eval_set(cfg, date))
-    atomic_write_json(layout.metrics_dir(cfg, date) / EVAL_FILE, metrics)
-    return metrics
+    result = evaluate_bundle(cfg, load_bundle(layout.model_dir(cfg, date)), layout.eval_set(cfg, date))
+    sink = io.BytesIO()
+    pq.write_table(result.table(), sink)
+    atomic_write_bytes(layout.metrics_dir(cfg, date) / REQUESTS_FILE, sink.getvalue())
+    atomic_write_json(layout.metrics_dir(cfg, date) / EVAL_FILE, json_metrics(result.metrics))
+    return result.metrics

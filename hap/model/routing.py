@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hap.core.config import RoutingConfig
+
 ROUTED_OFFSET = 1e6  # final score = expressive + offset for routed ones: they sort above the rest
 
 
@@ -22,44 +24,43 @@ def budget(n: int, share: float) -> int:
     return min(n, int(math.ceil(share * n - 1e-9)))
 
 
-def route(light: np.ndarray, routing: dict[str, Any]) -> np.ndarray:
+def route(light: np.ndarray, routing: RoutingConfig) -> np.ndarray:
     """Routing decision (bool per candidate) for one request's light scores."""
-    n = len(light)
-    order = np.argsort(-light, kind="stable")
-    routed = np.zeros(n, bool)
-    if routing.get("mode", "topk") == "threshold" and routing.get("threshold") is not None:
-        k = min(int((light > float(routing["threshold"])).sum()), budget(n, float(routing.get("cap", 1.0))))
-    else:
-        k = budget(n, float(routing.get("rho", 0.1)))
-    routed[order[:k]] = True
-    return routed
+    grid = torch.from_numpy(np.asarray(light, np.float32))[None, :]
+    return route_grid(grid, torch.ones_like(grid, dtype=torch.bool), routing)[0].numpy()
 
 
-def route_grid(light: torch.Tensor, valid: torch.Tensor, routing: dict[str, Any]) -> torch.Tensor:
-    """Vectorized ``route`` over a padded ``[R, n_max]`` grid of requests (eval path)."""
+def route_grid(light: torch.Tensor, valid: torch.Tensor, routing: RoutingConfig) -> torch.Tensor:
+    """The routing mask over a padded ``[R, n_max]`` grid of requests: the one routing rule."""
     n = valid.sum(1)
     masked = light.masked_fill(~valid, float("-inf"))
     rank = torch.empty_like(light, dtype=torch.long)
     order = masked.argsort(dim=1, descending=True, stable=True)
     rank.scatter_(1, order, torch.arange(light.shape[1], device=light.device).expand_as(order))
-    if routing.get("mode", "topk") == "threshold" and routing.get("threshold") is not None:
-        above = ((masked > float(routing["threshold"])) & valid).sum(1)
-        cap = torch.ceil(n.double() * float(routing.get("cap", 1.0)) - 1e-9).long()
+    if routing.mode == "threshold" and routing.threshold is not None:
+        above = ((masked > routing.threshold) & valid).sum(1)
+        cap = torch.ceil(n.double() * routing.cap - 1e-9).long()
         k = torch.minimum(above, cap)
     else:
-        k = torch.ceil(n.double() * float(routing.get("rho", 0.1)) - 1e-9).long()
+        k = torch.ceil(n.double() * routing.rho - 1e-9).long()
     return (rank < k[:, None]) & valid
+
+
+def damr_key(light: np.ndarray, expressive: np.ndarray, routed: np.ndarray) -> np.ndarray:
+    """The score the final order sorts by (any shape): routed ones by expressive score, above
+    the rest by light score."""
+    return np.where(
+        routed,
+        np.nan_to_num(expressive, nan=0.0).astype(np.float64) + ROUTED_OFFSET,
+        np.asarray(light, np.float64),
+    )
 
 
 def damr_order(
     light: np.ndarray, expressive: np.ndarray, routed: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(final score, 1-based rank): routed by expressive score first, then the rest by light score."""
-    final = np.where(
-        routed,
-        np.nan_to_num(expressive, nan=0.0).astype(np.float64) + ROUTED_OFFSET,
-        light.astype(np.float64),
-    )
+    """(final score, 1-based rank) of one request."""
+    final = damr_key(light, expressive, routed)
     order = np.argsort(-final, kind="stable")
     rank = np.empty(len(final), np.int64)
     rank[order] = np.arange(1, len(final) + 1)
@@ -73,7 +74,7 @@ def calibrate_threshold(light_scores: np.ndarray, rho: float) -> float:
     return float(np.quantile(light_scores.astype(np.float64), 1.0 - rho))
 
 
-def flops_per_request(light: Any, expressive: Any, n: int, routing: dict[str, Any]) -> dict[str, float]:
+def flops_per_request(light: Any, expressive: Any, n: int, routing: RoutingConfig) -> dict[str, float]:
     """FLOPs for one request of ``n`` candidates, from the layer shapes:
     light-only, HAP (light on all + expressive on the routed share) and expressive on all."""
     out: dict[str, float] = {}
@@ -84,14 +85,11 @@ def flops_per_request(light: Any, expressive: Any, n: int, routing: dict[str, An
     if ef:
         out["flops_expressive_all"] = float(ef["user"] + n * (ef["item"] + ef["head"]))
     if lf and ef:
-        share = (
-            float(routing.get("cap", 1.0))
-            if routing.get("mode") == "threshold"
-            else float(routing.get("rho", 0.1))
-        )
+        share = routing.cap if routing.mode == "threshold" else routing.rho
         k = budget(n, share)
         out["flops_hap"] = out["flops_light"] + float(ef["user"] + k * (ef["item"] + ef["head"]))
-    serve = routing.get("serve", "hap")
-    key = {"light": "flops_light", "expressive_all": "flops_expressive_all", "hap": "flops_hap"}[serve]
+    key = {"light": "flops_light", "expressive_all": "flops_expressive_all", "hap": "flops_hap"}[
+        routing.serve
+    ]
     out["flops_per_request"] = out.get(key, out.get("flops_light", out.get("flops_expressive_all", 0.0)))
     return out

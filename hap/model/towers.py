@@ -9,21 +9,20 @@ Both split into ``user(...)`` (once per request), ``item(...)`` (once per candid
 the same layer shapes (``flops()``), so cost numbers follow the params.
 
 A bundle folder (``hap train`` output) is ``bundle.json`` + ``light.pt`` / ``expressive.pt`` state
-dicts; ``load_bundle(path)`` rebuilds everything from that folder alone.
+dicts, written by ``save_bundle``; ``hap.model.serving.load_bundle`` rebuilds the scorer from it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from hap.core.config import ModelConfig
 from hap.core.errors import HapError
 from hap.model.batches import (
     CATEGORICAL_ORDER,
@@ -32,9 +31,6 @@ from hap.model.batches import (
     N_USER_DENSE,
     REQUEST_CATEGORICAL,
 )
-
-if TYPE_CHECKING:
-    import pyarrow as pa
 
 BUNDLE_FORMAT = "hap-bundle/1"
 N_REQ_CAT, N_ITEM_CAT = len(REQUEST_CATEGORICAL), len(ITEM_CATEGORICAL)
@@ -190,180 +186,19 @@ class ExpressiveModel(_TwoTower):
         return linear_flops(self.q) + attn + linear_flops(self.mlp) + linear_flops(self.out) + 3 * self.dim
 
 
-def build_models(model_cfg: dict[str, Any]) -> tuple[LightweightModel, ExpressiveModel]:
-    """Both towers from the ``model`` params section (a plain dict, as stored in bundle.json)."""
-    light, expr = model_cfg["light"], model_cfg["expressive"]
-    common = dict(
-        hash_buckets=model_cfg["hash_buckets"], embed_dim=model_cfg["embed_dim"], seq_len=model_cfg["seq_len"]
-    )
+def build_models(model_cfg: ModelConfig | dict[str, Any]) -> tuple[LightweightModel, ExpressiveModel]:
+    """Both towers from the typed ``model`` params section (or its dict, as stored in bundle.json)."""
+    m = ModelConfig.model_validate(model_cfg) if isinstance(model_cfg, dict) else model_cfg
+    common = dict(hash_buckets=m.hash_buckets, embed_dim=m.embed_dim, seq_len=m.seq_len)
     return (
-        LightweightModel(tower_dims=light["tower_dims"], mlp_dims=light["mlp_dims"], **common),
+        LightweightModel(tower_dims=m.light.tower_dims, mlp_dims=m.light.mlp_dims, **common),
         ExpressiveModel(
-            tower_dims=expr["tower_dims"],
-            mlp_dims=expr["mlp_dims"],
-            heads=expr.get("attention_heads", 1),
+            tower_dims=m.expressive.tower_dims,
+            mlp_dims=m.expressive.mlp_dims,
+            heads=m.expressive.attention_heads or 1,
             **common,
         ),
     )
-
-
-# ---- the bundle ------------------------------------------------------------------------------------
-@dataclass
-class RequestScores:
-    """One request's DAMR result, in input order."""
-
-    final: np.ndarray  # the score the final order sorts by (routed ones above the rest)
-    light: np.ndarray
-    expressive: np.ndarray  # NaN where not routed
-    routed: np.ndarray  # bool
-    rank: np.ndarray  # 1-based final position
-
-
-@dataclass(frozen=True)
-class ItemCache:
-    """Item-tower outputs of a catalogue snapshot, by ``item_id`` (sorted, for a binary search)."""
-
-    ids: np.ndarray  # [N] int64, sorted, unique
-    vectors: dict[str, torch.Tensor]  # tower name -> [N, D]
-
-    def lookup(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Row of each id in ``vectors`` (0 where absent) and whether it is present."""
-        pos = np.searchsorted(self.ids, item_ids).clip(max=len(self.ids) - 1)
-        hit = self.ids[pos] == item_ids
-        return np.where(hit, pos, 0), hit
-
-
-class HapBundle:
-    """Both towers, the feature spec and the routing config: the DAMR scorer, from a folder."""
-
-    def __init__(
-        self,
-        meta: dict[str, Any],
-        light: LightweightModel | None,
-        expressive: ExpressiveModel | None,
-        device: str = "cpu",
-    ) -> None:
-        from hap.model.batches import FeatureSpec
-
-        self.meta, self.light, self.expressive = meta, light, expressive
-        self.spec = FeatureSpec.from_dict(meta["features"])
-        self.routing: dict[str, Any] = dict(meta["routing"])
-        self.device = torch.device(device)
-        self.item_cache: ItemCache | None = None
-        for m in (light, expressive):
-            if m is not None:
-                m.to(self.device).eval()
-
-    @property
-    def serve(self) -> str:
-        """``light`` | ``hap`` | ``expressive_all``: which scorer ``score_request`` runs."""
-        return self.routing.get("serve", "hap")
-
-    def with_routing(self, **changes: Any) -> HapBundle:
-        """The same weights with other routing settings (rho sweeps, serve mode) — no copy of weights."""
-        meta = {**self.meta, "routing": {**self.routing, **changes}}
-        out = HapBundle.__new__(HapBundle)
-        out.meta, out.light, out.expressive, out.spec, out.device = (
-            meta,
-            self.light,
-            self.expressive,
-            self.spec,
-            self.device,
-        )
-        out.routing, out.item_cache = meta["routing"], self.item_cache
-        return out
-
-    @torch.no_grad()
-    def cache_items(self, catalogue: Any) -> HapBundle:
-        """The same weights with both item towers precomputed for a catalogue snapshot (rows with
-        ``item_id`` and the item features; the last row of an id wins). Serving then skips the
-        item side for cached ids. Item features drift (age, CTR, popularity), so rebuild it when
-        they refresh: daily here."""
-        table = _as_table(catalogue)
-        ids = table["item_id"].to_numpy()
-        unique_ids, last_from_end = np.unique(ids[::-1], return_index=True)  # sorted ids, last rows
-        enc = self._tensors(self.spec.encode_items(table.take(len(ids) - 1 - last_from_end)))
-        out = self.with_routing()
-        out.item_cache = ItemCache(
-            unique_ids,
-            {
-                name: model.item(enc["item_cat"], enc["item_dense"])
-                for name, model in (("light", self.light), ("expressive", self.expressive))
-                if model is not None
-            },
-        )
-        return out
-
-    def encode(self, frame: Any) -> dict[str, torch.Tensor]:
-        """A pyarrow Table or pandas DataFrame of candidate rows -> model input tensors."""
-        return self._tensors(self.spec.encode(_as_table(frame)))
-
-    def _tensors(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
-
-    @torch.no_grad()
-    def score_request(self, frame: Any) -> RequestScores:
-        """The serving path for one request's candidates: the request side encoded and run once
-        (every row of a request carries the same user and context), the item side per candidate,
-        light scores for all, the expressive model on the routed ones."""
-        from hap.model.routing import damr_order
-
-        table = _as_table(frame)
-        user = self._tensors(self.spec.encode_request(table.slice(0, 1)))
-        n = table.num_rows
-        light = (
-            self._scores(self.light, user, self._item_vectors("light", table))
-            if self.light is not None
-            else None
-        )
-        expr = np.full(n, np.nan, np.float32)
-        if self.serve == "light" or self.expressive is None:
-            routed = np.zeros(n, bool)
-        elif self.serve == "expressive_all" or light is None:
-            routed = np.ones(n, bool)
-        else:
-            from hap.model.routing import route
-
-            routed = route(light, self.routing)
-        if routed.all():
-            expr[:] = self._scores(self.expressive, user, self._item_vectors("expressive", table))
-        elif routed.any():
-            expr[routed] = self._scores(
-                self.expressive, user, self._item_vectors("expressive", table, np.nonzero(routed)[0])
-            )
-        if light is None:
-            light = np.where(routed, expr, np.nan).astype(np.float32)
-        final, rank = damr_order(light, expr, routed)
-        return RequestScores(final, light, expr, routed, rank)
-
-    def _item_vectors(self, tower: str, table: pa.Table, rows: np.ndarray | None = None) -> torch.Tensor:
-        """``[n, D]`` item-tower outputs of ``tower`` for ``rows`` of ``table`` (all by default):
-        cached ids from the cache, the others (or all, without a cache) through the tower."""
-        model = getattr(self, tower)
-        cache = self.item_cache
-        if cache is None or tower not in cache.vectors:
-            enc = self._tensors(self.spec.encode_items(table if rows is None else table.take(rows)))
-            return model.item(enc["item_cat"], enc["item_dense"])
-        ids = table["item_id"].to_numpy()
-        pos, hit = cache.lookup(ids if rows is None else ids[rows])
-        out = cache.vectors[tower][torch.from_numpy(pos).to(self.device)]
-        if not hit.all():
-            miss = np.nonzero(~hit)[0]
-            enc = self._tensors(self.spec.encode_items(table.take(miss if rows is None else rows[miss])))
-            out[torch.from_numpy(miss).to(self.device)] = model.item(enc["item_cat"], enc["item_dense"])
-        return out
-
-    @staticmethod
-    def _scores(
-        model: nn.Module, user_enc: dict[str, torch.Tensor], item_vectors: torch.Tensor
-    ) -> np.ndarray:
-        user = model.user(user_enc["req_cat"][:1], user_enc["req_dense"][:1], user_enc["seq"][:1])
-        return model.head(user, item_vectors.unsqueeze(0))[0].float().cpu().numpy()  # [1, n, D] -> [n]
-
-    def flops_per_request(self, n: int) -> dict[str, float]:
-        from hap.model.routing import flops_per_request
-
-        return flops_per_request(self.light, self.expressive, n, self.routing)
 
 
 def save_bundle(
@@ -386,39 +221,10 @@ def save_bundle(
     (folder / "bundle.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _as_table(frame: Any) -> pa.Table:
-    import pyarrow as pa
-
-    return frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
-
-
-def load_bundle(path: Path | str, device: str = "cpu") -> HapBundle:
-    """Rebuild the scorer from a bundle folder alone (works in a fresh process)."""
-    folder = Path(path)
-    meta_file = folder / "bundle.json"
-    if not meta_file.exists():
-        raise HapError(f"no model bundle at {folder} (bundle.json missing); run `hap train` first")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise HapError(f"{meta_file}: unknown bundle format {meta.get('format')!r}")
-    light, expressive = build_models(meta["model"])
-    loaded: list[nn.Module | None] = []
-    for name, model in (("light", light), ("expressive", expressive)):
-        if meta.get(f"has_{name}"):
-            model.load_state_dict(torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True))
-            loaded.append(model)
-        else:
-            loaded.append(None)
-    return HapBundle(meta, loaded[0], loaded[1], device)
-
-
 __all__ = [
     "LightweightModel",
     "ExpressiveModel",
-    "HapBundle",
-    "RequestScores",
     "build_models",
-    "load_bundle",
     "save_bundle",
     "CATEGORICAL_ORDER",
 ]

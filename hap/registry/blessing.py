@@ -1,11 +1,15 @@
-"""The promotion rule as a pure function over metric dicts, modelled on TFX's evaluator blessing.
+"""The promotion rule as a pure function over metrics and paired intervals (TFX-style blessing).
 
-Kept free of MLflow and torch so the rule itself is cheap to test and to read: a challenger is
-blessed only when every metric the gate reads is present and finite, it clears the absolute
-floors and the cost ceiling and, when a champion exists, its primary metric is at least the
-champion's + ``min_gain`` (negative: a non-inferiority margin, so a fresher model of equal quality
-replaces the champion) and it regresses no slice by more than ``max_slice_regression``. Both
-were measured on the same eval set by the caller.
+Kept free of MLflow and torch so the rule itself is cheap to test and to read. A challenger is
+blessed only when:
+- every metric the gate reads is present and finite, it clears the absolute floors and the cost
+  ceiling, and its own training set is healthy (row count against the trailing training sets,
+  no non-finite feature values);
+- when a champion exists: non-inferiority on the primary metric. The lower bound of the paired
+  bootstrap interval of (challenger - champion) over the same eval requests must be above
+  ``-margin``, so a fresher model of equal quality replaces the champion, and one worse by more
+  than the eval noise plus the margin does not. Each slice is judged the same way with
+  ``max_slice_regression`` as its margin. A missing or NaN interval never promotes.
 """
 
 from __future__ import annotations
@@ -27,11 +31,37 @@ class Check:
     metric: str
     value: float | None
     threshold: float | None
-    op: Literal[">=", "<="]
+    op: Literal[">=", "<=", ">"]
     passed: bool
     champion: float | None = None
     delta: float | None = None  # value - champion
     reason: str = ""
+    lower: float | None = None  # paired interval of value - champion
+    upper: float | None = None
+    n: int | None = None  # eval requests the interval is over
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A paired bootstrap interval of (challenger - champion) over ``n`` eval requests."""
+
+    diff: float
+    lower: float
+    upper: float
+    n: int
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(x) for x in (self.diff, self.lower, self.upper)) and self.n >= 2
+
+
+@dataclass(frozen=True)
+class TrainingHealth:
+    """The challenger's own training set, against the trailing days' training sets."""
+
+    rows: int
+    trailing_rows: list[int]
+    nonfinite_values: int
 
 
 @dataclass
@@ -71,9 +101,15 @@ def required_metrics(
 
 
 def decide(
-    challenger: dict[str, Any], champion: dict[str, Any] | None, gate: GateConfig, primary: str
+    challenger: dict[str, Any],
+    champion: dict[str, Any] | None,
+    gate: GateConfig,
+    primary: str,
+    intervals: dict[str, Interval] | None = None,
+    health: TrainingHealth | None = None,
 ) -> Decision:
-    """Bless or reject ``challenger`` against ``champion`` (None: no champion yet, floors only)."""
+    """Bless or reject ``challenger`` against ``champion`` (None: no champion yet, floors only);
+    ``intervals`` holds the paired intervals of the primary metric and the slices."""
     checks: list[Check] = []
     reasons: list[str] = []
 
@@ -133,64 +169,120 @@ def decide(
             )
         )
 
-    if champion:
-        v, c = value(primary), champion.get(primary)
-        if v is not None and _finite(c):
-            c = float(c)
-            need = c + gate.min_gain
-            ok = v >= need
-            record(
-                Check(
-                    f"gain:{primary}",
-                    primary,
-                    v,
-                    need,
-                    ">=",
-                    ok,
-                    champion=c,
-                    delta=v - c,
-                    reason=""
-                    if ok
-                    else f"{primary}={v:.4f} does not beat the champion's {c:.4f} "
-                    f"by min_gain {gate.min_gain:g} (delta {v - c:+.4f})",
-                )
-            )
-        elif v is not None:
-            record(
-                Check(
-                    f"gain:{primary}",
-                    primary,
-                    v,
-                    None,
-                    ">=",
-                    False,
-                    champion=None,
-                    reason=f"the champion's {primary} is missing or NaN on this eval set; "
-                    "cannot compare, so not promoting",
-                )
-            )
-        for name in slice_metrics(challenger, gate.slice_prefixes):
-            v, c = value(name), champion.get(name)
-            if v is None or not _finite(c):
-                continue  # missing on the challenger is already a failure; on the champion: no baseline
-            c = float(c)
-            need = c - gate.max_slice_regression
-            ok = v >= need
-            record(
-                Check(
-                    f"slice:{name}",
-                    name,
-                    v,
-                    need,
-                    ">=",
-                    ok,
-                    champion=c,
-                    delta=v - c,
-                    reason=""
-                    if ok
-                    else f"slice {name} regressed {v - c:+.4f} vs the champion "
-                    f"(max {gate.max_slice_regression:g})",
-                )
-            )
+    if champion is not None:
+        for check in comparison_checks(challenger, champion, gate, primary, intervals or {}):
+            record(check)
+    for check in health_checks(health, gate) if health is not None else []:
+        record(check)
 
     return Decision("pass" if not reasons else "fail", reasons, checks)
+
+
+def non_inferior(
+    name: str, metric: str, interval: Interval | None, margin: float, values: tuple[Any, Any]
+) -> Check:
+    """Pass when the interval's lower bound of (challenger - champion) is above ``-margin``."""
+    v, c = (float(x) if _finite(x) else None for x in values)
+    if interval is None or not interval.finite:
+        return Check(
+            name,
+            metric,
+            v,
+            -margin,
+            ">",
+            False,
+            champion=c,
+            reason=f"no paired interval for {metric} (missing or NaN on the challenger or the champion); "
+            "cannot compare, so not promoting",
+        )
+    ok = interval.lower > -margin
+    return Check(
+        name,
+        metric,
+        v,
+        -margin,
+        ">",
+        ok,
+        champion=c,
+        delta=interval.diff,
+        lower=interval.lower,
+        upper=interval.upper,
+        n=interval.n,
+        reason=""
+        if ok
+        else f"{metric}: challenger - champion = {interval.diff:+.4f}, 95% interval "
+        f"[{interval.lower:+.4f}, {interval.upper:+.4f}] over {interval.n} requests; its lower bound "
+        f"is not above -margin {-margin:+.4f}",
+    )
+
+
+def comparison_checks(
+    challenger: dict[str, Any],
+    champion: dict[str, Any],
+    gate: GateConfig,
+    primary: str,
+    intervals: dict[str, Interval],
+) -> list[Check]:
+    """Non-inferiority of the primary metric and of every slice both models have."""
+    out = [
+        non_inferior(
+            f"gain:{primary}",
+            primary,
+            intervals.get(primary),
+            gate.margin,
+            (challenger.get(primary), champion.get(primary)),
+        )
+    ]
+    for name in slice_metrics(challenger, gate.slice_prefixes):
+        if not _finite(challenger.get(name)) or not _finite(champion.get(name)):
+            continue  # missing on the challenger is already a failure; on the champion: no baseline
+        out.append(
+            non_inferior(
+                f"slice:{name}",
+                name,
+                intervals.get(name),
+                gate.max_slice_regression,
+                (challenger.get(name), champion.get(name)),
+            )
+        )
+    return out
+
+
+def health_checks(health: TrainingHealth, gate: GateConfig) -> list[Check]:
+    """The training set is neither half-empty nor duplicated against its trailing days, and holds
+    no non-finite feature value (a model trained on it is not promoted)."""
+    out = []
+    ok = health.nonfinite_values == 0
+    out.append(
+        Check(
+            "health:nonfinite",
+            "train_nonfinite_values",
+            float(health.nonfinite_values),
+            0.0,
+            "<=",
+            ok,
+            reason=""
+            if ok
+            else f"the training set holds {health.nonfinite_values} non-finite feature values",
+        )
+    )
+    if health.trailing_rows:
+        ref = float(sorted(health.trailing_rows)[len(health.trailing_rows) // 2])
+        ratio = health.rows / ref if ref else float("inf")
+        ok = gate.min_train_rows_ratio <= ratio <= gate.max_train_rows_ratio
+        out.append(
+            Check(
+                "health:rows",
+                "train_rows_ratio",
+                ratio,
+                gate.min_train_rows_ratio,
+                ">=",
+                ok,
+                reason=""
+                if ok
+                else f"the training set has {health.rows} rows, {ratio:.2f}x the median "
+                f"of its trailing training sets ({ref:.0f}); allowed "
+                f"[{gate.min_train_rows_ratio:g}, {gate.max_train_rows_ratio:g}]",
+            )
+        )
+    return out

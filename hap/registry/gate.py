@@ -24,9 +24,10 @@ from hap.core.config import Config
 from hap.core.errors import HapError
 from hap.registry import registration as registry
 from hap.registry import tracking
-from hap.registry.blessing import Decision, decide
+from hap.registry.blessing import Decision, Interval, TrainingHealth, decide
 
 BLESSING_FILE = "blessing.json"
+TAG_MARGIN, TAG_INTERVAL, TAG_REQUESTS = "gate.margin", "gate.interval", "gate.n_requests"
 SMOKE_TOLERANCE = 1e-4
 
 _SMOKE_SCRIPT = """
@@ -86,7 +87,16 @@ class Blessing:
             )
         elif self.verdict == "fail":
             head += " -> challenger; champion unchanged"
-        return "\n".join([head, *(f"  - {r}" for r in self.reasons)])
+        lines = [head]
+        for ch in self.checks:
+            if ch.get("name", "").startswith("gain:") and ch.get("lower") is not None:
+                lines.append(
+                    f"  {ch['metric']}: challenger - champion {ch['delta']:+.4f}, "
+                    f"{self.thresholds.get('confidence', 0.95):.0%} interval "
+                    f"[{ch['lower']:+.4f}, {ch['upper']:+.4f}] "
+                    f"over {ch['n']} requests; margin {self.thresholds.get('margin')}"
+                )
+        return "\n".join([*lines, *(f"  - {r}" for r in self.reasons)])
 
 
 def smoke_test(cfg: Config, version: str, expected: list[float] | None = None) -> SmokeTest:
@@ -143,17 +153,64 @@ def _expected_scores(cfg: Config, date: dt.date) -> list[float]:
     return [float(x) for x in scorer.predict(None, example)["score"]]
 
 
-def _thresholds(cfg: Config) -> dict[str, Any]:
+def _thresholds(cfg: Config, primary: str) -> dict[str, Any]:
     g = cfg.gate
     return {
-        "primary_metric": cfg.evaluate.primary_metric,
+        "primary_metric": primary,
         "floors": dict(g.floors),
-        "min_gain": g.min_gain,
+        "margin": g.margin,
         "max_slice_regression": g.max_slice_regression,
+        "confidence": cfg.evaluate.confidence,
+        "bootstrap_resamples": cfg.evaluate.bootstrap_resamples,
         "slice_prefixes": list(g.slice_prefixes),
         "cost_metric": g.cost_metric,
         "max_flops_per_request": g.max_flops_per_request,
+        "min_train_rows_ratio": g.min_train_rows_ratio,
+        "max_train_rows_ratio": g.max_train_rows_ratio,
     }
+
+
+def paired_intervals(cfg: Config, date: dt.date, champion: Any, metrics: list[str]) -> dict[str, Interval]:
+    """(challenger - champion) on each metric, paired over the eval requests both were measured on."""
+    import numpy as np
+
+    from hap.model.evaluate import read_vectors
+    from hap.model.metrics import paired_interval
+
+    mine = read_vectors(cfg, date)
+    ids = mine["request_id"].to_numpy()
+    at = np.searchsorted(champion.request_ids, ids).clip(max=len(champion.request_ids) - 1)
+    same = champion.request_ids[at] == ids
+    e = cfg.evaluate
+    out = {}
+    for metric in metrics:
+        name = f"model/{metric}"
+        if name not in mine.column_names or name not in champion.vectors:
+            continue
+        theirs = np.where(same, champion.vectors[name][at], np.nan)
+        d, lo, hi, n = paired_interval(
+            mine[name].to_numpy(), theirs, e.confidence, e.bootstrap_resamples, e.seed
+        )
+        out[metric] = Interval(d, lo, hi, n)
+    return out
+
+
+def training_health(cfg: Config, date: dt.date) -> TrainingHealth:
+    """Row counts of the day's training set and of the trailing days' ones; non-finite feature values."""
+    import pyarrow.compute as pc
+
+    from hap.core import schema
+    from hap.data.split import open_training_set
+
+    def rows(day: dt.date) -> int | None:
+        path = layout.training_set(cfg, day)
+        return open_training_set(path).count_rows() if path.exists() else None
+
+    today = open_training_set(layout.training_set(cfg, date))
+    trailing = [rows(date - dt.timedelta(days=i)) for i in range(1, cfg.gate.health_trailing_days + 1)]
+    dense = today.to_table(columns=list(schema.DENSE_FEATURES))
+    bad = sum(int(pc.sum(pc.invert(pc.is_finite(dense[c]))).as_py() or 0) for c in dense.column_names)
+    return TrainingHealth(today.count_rows(), [r for r in trailing if r is not None], bad)
 
 
 def blessing_path(cfg: Config, date: dt.date | str):
@@ -186,18 +243,27 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
             return Blessing(**json.loads(previous.read_text()))
         raise HapError(f"v{challenger.version} is already the champion")
 
+    from hap.model.evaluate import json_metrics, primary_metric
+
+    primary = primary_metric(cfg, challenger_metrics)
     champion_metrics: dict[str, Any] | None = None
+    intervals: dict[str, Interval] = {}
     reasons_extra: list[str] = []
     if champion is not None:
         try:
-            champion_metrics = evaluate_bundle(cfg, registry.load_bundle_of(cfg, champion.version), eval_path)
+            result = evaluate_bundle(cfg, registry.load_bundle_of(cfg, champion.version), eval_path)
+            champion_metrics = json_metrics(result.metrics)
+            slices = [m for m in challenger_metrics if m.startswith(tuple(cfg.gate.slice_prefixes))]
+            intervals = paired_intervals(cfg, date, result, [primary, *slices])
         except Exception as err:  # a champion we cannot re-evaluate gives no comparable baseline
             reasons_extra.append(
                 f"could not re-evaluate champion v{champion.version} on this eval set: {err}"
             )
             champion_metrics = {}
 
-    decision: Decision = decide(challenger_metrics, champion_metrics, cfg.gate, cfg.evaluate.primary_metric)
+    decision: Decision = decide(
+        challenger_metrics, champion_metrics, cfg.gate, primary, intervals, training_health(cfg, date)
+    )
     reasons = decision.reasons + reasons_extra
     smoke: SmokeTest | None = None
     if not reasons:
@@ -224,7 +290,7 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
         eval_set_hash=eval_hash,
         challenger_metrics=challenger_metrics,
         champion_metrics=champion_metrics,
-        thresholds=_thresholds(cfg),
+        thresholds=_thresholds(cfg, primary),
         checks=decision.to_dict()["checks"],
         smoke_test=asdict(smoke) if smoke else None,
         previous_version=previous_version,
@@ -236,6 +302,16 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
     c.set_model_version_tag(
         name, challenger.version, registry.TAG_REASON, ("; ".join(reasons) or "ok")[:4000]
     )
+    gain = next((ch for ch in decision.checks if ch.name == f"gain:{primary}"), None)
+    c.set_model_version_tag(name, challenger.version, TAG_MARGIN, f"{cfg.gate.margin:g}")
+    if gain is not None and gain.lower is not None:
+        c.set_model_version_tag(
+            name,
+            challenger.version,
+            TAG_INTERVAL,
+            f"{primary} {gain.delta:+.4f} [{gain.lower:+.4f}, {gain.upper:+.4f}]",
+        )
+        c.set_model_version_tag(name, challenger.version, TAG_REQUESTS, str(gain.n))
     if challenger.run_id:
         c.log_artifact(challenger.run_id, str(path), artifact_path="gate")
         c.set_tag(challenger.run_id, registry.TAG_VERDICT, verdict)

@@ -2,7 +2,7 @@
 
 The version's artifacts are the whole bundle folder written by ``hap train`` (light and
 expressive weights, ``bundle.json`` with the routing config and calibrated threshold). Loading
-goes through ``hap.model.towers.load_bundle``, so the registry serves exactly the DAMR scorer that
+goes through ``hap.model.serving.load_bundle``, so the registry serves exactly the DAMR scorer that
 ``hap evaluate`` measured. Input: one row per candidate with ``request_id``, ``item_id`` and the
 29 feature columns; rows of several requests may be mixed. Output, in input order: the final
 DAMR score, the light score, the expressive score (NaN where not routed), the routing decision
@@ -63,25 +63,18 @@ def serving_example(frame: pd.DataFrame) -> pd.DataFrame:
 def score_frame(bundle: Any, frame: pd.DataFrame) -> pd.DataFrame:
     """Score every request in ``frame`` through DAMR; one output row per input row, same order."""
     frame = to_contract_dtypes(frame)
-    out = pd.DataFrame(
+    result = bundle.score_table(frame)
+    return pd.DataFrame(
         {
             "request_id": frame["request_id"].to_numpy(np.int64),
             "item_id": frame["item_id"].to_numpy(np.int64),
-            "score": np.zeros(len(frame), np.float64),
-            "light_score": np.zeros(len(frame), np.float64),
-            "expressive_score": np.full(len(frame), np.nan, np.float64),
-            "routed": np.zeros(len(frame), bool),
-            "rank": np.zeros(len(frame), np.int64),
+            "score": np.asarray(result.final, np.float64),
+            "light_score": np.asarray(result.light, np.float64),
+            "expressive_score": np.asarray(result.expressive, np.float64),
+            "routed": np.asarray(result.routed, bool),
+            "rank": np.asarray(result.rank, np.int64),
         }
     )
-    for _, index in frame.groupby("request_id", sort=False).indices.items():
-        result = bundle.score_request(frame.iloc[index])
-        out.loc[index, "score"] = np.asarray(result.final, np.float64)
-        out.loc[index, "light_score"] = np.asarray(result.light, np.float64)
-        out.loc[index, "expressive_score"] = np.asarray(result.expressive, np.float64)
-        out.loc[index, "routed"] = np.asarray(result.routed, bool)
-        out.loc[index, "rank"] = np.asarray(result.rank, np.int64)
-    return out
 
 
 class HapPrerankModel(mlflow.pyfunc.PythonModel):
@@ -93,7 +86,7 @@ class HapPrerankModel(mlflow.pyfunc.PythonModel):
     def load(self, bundle_dir: Path) -> HapPrerankModel:
         import torch
 
-        from hap.model.towers import load_bundle
+        from hap.model.serving import load_bundle
 
         self._bundle = load_bundle(Path(bundle_dir), device="cuda" if torch.cuda.is_available() else "cpu")
         return self

@@ -13,7 +13,7 @@ RecFlow ships one feather file per day in two folders: ``realshow/`` (the exposu
   video pool with a seeded RNG, so the pipeline sees the same five sources.
 - Features missing from RecFlow (activity, CTR, network, OS, channel, tags, language,
   resolution, most dense item values, the click sequence) are filled with 0, the padding id.
-- The full-flow log is every ``all_stage`` candidate of a ``full_flow_fraction`` sample of requests.
+- The full-flow log is every ``all_stage`` candidate of ``full_flow_requests`` requests a day.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def _ranking(exposed: pa.Table, negatives: pa.Table, pool: pa.Table, cfg: Config
 def _fullflow(all_stage: pa.Table, exposed: pa.Table, cfg: Config, date: dt.date) -> pa.Table:
     rng = np.random.default_rng([cfg.simulate.seed, date.toordinal(), 78])
     req = np.unique(_col(exposed, "request_id"))
-    chosen = req[rng.random(len(req)) < cfg.simulate.full_flow_fraction]
+    chosen = rng.choice(req, size=min(cfg.simulate.full_flow_requests, len(req)), replace=False)
     cand = pa.concat_tables(
         [all_stage.select(list(ALL_STAGE_COLUMNS[:14])), exposed.select(list(ALL_STAGE_COLUMNS[:14]))]
     )

@@ -267,11 +267,19 @@ def _chunk(
         affinity,
     )
     exposure = _exposure_table(sim, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, click, seq_items)
-    full_rows = np.flatnonzero(rng.random(size) < sim.full_flow_fraction)
+    full_rows = full_flow_rows(sim, first_index, size)
     fullflow = _fullflow_table(
         uni, req_ids, cand, cand_aff, prerank_pos, rank_pos, exp_cols, click, full_rows
     )
     return {"exposure": exposure, "ranking": ranking, "fullflow": fullflow}
+
+
+def full_flow_rows(sim: SimulateConfig, first_index: int, size: int) -> np.ndarray:
+    """Rows of a chunk logged with every candidate: ``full_flow_requests`` a day, evenly spaced
+    over the day's requests (a count, so eval power does not move with traffic volume)."""
+    n, count = sim.requests_per_day, min(sim.full_flow_requests, sim.requests_per_day)
+    index = np.arange(first_index, first_index + size, dtype=np.int64)
+    return np.flatnonzero((index + 1) * count // n > index * count // n)
 
 
 def _item_columns(uni: Universe, items: np.ndarray) -> dict[str, np.ndarray]:

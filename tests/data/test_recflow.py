@@ -79,7 +79,7 @@ def write_fixture(root, n_requests=6, shown=4, seed=0):
 
 
 def test_recflow_fixture_round_trips_into_the_lake(make_cfg, tmp_path):
-    cfg = make_cfg(simulate__full_flow_fraction=0.5)
+    cfg = make_cfg(simulate__full_flow_requests=3)
     shows, stages = write_fixture(tmp_path / "recflow")
     imported = dict(import_recflow(cfg, tmp_path / "recflow"))
     assert list(imported) == [DAY]

@@ -75,10 +75,27 @@ def test_fullflow_logs_every_retrieved_candidate(day_logs):
     cfg, _, logs = day_logs
     full = logs["fullflow"].to_pandas()
     per_request = full.groupby("request_id").size()
-    assert len(per_request) > 0
+    assert len(per_request) == cfg.simulate.full_flow_requests  # a count per day, not a share
+    assert full["true_affinity"].notna().all()
     assert (per_request == cfg.simulate.retrieval_size).all()
     assert (full.groupby("request_id").exposed.sum() == cfg.simulate.exposed_per_request).all()
     assert full.loc[full.exposed, "rank_pos"].max() <= cfg.simulate.exposed_per_request
+
+
+@pytest.mark.parametrize(("requests", "count", "chunk"), [(240, 24, 100), (1000, 24, 64), (50, 80, 16)])
+def test_full_flow_count_does_not_move_with_volume_or_chunking(make_cfg, requests, count, chunk):
+    from hap.sources.simulator import full_flow_rows
+
+    sim = make_cfg(
+        simulate__requests_per_day=requests,
+        simulate__full_flow_requests=count,
+        simulate__chunk_requests=chunk,
+    ).simulate
+    rows = np.concatenate(
+        [s + full_flow_rows(sim, s, min(chunk, requests - s)) for s in range(0, requests, chunk)]
+    )
+    assert len(rows) == min(count, requests) and len(np.unique(rows)) == len(rows)
+    assert rows.max() < requests
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(make_cfg, tmp_path):

@@ -191,3 +191,16 @@ def test_cli_split_and_data_version(lake_cfg: Config, monkeypatch: pytest.Monkey
     res = runner.invoke(app, [*sets, "data-version", "--date", "2026-11-02"])
     assert res.exit_code == 0, res.output
     assert res.output.strip() == data_version(lake_cfg, D2)
+
+
+def test_eval_set_carries_truth_and_the_eval_requests_samples(lake_cfg: Config) -> None:
+    """Evaluation reads the training folder only: the eval set keeps ``true_affinity`` and the
+    eval requests' samples (every negative source, for the slice AUCs) sit next to it."""
+    date = dt.date(2026, 11, 2)
+    build_training_set(lake_cfg, date)
+    eval_set = pq.read_table(layout.eval_set(lake_cfg, date))
+    assert eval_set.schema.equals(schema.EVAL_SET) and eval_set["true_affinity"].null_count == 0
+    samples = pq.read_table(layout.eval_samples(lake_cfg, date))
+    ids = set(eval_set["request_id"].to_pylist())
+    assert samples.num_rows and set(samples["request_id"].to_pylist()) <= ids
+    assert set(samples["source"].to_pylist()) == {s.value for s in schema.Source}

@@ -158,12 +158,14 @@ def test_harmonizers() -> None:
 
 # ---- routing -----------------------------------------------------------------------------------------
 def test_routing_and_order() -> None:
+    from hap.core.config import RoutingConfig
     from hap.model.routing import damr_order, route, route_grid
 
     light = np.array([0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 0.8, 0.0, 0.4, 0.6])
-    routed = route(light, {"mode": "topk", "rho": 0.2})
+    topk = RoutingConfig(mode="topk", rho=0.2, cap=0.2)
+    routed = route(light, topk)
     assert set(np.flatnonzero(routed)) == {1, 6}
-    thr = route(light, {"mode": "threshold", "threshold": 0.35, "cap": 0.3})
+    thr = route(light, RoutingConfig(mode="threshold", rho=0.1, threshold=0.35, cap=0.3))
     assert thr.sum() == 3 and set(np.flatnonzero(thr)) == {1, 6, 3}
     expr = np.where(routed, np.array([0, 0.1, 0, 0, 0, 0, 0.9, 0, 0, 0]), np.nan)
     _, rank = damr_order(light, expr, routed)
@@ -171,9 +173,9 @@ def test_routing_and_order() -> None:
     grid = torch.tensor(np.stack([light, light[::-1]]), dtype=torch.float32)
     valid = torch.ones_like(grid, dtype=torch.bool)
     valid[1, :5] = False
-    got = route_grid(grid, valid, {"mode": "topk", "rho": 0.2}).numpy()
+    got = route_grid(grid, valid, topk).numpy()
     assert (got[0] == routed).all()
-    assert got[1].sum() == 1 and got[1, 5:].tolist() == route(light[::-1][5:], {"rho": 0.2}).tolist()
+    assert got[1].sum() == 1 and got[1, 5:].tolist() == route(light[::-1][5:], topk).tolist()
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ def test_batches_are_stratified_by_group(tiny_split: Config) -> None:
 # ---- train, bundle, evaluate ---------------------------------------------------------------------------
 def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> None:
     from hap.model.evaluate import evaluate_day
-    from hap.model.towers import load_bundle
+    from hap.model.serving import load_bundle
     from hap.model.train import train_day
 
     result = train_day(tiny_split, DATE)
@@ -233,9 +235,18 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
         "recall@100",
         "ndcg@50",
         "rank50_recall@50",
-        "auc",
+        "auc_light",
+        "auc_expressive",
         "gauc",
         "logloss",
+        "logloss_constant",
+        "gt_recall@50",
+        "exp_clicks@10",
+        "ref_prerank_recall@50",
+        "ref_truth_gt_recall@50",
+        "ci/gt_recall@50/halfwidth",
+        "vs_light/gt_recall@50/lo",
+        "vs_ref_random/recall@50/diff",
         "auc_slice_easy",
         "auc_slice_hard",
         "auc_slice_global_neg",
@@ -270,7 +281,7 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
         assert (cached.routed == here.routed).all()
     assert (here.rank[here.routed] <= here.routed.sum()).all()
     code = (
-        "import sys, json, pyarrow.parquet as pq; from hap.model.towers import load_bundle; "
+        "import sys, json, pyarrow.parquet as pq; from hap.model.serving import load_bundle; "
         "t = pq.read_table(sys.argv[2]); "
         "t = t.filter(t['request_id'].to_numpy() == t['request_id'][0].as_py()); "
         "r = load_bundle(sys.argv[1]).score_request(t); print(json.dumps(r.light.tolist()))"
@@ -359,3 +370,103 @@ def test_ddp_two_processes_agree_with_single(tiny_split: Config, tmp_path: Path)
     rel = float((flat_a - flat_b).norm() / flat_a.norm())
     assert rel < 0.01, rel
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.05
+
+
+# ---- behaviour of the one scoring path and of evaluation ---------------------------------------------
+@pytest.fixture(scope="module")
+def bundle_dir(tiny_split: Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A HAP bundle trained on the tiny window, in its own folder (other tests retrain the day's)."""
+    from hap.model.train import train_day
+
+    cfg = tiny_split.updated({"paths.models": str(tmp_path_factory.mktemp("behaviour") / "models")})
+    train_day(cfg, DATE)
+    return layout.model_dir(cfg, DATE)
+
+
+def _one_request(cfg: Config):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(layout.eval_set(cfg, DATE))
+    return table, table.filter(table["request_id"].to_numpy() == table["request_id"][0].as_py())
+
+
+def test_damr_order_does_not_depend_on_candidate_order(tiny_split: Config, bundle_dir: Path) -> None:
+    from hap.model.serving import load_bundle
+
+    _, one = _one_request(tiny_split)
+    bundle = load_bundle(bundle_dir)
+    here = bundle.score_request(one)
+    perm = np.random.default_rng(0).permutation(one.num_rows)
+    shuffled = bundle.score_request(one.take(perm))
+    assert np.allclose(shuffled.final, here.final[perm], atol=1e-5)
+    assert (shuffled.rank == here.rank[perm]).all() and (shuffled.routed == here.routed[perm]).all()
+
+
+def test_item_cache_changes_no_score(tiny_split: Config, bundle_dir: Path) -> None:
+    from hap.model.serving import load_bundle
+
+    table, one = _one_request(tiny_split)
+    plain = load_bundle(bundle_dir).score_table(table)
+    cached = load_bundle(bundle_dir).cache_items(table).score_table(table)
+    assert np.allclose(cached.final, plain.final, atol=1e-5) and (cached.rank == plain.rank).all()
+    # one request scored alone (serving) equals its rows scored among all the others (evaluation)
+    alone = load_bundle(bundle_dir).score_request(one)
+    rows = np.flatnonzero(table["request_id"].to_numpy() == one["request_id"][0].as_py())
+    assert np.allclose(alone.final, plain.final[rows], atol=1e-5)
+
+
+def test_higher_true_affinity_gives_higher_light_score(tiny_split: Config, bundle_dir: Path) -> None:
+    from scipy.stats import spearmanr
+
+    from hap.model.serving import load_bundle
+
+    table, _ = _one_request(tiny_split)
+    light = load_bundle(bundle_dir).tower_scores("light", table)
+    truth = table["true_affinity"].to_numpy()
+    top, bottom = truth >= np.quantile(truth, 0.9), truth <= np.quantile(truth, 0.1)
+    assert light[top].mean() > light[bottom].mean()
+    assert spearmanr(truth, light).statistic > 0.1
+
+
+def test_typed_routing_config_and_validated_copies(tiny_split: Config, bundle_dir: Path) -> None:
+    from hap.core.config import RoutingConfig
+    from hap.core.errors import HapError
+    from hap.model.serving import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    assert (
+        isinstance(bundle.routing, RoutingConfig) and bundle.routing.cap == 0.2
+    )  # params, not a 1.0 default
+    light_only = bundle.cache_items(_one_request(tiny_split)[1]).with_routing(serve="light")
+    assert light_only.serve == "light" and light_only.item_cache is not None  # every field carried over
+    assert bundle.serve == "hap"
+    with pytest.raises(ValueError):
+        bundle.with_routing(rho=2.0)  # validated like params
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    broken = bundle_dir.parent / "broken-bundle"
+    broken.mkdir(exist_ok=True)
+    del meta["routing"]["cap"]
+    (broken / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(HapError, match="routing config is invalid"):
+        load_bundle(broken)
+
+
+def test_nan_scores_give_nan_metrics_and_a_rejection(tiny_split: Config, bundle_dir: Path) -> None:
+    from hap.model.evaluate import evaluate_bundle, json_metrics, primary_metric
+    from hap.model.serving import load_bundle
+    from hap.registry.blessing import decide
+
+    bundle = load_bundle(bundle_dir)
+    with torch.no_grad():
+        bundle.light.out.bias.fill_(float("nan"))
+    result = evaluate_bundle(tiny_split, bundle, layout.eval_set(tiny_split, DATE))
+    m = result.metrics
+    assert m["nonfinite_scores"] > 0
+    for key in ("recall@50", "gt_recall@50", "gauc", "auc_light", "auc_slice_hard", "ndcg@10"):
+        assert np.isnan(m[key]), key  # never a high recall from NaN sorting first
+    assert m["ref_prerank_recall@50"] > 0  # the yardsticks do not depend on the model
+    saved = json_metrics(m)
+    assert saved["recall@50"] is None
+    cfg = tiny_split.updated({"gate.floors": {}})
+    d = decide(saved, None, cfg.gate, primary_metric(cfg, saved))
+    assert not d.passed and any("never promoted" in r for r in d.reasons)

@@ -96,7 +96,7 @@ def test_success_path_promotes_a_model_and_creates_an_artifact(world, backfilled
     assert first["status"] == "completed" and first["retrain"] is False  # warm-up: window incomplete
     day = json.loads((layout.metrics_dir(cfg, D2) / "daily_run.json").read_text())
     assert day["status"] == "completed" and day["retrain"] is True
-    assert day["gate"]["promoted"] is True, day["gate"]
+    assert day["gate"]["promoted"] is True, day["gate"].get("reasons")
     assert _champion(cfg) == day["model_version"]
     assert (layout.model_dir(cfg, D2) / "bundle.json").exists()
     with _client() as client:

@@ -35,7 +35,7 @@ SHAPE = {
     "simulate.prerank_keep": 100,
     "simulate.rank_keep": 50,
     "simulate.degrade_pool_factor": 3.3,
-    "simulate.full_flow_fraction": 0.25,
+    "simulate.full_flow_requests": 40,
     "split.window_days": 3,
     "split.eval_max_requests": 40,
     "train.epochs": 1,
@@ -67,7 +67,7 @@ def champion(tmp_path_factory: pytest.TempPathFactory):
     train = pytest.importorskip("hap.model.train", reason="hap.train (model issue) not available")
     from hap.data.split import build_training_set
     from hap.data.validate import validate_day
-    from hap.model.towers import load_bundle
+    from hap.model.serving import load_bundle
     from monitoring.champion import from_bundle
 
     cfg = scenario_config(tmp_path_factory.mktemp("champion") / "data", "stable")

@@ -1,0 +1,69 @@
+"""Ground-truth metrics, chance levels and the paired bootstrap, on synthetic grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hap.model.metrics import order_of, paired_interval, share_vectors, truth_vectors
+
+LOGIT = (-5.8, 0.12)  # the simulator's click_offset and position_bias
+
+
+def grid(requests=200, n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(size=(requests, n))
+    valid = np.ones_like(truth, dtype=bool)
+    valid[::3, n - 40 :] = False  # ragged requests, as on the eval set
+    return truth, valid, rng
+
+
+def test_ground_truth_order_scores_exactly_one():
+    truth, valid, _ = grid()
+    out = truth_vectors(order_of(truth, valid), truth, valid, [10, 50, 100], LOGIT, 10)
+    for k in (10, 50, 100):
+        assert (out[f"gt_recall@{k}"] == 1.0).all()
+    # the truth order also maximises the expected clicks of the top 10 under the click model
+    noisy = truth + np.random.default_rng(1).normal(size=truth.shape)
+    other = truth_vectors(order_of(noisy, valid), truth, valid, [50], LOGIT, 10)
+    assert (out["exp_clicks@10"] >= other["exp_clicks@10"] - 1e-12).all()
+    assert other["gt_recall@50"].mean() < 1.0
+
+
+def test_random_order_scores_chance():
+    truth, valid, rng = grid(requests=400)
+    order = order_of(rng.random(truth.shape), valid)
+    out = truth_vectors(order, truth, valid, [50], LOGIT, 10)
+    chance = 50 / valid.sum(1)  # K / n: the expected share of the true top K in a random top K
+    assert out["gt_recall@50"].mean() == pytest.approx(chance.mean(), abs=0.01)
+    members = (rng.random(truth.shape) < 0.05).astype(np.int64)
+    share = share_vectors(order, members, valid, [50], "share")["share@50"]
+    assert np.nanmean(share) == pytest.approx(np.mean(50 / valid.sum(1)), abs=0.02)
+
+
+def test_expected_clicks_follow_the_click_model():
+    truth = np.array([[2.0, 0.0, 1.0]])
+    valid = np.ones_like(truth, dtype=bool)
+    out = truth_vectors(order_of(truth, valid), truth, valid, [1], LOGIT, 2)
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    assert out["exp_clicks@2"][0] == pytest.approx(sig(2.0 - 5.8) + sig(1.0 - 5.8 - 0.12))
+
+
+def test_paired_bootstrap_covers_a_known_difference():
+    covered = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        base = rng.normal(0.3, 0.2, 300)  # per-request metric of one ranker
+        other = base + 0.02 + rng.normal(0, 0.05, 300)  # the other: +0.02 on average, paired noise
+        diff, lo, hi, n = paired_interval(other, base, 0.95, 1000, seed)
+        covered += lo <= 0.02 <= hi
+        assert n == 300 and lo < diff < hi and hi - lo < 0.03  # pairing removes the shared variance
+    assert covered >= 34  # a 95% interval: ~38 of 40 expected
+
+
+def test_paired_interval_skips_nan_requests_and_needs_two():
+    a = np.array([0.1, np.nan, 0.3, 0.5])
+    b = np.array([0.0, 0.2, np.nan, 0.4])
+    diff, lo, hi, n = paired_interval(a, b, 0.95, 200, 0)
+    assert n == 2 and diff == pytest.approx(0.1) and lo == hi == pytest.approx(0.1)
+    assert np.isnan(paired_interval(np.array([np.nan, 1.0]), np.array([1.0, np.nan]), 0.95, 200, 0)[0])
