@@ -98,6 +98,9 @@ class SimulateConfig(_Section):
     degrade_pool_factor: float
     degrade_noise_factor: float
     content_shift_strength: float
+    n_interests: int = Field(default=1, ge=1)  # interest vectors per user; affinity takes the best one
+    segment_interest_share: float = Field(default=0.6, ge=0.0, le=1.0)  # interests drawn from the segment's
+    seq_pool_factor: int = Field(default=4, ge=1)  # recent clicks: the favourites of seq_len x this items
 
     @model_validator(mode="after")
     def _cascade_shape(self) -> SimulateConfig:
