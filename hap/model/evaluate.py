@@ -35,7 +35,7 @@ from hap.core import layout, schema
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import HapError
-from hap.model.routing import ROUTED_OFFSET, route_grid
+from hap.model.routing import merge_scores, route_grid
 
 EVAL_FILE = "eval.json"
 CHUNK_ROWS = 8192
@@ -187,9 +187,7 @@ def evaluate_bundle(cfg: Config, bundle: Any, eval_set_path: Path | str) -> dict
         idx = torch.from_numpy(np.flatnonzero(routed_rows))
         expr[routed_rows] = score_rows(bundle.expressive, enc, row_req, req_first, idx).numpy()
     base = light if light is not None else np.zeros(len(ri), np.float32)
-    key = np.where(
-        routed_rows, np.nan_to_num(expr).astype(np.float64) + ROUTED_OFFSET, base.astype(np.float64)
-    )
+    key = merge_scores(base, expr, routed_rows, bundle.routing.get("merge", "stack"))
     prob = 1.0 / (1.0 + np.exp(-np.where(routed_rows, np.nan_to_num(expr), base).astype(np.float64)))
 
     labels = table["label"].to_numpy().astype(np.int64)

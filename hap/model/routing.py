@@ -51,15 +51,33 @@ def route_grid(light: torch.Tensor, valid: torch.Tensor, routing: dict[str, Any]
     return (rank < k[:, None]) & valid
 
 
+def merge_scores(
+    light: np.ndarray, expressive: np.ndarray, routed: np.ndarray, merge: str = "stack"
+) -> np.ndarray:
+    """The score the final order sorts by, from light scores and expressive ones (NaN where not
+    routed). Both heads are CTR logits, so they can be compared:
+
+    - ``stack``: the routed set above the rest, by expressive score; the rest by light score;
+    - ``raw``: routed by expressive logit, the rest by light logit, one sort (an expressive model
+      that rates a routed candidate low can drop it below unrouted ones);
+    - ``mean``: routed by the mean of both logits (a two-model ensemble), the rest by light logit.
+    """
+    e = np.nan_to_num(expressive, nan=0.0).astype(np.float64)
+    lt = light.astype(np.float64)
+    if merge == "stack":
+        return np.where(routed, e + ROUTED_OFFSET, lt)
+    if merge == "raw":
+        return np.where(routed, e, lt)
+    if merge == "mean":
+        return np.where(routed, (lt + e) / 2, lt)
+    raise ValueError(f"routing.merge: unknown {merge!r} (stack | raw | mean)")
+
+
 def damr_order(
-    light: np.ndarray, expressive: np.ndarray, routed: np.ndarray
+    light: np.ndarray, expressive: np.ndarray, routed: np.ndarray, merge: str = "stack"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(final score, 1-based rank): routed by expressive score first, then the rest by light score."""
-    final = np.where(
-        routed,
-        np.nan_to_num(expressive, nan=0.0).astype(np.float64) + ROUTED_OFFSET,
-        light.astype(np.float64),
-    )
+    """(final score, 1-based rank) of one request under the ``merge`` rule (``merge_scores``)."""
+    final = merge_scores(light, expressive, routed, merge)
     order = np.argsort(-final, kind="stable")
     rank = np.empty(len(final), np.int64)
     rank[order] = np.arange(1, len(final) + 1)

@@ -148,8 +148,12 @@ class ExpressiveModel(_TwoTower):
         mlp_dims: list[int],
         seq_len: int,
         heads: int,
+        pooling: str = "target",
     ) -> None:
         super().__init__(hash_buckets, embed_dim, tower_dims, seq_len)
+        if pooling not in ("target", "mean"):
+            raise HapError(f"model.expressive.pooling: unknown {pooling!r} (target | mean)")
+        self.pooling = pooling  # "mean": the click sequence averaged, the same for every candidate
         self.heads = max(1, heads)
         if self.dim % self.heads:
             raise HapError(f"model.expressive: tower output {self.dim} not divisible by {self.heads} heads")
@@ -176,6 +180,8 @@ class ExpressiveModel(_TwoTower):
         k = user["k"].view(b, -1, h, dh).transpose(1, 2)  # [B, H, L, dh]
         val = user["v"].view(b, -1, h, dh).transpose(1, 2)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)  # [B, H, C, L]
+        if self.pooling == "mean":  # every candidate weighs the clicks alike
+            att = torch.zeros_like(att)
         att = att.masked_fill(~user["mask"][:, None, None, :], -1e4).softmax(-1)
         ctx = (att @ val).transpose(1, 2).reshape(b, c, d)  # [B, C, D]
         u = user["u"].unsqueeze(1).expand_as(cand)
@@ -202,6 +208,7 @@ def build_models(model_cfg: dict[str, Any]) -> tuple[LightweightModel, Expressiv
             tower_dims=expr["tower_dims"],
             mlp_dims=expr["mlp_dims"],
             heads=expr.get("attention_heads", 1),
+            pooling=expr.get("pooling", "target"),
             **common,
         ),
     )
@@ -333,7 +340,7 @@ class HapBundle:
             )
         if light is None:
             light = np.where(routed, expr, np.nan).astype(np.float32)
-        final, rank = damr_order(light, expr, routed)
+        final, rank = damr_order(light, expr, routed, self.routing.get("merge", "stack"))
         return RequestScores(final, light, expr, routed, rank)
 
     def _item_vectors(self, tower: str, table: pa.Table, rows: np.ndarray | None = None) -> torch.Tensor:
