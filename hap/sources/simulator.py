@@ -1,10 +1,23 @@
 """A simulator of the recommendation cascade with a known ground truth.
 
-Users and items have latent vectors; the true affinity is ``u·v + item bias + the user's
+Users and items have latent vectors; the true affinity is ``max_k u_k·v + item bias + the user's
 content-type preference``. Each request runs retrieval → pre-ranking → ranking → exposure →
 click, and the logged negatives follow ToutiaoRec's sampling. Because difficulty is real here
 (exposed negatives sit near the positives, global negatives far away), GHCL against mixing and
 DAMR against uniform scaling give measurable differences.
+
+Each knob copies a property of real feed logs (the README's table has the measured values):
+
+- stage precision improves along the cascade: retrieval (a cheap ANN lookup) is the noisiest
+  stage, pre-ranking (a small model) in between, ranking (the heavy model) the least noisy;
+- active users come back several times a day (``n_users`` against ``requests_per_day``), so a
+  window holds per-user signal;
+- users hold several interests (``n_interests`` vectors, each on an item category's centre, some
+  from their segment's favourite categories); an item's affinity is its best-matching interest, and
+  the recent clicks (the favourites among ``seq_len * seq_pool_factor`` random items) spread over
+  them. Target attention over the clicks can find the interest a candidate matches; their mean
+  blurs them (DIN, MIND);
+- the exposure click-through rate is a few percent, as in real feeds (``click_offset``).
 
 Generation is chunked: each chunk of requests becomes one Parquet row group, so memory stays
 flat in the day's volume. A day depends only on (seed, date, config): the same seed gives the
