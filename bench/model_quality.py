@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 RHOS = (0.05, 0.1, 0.2)
-MERGES = ("stack", "raw", "mean")
+MERGES = ("stack", "raw", "sum")
 
 
 def _grid(

@@ -190,7 +190,7 @@ class RoutingConfig(_Section):
     rho: float = Field(gt=0.0, le=1.0)
     cap: float = Field(gt=0.0, le=1.0)
     serve: Literal["hap", "light", "expressive_all"] = "hap"  # which scorer the bundle serves
-    merge: Literal["stack", "raw", "mean"] = "stack"  # how routed and unrouted scores merge
+    merge: Literal["stack", "raw", "sum"] = "stack"  # how routed and unrouted scores merge
 
 
 class EvaluateConfig(_Section):

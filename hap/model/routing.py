@@ -60,7 +60,8 @@ def merge_scores(
     - ``stack``: the routed set above the rest, by expressive score; the rest by light score;
     - ``raw``: routed by expressive logit, the rest by light logit, one sort (an expressive model
       that rates a routed candidate low can drop it below unrouted ones);
-    - ``mean``: routed by the mean of both logits (a two-model ensemble), the rest by light logit.
+    - ``sum``: the routed set above the rest, ordered by the sum of both logits (a two-model
+      ensemble: the expressive model refines the light order instead of replacing it).
     """
     e = np.nan_to_num(expressive, nan=0.0).astype(np.float64)
     lt = light.astype(np.float64)
@@ -68,9 +69,9 @@ def merge_scores(
         return np.where(routed, e + ROUTED_OFFSET, lt)
     if merge == "raw":
         return np.where(routed, e, lt)
-    if merge == "mean":
-        return np.where(routed, (lt + e) / 2, lt)
-    raise ValueError(f"routing.merge: unknown {merge!r} (stack | raw | mean)")
+    if merge == "sum":
+        return np.where(routed, lt + e + ROUTED_OFFSET, lt)
+    raise ValueError(f"routing.merge: unknown {merge!r} (stack | raw | sum)")
 
 
 def damr_order(
