@@ -11,6 +11,7 @@ line per run to ``DIR/model_quality.jsonl``; what it measured is summarised by h
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import time
@@ -43,7 +44,8 @@ def top50_metrics(key: np.ndarray, label: np.ndarray, truth: np.ndarray) -> dict
     in_true = np.zeros_like(key, dtype=bool)
     np.put_along_axis(in_true, true_top, True, 1)
     gt = np.take_along_axis(in_true, top, 1).sum(1) / 50
-    return {"recall@50": float((hits[has] / label.sum(1)[has]).mean()), "gt@50": float(gt.mean())}
+    recall = float((hits[has] / label.sum(1)[has]).mean()) if has.any() else float("nan")
+    return {"recall@50": recall, "gt@50": float(gt.mean())}
 
 
 def evaluate(cfg: Any, bundle_dir: Path, eval_path: Path, fullflow: Path) -> dict[str, float]:
@@ -81,6 +83,43 @@ def evaluate(cfg: Any, bundle_dir: Path, eval_path: Path, fullflow: Path) -> dic
     return out
 
 
+def oracles(cfg: Any, day: Any) -> dict[str, float]:
+    """Ground-truth top-50 overlap of what each part of the true affinity alone recovers, and of the
+    logged stage orders, on ``day``'s full-flow requests: what a model can reach from which signal."""
+    import pandas as pd
+
+    from hap.core import layout
+    from hap.sources.simulator import build_universe
+
+    uni = build_universe(cfg.simulate)
+    cols = ["request_id", "item_id", "true_affinity", "prerank_pos", "retrieval_pos"]
+    ff = pq.read_table(layout.raw_log(cfg, day, "fullflow"), columns=cols).to_pandas()
+    users = pq.read_table(layout.raw_log(cfg, day, "exposure"), columns=["request_id", "user_id"]).to_pandas()
+    ff = ff.merge(users.drop_duplicates("request_id"), on="request_id")
+    u, i = ff.user_id.to_numpy(), ff.item_id.to_numpy()
+    pref = uni.user_pref[u, uni.item_ctype[i]]
+    signals = {
+        "item bias": uni.item_bias[i],
+        "item bias + content-type preference": uni.item_bias[i] + pref,
+        "mean interest vector + bias + content-type": np.einsum(
+            "nd,nd->n", uni.user_vec[u].mean(1), uni.item_vec[i]
+        )
+        + uni.item_bias[i]
+        + pref,
+        "best-matching interest alone": np.einsum("nkd,nd->nk", uni.user_vec[u], uni.item_vec[i]).max(1),
+        "logged retrieval order": -ff.retrieval_pos.to_numpy(np.float64),
+        "logged pre-ranking order": -ff.prerank_pos.to_numpy(np.float64),
+    }
+    ri, col = pd.factorize(ff.request_id)[0], ff.groupby("request_id").cumcount().to_numpy()
+    shape = (int(ri.max()) + 1, int(col.max()) + 1)
+    truth = _grid(ff.true_affinity.to_numpy(), ri, col, shape, -np.inf)
+    zeros = np.zeros(shape)
+    return {
+        name: top50_metrics(_grid(s, ri, col, shape, -np.inf), zeros, truth)["gt@50"]
+        for name, s in signals.items()
+    }
+
+
 def main() -> None:
     from bench.paper_table import prepare
     from hap.core import layout
@@ -92,12 +131,17 @@ def main() -> None:
     ap.add_argument("--home", required=True)
     ap.add_argument("--label", required=True)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--oracles", action="store_true", help="only the signal oracles on the eval day")
     args = ap.parse_args()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     environ["HAP_HOME"] = args.home
     base = ["validation.data_docs=false", "train.num_threads=1", "train.diagnostics_every=0"]
     cfg = load_config(environ=environ, overrides=base + args.set)
     date = prepare(cfg)
+    if args.oracles:
+        for name, v in oracles(cfg, date + dt.timedelta(days=1)).items():
+            print(f"{name:45s} GT@50={v:.3f}")
+        return
     torch.set_num_threads(1)
     data = TrainData.load(cfg, layout.training_set(cfg, date))
     bundle_dir = Path(args.home) / "mq-bundles" / args.label
@@ -105,7 +149,7 @@ def main() -> None:
     result = fit(cfg, data, bundle_dir, meta={"date": date.isoformat()}, log=True)
     train_s = time.perf_counter() - t
     history = json.loads((bundle_dir / "history.json").read_text())
-    eval_day = date + (date - date).__class__(days=1)
+    eval_day = date + dt.timedelta(days=1)
     metrics = evaluate(cfg, bundle_dir, layout.eval_set(cfg, date), layout.raw_log(cfg, eval_day, "fullflow"))
     row = {
         "label": args.label,
