@@ -4,7 +4,8 @@ The light model scores every candidate; the hardest go to the expressive model:
 - ``topk``: the top ``ceil(rho * n)`` by light score (a fixed budget);
 - ``threshold``: every candidate whose light score is above ``threshold`` (calibrated at training
   time on validation data to route a share ``rho``), capped at ``ceil(cap * n)`` (adaptive budget).
-Final order: the routed set by expressive score, then the rest by light score.
+Final order (``routing.merge``): the routed set first, by light + expressive logit (``sum``) or by
+expressive score (``stack``), then the rest by light score; ``raw`` sorts both logits together.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-ROUTED_OFFSET = 1e6  # final score = expressive + offset for routed ones: they sort above the rest
+ROUTED_OFFSET = 1e6  # added to the routed ones' merged score (stack, sum): they sort above the rest
 
 
 def budget(n: int, share: float) -> int:
