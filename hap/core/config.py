@@ -98,6 +98,9 @@ class SimulateConfig(_Section):
     degrade_pool_factor: float
     degrade_noise_factor: float
     content_shift_strength: float
+    n_interests: int = Field(default=1, ge=1)  # interest vectors per user; affinity takes the best one
+    segment_interest_share: float = Field(default=0.6, ge=0.0, le=1.0)  # interests drawn from the segment's
+    seq_pool_factor: int = Field(default=4, ge=1)  # recent clicks: the favourites of seq_len x this items
 
     @model_validator(mode="after")
     def _cascade_shape(self) -> SimulateConfig:
@@ -140,6 +143,9 @@ class TowerConfig(_Section):
     tower_dims: list[int]
     mlp_dims: list[int]
     attention_heads: int = 0
+    pooling: Literal["target", "mean"] = (
+        "target"  # expressive: target attention over the clicks, or their mean
+    )
 
 
 class ModelConfig(_Section):
@@ -172,7 +178,10 @@ class TrainConfig(_Section):
     patience: int
     diagnostics_every: int
     num_threads: int
-    expressive_groups: Literal["hard", "all", "none"] = "hard"  # what the expressive model trains on
+    # what the expressive model trains on: hard groups; all groups; none; or "served": the hard groups
+    # plus, per anchor, the expressive_easy_top easy negatives the light model scores highest
+    expressive_groups: Literal["hard", "all", "none", "served"] = "hard"
+    expressive_easy_top: int = Field(default=4, ge=0)
     checkpoint_every: int = Field(default=1, ge=1)  # epochs between checkpoints
 
 
@@ -181,6 +190,7 @@ class RoutingConfig(_Section):
     rho: float = Field(gt=0.0, le=1.0)
     cap: float = Field(gt=0.0, le=1.0)
     serve: Literal["hap", "light", "expressive_all"] = "hap"  # which scorer the bundle serves
+    merge: Literal["stack", "raw", "sum"] = "stack"  # how routed and unrouted scores merge
     threshold: float | None = None  # calibrated on validation data by training; null in params
 
 

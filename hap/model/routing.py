@@ -4,7 +4,8 @@ The light model scores every candidate; the hardest go to the expressive model:
 - ``topk``: the top ``ceil(rho * n)`` by light score (a fixed budget);
 - ``threshold``: every candidate whose light score is above ``threshold`` (calibrated at training
   time on validation data to route a share ``rho``), capped at ``ceil(cap * n)`` (adaptive budget).
-Final order: the routed set by expressive score, then the rest by light score.
+Final order (``routing.merge``): the routed set first, by light + expressive logit (``sum``) or by
+expressive score (``stack``), then the rest by light score; ``raw`` sorts both logits together.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from hap.core.config import RoutingConfig
 
-ROUTED_OFFSET = 1e6  # final score = expressive + offset for routed ones: they sort above the rest
+ROUTED_OFFSET = 1e6  # added to the routed ones' merged score (stack, sum): they sort above the rest
 
 
 def budget(n: int, share: float) -> int:
@@ -46,21 +47,34 @@ def route_grid(light: torch.Tensor, valid: torch.Tensor, routing: RoutingConfig)
     return (rank < k[:, None]) & valid
 
 
-def damr_key(light: np.ndarray, expressive: np.ndarray, routed: np.ndarray) -> np.ndarray:
-    """The score the final order sorts by (any shape): routed ones by expressive score, above
-    the rest by light score."""
-    return np.where(
-        routed,
-        np.nan_to_num(expressive, nan=0.0).astype(np.float64) + ROUTED_OFFSET,
-        np.asarray(light, np.float64),
-    )
+def merge_scores(
+    light: np.ndarray, expressive: np.ndarray, routed: np.ndarray, merge: str = "stack"
+) -> np.ndarray:
+    """The score the final order sorts by, from light scores and expressive ones (NaN where not
+    routed). Both heads are CTR logits, so they can be compared:
+
+    - ``stack``: the routed set above the rest, by expressive score; the rest by light score;
+    - ``raw``: routed by expressive logit, the rest by light logit, one sort (an expressive model
+      that rates a routed candidate low can drop it below unrouted ones);
+    - ``sum``: the routed set above the rest, ordered by the sum of both logits (a two-model
+      ensemble: the expressive model refines the light order instead of replacing it).
+    """
+    e = np.nan_to_num(expressive, nan=0.0).astype(np.float64)
+    lt = light.astype(np.float64)
+    if merge == "stack":
+        return np.where(routed, e + ROUTED_OFFSET, lt)
+    if merge == "raw":
+        return np.where(routed, e, lt)
+    if merge == "sum":
+        return np.where(routed, lt + e + ROUTED_OFFSET, lt)
+    raise ValueError(f"routing.merge: unknown {merge!r} (stack | raw | sum)")
 
 
 def damr_order(
-    light: np.ndarray, expressive: np.ndarray, routed: np.ndarray
+    light: np.ndarray, expressive: np.ndarray, routed: np.ndarray, merge: str = "stack"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(final score, 1-based rank) of one request."""
-    final = damr_key(light, expressive, routed)
+    """(final score, 1-based rank) of one request under the ``merge`` rule (``merge_scores``)."""
+    final = merge_scores(light, expressive, routed, merge)
     order = np.argsort(-final, kind="stable")
     rank = np.empty(len(final), np.int64)
     rank[order] = np.arange(1, len(final) + 1)

@@ -7,7 +7,7 @@ through ``HapBundle.score_table`` (the DAMR result of many requests at once) or
 - the user side runs once per request, the item side per row (from the item cache when one is
   built), the head per row, in chunks that bound memory;
 - the routing mask is ``routing.route_grid`` over a padded ``[requests, candidates]`` grid;
-- the final order is ``routing.damr_key``.
+- the final order is ``routing.merge_scores`` under ``routing.merge``.
 
 A bundle folder (``hap train`` output) is ``bundle.json`` + ``light.pt`` / ``expressive.pt``;
 ``load_bundle`` rebuilds typed model and routing configs from ``bundle.json`` alone (like
@@ -31,7 +31,7 @@ from hap.core import schema
 from hap.core.config import ModelConfig, RoutingConfig
 from hap.core.errors import HapError
 from hap.model.batches import ITEM_CATEGORICAL, FeatureSpec
-from hap.model.routing import damr_key, flops_per_request, route_grid
+from hap.model.routing import flops_per_request, merge_scores, route_grid
 from hap.model.towers import BUNDLE_FORMAT, ExpressiveModel, LightweightModel, build_models
 
 if TYPE_CHECKING:
@@ -207,7 +207,7 @@ class HapBundle:
             expr[routed] = self.tower_scores("expressive", table, np.flatnonzero(routed), index)
         if light is None:
             light = np.where(routed, expr, np.nan).astype(np.float32)
-        final = damr_key(light, expr, routed)
+        final = merge_scores(light, expr, routed, self.routing.merge)
         grid = index.grid(final, -np.inf)
         order = np.argsort(-grid, axis=1, kind="stable")
         rank_grid = np.empty_like(order)

@@ -144,8 +144,12 @@ class ExpressiveModel(_TwoTower):
         mlp_dims: list[int],
         seq_len: int,
         heads: int,
+        pooling: str = "target",
     ) -> None:
         super().__init__(hash_buckets, embed_dim, tower_dims, seq_len)
+        if pooling not in ("target", "mean"):
+            raise HapError(f"model.expressive.pooling: unknown {pooling!r} (target | mean)")
+        self.pooling = pooling  # "mean": the click sequence averaged, the same for every candidate
         self.heads = max(1, heads)
         if self.dim % self.heads:
             raise HapError(f"model.expressive: tower output {self.dim} not divisible by {self.heads} heads")
@@ -172,6 +176,8 @@ class ExpressiveModel(_TwoTower):
         k = user["k"].view(b, -1, h, dh).transpose(1, 2)  # [B, H, L, dh]
         val = user["v"].view(b, -1, h, dh).transpose(1, 2)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)  # [B, H, C, L]
+        if self.pooling == "mean":  # every candidate weighs the clicks alike
+            att = torch.zeros_like(att)
         att = att.masked_fill(~user["mask"][:, None, None, :], -1e4).softmax(-1)
         ctx = (att @ val).transpose(1, 2).reshape(b, c, d)  # [B, C, D]
         u = user["u"].unsqueeze(1).expand_as(cand)
@@ -196,6 +202,7 @@ def build_models(model_cfg: ModelConfig | dict[str, Any]) -> tuple[LightweightMo
             tower_dims=m.expressive.tower_dims,
             mlp_dims=m.expressive.mlp_dims,
             heads=m.expressive.attention_heads or 1,
+            pooling=m.expressive.pooling,
             **common,
         ),
     )

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -118,8 +119,12 @@ class _Member:
         self.last_weights: torch.Tensor | None = None
         self.best_metric, self.best_epoch, self.bad, self.done = -1.0, -1, 0, False
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.scout: nn.Module | None = None  # "served": the light model that picks the easy negatives
+        self.easy_top = cfg.train.expressive_easy_top
 
     def view(self, b: Batch) -> Batch:
+        if self.scout is not None:
+            return served_view(self.scout, b, self.easy_top)
         return b.columns(self.keep.to(b.col_group.device)) if self.keep is not None else b
 
     def state(self) -> dict[str, Any]:
@@ -145,6 +150,18 @@ class _Member:
             s["done"],
         )
         self.best_state = s["best_state"]
+
+
+@torch.no_grad()
+def served_view(light: nn.Module, b: Batch, easy_top: int) -> Batch:
+    """The batch as the expressive model meets it when served: every hard negative, plus per anchor
+    the ``easy_top`` easy negatives the light model scores highest (the ones it would route)."""
+    easy = torch.isin(b.col_group, torch.tensor(EASY_GROUP_IDS, device=b.col_group.device))
+    s = light(b.req_cat, b.req_dense, b.seq, b.item_cat, b.item_dense).float()
+    s = s.masked_fill(~(b.valid & easy[None]), float("-inf"))
+    top = s.topk(min(easy_top, int(easy.sum())), dim=1).indices
+    picked = torch.zeros_like(b.valid).scatter_(1, top, True) & b.valid & easy[None]
+    return dataclasses.replace(b, valid=(b.valid & ~easy[None]) | picked)
 
 
 def _forward(net: nn.Module, b: Batch, device: torch.device) -> torch.Tensor:
@@ -249,7 +266,7 @@ def validate(m: _Member, batches: list[Batch], device: torch.device) -> tuple[fl
     tot = torch.zeros(len(GROUPS), dtype=torch.float64)
     scores = []
     for b in batches:
-        b = m.view(b).to(device)
+        b = m.view(b.to(device))
         s = _forward(m.raw, b, device)
         onehot = (
             torch.nn.functional.one_hot(b.col_group.clamp(min=0), len(GROUPS)).double()
@@ -274,6 +291,8 @@ def _members(cfg: Config, data: TrainData, device: torch.device, world: int) -> 
         if cfg.train.expressive_groups == "hard":
             keep = (data.col_group < 0) | torch.isin(data.col_group, torch.tensor(HARD_GROUP_IDS))
         members.append(_Member("expressive", expressive, cfg, keep, device, world))
+        if cfg.train.expressive_groups == "served":
+            members[-1].scout = light
     return members
 
 
@@ -446,6 +465,7 @@ def fit(
                 "cap": cfg.routing.cap,
                 "threshold": threshold,
                 "serve": serve,
+                "merge": cfg.routing.merge,
             },
             "train": cfg.train.model_dump(mode="json"),
             "groups": list(GROUPS),

@@ -1,10 +1,23 @@
 """A simulator of the recommendation cascade with a known ground truth.
 
-Users and items have latent vectors; the true affinity is ``u·v + item bias + the user's
+Users and items have latent vectors; the true affinity is ``max_k u_k·v + item bias + the user's
 content-type preference``. Each request runs retrieval → pre-ranking → ranking → exposure →
 click, and the logged negatives follow ToutiaoRec's sampling. Because difficulty is real here
 (exposed negatives sit near the positives, global negatives far away), GHCL against mixing and
 DAMR against uniform scaling give measurable differences.
+
+Each knob copies a property of real feed logs (the README's table has the measured values):
+
+- stage precision improves along the cascade: retrieval (a cheap ANN lookup) is the noisiest
+  stage, pre-ranking (a small model) in between, ranking (the heavy model) the least noisy;
+- active users come back several times a day (``n_users`` against ``requests_per_day``), so a
+  window holds per-user signal;
+- users hold several interests (``n_interests`` vectors, each on an item category's centre, some
+  from their segment's favourite categories); an item's affinity is its best-matching interest, and
+  the recent clicks (the favourites among ``seq_len * seq_pool_factor`` random items) spread over
+  them. Target attention over the clicks can find the interest a candidate matches; their mean
+  blurs them (DIN, MIND);
+- the exposure click-through rate is a few percent, as in real feeds (``click_offset``).
 
 Generation is chunked: each chunk of requests becomes one Parquet row group, so memory stays
 flat in the day's volume. A day depends only on (seed, date, config): the same seed gives the
@@ -50,7 +63,7 @@ class DayStats:
 # ---- the latent universe: users, items and their static features ------------------------------
 @dataclass(frozen=True)
 class Universe:
-    user_vec: np.ndarray  # (U, d)
+    user_vec: np.ndarray  # (U, K, d): K interest vectors per user
     user_segment: np.ndarray  # (U,)
     user_pref: np.ndarray  # (U, T) content-type preference
     user_weight: np.ndarray  # (U,) request probability
@@ -59,6 +72,26 @@ class Universe:
     item_bias: np.ndarray  # (I,)
     item_ctype: np.ndarray  # (I,)
     item_static: dict[str, np.ndarray]
+
+    def affinity(self, users: np.ndarray, pref: np.ndarray) -> np.ndarray:
+        """True affinity ``(len(users), I)``: the best of the user's interests, plus item bias and
+        content-type preference. One BLAS call per interest, a running max (memory: one matrix)."""
+        out = self.user_vec[users, 0] @ self.item_vec.T
+        for k in range(1, self.user_vec.shape[1]):
+            np.maximum(out, self.user_vec[users, k] @ self.item_vec.T, out=out)
+        return out + self.item_bias + pref[:, self.item_ctype]
+
+
+def _interest_categories(
+    rng: np.random.Generator, sim: SimulateConfig, user_segment: np.ndarray
+) -> np.ndarray:
+    """``(U, K)`` item categories each user's interests sit on: a share from the user's segment's
+    favourite categories (people like those around them), the rest anywhere."""
+    n_u, k = len(user_segment), sim.n_interests
+    seg_cats = rng.integers(0, sim.n_item_categories, (sim.n_user_segments, max(k, 4)))
+    from_segment = seg_cats[user_segment[:, None], rng.integers(0, seg_cats.shape[1], (n_u, k))]
+    anywhere = rng.integers(0, sim.n_item_categories, (n_u, k))
+    return np.where(rng.random((n_u, k)) < sim.segment_interest_share, from_segment, anywhere)
 
 
 @functools.lru_cache(maxsize=4)
@@ -70,7 +103,6 @@ def build_universe(sim: SimulateConfig) -> Universe:
 
     seg_centres = rng.normal(0, 1.0, (sim.n_user_segments, d))
     user_segment = rng.integers(0, sim.n_user_segments, n_u)
-    user_vec = scale * (seg_centres[user_segment] + rng.normal(0, 0.7, (n_u, d)))
     user_pref = rng.normal(0, 0.6, (n_u, t))
     activity = rng.lognormal(0, 0.8, n_u)
 
@@ -79,6 +111,11 @@ def build_universe(sim: SimulateConfig) -> Universe:
     item_vec = scale * (cat_centres[item_category] + rng.normal(0, 0.7, (n_i, d)))
     item_bias = rng.normal(0, 0.5, n_i)
     item_ctype = (item_category % t).astype(np.int8)
+    if sim.n_interests == 1:  # one taste vector around the segment's centre
+        user_vec = scale * (seg_centres[user_segment] + rng.normal(0, 0.7, (n_u, d)))[:, None, :]
+    else:  # several interests, each around an item category's centre
+        cats = _interest_categories(rng, sim, user_segment)
+        user_vec = scale * (cat_centres[cats] + rng.normal(0, 0.7, (n_u, sim.n_interests, d)))
 
     b = sim.hash_buckets
     user_static = {
@@ -196,8 +233,7 @@ def _chunk(
     ts_ms = day_start + (seconds * 1000).astype(np.int64)
 
     # True affinity of every user in the chunk to every item: one BLAS call.
-    pref = uni.user_pref[users] + knobs.ctype_shift
-    affinity = uni.user_vec[users] @ uni.item_vec.T + uni.item_bias + pref[:, uni.item_ctype]
+    affinity = uni.affinity(users, uni.user_pref[users] + knobs.ctype_shift)
 
     # 1. retrieval: a random pool, ranked by a noisy affinity, keeps retrieval_size.
     pool = np.sort(rng.integers(0, n_items, (size, knobs.pool)), axis=1)
@@ -246,8 +282,9 @@ def _chunk(
     )
     global_items = _sample_distinct(rng, n_items, click.sum(1) * sim.global_neg_per_pos)
 
-    # The user's recent clicks: the favourites among a random handful of items.
-    seq_pool = rng.integers(0, n_items, (size, 4 * sim.seq_len))
+    # The user's recent clicks: the favourites among a random handful of items. With several
+    # interests, the favourites spread over them: the sequence reveals each interest.
+    seq_pool = rng.integers(0, n_items, (size, sim.seq_pool_factor * sim.seq_len))
     seq_score = np.take_along_axis(affinity, seq_pool, 1) + rng.gumbel(size=seq_pool.shape)
     seq_items = np.take_along_axis(seq_pool, _top_positions(seq_score, sim.seq_len), 1)
 

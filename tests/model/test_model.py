@@ -37,6 +37,8 @@ TINY_MODEL = {
     "train.patience": 5,
     "evaluate.latency_repeats": 1,
     "evaluate.latency_candidates": 200,
+    "routing.serve": "hap",  # these tests check the DAMR wiring, whatever the default serves
+    "train.lr": 0.003,  # a handful of steps on tiny data
 }
 
 

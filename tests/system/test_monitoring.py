@@ -38,8 +38,10 @@ SHAPE = {
     "simulate.full_flow_requests": 40,
     "split.window_days": 3,
     "split.eval_max_requests": 40,
+    "simulate.click_offset": -8.5,  # the shrunk cascade holds fewer on-interest items: CTR back to a few %
     "train.epochs": 1,
     "train.batch_requests": 64,
+    "train.lr": 0.003,  # one epoch of a tiny window: the champion must still learn its scores
     "monitor.reference": "trailing",
     "monitor.trailing_days": 3,
 }

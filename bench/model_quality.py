@@ -1,0 +1,172 @@
+"""Quick model-quality experiments: ``python -m bench.model_quality --home DIR --label L --set k=v ...``.
+
+One seed, one training of both towers on the default window (``bench.paper_table.prepare``), then
+on the full-flow eval day: Recall@50 of clicks and the ground-truth top-50 overlap (the share of each
+request's true top-50 by ``true_affinity`` inside the model's top-50) for the light model, the
+expressive model on every candidate, and DAMR for each rho and each score merge. Appends one JSON
+line per run to ``DIR/model_quality.jsonl``; what it measured is summarised by hand in
+``bench/results/model_quality.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import torch
+
+RHOS = (0.05, 0.1, 0.2)
+MERGES = ("stack", "raw", "sum")
+
+
+def _grid(
+    values: np.ndarray, ri: np.ndarray, col: np.ndarray, shape: tuple[int, int], fill: float
+) -> np.ndarray:
+    g = np.full(shape, fill, dtype=np.float64)
+    g[ri, col] = values
+    return g
+
+
+def top50_metrics(key: np.ndarray, label: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Recall@50 of clicks and the ground-truth top-50 overlap; ``[R, n]`` grids, -inf = padding."""
+    top = np.argsort(-key, axis=1, kind="stable")[:, :50]
+    hits = np.take_along_axis(label, top, 1).sum(1)
+    has = label.sum(1) > 0
+    true_top = np.argsort(-truth, axis=1, kind="stable")[:, :50]
+    in_true = np.zeros_like(key, dtype=bool)
+    np.put_along_axis(in_true, true_top, True, 1)
+    gt = np.take_along_axis(in_true, top, 1).sum(1) / 50
+    recall = float((hits[has] / label.sum(1)[has]).mean()) if has.any() else float("nan")
+    return {"recall@50": recall, "gt@50": float(gt.mean())}
+
+
+def evaluate(cfg: Any, bundle_dir: Path, eval_path: Path, fullflow: Path) -> dict[str, float]:
+    from hap.model.evaluate import _index, score_rows
+    from hap.model.routing import merge_scores, route_grid
+    from hap.model.towers import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    table = ds.dataset(str(eval_path), format="parquet").to_table()
+    aff = pq.read_table(fullflow, columns=["request_id", "item_id", "true_affinity"]).to_pandas()
+    keys = table.select(["request_id", "item_id"]).to_pandas()
+    truth = keys.merge(aff, on=["request_id", "item_id"], how="left").true_affinity.to_numpy()
+    enc = {k: torch.from_numpy(v) for k, v in bundle.spec.encode(table).items()}
+    ri, first, col, counts = _index(table["request_id"].to_numpy())
+    shape = (len(counts), int(counts.max()))
+    row_req, req_first = torch.from_numpy(ri), torch.from_numpy(first)
+    light = score_rows(bundle.light, enc, row_req, req_first).numpy()
+    expr = score_rows(bundle.expressive, enc, row_req, req_first).numpy()
+    label = _grid(table["label"].to_numpy().astype(float), ri, col, shape, 0.0)
+    gt = _grid(truth, ri, col, shape, -np.inf)
+    valid = _grid(np.ones(len(ri)), ri, col, shape, 0.0) > 0
+    out: dict[str, float] = {}
+    for name, s in (("light", light), ("expressive_all", expr)):
+        out.update(
+            {f"{name}/{k}": v for k, v in top50_metrics(_grid(s, ri, col, shape, -np.inf), label, gt).items()}
+        )
+    lg = torch.from_numpy(_grid(light, ri, col, shape, -np.inf).astype(np.float32))
+    for rho in RHOS:
+        routed = route_grid(lg, torch.from_numpy(valid), {"mode": "topk", "rho": rho}).numpy()[ri, col]
+        for merge in MERGES:
+            key = merge_scores(light, np.where(routed, expr, np.nan), routed, merge)
+            m = top50_metrics(_grid(key, ri, col, shape, -np.inf), label, gt)
+            out.update({f"hap@{rho}:{merge}/{k}": v for k, v in m.items()})
+    out["n_requests"] = float(len(counts))
+    return out
+
+
+def oracles(cfg: Any, day: Any) -> dict[str, float]:
+    """Ground-truth top-50 overlap of what each part of the true affinity alone recovers, and of the
+    logged stage orders, on ``day``'s full-flow requests: what a model can reach from which signal."""
+    import pandas as pd
+
+    from hap.core import layout
+    from hap.sources.simulator import build_universe
+
+    uni = build_universe(cfg.simulate)
+    cols = ["request_id", "item_id", "true_affinity", "prerank_pos", "retrieval_pos"]
+    ff = pq.read_table(layout.raw_log(cfg, day, "fullflow"), columns=cols).to_pandas()
+    users = pq.read_table(layout.raw_log(cfg, day, "exposure"), columns=["request_id", "user_id"]).to_pandas()
+    ff = ff.merge(users.drop_duplicates("request_id"), on="request_id")
+    u, i = ff.user_id.to_numpy(), ff.item_id.to_numpy()
+    pref = uni.user_pref[u, uni.item_ctype[i]]
+    signals = {
+        "item bias": uni.item_bias[i],
+        "item bias + content-type preference": uni.item_bias[i] + pref,
+        "mean interest vector + bias + content-type": np.einsum(
+            "nd,nd->n", uni.user_vec[u].mean(1), uni.item_vec[i]
+        )
+        + uni.item_bias[i]
+        + pref,
+        "best-matching interest alone": np.einsum("nkd,nd->nk", uni.user_vec[u], uni.item_vec[i]).max(1),
+        "logged retrieval order": -ff.retrieval_pos.to_numpy(np.float64),
+        "logged pre-ranking order": -ff.prerank_pos.to_numpy(np.float64),
+    }
+    ri, col = pd.factorize(ff.request_id)[0], ff.groupby("request_id").cumcount().to_numpy()
+    shape = (int(ri.max()) + 1, int(col.max()) + 1)
+    truth = _grid(ff.true_affinity.to_numpy(), ri, col, shape, -np.inf)
+    zeros = np.zeros(shape)
+    return {
+        name: top50_metrics(_grid(s, ri, col, shape, -np.inf), zeros, truth)["gt@50"]
+        for name, s in signals.items()
+    }
+
+
+def main() -> None:
+    from bench.paper_table import prepare
+    from hap.core import layout
+    from hap.core.config import load_config
+    from hap.model.batches import TrainData
+    from hap.model.train import fit
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--home", required=True)
+    ap.add_argument("--label", required=True)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--oracles", action="store_true", help="only the signal oracles on the eval day")
+    args = ap.parse_args()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
+    environ["HAP_HOME"] = args.home
+    base = ["validation.data_docs=false", "train.num_threads=1", "train.diagnostics_every=0"]
+    cfg = load_config(environ=environ, overrides=base + args.set)
+    date = prepare(cfg)
+    if args.oracles:
+        for name, v in oracles(cfg, date + dt.timedelta(days=1)).items():
+            print(f"{name:45s} GT@50={v:.3f}")
+        return
+    torch.set_num_threads(1)
+    data = TrainData.load(cfg, layout.training_set(cfg, date))
+    bundle_dir = Path(args.home) / "mq-bundles" / args.label
+    t = time.perf_counter()
+    result = fit(cfg, data, bundle_dir, meta={"date": date.isoformat()}, log=True)
+    train_s = time.perf_counter() - t
+    history = json.loads((bundle_dir / "history.json").read_text())
+    eval_day = date + dt.timedelta(days=1)
+    metrics = evaluate(cfg, bundle_dir, layout.eval_set(cfg, date), layout.raw_log(cfg, eval_day, "fullflow"))
+    row = {
+        "label": args.label,
+        "set": args.set,
+        "train_seconds": round(train_s, 1),
+        "best_epoch": result.best_epoch,
+        "val": result.val_metric,
+        "history": history,
+        "metrics": metrics,
+    }
+    with open(Path(args.home) / "model_quality.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    brief = {k: round(v, 4) for k, v in metrics.items() if k.endswith(("recall@50", "gt@50"))}
+    print(
+        json.dumps({"label": args.label, "best_epoch": result.best_epoch, "train_s": round(train_s), **brief})
+    )
+
+
+if __name__ == "__main__":
+    main()
