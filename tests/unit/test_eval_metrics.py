@@ -67,3 +67,17 @@ def test_paired_interval_skips_nan_requests_and_needs_two():
     diff, lo, hi, n = paired_interval(a, b, 0.95, 200, 0)
     assert n == 2 and diff == pytest.approx(0.1) and lo == hi == pytest.approx(0.1)
     assert np.isnan(paired_interval(np.array([np.nan, 1.0]), np.array([1.0, np.nan]), 0.95, 200, 0)[0])
+
+
+def test_summary_table_shows_the_model_next_to_the_references(make_cfg):
+    from flows.main import champion_table
+    from hap.registry.registration import metric_key
+
+    cfg = make_cfg()
+    metrics = {"gt_recall@50": 0.16, "recall@50": 0.34, "ref_prerank_gt_recall@50": 0.42, "n_requests": 600.0}
+    metrics |= {"ref_truth_gt_recall@50": 1.0, "ci/gt_recall@50/halfwidth": 0.0055, "logloss": 0.6}
+    logged = {metric_key(k): v for k, v in metrics.items()}  # as MLflow holds them
+    text = "\n".join(champion_table(cfg, logged))
+    assert "logged pre-ranking order" in text and "0.4200" in text and "ground truth" in text
+    assert "half-width 0.0055 over 600 eval requests" in text
+    assert "random order" not in text  # a ranker without metrics gets no row
