@@ -112,9 +112,14 @@ def test_better_model_promoted_old_becomes_previous(scenario):
     assert b2.challenger_metrics[primary] > b2.champion_metrics[primary]
     gain = next(c for c in b2.checks if c["name"] == f"gain:{primary}")
     assert gain["passed"] and gain["delta"] > 0
+    # non-inferiority: the interval over the eval requests, its margin and size are recorded
+    assert gain["lower"] > -cfg.gate.margin and gain["n"] == int(b2.challenger_metrics["n_requests"])
+    assert b2.thresholds["margin"] == cfg.gate.margin and "interval [" in b2.render()
+    assert any(c["name"] == "health:nonfinite" and c["passed"] for c in b2.checks)
 
 
 def test_degraded_challenger_rejected_champion_unchanged(scenario):
+    from hap.registry import gate
     from hap.registry import registration as registry
 
     cfg, b3 = scenario["cfg"], scenario["b3"]
@@ -126,6 +131,8 @@ def test_degraded_challenger_rejected_champion_unchanged(scenario):
     assert registry.alias_version(cfg, registry.CHALLENGER).version == scenario["v3"]
     tags = registry.version_for_day(cfg, DAY).tags
     assert tags[registry.TAG_VERDICT] == "fail" and "champion" in tags[registry.TAG_REASON]
+    assert tags[gate.TAG_MARGIN] == "0" and tags[gate.TAG_INTERVAL].startswith(cfg.evaluate.primary_metric)
+    assert tags[gate.TAG_REQUESTS] == str(int(b3.challenger_metrics["n_requests"]))
     # the blessing is also an artifact of the version's run
     from hap.registry import tracking
 
