@@ -31,6 +31,8 @@ TINY_OVERRIDES: dict[str, Any] = {
     "simulate.n_items": 4000,
     "simulate.full_flow_requests": 24,
     "simulate.chunk_requests": 100,
+    # a tiny day has few clicks at a real feed's CTR (~5%): tests need clicked eval requests in every slice
+    "simulate.click_offset": -8.5,
     "split.window_days": 2,
     "pipeline.date": "2026-11-02",
     "pipeline.dates": ["2026-11-01", "2026-11-02", "2026-11-03"],
