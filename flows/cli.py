@@ -6,6 +6,7 @@ library ``hap/`` never imports ``flows/`` (or Prefect). Expected failures print 
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -124,11 +125,26 @@ def schedule() -> None:
 
 
 def main() -> None:
+    from hap.core.procs import install_interrupt
+
+    install_interrupt()
     try:
         app()
     except HapError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(getattr(err, "exit_code", 1))
+    except BaseException as err:  # SIGTERM (Prefect's TerminationSignal, Interrupted) or Ctrl-C
+        signum = getattr(err, "signum", None) or getattr(err, "signal", None)
+        if signum is None and not isinstance(err, KeyboardInterrupt):
+            raise
+        signum = signum or signal.SIGINT
+        typer.secho(
+            f"stopped by {signal.Signals(signum).name}: the flow run is marked crashed, its locks are "
+            "released, no alias moved after the signal; re-run the day to finish it",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

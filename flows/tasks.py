@@ -137,6 +137,16 @@ def evaluate(cfg: Config, date: dt.date) -> dict[str, Any]:
     return summarize(evaluate_day(cfg, date))
 
 
+@_task("unchanged")
+def unchanged(cfg: Config, date: dt.date) -> str | None:
+    """The version already registered for this day from the same data, config and code, if any:
+    re-running such a day would retrain an identical model, so the flow stops there."""
+    from hap.registry.registration import Registry, identity
+
+    found = Registry(cfg).identical(date, identity(cfg, date))
+    return found.version if found is not None else None
+
+
 @_task("register")
 def register(cfg: Config, date: dt.date) -> str:
     """Log the MLflow run and register the model; retried when the tracking server is down."""
