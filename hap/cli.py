@@ -189,14 +189,16 @@ def models() -> None:
 
 # ---- orchestration: through Prefect, in a subprocess so hap/ never imports flows/ ----
 def _flows(*args: str) -> None:
-    import subprocess
+    """``python -m flows.cli ARGS`` in its own process group: SIGTERM or Ctrl-C stops the flow and
+    its temporary Prefect server too, within 10 s, instead of orphaning them."""
+    from hap.core.procs import run_supervised
 
     cmd = [sys.executable, "-m", "flows.cli"]
     if state.params:
         cmd += ["--params", str(state.params)]
     for override in state.overrides:
         cmd += ["--set", override]
-    code = subprocess.call([*cmd, *args])
+    code = run_supervised([*cmd, *args])
     if code:
         raise typer.Exit(code)
 
