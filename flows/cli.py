@@ -103,6 +103,17 @@ def backfill(
 
 
 @app.command()
+def unlock(date: Annotated[str, typer.Option("--date", "-d", help="Day whose run lock to free.")]) -> None:
+    """Free the run lock of a date held by a run that died (check first that none is running)."""
+    from flows.common import resolve_date, run_config
+    from flows.locks import date_limit_name
+    from flows.locks import unlock as free
+
+    name = date_limit_name(resolve_date(run_config(opts.overrides, None, opts.params), date))
+    typer.echo(f"freed lock '{name}'" if free(name) else f"no lock '{name}': nothing to free")
+
+
+@app.command()
 def schedule() -> None:
     """Serve the daily-retrain deployment on this machine (cron and timezone from params.yaml)."""
     from prefect.schedules import Cron

@@ -156,5 +156,6 @@ def daily_retrain(
     cfg = run_config(**spec)
     day = resolve_date(cfg, date)
     check_reachable(cfg)  # a dead tracking server fails the run now, not after training
-    with date_lock(day, cfg.orchestration.date_lock_timeout_seconds):
+    o = cfg.orchestration
+    with date_lock(day, o.date_lock_timeout_seconds, o.lock_lease_seconds):
         return run_day(cfg, day, force_train, spec)

@@ -227,6 +227,13 @@ def backfill(
 
 
 @app.command()
+def unlock(date: DateOpt) -> None:
+    """Free a date's run lock left by a run that died (make sure no run of that date is alive)."""
+    parse_date(date)
+    _flows("unlock", "--date", date)
+
+
+@app.command()
 def schedule() -> None:
     """Serve the daily-retrain deployment on this machine (flow.serve with params' cron)."""
     _flows("schedule")
