@@ -4,8 +4,8 @@ monitor -> version the data (``dvc push``).
 - Failures: a transient fault is retried (``flows.retry``); a ``HapError`` such as
   ``ValidationFailed`` is not. A failed validation ends the flow Failed with validation's own
   message before any training, so the champion stays where it was.
-- Concurrency: the whole run holds ``hap-date-<D>`` (one run per date; a second one waits, then
-  refuses) and DVC operations hold ``dvc-<repo>`` (``flows.locks``).
+- Concurrency: the whole run locks the days of its window (one run per day of data; a second
+  one waits, then refuses) and DVC operations lock the repository (``flows.locks``).
 - Skip rule: ``flows.policy`` decides whether the day retrains; an alert can force the next one.
 - Output: a markdown artifact ``daily-retrain-<D>`` and ``metrics/dt=D/daily_run.json``; a
   monitoring alert also emits the Prefect event ``hap.monitor.alert`` and an alert artifact.
@@ -22,7 +22,7 @@ from prefect.events import emit_event
 
 from flows import policy, report, tasks
 from flows.common import quiet_env, resolve_date, run_config, run_spec
-from flows.locks import date_lock
+from flows.locks import run_lock
 from hap.core import layout
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
@@ -156,6 +156,5 @@ def daily_retrain(
     cfg = run_config(**spec)
     day = resolve_date(cfg, date)
     check_reachable(cfg)  # a dead tracking server fails the run now, not after training
-    o = cfg.orchestration
-    with date_lock(day, o.date_lock_timeout_seconds, o.lock_lease_seconds):
+    with run_lock(cfg, day, cfg.orchestration.date_lock_timeout_seconds):
         return run_day(cfg, day, force_train, spec)

@@ -174,10 +174,10 @@ def test_two_runs_for_one_date_do_not_interleave(world, backfilled):
 
 def test_second_run_refuses_when_the_date_stays_locked(world, backfilled):
     from flows.daily import daily_retrain
-    from flows.locks import date_lock
+    from flows.locks import run_lock
 
     kw = {**world["kw"], "overrides": {**FLOW_OVERRIDES, "orchestration.date_lock_timeout_seconds": 1}}
-    with date_lock(D1, None):
+    with run_lock(world["cfg"], D1, None):
         started = time.perf_counter()
         state = daily_retrain(date=D1.isoformat(), return_state=True, **kw)
     assert state.is_failed() and "refusing rather than interleaving" in state.message
