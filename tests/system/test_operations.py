@@ -100,14 +100,19 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.slow
 def test_sigterm_to_hap_run_leaves_no_process_and_moves_no_alias(tmp_path: Path) -> None:
     from hap.core import layout
+    from hap.data import markers
+    from hap.data.ingest import ingest_day
     from hap.registry.registration import CHAMPION, alias_version
     from hap.sources.simulator import simulate_days
 
     overrides = {**TINY_OVERRIDES, **TINY_FLOW_RUN, "train.epochs": 200, "train.patience": 200}
     cfg = tiny_config(tmp_path / "data", **{k.replace(".", "__"): v for k, v in overrides.items()})
     list(simulate_days(cfg, D1, 2, progress=False))
+    ingest_day(cfg, D1)
+    markers.mark_validated(cfg, D1, {"by": "test_operations"})
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     env = {**os.environ, "HAP_HOME": str(cfg.home), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # 2 shared cores
     env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     log = open(tmp_path / "hap-run.log", "w")
     hap = subprocess.Popen(
@@ -129,6 +134,7 @@ def test_sigterm_to_hap_run_leaves_no_process_and_moves_no_alias(tmp_path: Path)
     code = hap.wait(timeout=30)
     took = time.monotonic() - started
     print(f"hap run exited {took:.1f}s after SIGTERM (rc {code})")
+    print("".join((tmp_path / "hap-run.log").read_text().splitlines(keepends=True)[-8:]))
     assert code != 0 and took < 10, took
     time.sleep(0.5)
     assert not any(_group_members(pid) for pid in flow), "a flow or server process outlived hap run"
