@@ -134,9 +134,45 @@ def client(cfg: Config) -> MlflowClient:
     uri = tracking_uri(cfg)
     with _init_lock(cfg):
         c = MlflowClient(tracking_uri=uri, registry_uri=registry_uri(cfg))
-        if c.get_experiment_by_name(cfg.gate.experiment) is None:
+        try:
+            exp = c.get_experiment_by_name(cfg.gate.experiment)
+        except Exception as err:  # a dead server surfaces here, in every command that needs one
+            if is_embedded(cfg) or not _unreachable(err):
+                raise
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} is unreachable ({_reason(err)}, "
+                f"{cfg.orchestration.mlflow_max_retries} retries of "
+                f"{cfg.orchestration.mlflow_timeout_seconds:g}s); nothing was registered or promoted"
+            ) from None
+        if exp is None:
             c.create_experiment(cfg.gate.experiment, artifact_location=artifact_location(cfg))
     return c
+
+
+_UNREACHABLE = (
+    "Max retries exceeded",
+    "Failed to establish",
+    "Connection refused",
+    "timed out",
+    "Read timed",
+)
+
+
+def _unreachable(err: BaseException) -> bool:
+    """The error of a server that is not there or does not answer (not a server-side refusal)."""
+    import requests
+
+    return isinstance(err, requests.ConnectionError | requests.Timeout) or any(
+        text in str(err) for text in _UNREACHABLE
+    )
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err)
+    for cause in ("ReadTimeout", "ConnectTimeout", "NewConnectionError", "Connection refused"):
+        if cause in text:
+            return cause
+    return type(err).__name__
 
 
 def experiment_id(cfg: Config) -> str:
