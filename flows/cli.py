@@ -63,8 +63,10 @@ def run(
     ] = False,
 ) -> None:
     """Run the daily retraining flow for one day."""
+    from flows.common import log_to_file, run_config
     from flows.daily import daily_retrain
 
+    typer.echo(f"full Prefect log: {log_to_file(run_config(opts.overrides, None, opts.params))}")
     state = daily_retrain(
         date=date,
         force_train=force_train,
@@ -89,7 +91,9 @@ def backfill(
 ) -> None:
     """Run the daily flow over a date range, in order."""
     from flows.backfill import backfill as backfill_flow
+    from flows.common import log_to_file, run_config
 
+    typer.echo(f"full Prefect log: {log_to_file(run_config(opts.overrides, None, opts.params))}")
     state = backfill_flow(
         start=start,
         end=end,

@@ -14,13 +14,13 @@ import sys
 import time
 from typing import Any
 
-from flows.common import quiet_env, run_config
+from flows.common import log_to_file, quiet_env, run_config
 from hap.core import layout
 from hap.core.config import Config
 
 
 def _summary(cfg: Config, last: Any, elapsed: float) -> str:
-    from hap.registry.registration import list_models
+    from hap.registry.registration import list_models, metric_key
     from hap.registry.tracking import tracking_uri
 
     lines = ["", "=" * 72, "HAP daily retraining: summary", "=" * 72]
@@ -28,16 +28,14 @@ def _summary(cfg: Config, last: Any, elapsed: float) -> str:
     champ = next((r for r in rows if "champion" in r.aliases), None)
     lines.append(f"model versions registered: {len(rows)}")
     if champ:
-        keys = [
-            k
-            for k in ("recall@50", "ndcg@50", "gauc", "auc_slice_easy", "auc_slice_hard", "flops_per_request")
-            if k in champ.metrics
-        ]
+        # MLflow stores "recall@50" as "recall_at_50" (metric names may not hold '@')
+        names = (cfg.evaluate.primary_metric, "ndcg@50", "gauc", "auc_slice_easy", "auc_slice_hard")
+        keys = [k for k in dict.fromkeys((*names, "flops_per_request")) if metric_key(k) in champ.metrics]
         lines.append(
             f"champion: {cfg.gate.model_name} v{champ.version} "
             f"(trained {champ.date}, data {champ.data_version[:12]})"
         )
-        lines += [f"  {k:<20} {champ.metrics[k]:.4g}" for k in keys]
+        lines += [f"  {k:<20} {champ.metrics[metric_key(k)]:.4g}" for k in keys]
     else:
         lines.append("champion: none promoted")
     for row in rows:
@@ -79,6 +77,7 @@ def main() -> int:
     last = start
     for last, stats in simulate_days(cfg, start, days):
         print(f"  {last}: {stats.requests} requests, {stats.exposures} exposures, {stats.clicks} clicks")
+    print(f"full Prefect log: {log_to_file(cfg)}")
     state = backfill(start=start.isoformat(), end=last.isoformat(), return_state=True)
     print(_summary(cfg, last, time.perf_counter() - started))
     if not state.is_completed():

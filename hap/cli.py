@@ -294,6 +294,9 @@ def main() -> None:
         app()
     except HapError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        # Half-written files of the failed step (a Parquet writer on a full disk) fail once more
+        # when collected at exit; the error above already reports it, so that echo is dropped.
+        sys.unraisablehook = lambda _unraisable: None
         sys.exit(err.exit_code)
 
 

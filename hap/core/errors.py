@@ -33,7 +33,12 @@ class WriteFailed(HapError):
     exit_code = 5
 
     def __init__(self, path: object, err: OSError) -> None:
-        reason = err.strerror or type(err).__name__
+        import os
+
+        text = str(err).strip().splitlines()
+        reason = os.strerror(err.errno) if err.errno else (text[0] if text else type(err).__name__)
+        if not err.errno and "No space left on device" in str(err):
+            reason = "No space left on device"
         super().__init__(
             f"cannot write {path}: {reason}; nothing was left half-written, earlier data is intact"
         )

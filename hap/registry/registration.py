@@ -18,6 +18,7 @@ import math
 import re
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,6 +360,9 @@ def log_run(
 
     bundle_dir = layout.model_dir(cfg, date)
     example = input_example(cfg, date)
+    # the hashed-id columns are integers that never hold missing values: MLflow's hint about
+    # integer columns and missing values (printed at each signature inference) does not apply
+    warnings.filterwarnings("ignore", message=".*Integer columns in Python cannot represent missing")
     signature = infer_signature(example, HapPrerankModel().load(bundle_dir).predict(None, example))
     exp = tracking.experiment_id(cfg)
     with tracking.fluent(cfg), mlflow.start_run(experiment_id=exp, run_name=f"train-{date}") as run:
@@ -369,6 +373,9 @@ def log_run(
             if (bundle_dir / name).exists():
                 mlflow.log_artifact(str(bundle_dir / name), artifact_path="training")
         mlflow.log_dict(eval_metrics, "eval/eval.json")
+        # the pyfunc's predict takes a DataFrame and the signature is given explicitly: MLflow's
+        # hint to add type hints for signature inference does not apply
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=HapPrerankModel(),

@@ -139,3 +139,74 @@ def test_sigterm_to_hap_run_leaves_no_process_and_moves_no_alias(tmp_path: Path)
     time.sleep(0.5)
     assert not any(_group_members(pid) for pid in flow), "a flow or server process outlived hap run"
     assert alias_version(cfg, CHAMPION) is None
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 256 KiB tmpfs: a real full disk (needs root and mount; skipped where it cannot mount)."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()[:120]}): no full disk to test")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_gives_one_clean_error_and_no_partial_files(tiny_lake, small_disk: Path) -> None:
+    from hap.core import layout
+    from hap.data import markers
+
+    for day in (D1, D2):
+        markers.mark_validated(tiny_lake, day, {"by": "test_operations"})
+    earlier = small_disk / "dt=2026-10-01"  # what an earlier day left there stays intact
+    earlier.mkdir()
+    (earlier / "kept.txt").write_text("earlier data\n")
+    env = {**os.environ, "HAP_HOME": str(tiny_lake.home)}
+    sets = [a for k, v in TINY_OVERRIDES.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hap.cli",
+            *sets,
+            "--set",
+            f"paths.training={small_disk}",
+            "split",
+            "--date",
+            "2026-11-02",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert err[0].startswith("error: cannot write") and str(small_disk) in err[0], err
+    assert "No space left on device" in err[0]
+    assert sorted(p.name for p in small_disk.iterdir()) == ["dt=2026-10-01"], list(small_disk.iterdir())
+    assert (earlier / "kept.txt").read_text() == "earlier data\n"
+    assert not layout.training_set(tiny_lake.updated({"paths.training": str(small_disk)}), D2).exists()
+
+
+def test_atomic_write_removes_the_stale_temp_of_a_killed_write(tmp_path: Path) -> None:
+    from hap.core.atomic import STALE_SECONDS, atomic_dir, atomic_write_text
+
+    target = tmp_path / "out"
+    killed = tmp_path / ".tmp-out-0123abcd"  # what a write killed mid-way left
+    killed.mkdir()
+    (killed / "part.parquet").write_bytes(b"half")
+    live = tmp_path / ".tmp-out-4567cdef"  # a write in progress right now: left alone
+    live.mkdir()
+    old = time.time() - STALE_SECONDS - 60
+    os.utime(killed, (old, old))
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert not killed.exists() and live.exists() and (target / "a.txt").read_text() == "new"
+    atomic_write_text(tmp_path / "f.txt", "x")
+    assert (tmp_path / "f.txt").read_text() == "x"
