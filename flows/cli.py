@@ -41,6 +41,9 @@ def _global(
 ) -> None:
     opts.params = str(params) if params else None
     opts.overrides = dict(parse_override(o) for o in set_ or [])
+    from flows.common import bound_prefect, run_config
+
+    bound_prefect(run_config(opts.overrides, None, opts.params))
 
 
 def _raise_on_failure(state: Any) -> Any:

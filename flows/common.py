@@ -30,6 +30,12 @@ def quiet_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def bound_prefect(cfg: Config) -> None:
+    """Bound the Prefect client's API calls (read when Prefect is first imported)."""
+    os.environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", str(cfg.orchestration.prefect_api_timeout_seconds))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
 def log_to_file(cfg: Config) -> Path:
     """Send Prefect's full log (every logger under ``prefect``, DEBUG included) to a file under
     ``<data root>/logs``; the console keeps Prefect's usual lines. The file's path."""

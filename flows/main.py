@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from flows.common import log_to_file, quiet_env, run_config
+from flows.common import bound_prefect, log_to_file, quiet_env, run_config
 from hap.core import layout
 from hap.core.config import Config
 
@@ -69,6 +69,7 @@ def main() -> int:
     quiet_env()
     started = time.perf_counter()
     cfg = run_config()
+    bound_prefect(cfg)
     from flows.backfill import backfill
     from hap.sources.simulator import simulate_days
 
