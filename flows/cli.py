@@ -41,8 +41,9 @@ def _global(
 ) -> None:
     opts.params = str(params) if params else None
     opts.overrides = dict(parse_override(o) for o in set_ or [])
-    from flows.common import bound_prefect, run_config
+    from flows.common import bound_prefect, quiet_env, run_config
 
+    quiet_env()  # before any Prefect client starts a temporary server
     bound_prefect(run_config(opts.overrides, None, opts.params))
 
 
