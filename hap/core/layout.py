@@ -80,8 +80,3 @@ def monitoring_workspace(cfg: Config) -> Path:
 def monitoring_day(cfg: Config, date: dt.date | str) -> Path:
     """A day's monitoring outputs: table.json, the cached frame, report.html, report.json."""
     return cfg.path("monitoring") / "days" / partition(date)
-
-
-def lock_file(cfg: Config, name: str) -> Path:
-    """A lock file (``hap.core.locks``): under the data root, so every run on it sees the same one."""
-    return cfg.home / "locks" / f"{name}.lock"
