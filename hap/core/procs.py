@@ -104,3 +104,17 @@ def run_supervised(
             signal.signal(s, handler)
         _kill_group(proc.pid, signal.SIGKILL)  # a temporary server or worker left behind
     return 128 + received[0][0] if received else code
+
+
+def main() -> None:
+    """``python -m hap.core.procs CMD ARGS...``: run a command supervised (``make run`` uses it, so
+    that SIGTERM to make, which make passes on, leaves no temporary Prefect server behind)."""
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m hap.core.procs CMD [ARGS...]")
+    sys.exit(run_supervised(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
