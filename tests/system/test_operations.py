@@ -1,11 +1,10 @@
-"""Operations under real processes: killed lock holders, shared days, SIGTERM to ``hap run``,
-a full disk. Tiny data; each test runs in seconds except the SIGTERM one (one flow start)."""
+"""Operations under real processes: killed lock holders, shared days, a full disk, stale temps.
+Tiny data; each test runs in seconds. (SIGTERM to ``hap run``: ``test_ops_signals.py``.)"""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hap.core.config import REPO_ROOT
-from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES, tiny_config
+from tests.conftest import TINY_OVERRIDES, tiny_config
 
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
 
@@ -69,76 +68,6 @@ def test_runs_sharing_a_day_are_serialized(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
-
-
-def _group_members(pgid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(entry.name))
-    return out
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-@pytest.mark.slow
-def test_sigterm_to_hap_run_leaves_no_process_and_moves_no_alias(tmp_path: Path) -> None:
-    from hap.core import layout
-    from hap.data import markers
-    from hap.data.ingest import ingest_day
-    from hap.registry.registration import CHAMPION, alias_version
-    from hap.sources.simulator import simulate_days
-
-    overrides = {**TINY_OVERRIDES, **TINY_FLOW_RUN, "train.epochs": 200, "train.patience": 200}
-    cfg = tiny_config(tmp_path / "data", **{k.replace(".", "__"): v for k, v in overrides.items()})
-    list(simulate_days(cfg, D1, 2, progress=False))
-    ingest_day(cfg, D1)
-    markers.mark_validated(cfg, D1, {"by": "test_operations"})
-    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
-    env = {**os.environ, "HAP_HOME": str(cfg.home), "PREFECT_HOME": str(tmp_path / "prefect")}
-    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # 2 shared cores
-    env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-    log = open(tmp_path / "hap-run.log", "w")
-    hap = subprocess.Popen(
-        [sys.executable, "-m", "hap.cli", *sets, "run", "--date", D2.isoformat()],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 300
-    while not layout.training_set(cfg, D2).exists():  # mid-flow: training has started
-        assert hap.poll() is None and time.monotonic() < deadline, (tmp_path / "hap-run.log").read_text()
-        time.sleep(0.5)
-    time.sleep(2)
-    flow = _children(hap.pid)
-    assert flow, "the flow runs in a child process"
-    started = time.monotonic()
-    hap.send_signal(signal.SIGTERM)
-    code = hap.wait(timeout=30)
-    took = time.monotonic() - started
-    print(f"hap run exited {took:.1f}s after SIGTERM (rc {code})")
-    print("".join((tmp_path / "hap-run.log").read_text().splitlines(keepends=True)[-8:]))
-    assert code != 0 and took < 10, took
-    time.sleep(0.5)
-    assert not any(_group_members(pid) for pid in flow), "a flow or server process outlived hap run"
-    assert alias_version(cfg, CHAMPION) is None
 
 
 @pytest.fixture
