@@ -139,3 +139,33 @@ def test_atomic_write_removes_the_stale_temp_of_a_killed_write(tmp_path: Path) -
     assert not killed.exists() and live.exists() and (target / "a.txt").read_text() == "new"
     atomic_write_text(tmp_path / "f.txt", "x")
     assert (tmp_path / "f.txt").read_text() == "x"
+
+
+def test_bundle_identity_ignores_run_timings(tmp_path: Path) -> None:
+    from hap.registry.registration import bundle_hash
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "bundle.json").write_text('{"routing": {"threshold": 0.5}}')
+    (bundle / "run.json").write_text('{"train_seconds": 12.5}')
+    first = bundle_hash(bundle)
+    (bundle / "run.json").write_text('{"train_seconds": 13.1}')  # the same model, trained again
+    assert bundle_hash(bundle) == first
+    (bundle / "bundle.json").write_text('{"routing": {"threshold": 0.6}}')  # another model
+    assert bundle_hash(bundle) != first
+
+
+def test_dvc_targets_come_from_dvc_yaml(tmp_path: Path) -> None:
+    import shutil
+
+    from hap.core import layout
+    from hap.data.dvc_repo import dvc_targets
+
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
+    cfg = tiny_config(repo / "data")
+    assert dvc_targets(cfg, D1, repo) == ["simulate@2026-11-01", "ingest@2026-11-01", "validate@2026-11-01"]
+    layout.model_dir(cfg, D2).mkdir(parents=True)  # pipeline.date with its model: the window stages too
+    assert dvc_targets(cfg, D2, repo)[3:] == ["split", "train", "evaluate"]
+    assert dvc_targets(tiny_config(tmp_path / "elsewhere"), D1, repo) == []  # data root outside the repo
