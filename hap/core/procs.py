@@ -16,9 +16,11 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from types import FrameType
+from typing import Any
 
 # SIGTERM or Ctrl-C: the child gets this long to crash its flow run cleanly, then the whole group
 # is killed, so the command is gone within 10 s of the signal.
@@ -47,9 +49,38 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
+def _signal_of(exc: BaseException | None) -> int | None:
+    """The signal a stop exception stands for: ours, Prefect's ``TerminationSignal``, Ctrl-C."""
+    if exc is None:
+        return None
+    signum = getattr(exc, "signum", None) or getattr(exc, "signal", None)
+    if isinstance(signum, int):
+        return signum
+    return signal.SIGINT if isinstance(exc, KeyboardInterrupt) else None
+
+
+def _redeliver_swallowed(unraisable: Any) -> None:
+    """A signal handler that raises while a finalizer (``__del__``) runs has its exception printed
+    and dropped, and the run goes on (seen about once in three SIGTERMs to a flow). Deliver the
+    signal again, so the next bytecode in the main thread raises it where it counts."""
+    signum = _signal_of(unraisable.exc_value)
+    if signum is None:
+        _default_unraisablehook(unraisable)
+        return
+    # from another thread a moment later: raised from inside this hook it would be dropped again
+    import threading
+
+    threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+
+
+_default_unraisablehook = sys.unraisablehook
+
+
 def install_interrupt() -> None:
-    """In a flow process: SIGTERM raises ``Interrupted`` (SIGINT already raises KeyboardInterrupt)."""
+    """In a flow process: SIGTERM raises ``Interrupted`` (SIGINT already raises KeyboardInterrupt),
+    and a stop exception swallowed by a finalizer is raised again instead of lost."""
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    sys.unraisablehook = _redeliver_swallowed
 
 
 @contextlib.contextmanager
@@ -109,8 +140,6 @@ def run_supervised(
 def main() -> None:
     """``python -m hap.core.procs CMD ARGS...``: run a command supervised (``make run`` uses it, so
     that SIGTERM to make, which make passes on, leaves no temporary Prefect server behind)."""
-    import sys
-
     if len(sys.argv) < 2:
         sys.exit("usage: python -m hap.core.procs CMD [ARGS...]")
     sys.exit(run_supervised(sys.argv[1:]))
