@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: venv ## the main job, end to end on embedded defaults
-	$(BIN)/python -m flows.main
+	# supervised: SIGTERM or Ctrl-C stops the flow and its temporary Prefect server within 10 s
+	$(BIN)/python -m hap.core.procs $(BIN)/python -m flows.main
 
 lint: venv ## ruff: lint and format check (make test runs it first)
 	$(BIN)/ruff check .

@@ -6,6 +6,7 @@ library ``hap/`` never imports ``flows/`` (or Prefect). Expected failures print 
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +41,10 @@ def _global(
 ) -> None:
     opts.params = str(params) if params else None
     opts.overrides = dict(parse_override(o) for o in set_ or [])
+    from flows.common import bound_prefect, quiet_env, run_config
+
+    quiet_env()  # before any Prefect client starts a temporary server
+    bound_prefect(run_config(opts.overrides, None, opts.params))
 
 
 def _raise_on_failure(state: Any) -> Any:
@@ -62,8 +67,10 @@ def run(
     ] = False,
 ) -> None:
     """Run the daily retraining flow for one day."""
+    from flows.common import log_to_file, run_config
     from flows.daily import daily_retrain
 
+    typer.echo(f"full Prefect log: {log_to_file(run_config(opts.overrides, None, opts.params))}")
     state = daily_retrain(
         date=date,
         force_train=force_train,
@@ -88,7 +95,9 @@ def backfill(
 ) -> None:
     """Run the daily flow over a date range, in order."""
     from flows.backfill import backfill as backfill_flow
+    from flows.common import log_to_file, run_config
 
+    typer.echo(f"full Prefect log: {log_to_file(run_config(opts.overrides, None, opts.params))}")
     state = backfill_flow(
         start=start,
         end=end,
@@ -99,6 +108,17 @@ def backfill(
     )
     for row in _raise_on_failure(state):
         typer.echo(f"{row['date']}: {row['state']}")
+
+
+@app.command()
+def unlock(date: Annotated[str, typer.Option("--date", "-d", help="Day whose run lock to free.")]) -> None:
+    """Free the run lock of a date held by a run that died (check first that none is running)."""
+    from flows.common import resolve_date, run_config
+    from flows.locks import date_limit_name
+    from flows.locks import unlock as free
+
+    name = date_limit_name(resolve_date(run_config(opts.overrides, None, opts.params), date))
+    typer.echo(f"freed lock '{name}'" if free(name) else f"no lock '{name}': nothing to free")
 
 
 @app.command()
@@ -124,11 +144,26 @@ def schedule() -> None:
 
 
 def main() -> None:
+    from hap.core.procs import install_interrupt
+
+    install_interrupt()
     try:
         app()
     except HapError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(getattr(err, "exit_code", 1))
+    except BaseException as err:  # SIGTERM (Prefect's TerminationSignal, Interrupted) or Ctrl-C
+        signum = getattr(err, "signum", None) or getattr(err, "signal", None)
+        if signum is None and not isinstance(err, KeyboardInterrupt):
+            raise
+        signum = signum or signal.SIGINT
+        typer.secho(
+            f"stopped by {signal.Signals(signum).name}: the flow run is marked crashed, its locks are "
+            "released, no alias moved after the signal; re-run the day to finish it",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -27,6 +28,28 @@ def quiet_env() -> None:
     """Telemetry off for every library the flows touch (STACK.md)."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def bound_prefect(cfg: Config) -> None:
+    """Bound the Prefect client's API calls (read when Prefect is first imported)."""
+    os.environ.setdefault("PREFECT_API_REQUEST_TIMEOUT", str(cfg.orchestration.prefect_api_timeout_seconds))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def log_to_file(cfg: Config) -> Path:
+    """Send Prefect's full log (every logger under ``prefect``, DEBUG included) to a file under
+    ``<data root>/logs``; the console keeps Prefect's usual lines. The file's path."""
+    import logging
+
+    path = cfg.home / "logs" / f"run-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    for name in ("prefect", "mlflow", "hap", "flows"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+    return path
 
 
 def run_spec(

@@ -4,8 +4,8 @@ monitor -> version the data (``dvc push``).
 - Failures: a transient fault is retried (``flows.retry``); a ``HapError`` such as
   ``ValidationFailed`` is not. A failed validation ends the flow Failed with validation's own
   message before any training, so the champion stays where it was.
-- Concurrency: the whole run holds ``hap-date-<D>`` (one run per date; a second one waits, then
-  refuses) and DVC operations hold ``dvc-<repo>`` (``flows.locks``).
+- Concurrency: the whole run locks the days of its window (one run per day of data; a second
+  one waits, then refuses) and DVC operations lock the repository (``flows.locks``).
 - Skip rule: ``flows.policy`` decides whether the day retrains; an alert can force the next one.
 - Output: a markdown artifact ``daily-retrain-<D>`` and ``metrics/dt=D/daily_run.json``; a
   monitoring alert also emits the Prefect event ``hap.monitor.alert`` and an alert artifact.
@@ -22,11 +22,12 @@ from prefect.events import emit_event
 
 from flows import policy, report, tasks
 from flows.common import quiet_env, resolve_date, run_config, run_spec
-from flows.locks import date_lock
+from flows.locks import run_lock
 from hap.core import layout
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import HapError, ValidationFailed
+from hap.registry.tracking import check_reachable
 
 SUMMARY_FILE = "daily_run.json"
 ALERT_EVENT = "hap.monitor.alert"
@@ -54,6 +55,15 @@ def _train(cfg: Config, day: dt.date, spec: dict[str, Any]) -> dict[str, Any]:
 
 def _retrain(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str, Any]) -> None:
     summary["split"] = _step(tasks.split, cfg, day)
+    same = _step(tasks.unchanged, cfg, day)
+    if same is not None:  # same data, config and code as a registered version: nothing to do
+        summary.update(model_version=same, retrain=False)
+        summary["retrain_reason"] = (
+            f"unchanged: v{same} was trained for {day.isoformat()} from the same data version, "
+            "config and code; no new version, no alias moved"
+        )
+        get_run_logger().info(summary["retrain_reason"])
+        return
     summary["train"] = _train(cfg, day, spec)
     summary["model_dir"] = str(layout.model_dir(cfg, day))
     summary["evaluate"] = _step(tasks.evaluate, cfg, day)
@@ -145,5 +155,6 @@ def daily_retrain(
     spec = run_spec(overrides, home, params_file)
     cfg = run_config(**spec)
     day = resolve_date(cfg, date)
-    with date_lock(day, cfg.orchestration.date_lock_timeout_seconds):
+    check_reachable(cfg)  # a dead tracking server fails the run now, not after training
+    with run_lock(cfg, day, cfg.orchestration.date_lock_timeout_seconds):
         return run_day(cfg, day, force_train, spec)

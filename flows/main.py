@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from flows.common import quiet_env, run_config
+from flows.common import bound_prefect, log_to_file, quiet_env, run_config
 from hap.core import layout
 from hap.core.config import Config
 
@@ -74,6 +74,7 @@ def main() -> int:
     quiet_env()
     started = time.perf_counter()
     cfg = run_config()
+    bound_prefect(cfg)
     from flows.backfill import backfill
     from hap.sources.simulator import simulate_days
 
@@ -82,6 +83,7 @@ def main() -> int:
     last = start
     for last, stats in simulate_days(cfg, start, days):
         print(f"  {last}: {stats.requests} requests, {stats.exposures} exposures, {stats.clicks} clicks")
+    print(f"full Prefect log: {log_to_file(cfg)}")
     state = backfill(start=start.isoformat(), end=last.isoformat(), return_state=True)
     print(_summary(cfg, last, time.perf_counter() - started))
     if not state.is_completed():

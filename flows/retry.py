@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from hap.core.errors import HapError
+from hap.registry.tracking import TrackingUnavailable
 
 # Text of errors from HTTP clients (MLflow's REST client, httpx) that mean "the server is not there".
 _TRANSIENT_TEXT = (
@@ -26,6 +27,8 @@ _TRANSIENT_TEXT = (
 
 def is_transient(exc: BaseException | None) -> bool:
     """True for failures that may succeed when tried again a moment later."""
+    if isinstance(exc, TrackingUnavailable):  # a server restart may end within the retry budget
+        return True
     if exc is None or isinstance(exc, HapError):
         return False
     if isinstance(exc, (OSError, ConnectionError, TimeoutError)):  # requests' errors are OSErrors

@@ -11,8 +11,6 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from flows.retry import backoff, retry_condition
 from hap.core import layout
 from hap.core.config import REPO_ROOT, Config
 from hap.core.errors import HapError
+from hap.data import dvc_repo
 
 
 def summarize(obj: Any) -> Any:
@@ -138,6 +137,16 @@ def evaluate(cfg: Config, date: dt.date) -> dict[str, Any]:
     return summarize(evaluate_day(cfg, date))
 
 
+@_task("unchanged")
+def unchanged(cfg: Config, date: dt.date) -> str | None:
+    """The version already registered for this day from the same data, config and code, if any:
+    re-running such a day would retrain an identical model, so the flow stops there."""
+    from hap.registry.registration import Registry, identity
+
+    found = Registry(cfg).identical(date, identity(cfg, date))
+    return found.version if found is not None else None
+
+
 @_task("register")
 def register(cfg: Config, date: dt.date) -> str:
     """Log the MLflow run and register the model; retried when the tracking server is down."""
@@ -190,32 +199,6 @@ def champion(cfg: Config) -> dict[str, Any] | None:
 
 
 # ---- data versioning -----------------------------------------------------------------------
-PUSH_REMOTE = "hap"
-
-
-def _dvc(args: list[str], cwd: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise OSError(f"`dvc {' '.join(args)}` failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
-    return proc.stdout
-
-
-def dvc_targets(cfg: Config, date: dt.date, repo: Path = REPO_ROOT) -> list[str]:
-    """The dvc.yaml stages that produce this date's outputs, when the data root is the repo's."""
-    if not (repo / ".dvc").is_dir() or not (repo / "dvc.yaml").exists():
-        return []
-    try:
-        cfg.home.resolve().relative_to(repo.resolve())
-    except ValueError:
-        return []  # outputs outside the repository cannot be DVC outputs
-    targets = []
-    if date in cfg.pipeline.dates:
-        targets += [f"{stage}@{date.isoformat()}" for stage in ("simulate", "ingest", "validate")]
-    if date == cfg.pipeline.date and layout.model_dir(cfg, date).exists():
-        targets += ["split", "train", "evaluate"]
-    return targets
-
-
 @_task("version-data")
 def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
     """Record the day's data version; commit its dvc.yaml stages to dvc.lock and ``dvc push``.
@@ -231,7 +214,7 @@ def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
     if not cfg.orchestration.dvc_push:
         out["dvc"] = "disabled (orchestration.dvc_push: false)"
         return out
-    targets = dvc_targets(cfg, date)
+    targets = dvc_repo.dvc_targets(cfg, date)
     if not targets:
         out["dvc"] = (
             "skipped: this date's outputs are not dvc.yaml stages (data root or date outside the pipeline)"
@@ -241,11 +224,7 @@ def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
         from hap.model.plots import write_recall_curve
 
         write_recall_curve(cfg, date)
-    remote = cfg.dvc_remote_url()
     with dvc_lock(REPO_ROOT, timeout_seconds=cfg.orchestration.date_lock_timeout_seconds):
-        _dvc(["commit", "--force", "--quiet", *targets], REPO_ROOT)
-        # the remote named in params (or HAP_DVC_REMOTE), kept in the untracked .dvc/config.local
-        _dvc(["remote", "add", "--local", "--force", PUSH_REMOTE, remote], REPO_ROOT)
-        _dvc(["push", "--quiet", "-r", PUSH_REMOTE, *targets], REPO_ROOT)
+        remote = dvc_repo.commit_and_push(cfg, targets, REPO_ROOT)
     out["dvc"] = f"committed to dvc.lock and pushed to {remote}: {', '.join(targets)}"
     return out

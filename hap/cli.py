@@ -189,14 +189,16 @@ def models() -> None:
 
 # ---- orchestration: through Prefect, in a subprocess so hap/ never imports flows/ ----
 def _flows(*args: str) -> None:
-    import subprocess
+    """``python -m flows.cli ARGS`` in its own process group: SIGTERM or Ctrl-C stops the flow and
+    its temporary Prefect server too, within 10 s, instead of orphaning them."""
+    from hap.core.procs import run_supervised
 
     cmd = [sys.executable, "-m", "flows.cli"]
     if state.params:
         cmd += ["--params", str(state.params)]
     for override in state.overrides:
         cmd += ["--set", override]
-    code = subprocess.call([*cmd, *args])
+    code = run_supervised([*cmd, *args])
     if code:
         raise typer.Exit(code)
 
@@ -222,6 +224,13 @@ def backfill(
 ) -> None:
     """Run the daily flow (Prefect) over a date range, in date order."""
     _flows("backfill", "--start", start, "--end", end, *(["--force-train"] if force_train else []))
+
+
+@app.command()
+def unlock(date: DateOpt) -> None:
+    """Free a date's run lock left by a run that died (make sure no run of that date is alive)."""
+    parse_date(date)
+    _flows("unlock", "--date", date)
 
 
 @app.command()
@@ -288,6 +297,9 @@ def main() -> None:
         app()
     except HapError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        # Half-written files of the failed step (a Parquet writer on a full disk) fail once more
+        # when collected at exit; the error above already reports it, so that echo is dropped.
+        sys.unraisablehook = lambda _unraisable: None
         sys.exit(err.exit_code)
 
 

@@ -257,6 +257,13 @@ class OrchestrationConfig(_Section):
     retrain_every_days: int = Field(default=1, ge=1)
     date_lock_timeout_seconds: float = Field(default=3600, gt=0)
     dvc_push: bool = True
+    # bounds on every call to an outside service: a dead server fails a run in bounded time
+    mlflow_timeout_seconds: float = Field(default=10, gt=0)
+    mlflow_max_retries: int = Field(default=1, ge=0)
+    mlflow_backoff_factor: int = Field(default=1, ge=0)
+    prefect_api_timeout_seconds: float = Field(default=30, gt=0)
+    dvc_timeout_seconds: float = Field(default=600, gt=0)
+    lock_lease_seconds: float = Field(default=120, gt=0)
 
 
 class Config(_Section):

@@ -25,3 +25,21 @@ class NotValidated(HapError):
     """A downstream step was asked to use a day that has not passed validation."""
 
     exit_code = 4
+
+
+class WriteFailed(HapError):
+    """An output could not be written (full disk, read-only or missing folder); nothing partial is left."""
+
+    exit_code = 5
+
+    def __init__(self, path: object, err: OSError) -> None:
+        import os
+
+        text = str(err).strip().splitlines()
+        reason = os.strerror(err.errno) if err.errno else (text[0] if text else type(err).__name__)
+        if not err.errno and "No space left on device" in str(err):
+            reason = "No space left on device"
+        super().__init__(
+            f"cannot write {path}: {reason}; nothing was left half-written, earlier data is intact"
+        )
+        self.path = str(path)

@@ -9,15 +9,26 @@ DVC's hashing code (``dvc_data``), so it equals what ``dvc commit``/``dvc push``
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from hap.core import layout
+from hap.core.config import REPO_ROOT, Config
 from hap.core.errors import HapError
 
 _CHUNK = 1 << 20
+PUSH_REMOTE = "hap"  # the remote named in params (or HAP_DVC_REMOTE), kept in .dvc/config.local
+DVC_TIMEOUT_SECONDS = 600.0
+
+
+class DvcFailed(HapError):
+    """A DVC command failed or ran past its time limit."""
 
 
 def _md5(path: Path) -> str:
@@ -43,14 +54,58 @@ def dvc_dir_md5(folder: Path) -> str:
     return tree.hash_info.value
 
 
-def _dvc(args: list[str], cwd: Path) -> str:
+def dvc(args: list[str], cwd: Path, timeout: float = DVC_TIMEOUT_SECONDS) -> str:
+    """Run ``dvc ARGS`` in ``cwd``: its stdout, or ``DvcFailed`` (a hung remote is killed at ``timeout``)."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise DvcFailed(f"`dvc {' '.join(args)}` ran past {timeout:g}s and was stopped") from None
     if proc.returncode != 0:
-        raise HapError(f"`dvc {' '.join(args)}` failed: {(proc.stderr or proc.stdout).strip()[-600:]}")
+        raise DvcFailed(f"`dvc {' '.join(args)}` failed: {(proc.stderr or proc.stdout).strip()[-600:]}")
     return proc.stdout
+
+
+def _stages(repo: Path) -> dict[str, bool]:
+    """Stage name -> whether it runs once per date (``foreach``), read from ``dvc.yaml``."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text()).get("stages", {})
+    return {name: isinstance(body, dict) and "foreach" in body for name, body in stages.items()}
+
+
+def dvc_targets(cfg: Config, date: dt.date, repo: Path = REPO_ROOT) -> list[str]:
+    """The dvc.yaml stages that produce this date's outputs, when the data root is the repo's.
+
+    Per-date stages count when ``date`` is one of ``pipeline.dates``; the window stages (split,
+    train, evaluate) when ``date`` is ``pipeline.date`` and its model exists."""
+    if not (repo / ".dvc").is_dir() or not (repo / "dvc.yaml").exists():
+        return []
+    try:
+        cfg.home.resolve().relative_to(repo.resolve())
+    except ValueError:
+        return []  # outputs outside the repository cannot be DVC outputs
+    stages = _stages(repo)
+    targets = []
+    if date in cfg.pipeline.dates:
+        targets += [f"{name}@{date.isoformat()}" for name, per_date in stages.items() if per_date]
+    if date == cfg.pipeline.date and layout.model_dir(cfg, date).exists():
+        targets += [name for name, per_date in stages.items() if not per_date]
+    return targets
+
+
+def commit_and_push(cfg: Config, targets: list[str], repo: Path = REPO_ROOT) -> str:
+    """``dvc commit`` the stages into dvc.lock and ``dvc push`` them to the configured remote."""
+    remote, timeout = cfg.dvc_remote_url(), cfg.orchestration.dvc_timeout_seconds
+    dvc(["commit", "--force", "--quiet", *targets], repo, timeout)
+    dvc(["remote", "add", "--local", "--force", PUSH_REMOTE, remote], repo, timeout)
+    dvc(["push", "--quiet", "-r", PUSH_REMOTE, *targets], repo, timeout)
+    return remote
 
 
 def fetch_training_set(dir_md5: str, remote: str, dest: Path) -> Path:
@@ -61,8 +116,8 @@ def fetch_training_set(dir_md5: str, remote: str, dest: Path) -> Path:
     project = dest.parent
     project.mkdir(parents=True, exist_ok=True)
     if not (project / ".dvc").is_dir():
-        _dvc(["init", "--no-scm", "--quiet"], project)
-    _dvc(["remote", "add", "--force", "--default", "origin", remote], project)
+        dvc(["init", "--no-scm", "--quiet"], project)
+    dvc(["remote", "add", "--force", "--default", "origin", remote], project)
     (project / f"{dest.name}.dvc").write_text(f"outs:\n- md5: {dir_md5}\n  path: {dest.name}\n  hash: md5\n")
-    _dvc(["pull", "--quiet", f"{dest.name}.dvc"], project)
+    dvc(["pull", "--quiet", f"{dest.name}.dvc"], project)
     return dest

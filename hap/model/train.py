@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import time
@@ -34,7 +35,7 @@ from torch import nn
 from hap.core import layout
 from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
-from hap.core.errors import HapError
+from hap.core.errors import HapError, WriteFailed
 from hap.model.batches import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS, Batch, TrainData
 from hap.model.losses import (
     Harmonizer,
@@ -333,10 +334,200 @@ def time_training_steps(
 
 
 def _save_ckpt(path: Path, payload: dict[str, Any]) -> None:
+    """Write the checkpoint by rename; a full disk leaves no partial file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(path, err) from None
+
+
+# Keys that never change the weights of the epochs already trained: a checkpoint written under
+# other values of these is the same model state.
+_RESUME_NEUTRAL = ("epochs", "checkpoint_every", "num_threads", "device", "diagnostics_every")
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of the configuration that shapes the weights (the model and train sections)."""
+    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RESUME_NEUTRAL}
+    payload = {"model": cfg.model.model_dump(mode="json"), "train": train}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class CheckpointMismatch(HapError):
+    """``--resume`` found a checkpoint of another training set or configuration."""
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from epoch to epoch, and what a checkpoint restores."""
+
+    epoch: int = 0  # the next epoch to run
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    diag: list[dict[str, Any]] = field(default_factory=list)
+    resumed: int | None = None
+    cells: int = 0
+
+
+@dataclass(frozen=True)
+class _Where:
+    device: torch.device
+    rank: int
+    world: int
+
+
+def _fmt(prefix: str, row: dict[str, Any], spec: str) -> str:
+    return prefix + " ".join(
+        f"{k}={v:{spec}}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+    )
+
+
+def binding(cfg: Config, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint belongs to: the training set's data version and the config hash."""
+    return {"data_version": (meta or {}).get("data_version"), "config_hash": config_hash(cfg)}
+
+
+def restore(ckpt: Path, members: list[_Member], bound: dict[str, Any], device: torch.device) -> _Progress:
+    """Load the checkpoint into ``members``; refuse one written for other data or config."""
+    state = torch.load(ckpt, map_location=device, weights_only=True)
+    for key, want in bound.items():
+        if state.get(key) != want:
+            raise CheckpointMismatch(
+                f"checkpoint {ckpt} was written for {key} {state.get(key)}, this run has {want}; "
+                "train without --resume to start over"
+            )
+    for m in members:
+        m.load(state["members"][m.name])
+    return _Progress(
+        state["epoch"] + 1, state["step"], state["history"], state["diagnostics"], state["epoch"]
+    )
+
+
+def train_step_all(
+    cfg: Config, active: list[_Member], gb: Batch, p: _Progress, w: _Where, light: _Member | None = None
+) -> dict[str, float]:
+    """One global batch for every still-training member; each member's loss (diagnostics: light)."""
+    b = gb.shard(w.rank, w.world).to(w.device) if w.world > 1 else gb.to(w.device)
+    members0 = light if light is not None else active[0]
+    losses = {m.name: _train_step(cfg, m, b, w.device, w.world, p.step) for m in active}
+    p.cells += sum(int(m.view(b).valid.sum()) for m in active)
+    p.step += 1
+    if cfg.train.diagnostics_every > 0 and p.step % cfg.train.diagnostics_every == 0 and w.rank == 0:
+        p.diag.append({"step": p.step, "epoch": p.epoch, **diagnostics(cfg, members0, b, w.device)})
+    return losses
+
+
+def train_epoch(
+    cfg: Config, data: TrainData, members: list[_Member], p: _Progress, w: _Where
+) -> dict[str, float]:
+    """One pass over the epoch's batches; the mean loss of each member."""
+    active = [m for m in members if not m.done]
+    for m in active:
+        m.raw.train()
+    sums, n = {m.name: 0.0 for m in active}, 0
+    for gb in data.batches(p.epoch, "train"):
+        for name, loss in train_step_all(cfg, active, gb, p, w, members[0]).items():
+            sums[name] += loss
+        n += 1
+    return {name: s / max(n, 1) for name, s in sums.items()}
+
+
+def eval_step(cfg: Config, m: _Member, val: list[Batch], epoch: int, device: torch.device) -> float:
+    """Validate one member and update its early-stopping state (best weights, patience)."""
+    m.raw.eval()
+    metric, _ = validate(m, val, device)
+    if metric > m.best_metric + 1e-6:
+        m.best_metric, m.best_epoch, m.bad = metric, epoch, 0
+        m.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in m.raw.state_dict().items()})
+    else:
+        m.bad += 1
+        m.done = m.bad >= cfg.train.patience
+    return metric
+
+
+def train_loop(
+    cfg: Config,
+    data: TrainData,
+    members: list[_Member],
+    p: _Progress,
+    w: _Where,
+    ckpt: Path | None,
+    bound: dict[str, Any],
+    say: Any,
+) -> None:
+    """Epochs until ``train.epochs`` or until every member stopped early; a checkpoint every N."""
+    val = data.batches(0, "val")
+    while p.epoch < cfg.train.epochs:
+        active = [m for m in members if not m.done]
+        if not active:
+            break
+        n_diag = len(p.diag)
+        losses = train_epoch(cfg, data, members, p, w)
+        for d in p.diag[n_diag:]:
+            say(_fmt("diag ", d, ".4g"))
+        row: dict[str, Any] = {"epoch": p.epoch}
+        for m in active:
+            row[f"{m.name}/train_loss"] = losses[m.name]
+            row[f"{m.name}/val_pairwise_acc"] = eval_step(cfg, m, val, p.epoch, w.device)
+        p.history.append(row)
+        say(_fmt("epoch ", row, ".4f"))
+        if ckpt is not None and w.rank == 0 and (p.epoch + 1) % cfg.train.checkpoint_every == 0:
+            state = {"members": {m.name: m.state() for m in members}, **bound}
+            state.update(epoch=p.epoch, step=p.step, history=p.history, diagnostics=p.diag)
+            _save_ckpt(ckpt, state)
+        p.epoch += 1
+
+
+def write_bundle(
+    cfg: Config,
+    bundle_dir: Path,
+    members: list[_Member],
+    data: TrainData,
+    meta: dict[str, Any],
+    extra: dict[str, Any],
+) -> None:
+    """The bundle folder, atomically: weights, ``bundle.json``, ``history.json``, ``diagnostics.json``.
+
+    ``bundle.json`` holds no timings (they live in ``run.json``): its bytes are the model's
+    identity, the same for the same data and config."""
+    serve = cfg.routing.serve if cfg.train.expressive_groups != "none" else "light"
+    bundle_meta = {
+        **meta,
+        "model": cfg.model.model_dump(mode="json"),
+        "features": data.spec.to_dict(),
+        "routing": {
+            "mode": cfg.routing.mode,
+            "rho": cfg.routing.rho,
+            "cap": cfg.routing.cap,
+            "threshold": extra["threshold"],
+            "serve": serve,
+            "merge": cfg.routing.merge,
+        },
+        "train": cfg.train.model_dump(mode="json"),
+        "config_hash": config_hash(cfg),
+        "groups": list(GROUPS),
+        "hard_groups": [GROUPS[i] for i in HARD_GROUP_IDS],
+        "easy_groups": [GROUPS[i] for i in EASY_GROUP_IDS],
+        "result": {k: v for k, v in extra["result"].items() if k not in TIMING_FIELDS},
+    }
+    try:
+        with atomic_dir(Path(bundle_dir)) as tmp:
+            save_bundle(tmp, bundle_meta, members[0].raw, members[1].raw if len(members) > 1 else None)
+            atomic_write_json(tmp / "history.json", extra["history"])
+            atomic_write_json(
+                tmp / "diagnostics.json", {"summary": extra["diag_summary"], "steps": extra["diag"]}
+            )
+            atomic_write_json(tmp / TIMING_FILE, {k: extra["result"][k] for k in TIMING_FIELDS})
+    except OSError as err:
+        raise WriteFailed(bundle_dir, err) from None
+
+
+TIMING_FILE = "run.json"  # how this run went: timings, resumed or not (not part of the identity)
+TIMING_FIELDS = ("train_seconds", "samples_per_second", "resumed_from_epoch")
 
 
 def fit(
@@ -348,93 +539,35 @@ def fit(
     meta: dict[str, Any] | None = None,
     log: bool = True,
 ) -> TrainResult:
-    """Train on already-loaded ``data`` and write the bundle to ``bundle_dir`` (rank 0, atomically)."""
+    """Train on already-loaded ``data`` and write the bundle to ``bundle_dir`` (rank 0, atomically).
+
+    The checkpoint is removed once the bundle is written: it only serves an interrupted run."""
     rank, world, local_rank = _dist_setup(cfg)
-    device = pick_device(cfg, local_rank)
+    w = _Where(pick_device(cfg, local_rank), rank, world)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     # CPU kernels are deterministic for a fixed thread count; torch.use_deterministic_algorithms
     # would only add 3-4x slower index_put paths here, so it is not set.
     say = (lambda *a: print(*a, flush=True)) if (log and rank == 0) else (lambda *a: None)
-    members = _members(cfg, data, device, world)
-    history: list[dict[str, Any]] = []
-    diag: list[dict[str, Any]] = []
-    start_epoch, step, resumed = 0, 0, None
+    members = _members(cfg, data, w.device, world)
+    bound = binding(cfg, meta)
     ckpt = ckpt_dir / CKPT_FILE if ckpt_dir is not None else None
+    p = _Progress()
     if ckpt is not None and resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        for m in members:
-            m.load(state["members"][m.name])
-        history, diag, step, start_epoch = (
-            state["history"],
-            state["diagnostics"],
-            state["step"],
-            state["epoch"] + 1,
-        )
-        resumed = state["epoch"]
-        say(f"resumed from checkpoint {ckpt} after epoch {resumed}")
+        p = restore(ckpt, members, bound, w.device)
+        say(f"resumed from checkpoint {ckpt} after epoch {p.resumed}")
     elif ckpt is not None and ckpt.exists() and rank == 0:
         ckpt.unlink()
-    val_batches = data.batches(0, "val")
-    t0, cells = time.perf_counter(), 0
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.train.epochs):
-        active = [m for m in members if not m.done]
-        if not active:
-            break
-        for m in active:
-            m.raw.train()
-        sums = {m.name: 0.0 for m in active}
-        n_batches = 0
-        for gb in data.batches(epoch, "train"):
-            b = gb.shard(rank, world).to(device) if world > 1 else gb.to(device)
-            for m in active:
-                sums[m.name] += _train_step(cfg, m, b, device, world, step)
-                cells += int(m.view(b).valid.sum())
-            step += 1
-            n_batches += 1
-            if cfg.train.diagnostics_every > 0 and step % cfg.train.diagnostics_every == 0 and rank == 0:
-                d = {"step": step, "epoch": epoch, **diagnostics(cfg, members[0], b, device)}
-                diag.append(d)
-                say(
-                    "diag "
-                    + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
-                )
-        row: dict[str, Any] = {"epoch": epoch}
-        for m in active:
-            m.raw.eval()
-            metric, _ = validate(m, val_batches, device)
-            row[f"{m.name}/train_loss"] = sums[m.name] / max(n_batches, 1)
-            row[f"{m.name}/val_pairwise_acc"] = metric
-            if metric > m.best_metric + 1e-6:
-                m.best_metric, m.best_epoch, m.bad = metric, epoch, 0
-                m.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in m.raw.state_dict().items()})
-            else:
-                m.bad += 1
-                m.done = m.bad >= cfg.train.patience
-        history.append(row)
-        say(
-            "epoch "
-            + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-        )
-        if ckpt is not None and rank == 0 and ((epoch + 1) % cfg.train.checkpoint_every == 0):
-            _save_ckpt(
-                ckpt,
-                {
-                    "epoch": epoch,
-                    "step": step,
-                    "history": history,
-                    "diagnostics": diag,
-                    "members": {m.name: m.state() for m in members},
-                },
-            )
+    t0 = time.perf_counter()
+    train_loop(cfg, data, members, p, w, ckpt, bound, say)
     seconds = time.perf_counter() - t0
     for m in members:
         if m.best_state is not None:
             m.raw.load_state_dict(m.best_state)
         m.raw.eval()
-    _, val_light = validate(members[0], val_batches, device)
+    _, val_light = validate(members[0], data.batches(0, "val"), w.device)
     threshold = calibrate_threshold(val_light, cfg.routing.rho)
+    cells = p.cells
     if world > 1:
         cells_t = torch.tensor([cells], dtype=torch.float64)
         tdist.all_reduce(cells_t)
@@ -442,43 +575,28 @@ def fit(
     result = TrainResult(
         date=str((meta or {}).get("date", "")),
         bundle_dir=str(bundle_dir),
-        device=str(device),
+        device=str(w.device),
         world_size=world,
-        epochs_run=epoch + 1,
+        epochs_run=len(p.history),
         best_epoch={m.name: m.best_epoch for m in members},
         val_metric={m.name: m.best_metric for m in members},
         train_seconds=seconds,
         samples_per_second=cells / max(seconds, 1e-9),
         anchors=len(data.train_anchors),
-        resumed_from_epoch=resumed,
-        diagnostics_summary=summarize_diagnostics(diag),
+        resumed_from_epoch=p.resumed,
+        diagnostics_summary=summarize_diagnostics(p.diag),
     )
     if rank == 0:
-        serve = cfg.routing.serve if cfg.train.expressive_groups != "none" else "light"
-        bundle_meta = {
-            **(meta or {}),
-            "model": cfg.model.model_dump(mode="json"),
-            "features": data.spec.to_dict(),
-            "routing": {
-                "mode": cfg.routing.mode,
-                "rho": cfg.routing.rho,
-                "cap": cfg.routing.cap,
-                "threshold": threshold,
-                "serve": serve,
-                "merge": cfg.routing.merge,
-            },
-            "train": cfg.train.model_dump(mode="json"),
-            "groups": list(GROUPS),
-            "hard_groups": [GROUPS[i] for i in HARD_GROUP_IDS],
-            "easy_groups": [GROUPS[i] for i in EASY_GROUP_IDS],
+        extra = {
+            "threshold": threshold,
             "result": asdict(result),
+            "history": p.history,
+            "diag": p.diag,
+            "diag_summary": result.diagnostics_summary,
         }
-        with atomic_dir(Path(bundle_dir)) as tmp:
-            save_bundle(tmp, bundle_meta, members[0].raw, members[1].raw if len(members) > 1 else None)
-            atomic_write_json(tmp / "history.json", history)
-            atomic_write_json(
-                tmp / "diagnostics.json", {"summary": result.diagnostics_summary, "steps": diag}
-            )
+        write_bundle(cfg, Path(bundle_dir), members, data, meta or {}, extra)
+        if ckpt is not None:
+            ckpt.unlink(missing_ok=True)
     if world > 1:
         tdist.barrier()
     return result

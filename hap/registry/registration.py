@@ -18,6 +18,7 @@ import math
 import re
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +52,14 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^\w.\-/ :]", "_", name.replace("@", "_at_"))
 
 
+# Files of a bundle folder that describe the run (timings), not the model: not part of its identity.
+RUN_FILES = ("run.json",)
+
+
 def bundle_hash(folder: Path) -> str:
+    """Content hash of a bundle: the same data and config give the same hash, whatever the timings."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in RUN_FILES):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
@@ -156,140 +162,80 @@ def _str_version(mv: ModelVersion) -> ModelVersion:
     return mv
 
 
-def versions(cfg: Config, c: MlflowClient | None = None) -> list[ModelVersion]:
-    c = c or tracking.client(cfg)
-    found = [_str_version(v) for v in c.search_model_versions(f"name='{cfg.gate.model_name}'")]
-    return sorted(found, key=lambda v: int(v.version))
+class Registry:
+    """One registry operation: the config and the one MLflow client every helper below shares."""
 
+    def __init__(self, cfg: Config, c: MlflowClient | None = None) -> None:
+        self.cfg, self.name = cfg, cfg.gate.model_name
+        self.c = c or tracking.client(cfg)
 
-def version_for_day(cfg: Config, date: dt.date | str, c: MlflowClient | None = None) -> ModelVersion | None:
-    """The newest version registered for ``date``."""
-    iso = layout.day(date).isoformat()
-    mine = [v for v in versions(cfg, c) if v.tags.get(TAG_DATE) == iso]
-    return mine[-1] if mine else None
+    def versions(self) -> list[ModelVersion]:
+        found = [_str_version(v) for v in self.c.search_model_versions(f"name='{self.name}'")]
+        return sorted(found, key=lambda v: int(v.version))
 
+    def version_for_day(self, date: dt.date | str) -> ModelVersion | None:
+        """The newest version registered for ``date``."""
+        iso = layout.day(date).isoformat()
+        mine = [v for v in self.versions() if v.tags.get(TAG_DATE) == iso]
+        return mine[-1] if mine else None
 
-def register_day(cfg: Config, date: dt.date | str) -> str:
-    """Log the day's training run to MLflow and register its bundle as ``hap-prerank``; the version."""
-    import mlflow
-    from mlflow.entities import Metric
-    from mlflow.models import infer_signature
-
-    from hap.registry.pyfunc import BUNDLE_ARTIFACT, HapPrerankModel
-
-    date = layout.day(date)
-    iso = date.isoformat()
-    bundle_dir, metrics_dir = layout.model_dir(cfg, date), layout.metrics_dir(cfg, date)
-    if not (bundle_dir / "bundle.json").exists():
-        raise HapError(f"no model bundle at {bundle_dir}; run `hap train --date {iso}` first")
-    eval_metrics = _read_json(metrics_dir / "eval.json")
-    if eval_metrics is None:
-        raise HapError(
-            f"no eval metrics at {metrics_dir / 'eval.json'}; run `hap evaluate --date {iso}` first"
-        )
-
-    c = tracking.client(cfg)
-    digest = bundle_hash(bundle_dir)
-    for v in versions(cfg, c):
-        if v.tags.get(TAG_DATE) == iso and v.tags.get(TAG_BUNDLE_HASH) == digest:
-            return v.version  # idempotent: this exact bundle is registered already
-
-    bundle_meta = _read_json(bundle_dir / "bundle.json") or {}
-    from hap.data.dvc_repo import dvc_dir_md5
-    from hap.data.versioning import data_version
-
-    data_ver = data_version(cfg, date)
-    window = bundle_meta.get("window") or [d.isoformat() for d in layout.window(date, cfg.split.window_days)]
-    commit, dirty = git_commit()
-    tags = {
-        TAG_DATE: iso,
-        TAG_DATA_VERSION: data_ver,
-        TAG_WINDOW: ",".join(map(str, window)),
-        TAG_GIT: commit,
-        TAG_GIT_DIRTY: str(dirty).lower(),
-        TAG_BUNDLE_HASH: digest,
-        TAG_TRAIN_PATH: str(layout.training_set(cfg, date).relative_to(cfg.home)),
-        TAG_DVC_MD5: dvc_dir_md5(layout.training_set(cfg, date).parent),
-        TAG_DVC_OUT: str(layout.training_set(cfg, date).parent.relative_to(cfg.home)),
-    }
-    # the model and train sections come from the bundle: they are what this model was trained with
-    trained = {
-        **cfg.model_dump(mode="json"),
-        **{k: bundle_meta[k] for k in ("model", "train") if isinstance(bundle_meta.get(k), dict)},
-    }
-    params = {metric_key(k): str(v)[:500] for k, v in flatten(trained).items() if not k.startswith("paths.")}
-
-    example = input_example(cfg, date)
-    scorer = HapPrerankModel().load(bundle_dir)
-    signature = infer_signature(example, scorer.predict(None, example))
-
-    with (
-        tracking.fluent(cfg),
-        mlflow.start_run(experiment_id=tracking.experiment_id(cfg), run_name=f"train-{iso}") as run,
-    ):
-        mlflow.log_params(params)
-        mlflow.set_tags(tags)
-        now = int(time.time() * 1000)
-        series = metric_series(_read_json(bundle_dir / "history.json") or [], "train/")
-        series += metric_series(_read_json(bundle_dir / "diagnostics.json") or {}, "diag/")
-        series += [(metric_key(f"eval/{k}"), float(v), 0) for k, v in eval_metrics.items() if _is_number(v)]
-        batch = [Metric(key, value, now, step) for key, value, step in series]
-        for start in range(0, len(batch), 900):
-            c.log_batch(run.info.run_id, metrics=batch[start : start + 900], synchronous=True)
-        for name in ("bundle.json", "history.json", "diagnostics.json"):
-            if (bundle_dir / name).exists():
-                mlflow.log_artifact(str(bundle_dir / name), artifact_path="training")
-        mlflow.log_dict(eval_metrics, "eval/eval.json")
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT,
-            python_model=HapPrerankModel(),
-            artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
-            code_paths=[str(Path(__file__).resolve().parents[1])],
-            signature=signature,
-            input_example=example,
-            pip_requirements=PIP_REQUIREMENTS,
-            registered_model_name=cfg.gate.model_name,
-        )
-    version = str(info.registered_model_version)
-    for key, value in {**tags, "run_id": run.info.run_id}.items():
-        c.set_model_version_tag(cfg.gate.model_name, version, key, value)
-    return version
-
-
-# ---- aliases -----------------------------------------------------------------------------------
-def alias_version(cfg: Config, alias: str, c: MlflowClient | None = None) -> ModelVersion | None:
-    from mlflow.exceptions import MlflowException
-
-    c = c or tracking.client(cfg)
-    try:
-        return _str_version(c.get_model_version_by_alias(cfg.gate.model_name, alias))
-    except MlflowException:
+    def identical(self, date: dt.date | str, identity: dict[str, str]) -> ModelVersion | None:
+        """A version of ``date`` trained from the same inputs (``identity`` tags all equal), if any."""
+        iso = layout.day(date).isoformat()
+        for v in reversed(self.versions()):
+            if v.tags.get(TAG_DATE) == iso and all(v.tags.get(k) == val for k, val in identity.items()):
+                return v
         return None
 
+    def alias(self, alias: str) -> ModelVersion | None:
+        from mlflow.exceptions import MlflowException
 
-def promote(cfg: Config, version: str, c: MlflowClient | None = None) -> str | None:
-    """Make ``version`` the champion; the old champion becomes ``previous``. The old champion."""
-    c = c or tracking.client(cfg)
-    name = cfg.gate.model_name
-    with alias_lock(cfg):
-        old = alias_version(cfg, CHAMPION, c)
-        if old is not None and old.version == str(version):
+        try:
+            return _str_version(self.c.get_model_version_by_alias(self.name, alias))
+        except MlflowException:
             return None
-        if old is not None:
-            c.set_registered_model_alias(name, PREVIOUS, old.version)
-            c.set_model_version_tag(name, str(version), TAG_REPLACED, old.version)
-        # one row update: readers of @champion see the old version or the new one, never none
-        c.set_registered_model_alias(name, CHAMPION, str(version))
-        challenger = alias_version(cfg, CHALLENGER, c)
-        if challenger is not None and challenger.version == str(version):
-            c.delete_registered_model_alias(name, CHALLENGER)
-    return old.version if old is not None else None
 
+    def promote(self, version: str) -> str | None:
+        """Make ``version`` the champion; the old champion becomes ``previous``. The old champion."""
+        with alias_lock(self.cfg):
+            old = self.alias(CHAMPION)
+            if old is not None and old.version == str(version):
+                return None
+            if old is not None:
+                self.c.set_registered_model_alias(self.name, PREVIOUS, old.version)
+                self.c.set_model_version_tag(self.name, str(version), TAG_REPLACED, old.version)
+            # one row update: readers of @champion see the old version or the new one, never none
+            self.c.set_registered_model_alias(self.name, CHAMPION, str(version))
+            challenger = self.alias(CHALLENGER)
+            if challenger is not None and challenger.version == str(version):
+                self.c.delete_registered_model_alias(self.name, CHALLENGER)
+        return old.version if old is not None else None
 
-def mark_challenger(cfg: Config, version: str, c: MlflowClient | None = None) -> None:
-    c = c or tracking.client(cfg)
-    with alias_lock(cfg):
-        c.set_registered_model_alias(cfg.gate.model_name, CHALLENGER, str(version))
+    def mark_challenger(self, version: str) -> None:
+        with alias_lock(self.cfg):
+            self.c.set_registered_model_alias(self.name, CHALLENGER, str(version))
+
+    def rollback(self) -> Rollback:
+        """Move ``champion`` back to ``previous``; ``previous`` moves one step further back."""
+        with alias_lock(self.cfg):
+            current, prev = self.alias(CHAMPION), self.alias(PREVIOUS)
+            if current is None:
+                raise HapError(f"no champion for '{self.name}': nothing to roll back")
+            if prev is None:
+                raise HapError(
+                    f"'{self.name}' has no previous champion (v{current.version} is the first): "
+                    "nothing to roll back to"
+                )
+            self.c.set_registered_model_alias(self.name, CHAMPION, prev.version)
+            now = dt.datetime.now(dt.UTC).isoformat()
+            self.c.set_model_version_tag(self.name, current.version, "hap.rolled_back", now)
+            before = prev.tags.get(TAG_REPLACED)
+            if before and before != current.version:
+                self.c.set_registered_model_alias(self.name, PREVIOUS, before)
+            else:
+                self.c.delete_registered_model_alias(self.name, PREVIOUS)
+                before = None
+        return Rollback(champion=prev.version, rolled_back=current.version, previous=before)
 
 
 @dataclass(frozen=True)
@@ -305,28 +251,163 @@ class Rollback:
         )
 
 
+# Module-level entry points: each builds one ``Registry`` (one client) for its operation.
+def versions(cfg: Config, c: MlflowClient | None = None) -> list[ModelVersion]:
+    return Registry(cfg, c).versions()
+
+
+def version_for_day(cfg: Config, date: dt.date | str, c: MlflowClient | None = None) -> ModelVersion | None:
+    return Registry(cfg, c).version_for_day(date)
+
+
+def alias_version(cfg: Config, alias: str, c: MlflowClient | None = None) -> ModelVersion | None:
+    return Registry(cfg, c).alias(alias)
+
+
+def promote(cfg: Config, version: str, c: MlflowClient | None = None) -> str | None:
+    return Registry(cfg, c).promote(version)
+
+
+def mark_challenger(cfg: Config, version: str, c: MlflowClient | None = None) -> None:
+    Registry(cfg, c).mark_challenger(version)
+
+
 def rollback(cfg: Config) -> Rollback:
-    """Move ``champion`` back to ``previous``; ``previous`` moves one step further back."""
-    c = tracking.client(cfg)
-    name = cfg.gate.model_name
-    with alias_lock(cfg):
-        current, prev = alias_version(cfg, CHAMPION, c), alias_version(cfg, PREVIOUS, c)
-        if current is None:
-            raise HapError(f"no champion for '{name}': nothing to roll back")
-        if prev is None:
-            raise HapError(
-                f"'{name}' has no previous champion (v{current.version} is the first): "
-                "nothing to roll back to"
-            )
-        c.set_registered_model_alias(name, CHAMPION, prev.version)
-        c.set_model_version_tag(name, current.version, "hap.rolled_back", dt.datetime.now(dt.UTC).isoformat())
-        before = prev.tags.get(TAG_REPLACED)
-        if before and before != current.version:
-            c.set_registered_model_alias(name, PREVIOUS, before)
-        else:
-            c.delete_registered_model_alias(name, PREVIOUS)
-            before = None
-    return Rollback(champion=prev.version, rolled_back=current.version, previous=before)
+    return Registry(cfg).rollback()
+
+
+# ---- registration ------------------------------------------------------------------------------
+# MLflow's log_batch takes at most 1000 metrics per call; 900 leaves room under that limit.
+METRICS_PER_BATCH = 900
+TAG_CONFIG_HASH = "hap.config_hash"
+
+
+def identity(cfg: Config, date: dt.date | str) -> dict[str, str]:
+    """What makes a day's model: its training data version, the weight-shaping config, the code."""
+    from hap.data.versioning import data_version
+    from hap.model.train import config_hash
+
+    commit, dirty = git_commit()
+    return {
+        TAG_DATA_VERSION: data_version(cfg, date),
+        TAG_CONFIG_HASH: config_hash(cfg),
+        TAG_GIT: commit,
+        TAG_GIT_DIRTY: str(dirty).lower(),
+    }
+
+
+def _require_outputs(cfg: Config, date: dt.date) -> dict[str, Any]:
+    """The day's eval metrics; a clear error when the bundle or the metrics are missing."""
+    iso = date.isoformat()
+    bundle_dir, metrics_dir = layout.model_dir(cfg, date), layout.metrics_dir(cfg, date)
+    if not (bundle_dir / "bundle.json").exists():
+        raise HapError(f"no model bundle at {bundle_dir}; run `hap train --date {iso}` first")
+    eval_metrics = _read_json(metrics_dir / "eval.json")
+    if eval_metrics is None:
+        raise HapError(
+            f"no eval metrics at {metrics_dir / 'eval.json'}; run `hap evaluate --date {iso}` first"
+        )
+    return eval_metrics
+
+
+def version_tags(cfg: Config, date: dt.date, digest: str, bundle_meta: dict[str, Any]) -> dict[str, str]:
+    """The tags that tie a version to its exact inputs (set at creation, all or nothing)."""
+    from hap.data.dvc_repo import dvc_dir_md5
+
+    train_set = layout.training_set(cfg, date)
+    window = bundle_meta.get("window") or [d.isoformat() for d in layout.window(date, cfg.split.window_days)]
+    return {
+        TAG_DATE: date.isoformat(),
+        **identity(cfg, date),
+        TAG_WINDOW: ",".join(map(str, window)),
+        TAG_BUNDLE_HASH: digest,
+        TAG_TRAIN_PATH: str(train_set.relative_to(cfg.home)),
+        TAG_DVC_MD5: dvc_dir_md5(train_set.parent),
+        TAG_DVC_OUT: str(train_set.parent.relative_to(cfg.home)),
+    }
+
+
+def run_params(cfg: Config, bundle_meta: dict[str, Any]) -> dict[str, str]:
+    """The run's params: the config, with the model and train sections the bundle was trained with."""
+    trained = {
+        **cfg.model_dump(mode="json"),
+        **{k: bundle_meta[k] for k in ("model", "train") if isinstance(bundle_meta.get(k), dict)},
+    }
+    return {metric_key(k): str(v)[:500] for k, v in flatten(trained).items() if not k.startswith("paths.")}
+
+
+def log_metrics(c: MlflowClient, run_id: str, bundle_dir: Path, eval_metrics: dict[str, Any]) -> None:
+    """Training history, diagnostics and eval metrics, in batches MLflow accepts."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    series = metric_series(_read_json(bundle_dir / "history.json") or [], "train/")
+    series += metric_series(_read_json(bundle_dir / "diagnostics.json") or {}, "diag/")
+    series += [(metric_key(f"eval/{k}"), float(v), 0) for k, v in eval_metrics.items() if _is_number(v)]
+    batch = [Metric(key, value, now, step) for key, value, step in series]
+    for start in range(0, len(batch), METRICS_PER_BATCH):
+        c.log_batch(run_id, metrics=batch[start : start + METRICS_PER_BATCH], synchronous=True)
+
+
+def log_run(
+    cfg: Config, date: dt.date, tags: dict[str, str], eval_metrics: dict[str, Any]
+) -> tuple[str, str]:
+    """One MLflow run with params, tags, metrics, artifacts and the pyfunc model: (run id, model URI)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from hap.registry.pyfunc import BUNDLE_ARTIFACT, HapPrerankModel
+
+    bundle_dir = layout.model_dir(cfg, date)
+    example = input_example(cfg, date)
+    # the hashed-id columns are integers that never hold missing values: MLflow's hint about
+    # integer columns and missing values (printed at each signature inference) does not apply
+    warnings.filterwarnings("ignore", message=".*Integer columns in Python cannot represent missing")
+    signature = infer_signature(example, HapPrerankModel().load(bundle_dir).predict(None, example))
+    exp = tracking.experiment_id(cfg)
+    with tracking.fluent(cfg), mlflow.start_run(experiment_id=exp, run_name=f"train-{date}") as run:
+        mlflow.log_params(run_params(cfg, _read_json(bundle_dir / "bundle.json") or {}))
+        mlflow.set_tags(tags)
+        log_metrics(tracking.client(cfg), run.info.run_id, bundle_dir, eval_metrics)
+        for name in ("bundle.json", "history.json", "diagnostics.json"):
+            if (bundle_dir / name).exists():
+                mlflow.log_artifact(str(bundle_dir / name), artifact_path="training")
+        mlflow.log_dict(eval_metrics, "eval/eval.json")
+        # the pyfunc's predict takes a DataFrame and the signature is given explicitly: MLflow's
+        # hint to add type hints for signature inference does not apply
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=HapPrerankModel(),
+            artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+            code_paths=[str(Path(__file__).resolve().parents[1])],
+            signature=signature,
+            input_example=example,
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+    return run.info.run_id, info.model_uri
+
+
+def register_day(cfg: Config, date: dt.date | str) -> str:
+    """Log the day's training run to MLflow and register its bundle as ``hap-prerank``; the version.
+
+    The version is created with its tags in one call, so a crash leaves either no version or a
+    fully tagged one. Re-registering an unchanged bundle returns the existing version."""
+    import mlflow
+
+    date = layout.day(date)
+    eval_metrics = _require_outputs(cfg, date)
+    reg = Registry(cfg)
+    bundle_dir = layout.model_dir(cfg, date)
+    digest = bundle_hash(bundle_dir)
+    for v in reg.versions():
+        if v.tags.get(TAG_DATE) == date.isoformat() and v.tags.get(TAG_BUNDLE_HASH) == digest:
+            return v.version  # idempotent: this exact bundle is registered already
+    tags = version_tags(cfg, date, digest, _read_json(bundle_dir / "bundle.json") or {})
+    run_id, uri = log_run(cfg, date, tags, eval_metrics)
+    with tracking.fluent(cfg):
+        mv = mlflow.register_model(uri, reg.name, tags={**tags, "run_id": run_id})
+    return str(mv.version)
 
 
 # ---- reading back ------------------------------------------------------------------------------

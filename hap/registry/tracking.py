@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hap.core.config import Config
+from hap.core.errors import HapError
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -69,6 +70,7 @@ def fluent(cfg: Config) -> Iterator[None]:
     """
     import mlflow
 
+    bound_http(cfg)
     saved = {name: os.environ.get(name) for name in _URI_VARS}
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_registry_uri(registry_uri(cfg))
@@ -84,16 +86,93 @@ def fluent(cfg: Config) -> Iterator[None]:
                 os.environ[name] = value
 
 
+class TrackingUnavailable(HapError):
+    """The MLflow tracking server does not answer within the configured bounds."""
+
+    exit_code = 6
+
+
+def http_bounds(cfg: Config) -> dict[str, str]:
+    """MLflow's own HTTP knobs from ``orchestration``: its default (7 retries, 120 s timeouts)
+    keeps a run waiting about 4 minutes per call on a dead server."""
+    o = cfg.orchestration
+    return {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(o.mlflow_timeout_seconds)),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(o.mlflow_max_retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(o.mlflow_backoff_factor),
+    }
+
+
+def bound_http(cfg: Config) -> None:
+    """Apply ``http_bounds`` to this process (MLflow reads them on every request)."""
+    os.environ.update(http_bounds(cfg))
+
+
+def check_reachable(cfg: Config) -> None:
+    """Fail at once, in one line naming the server, when a tracking server does not answer."""
+    import requests
+
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return
+    timeout = cfg.orchestration.mlflow_timeout_seconds
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+    except requests.RequestException as err:
+        reason = type(err).__name__ if not isinstance(err, requests.HTTPError) else str(err)
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} is unreachable ({reason}, timeout {timeout:g}s); "
+            "no model was registered or promoted, the champion is unchanged"
+        ) from None
+
+
 def client(cfg: Config) -> MlflowClient:
     """An ``MlflowClient`` on ``cfg``'s store, created (schema, experiment) on first use."""
     from mlflow.tracking import MlflowClient
 
+    bound_http(cfg)
     uri = tracking_uri(cfg)
     with _init_lock(cfg):
         c = MlflowClient(tracking_uri=uri, registry_uri=registry_uri(cfg))
-        if c.get_experiment_by_name(cfg.gate.experiment) is None:
+        try:
+            exp = c.get_experiment_by_name(cfg.gate.experiment)
+        except Exception as err:  # a dead server surfaces here, in every command that needs one
+            if is_embedded(cfg) or not _unreachable(err):
+                raise
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} is unreachable ({_reason(err)}, "
+                f"{cfg.orchestration.mlflow_max_retries} retries of "
+                f"{cfg.orchestration.mlflow_timeout_seconds:g}s); nothing was registered or promoted"
+            ) from None
+        if exp is None:
             c.create_experiment(cfg.gate.experiment, artifact_location=artifact_location(cfg))
     return c
+
+
+_UNREACHABLE = (
+    "Max retries exceeded",
+    "Failed to establish",
+    "Connection refused",
+    "timed out",
+    "Read timed",
+)
+
+
+def _unreachable(err: BaseException) -> bool:
+    """The error of a server that is not there or does not answer (not a server-side refusal)."""
+    import requests
+
+    return isinstance(err, requests.ConnectionError | requests.Timeout) or any(
+        text in str(err) for text in _UNREACHABLE
+    )
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err)
+    for cause in ("ReadTimeout", "ConnectTimeout", "NewConnectionError", "Connection refused"):
+        if cause in text:
+            return cause
+    return type(err).__name__
 
 
 def experiment_id(cfg: Config) -> str:
@@ -107,6 +186,7 @@ def subprocess_env(cfg: Config) -> dict[str, str]:
     env = dict(os.environ)
     env["MLFLOW_TRACKING_URI"] = tracking_uri(cfg)
     env["MLFLOW_REGISTRY_URI"] = registry_uri(cfg)
+    env.update(http_bounds(cfg))
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     env.setdefault("DO_NOT_TRACK", "1")
     return env

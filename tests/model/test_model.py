@@ -298,7 +298,20 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
     assert np.allclose(json.loads(out.stdout), here.light, atol=1e-6)
 
 
-def test_deterministic_and_resume_matches_uninterrupted(tiny_split: Config, tmp_path: Path) -> None:
+def crash_before_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next fit die like a killed process right after its last checkpoint."""
+    from hap.model import train
+
+    def die(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "write_bundle", die)
+
+
+def test_deterministic_and_resume_matches_uninterrupted(
+    tiny_split: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hap.model import train
     from hap.model.batches import TrainData
     from hap.model.train import fit
 
@@ -306,17 +319,45 @@ def test_deterministic_and_resume_matches_uninterrupted(tiny_split: Config, tmp_
     data = TrainData.load(cfg, layout.training_set(cfg, DATE))
     straight = fit(cfg, data, tmp_path / "a", tmp_path / "ck-a", log=False)
     fit(cfg, data, tmp_path / "b", tmp_path / "ck-b", log=False)  # a second identical run, compared below
-    fit(
-        cfg.updated({"train.epochs": 1}), data, tmp_path / "c", tmp_path / "ck-c", log=False
-    )  # "crash" after 1
+    assert straight.epochs_run == 2 and not (tmp_path / "ck-a" / train.CKPT_FILE).exists()
+    crash_before_bundle(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):  # the process dies after epoch 1, before its bundle
+        fit(cfg.updated({"train.epochs": 1}), data, tmp_path / "c", tmp_path / "ck-c", log=False)
+    monkeypatch.undo()
     resumed = fit(cfg, data, tmp_path / "c", tmp_path / "ck-c", resume=True, log=False)
     assert resumed.resumed_from_epoch == 0 and straight.resumed_from_epoch is None
+    assert resumed.epochs_run == 2
     sa, sb, sc = (torch.load(tmp_path / x / "light.pt") for x in "abc")
     for k in sa:
         assert torch.equal(sa[k], sb[k]), f"not deterministic: {k}"
         assert torch.equal(sa[k], sc[k]), f"resume differs: {k}"
     ea, ec = torch.load(tmp_path / "a" / "expressive.pt"), torch.load(tmp_path / "c" / "expressive.pt")
     assert all(torch.equal(ea[k], ec[k]) for k in ea)
+
+
+def test_resume_refuses_a_checkpoint_of_another_training_set(
+    tiny_split: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint knows its data version and config: --resume against others refuses, cleanly."""
+    from hap.model import train
+    from hap.model.batches import TrainData
+
+    cfg = tiny_split.updated({"train.epochs": 1})
+    data = TrainData.load(cfg, layout.training_set(cfg, DATE))
+    ckpt_dir = layout.checkpoint_dir(cfg, DATE)
+    crash_before_bundle(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(cfg, data, tmp_path / "b", ckpt_dir, meta={"data_version": "old-split"}, log=False)
+    monkeypatch.undo()
+    state = torch.load(ckpt_dir / train.CKPT_FILE, weights_only=True)
+    assert state["data_version"] == "old-split" and state["config_hash"] == train.config_hash(cfg)
+    # the day's training set has another data version than the one the checkpoint was written for
+    with pytest.raises(train.CheckpointMismatch, match="data_version old-split"):
+        train.train_day(cfg, DATE, resume=True)
+    other = cfg.updated({"train.lr": 0.01})
+    with pytest.raises(train.CheckpointMismatch, match="config_hash"):
+        train.fit(other, data, tmp_path / "b", ckpt_dir, True, {"data_version": "old-split"}, log=False)
+    assert not (tmp_path / "b").exists()
 
 
 def test_ddp_two_processes_agree_with_single(tiny_split: Config, tmp_path: Path) -> None:

@@ -174,11 +174,56 @@ def test_two_runs_for_one_date_do_not_interleave(world, backfilled):
 
 def test_second_run_refuses_when_the_date_stays_locked(world, backfilled):
     from flows.daily import daily_retrain
-    from flows.locks import date_lock
+    from flows.locks import run_lock
 
     kw = {**world["kw"], "overrides": {**FLOW_OVERRIDES, "orchestration.date_lock_timeout_seconds": 1}}
-    with date_lock(D1, None):
+    with run_lock(world["cfg"], D1, None):
         started = time.perf_counter()
         state = daily_retrain(date=D1.isoformat(), return_state=True, **kw)
     assert state.is_failed() and "refusing rather than interleaving" in state.message
     assert time.perf_counter() - started < 60
+
+
+def _aliases(cfg) -> dict[str, str]:
+    from hap.registry.registration import Registry
+
+    reg = Registry(cfg)
+    return reg.c.get_registered_model(reg.name).aliases
+
+
+def test_rerun_of_a_day_makes_no_new_version_and_moves_no_alias(world, backfilled):
+    from flows.daily import daily_retrain
+    from hap.registry.registration import versions
+
+    cfg = world["cfg"]
+    before, aliases = [v.version for v in versions(cfg)], _aliases(cfg)
+    state = daily_retrain(date=D2.isoformat(), force_train=True, return_state=True, **world["kw"])
+    assert state.is_completed(), state.message
+    day = json.loads((layout.metrics_dir(cfg, D2) / "daily_run.json").read_text())
+    assert day["retrain"] is False and day["retrain_reason"].startswith("unchanged"), day
+    assert [v.version for v in versions(cfg)] == before and _aliases(cfg) == aliases
+    # a changed config retrains and registers a new version as before
+    kw = {**world["kw"], "overrides": {**FLOW_OVERRIDES, "train.lr": 0.02}}
+    state = daily_retrain(date=D2.isoformat(), force_train=True, return_state=True, **kw)
+    assert state.is_completed(), state.message
+    assert len(versions(cfg)) == len(before) + 1
+
+
+def test_dead_tracking_server_fails_fast_and_keeps_the_champion(world, backfilled, monkeypatch):
+    import socket
+
+    from flows.daily import daily_retrain
+
+    cfg = world["cfg"]
+    aliases = _aliases(cfg)
+    with socket.socket() as s:  # a port nobody listens on: the server is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.perf_counter()
+    state = daily_retrain(date=D2.isoformat(), force_train=True, return_state=True, **world["kw"])
+    took = time.perf_counter() - started
+    assert state.is_failed() and f"127.0.0.1:{port} is unreachable" in state.message, state.message
+    assert took < 120, took
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert _aliases(cfg) == aliases

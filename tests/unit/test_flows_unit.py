@@ -74,6 +74,9 @@ def test_only_transient_failures_are_retried():
     assert not is_transient(ValidationFailed("bad day"))
     assert not is_transient(NotValidated("not validated"))
     assert not is_transient(ValueError("a bug"))
+    from hap.registry.tracking import TrackingUnavailable
+
+    assert is_transient(TrackingUnavailable("server http://h:5000 is unreachable"))  # a restart may end
     assert backoff(2.0, 3) == [2.0, 4.0, 8.0]
 
 

@@ -1,0 +1,103 @@
+"""SIGTERM to ``hap run`` mid-flow: the command exits within 10 s and leaves no process behind.
+
+Real processes throughout: ``hap run`` starts ``python -m flows.cli`` under its supervisor, the
+flow starts a temporary Prefect server; the test signals only the ``hap`` process, as an
+operator's ``kill`` or a container runtime would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hap.core import layout
+from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES, tiny_config
+
+pytestmark = pytest.mark.slow
+
+D1 = "2026-11-01"
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _set_flags(overrides: dict) -> list[str]:
+    return [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
+def test_sigterm_to_hap_run_stops_within_10s_and_leaves_no_process(tmp_path):
+    from hap.sources.simulator import simulate_days
+
+    home = tmp_path / "data"
+    overrides = {**TINY_OVERRIDES, **TINY_FLOW_RUN, "simulate.days": 1, "split.window_days": 1}
+    cfg = tiny_config(home, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    list(simulate_days(cfg, cfg.simulate.start, 1, progress=False))
+    env = {
+        **os.environ,
+        "HAP_HOME": str(home),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a new database on 2 busy cores
+    }
+    env.pop("PREFECT_API_URL", None)
+    hap = [sys.executable, "-c", "from hap.cli import main; main()"]
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen(
+        [*hap, *_set_flags(overrides), "run", "--date", D1], env=env, stdout=log, stderr=log
+    )
+    # mid-flow: the day is in the lake (ingest done), the run goes on to validate, split, train
+    deadline = time.monotonic() + 240
+    while not layout.lake_partition(cfg, "samples", D1).exists():
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "the flow never reached ingest"
+        time.sleep(0.2)
+    flow_pids = _children(proc.pid)
+    assert flow_pids, "hap run has no flow child"
+    pgid = flow_pids[0]  # the supervisor starts the flow as the leader of a new process group
+    assert len(_group_members(pgid)) >= 2, "expected the flow and its temporary Prefect server"
+
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=30)
+    took = time.monotonic() - sent
+    log.close()
+    output = (tmp_path / "run.log").read_text()
+
+    print(f"time to exit after SIGTERM: {took:.2f}s")
+    assert took < 10, f"hap run took {took:.1f}s to exit after SIGTERM"
+    assert code == 128 + signal.SIGTERM, output[-2000:]
+    time.sleep(0.5)
+    assert _group_members(pgid) == [], f"left behind: {_group_members(pgid)}"
+    summary = json.loads((layout.metrics_dir(cfg, D1) / "daily_run.json").read_text())
+    assert summary["status"] == "failed", summary
+    assert "model_version" not in summary and "gate" not in summary
+    from hap.registry.registration import CHAMPION, alias_version
+
+    assert alias_version(cfg, CHAMPION) is None  # no alias moved
