@@ -34,6 +34,7 @@ TINY_OVERRIDES: dict[str, Any] = {
     "split.window_days": 2,
     "pipeline.date": "2026-11-02",
     "pipeline.dates": ["2026-11-01", "2026-11-02", "2026-11-03"],
+    "validation.fullflow_min_requests": 10,  # tiny days log ~24 full-flow requests
 }
 
 

@@ -25,3 +25,31 @@ class NotValidated(HapError):
     """A downstream step was asked to use a day that has not passed validation."""
 
     exit_code = 4
+
+
+class DayRejected(HapError):
+    """A step found data it must not use: the day is quarantined (``reason`` says why, for the
+    machine), nothing downstream is published, and the champion stays."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, date: str, step: str, check: str, file: str = "", examples: list | None = None):
+        super().__init__(message)
+        self.date, self.step, self.check, self.file = date, step, check, file
+        self.examples = list(examples or [])
+
+    def reason(self) -> dict:
+        return {
+            "step": self.step,
+            "status": "failed",
+            "check": self.check,
+            "file": self.file,
+            "examples": self.examples,
+            "error": str(self),
+        }
+
+
+class NonFiniteData(DayRejected):
+    """Training data or a training loss holds NaN or infinity."""
+
+    exit_code = 6

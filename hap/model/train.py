@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from torch import nn
 from hap.core import layout
 from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
-from hap.core.errors import HapError
+from hap.core.errors import HapError, NonFiniteData
 from hap.model.batches import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS, Batch, TrainData
 from hap.model.losses import (
     Harmonizer,
@@ -371,6 +372,9 @@ def fit(
             b = gb.shard(rank, world).to(device) if world > 1 else gb.to(device)
             for m in active:
                 sums[m.name] += _train_step(cfg, m, b, device, world, step)
+                if not math.isfinite(sums[m.name]):  # a NaN loss poisons every weight; stop, write nothing
+                    raise NonFiniteData(f"train: the {m.name} loss is not finite at epoch {epoch}, step {step}; "
+                                        "no bundle is written", date=str((meta or {}).get("date", "")), step="train", check="finite_loss")
                 cells += int(m.view(b).valid.sum())
             step += 1
             n_batches += 1
@@ -479,7 +483,7 @@ def train_day(cfg: Config, date: dt.date | str, resume: bool = False) -> TrainRe
     if not path.exists():
         raise HapError(f"no training set at {path}; run `hap split --date {date}` first")
     data = TrainData.load(cfg, path)
-    split_report = layout.metrics_dir(cfg, date) / "split.json"
+    split_report = layout.split_meta(cfg, date)
     window = [d.isoformat() for d in layout.window(date, cfg.split.window_days)]
     eval_day = None
     if split_report.exists():

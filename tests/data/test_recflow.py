@@ -97,7 +97,7 @@ def test_recflow_fixture_round_trips_into_the_lake(make_cfg, tmp_path):
         "expose_neg": n_shown - n_clicks,
         "rank_neg": n_rank,
         "prerank_neg": n_pre,
-        "global_neg": cfg.simulate.global_neg_per_pos * n_clicks,
+        "global_neg": cfg.contract.global_neg_per_pos * n_clicks,
     }
     shown_pairs = {(r, v) for s in shows for r, v in zip(s["request_id"], s["video_id"])}
     lake_exposed = lake[lake.source.isin(["expose_pos", "expose_neg"])]
