@@ -121,10 +121,13 @@ def run_day(cfg: Config, day: dt.date, force_train: bool, spec: dict[str, Any]) 
         summary["status"] = "completed"
     except BaseException as err:
         summary.update(status="failed", error=str(err))
-        if isinstance(err, DayRejected):
-            summary["quarantine"] = str(reject(cfg, err))
-        if isinstance(err, (ValidationFailed, DataContractError, DayRejected)):
-            summary["quarantine"] = str(layout.quarantine_day(cfg, layout.day(getattr(err, "date", "") or day)))
+        where = reject(cfg, err) if isinstance(err, DayRejected) else None
+        if where:  # say where the rejected day went, in the one line the user sees
+            err.args = (f"{err}\n  the day was moved to {where}; fix the data, then `hap release-quarantine`",)
+        if isinstance(err, (ValidationFailed, DataContractError)) and layout.quarantine_day(cfg, day).exists():
+            where = layout.quarantine_day(cfg, day)
+        if where:
+            summary.update(quarantine=str(where), error=str(err))
             summary["retrain_reason"] = f"{type(err).__name__}: day quarantined, no model, champion unchanged"
         raise
     finally:
