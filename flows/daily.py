@@ -123,8 +123,13 @@ def run_day(cfg: Config, day: dt.date, force_train: bool, spec: dict[str, Any]) 
         summary.update(status="failed", error=str(err))
         where = reject(cfg, err) if isinstance(err, DayRejected) else None
         if where:  # say where the rejected day went, in the one line the user sees
-            err.args = (f"{err}\n  the day was moved to {where}; fix the data, then `hap release-quarantine`",)
-        if isinstance(err, (ValidationFailed, DataContractError)) and layout.quarantine_day(cfg, day).exists():
+            err.args = (
+                f"{err}\n  the day was moved to {where}; fix the data, then `hap release-quarantine`",
+            )
+        if (
+            isinstance(err, (ValidationFailed, DataContractError))
+            and layout.quarantine_day(cfg, day).exists()
+        ):
             where = layout.quarantine_day(cfg, day)
         if where:
             summary.update(quarantine=str(where), error=str(err))

@@ -114,7 +114,11 @@ class ContractConfig(_Section):
     def _shape(self) -> ContractConfig:
         if not self.exposed_per_request <= self.rank_keep < self.prerank_keep:
             raise ValueError("contract: need exposed_per_request <= rank_keep < prerank_keep")
-        bad = {k: v for k, v in self.ranges.items() if not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] <= v[1])}
+        bad = {
+            k: v
+            for k, v in self.ranges.items()
+            if not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] <= v[1])
+        }
         if bad:
             raise ValueError(f"contract.ranges: each range must be finite [min, max]: {bad}")
         return self

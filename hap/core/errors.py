@@ -33,7 +33,9 @@ class DayRejected(HapError):
 
     exit_code = 5
 
-    def __init__(self, message: str, date: str, step: str, check: str, file: str = "", examples: list | None = None):
+    def __init__(
+        self, message: str, date: str, step: str, check: str, file: str = "", examples: list | None = None
+    ):
         super().__init__(message)
         self.date, self.step, self.check, self.file = date, step, check, file
         self.examples = list(examples or [])

@@ -18,9 +18,10 @@ _SECOND = np.uint64(0xC2B2AE3D27D4EB4F)
 def mix64(a: np.ndarray | int, b: np.ndarray | int, salt: int) -> np.ndarray:
     """A well-mixed uint64 per ``(a, b, salt)`` (splitmix64's finalizer over the combined pair)."""
     with np.errstate(over="ignore"):
-        x = np.asarray(a).astype(np.uint64) * _GOLDEN ^ (
-            np.asarray(b).astype(np.uint64) + np.uint64(salt & 0xFFFFFFFF)
-        ) * _SECOND
+        x = (
+            np.asarray(a).astype(np.uint64) * _GOLDEN
+            ^ (np.asarray(b).astype(np.uint64) + np.uint64(salt & 0xFFFFFFFF)) * _SECOND
+        )
         x ^= x >> np.uint64(30)
         x *= np.uint64(0xBF58476D1CE4E5B9)
         x ^= x >> np.uint64(27)

@@ -246,9 +246,7 @@ def requests_frame(exposure: pa.Table, ranking: pa.Table, global_neg_per_pos: in
         .aggregate([("item_id", "count"), ("click", "sum"), ("position", "min"), ("position", "max")])
         .to_pandas()
     )
-    exp.columns = [
-        {"item_id_count": "n_exposures", "click_sum": "n_clicks"}.get(c, c) for c in exp.columns
-    ]
+    exp.columns = [{"item_id_count": "n_exposures", "click_sum": "n_clicks"}.get(c, c) for c in exp.columns]
     exp = exp.merge(content_keys(exposure), on="request_id", how="left")
     counts = (
         ranking.select(["request_id", "source"])
@@ -350,7 +348,11 @@ def drift_frame(today: dict[str, dict], refs: list[dict[str, dict]]) -> pd.DataF
         if ref and _median(ref) > 0:
             rows.append(("distinct_ratio", col, count / _median(ref)))
     for col, qs in today["quantiles"].items():
-        ref = [r["quantiles"][col] for r in refs if r.get("quantiles", {}).get(col) and None not in r["quantiles"][col]]
+        ref = [
+            r["quantiles"][col]
+            for r in refs
+            if r.get("quantiles", {}).get(col) and None not in r["quantiles"][col]
+        ]
         if not ref:
             continue
         lo, mid, hi = (_median([q[i] for q in ref]) for i in range(3))

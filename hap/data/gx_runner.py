@@ -172,7 +172,9 @@ class GxRunner:
                 name=f"{suite.name}", data=asset.add_batch_definition_whole_dataframe("whole"), suite=suite
             )
         )
-        index_cols = [c for c in ("request_id", "column", "file") if c in frame.columns][:1] if len(frame) else []
+        index_cols = (
+            [c for c in ("request_id", "column", "file") if c in frame.columns][:1] if len(frame) else []
+        )
         result_format: dict[str, Any] = {
             "result_format": "SUMMARY",
             "partial_unexpected_count": self.examples,

@@ -264,7 +264,9 @@ def ingest_day(cfg: Config, date: dt.date, require_validated: bool = True) -> In
         return _ingest(cfg, date)
     except (DataContractError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as err:
         message = str(err) if isinstance(err, DataContractError) else f"ingest of {date}: {err}"
-        qdir = quarantine_day(cfg, date, {"step": "ingest", "status": "failed", "check": "contract", "error": message})
+        qdir = quarantine_day(
+            cfg, date, {"step": "ingest", "status": "failed", "check": "contract", "error": message}
+        )
         raise DataContractError(
             f"{message}\n  the day was moved to {qdir}; fix the data, then "
             f"`hap release-quarantine --date {date}`"

@@ -37,10 +37,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from hap.core import layout, schema
-from hap.core.hashing import unit_hash
 from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import DataContractError, HapError
+from hap.core.hashing import unit_hash
 from hap.data import markers
 
 PART_FILE = "part-0.parquet"

@@ -169,10 +169,30 @@ def _distribution_part() -> list[dict[str, Any]]:
     trailing validated days (``hap.data.frames.drift_frame``). Severity follows
     ``validation.on_distribution_shift``."""
     checks = [
-        ("distinct_ratio", "min", "distinct_ratio_min", "a feature keeps its number of distinct values (not collapsed)"),
-        ("dense_shift", "max", "dense_shift_max", "a dense feature's median and p99 stay near the trailing days'"),
-        ("content_mix_tvd", "max", "content_mix_tvd_max", "the content-type mix stays near the trailing days'"),
-        ("click_position_tvd", "max", "click_position_tvd_max", "the share of clicks per display position stays near the trailing days'"),
+        (
+            "distinct_ratio",
+            "min",
+            "distinct_ratio_min",
+            "a feature keeps its number of distinct values (not collapsed)",
+        ),
+        (
+            "dense_shift",
+            "max",
+            "dense_shift_max",
+            "a dense feature's median and p99 stay near the trailing days'",
+        ),
+        (
+            "content_mix_tvd",
+            "max",
+            "content_mix_tvd_max",
+            "the content-type mix stays near the trailing days'",
+        ),
+        (
+            "click_position_tvd",
+            "max",
+            "click_position_tvd_max",
+            "the share of clicks per display position stays near the trailing days'",
+        ),
     ]
     out = []
     for check, side, param, why in checks:
@@ -520,7 +540,7 @@ def fullflow_suite() -> dict[str, Any]:
         _e(
             "expect_column_sum_to_be_between",
             "rows",
-            "the full-flow log has clicks (validation.fullflow_min_clicks); without them nothing can be ranked",
+            "the full-flow log has clicks (validation.fullflow_min_clicks): without them nothing ranks",
             column="click",
             min_value=P("fullflow_min_clicks"),
         ),
@@ -531,7 +551,13 @@ def fullflow_suite() -> dict[str, Any]:
             column="in_exposure_log",
             value_set=[True],
         ),
-        _e("expect_column_values_to_be_in_set", "rows", "click is a 0/1 label", column="click", value_set=[0, 1]),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "click is a 0/1 label",
+            column="click",
+            value_set=[0, 1],
+        ),
         _e(
             "expect_column_values_to_be_in_set",
             "rows",

@@ -135,7 +135,9 @@ def contract_params(cfg: Config) -> dict[str, Any]:
     con = cfg.contract
     missing = [c for c in ("dwell", "true_affinity", *schema.DENSE_FEATURES) if c not in con.ranges]
     if missing:
-        raise HapError(f"params.yaml contract.ranges has no range for {missing}: every dense column needs one")
+        raise HapError(
+            f"params.yaml contract.ranges has no range for {missing}: every dense column needs one"
+        )
     params: dict[str, Any] = {
         "id_max": con.hash_buckets - 1,
         "seq_len": con.seq_len,
@@ -219,21 +221,29 @@ def _drift_findings(
         return
     frame = vf.drift_frame(report.profile, refs)
     files = ", ".join(str(layout.raw_log(cfg, date, n)) for n in SUITED)
-    report.findings += runner.run(suite, "drift", frame, report.params, f"{files} (vs {len(refs)} trailing days)")
+    report.findings += runner.run(
+        suite, "drift", frame, report.params, f"{files} (vs {len(refs)} trailing days)"
+    )
 
 
-def _row_findings(cfg: Config, date: dt.date, report: ValidationReport, runner: GxRunner, tables: dict) -> None:
+def _row_findings(
+    cfg: Config, date: dt.date, report: ValidationReport, runner: GxRunner, tables: dict
+) -> None:
     suites = {name: load_suite_json(name) for name in schema.RAW_LOGS}
     exposure, ranking, fullflow = (tables[n] for n in schema.RAW_LOGS)
     exp_file, rank_file, full_file = (str(layout.raw_log(cfg, date, n)) for n in schema.RAW_LOGS)
     params = report.params
-    report.findings += runner.run(suites["exposure"], "rows", vf.exposure_rows(exposure, ranking), params, exp_file)
+    report.findings += runner.run(
+        suites["exposure"], "rows", vf.exposure_rows(exposure, ranking), params, exp_file
+    )
     report.findings += runner.run(suites["ranking"], "rows", vf.ranking_rows(ranking), params, rank_file)
     per_request = vf.requests_frame(exposure, ranking, cfg.contract.global_neg_per_pos)
     report.findings += runner.run(
         suites["ranking"], "requests", per_request, params, f"{rank_file} + {exp_file} (per request)"
     )
-    report.findings += runner.run(suites["fullflow"], "rows", vf.fullflow_rows(fullflow, exposure), params, full_file)
+    report.findings += runner.run(
+        suites["fullflow"], "rows", vf.fullflow_rows(fullflow, exposure), params, full_file
+    )
     _drift_findings(cfg, date, report, runner, suites["exposure"], tables)
 
 
@@ -318,7 +328,9 @@ def validate_day(cfg: Config, date: dt.date | str) -> ValidationReport:
         report.quarantined_to = layout.quarantine_day(cfg, date)
         summary = report.to_dict()
         atomic_write_json(out_dir / SUMMARY_FILE, summary)
-        quarantine_day(cfg, date, {"step": "validate", **{k: v for k, v in summary.items() if k != "profile"}})
+        quarantine_day(
+            cfg, date, {"step": "validate", **{k: v for k, v in summary.items() if k != "profile"}}
+        )
         raise ValidationFailed(report.render())
     atomic_write_json(out_dir / SUMMARY_FILE, summary)
     markers.mark_validated(

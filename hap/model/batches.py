@@ -210,7 +210,9 @@ def refuse_non_finite(table: pa.Table, where: str = "the training set") -> None:
             continue
         days = table["dt"].to_numpy(zero_copy_only=False)[bad] if "dt" in table.column_names else []
         day = str(min(days)) if len(days) else ""
-        examples = table["request_id"].to_numpy()[bad][:5].tolist() if "request_id" in table.column_names else []
+        examples = (
+            table["request_id"].to_numpy()[bad][:5].tolist() if "request_id" in table.column_names else []
+        )
         raise NonFiniteData(
             f"train: {where} has {int(bad.sum())} non-finite value(s) of the dense feature {name} "
             f"(day {day or 'unknown'}, e.g. request_id {examples}); no model is trained on it",

@@ -373,8 +373,13 @@ def fit(
             for m in active:
                 sums[m.name] += _train_step(cfg, m, b, device, world, step)
                 if not math.isfinite(sums[m.name]):  # a NaN loss poisons every weight; stop, write nothing
-                    raise NonFiniteData(f"train: the {m.name} loss is not finite at epoch {epoch}, step {step}; "
-                                        "no bundle is written", date=str((meta or {}).get("date", "")), step="train", check="finite_loss")
+                    raise NonFiniteData(
+                        f"train: the {m.name} loss is not finite at epoch {epoch}, step {step}; "
+                        "no bundle is written",
+                        date=str((meta or {}).get("date", "")),
+                        step="train",
+                        check="finite_loss",
+                    )
                 cells += int(m.view(b).valid.sum())
             step += 1
             n_batches += 1

@@ -1,9 +1,11 @@
 """Validation: a valid day passes; a corpus of corrupted days each fails clearly and is quarantined.
 
 One valid simulated window is built once per module (two validated and ingested days of history,
-then the day under test, landed and not yet validated); each corruption works on a copy of it. The CLI is run in-process
-through ``hap.cli.main``, the same code path as the ``hap`` console script. "Champion untouched"
-is checked against a real MLflow registry whose ``champion`` alias is set up once by the fixture.
+then the day under test, landed and not yet validated); each corruption works on a copy of it.
+``hap validate`` runs in-process through ``hap.cli.main``, the same code path as the console
+script; ``hap run`` runs as the console script against one Prefect server for the module.
+"Champion untouched" is checked against a real MLflow registry whose ``champion`` alias is set up
+once by the fixture.
 """
 
 from __future__ import annotations
