@@ -139,7 +139,7 @@ class ValidateConfig(_Section):
     distribution_min_history: int = Field(default=2, ge=1)
     distinct_ratio_min: float = Field(default=0.5, ge=0.0, le=1.0)
     dense_shift_max: float = Field(default=0.5, gt=0.0)
-    content_mix_tvd_max: float = Field(default=0.25, gt=0.0, le=1.0)
+    content_mix_tvd_max: float = Field(default=0.3, gt=0.0, le=1.0)
     click_position_tvd_max: float = Field(default=0.25, gt=0.0, le=1.0)
     on_distribution_shift: Literal["quarantine", "alert"] = "quarantine"
 

@@ -329,18 +329,21 @@ def _median(values: list[float]) -> float:
 
 
 def _tvd(today: dict[str, float], refs: list[dict[str, float]]) -> float:
-    """Total variation distance between today's shares and the trailing days' mean shares."""
+    """Total variation distance between today's shares and the mean shares of ``refs``."""
     keys = set(today).union(*refs)
     ref = {k: float(np.mean([r.get(k, 0.0) for r in refs])) for k in keys}
     return 0.5 * sum(abs(today.get(k, 0.0) - ref[k]) for k in keys)
 
 
 def drift_frame(today: dict[str, dict], refs: list[dict[str, dict]]) -> pd.DataFrame:
-    """One row per (check, column): today's statistic against the trailing days' (``refs``).
+    """One row per (check, column): today's statistic against the trailing days' (``refs``, newest
+    first).
 
     - ``distinct_ratio``: distinct values today / trailing median (a collapsed feature gives ~0);
     - ``dense_shift``: the larger move of the median and p99, over the trailing p1-p99 spread;
-    - ``content_mix_tvd`` and ``click_position_tvd``: total variation distance of the shares.
+    - ``content_mix_tvd`` and ``click_position_tvd``: total variation distance of the shares from
+      the newest validated day's. A day-to-day distance: a drift ramping over days (the simulator's
+      ``content_shift`` moves the mix by ~0.18 a day) passes, a jump (one upstream change) fails.
     """
     rows = []
     for col, count in today["distinct"].items():
@@ -362,7 +365,7 @@ def drift_frame(today: dict[str, dict], refs: list[dict[str, dict]]) -> pd.DataF
         else:
             rows.append(("dense_shift", col, max(abs(qs[1] - mid), abs(qs[2] - hi)) / spread))
     for check, key in (("content_mix_tvd", "content_mix"), ("click_position_tvd", "click_position")):
-        ref = [r[key] for r in refs if r.get(key)]
+        ref = [r[key] for r in refs if r.get(key)][:1]  # the newest day: a jump, not a planned drift
         if ref and today[key]:
             rows.append((check, key, _tvd(today[key], ref)))
     return pd.DataFrame(rows, columns=["check", "column", "value"])
