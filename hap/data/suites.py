@@ -4,15 +4,21 @@ The suites live as GX 1.x JSON in ``expectations/`` (reviewed in the repo, loade
 ``gx.ExpectationSuite(**json)``). This module writes them, so the column lists and types never
 drift from the contracts: ``python -m hap.data.suites`` regenerates the files and a test checks they
 are in sync. Thresholds are ``$PARAMETER`` references filled at run time from ``params.yaml``
-(``validation:`` and the cascade shape in ``simulate:``) and from the trailing days' volumes.
+(``validation:``, and the id space, ranges and cascade shape in ``contract:``) and from the
+trailing validated days (volumes and distribution profiles).
 
-Every expectation carries ``meta.batch``, the frame it runs on (``hap.validation_frames``):
+Every expectation carries ``meta.batch``, the frame it runs on (``hap.data.frames``):
 
+- ``files``: one row per entry of the landing day's folder (known contract file or not);
 - ``schema``: one row per column of the file or the contract (presence, Arrow type, null count);
 - ``rows``: the table's rows, plus derived columns computed pyarrow-side (``has_ranking_row``,
-  ``u_click_seq_len``, ``partition_difficulty``);
+  the click sequence's length, id range and null ids, ``engaged_without_click``,
+  ``in_exposure_log``, ``click_unexposed``, ``partition_difficulty``);
 - ``requests``: one row per request, aggregated pyarrow-side from both logs (per-request
-  structure and sampling counts).
+  structure, display positions, sampling counts, the content key);
+- ``drift``: one row per statistic of today against the trailing validated days (distinct values,
+  dense quantiles, content mix, click share per position); severity follows
+  ``validation.on_distribution_shift``.
 
 Extra columns: an unknown column is a **warning** by default (``validation.extra_columns``). A
 new upstream column is additive and ingest keeps only contract columns, so it cannot reach
