@@ -111,7 +111,7 @@ def read_conformed(
         table = handle.read(columns=names)
         target = pa.schema([contract.field(n) for n in names])
         return table.cast(target)
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowInvalid, OSError, ValueError) as err:  # ValueError: nulls in a required column
         raise DataContractError(f"{path or 'raw log'}: cannot be read against its contract ({err})") from None
 
 
@@ -246,7 +246,7 @@ def _stream_join(
                 if "source" in joined.column_names:
                     counts = pc.value_counts(joined["source"]).to_pylist()
                     by_source.update({c["values"]: c["counts"] for c in counts})
-        except (pa.ArrowInvalid, OSError) as err:
+        except (pa.ArrowInvalid, OSError, ValueError) as err:  # ValueError: nulls in a required column
             raise DataContractError(f"{path}: cannot be read against its contract ({err})") from None
     return rows, by_source
 

@@ -897,3 +897,33 @@ def test_training_refuses_non_finite_values_that_bypass_validation(
     assert not markers.is_validated(cfg, DAY)
     assert str(registry.alias_version(cfg, "champion").version) == "1"
     assert [str(v.version) for v in registry.versions(cfg)] == ["1"]
+
+
+def test_distribution_shift_policy_alert_trains_with_a_warning(day_copy, monkeypatch, capsys):
+    """``validation.on_distribution_shift: alert``: a collapsed feature is reported, not quarantined."""
+    cfg = _cfg(day_copy)
+    collapsed_feature(layout.landing_day(cfg, DAY))
+    code, out = run_cli(
+        day_copy,
+        ["validate", "--date", DAY.isoformat()],
+        monkeypatch,
+        capsys,
+        **{"validation.on_distribution_shift": "alert"},
+    )
+    assert code == 0, out
+    assert any(line.strip().startswith("WARN") and "u_city" in line for line in out.splitlines()), out
+    assert markers.is_validated(cfg, DAY) and not markers.is_quarantined(cfg, DAY)
+
+
+def test_ingest_turns_nulls_in_a_required_column_into_a_quarantine(day_copy):
+    """Ingest told to trust a day with nulls in a non-nullable column: one clean contract error
+    naming the file, and the day quarantined, instead of a raw ValueError."""
+    from hap.data.ingest import ingest_day
+
+    cfg = _cfg(day_copy)
+    null_keys(layout.landing_day(cfg, DAY))
+    with pytest.raises(DataContractError, match="ranking.parquet"):
+        ingest_day(cfg, DAY, require_validated=False)
+    reason = json.loads((layout.quarantine_day(cfg, DAY) / "result.json").read_text())["reason"]
+    assert reason["step"] == "ingest" and "ranking.parquet" in reason["error"]
+    assert not layout.lake_partition(cfg, "samples", DAY).exists()
