@@ -3,8 +3,8 @@
 Every deterministic pseudo-random decision of the pipeline uses it: the split's sampling and eval
 requests (``unit_hash``), validation's request content keys, the model's feature re-hashing and
 monitoring's request sampling. The sources' id anonymization (``hash_ids``) keeps its own
-multiplicative hash, which defines the simulated data (see there). A pure function of its inputs: no RNG state, the same bytes on
-every machine.
+multiplicative hash, which defines the simulated data (see there). A pure function of its
+inputs: no RNG state, the same bytes on every machine.
 """
 
 from __future__ import annotations
