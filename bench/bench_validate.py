@@ -1,6 +1,6 @@
 """Validation time against reading the same day with pyarrow, as a ratio.
 
-For one simulated, ingested day (default 100k requests: about 1M exposure rows and 3.3M ranking
+For one simulated, landed day (default 100k requests: about 1M exposure rows and 3.3M ranking
 rows), each measured stage runs in a fresh process (honest peak RSS, imports included):
 - ``read``: the baseline, ``pyarrow.parquet.read_table`` of the day's three raw logs;
 - ``validate``: ``hap.validate.validate_day`` as the pipeline runs it (GX suites, Data Docs,
@@ -35,12 +35,10 @@ def _cfg(home: str, requests: int, docs: bool = True):
 
 
 def prepare(home: str, requests: int) -> int:
-    from hap.data.ingest import ingest_day
+    """Land one simulated day (validation reads the landing files, before ingest)."""
     from hap.sources.simulator import simulate_day
 
-    cfg = _cfg(home, requests)
-    stats = simulate_day(cfg, DAY, progress=False)
-    ingest_day(cfg, DAY)
+    stats = simulate_day(_cfg(home, requests), DAY, progress=False)
     return stats.exposures + stats.ranking_rows + stats.fullflow_rows
 
 
@@ -66,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     home = tempfile.mkdtemp(prefix="hap-bench-validate-")
     try:
-        prep = measure("simulate+ingest", prepare, home, args.requests)
+        prep = measure("simulate", prepare, home, args.requests)
         read = measure("read (pyarrow)", read_day, home, args.requests)
         val = measure("validate", validate, home, args.requests, True)
         val_nodocs = measure("validate, no Data Docs", validate, home, args.requests, False)
@@ -78,7 +76,7 @@ def main() -> None:
     table = markdown_table(["stage", "rows", "seconds", "peak RSS MB", "x read"], rows)
     print(
         f"validation of one day at {args.requests:,} requests ({prep.rows:,} raw rows; "
-        f"simulate+ingest took {prep.seconds:.1f}s)"
+        f"simulate took {prep.seconds:.1f}s)"
     )
     print(table)
     write_results(

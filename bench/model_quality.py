@@ -27,14 +27,6 @@ RHOS = (0.05, 0.1, 0.2)
 MERGES = ("stack", "raw", "sum")
 
 
-def _grid(
-    values: np.ndarray, ri: np.ndarray, col: np.ndarray, shape: tuple[int, int], fill: float
-) -> np.ndarray:
-    g = np.full(shape, fill, dtype=np.float64)
-    g[ri, col] = values
-    return g
-
-
 def top50_metrics(key: np.ndarray, label: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Recall@50 of clicks and the ground-truth top-50 overlap; ``[R, n]`` grids, -inf = padding."""
     top = np.argsort(-key, axis=1, kind="stable")[:, :50]
@@ -49,49 +41,45 @@ def top50_metrics(key: np.ndarray, label: np.ndarray, truth: np.ndarray) -> dict
 
 
 def evaluate(cfg: Any, bundle_dir: Path, eval_path: Path, fullflow: Path) -> dict[str, float]:
-    from hap.model.evaluate import _index, score_rows
+    """Top-50 metrics of the light model, expressive-all and every (rho, merge) DAMR variant."""
     from hap.model.routing import merge_scores, route_grid
-    from hap.model.towers import load_bundle
+    from hap.model.serving import RequestIndex, load_bundle
 
     bundle = load_bundle(bundle_dir)
     table = ds.dataset(str(eval_path), format="parquet").to_table()
     aff = pq.read_table(fullflow, columns=["request_id", "item_id", "true_affinity"]).to_pandas()
     keys = table.select(["request_id", "item_id"]).to_pandas()
     truth = keys.merge(aff, on=["request_id", "item_id"], how="left").true_affinity.to_numpy()
-    enc = {k: torch.from_numpy(v) for k, v in bundle.spec.encode(table).items()}
-    ri, first, col, counts = _index(table["request_id"].to_numpy())
-    shape = (len(counts), int(counts.max()))
-    row_req, req_first = torch.from_numpy(ri), torch.from_numpy(first)
-    light = score_rows(bundle.light, enc, row_req, req_first).numpy()
-    expr = score_rows(bundle.expressive, enc, row_req, req_first).numpy()
-    label = _grid(table["label"].to_numpy().astype(float), ri, col, shape, 0.0)
-    gt = _grid(truth, ri, col, shape, -np.inf)
-    valid = _grid(np.ones(len(ri)), ri, col, shape, 0.0) > 0
+    index = RequestIndex.of(table["request_id"].to_numpy())
+    light = bundle.tower_scores("light", table, index=index)
+    expr = bundle.tower_scores("expressive", table, index=index)
+    label = index.grid(table["label"].to_numpy().astype(float), 0.0)
+    gt = index.grid(truth, -np.inf)
+    valid = index.valid()
     out: dict[str, float] = {}
     for name, s in (("light", light), ("expressive_all", expr)):
-        out.update(
-            {f"{name}/{k}": v for k, v in top50_metrics(_grid(s, ri, col, shape, -np.inf), label, gt).items()}
-        )
-    lg = torch.from_numpy(_grid(light, ri, col, shape, -np.inf).astype(np.float32))
+        out.update({f"{name}/{k}": v for k, v in top50_metrics(index.grid(s, -np.inf), label, gt).items()})
+    lg = torch.from_numpy(index.grid(light, -np.inf).astype(np.float32))
     for rho in RHOS:
-        routed = route_grid(lg, torch.from_numpy(valid), {"mode": "topk", "rho": rho}).numpy()[ri, col]
+        routing = bundle.routing.model_copy(update={"mode": "topk", "rho": rho})
+        routed = route_grid(lg, torch.from_numpy(valid), routing).numpy()[index.row_request, index.column]
         for merge in MERGES:
             key = merge_scores(light, np.where(routed, expr, np.nan), routed, merge)
-            m = top50_metrics(_grid(key, ri, col, shape, -np.inf), label, gt)
+            m = top50_metrics(index.grid(key, -np.inf), label, gt)
             out.update({f"hap@{rho}:{merge}/{k}": v for k, v in m.items()})
-    out["n_requests"] = float(len(counts))
+    out["n_requests"] = float(len(index.counts))
     return out
 
 
 def oracles(cfg: Any, day: Any) -> dict[str, float]:
     """Ground-truth top-50 overlap of what each part of the true affinity alone recovers, and of the
     logged stage orders, on ``day``'s full-flow requests: what a model can reach from which signal."""
-    import pandas as pd
 
     from hap.core import layout
+    from hap.model.serving import RequestIndex
     from hap.sources.simulator import build_universe
 
-    uni = build_universe(cfg.simulate)
+    uni = build_universe(cfg.simulate, cfg.contract.hash_buckets, cfg.contract.n_content_types)
     cols = ["request_id", "item_id", "true_affinity", "prerank_pos", "retrieval_pos"]
     ff = pq.read_table(layout.raw_log(cfg, day, "fullflow"), columns=cols).to_pandas()
     users = pq.read_table(layout.raw_log(cfg, day, "exposure"), columns=["request_id", "user_id"]).to_pandas()
@@ -110,14 +98,10 @@ def oracles(cfg: Any, day: Any) -> dict[str, float]:
         "logged retrieval order": -ff.retrieval_pos.to_numpy(np.float64),
         "logged pre-ranking order": -ff.prerank_pos.to_numpy(np.float64),
     }
-    ri, col = pd.factorize(ff.request_id)[0], ff.groupby("request_id").cumcount().to_numpy()
-    shape = (int(ri.max()) + 1, int(col.max()) + 1)
-    truth = _grid(ff.true_affinity.to_numpy(), ri, col, shape, -np.inf)
-    zeros = np.zeros(shape)
-    return {
-        name: top50_metrics(_grid(s, ri, col, shape, -np.inf), zeros, truth)["gt@50"]
-        for name, s in signals.items()
-    }
+    index = RequestIndex.of(ff.request_id.to_numpy())
+    truth = index.grid(ff.true_affinity.to_numpy(), -np.inf)
+    zeros = np.zeros(index.shape)
+    return {name: top50_metrics(index.grid(s, -np.inf), zeros, truth)["gt@50"] for name, s in signals.items()}
 
 
 def main() -> None:

@@ -60,7 +60,6 @@ COLUMNS = (
 def prepare(cfg: Any) -> dt.date:
     """Simulate, ingest, validate and split; reuses what exists (same params => same bytes)."""
     from hap.core import layout
-    from hap.data import markers
     from hap.data.ingest import ingest_day
     from hap.data.split import build_training_set
     from hap.data.validate import validate_day
@@ -74,9 +73,8 @@ def prepare(cfg: Any) -> dt.date:
         day = start + dt.timedelta(days=i)
         if not layout.lake_partition(cfg, "samples", day).exists():
             simulate_day(cfg, day)
-            ingest_day(cfg, day)
-        if not markers.is_validated(cfg, day):
             validate_day(cfg, day)
+            ingest_day(cfg, day)
     print(build_training_set(cfg, date).render(), flush=True)
     return date
 

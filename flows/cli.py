@@ -6,6 +6,7 @@ library ``hap/`` never imports ``flows/`` (or Prefect). Expected failures print 
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -143,10 +144,34 @@ def schedule() -> None:
     )
 
 
+class _NoExpectedTraceback(logging.Filter):
+    """Console only: drop Prefect's "Encountered exception" record (with its traceback) when the
+    exception is an expected ``HapError``; the step's message is printed once below, and the Prefect
+    API log (another handler) keeps the full record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HapError)
+
+
+def quiet_expected_failures() -> None:
+    """Install the console filter on Prefect's stream handlers (after Prefect sets up logging)."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    loggers = [logging.getLogger(), *logging.root.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if type(handler).__name__ != "APILogHandler" and isinstance(handler, logging.StreamHandler):
+                if not any(isinstance(f, _NoExpectedTraceback) for f in handler.filters):
+                    handler.addFilter(_NoExpectedTraceback())
+
+
 def main() -> None:
     from hap.core.procs import install_interrupt
 
     install_interrupt()
+    quiet_expected_failures()
     try:
         app()
     except HapError as err:

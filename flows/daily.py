@@ -1,9 +1,11 @@
-"""``daily_retrain(date)``: ingest -> validate -> split -> train -> evaluate -> register -> gate ->
+"""``daily_retrain(date)``: validate -> ingest -> split -> train -> evaluate -> register -> gate ->
 monitor -> version the data (``dvc push``).
 
 - Failures: a transient fault is retried (``flows.retry``); a ``HapError`` such as
-  ``ValidationFailed`` is not. A failed validation ends the flow Failed with validation's own
-  message before any training, so the champion stays where it was.
+  ``ValidationFailed`` is not. Validation runs on the landing files before ingest publishes them;
+  a rejection anywhere (validate, ingest, train's non-finite check: any ``DayRejected``) leaves the
+  day quarantined, nothing published and the champion where it was, and ends the flow Failed with
+  the step's own one-line message (Prefect's log keeps the details).
 - Concurrency: the whole run locks the days of its window (one run per day of data; a second
   one waits, then refuses) and DVC operations lock the repository (``flows.locks``).
 - Skip rule: ``flows.policy`` decides whether the day retrains; an alert can force the next one.
@@ -26,7 +28,8 @@ from flows.locks import run_lock
 from hap.core import layout
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
-from hap.core.errors import HapError, ValidationFailed
+from hap.core.errors import DataContractError, DayRejected, HapError, ValidationFailed
+from hap.data.quarantine import reject
 from hap.registry.tracking import check_reachable
 
 SUMMARY_FILE = "daily_run.json"
@@ -116,8 +119,8 @@ def run_day(cfg: Config, day: dt.date, force_train: bool, spec: dict[str, Any]) 
     """Every step for one day, in order; the summary is written even when a step fails."""
     summary: dict[str, Any] = {"date": day.isoformat(), "status": "running", **_where(cfg, day)}
     try:
+        summary["validate"] = _step(tasks.validate, cfg, day)  # the landing files, before ingest publishes
         summary["ingest"] = _step(tasks.ingest, cfg, day)
-        summary["validate"] = _step(tasks.validate, cfg, day)
         decision = policy.decide(cfg, day, force=force_train)
         summary.update(retrain=decision.retrain, retrain_reason=decision.reason)
         if decision.retrain:
@@ -128,9 +131,19 @@ def run_day(cfg: Config, day: dt.date, force_train: bool, spec: dict[str, Any]) 
         summary["status"] = "completed"
     except BaseException as err:
         summary.update(status="failed", error=str(err))
-        if isinstance(err, ValidationFailed):
-            summary["quarantine"] = str(layout.quarantine_day(cfg, day))
-            summary["retrain_reason"] = "validation failed: no training, champion unchanged"
+        where = reject(cfg, err) if isinstance(err, DayRejected) else None
+        if where:  # say where the rejected day went, in the one line the user sees
+            err.args = (
+                f"{err}\n  the day was moved to {where}; fix the data, then `hap release-quarantine`",
+            )
+        if (
+            isinstance(err, (ValidationFailed, DataContractError))
+            and layout.quarantine_day(cfg, day).exists()
+        ):
+            where = layout.quarantine_day(cfg, day)
+        if where:
+            summary.update(quarantine=str(where), error=str(err))
+            summary["retrain_reason"] = f"{type(err).__name__}: day quarantined, no model, champion unchanged"
         raise
     finally:
         atomic_write_json(layout.metrics_dir(cfg, day) / SUMMARY_FILE, summary)

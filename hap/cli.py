@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from hap.core.config import Config, load_config
-from hap.core.errors import HapError
+from hap.core.errors import DayRejected, HapError
 
 app = typer.Typer(
     help="HAP pre-ranking: simulate, ingest, validate, split, train, evaluate, gate, monitor.",
@@ -296,7 +296,14 @@ def main() -> None:
     try:
         app()
     except HapError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        message = str(err)
+        if isinstance(err, DayRejected) and state._cfg is not None:  # a step found data it must not use
+            from hap.data.quarantine import reject
+
+            where = reject(state._cfg, err)
+            if where:
+                message += f"\n  the day was moved to {where}; fix the data, then `hap release-quarantine`"
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         # Half-written files of the failed step (a Parquet writer on a full disk) fail once more
         # when collected at exit; the error above already reports it, so that echo is dropped.
         sys.unraisablehook = lambda _unraisable: None

@@ -31,7 +31,7 @@ def panels(cfg: Config) -> list[tuple[str, Any]]:
     from evidently.sdk.models import PanelMetric
     from evidently.sdk.panels import line_plot_panel
 
-    cts = range(cfg.simulate.n_content_types)
+    cts = range(cfg.contract.n_content_types)
     per_ct = lambda col, title, desc: line_plot_panel(  # noqa: E731
         title=title, description=desc, size="half", values=[_mean(f"{col}_ct{k}", f"type {k}") for k in cts]
     )

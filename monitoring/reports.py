@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from hap.core import layout, schema
+from hap.core import hashing, layout, schema
 from hap.core.config import Config
 from monitoring import dashboards
 from monitoring.table import FEATURES, indicator_columns
@@ -63,9 +62,7 @@ def _cap(frame: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
         return frame
     ids = frame["request_id"].to_numpy()
     keep_share = rows / len(frame)
-    salt = np.uint64(seed * 2654435761 % (1 << 32))
-    hashed = ((ids.astype(np.uint64) + salt) * np.uint64(11400714819323198485)) >> np.uint64(40)
-    return frame[hashed < np.uint64(keep_share * (1 << 24))]
+    return frame[hashing.unit_hash(ids, 0, seed) < keep_share]
 
 
 def build_report(cfg: Config, columns: list[str], *, reference: bool, champion: bool):

@@ -59,7 +59,7 @@ class Champion:
 
 
 def content_types(cfg: Config) -> list[int]:
-    return list(range(cfg.simulate.n_content_types))
+    return list(range(cfg.contract.n_content_types))
 
 
 def indicator_columns(cfg: Config) -> list[str]:
@@ -171,7 +171,7 @@ def day_frame(cfg: Config, date: dt.date, champion: Champion | None) -> pd.DataF
     path = frame_path(cfg, date)
     version = (
         f"{champion.version if champion else ''}"
-        f"|margin={cfg.monitor.margin}|types={cfg.simulate.n_content_types}"
+        f"|margin={cfg.monitor.margin}|types={cfg.contract.n_content_types}"
     )
     if path.exists():
         table = pq.read_table(path)

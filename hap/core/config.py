@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -76,24 +77,15 @@ class SimulateConfig(_Section):
     n_user_segments: int
     n_item_categories: int
     latent_dim: int
-    n_content_types: int
     retrieval_pool: int
     retrieval_size: int
-    prerank_keep: int
-    rank_keep: int
-    exposed_per_request: int
-    rank_neg_per_request: int
-    prerank_neg_per_request: int
-    global_neg_per_pos: int
     retrieval_noise: float
     prerank_noise: float
     rank_noise: float
     click_offset: float
     position_bias: float
     affinity_scale: float
-    seq_len: int
     full_flow_requests: int = Field(ge=0)  # requests a day logged with every candidate: a count, not a share
-    hash_buckets: int
     chunk_requests: int = Field(ge=1)
     degrade_pool_factor: float
     degrade_noise_factor: float
@@ -102,20 +94,36 @@ class SimulateConfig(_Section):
     segment_interest_share: float = Field(default=0.6, ge=0.0, le=1.0)  # interests drawn from the segment's
     seq_pool_factor: int = Field(default=4, ge=1)  # recent clicks: the favourites of seq_len x this items
 
+
+class ContractConfig(_Section):
+    """What every source must deliver: the cascade's shape, the id space, the feature ranges.
+
+    The simulator writes to it, the RecFlow adapter maps into it, and validation and monitoring
+    check against it; none of them reads it from another source's settings.
+    """
+
+    hash_buckets: int = Field(ge=2)  # categorical ids and click-sequence ids lie in [0, hash_buckets)
+    seq_len: int = Field(ge=1)  # the recent-click sequence has exactly this length
+    n_content_types: int = Field(ge=1)  # content_type codes are 0 .. n_content_types - 1
+    exposed_per_request: int = Field(ge=1)  # display positions are 1..k per request, k <= this
+    rank_keep: int = Field(ge=1)
+    prerank_keep: int = Field(ge=1)
+    rank_neg_per_request: int = Field(ge=0)
+    prerank_neg_per_request: int = Field(ge=0)
+    global_neg_per_pos: int = Field(ge=0)
+    ranges: dict[str, tuple[float, float]]  # finite [min, max] of every dense column of every log
+
     @model_validator(mode="after")
-    def _cascade_shape(self) -> SimulateConfig:
-        if not (
-            self.exposed_per_request
-            <= self.rank_keep
-            < self.prerank_keep
-            < self.retrieval_size
-            <= self.retrieval_pool
-            <= self.n_items
-        ):
-            raise ValueError(
-                "simulate: need exposed <= rank_keep < prerank_keep < retrieval_size "
-                "<= retrieval_pool <= n_items"
-            )
+    def _shape(self) -> ContractConfig:
+        if not self.exposed_per_request <= self.rank_keep < self.prerank_keep:
+            raise ValueError("contract: need exposed_per_request <= rank_keep < prerank_keep")
+        bad = {
+            k: v
+            for k, v in self.ranges.items()
+            if not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] <= v[1])
+        }
+        if bad:
+            raise ValueError(f"contract.ranges: each range must be finite [min, max]: {bad}")
         return self
 
 
@@ -129,6 +137,14 @@ class ValidateConfig(_Section):
     extra_columns: Literal["warn", "fail"]
     examples: int = Field(ge=1)
     data_docs: bool
+    fullflow_min_requests: int = Field(default=100, ge=1)
+    fullflow_min_clicks: int = Field(default=1, ge=0)
+    distribution_min_history: int = Field(default=2, ge=1)
+    distinct_ratio_min: float = Field(default=0.5, ge=0.0, le=1.0)
+    dense_shift_max: float = Field(default=0.5, gt=0.0)
+    content_mix_tvd_max: float = Field(default=0.3, gt=0.0, le=1.0)
+    click_position_tvd_max: float = Field(default=0.25, gt=0.0, le=1.0)
+    on_distribution_shift: Literal["quarantine", "alert"] = "quarantine"
 
 
 class SplitConfig(_Section):
@@ -269,6 +285,7 @@ class OrchestrationConfig(_Section):
 class Config(_Section):
     paths: PathsConfig
     pipeline: PipelineConfig
+    contract: ContractConfig
     simulate: SimulateConfig
     validation: ValidateConfig
     split: SplitConfig
@@ -279,6 +296,15 @@ class Config(_Section):
     gate: GateConfig
     monitor: MonitorConfig
     orchestration: OrchestrationConfig
+
+    @model_validator(mode="after")
+    def _cascade_shape(self) -> Config:
+        sim, con = self.simulate, self.contract
+        if not con.prerank_keep < sim.retrieval_size <= sim.retrieval_pool <= sim.n_items:
+            raise ValueError(
+                "simulate: need contract.prerank_keep < retrieval_size <= retrieval_pool <= n_items"
+            )
+        return self
 
     # ---- resolved locations under the data root -------------------------------------
     @property

@@ -43,3 +43,33 @@ class WriteFailed(HapError):
             f"cannot write {path}: {reason}; nothing was left half-written, earlier data is intact"
         )
         self.path = str(path)
+
+
+class DayRejected(HapError):
+    """A step found data it must not use: the day is quarantined (``reason`` says why, for the
+    machine), nothing downstream is published, and the champion stays."""
+
+    exit_code = 7
+
+    def __init__(
+        self, message: str, date: str, step: str, check: str, file: str = "", examples: list | None = None
+    ):
+        super().__init__(message)
+        self.date, self.step, self.check, self.file = date, step, check, file
+        self.examples = list(examples or [])
+
+    def reason(self) -> dict:
+        return {
+            "step": self.step,
+            "status": "failed",
+            "check": self.check,
+            "file": self.file,
+            "examples": self.examples,
+            "error": str(self),
+        }
+
+
+class NonFiniteData(DayRejected):
+    """Training data or a training loss holds NaN or infinity."""
+
+    exit_code = 8

@@ -8,6 +8,7 @@ from pathlib import Path
 from hap.core.config import Config
 
 LAKE_TABLES = ("samples", "fullflow")
+SPLIT_META_FILE = "_split.json"
 
 
 def day(date: dt.date | str) -> dt.date:
@@ -47,6 +48,11 @@ def validation_day(cfg: Config, date: dt.date | str) -> Path:
 def training_set(cfg: Config, date: dt.date | str) -> Path:
     """The difficulty-split training set for the window ending on ``date``."""
     return cfg.path("training") / partition(date) / "train"
+
+
+def split_meta(cfg: Config, date: dt.date | str) -> Path:
+    """The split's metadata (window, eval day, counts, data version), inside the training set."""
+    return training_set(cfg, date) / SPLIT_META_FILE
 
 
 def eval_set(cfg: Config, date: dt.date | str) -> Path:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hap.core import schema
+from hap.core import hashing, schema
 
 
 @dataclass
@@ -85,6 +85,9 @@ EXPOSURE_ROW_COLUMNS = (
     "comment",
     "share",
     "dwell",
+    *schema.USER_DENSE,
+    *schema.USER_CATEGORICAL,
+    *schema.CONTEXT_CATEGORICAL,
 )
 RANKING_ROW_COLUMNS = (
     "request_id",
@@ -94,7 +97,26 @@ RANKING_ROW_COLUMNS = (
     "prerank_pos",
     "rank_pos",
     "content_type",
+    "true_affinity",
+    *schema.ITEM_DENSE,
+    *schema.ITEM_CATEGORICAL,
 )
+FULLFLOW_ROW_COLUMNS = (
+    "request_id",
+    "item_id",
+    "retrieval_pos",
+    "prerank_pos",
+    "rank_pos",
+    "exposed",
+    "click",
+    "content_type",
+    "true_affinity",
+    *schema.ITEM_DENSE,
+    *schema.ITEM_CATEGORICAL,
+)
+# The files a landing day holds; ``_SUCCESS`` is the completion flag some producers (Spark, Hadoop)
+# write. Anything else fails validation: a late or extra file is never silently ignored.
+LANDING_FILES = frozenset({*(f"{name}.parquet" for name in schema.RAW_LOGS), "_SUCCESS"})
 TRAINING_ROW_COLUMNS = (
     "dt",
     "request_id",
@@ -128,12 +150,53 @@ def _list_len(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.list_value_length(col)
 
 
+def landing_files(folder: Path) -> pd.DataFrame:
+    """One row per entry of a landing day's folder: is it a file the contract knows?"""
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return pd.DataFrame({"file": names, "known": [n in LANDING_FILES for n in names]})
+
+
+def _sequence_stats(col: pa.ChunkedArray) -> dict[str, np.ndarray]:
+    """Per row of a list column: its length, smallest and largest id, and null ids inside."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(col)
+    flat = pc.list_flatten(col)
+    parents = pc.list_parent_indices(col)
+    per_row = (
+        pa.table({"row": parents, "id": flat})
+        .group_by("row")
+        .aggregate([("id", "min"), ("id", "max"), ("id", "count", pc.CountOptions(mode="only_null"))])
+    )
+    rows = per_row["row"].to_numpy()
+    lo, hi, nulls = np.zeros(n), np.zeros(n), np.zeros(n, np.int64)
+    lo[rows] = per_row["id_min"].fill_null(0).to_numpy()
+    hi[rows] = per_row["id_max"].fill_null(0).to_numpy()
+    nulls[rows] = per_row["id_count"].to_numpy()
+    return {"len": _list_len(col).to_pandas(), "min": lo, "max": hi, "nulls": nulls}
+
+
 def exposure_rows(exposure: pa.Table, ranking: pa.Table) -> pd.DataFrame:
-    """Exposure rows without the list column, plus ``u_click_seq_len`` and ``has_ranking_row``."""
+    """Exposure rows without the list column, plus the click sequence's length, id range and
+    null ids, ``has_ranking_row`` and ``engaged_without_click`` (like, comment or share, no click)."""
     seq = schema.USER_SEQUENCE
     frame = _frame(exposure, EXPOSURE_ROW_COLUMNS)
-    frame[f"{seq}_len"] = _list_len(exposure[seq]).to_pandas()
+    for stat, values in _sequence_stats(exposure[seq]).items():
+        frame[f"{seq}_{stat}"] = values
     frame["has_ranking_row"] = has_ranking_row(exposure, ranking)
+    engaged = (frame["like"] != 0) | (frame["comment"] != 0) | (frame["share"] != 0)
+    frame["engaged_without_click"] = (engaged & (frame["click"] == 0)).to_numpy()
+    return frame
+
+
+def fullflow_rows(fullflow: pa.Table, exposure: pa.Table) -> pd.DataFrame:
+    """Full-flow rows, plus ``in_exposure_log`` (its request was exposed that day) and
+    ``click_unexposed`` (a click on a candidate that was never shown)."""
+    frame = _frame(fullflow, FULLFLOW_ROW_COLUMNS)
+    exposed_requests = pc.unique(exposure["request_id"])
+    frame["in_exposure_log"] = pc.is_in(fullflow["request_id"], value_set=exposed_requests).to_numpy(
+        zero_copy_only=False
+    )
+    frame["click_unexposed"] = ((frame["click"] != 0) & ~frame["exposed"].astype(bool)).to_numpy()
     return frame
 
 
@@ -161,12 +224,30 @@ def ranking_rows(ranking: pa.Table) -> pd.DataFrame:
     return _frame(ranking, RANKING_ROW_COLUMNS)
 
 
+def content_keys(exposure: pa.Table) -> pd.DataFrame:
+    """Per request: a hash of its user and of what it showed where. Two requests with the same key
+    are the same content logged twice (a replayed or duplicated upstream batch under new ids)."""
+    req = exposure["request_id"].to_numpy()
+    row_hash = hashing.mix64(exposure["item_id"].to_numpy(), exposure["position"].to_numpy(), salt=1)
+    user_hash = hashing.mix64(exposure["user_id"].to_numpy(), 0, salt=2)
+    order = np.argsort(req, kind="stable")
+    ids, starts = np.unique(req[order], return_index=True)
+    with np.errstate(over="ignore"):
+        key = np.add.reduceat(row_hash[order], starts) if len(order) else np.zeros(0, np.uint64)
+        key = key + user_hash[order][starts] if len(order) else key
+    return pd.DataFrame({"request_id": ids, "content_key": (key >> np.uint64(1)).astype(np.int64)})
+
+
 def requests_frame(exposure: pa.Table, ranking: pa.Table, global_neg_per_pos: int) -> pd.DataFrame:
-    """One row per request seen in either log, with exposure, click and per-source counts."""
-    exp = exposure.group_by("request_id").aggregate([("item_id", "count"), ("click", "sum")]).to_pandas()
-    exp.columns = [
-        "n_exposures" if c == "item_id_count" else "n_clicks" if c == "click_sum" else c for c in exp.columns
-    ]
+    """One row per request seen in either log, with exposure, click and per-source counts, the
+    display positions' range and the request's content key."""
+    exp = (
+        exposure.group_by("request_id")
+        .aggregate([("item_id", "count"), ("click", "sum"), ("position", "min"), ("position", "max")])
+        .to_pandas()
+    )
+    exp.columns = [{"item_id_count": "n_exposures", "click_sum": "n_clicks"}.get(c, c) for c in exp.columns]
+    exp = exp.merge(content_keys(exposure), on="request_id", how="left")
     counts = (
         ranking.select(["request_id", "source"])
         .group_by(["request_id", "source"])
@@ -180,6 +261,9 @@ def requests_frame(exposure: pa.Table, ranking: pa.Table, global_neg_per_pos: in
     out["n_exposures"] = out["n_exposures"].fillna(0).astype("int64")
     out["n_clicks"] = out["n_clicks"].fillna(0).astype("int64")
     out["exposed_gap"] = out["n_exposures"] - out["n_exposed"]
+    # positions are exactly 1..k: unique per request (a row check), smallest 1, largest k
+    out["position_min"] = out["position_min"].fillna(1).astype("int64")
+    out["position_gap"] = (out["position_max"].fillna(0) - out["n_exposures"]).astype("int64")
     out["global_neg_gap"] = out["n_global_neg"] - global_neg_per_pos * out["n_clicks"]
     keep = [
         "n_exposures",
@@ -187,6 +271,9 @@ def requests_frame(exposure: pa.Table, ranking: pa.Table, global_neg_per_pos: in
         *[f"n_{s}" for s in schema.RANKING_SOURCES],
         "exposed_gap",
         "global_neg_gap",
+        "position_min",
+        "position_gap",
+        "content_key",
     ]
     return out[keep].reset_index()
 
@@ -198,3 +285,87 @@ def training_rows(table: pa.Table, partition_difficulty: str) -> pd.DataFrame:
     frame[f"{seq}_len"] = _list_len(table[seq]).to_pandas()
     frame["partition_matches"] = (frame["difficulty"].astype(str) == partition_difficulty).to_numpy()
     return frame
+
+
+# ---- distributions against the trailing days ---------------------------------------------------------
+PROFILED = {
+    "exposure": (*schema.USER_CATEGORICAL, *schema.CONTEXT_CATEGORICAL, *schema.USER_DENSE, "dwell"),
+    "ranking": (*schema.ITEM_CATEGORICAL, *schema.ITEM_DENSE),
+}
+DENSE_PROFILED = ("dwell", *schema.DENSE_FEATURES)
+QUANTILES = (0.01, 0.5, 0.99)
+
+
+def _shares(values: pa.ChunkedArray | pa.Array) -> dict[str, float]:
+    counts = pc.value_counts(values).to_pylist()
+    total = sum(c["counts"] for c in counts)
+    return {str(c["values"]): c["counts"] / total for c in counts} if total else {}
+
+
+def profile(exposure: pa.Table, ranking: pa.Table) -> dict[str, dict]:
+    """The day's distribution summary, stored with its validation summary so later days can compare:
+    distinct values per feature, dense quantiles, the content mix, the click share per position."""
+    tables = {"exposure": exposure, "ranking": ranking}
+    distinct, quantiles = {}, {}
+    for name, columns in PROFILED.items():
+        for col in columns:
+            distinct[col] = int(pc.count_distinct(tables[name][col]).as_py())
+            if col in DENSE_PROFILED:
+                quantiles[col] = [
+                    float(q) if q is not None else None
+                    for q in pc.tdigest(tables[name][col], q=list(QUANTILES)).to_pylist()
+                ]
+    clicked = exposure.filter(pc.equal(exposure["click"], 1))
+    return {
+        "distinct": distinct,
+        "quantiles": quantiles,
+        "content_mix": _shares(exposure["content_type"]),
+        "click_position": _shares(clicked["position"]),
+    }
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def _tvd(today: dict[str, float], refs: list[dict[str, float]]) -> float:
+    """Total variation distance between today's shares and the mean shares of ``refs``."""
+    keys = set(today).union(*refs)
+    ref = {k: float(np.mean([r.get(k, 0.0) for r in refs])) for k in keys}
+    return 0.5 * sum(abs(today.get(k, 0.0) - ref[k]) for k in keys)
+
+
+def drift_frame(today: dict[str, dict], refs: list[dict[str, dict]]) -> pd.DataFrame:
+    """One row per (check, column): today's statistic against the trailing days' (``refs``, newest
+    first).
+
+    - ``distinct_ratio``: distinct values today / trailing median (a collapsed feature gives ~0);
+    - ``dense_shift``: the larger move of the median and p99, over the trailing p1-p99 spread;
+    - ``content_mix_tvd`` and ``click_position_tvd``: total variation distance of the shares from
+      the newest validated day's. A day-to-day distance: a drift ramping over days (the simulator's
+      ``content_shift`` moves the mix by ~0.18 a day) passes, a jump (one upstream change) fails.
+    """
+    rows = []
+    for col, count in today["distinct"].items():
+        ref = [r["distinct"][col] for r in refs if col in r.get("distinct", {})]
+        if ref and _median(ref) > 0:
+            rows.append(("distinct_ratio", col, count / _median(ref)))
+    for col, qs in today["quantiles"].items():
+        ref = [
+            r["quantiles"][col]
+            for r in refs
+            if r.get("quantiles", {}).get(col) and None not in r["quantiles"][col]
+        ]
+        if not ref:
+            continue
+        lo, mid, hi = (_median([q[i] for q in ref]) for i in range(3))
+        spread = max(hi - lo, 1e-9 + 1e-6 * abs(mid))
+        if None in qs or not all(np.isfinite(qs)):
+            rows.append(("dense_shift", col, float("inf")))
+        else:
+            rows.append(("dense_shift", col, max(abs(qs[1] - mid), abs(qs[2] - hi)) / spread))
+    for check, key in (("content_mix_tvd", "content_mix"), ("click_position_tvd", "click_position")):
+        ref = [r[key] for r in refs if r.get(key)][:1]  # the newest day: a jump, not a planned drift
+        if ref and today[key]:
+            rows.append((check, key, _tvd(today[key], ref)))
+    return pd.DataFrame(rows, columns=["check", "column", "value"])

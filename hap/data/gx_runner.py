@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from hap.data.suites import EXTRA_COLUMNS_NOTE
+from hap.data.suites import DISTRIBUTION_NOTE, EXTRA_COLUMNS_NOTE
 
 ARG_KEYS = (
     "column",
@@ -105,7 +105,13 @@ def _plain(value: Any) -> Any:
 class GxRunner:
     """A throwaway GX context: add suites and frames, run, collect findings, render docs."""
 
-    def __init__(self, docs_dir: Path | None, examples: int = 5, extra_columns: str = "warn") -> None:
+    def __init__(
+        self,
+        docs_dir: Path | None,
+        examples: int = 5,
+        extra_columns: str = "warn",
+        on_distribution_shift: str = "quarantine",
+    ) -> None:
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -130,6 +136,7 @@ class GxRunner:
         self.examples = examples
         self._names: set[str] = set()
         self.extra_columns = extra_columns
+        self.on_distribution_shift = on_distribution_shift
 
     def _suite(self, suite_json: dict[str, Any], batch: str) -> Any:
         chosen = []
@@ -139,6 +146,8 @@ class GxRunner:
             exp = copy.deepcopy(exp)
             if exp["meta"].get("check") == EXTRA_COLUMNS_NOTE:
                 exp["severity"] = "critical" if self.extra_columns == "fail" else "warning"
+            if exp["meta"].get("check") == DISTRIBUTION_NOTE:
+                exp["severity"] = "critical" if self.on_distribution_shift == "quarantine" else "warning"
             chosen.append(exp)
         name = f"{suite_json['name']}.{batch}"
         if name in self._names:  # the same suite on another file (a training-set partition)
@@ -163,7 +172,9 @@ class GxRunner:
                 name=f"{suite.name}", data=asset.add_batch_definition_whole_dataframe("whole"), suite=suite
             )
         )
-        index_cols = [c for c in ("request_id", "column") if c in frame.columns][:1] if len(frame) else []
+        index_cols = (
+            [c for c in ("request_id", "column", "file") if c in frame.columns][:1] if len(frame) else []
+        )
         result_format: dict[str, Any] = {
             "result_format": "SUMMARY",
             "partial_unexpected_count": self.examples,

@@ -26,6 +26,8 @@ from hap.core import layout, schema
 from hap.core.atomic import atomic_dir
 from hap.core.config import Config
 from hap.core.errors import DataContractError
+from hap.data import markers
+from hap.data.quarantine import quarantine_day
 
 PART_FILE = "part-0.parquet"
 BATCH_ROWS = 262_144
@@ -109,7 +111,7 @@ def read_conformed(
         table = handle.read(columns=names)
         target = pa.schema([contract.field(n) for n in names])
         return table.cast(target)
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowInvalid, OSError, ValueError) as err:  # ValueError: nulls in a required column
         raise DataContractError(f"{path or 'raw log'}: cannot be read against its contract ({err})") from None
 
 
@@ -244,14 +246,34 @@ def _stream_join(
                 if "source" in joined.column_names:
                     counts = pc.value_counts(joined["source"]).to_pylist()
                     by_source.update({c["values"]: c["counts"] for c in counts})
-        except (pa.ArrowInvalid, OSError) as err:
+        except (pa.ArrowInvalid, OSError, ValueError) as err:  # ValueError: nulls in a required column
             raise DataContractError(f"{path}: cannot be read against its contract ({err})") from None
     return rows, by_source
 
 
-def ingest_day(cfg: Config, date: dt.date) -> IngestReport:
-    """Raw landing logs of ``date`` → ``lake/samples/dt=D`` and ``lake/fullflow/dt=D``."""
+def ingest_day(cfg: Config, date: dt.date, require_validated: bool = True) -> IngestReport:
+    """Validated landing logs of ``date`` → ``lake/samples/dt=D`` and ``lake/fullflow/dt=D``.
+
+    Ingest publishes only a day whose landing files passed validation unchanged (the validated lake
+    never holds anything else); ``require_validated=False`` is for fixtures and benchmarks that build
+    a lake from trusted simulated logs. A contract error quarantines the day and raises."""
     date = layout.day(date)
+    if require_validated:
+        markers.require_fresh_validation(cfg, date, "ingest")
+    try:
+        return _ingest(cfg, date)
+    except (DataContractError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as err:
+        message = str(err) if isinstance(err, DataContractError) else f"ingest of {date}: {err}"
+        qdir = quarantine_day(
+            cfg, date, {"step": "ingest", "status": "failed", "check": "contract", "error": message}
+        )
+        raise DataContractError(
+            f"{message}\n  the day was moved to {qdir}; fix the data, then "
+            f"`hap release-quarantine --date {date}`"
+        ) from None
+
+
+def _ingest(cfg: Config, date: dt.date) -> IngestReport:
     handles = {name: open_raw_log(cfg, date, name) for name in schema.RAW_LOGS}
     exp_path = layout.raw_log(cfg, date, "exposure")
     exp_cols = [

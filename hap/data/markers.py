@@ -47,6 +47,28 @@ def read_marker(cfg: Config, date: dt.date | str) -> dict[str, Any]:
     return json.loads(marker_path(cfg, date).read_text())
 
 
+def landing_stamp(cfg: Config, date: dt.date | str) -> dict[str, list[int]]:
+    """Size and modification time of each file in the landing day: what validation saw."""
+    folder = layout.landing_day(cfg, date)
+    if not folder.is_dir():
+        return {}
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir())}
+
+
+def require_fresh_validation(cfg: Config, date: dt.date | str, step: str) -> None:
+    """Refuse ``step`` unless the day passed validation on exactly the files it holds now: a file
+    that changed or arrived after validation was never checked."""
+    require_validated(cfg, [date], step)
+    iso = layout.day(date).isoformat()
+    seen, now = read_marker(cfg, date).get("files"), landing_stamp(cfg, date)
+    if seen != now:
+        changed = sorted(n for n in set(seen or {}) | set(now) if (seen or {}).get(n) != now.get(n))
+        raise NotValidated(
+            f"{step}: the landing files of {iso} changed after validation ({changed}); "
+            f"run `hap validate --date {iso}` again"
+        )
+
+
 def require_validated(cfg: Config, dates: Iterable[dt.date | str], step: str) -> None:
     """Refuse to run ``step`` on any day that is quarantined or has not passed validation."""
     for date in dates:

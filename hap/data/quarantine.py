@@ -1,12 +1,14 @@
 """Quarantine: a bad day leaves the pipeline, with its data and the reason, and nothing is lost.
 
-``quarantine_day`` moves the day's landing folder and lake partitions into ``quarantine/dt=D/``
-and writes ``result.json`` (why). Validation calls it on failure; ingest and the flows call it
-when a raw log breaks its contract. ``markers.require_validated`` then refuses the day.
-``release_quarantine`` is for the operator who has fixed the data: either fixed in place under
-``quarantine/dt=D/landing/`` (it is moved back), or re-landed under ``landing/dt=D/`` (the fresh
-files win and the quarantined copy is archived). The stale lake partitions are discarded; the
-day then goes through ``hap ingest`` and ``hap validate`` again.
+``quarantine_day`` moves the day's landing folder into ``quarantine/dt=D/landing`` and writes
+``result.json`` with a machine-readable reason (step, check, file, examples). Every rejection
+calls it: validation, ingest, training (non-finite data) and the flows for any ``DayRejected``.
+Lake partitions are derived data: a day rejected after ingest published it has them removed
+(unpublished), never moved, so the quarantine holds only what landed. ``markers.require_validated``
+then refuses the day. ``release_quarantine`` is for the operator who has fixed the data: either
+fixed in place under ``quarantine/dt=D/landing/`` (it is moved back), or re-landed under
+``landing/dt=D/`` (the fresh files win and the quarantined copy is archived). The day then goes
+through ``hap validate`` and ``hap ingest`` again.
 """
 
 from __future__ import annotations
@@ -39,28 +41,43 @@ def _move(src: Path, dst: Path) -> bool:
 
 
 def quarantine_day(cfg: Config, date: dt.date | str, reason: dict[str, Any]) -> Path:
-    """Move the day's landing files and lake partitions to ``quarantine/dt=D`` with ``reason``."""
+    """Move the day's landing files to ``quarantine/dt=D`` with ``reason``; unpublish its lake
+    partitions. Idempotent: a second rejection of the same day keeps the first one's files."""
     date = layout.day(date)
     qdir = layout.quarantine_day(cfg, date)
     qdir.mkdir(parents=True, exist_ok=True)
     markers.clear_marker(cfg, date)
-    moved = {}
+    moved: dict[str, str] = {}
     if _move(layout.landing_day(cfg, date), qdir / "landing"):
         moved["landing"] = str(qdir / "landing")
+    unpublished = []
     for table in layout.LAKE_TABLES:
-        if _move(layout.lake_partition(cfg, table, date), qdir / "lake" / table):
-            moved[f"lake/{table}"] = str(qdir / "lake" / table)
+        part = layout.lake_partition(cfg, table, date)
+        if part.exists():
+            shutil.rmtree(part)
+            unpublished.append(str(part))
     atomic_write_json(
         qdir / RESULT_FILE,
         {
             "date": date.isoformat(),
             "quarantined_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "moved": moved,
+            "unpublished": unpublished,
             "reason": reason,
             "release": f"fix the data, then `hap release-quarantine --date {date}`",
         },
     )
     return qdir
+
+
+def reject(cfg: Config, err: Any) -> Path | None:
+    """Quarantine the day a ``DayRejected`` names, once; returns where it went (None if no day)."""
+    date = getattr(err, "date", "")
+    if not date:
+        return None
+    if markers.is_quarantined(cfg, date):
+        return layout.quarantine_day(cfg, date)
+    return quarantine_day(cfg, date, err.reason())
 
 
 @dataclass

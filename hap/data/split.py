@@ -40,6 +40,7 @@ from hap.core import layout, schema
 from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import DataContractError, HapError
+from hap.core.hashing import unit_hash
 from hap.data import markers
 
 PART_FILE = "part-0.parquet"
@@ -87,26 +88,6 @@ class SplitReport:
             f"-> {self.eval_path}\n"
             f"data version {self.data_version}"
         )
-
-
-# ---- deterministic hashing ------------------------------------------------------------------------
-def unit_hash(request_id: np.ndarray, item_id: np.ndarray | int, salt: int) -> np.ndarray:
-    """A uniform number in [0, 1) per (request_id, item_id, salt): splitmix64 over the pair.
-
-    Pure function of its inputs, so sampling never depends on batch boundaries or RNG state.
-    """
-    with np.errstate(over="ignore"):
-        r = np.asarray(request_id).astype(np.uint64)
-        i = np.asarray(item_id).astype(np.uint64)
-        x = r * np.uint64(0x9E3779B97F4A7C15) ^ (i + np.uint64(salt & 0xFFFFFFFF)) * np.uint64(
-            0xC2B2AE3D27D4EB4F
-        )
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 # ---- eval day and eval requests -------------------------------------------------------------------
@@ -305,7 +286,9 @@ def build_training_set(cfg: Config, date: dt.date) -> SplitReport:
             diff_counts[schema.DIFFICULTY_OF_SOURCE[source]] += n
         report.by_difficulty = dict(diff_counts)
         report.data_version = record_data_version(train_dir)
-    report.train_path, report.eval_path = layout.training_set(cfg, date), layout.eval_set(cfg, date)
+        report.train_path, report.eval_path = layout.training_set(cfg, date), layout.eval_set(cfg, date)
+        # the split's metadata travels with the training set (``_`` files are outside its data version)
+        atomic_write_json(train_dir / layout.SPLIT_META_FILE, report.summary())
     atomic_write_json(layout.metrics_dir(cfg, date) / REPORT_FILE, report.summary())
     return report
 

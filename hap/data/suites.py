@@ -4,15 +4,21 @@ The suites live as GX 1.x JSON in ``expectations/`` (reviewed in the repo, loade
 ``gx.ExpectationSuite(**json)``). This module writes them, so the column lists and types never
 drift from the contracts: ``python -m hap.data.suites`` regenerates the files and a test checks they
 are in sync. Thresholds are ``$PARAMETER`` references filled at run time from ``params.yaml``
-(``validation:`` and the cascade shape in ``simulate:``) and from the trailing days' volumes.
+(``validation:``, and the id space, ranges and cascade shape in ``contract:``) and from the
+trailing validated days (volumes and distribution profiles).
 
-Every expectation carries ``meta.batch``, the frame it runs on (``hap.validation_frames``):
+Every expectation carries ``meta.batch``, the frame it runs on (``hap.data.frames``):
 
+- ``files``: one row per entry of the landing day's folder (known contract file or not);
 - ``schema``: one row per column of the file or the contract (presence, Arrow type, null count);
 - ``rows``: the table's rows, plus derived columns computed pyarrow-side (``has_ranking_row``,
-  ``u_click_seq_len``, ``partition_difficulty``);
+  the click sequence's length, id range and null ids, ``engaged_without_click``,
+  ``in_exposure_log``, ``click_unexposed``, ``partition_difficulty``);
 - ``requests``: one row per request, aggregated pyarrow-side from both logs (per-request
-  structure and sampling counts).
+  structure, display positions, sampling counts, the content key);
+- ``drift``: one row per statistic of today against the trailing validated days (distinct values,
+  dense quantiles, content mix, click share per position); severity follows
+  ``validation.on_distribution_shift``.
 
 Extra columns: an unknown column is a **warning** by default (``validation.extra_columns``). A
 new upstream column is additive and ingest keeps only contract columns, so it cannot reach
@@ -31,8 +37,10 @@ from hap.core.config import REPO_ROOT
 
 SUITE_DIR = REPO_ROOT / "expectations"
 SUITE_FILES = {
+    "landing": "landing.json",
     "exposure": "exposure_log.json",
     "ranking": "ranking_log.json",
+    "fullflow": "fullflow_log.json",
     "training_set": "training_set.json",
 }
 EXTRA_COLUMNS_NOTE = (
@@ -52,6 +60,7 @@ def _e(kind: str, batch: str, why: str, severity: str = "critical", **kwargs: An
 KEY_COLUMNS = {  # not-null checked row by row (bad-row counts and examples); other columns via null_count
     "exposure": ("request_id", "timestamp", "user_id", "item_id", "position", "click"),
     "ranking": ("request_id", "item_id", "source"),
+    "fullflow": ("request_id", "item_id", "retrieval_pos", "exposed", "click"),
     "training_set": ("dt", "request_id", "item_id", "source", "group", "difficulty", "label"),
 }
 
@@ -107,6 +116,107 @@ def _schema_part() -> list[dict[str, Any]]:
     ]
 
 
+DISTRIBUTION_NOTE = "distribution"  # meta.check of checks whose severity follows on_distribution_shift
+
+
+def _dense(columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every dense column: no NaN (pandas counts NaN as null) and inside its finite contract range."""
+    out = []
+    for c in columns:
+        out.append(_e("expect_column_values_to_not_be_null", "rows", f"{c} is a number (no NaN)", column=c))
+        out.append(
+            _e(
+                "expect_column_values_to_be_between",
+                "rows",
+                f"{c} is finite and inside its contract range (contract.ranges.{c})",
+                column=c,
+                min_value=P(f"{c}_min"),
+                max_value=P(f"{c}_max"),
+            )
+        )
+    return out
+
+
+def _ids(columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Categorical ids lie in the hash space [0, contract.hash_buckets)."""
+    return [
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            f"{c} is an id of the hash space [0, contract.hash_buckets)",
+            column=c,
+            min_value=0,
+            max_value=P("id_max"),
+        )
+        for c in columns
+    ]
+
+
+def _non_negative(columns: tuple[str, ...], what: str = "ids are non-negative") -> list[dict[str, Any]]:
+    return [
+        _e("expect_column_values_to_be_between", "rows", f"{c}: {what}", column=c, min_value=0)
+        for c in columns
+    ]
+
+
+def _content_type() -> dict[str, Any]:
+    return _e(
+        "expect_column_values_to_be_between",
+        "rows",
+        "content types are codes 0 .. contract.n_content_types - 1",
+        column="content_type",
+        min_value=0,
+        max_value=P("content_type_max"),
+    )
+
+
+def _distribution_part() -> list[dict[str, Any]]:
+    """Checks on the ``drift`` frame: one row per statistic of today against the median of the
+    trailing validated days (``hap.data.frames.drift_frame``). Severity follows
+    ``validation.on_distribution_shift``."""
+    checks = [
+        (
+            "distinct_ratio",
+            "min",
+            "distinct_ratio_min",
+            "a feature keeps its number of distinct values (not collapsed)",
+        ),
+        (
+            "dense_shift",
+            "max",
+            "dense_shift_max",
+            "a dense feature's median and p99 stay near the trailing days'",
+        ),
+        (
+            "content_mix_tvd",
+            "max",
+            "content_mix_tvd_max",
+            "the content-type mix stays near the trailing days'",
+        ),
+        (
+            "click_position_tvd",
+            "max",
+            "click_position_tvd_max",
+            "the share of clicks per display position stays near the trailing days'",
+        ),
+    ]
+    out = []
+    for check, side, param, why in checks:
+        bound = {"min_value": P(param)} if side == "min" else {"max_value": P(param)}
+        exp = _e(
+            "expect_column_values_to_be_between",
+            "drift",
+            why,
+            column="value",
+            row_condition=f'check=="{check}"',
+            condition_parser="pandas",
+            **bound,
+        )
+        exp["meta"]["check"] = DISTRIBUTION_NOTE
+        out.append(exp)
+    return out
+
+
 def _not_null(table: str) -> list[dict[str, Any]]:
     return [
         _e("expect_column_values_to_not_be_null", "rows", f"key column {c} is never null", column=c)
@@ -140,9 +250,16 @@ def exposure_suite() -> dict[str, Any]:
         _e(
             "expect_column_values_to_be_between",
             "rows",
-            "display positions are 1-based",
+            "display positions are 1 .. contract.exposed_per_request",
             column="position",
             min_value=1,
+            max_value=P("exposed_per_request"),
+        ),
+        _e(
+            "expect_compound_columns_to_be_unique",
+            "rows",
+            "the same user is not shown the same item at the same instant twice (replayed logs)",
+            column_list=["user_id", "timestamp", "item_id"],
         ),
         *[
             _e(
@@ -155,19 +272,16 @@ def exposure_suite() -> dict[str, Any]:
             for col in ("click", "like", "comment", "share")
         ],
         _e(
-            "expect_column_values_to_be_between",
+            "expect_column_values_to_be_in_set",
             "rows",
-            "dwell time is not negative",
-            column="dwell",
-            min_value=0,
+            "feedback is consistent: no like, comment or share without a click",
+            column="engaged_without_click",
+            value_set=[False],
         ),
-        _e(
-            "expect_column_values_to_be_between",
-            "rows",
-            "content types are non-negative codes",
-            column="content_type",
-            min_value=0,
-        ),
+        *_dense(("dwell", *schema.USER_DENSE)),
+        _content_type(),
+        *_non_negative(("request_id", "user_id", "item_id")),
+        *_ids((*schema.USER_CATEGORICAL, *schema.CONTEXT_CATEGORICAL)),
         _e(
             "expect_column_values_to_be_between",
             "rows",
@@ -180,9 +294,31 @@ def exposure_suite() -> dict[str, Any]:
         _e(
             "expect_column_values_to_be_between",
             "rows",
-            "the recent-click sequence is not empty",
+            "the recent-click sequence has exactly contract.seq_len ids",
             column="u_click_seq_len",
-            min_value=1,
+            min_value=P("seq_len"),
+            max_value=P("seq_len"),
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "the recent-click sequence holds no null id",
+            column="u_click_seq_nulls",
+            max_value=0,
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "recent-click ids lie in the hash space [0, contract.hash_buckets)",
+            column="u_click_seq_min",
+            min_value=0,
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "recent-click ids lie in the hash space [0, contract.hash_buckets)",
+            column="u_click_seq_max",
+            max_value=P("id_max"),
         ),
         _e(
             "expect_column_values_to_not_be_null",
@@ -205,6 +341,7 @@ def exposure_suite() -> dict[str, Any]:
             min_value=P("ctr_min"),
             max_value=P("ctr_max"),
         ),
+        *_distribution_part(),
     ]
     return {
         "name": "exposure_log",
@@ -252,13 +389,18 @@ def ranking_suite() -> dict[str, Any]:
             )
             for col in ("retrieval_pos", "prerank_pos", "rank_pos")
         ],
+        _content_type(),
+        *_non_negative(("request_id", "item_id")),
+        *_dense(schema.ITEM_DENSE),
         _e(
             "expect_column_values_to_be_between",
             "rows",
-            "content types are non-negative codes",
-            column="content_type",
-            min_value=0,
+            "true_affinity is finite where present (contract.ranges.true_affinity)",
+            column="true_affinity",
+            min_value=P("true_affinity_min"),
+            max_value=P("true_affinity_max"),
         ),
+        *_ids(schema.ITEM_CATEGORICAL),
         _e(
             "expect_column_values_to_not_be_null",
             "rows",
@@ -313,6 +455,35 @@ def ranking_suite() -> dict[str, Any]:
         _e(
             "expect_column_values_to_be_between",
             "requests",
+            "a request shows at most contract.exposed_per_request items",
+            column="n_exposures",
+            max_value=P("exposed_per_request"),
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "requests",
+            "display positions of a request start at 1",
+            column="position_min",
+            min_value=1,
+            max_value=1,
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "requests",
+            "display positions of a request are exactly 1..k: no gap (largest position == exposures)",
+            column="position_gap",
+            min_value=0,
+            max_value=0,
+        ),
+        _e(
+            "expect_column_values_to_be_unique",
+            "requests",
+            "no request repeats another's user and exposures (content duplicated under new request ids)",
+            column="content_key",
+        ),
+        _e(
+            "expect_column_values_to_be_between",
+            "requests",
             "every exposure of a request is logged in the ranking log and vice versa",
             column="exposed_gap",
             min_value=0,
@@ -351,6 +522,105 @@ def ranking_suite() -> dict[str, Any]:
             "contract": "hap.core.schema.RANKING_LOG",
             "generated_by": "hap.data.suites",
         },
+    }
+
+
+def fullflow_suite() -> dict[str, Any]:
+    """The eval log: a sample of requests logged with every retrieved candidate."""
+    ex = [
+        *_schema_part(),
+        *_not_null("fullflow"),
+        _e(
+            "expect_compound_columns_to_be_unique",
+            "rows",
+            "key: (request_id, item_id) is unique",
+            column_list=["request_id", "item_id"],
+        ),
+        _e(
+            "expect_column_unique_value_count_to_be_between",
+            "rows",
+            "enough full-flow requests for the gate's paired statistics (validation.fullflow_min_requests)",
+            column="request_id",
+            min_value=P("fullflow_min_requests"),
+        ),
+        _e(
+            "expect_column_sum_to_be_between",
+            "rows",
+            "the full-flow log has clicks (validation.fullflow_min_clicks): without them nothing ranks",
+            column="click",
+            min_value=P("fullflow_min_clicks"),
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "every full-flow request is in the day's exposure log",
+            column="in_exposure_log",
+            value_set=[True],
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "click is a 0/1 label",
+            column="click",
+            value_set=[0, 1],
+        ),
+        _e(
+            "expect_column_values_to_be_in_set",
+            "rows",
+            "only exposed candidates are clicked",
+            column="click_unexposed",
+            value_set=[False],
+        ),
+        *[
+            _e(
+                "expect_column_values_to_be_between",
+                "rows",
+                f"{col} is 1-based where present",
+                column=col,
+                min_value=1,
+            )
+            for col in ("retrieval_pos", "prerank_pos", "rank_pos")
+        ],
+        _content_type(),
+        *_non_negative(("request_id", "item_id")),
+        *_dense(schema.ITEM_DENSE),
+        _e(
+            "expect_column_values_to_be_between",
+            "rows",
+            "true_affinity is finite where present (contract.ranges.true_affinity)",
+            column="true_affinity",
+            min_value=P("true_affinity_min"),
+            max_value=P("true_affinity_max"),
+        ),
+        *_ids(schema.ITEM_CATEGORICAL),
+    ]
+    return {
+        "name": "fullflow_log",
+        "expectations": ex,
+        "meta": {
+            "table": "fullflow",
+            "contract": "hap.core.schema.FULLFLOW_LOG",
+            "generated_by": "hap.data.suites",
+        },
+    }
+
+
+def landing_suite() -> dict[str, Any]:
+    """The day's folder: exactly the contract's files. A late or extra file fails the day (it may
+    hold part of the day's logs); the producer merges it into the contract files or removes it."""
+    return {
+        "name": "landing",
+        "expectations": [
+            _e(
+                "expect_column_values_to_be_in_set",
+                "files",
+                "the landing folder holds only exposure/ranking/fullflow.parquet (and _SUCCESS): "
+                "a late or extra file is part of no log and is never ignored silently",
+                column="known",
+                value_set=[True],
+            )
+        ],
+        "meta": {"table": "landing", "generated_by": "hap.data.suites"},
     }
 
 
@@ -461,7 +731,13 @@ def training_set_suite() -> dict[str, Any]:
     }
 
 
-BUILDERS = {"exposure": exposure_suite, "ranking": ranking_suite, "training_set": training_set_suite}
+BUILDERS = {
+    "landing": landing_suite,
+    "exposure": exposure_suite,
+    "ranking": ranking_suite,
+    "fullflow": fullflow_suite,
+    "training_set": training_set_suite,
+}
 
 
 def render(table: str) -> str:

@@ -1,18 +1,21 @@
-"""Validate a day's raw logs with the Great Expectations suites; quarantine a bad day.
+"""Validate a day's landing files with the Great Expectations suites before ingest may publish it.
 
-``validate_day`` reads ``landing/dt=D/{exposure,ranking,fullflow}.parquet`` (the pipeline runs
-ingest first, so the lake partition must exist too), runs ``expectations/*.json`` through GX on
-frames prepared pyarrow-side (``hap.validation_frames``), and writes
+``validate_day`` reads ``landing/dt=D/{exposure,ranking,fullflow}.parquet``, runs
+``expectations/*.json`` through GX on frames prepared pyarrow-side (``hap.data.frames``), and writes
 ``validation/dt=D/summary.json`` plus the GX Data Docs under ``validation/dt=D/docs/``.
 
-- Pass: the ``_VALIDATED.json`` marker is written; ``split`` and ``train`` require it.
-- Fail: the day moves to ``quarantine/dt=D/`` with the result (``hap.quarantine``) and
+- Pass: the ``_VALIDATED.json`` marker is written with the size and modification time of each
+  landing file; ``ingest`` publishes only a day whose marker matches its files, and ``split`` and
+  ``train`` require the marker. The validated lake therefore never holds an unvalidated day.
+- Fail: the landing day moves to ``quarantine/dt=D/`` with the result (``hap.data.quarantine``) and
   ``ValidationFailed`` carries a message naming each file, suite, failed expectation, bad-row
   count and examples. The CLI prints it without a traceback and exits non-zero.
 
-Unreadable input (missing day or file, zero bytes, truncated Parquet) fails the same way. The
-volume check compares the row count with the median of the trailing days that passed, read from
-their summaries; thresholds are in ``params.yaml`` under ``validation:``.
+Unreadable input (missing day or file, zero bytes, not Parquet) fails the same way, and so does a
+late or extra file in the day's folder. The volume and distribution checks compare the day with
+the trailing days that passed, read from their summaries (each holds its day's row counts and
+distribution profile); thresholds are in ``params.yaml`` under ``validation:``, contract values
+(id space, ranges, per-request counts) under ``contract:``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from hap.core import layout, schema
 from hap.core.atomic import atomic_write_json
@@ -40,7 +42,7 @@ from hap.data.suites import KEY_COLUMNS, load_suite_json
 
 SUMMARY_FILE = "summary.json"
 DOCS_DIR = "docs"
-SUITED = ("exposure", "ranking")  # raw logs with a GX suite; fullflow is checked for readability and columns
+SUITED = ("exposure", "ranking")  # raw logs whose volume is checked against the trailing days
 
 
 @dataclass
@@ -52,6 +54,7 @@ class ValidationReport:
     docs: Path | None = None
     seconds: float = 0.0
     quarantined_to: Path | None = None
+    profile: dict[str, Any] | None = None
 
     @property
     def failures(self) -> list[Finding]:
@@ -79,6 +82,7 @@ class ValidationReport:
             },
             "docs": str(self.docs) if self.docs else None,
             "seconds": round(self.seconds, 3),
+            "profile": self.profile,
         }
 
     def render(self) -> str:
@@ -106,46 +110,78 @@ class ValidationReport:
 
 
 # ---- parameters ---------------------------------------------------------------------------------------
-def trailing_rows(cfg: Config, date: dt.date) -> dict[str, list[int]]:
-    """Row counts of the trailing days that passed validation, from their summaries."""
-    out: dict[str, list[int]] = {t: [] for t in SUITED}
+def trailing_summaries(cfg: Config, date: dt.date) -> list[dict[str, Any]]:
+    """Summaries of the trailing days that passed validation, newest first."""
+    out = []
     for back in range(1, cfg.validation.volume_trailing_days + 1):
         path = layout.validation_day(cfg, date - dt.timedelta(days=back)) / SUMMARY_FILE
         try:
             summary = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if summary.get("status") != "passed":
-            continue
-        for t in SUITED:
-            if t in summary.get("rows", {}):
-                out[t].append(int(summary["rows"][t]))
+        if summary.get("status") == "passed":
+            out.append(summary)
     return out
+
+
+def trailing_rows(cfg: Config, date: dt.date) -> dict[str, list[int]]:
+    """Row counts of the trailing days that passed validation, from their summaries."""
+    summaries = trailing_summaries(cfg, date)
+    return {t: [int(s["rows"][t]) for s in summaries if t in s.get("rows", {})] for t in SUITED}
+
+
+def contract_params(cfg: Config) -> dict[str, Any]:
+    """The suites' contract values: the id space, the cascade's shape, every dense range."""
+    con = cfg.contract
+    missing = [c for c in ("dwell", "true_affinity", *schema.DENSE_FEATURES) if c not in con.ranges]
+    if missing:
+        raise HapError(
+            f"params.yaml contract.ranges has no range for {missing}: every dense column needs one"
+        )
+    params: dict[str, Any] = {
+        "id_max": con.hash_buckets - 1,
+        "seq_len": con.seq_len,
+        "content_type_max": con.n_content_types - 1,
+        "exposed_per_request": con.exposed_per_request,
+        "rank_keep": con.rank_keep,
+        "rank_neg_min_pos": con.rank_keep + 1,
+        "prerank_neg_min_pos": con.prerank_keep + 1,
+        "rank_neg_per_request": con.rank_neg_per_request,
+        "prerank_neg_per_request": con.prerank_neg_per_request,
+    }
+    for col, (lo, hi) in con.ranges.items():
+        params[f"{col}_min"], params[f"{col}_max"] = lo, hi
+    return params
 
 
 def suite_params(cfg: Config, date: dt.date) -> dict[str, Any]:
     """Values of the suites' ``$PARAMETER`` references for ``date``."""
+    import math
+
     import pandas as pd
 
-    v, sim = cfg.validation, cfg.simulate
+    v = cfg.validation
     start = pd.Timestamp(date.isoformat(), tz="UTC")
     params: dict[str, Any] = {
         "day_start": start,
         "day_end": start + pd.Timedelta(days=1),
         "ctr_min": v.ctr_min,
         "ctr_max": v.ctr_max,
-        "rank_keep": sim.rank_keep,
-        "rank_neg_min_pos": sim.rank_keep + 1,
-        "prerank_neg_min_pos": sim.prerank_keep + 1,
-        "rank_neg_per_request": sim.rank_neg_per_request,
-        "prerank_neg_per_request": sim.prerank_neg_per_request,
+        "fullflow_min_requests": v.fullflow_min_requests,
+        "fullflow_min_clicks": v.fullflow_min_clicks,
+        "distinct_ratio_min": v.distinct_ratio_min,
+        "dense_shift_max": v.dense_shift_max,
+        "content_mix_tvd_max": v.content_mix_tvd_max,
+        "click_position_tvd_max": v.click_position_tvd_max,
+        **contract_params(cfg),
     }
     history = trailing_rows(cfg, date)
     for t in SUITED:
         if len(history[t]) >= v.volume_min_history:
             median = statistics.median(history[t])
-            params[f"{t}_rows_min"] = max(1, int(v.volume_min_ratio * median))
-            params[f"{t}_rows_max"] = int(v.volume_max_ratio * median) + 1
+            params[f"{t}_rows_min"] = max(1, math.ceil(v.volume_min_ratio * median))
+            # exclusive: a day at exactly volume_max_ratio x the median (a duplicated day at 2x) fails
+            params[f"{t}_rows_max"] = max(1, math.ceil(v.volume_max_ratio * median) - 1)
         else:
             params[f"{t}_rows_min"], params[f"{t}_rows_max"] = 1, None
         params[f"{t}_history_days"] = len(history[t])
@@ -164,70 +200,88 @@ def _problem_finding(problem: vf.ReadProblem, suite: str) -> Finding:
     )
 
 
+def _missing_day(landing: Path) -> Finding:
+    return Finding(
+        file=str(landing),
+        suite="landing",
+        expectation="day_exists",
+        success=False,
+        why="a day of logs must have landed",
+        error=f"missing day: {landing} does not exist",
+    )
+
+
+def _drift_findings(
+    cfg: Config, date: dt.date, report: ValidationReport, runner: GxRunner, suite: dict, tables: dict
+) -> None:
+    """Today's distribution profile, and its checks against the trailing validated days."""
+    report.profile = vf.profile(tables["exposure"], tables["ranking"])
+    refs = [s["profile"] for s in trailing_summaries(cfg, date) if s.get("profile")]
+    if len(refs) < cfg.validation.distribution_min_history:
+        return
+    frame = vf.drift_frame(report.profile, refs)
+    files = ", ".join(str(layout.raw_log(cfg, date, n)) for n in SUITED)
+    report.findings += runner.run(
+        suite, "drift", frame, report.params, f"{files} (vs {len(refs)} trailing days)"
+    )
+
+
+def _row_findings(
+    cfg: Config, date: dt.date, report: ValidationReport, runner: GxRunner, tables: dict
+) -> None:
+    suites = {name: load_suite_json(name) for name in schema.RAW_LOGS}
+    exposure, ranking, fullflow = (tables[n] for n in schema.RAW_LOGS)
+    exp_file, rank_file, full_file = (str(layout.raw_log(cfg, date, n)) for n in schema.RAW_LOGS)
+    params = report.params
+    report.findings += runner.run(
+        suites["exposure"], "rows", vf.exposure_rows(exposure, ranking), params, exp_file
+    )
+    report.findings += runner.run(suites["ranking"], "rows", vf.ranking_rows(ranking), params, rank_file)
+    per_request = vf.requests_frame(exposure, ranking, cfg.contract.global_neg_per_pos)
+    report.findings += runner.run(
+        suites["ranking"], "requests", per_request, params, f"{rank_file} + {exp_file} (per request)"
+    )
+    report.findings += runner.run(
+        suites["fullflow"], "rows", vf.fullflow_rows(fullflow, exposure), params, full_file
+    )
+    _drift_findings(cfg, date, report, runner, suites["exposure"], tables)
+
+
 def check_day(cfg: Config, date: dt.date, docs_dir: Path | None = None) -> ValidationReport:
-    """Run every check on the day's raw logs; no side effects besides the Data Docs."""
+    """Run every check on the day's landing files; no side effects besides the Data Docs."""
     started = time.perf_counter()
     report = ValidationReport(date=date, params=suite_params(cfg, date))
     landing = layout.landing_day(cfg, date)
     if not landing.exists():
-        report.findings.append(
-            Finding(
-                file=str(landing),
-                suite="landing",
-                expectation="day_exists",
-                success=False,
-                why="a day of logs must have landed",
-                error=f"missing day: {landing} does not exist",
-            )
-        )
+        report.findings.append(_missing_day(landing))
         report.seconds = time.perf_counter() - started
         return report
 
+    v = cfg.validation
+    runner = GxRunner(docs_dir, v.examples, v.extra_columns, v.on_distribution_shift)
+    report.findings += runner.run(
+        load_suite_json("landing"), "files", vf.landing_files(landing), report.params, str(landing)
+    )
     tables: dict[str, pa.Table] = {}
     for name in schema.RAW_LOGS:
-        table, problem = vf.read_table(layout.raw_log(cfg, date, name))
+        path = layout.raw_log(cfg, date, name)
+        table, problem = vf.read_table(path)
         if problem:
             report.findings.append(_problem_finding(problem, f"{name}_log"))
-        else:
-            tables[name] = table
-            report.rows[name] = table.num_rows
-
-    runner = GxRunner(docs_dir, examples=cfg.validation.examples, extra_columns=cfg.validation.extra_columns)
-    suites = {name: load_suite_json(name) for name in SUITED}
-    params = report.params
-    for name in SUITED:
-        if name in tables:
-            report.findings += runner.run(
-                suites[name],
-                "schema",
-                vf.schema_frame(tables[name], schema.RAW_LOGS[name], KEY_COLUMNS[name]),
-                params,
-                str(layout.raw_log(cfg, date, name)),
-            )
-    if "fullflow" in tables:
-        missing = [c for c in schema.FULLFLOW_LOG.names if c not in tables["fullflow"].column_names]
-        report.findings.append(
-            Finding(
-                file=str(layout.raw_log(cfg, date, "fullflow")),
-                suite="fullflow_log",
-                expectation="columns_present",
-                success=not missing,
-                why="every contract column is present",
-                observed=missing or None,
-            )
+            continue
+        tables[name] = table
+        report.rows[name] = table.num_rows
+        report.findings += runner.run(
+            load_suite_json(name),
+            "schema",
+            vf.schema_frame(table, schema.RAW_LOGS[name], KEY_COLUMNS[name]),
+            report.params,
+            str(path),
         )
 
-    if not any(f.failed and f.gates for f in report.findings) and all(n in tables for n in SUITED):
-        exposure, ranking = tables["exposure"], tables["ranking"]
-        exp_file, rank_file = (str(layout.raw_log(cfg, date, n)) for n in SUITED)
-        report.findings += runner.run(
-            suites["exposure"], "rows", vf.exposure_rows(exposure, ranking), params, exp_file
-        )
-        report.findings += runner.run(suites["ranking"], "rows", vf.ranking_rows(ranking), params, rank_file)
-        per_request = vf.requests_frame(exposure, ranking, cfg.simulate.global_neg_per_pos)
-        report.findings += runner.run(
-            suites["ranking"], "requests", per_request, params, f"{rank_file} + {exp_file} (per request)"
-        )
+    schema_ok = not any(f.failed and f.gates for f in report.findings if f.suite != "landing.files")
+    if schema_ok and len(tables) == len(schema.RAW_LOGS):
+        _row_findings(cfg, date, report, runner, tables)
     elif tables:
         report.findings.append(
             Finding(
@@ -257,43 +311,27 @@ def check_day(cfg: Config, date: dt.date, docs_dir: Path | None = None) -> Valid
     return report
 
 
-def _check_lake(cfg: Config, date: dt.date, report: ValidationReport) -> None:
-    """The raw logs passed; the lake partitions built from them must exist and match them."""
-    part = layout.lake_partition(cfg, "samples", date)
-    files = sorted(part.glob("*.parquet")) if part.exists() else []
-    if not files or not layout.lake_partition(cfg, "fullflow", date).exists():
-        raise HapError(
-            f"validate: the raw logs of {date} pass, but the lake partition {part} is missing; "
-            f"run `hap ingest --date {date}` first, then `hap validate --date {date}`"
-        )
-    lake_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    if lake_rows != report.rows.get("ranking"):
-        raise HapError(
-            f"validate: the lake partition {part} has {lake_rows} rows but the ranking log has "
-            f"{report.rows.get('ranking')}: it is stale; re-run `hap ingest --date {date}`"
-        )
-
-
 def validate_day(cfg: Config, date: dt.date | str) -> ValidationReport:
-    """Validate one day; mark it validated, or quarantine it and raise ``ValidationFailed``."""
+    """Validate one landing day; mark it validated, or quarantine it and raise ``ValidationFailed``."""
     date = layout.day(date)
     if markers.is_quarantined(cfg, date):
         raise ValidationFailed(
             f"validate: {date} is in quarantine ({layout.quarantine_day(cfg, date)}); fix the data, run "
-            f"`hap release-quarantine --date {date}`, `hap ingest --date {date}`, then validate again"
+            f"`hap release-quarantine --date {date}`, then validate again"
         )
     markers.clear_marker(cfg, date)
     out_dir = layout.validation_day(cfg, date)
     docs_dir = out_dir / DOCS_DIR if cfg.validation.data_docs else None
     report = check_day(cfg, date, docs_dir)
+    summary = report.to_dict()
     if not report.success:
         report.quarantined_to = layout.quarantine_day(cfg, date)
         summary = report.to_dict()
         atomic_write_json(out_dir / SUMMARY_FILE, summary)
-        quarantine_day(cfg, date, {"step": "validate", **summary})
+        quarantine_day(
+            cfg, date, {"step": "validate", **{k: v for k, v in summary.items() if k != "profile"}}
+        )
         raise ValidationFailed(report.render())
-    _check_lake(cfg, date, report)
-    summary = report.to_dict()
     atomic_write_json(out_dir / SUMMARY_FILE, summary)
     markers.mark_validated(
         cfg,
@@ -303,6 +341,7 @@ def validate_day(cfg: Config, date: dt.date | str) -> ValidationReport:
             "rows": report.rows,
             "warnings": len(report.warnings),
             "docs": summary["docs"],
+            "files": markers.landing_stamp(cfg, date),
         },
     )
     return report

@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from hap.core import schema
+from hap.core import hashing, schema
 from hap.core.config import Config
-from hap.core.errors import HapError
+from hap.core.errors import HapError, NonFiniteData
 
 REQUEST_CATEGORICAL: tuple[str, ...] = (*schema.USER_CATEGORICAL, *schema.CONTEXT_CATEGORICAL)
 ITEM_CATEGORICAL: tuple[str, ...] = schema.ITEM_CATEGORICAL
@@ -82,13 +82,7 @@ class FeatureSpec:
     def rehash(self, ids: np.ndarray, slot: np.ndarray | int) -> np.ndarray:
         """Raw hashed ids -> rows of the shared table; 0 (padding) stays 0."""
         x = np.asarray(ids).astype(np.uint64)
-        s = np.asarray(slot).astype(np.uint64) + np.uint64(1)
-        with np.errstate(over="ignore"):
-            h = (x * np.uint64(0x9E3779B97F4A7C15)) ^ (s * np.uint64(0xC2B2AE3D27D4EB4F))
-            h ^= h >> np.uint64(29)
-            h *= np.uint64(0xBF58476D1CE4E5B9)
-            h ^= h >> np.uint64(32)
-        out = (h % np.uint64(self.hash_buckets - 1) + np.uint64(1)).astype(np.int64)
+        out = hashing.bucket(x, np.asarray(slot), 1, self.hash_buckets)
         return np.where(x == 0, 0, out)
 
     def encode(self, table: pa.Table) -> dict[str, np.ndarray]:
@@ -204,14 +198,40 @@ def column_layout(proportions: dict[str, int]) -> torch.Tensor:
     return torch.tensor(cols, dtype=torch.long)
 
 
+def refuse_non_finite(table: pa.Table, where: str = "the training set") -> None:
+    """Raise ``NonFiniteData`` naming the feature, the day and example requests when any dense
+    feature holds NaN or infinity: one such value turns every loss and score into NaN."""
+    for name in schema.DENSE_FEATURES:
+        if name not in table.column_names:
+            continue
+        values = table[name].combine_chunks().to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = ~np.isfinite(values)
+        if not bad.any():
+            continue
+        days = table["dt"].to_numpy(zero_copy_only=False)[bad] if "dt" in table.column_names else []
+        day = str(min(days)) if len(days) else ""
+        examples = (
+            table["request_id"].to_numpy()[bad][:5].tolist() if "request_id" in table.column_names else []
+        )
+        raise NonFiniteData(
+            f"train: {where} has {int(bad.sum())} non-finite value(s) of the dense feature {name} "
+            f"(day {day or 'unknown'}, e.g. request_id {examples}); no model is trained on it",
+            date=day,
+            step="train",
+            check=f"finite:{name}",
+            file=where,
+            examples=examples,
+        )
+
+
 class TrainData:
     """The whole training set in memory as tensors, split by request into train and validation."""
 
     def __init__(self, cfg: Config, table: pa.Table, spec: FeatureSpec | None = None) -> None:
-        from hap.data.split import unit_hash
 
         if table.num_rows == 0:
             raise HapError("the training set is empty")
+        refuse_non_finite(table)
         self.cfg = cfg
         self.spec = spec or FeatureSpec(cfg.model.hash_buckets, cfg.model.seq_len).fit(table)
         self.col_group = column_layout(cfg.train.group_proportions)
@@ -241,7 +261,7 @@ class TrainData:
         pos_rows = np.nonzero(source == schema.Source.EXPOSE_POS.value)[0]
         if pos_rows.size == 0:
             raise HapError("the training set has no positives (expose_pos)")
-        is_val = unit_hash(uniq, 0, cfg.train.seed + 0xA11) < cfg.train.val_fraction
+        is_val = hashing.unit_hash(uniq, 0, cfg.train.seed + 0xA11) < cfg.train.val_fraction
         anchor_req = req_index[pos_rows]
         val_mask = is_val[anchor_req]
         self.train_anchors = torch.from_numpy(pos_rows[~val_mask])

@@ -21,6 +21,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,7 @@ from torch import nn
 from hap.core import layout
 from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
-from hap.core.errors import HapError, WriteFailed
+from hap.core.errors import HapError, NonFiniteData, WriteFailed
 from hap.model.batches import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS, Batch, TrainData
 from hap.model.losses import (
     Harmonizer,
@@ -378,6 +379,7 @@ class _Where:
     device: torch.device
     rank: int
     world: int
+    date: str = ""  # the training day, named by a non-finite-loss error
 
 
 def _fmt(prefix: str, row: dict[str, Any], spec: str) -> str:
@@ -431,6 +433,14 @@ def train_epoch(
     sums, n = {m.name: 0.0 for m in active}, 0
     for gb in data.batches(p.epoch, "train"):
         for name, loss in train_step_all(cfg, active, gb, p, w, members[0]).items():
+            if not math.isfinite(loss):  # a NaN loss poisons every weight: stop, write nothing
+                raise NonFiniteData(
+                    f"train: the {name} loss is not finite at epoch {p.epoch}, step {p.step}; "
+                    "no bundle is written",
+                    date=w.date,
+                    step="train",
+                    check="finite_loss",
+                )
             sums[name] += loss
         n += 1
     return {name: s / max(n, 1) for name, s in sums.items()}
@@ -543,7 +553,7 @@ def fit(
 
     The checkpoint is removed once the bundle is written: it only serves an interrupted run."""
     rank, world, local_rank = _dist_setup(cfg)
-    w = _Where(pick_device(cfg, local_rank), rank, world)
+    w = _Where(pick_device(cfg, local_rank), rank, world, str((meta or {}).get("date", "")))
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     # CPU kernels are deterministic for a fixed thread count; torch.use_deterministic_algorithms
@@ -617,7 +627,7 @@ def train_day(cfg: Config, date: dt.date | str, resume: bool = False) -> TrainRe
     if not path.exists():
         raise HapError(f"no training set at {path}; run `hap split --date {date}` first")
     data = TrainData.load(cfg, path)
-    split_report = layout.metrics_dir(cfg, date) / "split.json"
+    split_report = layout.split_meta(cfg, date)
     window = [d.isoformat() for d in layout.window(date, cfg.split.window_days)]
     eval_day = None
     if split_report.exists():

@@ -148,12 +148,12 @@ def _ranking(exposed: pa.Table, negatives: pa.Table, pool: pa.Table, cfg: Config
     # global negatives: global_neg_per_pos random pool videos per click
     clicks = _col(exposed, "effective_view").astype(bool)
     clicked_req = _col(exposed, "request_id")[clicks]
-    draw = rng.integers(0, max(pool.num_rows, 1), len(clicked_req) * sim.global_neg_per_pos)
+    draw = rng.integers(0, max(pool.num_rows, 1), len(clicked_req) * cfg.contract.global_neg_per_pos)
     glob = pool.take(pa.array(draw)) if pool.num_rows else pool
     glob = glob.set_column(
         glob.column_names.index("request_id"),
         "request_id",
-        pa.array(np.repeat(clicked_req, sim.global_neg_per_pos)),
+        pa.array(np.repeat(clicked_req, cfg.contract.global_neg_per_pos)),
     )
     pieces.append((glob, "global_neg"))
 
@@ -174,7 +174,7 @@ def _ranking(exposed: pa.Table, negatives: pa.Table, pool: pa.Table, cfg: Config
             "rank_pos": pa.array(rank_index.astype(np.int32), mask=~has_rank),
             "content_type": (_col(table, "upload_type") % 128).astype(np.int8),
             "true_affinity": pa.nulls(n, pa.float32()),
-            **_item_features(table, ts, sim.hash_buckets),
+            **_item_features(table, ts, cfg.contract.hash_buckets),
         }
         out.append(pa.table(cols).cast(schema.RANKING_LOG))
     ranking = pa.concat_tables(out)
@@ -211,7 +211,7 @@ def _fullflow(all_stage: pa.Table, exposed: pa.Table, cfg: Config, date: dt.date
         "click": np.array([clicks.get(p, 0) for p in pairs], np.int8),
         "content_type": (_col(cand, "upload_type") % 128).astype(np.int8),
         "true_affinity": pa.nulls(n, pa.float32()),
-        **_item_features(cand, ts, cfg.simulate.hash_buckets),
+        **_item_features(cand, ts, cfg.contract.hash_buckets),
     }
     table = pa.table(cols).cast(schema.FULLFLOW_LOG)
     keys = table.select(["request_id", "item_id"]).to_pandas()
@@ -224,7 +224,7 @@ def import_day(cfg: Config, root: Path, date: dt.date) -> dict[str, int]:
     realshow = _read(root / "realshow" / name, REALSHOW_COLUMNS)
     all_stage = _read(root / "all_stage" / name, ALL_STAGE_COLUMNS)
     exposed = realshow.filter(pa.array(_col(realshow, "realshow").astype(bool)))
-    exposure = _exposure(exposed, date, cfg.simulate.seq_len, cfg.simulate.hash_buckets)
+    exposure = _exposure(exposed, date, cfg.contract.seq_len, cfg.contract.hash_buckets)
     pool = all_stage.select(list(ALL_STAGE_COLUMNS[:14]))
     ranking = _ranking(exposed, all_stage, pool, cfg, date)
     fullflow = _fullflow(all_stage, exposed, cfg, date)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from hap.core import layout, schema
 from hap.core.atomic import atomic_dir
-from hap.core.config import Config, SimulateConfig
+from hap.core.config import Config, ContractConfig, SimulateConfig
 from hap.core.hashing import hash_ids
 
 RNG_STREAM_UNIVERSE = 0
@@ -95,10 +95,10 @@ def _interest_categories(
 
 
 @functools.lru_cache(maxsize=4)
-def build_universe(sim: SimulateConfig) -> Universe:
+def build_universe(sim: SimulateConfig, hash_buckets: int, n_content_types: int) -> Universe:
     """Users, items and their static features, from the seed alone (identical every day)."""
     rng = np.random.default_rng([sim.seed, RNG_STREAM_UNIVERSE])
-    d, n_u, n_i, t = sim.latent_dim, sim.n_users, sim.n_items, sim.n_content_types
+    d, n_u, n_i, t = sim.latent_dim, sim.n_users, sim.n_items, n_content_types
     scale = sim.affinity_scale / np.sqrt(np.sqrt(d))  # keeps std(u·v) near affinity_scale
 
     seg_centres = rng.normal(0, 1.0, (sim.n_user_segments, d))
@@ -117,7 +117,7 @@ def build_universe(sim: SimulateConfig) -> Universe:
         cats = _interest_categories(rng, sim, user_segment)
         user_vec = scale * (cat_centres[cats] + rng.normal(0, 0.7, (n_u, sim.n_interests, d)))
 
-    b = sim.hash_buckets
+    b = hash_buckets
     user_static = {
         "u_id": hash_ids(np.arange(n_u), 1, b),
         "u_age": hash_ids(rng.integers(0, 8, n_u), 2, b),
@@ -175,10 +175,10 @@ class DayKnobs:
     ctype_shift: np.ndarray  # (T,) added to every user's content-type preference
 
 
-def day_knobs(sim: SimulateConfig, date: dt.date) -> DayKnobs:
+def day_knobs(sim: SimulateConfig, date: dt.date, n_content_types: int) -> DayKnobs:
     s = drift_strength(sim, date)
     pool, noise = sim.retrieval_pool, sim.retrieval_noise
-    shift = np.zeros(sim.n_content_types, dtype=np.float32)
+    shift = np.zeros(n_content_types, dtype=np.float32)
     if sim.scenario == "retrieval_degrades":
         # Retrieval turns greedy: a larger pool, ranked with less noise, floods the candidate
         # list with near-positive items, so more of the day's negatives are hard.
@@ -218,6 +218,7 @@ def _random_subset(rng: np.random.Generator, rows: int, width: int, k: int) -> n
 
 def _chunk(
     sim: SimulateConfig,
+    con: ContractConfig,
     uni: Universe,
     knobs: DayKnobs,
     date: dt.date,
@@ -254,17 +255,17 @@ def _chunk(
     prerank_pos = np.empty_like(pre_order)
     np.put_along_axis(prerank_pos, pre_order, np.arange(1, n_ret + 1)[None, :], 1)
     # 3. ranking: the pre-ranker's top prerank_keep, by affinity + small noise.
-    kept = pre_order[:, : sim.prerank_keep]
+    kept = pre_order[:, : con.prerank_keep]
     kept_aff = np.take_along_axis(cand_aff, kept, 1)
     rank_order = _top_positions(
-        kept_aff + sim.rank_noise * rng.standard_normal(kept.shape, dtype=np.float32), sim.prerank_keep
+        kept_aff + sim.rank_noise * rng.standard_normal(kept.shape, dtype=np.float32), con.prerank_keep
     )
     by_rank = np.take_along_axis(kept, rank_order, 1)  # candidate columns in ranking order
     rank_pos = np.zeros_like(cand, dtype=np.int32)  # 0 = never ranked
-    np.put_along_axis(rank_pos, by_rank, np.arange(1, sim.prerank_keep + 1)[None, :], 1)
+    np.put_along_axis(rank_pos, by_rank, np.arange(1, con.prerank_keep + 1)[None, :], 1)
 
     # 4-5. exposure of the ranking top, clicks from the true affinity with a position bias.
-    n_exp = sim.exposed_per_request
+    n_exp = con.exposed_per_request
     exp_cols = by_rank[:, :n_exp]
     exp_aff = np.take_along_axis(cand_aff, exp_cols, 1)
     display = np.arange(1, n_exp + 1, dtype=np.int32)[None, :].repeat(size, 0)
@@ -272,21 +273,21 @@ def _chunk(
     click = (rng.random(exp_aff.shape) < 1 / (1 + np.exp(-logit))).astype(np.int8)
 
     # Logged negatives: 10 from ranking positions > rank_keep, 10 from pre-ranking positions > prerank_keep.
-    rank_tail = by_rank[:, sim.rank_keep :]
+    rank_tail = by_rank[:, con.rank_keep :]
     rank_neg_cols = np.take_along_axis(
-        rank_tail, _random_subset(rng, size, rank_tail.shape[1], sim.rank_neg_per_request), 1
+        rank_tail, _random_subset(rng, size, rank_tail.shape[1], con.rank_neg_per_request), 1
     )
-    pre_tail = pre_order[:, sim.prerank_keep :]
+    pre_tail = pre_order[:, con.prerank_keep :]
     prerank_neg_cols = np.take_along_axis(
-        pre_tail, _random_subset(rng, size, pre_tail.shape[1], sim.prerank_neg_per_request), 1
+        pre_tail, _random_subset(rng, size, pre_tail.shape[1], con.prerank_neg_per_request), 1
     )
-    global_items = _sample_distinct(rng, n_items, click.sum(1) * sim.global_neg_per_pos)
+    global_items = _sample_distinct(rng, n_items, click.sum(1) * con.global_neg_per_pos)
 
     # The user's recent clicks: the favourites among a random handful of items. With several
     # interests, the favourites spread over them: the sequence reveals each interest.
-    seq_pool = rng.integers(0, n_items, (size, sim.seq_pool_factor * sim.seq_len))
+    seq_pool = rng.integers(0, n_items, (size, sim.seq_pool_factor * con.seq_len))
     seq_score = np.take_along_axis(affinity, seq_pool, 1) + rng.gumbel(size=seq_pool.shape)
-    seq_items = np.take_along_axis(seq_pool, _top_positions(seq_score, sim.seq_len), 1)
+    seq_items = np.take_along_axis(seq_pool, _top_positions(seq_score, con.seq_len), 1)
 
     ranking = _ranking_table(
         sim,
@@ -303,7 +304,7 @@ def _chunk(
         global_items,
         affinity,
     )
-    exposure = _exposure_table(sim, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, click, seq_items)
+    exposure = _exposure_table(con, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, click, seq_items)
     full_rows = full_flow_rows(sim, first_index, size)
     fullflow = _fullflow_table(
         uni, req_ids, cand, cand_aff, prerank_pos, rank_pos, exp_cols, click, full_rows
@@ -388,7 +389,7 @@ def _ranking_table(
     return table.take(pa.array(order)).cast(schema.RANKING_LOG)
 
 
-def _exposure_table(sim, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, click, seq_items) -> pa.Table:
+def _exposure_table(con, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, click, seq_items) -> pa.Table:
     size, n_exp = exp_cols.shape
     row = np.repeat(np.arange(size), n_exp)
     items = np.take_along_axis(cand, exp_cols, 1).ravel()
@@ -399,13 +400,13 @@ def _exposure_table(sim, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, 
     share = (clk & (rng.random(n) < 0.03)).astype(np.int8)
     dwell = np.where(clk == 1, rng.lognormal(3.0, 0.8, n), rng.exponential(1.5, n)).astype(np.float32)
     hours = ((ts_ms // 3_600_000) % 24)[row]
-    seq = hash_ids(seq_items, 10, sim.hash_buckets)  # same hash as i_id: the sequence lives in item-id space
-    b = sim.hash_buckets
+    seq = hash_ids(seq_items, 10, con.hash_buckets)  # same hash as i_id: the sequence lives in item-id space
+    b = con.hash_buckets
     request_features = {
         **{
             name: uni.user_static[name][users][row] for name in (*schema.USER_CATEGORICAL, *schema.USER_DENSE)
         },
-        schema.USER_SEQUENCE: pa.FixedSizeListArray.from_arrays(pa.array(seq[row].ravel()), sim.seq_len).cast(
+        schema.USER_SEQUENCE: pa.FixedSizeListArray.from_arrays(pa.array(seq[row].ravel()), con.seq_len).cast(
             pa.list_(pa.int32())
         ),
         "c_hour": hash_ids(hours, 20, b),
@@ -462,8 +463,8 @@ def _fullflow_table(uni, req_ids, cand, cand_aff, prerank_pos, rank_pos, exp_col
 def simulate_day(cfg: Config, date: dt.date, progress: bool = True) -> DayStats:
     """Write one day's raw logs into ``landing/dt=D`` atomically; a re-run replaces them."""
     sim = cfg.simulate
-    uni = build_universe(sim)
-    knobs = day_knobs(sim, date)
+    uni = build_universe(sim, cfg.contract.hash_buckets, cfg.contract.n_content_types)
+    knobs = day_knobs(sim, date, cfg.contract.n_content_types)
     counts = dict(requests=0, exposures=0, clicks=0, ranking_rows=0, fullflow_rows=0)
     target = layout.landing_day(cfg, date)
     with atomic_dir(target) as tmp:
@@ -477,7 +478,7 @@ def simulate_day(cfg: Config, date: dt.date, progress: bool = True) -> DayStats:
                 starts, desc=f"simulate {date}", unit="chunk", disable=not progress, leave=False
             ):
                 size = min(sim.chunk_requests, sim.requests_per_day - start)
-                tables = _chunk(sim, uni, knobs, date, start, size)
+                tables = _chunk(sim, cfg.contract, uni, knobs, date, start, size)
                 for name, table in tables.items():
                     writers[name].write_table(table, row_group_size=max(table.num_rows, 1))
                 counts["requests"] += size

@@ -85,7 +85,7 @@ def test_recflow_fixture_round_trips_into_the_lake(make_cfg, tmp_path):
     assert list(imported) == [DAY]
     for name in schema.RAW_LOGS:
         assert pq.read_schema(layout.raw_log(cfg, DAY, name)).equals(schema.RAW_LOGS[name])
-    report = ingest_day(cfg, DAY)
+    report = ingest_day(cfg, DAY, require_validated=False)
     lake = ds.dataset(layout.lake_table(cfg, "samples"), partitioning="hive").to_table().to_pandas()
     n_shown = sum(len(s["video_id"]) for s in shows)
     n_clicks = sum(int(s["effective_view"].sum()) for s in shows)
@@ -97,7 +97,7 @@ def test_recflow_fixture_round_trips_into_the_lake(make_cfg, tmp_path):
         "expose_neg": n_shown - n_clicks,
         "rank_neg": n_rank,
         "prerank_neg": n_pre,
-        "global_neg": cfg.simulate.global_neg_per_pos * n_clicks,
+        "global_neg": cfg.contract.global_neg_per_pos * n_clicks,
     }
     shown_pairs = {(r, v) for s in shows for r, v in zip(s["request_id"], s["video_id"])}
     lake_exposed = lake[lake.source.isin(["expose_pos", "expose_neg"])]

@@ -38,17 +38,17 @@ def test_logs_follow_their_contracts(day_logs):
 
 def test_toutiaorec_sampling_per_request(day_logs):
     cfg, _, logs = day_logs
-    sim = cfg.simulate
+    con = cfg.contract
     rank = logs["ranking"].to_pandas()
     clicks = logs["exposure"].to_pandas().groupby("request_id").click.sum()
     counts = rank.groupby(["request_id", "source"]).size().unstack(fill_value=0)
-    assert (counts["rank_neg"] == sim.rank_neg_per_request).all()
-    assert (counts["prerank_neg"] == sim.prerank_neg_per_request).all()
-    assert (counts["exposed"] == sim.exposed_per_request).all()
+    assert (counts["rank_neg"] == con.rank_neg_per_request).all()
+    assert (counts["prerank_neg"] == con.prerank_neg_per_request).all()
+    assert (counts["exposed"] == con.exposed_per_request).all()
     global_neg = counts.get("global_neg", pd.Series(dtype=int)).reindex(clicks.index, fill_value=0)
-    assert (global_neg == sim.global_neg_per_pos * clicks).all()
-    assert (rank.loc[rank.source == "rank_neg", "rank_pos"] > sim.rank_keep).all()
-    assert (rank.loc[rank.source == "prerank_neg", "prerank_pos"] > sim.prerank_keep).all()
+    assert (global_neg == con.global_neg_per_pos * clicks).all()
+    assert (rank.loc[rank.source == "rank_neg", "rank_pos"] > con.rank_keep).all()
+    assert (rank.loc[rank.source == "prerank_neg", "prerank_pos"] > con.prerank_keep).all()
     assert rank.loc[rank.source == "prerank_neg", "rank_pos"].isna().all()
     assert (
         rank.loc[rank.source == "global_neg", ["retrieval_pos", "prerank_pos", "rank_pos"]].isna().all().all()
@@ -79,8 +79,8 @@ def test_fullflow_logs_every_retrieved_candidate(day_logs):
     assert len(per_request) == cfg.simulate.full_flow_requests  # a count per day, not a share
     assert full["true_affinity"].notna().all()
     assert (per_request == cfg.simulate.retrieval_size).all()
-    assert (full.groupby("request_id").exposed.sum() == cfg.simulate.exposed_per_request).all()
-    assert full.loc[full.exposed, "rank_pos"].max() <= cfg.simulate.exposed_per_request
+    assert (full.groupby("request_id").exposed.sum() == cfg.contract.exposed_per_request).all()
+    assert full.loc[full.exposed, "rank_pos"].max() <= cfg.contract.exposed_per_request
 
 
 @pytest.mark.parametrize(("requests", "count", "chunk"), [(240, 24, 100), (1000, 24, 64), (50, 80, 16)])
@@ -125,9 +125,9 @@ def test_drift_scenarios_change_the_cascade(make_cfg):
     assert drift_strength(stable, after) == 0.0
     assert drift_strength(degrade, before) == 0.0 and drift_strength(degrade, after) == 1.0
     assert drift_strength(degrade, dt.date(2026, 11, 3)) == 0.5
-    assert day_knobs(degrade, after).pool > day_knobs(degrade, before).pool
-    assert day_knobs(degrade, after).retrieval_noise < day_knobs(degrade, before).retrieval_noise
-    assert day_knobs(shift, after).ctype_shift[0] > 0 == day_knobs(shift, before).ctype_shift[0]
+    assert day_knobs(degrade, after, 5).pool > day_knobs(degrade, before, 5).pool
+    assert day_knobs(degrade, after, 5).retrieval_noise < day_knobs(degrade, before, 5).retrieval_noise
+    assert day_knobs(shift, after, 5).ctype_shift[0] > 0 == day_knobs(shift, before, 5).ctype_shift[0]
 
 
 def test_content_shift_moves_the_content_mix(make_cfg):
@@ -171,9 +171,9 @@ def test_users_return_and_their_clicks_reveal_several_interests(make_cfg):
     per_request = exp.to_pandas().drop_duplicates("request_id")
     assert len(per_request) / per_request.user_id.nunique() > 2.5  # several requests per active user a day
     sim = cfg.simulate
-    uni = build_universe(sim)
+    uni = build_universe(sim, cfg.contract.hash_buckets, cfg.contract.n_content_types)
     item_of_hash = dict(
-        zip(hash_ids(np.arange(sim.n_items), 10, sim.hash_buckets).tolist(), range(sim.n_items))
+        zip(hash_ids(np.arange(sim.n_items), 10, cfg.contract.hash_buckets).tolist(), range(sim.n_items))
     )
     covered = []
     for user, seq in zip(per_request.user_id, per_request.u_click_seq):

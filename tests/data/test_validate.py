@@ -1,9 +1,11 @@
 """Validation: a valid day passes; a corpus of corrupted days each fails clearly and is quarantined.
 
-One valid simulated window is built once per module (two validated days of volume history, then
-the day under test, ingested); each corruption works on a copy of it. The CLI is run in-process
-through ``hap.cli.main``, the same code path as the ``hap`` console script. "Champion untouched"
-is checked against a real MLflow registry whose ``champion`` alias is set up once by the fixture.
+One valid simulated window is built once per module (two validated and ingested days of history,
+then the day under test, landed and not yet validated); each corruption works on a copy of it.
+``hap validate`` runs in-process through ``hap.cli.main``, the same code path as the console
+script; ``hap run`` runs as the console script against one Prefect server for the module.
+"Champion untouched" is checked against a real MLflow registry whose ``champion`` alias is set up
+once by the fixture.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ from hap.data import markers
 
 DAY = dt.date(2026, 11, 3)
 HISTORY = [dt.date(2026, 11, 1), dt.date(2026, 11, 2)]
-OVERRIDES = {"simulate.requests_per_day": 150, "validation.data_docs": False}
+OVERRIDES = {
+    "simulate.requests_per_day": 150,
+    "validation.data_docs": False,
+    "validation.fullflow_min_requests": 10,  # a tiny day logs ~15 full-flow requests
+}
 
 
 def _cfg(home: Path, **kw):
@@ -53,7 +59,7 @@ def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data root with two validated days and ``DAY`` simulated and ingested, not yet validated."""
+    """A data root with two validated, ingested days and ``DAY`` landed, not yet validated."""
     from hap.data.ingest import ingest_day
     from hap.data.validate import validate_day
     from hap.sources.simulator import simulate_day
@@ -62,9 +68,9 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = _cfg(home)
     for date in [*HISTORY, DAY]:
         simulate_day(cfg, date, progress=False)
-        ingest_day(cfg, date)
     for date in HISTORY:
         validate_day(cfg, date)
+        ingest_day(cfg, date)
     return home
 
 
@@ -333,9 +339,9 @@ def test_corruption_is_caught_and_quarantined(
     assert not landing.exists()
     if corrupt is not missing_day:
         assert (qdir / "landing").is_dir()
-    for table in layout.LAKE_TABLES:
+    for table in layout.LAKE_TABLES:  # validation runs before ingest: nothing was published
         assert not layout.lake_partition(cfg, table, DAY).exists()
-        assert (qdir / "lake" / table).is_dir()
+        assert not (qdir / "lake").exists()
     # no downstream output; downstream steps refuse the day
     assert not markers.marker_path(cfg, DAY).exists()
     with pytest.raises(NotValidated, match="quarantined"):
@@ -423,27 +429,28 @@ def test_release_quarantine_after_a_fix(day_copy, monkeypatch, capsys):
     assert code == 0, out
     assert "released" in out and not markers.is_quarantined(cfg, DAY) and landing.is_dir()
     assert list((cfg.path("quarantine") / ".released").iterdir()), "the quarantine record is archived"
-    # validation refuses a raw-valid day whose lake partition is missing: ingest comes first
-    code, out = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys)
-    assert code != 0 and "hap ingest" in out and not markers.is_quarantined(cfg, DAY)
-    ingest_day(cfg, DAY)
+    # ingest refuses a released day until it passes validation again
+    code, out = run_cli(day_copy, ["ingest", "--date", DAY.isoformat()], monkeypatch, capsys)
+    assert code == NotValidated.exit_code and "hap validate" in out
+    assert not layout.lake_partition(cfg, "samples", DAY).exists()
     code, out = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys)
     assert code == 0, out
     assert markers.is_validated(cfg, DAY)
+    ingest_day(cfg, DAY)
+    assert layout.lake_partition(cfg, "samples", DAY).is_dir()
     code, out = run_cli(day_copy, ["release-quarantine", "--date", DAY.isoformat()], monkeypatch, capsys)
     assert code != 0 and "not in quarantine" in out
 
 
-def test_ingest_contract_error_can_quarantine_the_day(day_copy):
-    """Ingest (or a flow) calls ``quarantine_day`` when a raw log breaks its contract."""
+def test_ingest_contract_error_quarantines_the_day(day_copy):
+    """Ingest quarantines a day whose raw log breaks its contract (here one it was told to trust)."""
     from hap.data.ingest import ingest_day
-    from hap.data.validate import quarantine_day
 
     cfg = _cfg(day_copy)
     truncated_file(layout.landing_day(cfg, DAY))
-    with pytest.raises(DataContractError) as err:
-        ingest_day(cfg, DAY)
-    qdir = quarantine_day(cfg, DAY, {"step": "ingest", "error": str(err.value)})
+    with pytest.raises(DataContractError, match="release-quarantine"):
+        ingest_day(cfg, DAY, require_validated=False)
+    qdir = layout.quarantine_day(cfg, DAY)
     result = json.loads((qdir / "result.json").read_text())
     assert result["reason"]["step"] == "ingest" and "ranking.parquet" in result["reason"]["error"]
     assert (qdir / "landing" / "ranking.parquet").exists()
@@ -500,6 +507,423 @@ def test_no_false_alarm_over_ten_days(scenario, tmp_path):
     for offset in range(10):
         date = start + dt.timedelta(days=offset)
         simulate_day(cfg, date, progress=False)
-        ingest_day(cfg, date)
         report = validate_day(cfg, date)
         assert report.success and not report.warnings, report.render()
+        ingest_day(cfg, date)
+
+
+# ---- upstream faults, one or more per class, through `hap validate` and `hap run` ---------------------
+BUCKETS = 262_144  # contract.hash_buckets of params.yaml
+
+
+def _requests(d: Path) -> np.ndarray:
+    return np.unique(pq.read_table(d / "exposure.parquet")["request_id"].to_numpy())
+
+
+def nan_dense_feature(d: Path) -> None:
+    _rw(d, "ranking", lambda t: _set(t, "i_ctr", _first(t, 5), np.nan))
+
+
+def inf_request_feature(d: Path) -> None:
+    _rw(d, "exposure", lambda t: _set(t, "u_activity", _first(t, 4), np.inf))
+
+
+def absurd_magnitude_in_eval_log(d: Path) -> None:
+    _rw(d, "fullflow", lambda t: _set(t, "i_followers", _first(t, 3), 3.0e12))
+
+
+def id_outside_hash_space(d: Path) -> None:
+    _rw(d, "ranking", lambda t: _set(t, "i_category", _first(t, 3), BUCKETS + 5))
+
+
+def negative_user_id(d: Path) -> None:
+    _rw(d, "exposure", lambda t: _set(t, "user_id", _first(t, 2), -7))
+
+
+def position_gap(d: Path) -> None:
+    """The first request loses its display position 3 (both logs agree): positions 1,2,4..10."""
+    exposure = pq.read_table(d / "exposure.parquet")
+    first = exposure["request_id"][0].as_py()
+    row = np.flatnonzero(
+        (exposure["request_id"].to_numpy() == first) & (exposure["position"].to_numpy() == 3)
+    )[0]
+    item = exposure["item_id"][int(row)].as_py()
+    keep = np.ones(exposure.num_rows, bool)
+    keep[row] = False
+    pq.write_table(exposure.filter(pa.array(keep)), d / "exposure.parquet")
+    _rw(
+        d,
+        "ranking",
+        lambda t: t.filter(
+            pc.invert(pc.and_(pc.equal(t["request_id"], first), pc.equal(t["item_id"], item)))
+        ),
+    )
+
+
+def _map_sequences(t: pa.Table, rows: int, fn) -> pa.Table:
+    col = t[schema.USER_SEQUENCE].to_pylist()
+    for i in range(rows):
+        col[i] = fn(col[i])
+    idx = t.schema.get_field_index(schema.USER_SEQUENCE)
+    return t.set_column(idx, t.schema.field(idx), pa.array(col, t.schema.field(idx).type))
+
+
+def click_sequence_too_short(d: Path) -> None:
+    _rw(d, "exposure", lambda t: _map_sequences(t, 3, lambda s: s[:-1]))
+
+
+def click_sequence_out_of_space(d: Path) -> None:
+    _rw(d, "exposure", lambda t: _map_sequences(t, 2, lambda s: [BUCKETS + 1, *s[1:]]))
+
+
+def like_without_click(d: Path) -> None:
+    _rw(d, "exposure", lambda t: _set(t, "like", _first(t, 4, t["click"].to_numpy() == 0), 1))
+
+
+def absurd_dwell(d: Path) -> None:
+    _rw(d, "exposure", lambda t: _set(t, "dwell", _first(t, 3), 1.0e6))
+
+
+def collapsed_feature(d: Path) -> None:
+    """A broken upstream hash: every request gets the same city."""
+    _rw(d, "exposure", lambda t: _set(t, "u_city", np.ones(t.num_rows, bool), 4242))
+
+
+def content_mix_jump(d: Path) -> None:
+    for name in ("exposure", "ranking", "fullflow"):
+        _rw(d, name, lambda t: _set(t, "content_type", np.ones(t.num_rows, bool), 0))
+
+
+def clicks_move_to_last_positions(d: Path) -> None:
+    """Each request keeps its click count, but its clicks sit on its last display positions."""
+
+    def fn(t: pa.Table) -> pa.Table:
+        frame = t.select(["request_id", "position", "click"]).to_pandas()
+        clicks = frame.groupby("request_id")["click"].transform("sum")
+        last = frame.groupby("request_id")["position"].transform("max")
+        moved = (frame["position"] > last - clicks).astype(np.int8).to_numpy()
+        idx = t.schema.get_field_index("click")
+        return t.set_column(idx, t.schema.field(idx), pa.array(moved, pa.int8()))
+
+    # like/comment/share follow their click: clear them so only the position pattern changes
+    _rw(d, "exposure", fn)
+    for col in ("like", "comment", "share"):
+        _rw(d, "exposure", lambda t, c=col: _set(t, c, np.ones(t.num_rows, bool), 0))
+
+
+def _with_new_request_ids(t: pa.Table, offset: int) -> pa.Table:
+    idx = t.schema.get_field_index("request_id")
+    return t.set_column(idx, t.schema.field(idx), pc.add(t["request_id"], pa.scalar(offset, pa.int64())))
+
+
+def day_at_twice_the_volume(d: Path) -> None:
+    """The day's logs duplicated under new request ids: exactly 2x the trailing volume."""
+    for name in schema.RAW_LOGS:
+        _rw(d, name, lambda t: pa.concat_tables([t, _with_new_request_ids(t, 5_000_000)]))
+
+
+def requests_duplicated_under_new_ids(d: Path) -> None:
+    keep = pa.array(_requests(d)[:5])
+    for name in schema.RAW_LOGS:
+        _rw(
+            d,
+            name,
+            lambda t: pa.concat_tables(
+                [t, _with_new_request_ids(t.filter(pc.is_in(t["request_id"], keep)), 5_000_000)]
+            ),
+        )
+
+
+def late_file_in_the_day(d: Path) -> None:
+    shutil.copy(d / "exposure.parquet", d / "exposure-late-0001.parquet")
+
+
+def eval_log_without_clicks(d: Path) -> None:
+    _rw(d, "fullflow", lambda t: _set(t, "click", np.ones(t.num_rows, bool), 0))
+
+
+def eval_requests_missing_from_exposure_log(d: Path) -> None:
+    def fn(t: pa.Table) -> pa.Table:
+        ids = t["request_id"].to_numpy().copy()
+        ids[ids == ids[0]] += 9_000_000  # one full-flow request under an id nobody exposed
+        idx = t.schema.get_field_index("request_id")
+        return t.set_column(idx, t.schema.field(idx), pa.array(ids, pa.int64()))
+
+    _rw(d, "fullflow", fn)
+
+
+def eval_sample_too_small(d: Path) -> None:
+    def fn(t: pa.Table) -> pa.Table:
+        keep = pa.array(np.unique(t["request_id"].to_numpy())[:3])
+        return t.filter(pc.is_in(t["request_id"], keep))
+
+    _rw(d, "fullflow", fn)
+
+
+def not_parquet(d: Path) -> None:
+    pq.read_table(d / "exposure.parquet").slice(0, 50).to_pandas().to_csv(d / "exposure.parquet")
+
+
+def renamed_column(d: Path) -> None:
+    _rw(
+        d,
+        "exposure",
+        lambda t: t.rename_columns(["dwell_time" if c == "dwell" else c for c in t.column_names]),
+    )
+
+
+def timestamp_in_microseconds(d: Path) -> None:
+    def fn(t: pa.Table) -> pa.Table:
+        idx = t.schema.get_field_index("timestamp")
+        return t.set_column(idx, "timestamp", t["timestamp"].cast(pa.timestamp("us", tz="UTC")))
+
+    _rw(d, "exposure", fn)
+
+
+def key_in_narrower_integer(d: Path) -> None:
+    def fn(t: pa.Table) -> pa.Table:
+        idx = t.schema.get_field_index("item_id")
+        return t.set_column(idx, "item_id", t["item_id"].cast(pa.int32()))
+
+    _rw(d, "ranking", fn)
+
+
+# (fault class, corruption, file named, expectation named, detail on the same line)
+FAULTS = [
+    (
+        1,
+        nan_dense_feature,
+        "ranking.parquet",
+        "expect_column_values_to_not_be_null(column=i_ctr)",
+        "5 bad row(s)",
+    ),
+    (
+        1,
+        inf_request_feature,
+        "exposure.parquet",
+        "expect_column_values_to_be_between(column=u_activity",
+        "4 bad row(s)",
+    ),
+    (1, absurd_magnitude_in_eval_log, "fullflow.parquet", "(column=i_followers", "3 bad row(s)"),
+    (2, id_outside_hash_space, "ranking.parquet", "(column=i_category", "3 bad row(s)"),
+    (2, negative_user_id, "exposure.parquet", "(column=user_id", "2 bad row(s)"),
+    (3, position_gap, "(per request)", "(column=position_gap", "1 bad row(s)"),
+    (3, click_sequence_too_short, "exposure.parquet", "(column=u_click_seq_len", "3 bad row(s)"),
+    (3, click_sequence_out_of_space, "exposure.parquet", "(column=u_click_seq_max", "2 bad row(s)"),
+    (4, like_without_click, "exposure.parquet", "(column=engaged_without_click", "4 bad row(s)"),
+    (4, absurd_dwell, "exposure.parquet", "expect_column_values_to_be_between(column=dwell", "3 bad row(s)"),
+    (5, collapsed_feature, "trailing days", 'row_condition=check=="distinct_ratio"', "u_city"),
+    (5, content_mix_jump, "trailing days", 'row_condition=check=="content_mix_tvd"', "content_mix"),
+    (
+        5,
+        clicks_move_to_last_positions,
+        "trailing days",
+        'row_condition=check=="click_position_tvd"',
+        "click_position",
+    ),
+    (6, day_at_twice_the_volume, "exposure.parquet", "expect_table_row_count_to_be_between", "observed 3000"),
+    (6, requests_duplicated_under_new_ids, "(per request)", "(column=content_key", "10 bad row(s)"),
+    (6, late_file_in_the_day, "landing/dt=2026-11-03", "(column=known", "exposure-late-0001.parquet"),
+    (
+        7,
+        eval_log_without_clicks,
+        "fullflow.parquet",
+        "expect_column_sum_to_be_between(column=click",
+        "observed 0",
+    ),
+    (7, eval_requests_missing_from_exposure_log, "fullflow.parquet", "(column=in_exposure_log", "bad row(s)"),
+    (
+        7,
+        eval_sample_too_small,
+        "fullflow.parquet",
+        "expect_column_unique_value_count_to_be_between",
+        "observed 3",
+    ),
+    (8, not_parquet, "exposure.parquet", "parquet_readable", "truncated or corrupt"),
+    (
+        8,
+        renamed_column,
+        "exposure.parquet",
+        "expect_column_values_to_be_in_set(column=in_file",
+        "'column': 'dwell'",
+    ),
+    (
+        8,
+        timestamp_in_microseconds,
+        "exposure.parquet",
+        "expect_column_pair_values_to_be_equal",
+        "timestamp[us",
+    ),
+    (
+        8,
+        key_in_narrower_integer,
+        "ranking.parquet",
+        "expect_column_pair_values_to_be_equal",
+        "'arrow_type': 'int32'",
+    ),
+]
+
+
+# Each `hap run` costs a process start (~6 s); these run through `hap validate` only, the other
+# cases (at least one per class) through both.
+VALIDATE_ONLY = {
+    "inf_request_feature",
+    "negative_user_id",
+    "click_sequence_out_of_space",
+    "content_mix_jump",
+    "eval_sample_too_small",
+    "key_in_narrower_integer",
+}
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """One temporary Prefect server for this module's flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def run_flow(home: Path, date: dt.date, registry: str) -> tuple[int, str]:
+    """``hap run --date D``: the console script in a subprocess, against the module's Prefect server."""
+    import os
+    import subprocess
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "HAP_HOME": str(home), "MLFLOW_TRACKING_URI": registry}
+    env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
+    sets = [a for k, v in OVERRIDES.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    hap = Path(sys.executable).parent / "hap"
+    proc = subprocess.run(
+        [str(hap), *sets, "run", "--date", date.isoformat()], env=env, capture_output=True, text=True
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _assert_clean_rejection(out: str, code: int, file: str, expectation: str, detail: str) -> None:
+    assert code == ValidationFailed.exit_code, out
+    assert "Traceback" not in out, out
+    hit = [line for line in out.splitlines() if "FAIL" in line and file in line and expectation in line]
+    assert hit, f"no FAIL line names {file} / {expectation}:\n{out}"
+    assert any(detail in line for line in hit), f"{detail!r} missing from:\n{out}"
+
+
+def _assert_nothing_published(cfg, registry_uri: str) -> None:
+    from hap.registry import registration as registry
+
+    result = json.loads((layout.quarantine_day(cfg, DAY) / "result.json").read_text())
+    assert result["reason"]["step"] == "validate" and result["reason"]["failed"]
+    assert not layout.landing_day(cfg, DAY).exists()
+    for table in layout.LAKE_TABLES:
+        assert not layout.lake_partition(cfg, table, DAY).exists()
+    assert not markers.is_validated(cfg, DAY)
+    assert not layout.training_set(cfg, DAY).exists() and not layout.model_dir(cfg, DAY).exists()
+    champion = registry.alias_version(cfg, "champion")
+    assert champion is not None and str(champion.version) == "1"
+    assert [str(v.version) for v in registry.versions(cfg)] == ["1"]
+
+
+@pytest.mark.parametrize(
+    "fault_class,corrupt,file,expectation,detail", FAULTS, ids=[f[1].__name__ for f in FAULTS]
+)
+def test_upstream_fault_is_rejected_by_validate_and_run(
+    fault_class,
+    corrupt,
+    file,
+    expectation,
+    detail,
+    day_copy,
+    registry_uri,
+    prefect_harness,
+    monkeypatch,
+    capsys,
+):
+    cfg = _cfg(day_copy)
+    corrupt(layout.landing_day(cfg, DAY))
+    through_run = corrupt.__name__ not in VALIDATE_ONLY
+
+    code, out = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys, registry_uri)
+    _assert_clean_rejection(out, code, file, expectation, detail)
+    _assert_nothing_published(cfg, registry_uri)
+
+    # the same landed files through the daily flow: released, then rejected again the same way
+    code, out = run_cli(day_copy, ["release-quarantine", "--date", DAY.isoformat()], monkeypatch, capsys)
+    assert code == 0 and layout.landing_day(cfg, DAY).is_dir(), out
+    if not through_run:
+        return
+    code, out = run_flow(day_copy, DAY, registry_uri)
+    _assert_clean_rejection(out, code, file, expectation, detail)
+    _assert_nothing_published(cfg, registry_uri)
+    run = json.loads((layout.metrics_dir(cfg, DAY) / "daily_run.json").read_text())
+    assert run["status"] == "failed" and run["quarantine"] == str(layout.quarantine_day(cfg, DAY))
+
+
+def test_every_fault_class_has_cases_through_validate_and_run():
+    through_run = [f for f in FAULTS if f[1].__name__ not in VALIDATE_ONLY]
+    assert {f[0] for f in through_run} == set(range(1, 9)) and len(through_run) >= 16
+
+
+def test_training_refuses_non_finite_values_that_bypass_validation(
+    day_copy, registry_uri, prefect_harness, monkeypatch
+):
+    """A validator that lets NaN through (monkeypatched): training stops with the feature and the
+    day named, writes no bundle, the day is quarantined by the flow and the champion stays."""
+    from flows.daily import daily_retrain
+    from hap.core.errors import NonFiniteData
+    from hap.data import validate as validate_mod
+    from hap.registry import registration as registry
+    from tests.conftest import TINY_FLOW_RUN
+
+    cfg = _cfg(day_copy)
+    nan_dense_feature(layout.landing_day(cfg, DAY))
+    monkeypatch.setattr(
+        validate_mod, "check_day", lambda cfg, date, docs_dir=None: validate_mod.ValidationReport(date=date)
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry_uri)
+    overrides = {**OVERRIDES, **TINY_FLOW_RUN, "split.window_days": 3}
+    state = daily_retrain(date=DAY.isoformat(), overrides=overrides, home=str(day_copy), return_state=True)
+
+    assert state.is_failed()
+    err = state.result(raise_on_failure=False)
+    assert isinstance(err, NonFiniteData), err
+    assert "i_ctr" in str(err) and DAY.isoformat() in str(err) and "release-quarantine" in str(err)
+    assert not layout.model_dir(cfg, DAY).exists()
+    reason = json.loads((layout.quarantine_day(cfg, DAY) / "result.json").read_text())["reason"]
+    assert reason["step"] == "train" and reason["check"] == "finite:i_ctr" and reason["examples"]
+    for table in layout.LAKE_TABLES:  # unpublished from the lake
+        assert not layout.lake_partition(cfg, table, DAY).exists()
+    assert not markers.is_validated(cfg, DAY)
+    assert str(registry.alias_version(cfg, "champion").version) == "1"
+    assert [str(v.version) for v in registry.versions(cfg)] == ["1"]
+
+
+def test_distribution_shift_policy_alert_trains_with_a_warning(day_copy, monkeypatch, capsys):
+    """``validation.on_distribution_shift: alert``: a collapsed feature is reported, not quarantined."""
+    cfg = _cfg(day_copy)
+    collapsed_feature(layout.landing_day(cfg, DAY))
+    code, out = run_cli(
+        day_copy,
+        ["validate", "--date", DAY.isoformat()],
+        monkeypatch,
+        capsys,
+        **{"validation.on_distribution_shift": "alert"},
+    )
+    assert code == 0, out
+    assert any(line.strip().startswith("WARN") and "u_city" in line for line in out.splitlines()), out
+    assert markers.is_validated(cfg, DAY) and not markers.is_quarantined(cfg, DAY)
+
+
+def test_ingest_turns_nulls_in_a_required_column_into_a_quarantine(day_copy):
+    """Ingest told to trust a day with nulls in a non-nullable column: one clean contract error
+    naming the file, and the day quarantined, instead of a raw ValueError."""
+    from hap.data.ingest import ingest_day
+
+    cfg = _cfg(day_copy)
+    null_keys(layout.landing_day(cfg, DAY))
+    with pytest.raises(DataContractError, match="ranking.parquet"):
+        ingest_day(cfg, DAY, require_validated=False)
+    reason = json.loads((layout.quarantine_day(cfg, DAY) / "result.json").read_text())["reason"]
+    assert reason["step"] == "ingest" and "ranking.parquet" in reason["error"]
+    assert not layout.lake_partition(cfg, "samples", DAY).exists()

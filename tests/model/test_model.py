@@ -56,7 +56,7 @@ def tiny_split(tmp_path_factory: pytest.TempPathFactory) -> Config:
     home = tmp_path_factory.mktemp("model") / "data"
     cfg = model_cfg(home)
     for day, _ in simulate_days(cfg, cfg.simulate.start, 3):
-        ingest_day(cfg, day)
+        ingest_day(cfg, day, require_validated=False)
         markers.mark_validated(cfg, day, {"by": "test_model"})
     build_training_set(cfg, DATE)
     return cfg

@@ -181,8 +181,8 @@ def test_two_clean_rebuilds_give_the_same_training_set_hash(pipeline_repo, tmp_p
     cfg = load_config(repo / "params.yaml", environ={"HAP_HOME": str(tmp_path / "rebuild")})
     for day in cfg.pipeline.dates:
         simulate_day(cfg, day, progress=False)
-        ingest_day(cfg, day)
         validate_day(cfg, day)
+        ingest_day(cfg, day)
     report = build_training_set(cfg, cfg.pipeline.date)
     assert report.data_version == data_version(cfg, cfg.pipeline.date) == dvc_version
 

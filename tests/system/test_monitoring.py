@@ -32,8 +32,8 @@ SHAPE = {
     "simulate.drift_ramp_days": 1,
     "simulate.retrieval_pool": 500,
     "simulate.retrieval_size": 400,
-    "simulate.prerank_keep": 100,
-    "simulate.rank_keep": 50,
+    "contract.prerank_keep": 100,
+    "contract.rank_keep": 50,
     "simulate.degrade_pool_factor": 3.3,
     "simulate.full_flow_requests": 40,
     "split.window_days": 3,
@@ -60,7 +60,7 @@ def _simulate(cfg: Config, days: list[dt.date]) -> None:
 
     for date in days:
         simulate_day(cfg, date, progress=False)
-        ingest_day(cfg, date)
+        ingest_day(cfg, date, require_validated=False)  # validated below where a test needs it
 
 
 @pytest.fixture(scope="module")

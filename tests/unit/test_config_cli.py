@@ -70,6 +70,7 @@ def test_every_command_has_help():
 def test_cli_simulate_then_ingest(tmp_path):
     env_home = tmp_path / "data"
     cmd = [sys.executable, "-m", "hap.cli", "--set", "simulate.n_items=4000", "--set", "simulate.n_users=200"]
+    cmd += ["--set", "validation.fullflow_min_requests=1", "--set", "validation.data_docs=false"]
     env = {"HAP_HOME": str(env_home), "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [*cmd, "simulate", "--start", "2026-11-01", "--days", "1", "--requests", "50"],
@@ -79,9 +80,11 @@ def test_cli_simulate_then_ingest(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "simulated 2026-11-01: 50 requests" in out.stdout
+    out = subprocess.run([*cmd, "validate", "--date", "2026-11-01"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
     out = subprocess.run([*cmd, "ingest", "--date", "2026-11-01"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "ingested 2026-11-01: 50 requests" in out.stdout
     bad = subprocess.run([*cmd, "ingest", "--date", "2026-11-09"], capture_output=True, text=True, env=env)
     assert bad.returncode != 0
-    assert "never landed" in bad.stderr and "Traceback" not in bad.stderr
+    assert "has not passed validation" in bad.stderr and "Traceback" not in bad.stderr
