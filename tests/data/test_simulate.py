@@ -21,7 +21,11 @@ DAY = dt.date(2026, 11, 1)
 def day_logs(tmp_path_factory):
     from conftest import tiny_config
 
-    cfg = tiny_config(tmp_path_factory.mktemp("sim") / "data")
+    from hap.core.config import load_config
+
+    # the realism checks below need the real click model, not the tiny worlds' raised CTR
+    offset = load_config().simulate.click_offset
+    cfg = tiny_config(tmp_path_factory.mktemp("sim") / "data", simulate__click_offset=offset)
     stats = simulate_day(cfg, DAY, progress=False)
     logs = {name: pq.read_table(layout.raw_log(cfg, DAY, name)) for name in schema.RAW_LOGS}
     return cfg, stats, logs
