@@ -246,6 +246,12 @@ def reference_dates(cfg: Config, date: dt.date, champion: Champion | None) -> Re
         note = "no champion window known; fell back to the trailing days"
     else:
         note = ""
+    # Days the champion trained on are in-sample for it: its scores there (routed share, near-margin
+    # share) are biased, and comparing today's out-of-sample figures against them reads as drift the
+    # day after every retrain. The trailing reference therefore skips them and looks further back.
     k = cfg.monitor.trailing_days
-    days = [d for d in layout.window(date - dt.timedelta(days=1), k) if ingested(d)]
-    return Reference(days, "trailing", note or f"trailing {k} days")
+    in_sample = set(champion.window) if champion is not None and champion.window else set()
+    lookback = layout.window(date - dt.timedelta(days=1), k + len(in_sample))
+    days = [d for d in lookback if ingested(d) and d not in in_sample][-k:]
+    skipped = f", skipping champion v{champion.version}'s training days" if in_sample else ""
+    return Reference(days, "trailing", note or f"trailing {k} days{skipped}")

@@ -26,7 +26,7 @@ DAYS = [START + dt.timedelta(days=i) for i in range(10)]
 DRIFT_DAY = DAYS[5]  # day 6
 
 SHAPE = {
-    "simulate.requests_per_day": 160,
+    "simulate.requests_per_day": 480,  # the routed share of 160 requests moved by +-50% between stable days
     "simulate.days": 10,
     "simulate.drift_start": DRIFT_DAY.isoformat(),
     "simulate.drift_ramp_days": 1,
@@ -34,7 +34,7 @@ SHAPE = {
     "simulate.retrieval_size": 400,
     "contract.prerank_keep": 100,
     "contract.rank_keep": 50,
-    "simulate.degrade_pool_factor": 3.3,
+    "simulate.degrade_pool_factor": 5.0,  # a drift clearly past the tiny world's day-to-day noise
     "simulate.full_flow_requests": 40,
     "split.window_days": 3,
     "split.eval_max_requests": 40,
