@@ -142,47 +142,29 @@ def evaluate_alerts(
     """Apply ``monitor.alerts``: absolute moves against the reference, and ceilings."""
     rules = cfg.monitor.alerts
     alerts: list[Alert] = []
+    # (rule, column, label, relative): an absolute move in points, or a change relative to the base
     moves = [
-        ("hard_fraction_model_abs_change", "near_margin", "model-side hard fraction"),
-        ("routed_share_abs_change", "routed", "routed share"),
-        ("hard_fraction_data_abs_change", "hard_neg", "data-side hard fraction"),
+        ("hard_fraction_model_abs_change", "near_margin", "model-side hard fraction", False),
+        ("routed_share_abs_change", "routed", "routed share", False),
+        ("hard_fraction_data_abs_change", "hard_neg", "data-side hard fraction", False),
+        ("routed_share_rel_change", "routed", "routed share", True),
     ]
-    for rule, column, label in moves:
+    for rule, column, label, relative in moves:
         limit = getattr(rules, rule)
         today, base = table.get(column), (ref or {}).get(column)
-        if limit is None or today is None or base is None:
+        if limit is None or today is None or base is None or (relative and not base):
             continue
-        if abs(today - base) > limit:
-            alerts.append(
-                Alert(
-                    rule,
-                    column,
-                    today,
-                    base,
-                    limit,
-                    f"{label} {today:.3f} vs reference {base:.3f} "
-                    f"(moved {100 * (today - base):+.1f} points, limit {100 * limit:.1f})",
-                )
-            )
-    relative = [("routed_share_rel_change", "routed", "routed share")]
-    for rule, column, label in relative:
-        limit = getattr(rules, rule)
-        today, base = table.get(column), (ref or {}).get(column)
-        if limit is None or today is None or not base:
+        change = (today - base) / base if relative else today - base
+        if abs(change) <= limit:
             continue
-        change = (today - base) / base
-        if abs(change) > limit:
-            alerts.append(
-                Alert(
-                    rule,
-                    column,
-                    today,
-                    base,
-                    limit,
-                    f"{label} {today:.3f} vs reference {base:.3f} "
-                    f"({100 * change:+.0f}% relative, limit {100 * limit:.0f}%)",
-                )
-            )
+        moved = (
+            f"{100 * change:+.0f}% relative, limit {100 * limit:.0f}%"
+            if relative
+            else f"moved {100 * change:+.1f} points, limit {100 * limit:.1f}"
+        )
+        alerts.append(
+            Alert(rule, column, today, base, limit, f"{label} {today:.3f} vs reference {base:.3f} ({moved})")
+        )
     ceilings = [
         ("drift_share_max", "drift_share", drift_share, "feature drift share"),
         ("prediction_drift_max", "drift:light_score", prediction_drift, "light-score drift"),
