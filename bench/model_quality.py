@@ -86,12 +86,19 @@ def oracles(cfg: Any, day: Any) -> dict[str, float]:
     ff = ff.merge(users.drop_duplicates("request_id"), on="request_id")
     u, i = ff.user_id.to_numpy(), ff.item_id.to_numpy()
     pref = uni.user_pref[u, uni.item_ctype[i]]
+    # an item's category centre (the mean latent vector of its category): what category side features carry
+    cat = np.unique(uni.item_static["i_category"], return_inverse=True)[1]
+    centres = np.stack([uni.item_vec[cat == c].mean(0) for c in range(cat.max() + 1)])
+    by_category = np.einsum("nkd,nd->nk", uni.user_vec[u], centres[cat[i]]).max(1)
     signals = {
         "item bias": uni.item_bias[i],
         "item bias + content-type preference": uni.item_bias[i] + pref,
         "mean interest vector + bias + content-type": np.einsum(
             "nd,nd->n", uni.user_vec[u].mean(1), uni.item_vec[i]
         )
+        + uni.item_bias[i]
+        + pref,
+        "best-matching interest on the item's category centre + bias + content-type": by_category
         + uni.item_bias[i]
         + pref,
         "best-matching interest alone": np.einsum("nkd,nd->nk", uni.user_vec[u], uni.item_vec[i]).max(1),

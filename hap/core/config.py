@@ -168,8 +168,21 @@ class ModelConfig(_Section):
     embed_dim: int
     seq_len: int
     hash_buckets: int
+    # item side features a recent click is embedded with, beside its id (looked up from the window)
+    behaviour_features: list[str] = []
     light: TowerConfig
     expressive: TowerConfig
+
+    @field_validator("behaviour_features")
+    @classmethod
+    def _known_item_side_features(cls, v: list[str]) -> list[str]:
+        from hap.core.schema import ITEM_CATEGORICAL
+
+        side = [f for f in ITEM_CATEGORICAL if f != "i_id"]
+        unknown = [f for f in v if f not in side]
+        if unknown:
+            raise ValueError(f"model.behaviour_features: {unknown} are not item side features ({side})")
+        return v
 
     @model_validator(mode="after")
     def _expressive_is_deeper(self) -> ModelConfig:

@@ -250,7 +250,10 @@ def load_bundle(path: Path | str, device: str = "cpu") -> HapBundle:
     towers = dict(zip(("light", "expressive"), build_models(model_config)))
     for name, model in towers.items():
         if meta.get(f"has_{name}"):
-            model.load_state_dict(torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True))
+            state = torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True)
+            # bundles written before clicks had side features embed them by id alone (an empty lookup)
+            state.setdefault("behaviour_lookup", model.behaviour_lookup)
+            model.load_state_dict(state)
             model.to(device).eval()
     return HapBundle(
         meta=meta,

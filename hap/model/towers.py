@@ -4,6 +4,15 @@
 - ``ExpressiveModel``: wider towers, target attention of the candidate over the user's recent
   clicks, ``[u + v, u * v, attn]``, an N-layer MLP (N > M), a CTR head.
 
+A recent click is embedded as its item id **plus its side features** (category, sub-category), as
+in DIN/DIEN/MIND: the log holds only the clicked ids, and with a few thousand clicks a window an id
+appears in a handful of sequences, too few for its embedding to learn what the item is about. The
+side features come from ``behaviour_lookup`` (hashed id row -> side-feature rows), a buffer fitted
+from the training window's items (``fit_behaviour_lookup``) and saved with the weights, so serving
+embeds a click exactly as training did. The side features share the item tower's embedding rows,
+so a click and a candidate of the same category meet in one space. An item the window never saw
+maps to row 0 (padding, zero): its click counts by id alone.
+
 Both split into ``user(...)`` (once per request), ``item(...)`` (once per candidate, cacheable) and
 ``head(user, item)`` (once per candidate), which is how serving runs them. FLOPs are counted from
 the same layer shapes (``flops()``), so cost numbers follow the params.
@@ -54,9 +63,19 @@ def linear_flops(module: nn.Module) -> int:
 class _TwoTower(nn.Module):
     """Shared parts: one hashed embedding table, a user tower and an item tower."""
 
-    def __init__(self, hash_buckets: int, embed_dim: int, tower_dims: list[int], seq_len: int) -> None:
+    def __init__(
+        self,
+        hash_buckets: int,
+        embed_dim: int,
+        tower_dims: list[int],
+        seq_len: int,
+        behaviour_features: tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
         self.embed_dim, self.seq_len = embed_dim, seq_len
+        self.behaviour_slots = [ITEM_CATEGORICAL.index(f) for f in behaviour_features]
+        lookup = torch.zeros(hash_buckets, len(self.behaviour_slots), dtype=torch.long)
+        self.register_buffer("behaviour_lookup", lookup)
         self.emb = nn.Embedding(hash_buckets, embed_dim, padding_idx=0)
         nn.init.normal_(self.emb.weight, std=0.05)
         with torch.no_grad():
@@ -65,10 +84,28 @@ class _TwoTower(nn.Module):
         self.user_tower = mlp([N_REQ_CAT * embed_dim + N_USER_DENSE + embed_dim, *tower_dims])
         self.item_tower = mlp([N_ITEM_CAT * embed_dim + N_ITEM_DENSE, *tower_dims])
 
+    @torch.no_grad()
+    def fit_behaviour_lookup(self, item_cat: torch.Tensor) -> None:
+        """Record each item's side-feature rows under its id row (``item_cat``: encoded item
+        columns ``[N, 8]``). An id collision in the hash keeps one of the colliding items."""
+        if not self.behaviour_slots:
+            return
+        ids = item_cat[:, ITEM_CATEGORICAL.index("i_id")].to(self.behaviour_lookup.device)
+        side = item_cat[:, self.behaviour_slots].to(self.behaviour_lookup.device)
+        self.behaviour_lookup[ids] = side
+        self.behaviour_lookup[0] = 0  # padding stays padding
+
+    def behaviours(self, seq: torch.Tensor) -> torch.Tensor:
+        """Click embeddings ``[B, L, E]``: the id's row plus its side features' rows."""
+        emb = self.emb(seq)
+        if self.behaviour_slots:
+            emb = emb + self.emb(self.behaviour_lookup[seq]).sum(-2)
+        return emb
+
     def _user_vec(
         self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        seq_emb = self.emb(seq)  # [B, L, E]
+        seq_emb = self.behaviours(seq)  # [B, L, E]
         mask = (seq != 0).unsqueeze(-1).to(seq_emb.dtype)
         pooled = (seq_emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         x = torch.cat([self.emb(req_cat).flatten(1), req_dense, pooled], dim=1)
@@ -97,7 +134,8 @@ class _TwoTower(nn.Module):
 
     def flops(self) -> dict[str, int]:
         """FLOPs of one user-side pass and of one candidate (item tower + head)."""
-        user = linear_flops(self.user_tower) + 2 * self.seq_len * self.embed_dim
+        behaviour_adds = len(self.behaviour_slots) * self.seq_len * self.embed_dim
+        user = linear_flops(self.user_tower) + 2 * self.seq_len * self.embed_dim + behaviour_adds
         return {
             "user": user + self._user_extra_flops(),
             "item": linear_flops(self.item_tower),
@@ -112,9 +150,15 @@ class LightweightModel(_TwoTower):
     """``[u + v, u * v]`` -> M-layer MLP -> CTR logit."""
 
     def __init__(
-        self, hash_buckets: int, embed_dim: int, tower_dims: list[int], mlp_dims: list[int], seq_len: int
+        self,
+        hash_buckets: int,
+        embed_dim: int,
+        tower_dims: list[int],
+        mlp_dims: list[int],
+        seq_len: int,
+        behaviour_features: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(hash_buckets, embed_dim, tower_dims, seq_len)
+        super().__init__(hash_buckets, embed_dim, tower_dims, seq_len, behaviour_features)
         self.mlp = mlp([2 * self.dim, *mlp_dims], final_activation=True)
         self.out = nn.Linear(mlp_dims[-1] if mlp_dims else 2 * self.dim, 1)
 
@@ -145,8 +189,9 @@ class ExpressiveModel(_TwoTower):
         seq_len: int,
         heads: int,
         pooling: str = "target",
+        behaviour_features: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(hash_buckets, embed_dim, tower_dims, seq_len)
+        super().__init__(hash_buckets, embed_dim, tower_dims, seq_len, behaviour_features)
         if pooling not in ("target", "mean"):
             raise HapError(f"model.expressive.pooling: unknown {pooling!r} (target | mean)")
         self.pooling = pooling  # "mean": the click sequence averaged, the same for every candidate
@@ -195,7 +240,12 @@ class ExpressiveModel(_TwoTower):
 def build_models(model_cfg: ModelConfig | dict[str, Any]) -> tuple[LightweightModel, ExpressiveModel]:
     """Both towers from the typed ``model`` params section (or its dict, as stored in bundle.json)."""
     m = ModelConfig.model_validate(model_cfg) if isinstance(model_cfg, dict) else model_cfg
-    common = dict(hash_buckets=m.hash_buckets, embed_dim=m.embed_dim, seq_len=m.seq_len)
+    common = dict(
+        hash_buckets=m.hash_buckets,
+        embed_dim=m.embed_dim,
+        seq_len=m.seq_len,
+        behaviour_features=tuple(m.behaviour_features),
+    )
     return (
         LightweightModel(tower_dims=m.light.tower_dims, mlp_dims=m.light.mlp_dims, **common),
         ExpressiveModel(

@@ -287,6 +287,8 @@ def validate(m: _Member, batches: list[Batch], device: torch.device) -> tuple[fl
 def _members(cfg: Config, data: TrainData, device: torch.device, world: int) -> list[_Member]:
     torch.manual_seed(cfg.train.seed)
     light, expressive = build_models(cfg.model.model_dump(mode="json"))
+    for tower in (light, expressive):
+        tower.fit_behaviour_lookup(data.item_cat)  # every row: train and validation see one lookup
     members = [_Member("light", light, cfg, None, device, world)]
     if cfg.train.expressive_groups != "none":
         keep = None
