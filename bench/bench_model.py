@@ -153,7 +153,7 @@ def run(home: Path, steps: int) -> None:
     train_rows, train_out = bench_training(cfg, data, device, steps)
 
     bundle_dir = home / "bench-bundles" / "serving"
-    if not (bundle_dir / "bundle.json").exists():
+    if not (bundle_dir / layout.BUNDLE_META_FILE).exists():
         fit(cfg.updated({"train.epochs": 1}), data, bundle_dir, meta={"date": date.isoformat()}, log=False)
     eval_table = ds.dataset(layout.eval_set(cfg, date), format="parquet").to_table()
     serve_rows, serve_out = bench_serving(cfg, load_bundle(bundle_dir), eval_table)

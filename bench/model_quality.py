@@ -139,7 +139,7 @@ def main() -> None:
     t = time.perf_counter()
     result = fit(cfg, data, bundle_dir, meta={"date": date.isoformat()}, log=True)
     train_s = time.perf_counter() - t
-    history = json.loads((bundle_dir / "history.json").read_text())
+    history = json.loads((bundle_dir / layout.HISTORY_FILE).read_text())
     eval_day = date + dt.timedelta(days=1)
     metrics = evaluate(cfg, bundle_dir, layout.eval_set(cfg, date), layout.raw_log(cfg, eval_day, "fullflow"))
     row = {

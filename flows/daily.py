@@ -32,7 +32,7 @@ from hap.core.errors import DataContractError, DayRejected, HapError, Validation
 from hap.data.quarantine import reject
 from hap.registry.tracking import check_reachable
 
-SUMMARY_FILE = "daily_run.json"
+SUMMARY_FILE = layout.DAILY_RUN_FILE
 ALERT_EVENT = "hap.monitor.alert"
 
 

@@ -45,7 +45,7 @@ def _summary(cfg: Config, last: Any, elapsed: float) -> str:
         lines.append("champion: none promoted")
     for row in rows:
         lines.append(f"  v{row.version} {row.date} gate={row.verdict} aliases={','.join(row.aliases) or '-'}")
-    run_file = layout.metrics_dir(cfg, last) / "daily_run.json"
+    run_file = layout.metrics_dir(cfg, last) / layout.DAILY_RUN_FILE
     if run_file.exists():
         day = json.loads(run_file.read_text())
         mon = day.get("monitor") or {}

@@ -26,8 +26,8 @@ from hap.core import layout
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 
-REQUEST_FILE = "retrain_request.json"
-BUNDLE_FILE = "bundle.json"
+REQUEST_FILE = layout.RETRAIN_REQUEST_FILE
+BUNDLE_FILE = layout.BUNDLE_META_FILE
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ def train_remote(
             f"train-ghcl run {flow_run.name} for {date} ended "
             f"{state.name if state else 'without a state'}: {state.message if state else ''}"
         )
-    bundle = layout.model_dir(cfg, date) / "bundle.json"
+    bundle = layout.model_dir(cfg, date) / layout.BUNDLE_META_FILE
     if not bundle.exists():
         raise HapError(
             f"train-ghcl run {flow_run.name} completed but {bundle} is missing; "

@@ -23,7 +23,7 @@ from hap.core.config import Config
 from monitoring import champion as champion_mod
 from monitoring.table import Champion, Reference, day_frame, reference_dates, summarize, write_table
 
-MONITOR_JSON = "monitor.json"
+MONITOR_JSON = layout.MONITOR_FILE
 
 
 @dataclass(frozen=True)

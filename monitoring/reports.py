@@ -25,7 +25,7 @@ from monitoring.table import FEATURES, indicator_columns
 
 META_DATE = "hap_date"
 META_KIND = "hap_kind"
-REPORT_HTML = "report.html"
+REPORT_HTML = layout.MONITOR_REPORT_HTML
 SNAPSHOT_ID = "snapshot_id"
 # Fractions kept in table.json but not sent to Evidently (no panel plots them; each costs a widget).
 TABLE_ONLY = ("ctr_ct", "exposed_share")

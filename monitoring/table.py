@@ -43,8 +43,8 @@ FEATURES: tuple[str, ...] = schema.FEATURE_COLUMNS
 # Indicator columns; each is also split per content type.
 INDICATORS: tuple[str, ...] = ("hard_neg", "routed", "near_margin", "ctr")
 MODEL_SIDE: tuple[str, ...] = ("routed", "near_margin", "light_score")
-FRAME_FILE = "frame.parquet"
-TABLE_FILE = "table.json"
+FRAME_FILE = layout.MONITOR_FRAME_FILE
+TABLE_FILE = layout.MONITOR_TABLE_FILE
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,39 @@ from pathlib import Path
 from hap.core.config import Config
 
 LAKE_TABLES = ("samples", "fullflow")
+
+# ---- file names inside those folders, grouped by the step that writes them -----------------------
+# validate / quarantine / ingest (data versioning)
+VALIDATION_SUMMARY_FILE = "summary.json"
+QUARANTINE_RESULT_FILE = "result.json"
+DATA_VERSION_FILE = "_data_version.json"
+# split: its metadata travels inside the training set; its report sits in the day's metrics
 SPLIT_META_FILE = "_split.json"
+SPLIT_REPORT_FILE = "split.json"
+# train: the model bundle and the records beside it
+BUNDLE_META_FILE = "bundle.json"
+HISTORY_FILE = "history.json"
+DIAGNOSTICS_FILE = "diagnostics.json"
+RUN_FILE = "run.json"  # how the run went (timings, resumed): not part of the bundle's identity
+CHECKPOINT_FILE = "last.pt"
+# evaluate / gate
+EVAL_FILE = "eval.json"
+EVAL_REQUESTS_FILE = "eval_requests.parquet"
+RECALL_CURVE_FILE = "recall_curve.json"
+BLESSING_FILE = "blessing.json"
+# the daily flow
+DAILY_RUN_FILE = "daily_run.json"
+RETRAIN_REQUEST_FILE = "retrain_request.json"
+# monitoring
+MONITOR_FILE = "monitor.json"
+MONITOR_REPORT_HTML = "report.html"
+MONITOR_FRAME_FILE = "frame.parquet"
+MONITOR_TABLE_FILE = "table.json"
+
+
+def tower_weights_file(tower: str) -> str:
+    """A bundle's state dict of ``tower`` (``light`` or ``expressive``)."""
+    return f"{tower}.pt"
 
 
 def day(date: dt.date | str) -> dt.date:

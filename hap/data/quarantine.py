@@ -26,7 +26,7 @@ from hap.core.config import Config
 from hap.core.errors import HapError
 from hap.data import markers
 
-RESULT_FILE = "result.json"
+RESULT_FILE = layout.QUARANTINE_RESULT_FILE
 RELEASED_DIR = ".released"
 
 

@@ -44,7 +44,7 @@ from hap.core.hashing import unit_hash
 from hap.data import markers
 
 PART_FILE = "part-0.parquet"
-REPORT_FILE = "split.json"
+REPORT_FILE = layout.SPLIT_REPORT_FILE
 PARQUET_OPTIONS = dict(compression="zstd", write_statistics=True)
 DIFFICULTIES: tuple[str, ...] = tuple(d.value for d in schema.Difficulty)
 _EVAL_SALT_OFFSET = 0x5EED  # a different hash stream for choosing eval requests

@@ -40,7 +40,7 @@ from hap.data.gx_runner import Finding, GxRunner
 from hap.data.quarantine import quarantine_day, release_quarantine  # noqa: F401 - the public API lives here too
 from hap.data.suites import KEY_COLUMNS, load_suite_json
 
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = layout.VALIDATION_SUMMARY_FILE
 DOCS_DIR = "docs"
 SUITED = ("exposure", "ranking")  # raw logs whose volume is checked against the trailing days
 

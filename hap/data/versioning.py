@@ -19,7 +19,7 @@ from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import HapError
 
-VERSION_FILE = "_data_version.json"
+VERSION_FILE = layout.DATA_VERSION_FILE
 ALGORITHM = "sha256-tree-v1"
 _CHUNK = 1 << 20
 

@@ -60,8 +60,8 @@ from hap.model.metrics import (
 )
 from hap.model.serving import HapBundle, RequestIndex
 
-EVAL_FILE = "eval.json"
-REQUESTS_FILE = "eval_requests.parquet"
+EVAL_FILE = layout.EVAL_FILE
+REQUESTS_FILE = layout.EVAL_REQUESTS_FILE
 REFERENCES = ("retrieval", "prerank", "ranking", "random", "truth")
 CLICKS_K = 10  # exp_clicks@10: the ranker's top 10 shown in slots 1..10, as the simulator exposes
 __all__ = ["auc", "gauc", "logloss", "ranking_metrics", "evaluate_bundle", "evaluate_day"]

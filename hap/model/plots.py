@@ -16,7 +16,7 @@ from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import HapError
 
-CURVE_FILE = "recall_curve.json"
+CURVE_FILE = layout.RECALL_CURVE_FILE
 _AT_K = re.compile(r"^(recall|ndcg)@(\d+)$")
 
 
@@ -33,7 +33,7 @@ def recall_curve(metrics: dict[str, float]) -> list[dict[str, float]]:
 def write_recall_curve(cfg: Config, date: dt.date | str) -> Path:
     """Read ``metrics/dt=D/eval.json`` and write ``metrics/dt=D/recall_curve.json``."""
     folder = layout.metrics_dir(cfg, date)
-    source = folder / "eval.json"
+    source = folder / layout.EVAL_FILE
     if not source.exists():
         raise HapError(f"no evaluation at {source}; run `hap evaluate --date {layout.day(date)}` first")
     payload = json.loads(source.read_text())

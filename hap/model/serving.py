@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from hap.core import schema
+from hap.core import layout, schema
 from hap.core.config import ModelConfig, RoutingConfig
 from hap.core.errors import HapError
 from hap.model.batches import ITEM_CATEGORICAL, FeatureSpec
@@ -240,7 +240,7 @@ def _typed(meta_file: Path, meta: dict[str, Any]) -> tuple[ModelConfig, RoutingC
 def load_bundle(path: Path | str, device: str = "cpu") -> HapBundle:
     """Rebuild the scorer from a bundle folder alone (works in a fresh process)."""
     folder = Path(path)
-    meta_file = folder / "bundle.json"
+    meta_file = folder / layout.BUNDLE_META_FILE
     if not meta_file.exists():
         raise HapError(f"no model bundle at {folder} (bundle.json missing); run `hap train` first")
     meta = json.loads(meta_file.read_text())
@@ -250,7 +250,9 @@ def load_bundle(path: Path | str, device: str = "cpu") -> HapBundle:
     towers = dict(zip(("light", "expressive"), build_models(model_config)))
     for name, model in towers.items():
         if meta.get(f"has_{name}"):
-            state = torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True)
+            state = torch.load(
+                folder / layout.tower_weights_file(name), map_location="cpu", weights_only=True
+            )
             # bundles written before clicks had side features embed them by id alone (an empty lookup)
             state.setdefault("behaviour_lookup", model.behaviour_lookup)
             model.load_state_dict(state)

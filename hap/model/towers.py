@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hap.core import layout
 from hap.core.config import ModelConfig
 from hap.core.errors import HapError
 from hap.model.batches import (
@@ -270,12 +271,18 @@ def save_bundle(
         "has_expressive": expressive is not None,
     }
     if light is not None:
-        torch.save({k: v.detach().cpu() for k, v in light.state_dict().items()}, folder / "light.pt")
+        torch.save(
+            {k: v.detach().cpu() for k, v in light.state_dict().items()},
+            folder / layout.tower_weights_file("light"),
+        )
     if expressive is not None:
         torch.save(
-            {k: v.detach().cpu() for k, v in expressive.state_dict().items()}, folder / "expressive.pt"
+            {k: v.detach().cpu() for k, v in expressive.state_dict().items()},
+            folder / layout.tower_weights_file("expressive"),
         )
-    (folder / "bundle.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    (folder / layout.BUNDLE_META_FILE).write_text(
+        json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+    )
 
 
 __all__ = [

@@ -49,7 +49,7 @@ from hap.model.losses import (
 from hap.model.routing import calibrate_threshold
 from hap.model.towers import build_models, save_bundle
 
-CKPT_FILE = "last.pt"
+CKPT_FILE = layout.CHECKPOINT_FILE
 
 
 @dataclass
@@ -529,16 +529,16 @@ def write_bundle(
     try:
         with atomic_dir(Path(bundle_dir)) as tmp:
             save_bundle(tmp, bundle_meta, members[0].raw, members[1].raw if len(members) > 1 else None)
-            atomic_write_json(tmp / "history.json", extra["history"])
+            atomic_write_json(tmp / layout.HISTORY_FILE, extra["history"])
             atomic_write_json(
-                tmp / "diagnostics.json", {"summary": extra["diag_summary"], "steps": extra["diag"]}
+                tmp / layout.DIAGNOSTICS_FILE, {"summary": extra["diag_summary"], "steps": extra["diag"]}
             )
             atomic_write_json(tmp / TIMING_FILE, {k: extra["result"][k] for k in TIMING_FIELDS})
     except OSError as err:
         raise WriteFailed(bundle_dir, err) from None
 
 
-TIMING_FILE = "run.json"  # how this run went: timings, resumed or not (not part of the identity)
+TIMING_FILE = layout.RUN_FILE
 TIMING_FIELDS = ("train_seconds", "samples_per_second", "resumed_from_epoch")
 
 

@@ -26,7 +26,7 @@ from hap.registry import registration as registry
 from hap.registry import tracking
 from hap.registry.blessing import Decision, Interval, TrainingHealth, decide
 
-BLESSING_FILE = "blessing.json"
+BLESSING_FILE = layout.BLESSING_FILE
 TAG_MARGIN, TAG_INTERVAL, TAG_REQUESTS = "gate.margin", "gate.interval", "gate.n_requests"
 SMOKE_TOLERANCE = 1e-4
 
@@ -229,7 +229,7 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
     challenger = registry.version_for_day(cfg, date, c)
     if challenger is None:
         raise HapError(f"no version of '{name}' registered for {iso}; run `hap register --date {iso}` first")
-    eval_json = layout.metrics_dir(cfg, date) / "eval.json"
+    eval_json = layout.metrics_dir(cfg, date) / layout.EVAL_FILE
     if not eval_json.exists():
         raise HapError(f"no eval metrics at {eval_json}; run `hap evaluate --date {iso}` first")
     challenger_metrics = json.loads(eval_json.read_text())

@@ -53,7 +53,7 @@ def metric_key(name: str) -> str:
 
 
 # Files of a bundle folder that describe the run (timings), not the model: not part of its identity.
-RUN_FILES = ("run.json",)
+RUN_FILES = (layout.RUN_FILE,)
 
 
 def bundle_hash(folder: Path) -> str:
@@ -300,9 +300,9 @@ def _require_outputs(cfg: Config, date: dt.date) -> dict[str, Any]:
     """The day's eval metrics; a clear error when the bundle or the metrics are missing."""
     iso = date.isoformat()
     bundle_dir, metrics_dir = layout.model_dir(cfg, date), layout.metrics_dir(cfg, date)
-    if not (bundle_dir / "bundle.json").exists():
+    if not (bundle_dir / layout.BUNDLE_META_FILE).exists():
         raise HapError(f"no model bundle at {bundle_dir}; run `hap train --date {iso}` first")
-    eval_metrics = _read_json(metrics_dir / "eval.json")
+    eval_metrics = _read_json(metrics_dir / layout.EVAL_FILE)
     if eval_metrics is None:
         raise HapError(
             f"no eval metrics at {metrics_dir / 'eval.json'}; run `hap evaluate --date {iso}` first"
@@ -341,8 +341,8 @@ def log_metrics(c: MlflowClient, run_id: str, bundle_dir: Path, eval_metrics: di
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    series = metric_series(_read_json(bundle_dir / "history.json") or [], "train/")
-    series += metric_series(_read_json(bundle_dir / "diagnostics.json") or {}, "diag/")
+    series = metric_series(_read_json(bundle_dir / layout.HISTORY_FILE) or [], "train/")
+    series += metric_series(_read_json(bundle_dir / layout.DIAGNOSTICS_FILE) or {}, "diag/")
     series += [(metric_key(f"eval/{k}"), float(v), 0) for k, v in eval_metrics.items() if _is_number(v)]
     batch = [Metric(key, value, now, step) for key, value, step in series]
     for start in range(0, len(batch), METRICS_PER_BATCH):
@@ -366,10 +366,10 @@ def log_run(
     signature = infer_signature(example, HapPrerankModel().load(bundle_dir).predict(None, example))
     exp = tracking.experiment_id(cfg)
     with tracking.fluent(cfg), mlflow.start_run(experiment_id=exp, run_name=f"train-{date}") as run:
-        mlflow.log_params(run_params(cfg, _read_json(bundle_dir / "bundle.json") or {}))
+        mlflow.log_params(run_params(cfg, _read_json(bundle_dir / layout.BUNDLE_META_FILE) or {}))
         mlflow.set_tags(tags)
         log_metrics(tracking.client(cfg), run.info.run_id, bundle_dir, eval_metrics)
-        for name in ("bundle.json", "history.json", "diagnostics.json"):
+        for name in (layout.BUNDLE_META_FILE, layout.HISTORY_FILE, layout.DIAGNOSTICS_FILE):
             if (bundle_dir / name).exists():
                 mlflow.log_artifact(str(bundle_dir / name), artifact_path="training")
         mlflow.log_dict(eval_metrics, "eval/eval.json")
@@ -403,7 +403,7 @@ def register_day(cfg: Config, date: dt.date | str) -> str:
     for v in reg.versions():
         if v.tags.get(TAG_DATE) == date.isoformat() and v.tags.get(TAG_BUNDLE_HASH) == digest:
             return v.version  # idempotent: this exact bundle is registered already
-    tags = version_tags(cfg, date, digest, _read_json(bundle_dir / "bundle.json") or {})
+    tags = version_tags(cfg, date, digest, _read_json(bundle_dir / layout.BUNDLE_META_FILE) or {})
     run_id, uri = log_run(cfg, date, tags, eval_metrics)
     with tracking.fluent(cfg):
         mv = mlflow.register_model(uri, reg.name, tags={**tags, "run_id": run_id})

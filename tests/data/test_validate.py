@@ -334,7 +334,7 @@ def test_corruption_is_caught_and_quarantined(
     assert "release-quarantine" in out
     # quarantine: the day's data moved out of the pipeline, with its validation result
     qdir = layout.quarantine_day(cfg, DAY)
-    result = json.loads((qdir / "result.json").read_text())
+    result = json.loads((qdir / layout.QUARANTINE_RESULT_FILE).read_text())
     assert result["reason"]["status"] == "failed" and result["reason"]["failed"]
     assert not landing.exists()
     if corrupt is not missing_day:
@@ -374,7 +374,7 @@ def test_valid_day_passes_with_marker_summary_and_docs(day_copy, monkeypatch, ca
     cfg = _cfg(day_copy)
     assert markers.is_validated(cfg, DAY)
     markers.require_validated(cfg, [*HISTORY, DAY], "split")
-    summary = json.loads((layout.validation_day(cfg, DAY) / "summary.json").read_text())
+    summary = json.loads((layout.validation_day(cfg, DAY) / layout.VALIDATION_SUMMARY_FILE).read_text())
     assert summary["status"] == "passed" and summary["failed"] == [] and summary["passed"] >= 40
     assert (
         summary["params"]["exposure_history_days"] == "2" or summary["params"]["exposure_history_days"] == 2
@@ -451,7 +451,7 @@ def test_ingest_contract_error_quarantines_the_day(day_copy):
     with pytest.raises(DataContractError, match="release-quarantine"):
         ingest_day(cfg, DAY, require_validated=False)
     qdir = layout.quarantine_day(cfg, DAY)
-    result = json.loads((qdir / "result.json").read_text())
+    result = json.loads((qdir / layout.QUARANTINE_RESULT_FILE).read_text())
     assert result["reason"]["step"] == "ingest" and "ranking.parquet" in result["reason"]["error"]
     assert (qdir / "landing" / "ranking.parquet").exists()
     assert not layout.landing_day(cfg, DAY).exists()
@@ -813,7 +813,7 @@ def _assert_clean_rejection(out: str, code: int, file: str, expectation: str, de
 def _assert_nothing_published(cfg, registry_uri: str) -> None:
     from hap.registry import registration as registry
 
-    result = json.loads((layout.quarantine_day(cfg, DAY) / "result.json").read_text())
+    result = json.loads((layout.quarantine_day(cfg, DAY) / layout.QUARANTINE_RESULT_FILE).read_text())
     assert result["reason"]["step"] == "validate" and result["reason"]["failed"]
     assert not layout.landing_day(cfg, DAY).exists()
     for table in layout.LAKE_TABLES:
@@ -856,7 +856,7 @@ def test_upstream_fault_is_rejected_by_validate_and_run(
     code, out = run_flow(day_copy, DAY, registry_uri)
     _assert_clean_rejection(out, code, file, expectation, detail)
     _assert_nothing_published(cfg, registry_uri)
-    run = json.loads((layout.metrics_dir(cfg, DAY) / "daily_run.json").read_text())
+    run = json.loads((layout.metrics_dir(cfg, DAY) / layout.DAILY_RUN_FILE).read_text())
     assert run["status"] == "failed" and run["quarantine"] == str(layout.quarantine_day(cfg, DAY))
 
 
@@ -890,7 +890,9 @@ def test_training_refuses_non_finite_values_that_bypass_validation(
     assert isinstance(err, NonFiniteData), err
     assert "i_ctr" in str(err) and DAY.isoformat() in str(err) and "release-quarantine" in str(err)
     assert not layout.model_dir(cfg, DAY).exists()
-    reason = json.loads((layout.quarantine_day(cfg, DAY) / "result.json").read_text())["reason"]
+    reason = json.loads((layout.quarantine_day(cfg, DAY) / layout.QUARANTINE_RESULT_FILE).read_text())[
+        "reason"
+    ]
     assert reason["step"] == "train" and reason["check"] == "finite:i_ctr" and reason["examples"]
     for table in layout.LAKE_TABLES:  # unpublished from the lake
         assert not layout.lake_partition(cfg, table, DAY).exists()
@@ -924,6 +926,8 @@ def test_ingest_turns_nulls_in_a_required_column_into_a_quarantine(day_copy):
     null_keys(layout.landing_day(cfg, DAY))
     with pytest.raises(DataContractError, match="ranking.parquet"):
         ingest_day(cfg, DAY, require_validated=False)
-    reason = json.loads((layout.quarantine_day(cfg, DAY) / "result.json").read_text())["reason"]
+    reason = json.loads((layout.quarantine_day(cfg, DAY) / layout.QUARANTINE_RESULT_FILE).read_text())[
+        "reason"
+    ]
     assert reason["step"] == "ingest" and "ranking.parquet" in reason["error"]
     assert not layout.lake_partition(cfg, "samples", DAY).exists()

@@ -216,20 +216,26 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
 
     result = train_day(tiny_split, DATE)
     folder = layout.model_dir(tiny_split, DATE)
-    for name in ("bundle.json", "light.pt", "expressive.pt", "history.json", "diagnostics.json"):
+    for name in (
+        layout.BUNDLE_META_FILE,
+        layout.tower_weights_file("light"),
+        layout.tower_weights_file("expressive"),
+        layout.HISTORY_FILE,
+        layout.DIAGNOSTICS_FILE,
+    ):
         assert (folder / name).exists(), name
-    meta = json.loads((folder / "bundle.json").read_text())
+    meta = json.loads((folder / layout.BUNDLE_META_FILE).read_text())
     assert meta["data_version"] and meta["window"] == ["2026-11-01", "2026-11-02"]
     assert np.isfinite(meta["routing"]["threshold"])
-    diag = json.loads((folder / "diagnostics.json").read_text())
+    diag = json.loads((folder / layout.DIAGNOSTICS_FILE).read_text())
     assert (
         diag["steps"] and "cos_easy_hard" in diag["steps"][0] and "grad_norm/global_neg" in diag["steps"][0]
     )
-    assert len(json.loads((folder / "history.json").read_text())) == result.epochs_run == 2
+    assert len(json.loads((folder / layout.HISTORY_FILE).read_text())) == result.epochs_run == 2
     assert result.val_metric["light"] > 0.55  # learned something over chance on the pairs
 
     metrics = evaluate_day(tiny_split, DATE)
-    saved = json.loads((layout.metrics_dir(tiny_split, DATE) / "eval.json").read_text())
+    saved = json.loads((layout.metrics_dir(tiny_split, DATE) / layout.EVAL_FILE).read_text())
     # JSON has no NaN: an undefined metric (a content type without clicks) is saved as null
     assert {k: (np.nan if v is None else v) for k, v in saved.items()} == pytest.approx(metrics, nan_ok=True)
     for key in (
@@ -327,11 +333,14 @@ def test_deterministic_and_resume_matches_uninterrupted(
     resumed = fit(cfg, data, tmp_path / "c", tmp_path / "ck-c", resume=True, log=False)
     assert resumed.resumed_from_epoch == 0 and straight.resumed_from_epoch is None
     assert resumed.epochs_run == 2
-    sa, sb, sc = (torch.load(tmp_path / x / "light.pt") for x in "abc")
+    sa, sb, sc = (torch.load(tmp_path / x / layout.tower_weights_file("light")) for x in "abc")
     for k in sa:
         assert torch.equal(sa[k], sb[k]), f"not deterministic: {k}"
         assert torch.equal(sa[k], sc[k]), f"resume differs: {k}"
-    ea, ec = torch.load(tmp_path / "a" / "expressive.pt"), torch.load(tmp_path / "c" / "expressive.pt")
+    ea, ec = (
+        torch.load(tmp_path / "a" / layout.tower_weights_file("expressive")),
+        torch.load(tmp_path / "c" / layout.tower_weights_file("expressive")),
+    )
     assert all(torch.equal(ea[k], ec[k]) for k in ea)
 
 
@@ -400,9 +409,9 @@ def test_ddp_two_processes_agree_with_single(tiny_split: Config, tmp_path: Path)
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x2" in proc.stdout
-    a = torch.load(tmp_path / "single" / "light.pt")
-    b = torch.load(layout.model_dir(tiny_split, DATE) / "light.pt")
-    meta = json.loads((layout.model_dir(tiny_split, DATE) / "bundle.json").read_text())
+    a = torch.load(tmp_path / "single" / layout.tower_weights_file("light"))
+    b = torch.load(layout.model_dir(tiny_split, DATE) / layout.tower_weights_file("light"))
+    meta = json.loads((layout.model_dir(tiny_split, DATE) / layout.BUNDLE_META_FILE).read_text())
     assert meta["result"]["world_size"] == 2
     ddp_metric = meta["result"]["val_metric"]["light"]
     assert abs(ddp_metric - single.val_metric["light"]) < 0.01
@@ -486,11 +495,11 @@ def test_typed_routing_config_and_validated_copies(tiny_split: Config, bundle_di
     assert bundle.serve == "hap"
     with pytest.raises(ValueError):
         bundle.with_routing(rho=2.0)  # validated like params
-    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    meta = json.loads((bundle_dir / layout.BUNDLE_META_FILE).read_text())
     broken = bundle_dir.parent / "broken-bundle"
     broken.mkdir(exist_ok=True)
     del meta["routing"]["cap"]
-    (broken / "bundle.json").write_text(json.dumps(meta))
+    (broken / layout.BUNDLE_META_FILE).write_text(json.dumps(meta))
     with pytest.raises(HapError, match="routing config is invalid"):
         load_bundle(broken)
 

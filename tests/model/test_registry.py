@@ -194,7 +194,7 @@ def test_nan_metric_never_promoted(scenario):
     from hap.registry import registration as registry
 
     cfg = scenario["cfg"]
-    eval_json = layout.metrics_dir(cfg, DAY) / "eval.json"
+    eval_json = layout.metrics_dir(cfg, DAY) / layout.EVAL_FILE
     saved = eval_json.read_text()
     try:  # the day's metrics, better than the champion's on the primary metric, but gauc is NaN
         metrics = {**scenario["eval2"], "recall@50": 1.0, "gauc": float("nan")}

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from conftest import TINY_OVERRIDES
 
+from hap.core import layout
 from hap.core.config import REPO_ROOT, load_config
 
 pytestmark = pytest.mark.slow
@@ -113,7 +114,9 @@ def test_repro_runs_every_stage_up_to_split(pipeline_repo) -> None:
     train = repo / "data" / "training" / f"dt={DATE}" / "train"
     assert (train / "difficulty=hard" / "part-0.parquet").exists()
     assert (repo / "data" / "training" / f"dt={DATE}" / "eval" / "part-0.parquet").exists()
-    split_metrics = json.loads((repo / "data" / "metrics" / f"dt={DATE}" / "split.json").read_text())
+    split_metrics = json.loads(
+        (repo / "data" / "metrics" / f"dt={DATE}" / layout.SPLIT_REPORT_FILE).read_text()
+    )
     assert split_metrics["eval_day"] == "2026-11-03" and split_metrics["eval_held_out_day"] is True
     assert split_metrics["rows"] > 0
     assert set(_lock(repo)) >= {"simulate@2026-11-01", "ingest@2026-11-02", "validate@2026-11-03", "split"}
@@ -201,7 +204,7 @@ def test_full_graph_through_evaluate(pipeline_repo) -> None:
     _write_tiny_params(repo, **tiny_train)
     out = dvc(repo, tmp, "repro", "evaluate")
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out
-    metrics = json.loads((repo / "data" / "metrics" / f"dt={DATE}" / "eval.json").read_text())
+    metrics = json.loads((repo / "data" / "metrics" / f"dt={DATE}" / layout.EVAL_FILE).read_text())
     assert "recall@50" in json.dumps(metrics)
     curve = json.loads((repo / "data" / "metrics" / f"dt={DATE}" / "recall_curve.json").read_text())
     assert [row["k"] for row in curve] == sorted(row["k"] for row in curve) and curve

@@ -92,13 +92,13 @@ def test_success_path_promotes_a_model_and_creates_an_artifact(world, backfilled
 
     cfg = world["cfg"]
     assert backfilled["state"].is_completed(), backfilled["state"].message
-    first = json.loads((layout.metrics_dir(cfg, D1) / "daily_run.json").read_text())
+    first = json.loads((layout.metrics_dir(cfg, D1) / layout.DAILY_RUN_FILE).read_text())
     assert first["status"] == "completed" and first["retrain"] is False  # warm-up: window incomplete
-    day = json.loads((layout.metrics_dir(cfg, D2) / "daily_run.json").read_text())
+    day = json.loads((layout.metrics_dir(cfg, D2) / layout.DAILY_RUN_FILE).read_text())
     assert day["status"] == "completed" and day["retrain"] is True
     assert day["gate"]["promoted"] is True, day["gate"].get("reasons")
     assert _champion(cfg) == day["model_version"]
-    assert (layout.model_dir(cfg, D2) / "bundle.json").exists()
+    assert (layout.model_dir(cfg, D2) / layout.BUNDLE_META_FILE).exists()
     with _client() as client:
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"daily-retrain-{D2}"]))
@@ -145,7 +145,7 @@ def test_corrupt_day_fails_without_training_and_keeps_the_champion(world, backfi
     assert not layout.model_dir(cfg, D3).exists()
     assert version_for_day(cfg, D3) is None
     assert _champion(cfg) == champion_before
-    summary = json.loads((layout.metrics_dir(cfg, D3) / "daily_run.json").read_text())
+    summary = json.loads((layout.metrics_dir(cfg, D3) / layout.DAILY_RUN_FILE).read_text())
     assert summary["status"] == "failed" and layout.quarantine_day(cfg, D3).exists()
 
 
@@ -199,7 +199,7 @@ def test_rerun_of_a_day_makes_no_new_version_and_moves_no_alias(world, backfille
     before, aliases = [v.version for v in versions(cfg)], _aliases(cfg)
     state = daily_retrain(date=D2.isoformat(), force_train=True, return_state=True, **world["kw"])
     assert state.is_completed(), state.message
-    day = json.loads((layout.metrics_dir(cfg, D2) / "daily_run.json").read_text())
+    day = json.loads((layout.metrics_dir(cfg, D2) / layout.DAILY_RUN_FILE).read_text())
     assert day["retrain"] is False and day["retrain_reason"].startswith("unchanged"), day
     assert [v.version for v in versions(cfg)] == before and _aliases(cfg) == aliases
     # a changed config retrains and registers a new version as before

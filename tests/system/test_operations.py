@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hap.core import layout
 from hap.core.config import REPO_ROOT
 from tests.conftest import TINY_OVERRIDES, tiny_config
 
@@ -146,12 +147,12 @@ def test_bundle_identity_ignores_run_timings(tmp_path: Path) -> None:
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "bundle.json").write_text('{"routing": {"threshold": 0.5}}')
-    (bundle / "run.json").write_text('{"train_seconds": 12.5}')
+    (bundle / layout.BUNDLE_META_FILE).write_text('{"routing": {"threshold": 0.5}}')
+    (bundle / layout.RUN_FILE).write_text('{"train_seconds": 12.5}')
     first = bundle_hash(bundle)
-    (bundle / "run.json").write_text('{"train_seconds": 13.1}')  # the same model, trained again
+    (bundle / layout.RUN_FILE).write_text('{"train_seconds": 13.1}')  # the same model, trained again
     assert bundle_hash(bundle) == first
-    (bundle / "bundle.json").write_text('{"routing": {"threshold": 0.6}}')  # another model
+    (bundle / layout.BUNDLE_META_FILE).write_text('{"routing": {"threshold": 0.6}}')  # another model
     assert bundle_hash(bundle) != first
 
 

@@ -95,7 +95,7 @@ def test_sigterm_to_hap_run_stops_within_10s_and_leaves_no_process(tmp_path):
     assert code == 128 + signal.SIGTERM, output[-2000:]
     time.sleep(0.5)
     assert _group_members(pgid) == [], f"left behind: {_group_members(pgid)}"
-    summary = json.loads((layout.metrics_dir(cfg, D1) / "daily_run.json").read_text())
+    summary = json.loads((layout.metrics_dir(cfg, D1) / layout.DAILY_RUN_FILE).read_text())
     assert summary["status"] == "failed", summary
     assert "model_version" not in summary and "gate" not in summary
     from hap.registry.registration import CHAMPION, alias_version

@@ -101,7 +101,7 @@ def _land(cfg, *days: dt.date) -> None:
 def _trained(cfg, d: dt.date) -> None:
     folder = layout.model_dir(cfg, d)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "bundle.json").write_text("{}")
+    (folder / layout.BUNDLE_META_FILE).write_text("{}")
 
 
 def test_skip_rule(make_cfg):
