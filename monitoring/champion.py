@@ -8,6 +8,8 @@ fails the day for it.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,17 @@ import pandas as pd
 
 from hap.core import schema
 from hap.core.config import Config
-from monitoring.table import Champion
+
+
+@dataclass(frozen=True)
+class Champion:
+    """What monitoring needs of the serving model: its light scorer and routing threshold."""
+
+    version: str
+    threshold: float  # calibrated routing threshold on light scores
+    score: Callable[[pd.DataFrame], np.ndarray]  # light score per row (features as columns)
+    window: tuple[dt.date, ...] = ()  # its training window (reference=champion_window)
+    source: str = ""  # where it came from, for the report
 
 
 def _window(raw: Any) -> tuple[dt.date, ...]:

@@ -21,7 +21,10 @@ from hap.core import layout
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from monitoring import champion as champion_mod
-from monitoring.table import Champion, Reference, day_frame, reference_dates, summarize, write_table
+from monitoring.champion import Champion
+from monitoring.frame import day_frame
+from monitoring.reference import Reference, reference_dates
+from monitoring.table import summarize, write_table
 
 MONITOR_JSON = layout.MONITOR_FILE
 

@@ -1,7 +1,7 @@
 """The day's Evidently report (0.7 API): fractions, feature drift, prediction drift, CTR.
 
 One ``Report`` per day compares the day's monitoring frame with its reference frame:
-``MeanValue`` of every indicator column (the fractions, see ``monitoring.table``),
+``MeanValue`` of every indicator column (the fractions, see ``monitoring.frame``),
 ``DriftedColumnsCount`` over the features with the method and threshold of ``params.yaml``
 (never Evidently's defaults, which fire on any large sample), and ``ValueDrift`` of the
 champion's light scores. The snapshot goes into the local workspace project (one snapshot per
@@ -21,7 +21,7 @@ import pandas as pd
 from hap.core import hashing, layout, schema
 from hap.core.config import Config
 from monitoring import dashboards
-from monitoring.table import FEATURES, indicator_columns
+from monitoring.frame import FEATURES, indicator_columns
 
 META_DATE = "hap_date"
 META_KIND = "hap_kind"
