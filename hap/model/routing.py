@@ -70,15 +70,21 @@ def merge_scores(
     raise ValueError(f"routing.merge: unknown {merge!r} (stack | raw | sum)")
 
 
+def ranks(final: np.ndarray) -> np.ndarray:
+    """1-based ranks along the last axis by descending final score (ties keep candidate order);
+    ``[n]`` for one request or a ``[requests, candidates]`` grid padded with -inf."""
+    order = np.argsort(-final, axis=-1, kind="stable")
+    out = np.empty_like(order)
+    np.put_along_axis(out, order, np.broadcast_to(np.arange(1, final.shape[-1] + 1), order.shape), -1)
+    return out
+
+
 def damr_order(
     light: np.ndarray, expressive: np.ndarray, routed: np.ndarray, merge: str = "stack"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(final score, 1-based rank) of one request under the ``merge`` rule (``merge_scores``)."""
+    """(final score, 1-based rank) of one request: what the serving path computes per request."""
     final = merge_scores(light, expressive, routed, merge)
-    order = np.argsort(-final, kind="stable")
-    rank = np.empty(len(final), np.int64)
-    rank[order] = np.arange(1, len(final) + 1)
-    return final, rank
+    return final, ranks(final)
 
 
 def calibrate_threshold(light_scores: np.ndarray, rho: float) -> float:

@@ -31,7 +31,7 @@ from hap.core import layout, schema
 from hap.core.config import ModelConfig, RoutingConfig
 from hap.core.errors import HapError
 from hap.model.batches import ITEM_CATEGORICAL, FeatureSpec
-from hap.model.routing import flops_per_request, merge_scores, route_grid
+from hap.model.routing import flops_per_request, merge_scores, ranks, route_grid
 from hap.model.towers import BUNDLE_FORMAT, ExpressiveModel, LightweightModel, build_models
 
 if TYPE_CHECKING:
@@ -208,10 +208,7 @@ class HapBundle:
         if light is None:
             light = np.where(routed, expr, np.nan).astype(np.float32)
         final = merge_scores(light, expr, routed, self.routing.merge)
-        grid = index.grid(final, -np.inf)
-        order = np.argsort(-grid, axis=1, kind="stable")
-        rank_grid = np.empty_like(order)
-        np.put_along_axis(rank_grid, order, np.arange(1, grid.shape[1] + 1)[None, :], 1)
+        rank_grid = ranks(index.grid(final, -np.inf))
         return RequestScores(final, light, expr, routed, rank_grid[index.row_request, index.column])
 
     def score_request(self, frame: Any) -> RequestScores:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -209,13 +209,29 @@ def test_batches_are_stratified_by_group(tiny_split: Config) -> None:
 
 
 # ---- train, bundle, evaluate ---------------------------------------------------------------------------
-def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> None:
-    from hap.model.evaluate import evaluate_day
-    from hap.model.serving import load_bundle
+@pytest.fixture(scope="module")
+def trained(tiny_split: Config, tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Any]:
+    """The tiny window's HAP bundle, trained once in its own models folder (the DDP test retrains
+    the day's own folder): its config and its ``TrainResult``."""
     from hap.model.train import train_day
 
-    result = train_day(tiny_split, DATE)
-    folder = layout.model_dir(tiny_split, DATE)
+    cfg = tiny_split.updated({"paths.models": str(tmp_path_factory.mktemp("trained") / "models")})
+    return cfg, train_day(cfg, DATE)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(trained: tuple[Config, Any]) -> Path:
+    return layout.model_dir(trained[0], DATE)
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained: tuple[Config, Any]) -> dict[str, float]:
+    from hap.model.evaluate import evaluate_day
+
+    return evaluate_day(trained[0], DATE)
+
+
+def test_training_writes_a_complete_bundle(bundle_dir: Path) -> None:
     for name in (
         layout.BUNDLE_META_FILE,
         layout.tower_weights_file("light"),
@@ -223,22 +239,43 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
         layout.HISTORY_FILE,
         layout.DIAGNOSTICS_FILE,
     ):
-        assert (folder / name).exists(), name
-    meta = json.loads((folder / layout.BUNDLE_META_FILE).read_text())
-    assert meta["data_version"] and meta["window"] == ["2026-11-01", "2026-11-02"]
-    assert np.isfinite(meta["routing"]["threshold"])
-    diag = json.loads((folder / layout.DIAGNOSTICS_FILE).read_text())
-    assert (
-        diag["steps"] and "cos_easy_hard" in diag["steps"][0] and "grad_norm/global_neg" in diag["steps"][0]
-    )
-    assert len(json.loads((folder / layout.HISTORY_FILE).read_text())) == result.epochs_run == 2
-    assert result.val_metric["light"] > 0.55  # learned something over chance on the pairs
+        assert (bundle_dir / name).is_file() and (bundle_dir / name).stat().st_size > 0, name
 
-    metrics = evaluate_day(tiny_split, DATE)
-    saved = json.loads((layout.metrics_dir(tiny_split, DATE) / layout.EVAL_FILE).read_text())
+
+def test_bundle_records_its_data_and_a_calibrated_threshold(tiny_split: Config, bundle_dir: Path) -> None:
+    from hap.data.versioning import data_version
+
+    meta = json.loads((bundle_dir / layout.BUNDLE_META_FILE).read_text())
+    assert meta["data_version"] == data_version(tiny_split, DATE)
+    assert meta["window"] == ["2026-11-01", "2026-11-02"]
+    assert np.isfinite(meta["routing"]["threshold"])
+
+
+def test_training_records_gradient_diagnostics_and_one_history_row_per_epoch(
+    trained: tuple[Config, Any], bundle_dir: Path
+) -> None:
+    diag = json.loads((bundle_dir / layout.DIAGNOSTICS_FILE).read_text())
+    first = diag["steps"][0]
+    assert np.isfinite(first["cos_easy_hard"]) and np.isfinite(first["grad_norm/global_neg"])
+    history = json.loads((bundle_dir / layout.HISTORY_FILE).read_text())
+    assert len(history) == trained[1].epochs_run == 2
+
+
+def test_light_model_learns_over_chance(trained: tuple[Config, Any]) -> None:
+    assert trained[1].val_metric["light"] > 0.55  # pairwise accuracy on held-out requests
+
+
+def test_evaluation_saves_what_it_returns(trained: tuple[Config, Any], evaluated: dict[str, float]) -> None:
+    saved = json.loads((layout.metrics_dir(trained[0], DATE) / layout.EVAL_FILE).read_text())
     # JSON has no NaN: an undefined metric (a content type without clicks) is saved as null
-    assert {k: (np.nan if v is None else v) for k, v in saved.items()} == pytest.approx(metrics, nan_ok=True)
-    for key in (
+    assert {k: (np.nan if v is None else v) for k, v in saved.items()} == pytest.approx(
+        evaluated, nan_ok=True
+    )
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
         "recall@10",
         "recall@50",
         "recall@100",
@@ -261,34 +298,52 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
         "auc_slice_global_neg",
         "flops_per_request",
         "latency_ms_per_1k",
-    ):
-        assert key in metrics and np.isfinite(metrics[key]), key
-    assert metrics["routed_share"] == pytest.approx(0.1, abs=0.01)
-    assert metrics["flops_light"] < metrics["flops_hap"] < metrics["flops_expressive_all"]
-    assert metrics["recall@10"] <= metrics["recall@50"] <= metrics["recall@100"]
+    ],
+)
+def test_evaluation_reports_metric(evaluated: dict[str, float], key: str) -> None:
+    assert key in evaluated and np.isfinite(evaluated[key]), key
 
-    # the serving path in a fresh process gives the same scores as this one
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(layout.eval_set(tiny_split, DATE))
-    one = table.filter(table["request_id"].to_numpy() == table["request_id"][0].as_py())
-    bundle = load_bundle(folder)
-    here = bundle.score_request(one)
+def test_recall_grows_with_k_and_the_truth_order_is_perfect(evaluated: dict[str, float]) -> None:
+    assert evaluated["recall@10"] <= evaluated["recall@50"] <= evaluated["recall@100"]
+    assert evaluated["ref_truth_gt_recall@50"] == pytest.approx(1.0)
+
+
+def test_hap_routes_rho_of_candidates_at_a_cost_between_its_towers(evaluated: dict[str, float]) -> None:
+    assert evaluated["routed_share"] == pytest.approx(0.1, abs=0.01)
+    assert evaluated["flops_light"] < evaluated["flops_hap"] < evaluated["flops_expressive_all"]
+
+
+def test_serving_routes_the_ceiling_of_rho_and_ranks_routed_first(
+    tiny_split: Config, bundle_dir: Path
+) -> None:
+    from hap.model.serving import load_bundle
+
+    _, one = _one_request(tiny_split)
+    here = load_bundle(bundle_dir).score_request(one)
     assert here.routed.sum() == int(np.ceil(0.1 * one.num_rows))
-    # serving encodes the request side once; the batch path encodes it on every row: same scores
-    enc = bundle.encode(one)
+    assert (here.rank[here.routed] <= here.routed.sum()).all()
+
+
+def test_request_side_encoded_once_scores_like_the_batch_path(tiny_split: Config, bundle_dir: Path) -> None:
+    from hap.model.serving import load_bundle
+
+    _, one = _one_request(tiny_split)
+    bundle = load_bundle(bundle_dir)
+    here = bundle.score_request(one)
+    enc = bundle.encode(one)  # the batch path encodes the request side on every row
     with torch.no_grad():
         batch_light = bundle.light(
             enc["req_cat"], enc["req_dense"], enc["seq"], enc["item_cat"][:, None], enc["item_dense"][:, None]
         )[:, 0].numpy()
     assert np.allclose(batch_light, here.light, atol=1e-5)
-    # the item-tower cache changes no score, whether it holds every candidate or only some
-    for catalogue in (table, one.slice(0, one.num_rows // 2)):
-        cached = load_bundle(folder).cache_items(catalogue).score_request(one)
-        assert np.allclose(cached.light, here.light, atol=1e-5)
-        assert np.allclose(cached.expressive[cached.routed], here.expressive[here.routed], atol=1e-5)
-        assert (cached.routed == here.routed).all()
-    assert (here.rank[here.routed] <= here.routed.sum()).all()
+
+
+def test_a_fresh_process_scores_like_this_one(tiny_split: Config, bundle_dir: Path) -> None:
+    from hap.model.serving import load_bundle
+
+    _, one = _one_request(tiny_split)
+    here = load_bundle(bundle_dir).score_request(one)
     code = (
         "import sys, json, pyarrow.parquet as pq; from hap.model.serving import load_bundle; "
         "t = pq.read_table(sys.argv[2]); "
@@ -296,144 +351,18 @@ def test_train_evaluate_and_load_bundle_in_fresh_process(tiny_split: Config) -> 
         "r = load_bundle(sys.argv[1]).score_request(t); print(json.dumps(r.light.tolist()))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(folder), str(layout.eval_set(tiny_split, DATE) / "part-0.parquet")],
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(bundle_dir),
+            str(layout.eval_set(tiny_split, DATE) / "part-0.parquet"),
+        ],
         capture_output=True,
         text=True,
         check=True,
     )
     assert np.allclose(json.loads(out.stdout), here.light, atol=1e-6)
-
-
-def crash_before_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the next fit die like a killed process right after its last checkpoint."""
-    from hap.model import train
-
-    def die(*_a: object, **_k: object) -> None:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "write_bundle", die)
-
-
-def test_deterministic_and_resume_matches_uninterrupted(
-    tiny_split: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from hap.model import train
-    from hap.model.batches import TrainData
-    from hap.model.train import fit
-
-    cfg = tiny_split.updated({"train.epochs": 2, "train.patience": 5, "train.harmonization": "gradnorm"})
-    data = TrainData.load(cfg, layout.training_set(cfg, DATE))
-    straight = fit(cfg, data, tmp_path / "a", tmp_path / "ck-a", log=False)
-    fit(cfg, data, tmp_path / "b", tmp_path / "ck-b", log=False)  # a second identical run, compared below
-    assert straight.epochs_run == 2 and not (tmp_path / "ck-a" / train.CKPT_FILE).exists()
-    crash_before_bundle(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):  # the process dies after epoch 1, before its bundle
-        fit(cfg.updated({"train.epochs": 1}), data, tmp_path / "c", tmp_path / "ck-c", log=False)
-    monkeypatch.undo()
-    resumed = fit(cfg, data, tmp_path / "c", tmp_path / "ck-c", resume=True, log=False)
-    assert resumed.resumed_from_epoch == 0 and straight.resumed_from_epoch is None
-    assert resumed.epochs_run == 2
-    sa, sb, sc = (torch.load(tmp_path / x / layout.tower_weights_file("light")) for x in "abc")
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), f"not deterministic: {k}"
-        assert torch.equal(sa[k], sc[k]), f"resume differs: {k}"
-    ea, ec = (
-        torch.load(tmp_path / "a" / layout.tower_weights_file("expressive")),
-        torch.load(tmp_path / "c" / layout.tower_weights_file("expressive")),
-    )
-    assert all(torch.equal(ea[k], ec[k]) for k in ea)
-
-
-def test_resume_refuses_a_checkpoint_of_another_training_set(
-    tiny_split: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A checkpoint knows its data version and config: --resume against others refuses, cleanly."""
-    from hap.model import train
-    from hap.model.batches import TrainData
-
-    cfg = tiny_split.updated({"train.epochs": 1})
-    data = TrainData.load(cfg, layout.training_set(cfg, DATE))
-    ckpt_dir = layout.checkpoint_dir(cfg, DATE)
-    crash_before_bundle(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train.fit(cfg, data, tmp_path / "b", ckpt_dir, meta={"data_version": "old-split"}, log=False)
-    monkeypatch.undo()
-    state = torch.load(ckpt_dir / train.CKPT_FILE, weights_only=True)
-    assert state["data_version"] == "old-split" and state["config_hash"] == train.config_hash(cfg)
-    # the day's training set has another data version than the one the checkpoint was written for
-    with pytest.raises(train.CheckpointMismatch, match="data_version old-split"):
-        train.train_day(cfg, DATE, resume=True)
-    other = cfg.updated({"train.lr": 0.01})
-    with pytest.raises(train.CheckpointMismatch, match="config_hash"):
-        train.fit(other, data, tmp_path / "b", ckpt_dir, True, {"data_version": "old-split"}, log=False)
-    assert not (tmp_path / "b").exists()
-
-
-def test_ddp_two_processes_agree_with_single(tiny_split: Config, tmp_path: Path) -> None:
-    """torchrun, 2 CPU processes with gloo, vs one process on the same data and seed."""
-    from hap.model.batches import TrainData
-    from hap.model.train import fit
-
-    sets = {
-        "train.epochs": 1,
-        "train.loss": "mixed_infonce",
-        "train.expressive_groups": "none",
-        "train.batch_requests": 64,
-        "train.diagnostics_every": 0,
-    }
-    cfg = tiny_split.updated(sets)
-    single = fit(cfg, TrainData.load(cfg, layout.training_set(cfg, DATE)), tmp_path / "single", log=False)
-    env = {**os.environ, "HAP_HOME": str(tiny_split.home), "OMP_NUM_THREADS": "1"}
-    env.update(
-        {f"HAP__{k.upper().replace('.', '__')}": json.dumps(v) for k, v in {**TINY_MODEL, **sets}.items()}
-    )
-    env.update({"HAP__SIMULATE__START": "2026-11-01", "HAP__SPLIT__WINDOW_DAYS": "2"})
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29517",
-            "-m",
-            "hap.model.train",
-            "--date",
-            DATE.isoformat(),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "x2" in proc.stdout
-    a = torch.load(tmp_path / "single" / layout.tower_weights_file("light"))
-    b = torch.load(layout.model_dir(tiny_split, DATE) / layout.tower_weights_file("light"))
-    meta = json.loads((layout.model_dir(tiny_split, DATE) / layout.BUNDLE_META_FILE).read_text())
-    assert meta["result"]["world_size"] == 2
-    ddp_metric = meta["result"]["val_metric"]["light"]
-    assert abs(ddp_metric - single.val_metric["light"]) < 0.01
-    # Adam turns float-level differences of near-zero gradients into lr-sized steps, so single
-    # elements (a scalar bias) may differ by a few lr; the weights as a whole must agree to 1%
-    assert a.keys() == b.keys()
-    flat_a = torch.cat([a[k].flatten() for k in a])
-    flat_b = torch.cat([b[k].flatten() for k in a])
-    rel = float((flat_a - flat_b).norm() / flat_a.norm())
-    assert rel < 0.01, rel
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.05
-
-
-# ---- behaviour of the one scoring path and of evaluation ---------------------------------------------
-@pytest.fixture(scope="module")
-def bundle_dir(tiny_split: Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A HAP bundle trained on the tiny window, in its own folder (other tests retrain the day's)."""
-    from hap.model.train import train_day
-
-    cfg = tiny_split.updated({"paths.models": str(tmp_path_factory.mktemp("behaviour") / "models")})
-    train_day(cfg, DATE)
-    return layout.model_dir(cfg, DATE)
 
 
 def _one_request(cfg: Config):
@@ -466,6 +395,19 @@ def test_item_cache_changes_no_score(tiny_split: Config, bundle_dir: Path) -> No
     alone = load_bundle(bundle_dir).score_request(one)
     rows = np.flatnonzero(table["request_id"].to_numpy() == one["request_id"][0].as_py())
     assert np.allclose(alone.final, plain.final[rows], atol=1e-5)
+
+
+def test_a_partial_item_cache_changes_no_score(tiny_split: Config, bundle_dir: Path) -> None:
+    """Cached candidates come from the cache, the others through the tower: the same scores."""
+    from hap.model.serving import load_bundle
+
+    table, one = _one_request(tiny_split)
+    here = load_bundle(bundle_dir).score_request(one)
+    for catalogue in (table, one.slice(0, one.num_rows // 2)):
+        cached = load_bundle(bundle_dir).cache_items(catalogue).score_request(one)
+        assert np.allclose(cached.light, here.light, atol=1e-5)
+        assert (cached.routed == here.routed).all()
+        assert np.allclose(cached.expressive[cached.routed], here.expressive[here.routed], atol=1e-5)
 
 
 def test_higher_true_affinity_gives_higher_light_score(tiny_split: Config, bundle_dir: Path) -> None:
