@@ -302,7 +302,9 @@ def summarize(payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         for key in (*COLUMNS, "mean/cos_easy_hard"):
             m, s = _stats(runs, v, key)
             summary[v][key] = {"mean": m, "std": s}
-            if key.startswith("flops"):
+            if not np.isfinite(m):
+                cells.append("–")  # not defined for this row (a logged order has no FLOPs or AUC)
+            elif key.startswith("flops"):
                 cells.append(f"{m / 1e6:.1f}M")
             elif key.startswith("latency"):
                 cells.append(f"{m:.0f}±{s:.0f}")
@@ -380,13 +382,10 @@ def check_claims(summary: dict[str, Any], payload: dict[str, Any]) -> dict[str, 
     out["2_hap_vs_expressive_all"] = per_rho
 
     cos = {v: summary[v]["mean/cos_easy_hard"] for v in summary if v.startswith(("mixed_", "ghcl_"))}
-    mixed = min(
-        cos.get("mixed_bce", {}).get("mean", np.nan), cos.get("mixed_infonce", {}).get("mean", np.nan)
-    )
-    out["3_mixing_more_conflict"] = {
-        "cos": cos,
-        "holds": bool(mixed < cos.get(light, {}).get("mean", np.nan)),
-    }
+    ghcl_cos = cos.get(light, {}).get("mean", np.nan)
+    # both mixing losses must show the lower cosine: taking the lower of the two would cherry-pick
+    lower = {v: bool(cos.get(v, {}).get("mean", np.nan) < ghcl_cos) for v in ("mixed_bce", "mixed_infonce")}
+    out["3_mixing_more_conflict"] = {"cos": cos, "lower_than_ghcl": lower, "holds": all(lower.values())}
 
     served = payload.get("served") or light
     ref = mean("ref_prerank", "gt_recall@50")
