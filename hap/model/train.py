@@ -564,26 +564,13 @@ def fit(
     members = _members(cfg, data, w.device, world)
     bound = binding(cfg, meta)
     ckpt = ckpt_dir / CKPT_FILE if ckpt_dir is not None else None
-    p = _Progress()
-    if ckpt is not None and resume and ckpt.exists():
-        p = restore(ckpt, members, bound, w.device)
-        say(f"resumed from checkpoint {ckpt} after epoch {p.resumed}")
-    elif ckpt is not None and ckpt.exists() and rank == 0:
-        ckpt.unlink()
+    p = _start(ckpt, resume, members, bound, w, say)
     t0 = time.perf_counter()
     train_loop(cfg, data, members, p, w, ckpt, bound, say)
     seconds = time.perf_counter() - t0
-    for m in members:
-        if m.best_state is not None:
-            m.raw.load_state_dict(m.best_state)
-        m.raw.eval()
+    _keep_best(members)
     _, val_light = validate(members[0], data.batches(0, "val"), w.device)
     threshold = calibrate_threshold(val_light, cfg.routing.rho)
-    cells = p.cells
-    if world > 1:
-        cells_t = torch.tensor([cells], dtype=torch.float64)
-        tdist.all_reduce(cells_t)
-        cells = int(cells_t.item())
     result = TrainResult(
         date=str((meta or {}).get("date", "")),
         bundle_dir=str(bundle_dir),
@@ -593,7 +580,7 @@ def fit(
         best_epoch={m.name: m.best_epoch for m in members},
         val_metric={m.name: m.best_metric for m in members},
         train_seconds=seconds,
-        samples_per_second=cells / max(seconds, 1e-9),
+        samples_per_second=_all_ranks_sum(p.cells, world) / max(seconds, 1e-9),
         anchors=len(data.train_anchors),
         resumed_from_epoch=p.resumed,
         diagnostics_summary=summarize_diagnostics(p.diag),
@@ -612,6 +599,35 @@ def fit(
     if world > 1:
         tdist.barrier()
     return result
+
+
+def _start(
+    ckpt: Path | None, resume: bool, members: list[_Member], bound: dict[str, Any], w: _Where, say: Any
+) -> _Progress:
+    """Resume from the checkpoint when asked; otherwise a stale checkpoint is removed (rank 0)."""
+    if ckpt is not None and resume and ckpt.exists():
+        p = restore(ckpt, members, bound, w.device)
+        say(f"resumed from checkpoint {ckpt} after epoch {p.resumed}")
+        return p
+    if ckpt is not None and ckpt.exists() and w.rank == 0:
+        ckpt.unlink()
+    return _Progress()
+
+
+def _keep_best(members: list[_Member]) -> None:
+    """Early stopping's choice: each tower goes back to its best validation epoch, in eval mode."""
+    for m in members:
+        if m.best_state is not None:
+            m.raw.load_state_dict(m.best_state)
+        m.raw.eval()
+
+
+def _all_ranks_sum(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    tdist.all_reduce(t)
+    return float(t.item())
 
 
 def summarize_diagnostics(diag: list[dict[str, Any]]) -> dict[str, float]:

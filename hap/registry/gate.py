@@ -16,6 +16,7 @@ import math
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hap.core import layout
@@ -220,22 +221,12 @@ def blessing_path(cfg: Config, date: dt.date | str):
 def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
     """Compare the day's registered version with the champion on the same eval set; move aliases."""
     from hap.data.versioning import content_hash
-    from hap.model.evaluate import evaluate_bundle
+    from hap.model.evaluate import primary_metric
 
     date = layout.day(date)
-    iso = date.isoformat()
     c = tracking.client(cfg)
-    name = cfg.gate.model_name
-    challenger = registry.version_for_day(cfg, date, c)
-    if challenger is None:
-        raise HapError(f"no version of '{name}' registered for {iso}; run `hap register --date {iso}` first")
-    eval_json = layout.metrics_dir(cfg, date) / layout.EVAL_FILE
-    if not eval_json.exists():
-        raise HapError(f"no eval metrics at {eval_json}; run `hap evaluate --date {iso}` first")
-    challenger_metrics = json.loads(eval_json.read_text())
+    challenger, challenger_metrics = _challenger(cfg, date, c)
     eval_path = layout.eval_set(cfg, date)
-    eval_hash, _ = content_hash(eval_path)
-
     champion = registry.alias_version(cfg, registry.CHAMPION, c)
     if champion is not None and champion.version == challenger.version:
         previous = blessing_path(cfg, date)
@@ -243,24 +234,10 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
             return Blessing(**json.loads(previous.read_text()))
         raise HapError(f"v{challenger.version} is already the champion")
 
-    from hap.model.evaluate import json_metrics, primary_metric
-
     primary = primary_metric(cfg, challenger_metrics)
-    champion_metrics: dict[str, Any] | None = None
-    intervals: dict[str, Interval] = {}
-    reasons_extra: list[str] = []
-    if champion is not None:
-        try:
-            result = evaluate_bundle(cfg, registry.load_bundle_of(cfg, champion.version), eval_path)
-            champion_metrics = json_metrics(result.metrics)
-            slices = [m for m in challenger_metrics if m.startswith(tuple(cfg.gate.slice_prefixes))]
-            intervals = paired_intervals(cfg, date, result, [primary, *slices])
-        except Exception as err:  # a champion we cannot re-evaluate gives no comparable baseline
-            reasons_extra.append(
-                f"could not re-evaluate champion v{champion.version} on this eval set: {err}"
-            )
-            champion_metrics = {}
-
+    champion_metrics, intervals, reasons_extra = _champion_baseline(
+        cfg, date, champion, eval_path, [primary, *_slices(cfg, challenger_metrics)]
+    )
     decision: Decision = decide(
         challenger_metrics, champion_metrics, cfg.gate, primary, intervals, training_health(cfg, date)
     )
@@ -279,15 +256,15 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
         registry.mark_challenger(cfg, challenger.version, c)
 
     blessing = Blessing(
-        date=iso,
-        model_name=name,
+        date=date.isoformat(),
+        model_name=cfg.gate.model_name,
         challenger_version=challenger.version,
         champion_version=champion.version if champion is not None else None,
         verdict=verdict,
         reasons=reasons,
         promoted=verdict == "pass",
         eval_set=str(eval_path),
-        eval_set_hash=eval_hash,
+        eval_set_hash=content_hash(eval_path)[0],
         challenger_metrics=challenger_metrics,
         champion_metrics=champion_metrics,
         thresholds=_thresholds(cfg, primary),
@@ -296,23 +273,58 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
         previous_version=previous_version,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
-    path = blessing_path(cfg, date)
-    atomic_write_json(path, asdict(blessing))
-    c.set_model_version_tag(name, challenger.version, registry.TAG_VERDICT, verdict)
-    c.set_model_version_tag(
-        name, challenger.version, registry.TAG_REASON, ("; ".join(reasons) or "ok")[:4000]
-    )
-    gain = next((ch for ch in decision.checks if ch.name == f"gain:{primary}"), None)
-    c.set_model_version_tag(name, challenger.version, TAG_MARGIN, f"{cfg.gate.margin:g}")
-    if gain is not None and gain.lower is not None:
-        c.set_model_version_tag(
-            name,
-            challenger.version,
-            TAG_INTERVAL,
-            f"{primary} {gain.delta:+.4f} [{gain.lower:+.4f}, {gain.upper:+.4f}]",
-        )
-        c.set_model_version_tag(name, challenger.version, TAG_REQUESTS, str(gain.n))
-    if challenger.run_id:
-        c.log_artifact(challenger.run_id, str(path), artifact_path="gate")
-        c.set_tag(challenger.run_id, registry.TAG_VERDICT, verdict)
+    _record(cfg, c, blessing, challenger.run_id, decision, primary)
     return blessing
+
+
+def _challenger(cfg: Config, date: dt.date, c: Any) -> tuple[Any, dict[str, Any]]:
+    """The day's registered version and its eval metrics; a clear error when a step is missing."""
+    iso = date.isoformat()
+    challenger = registry.version_for_day(cfg, date, c)
+    if challenger is None:
+        name = cfg.gate.model_name
+        raise HapError(f"no version of '{name}' registered for {iso}; run `hap register --date {iso}` first")
+    eval_json = layout.metrics_dir(cfg, date) / layout.EVAL_FILE
+    if not eval_json.exists():
+        raise HapError(f"no eval metrics at {eval_json}; run `hap evaluate --date {iso}` first")
+    return challenger, json.loads(eval_json.read_text())
+
+
+def _slices(cfg: Config, metrics: dict[str, Any]) -> list[str]:
+    return [m for m in metrics if m.startswith(tuple(cfg.gate.slice_prefixes))]
+
+
+def _champion_baseline(
+    cfg: Config, date: dt.date, champion: Any, eval_path: Path, compared: list[str]
+) -> tuple[dict[str, Any] | None, dict[str, Interval], list[str]]:
+    """The champion re-evaluated on the challenger's eval set: its metrics, the paired intervals of
+    ``compared`` and, when it cannot be re-evaluated, the reason (no comparable baseline)."""
+    from hap.model.evaluate import evaluate_bundle, json_metrics
+
+    if champion is None:
+        return None, {}, []
+    try:
+        result = evaluate_bundle(cfg, registry.load_bundle_of(cfg, champion.version), eval_path)
+        return json_metrics(result.metrics), paired_intervals(cfg, date, result, compared), []
+    except Exception as err:  # a champion we cannot re-evaluate gives no comparable baseline
+        return {}, {}, [f"could not re-evaluate champion v{champion.version} on this eval set: {err}"]
+
+
+def _record(
+    cfg: Config, c: Any, blessing: Blessing, run_id: str | None, decision: Decision, primary: str
+) -> None:
+    """Write blessing.json and tag the version (verdict, reason, margin, interval) and its run."""
+    name, version, verdict = blessing.model_name, blessing.challenger_version, blessing.verdict
+    path = blessing_path(cfg, layout.day(blessing.date))
+    atomic_write_json(path, asdict(blessing))
+    c.set_model_version_tag(name, version, registry.TAG_VERDICT, verdict)
+    c.set_model_version_tag(name, version, registry.TAG_REASON, ("; ".join(blessing.reasons) or "ok")[:4000])
+    c.set_model_version_tag(name, version, TAG_MARGIN, f"{cfg.gate.margin:g}")
+    gain = next((ch for ch in decision.checks if ch.name == f"gain:{primary}"), None)
+    if gain is not None and gain.lower is not None:
+        interval = f"{primary} {gain.delta:+.4f} [{gain.lower:+.4f}, {gain.upper:+.4f}]"
+        c.set_model_version_tag(name, version, TAG_INTERVAL, interval)
+        c.set_model_version_tag(name, version, TAG_REQUESTS, str(gain.n))
+    if run_id:
+        c.log_artifact(run_id, str(path), artifact_path="gate")
+        c.set_tag(run_id, registry.TAG_VERDICT, verdict)
