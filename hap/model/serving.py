@@ -207,7 +207,13 @@ class HapBundle:
             expr[routed] = self.tower_scores("expressive", table, np.flatnonzero(routed), index)
         if light is None:
             light = np.where(routed, expr, np.nan).astype(np.float32)
-        final = merge_scores(light, expr, routed, self.routing.merge)
+        # expressive_all is the expressive model alone on every candidate (the paper's reference);
+        # routing.merge only says how HAP's routed and unrouted candidates meet
+        final = (
+            expr.astype(np.float64)
+            if self.serve == "expressive_all"
+            else merge_scores(light, expr, routed, self.routing.merge)
+        )
         rank_grid = ranks(index.grid(final, -np.inf))
         return RequestScores(final, light, expr, routed, rank_grid[index.row_request, index.column])
 
