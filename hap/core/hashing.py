@@ -2,9 +2,8 @@
 
 Every deterministic pseudo-random decision of the pipeline uses it: the split's sampling and eval
 requests (``unit_hash``), validation's request content keys, the model's feature re-hashing and
-monitoring's request sampling. The sources' id anonymization (``hash_ids``) keeps its own
-multiplicative hash, which defines the simulated data (see there). A pure function of its
-inputs: no RNG state, the same bytes on every machine.
+monitoring's request sampling and the sources' id anonymization (``hash_ids``). A pure function
+of its inputs: no RNG state, the same bytes on every machine.
 """
 
 from __future__ import annotations
@@ -42,11 +41,5 @@ def bucket(a: np.ndarray | int, b: np.ndarray | int, salt: int, buckets: int) ->
 
 
 def hash_ids(values: np.ndarray, salt: int, buckets: int) -> np.ndarray:
-    """Anonymized ids in ``[1, buckets)`` for raw ids, one stream per ``salt`` (per feature).
-
-    Kept as the simulator's original multiplicative hash: its outputs are the simulated ids, so
-    routing it through ``mix64`` re-draws every simulated day (measured: the calibrated
-    retrieval_degrades monitoring scenario then raises a false routed-share alert before the drift).
-    """
-    mixed = (np.asarray(values).astype(np.uint64) + np.uint64(salt * 1_000_003 + 1)) * _GOLDEN
-    return ((mixed >> np.uint64(33)) % np.uint64(buckets - 1) + np.uint64(1)).astype(np.int32)
+    """Anonymized ids in ``[1, buckets)`` for raw ids, one stream per ``salt`` (per feature)."""
+    return bucket(values, 0, salt, buckets).astype(np.int32)
