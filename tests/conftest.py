@@ -79,6 +79,15 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
 
 
 @pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for every test that runs a flow (each start costs 10-30 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
 def tiny_lake(tmp_path_factory: pytest.TempPathFactory) -> Config:
     """Four simulated days, ingested into the lake once per session. Treat it as read-only."""
     from hap.data.ingest import ingest_day

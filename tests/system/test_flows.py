@@ -32,15 +32,6 @@ FLOW_OVERRIDES: dict[str, Any] = {
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """One temporary Prefect server for the whole session (it costs about 10 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> dict[str, Any]:
     """Three simulated (landed, not ingested) days under a fresh data root."""
