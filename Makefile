@@ -38,8 +38,11 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Two workers (one per core), one test file per worker: a file's module fixtures (a simulated window,
+# a trained bundle, a Prefect or MLflow server) are built once, and much of the suite waits on
+# subprocesses and servers, so the two cores stay busy.
 test: lint ## the whole test suite (unit, data, model, system), after the linter
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not integration"
