@@ -330,7 +330,15 @@ def summarize(payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         rows,
     )
     claims = check_claims(summary, payload)
-    table += "\n\n" + claims_table(claims)
+    c = payload["config"]
+    minutes = payload.get("total_seconds", float("nan")) / 60
+    setup = (
+        f"{payload['seeds']} training seeds (mean ± std over seeds); "
+        f"{payload.get('eval_requests', '?')} eval requests (the day after {payload['date']}); "
+        f"a {c['window_days']}-day window at {c['requests_per_day']:,} requests a day; "
+        f"served: {payload.get('served')}; {minutes:.0f} min on this machine (CPU, no GPU).\n\n"
+    )
+    table = setup + table + "\n\n" + claims_table(claims)
     return table, {"summary": summary, "claims": claims}
 
 
@@ -458,8 +466,11 @@ def main() -> None:
     ap.add_argument("--from-json", type=Path, help="re-summarize a saved run instead of training")
     args = ap.parse_args()
     if args.from_json:
+        from hap.core.config import load_config
+
         payload = json.loads(args.from_json.read_text())
         payload = payload.get("raw", payload)
+        payload["served"] = served_variant(load_config())  # claim 4 asks about today's serving mode
     else:
         payload = run(args)
     table, extra = summarize(payload)
