@@ -80,8 +80,12 @@ def from_bundle(bundle: Any, version: str, window: Any = None, source: str = "")
     )
 
 
-def from_registry(cfg: Config) -> tuple[Champion | None, str]:
-    """The ``champion`` alias of the registry, or (None, why) when there is none yet."""
+def from_registry(cfg: Config, date: dt.date | None = None) -> tuple[Champion | None, str]:
+    """The model that served ``date``: the ``champion`` alias, unless it trained on ``date`` itself
+    (today's run promoted it after today's traffic was served), then the champion it replaced (the
+    ``previous`` alias). A model scoring a day it trained on is in-sample there: its routed and
+    near-margin shares would read as drift against the out-of-sample reference days.
+    (None, why) when there is no champion yet."""
     from hap.registry import tracking
 
     if tracking.is_embedded(cfg) and not cfg.path("mlflow_db").exists():
@@ -92,10 +96,15 @@ def from_registry(cfg: Config) -> tuple[Champion | None, str]:
         version = registry.alias_version(cfg, registry.CHAMPION)
         if version is None:
             return None, f"no '{registry.CHAMPION}' alias on {cfg.gate.model_name} yet"
+        note = ""
+        if date is not None and date in _window(version.tags.get(registry.TAG_WINDOW)):
+            previous = registry.alias_version(cfg, registry.PREVIOUS)
+            if previous is not None and date not in _window(previous.tags.get(registry.TAG_WINDOW)):
+                note = f"v{version.version} trained on {date}: monitored with v{previous.version} (served it)"
+                version = previous
         bundle = registry.load_bundle_of(cfg, version.version)
         window = version.tags.get(registry.TAG_WINDOW)
-        return from_bundle(
-            bundle, version.version, window or None, source=registry.model_uri(cfg, version.version)
-        ), ""
+        source = registry.model_uri(cfg, version.version)
+        return from_bundle(bundle, version.version, window or None, source=source), note
     except Exception as err:  # noqa: BLE001 - the registry is optional for monitoring; say why and go on
         return None, f"champion unavailable ({type(err).__name__}: {err})"

@@ -190,7 +190,7 @@ def monitor_day(
     date = layout.day(date)
     notes: list[str] = []
     if champion == "registry":
-        champion, why = champion_mod.from_registry(cfg)
+        champion, why = champion_mod.from_registry(cfg, date)
         if why:
             notes.append(why)
     if champion is None:

@@ -119,6 +119,33 @@ def test_better_model_promoted_old_becomes_previous(scenario):
     assert any(c["name"] == "health:nonfinite" and c["passed"] for c in b2.checks)
 
 
+def test_monitoring_scores_a_day_with_the_model_that_served_it(scenario):
+    """A champion promoted by a day's own run trained on that day: monitoring takes the model it
+    replaced (``previous``), unless that one trained on the day too. (Runs before the rollback
+    test, which moves the aliases.)"""
+    from hap.registry import registration as registry
+    from hap.registry import tracking
+    from monitoring.champion import from_registry
+
+    cfg = scenario["cfg"]
+    champion = registry.alias_version(cfg, registry.CHAMPION)
+    previous = registry.alias_version(cfg, registry.PREVIOUS)
+    # every version here trained on the window ending DAY: none served DAY out of sample
+    got, note = from_registry(cfg, DAY)
+    assert got.version == str(champion.version) and note == ""
+    client, name = tracking.client(cfg), cfg.gate.model_name
+    window = previous.tags[registry.TAG_WINDOW]
+    earlier = ",".join(str(DAY - dt.timedelta(days=k)) for k in (3, 2))
+    client.set_model_version_tag(name, previous.version, registry.TAG_WINDOW, earlier)
+    try:
+        got, note = from_registry(cfg, DAY)
+        assert got.version == str(previous.version) and f"monitored with v{previous.version}" in note
+        later, _ = from_registry(cfg, DAY + dt.timedelta(days=1))  # a day the champion never saw
+        assert later.version == str(champion.version)
+    finally:
+        client.set_model_version_tag(name, previous.version, registry.TAG_WINDOW, window)
+
+
 def test_degraded_challenger_rejected_champion_unchanged(scenario):
     from hap.registry import gate
     from hap.registry import registration as registry
