@@ -92,9 +92,11 @@ def simulate(
 @app.command()
 def ingest(date: DateOpt) -> None:
     """Join a day's exposure and ranking logs per request into the lake (atomic, idempotent)."""
+    from hap.core.engine import session
     from hap.data.ingest import ingest_day
 
-    report = ingest_day(state.cfg, parse_date(date))
+    with session(state.cfg) as mapper:
+        report = ingest_day(state.cfg, parse_date(date), mapper=mapper)
     typer.echo(report.render())
 
 
@@ -113,9 +115,12 @@ def import_recflow(
 @app.command()
 def validate(date: DateOpt) -> None:
     """Run the GX suites on a day's raw logs; mark it validated, or quarantine it and exit non-zero."""
+    from hap.core.engine import session
     from hap.data.validate import validate_day
 
-    typer.echo(validate_day(state.cfg, parse_date(date)).render())
+    with session(state.cfg) as mapper:
+        report = validate_day(state.cfg, parse_date(date), mapper)
+    typer.echo(report.render())
 
 
 @app.command("release-quarantine")

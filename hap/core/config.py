@@ -23,7 +23,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
 ENV_PREFIX = "HAP__"
 # Deployment-facing names for keys the infrastructure sets (infra/); ``HAP__...`` still wins.
-ENV_ALIASES = {"HAP_DVC_REMOTE": "paths.dvc_remote", "HAP_LAKE_URL": "paths.lake"}
+ENV_ALIASES = {
+    "HAP_DVC_REMOTE": "paths.dvc_remote",
+    "HAP_LAKE_URL": "paths.lake",
+    "HAP_DASK_ADDRESS": "engine.address",
+}
 
 
 class _Section(BaseModel):
@@ -43,6 +47,7 @@ class PathsConfig(_Section):
     mlflow_db: str
     mlflow_artifacts: str
     dvc_remote: str
+    staging: str = "staging"  # request-hash buckets of the landing days (hap.data.buckets)
 
     @field_validator("lake")
     @classmethod
@@ -295,6 +300,17 @@ class OrchestrationConfig(_Section):
     lock_lease_seconds: float = Field(default=120, gt=0)
 
 
+class EngineConfig(_Section):
+    """Where the data path's per-bucket work runs (``hap.core.engine``), and how big a bucket is."""
+
+    address: str | None = None  # a Dask scheduler, tcp://host:8786 (HAP_DASK_ADDRESS); null: local
+    workers: int = Field(default=1, ge=1)  # local mode: 1 = in this process, >1 = a local Dask cluster
+    bucket_requests: int = Field(default=50000, ge=1)  # requests per bucket: sets each step's memory
+    slice_rows: int = Field(default=500000, ge=1)  # raw-log rows one cut task reads (whole row groups)
+    worker_memory: str = "4GiB"  # memory limit of each local worker process
+    connect_timeout_seconds: float = Field(default=30, gt=0)
+
+
 class Config(_Section):
     paths: PathsConfig
     pipeline: PipelineConfig
@@ -309,6 +325,7 @@ class Config(_Section):
     gate: GateConfig
     monitor: MonitorConfig
     orchestration: OrchestrationConfig
+    engine: EngineConfig = EngineConfig()
 
     @model_validator(mode="after")
     def _cascade_shape(self) -> Config:

@@ -14,6 +14,7 @@ LAKE_TABLES = ("samples", "fullflow")
 VALIDATION_SUMMARY_FILE = "summary.json"
 QUARANTINE_RESULT_FILE = "result.json"
 DATA_VERSION_FILE = "_data_version.json"
+CUT_FILE = "_cut.json"  # a landing day cut into request-hash buckets (hap.data.buckets)
 # split: its metadata travels inside the training set; its report sits in the day's metrics
 SPLIT_META_FILE = "_split.json"
 SPLIT_REPORT_FILE = "split.json"
@@ -71,6 +72,11 @@ def lake_partition(cfg: Config, table: str, date: dt.date | str) -> Path:
 
 def quarantine_day(cfg: Config, date: dt.date | str) -> Path:
     return cfg.path("quarantine") / partition(date)
+
+
+def staging_day(cfg: Config, date: dt.date | str) -> Path:
+    """The landing day cut into request-hash buckets (``hap.data.buckets``): scratch, derived data."""
+    return cfg.path("staging") / partition(date)
 
 
 def validation_day(cfg: Config, date: dt.date | str) -> Path:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from datasketches import tdigest_double
 
 from hap.core import hashing, schema
 
@@ -31,16 +33,32 @@ class ReadProblem:
 
 def read_table(path: Path, columns: list[str] | None = None) -> tuple[pa.Table | None, ReadProblem | None]:
     """Read a whole Parquet file; every way it can be unreadable becomes a ``ReadProblem``."""
+    handle, problem = open_parquet(path)
+    if problem:
+        return None, problem
+    try:
+        return handle.read(columns=columns), None
+    except (pa.ArrowInvalid, OSError, ValueError) as err:
+        return None, unreadable(path, err)
+
+
+def open_parquet(path: Path) -> tuple[pq.ParquetFile | None, ReadProblem | None]:
+    """Open a Parquet file by its footer (no data read); a missing, empty or corrupt file is a
+    ``ReadProblem``."""
     if not path.exists():
         return None, ReadProblem(str(path), "file_exists", "missing: the file never landed")
     if path.stat().st_size == 0:
         return None, ReadProblem(str(path), "file_not_empty", "zero-byte file")
     try:
-        return pq.read_table(path, columns=columns), None
+        handle = pq.ParquetFile(path)
+        handle.schema_arrow  # noqa: B018 - forces the footer to be parsed
+        return handle, None
     except (pa.ArrowInvalid, OSError, ValueError) as err:
-        return None, ReadProblem(
-            str(path), "parquet_readable", f"unreadable Parquet, truncated or corrupt ({err})"
-        )
+        return None, unreadable(path, err)
+
+
+def unreadable(path: Path | str, err: BaseException | str) -> ReadProblem:
+    return ReadProblem(str(path), "parquet_readable", f"unreadable Parquet, truncated or corrupt ({err})")
 
 
 def type_name(t: pa.DataType) -> str:
@@ -51,21 +69,29 @@ def type_name(t: pa.DataType) -> str:
 
 
 def schema_frame(table: pa.Table, contract: pa.Schema, keys: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The schema frame of a table in memory (see ``schema_frame_of``)."""
+    nulls = {c: int(table[c].null_count) for c in table.column_names}
+    return schema_frame_of(table.schema, nulls, contract, keys)
+
+
+def schema_frame_of(
+    file_schema: pa.Schema, null_counts: dict[str, int], contract: pa.Schema, keys: tuple[str, ...] = ()
+) -> pd.DataFrame:
     """One row per column of the file or the contract: presence, Arrow types, nullability and
-    null count (exact and cheap from Arrow), for the suites' schema checks."""
+    null count (exact: summed over the slices that were read), for the suites' schema checks."""
     rows = []
-    for name in [*contract.names, *[n for n in table.column_names if n not in contract.names]]:
-        in_file, in_contract = name in table.column_names, name in contract.names
+    for name in [*contract.names, *[n for n in file_schema.names if n not in contract.names]]:
+        in_file, in_contract = name in file_schema.names, name in contract.names
         rows.append(
             {
                 "column": name,
                 "in_file": in_file,
                 "in_contract": in_contract,
-                "arrow_type": type_name(table.schema.field(name).type) if in_file else "<missing>",
+                "arrow_type": type_name(file_schema.field(name).type) if in_file else "<missing>",
                 "contract_type": type_name(contract.field(name).type) if in_contract else "<not in contract>",
                 "nullable": contract.field(name).nullable if in_contract else True,
                 "key": name in keys,
-                "null_count": int(table[name].null_count) if in_file else 0,
+                "null_count": int(null_counts.get(name, 0)) if in_file else 0,
             }
         )
     return pd.DataFrame(rows)
@@ -294,6 +320,7 @@ PROFILED = {
 }
 DENSE_PROFILED = ("dwell", *schema.DENSE_FEATURES)
 QUANTILES = (0.01, 0.5, 0.99)
+DIGEST_K = 200  # t-digest compression: ~0.1% rank error at p1/p99, a few kB per column and bucket
 
 
 def _shares(values: pa.ChunkedArray | pa.Array) -> dict[str, float]:
@@ -302,25 +329,131 @@ def _shares(values: pa.ChunkedArray | pa.Array) -> dict[str, float]:
     return {str(c["values"]): c["counts"] / total for c in counts} if total else {}
 
 
-def profile(exposure: pa.Table, ranking: pa.Table) -> dict[str, dict]:
-    """The day's distribution summary, stored with its validation summary so later days can compare:
-    distinct values per feature, dense quantiles, the content mix, the click share per position."""
+def _counts(values: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    return {str(c["values"]): int(c["counts"]) for c in pc.value_counts(values).to_pylist()}
+
+
+def _digest(values: pa.ChunkedArray) -> dict[str, Any]:
+    """A mergeable t-digest (Apache DataSketches) of a dense column, and its non-finite count."""
+    x = values.drop_null().to_numpy().astype(np.float64)
+    finite = np.isfinite(x)
+    digest = tdigest_double(DIGEST_K)
+    if finite.any():
+        digest.update(x[finite])
+    return {"digest": digest.serialize(), "nonfinite": int((~finite).sum())}
+
+
+def profile_part(exposure: pa.Table, ranking: pa.Table) -> dict[str, dict]:
+    """One bucket's share of the day's profile: distinct values per feature, t-digests of the dense
+    features, and the counts behind the content mix and the click share per position."""
     tables = {"exposure": exposure, "ranking": ranking}
-    distinct, quantiles = {}, {}
+    distinct, digests = {}, {}
     for name, columns in PROFILED.items():
         for col in columns:
             distinct[col] = int(pc.count_distinct(tables[name][col]).as_py())
             if col in DENSE_PROFILED:
-                quantiles[col] = [
-                    float(q) if q is not None else None
-                    for q in pc.tdigest(tables[name][col], q=list(QUANTILES)).to_pylist()
-                ]
+                digests[col] = _digest(tables[name][col])
     clicked = exposure.filter(pc.equal(exposure["click"], 1))
     return {
         "distinct": distinct,
-        "quantiles": quantiles,
-        "content_mix": _shares(exposure["content_type"]),
-        "click_position": _shares(clicked["position"]),
+        "digests": digests,
+        "content_mix": _counts(exposure["content_type"]),
+        "click_position": _counts(clicked["position"]),
+    }
+
+
+def _merged_quantiles(parts: list[dict[str, Any]]) -> list[float | None]:
+    if any(p["nonfinite"] for p in parts):
+        return [float("inf")] * len(QUANTILES)  # a NaN or inf upstream: the shift check fails it
+    merged = tdigest_double(DIGEST_K)
+    for part in parts:
+        merged.merge(tdigest_double.deserialize(part["digest"]))
+    if merged.is_empty():
+        return [None] * len(QUANTILES)
+    return [float(merged.get_quantile(q)) for q in QUANTILES]
+
+
+def _shares_of(counts: list[dict[str, int]]) -> dict[str, float]:
+    total: dict[str, int] = {}
+    for part in counts:
+        for key, n in part.items():
+            total[key] = total.get(key, 0) + n
+    n = sum(total.values())
+    return {k: v / n for k, v in sorted(total.items())} if n else {}
+
+
+def merge_profiles(parts: list[dict[str, dict]]) -> dict[str, dict]:
+    """The day's distribution summary from its buckets' parts (in bucket order, so the same at every
+    scale), stored with its validation summary so later days can compare.
+
+    - ``distinct``: the median over buckets of the distinct values per bucket: buckets hold about
+      ``engine.bucket_requests`` requests on every day, so the figure does not move with volume,
+      and a collapsed feature (one value) reads ~0 of the trailing days' figure;
+    - ``quantiles``: p1, p50, p99 of the merged t-digests;
+    - ``content_mix`` and ``click_position``: shares of the summed counts.
+    """
+    columns = parts[0]["distinct"] if parts else {}
+    return {
+        "distinct": {c: int(np.median([p["distinct"][c] for p in parts])) for c in columns},
+        "quantiles": {c: _merged_quantiles([p["digests"][c] for p in parts]) for c in parts[0]["digests"]}
+        if parts
+        else {},
+        "content_mix": _shares_of([p["content_mix"] for p in parts]),
+        "click_position": _shares_of([p["click_position"] for p in parts]),
+    }
+
+
+def profile(exposure: pa.Table, ranking: pa.Table) -> dict[str, dict]:
+    """The distribution summary of tables held in memory (one bucket)."""
+    return merge_profiles([profile_part(exposure, ranking)])
+
+
+# ---- keys that span requests, and the day-level values -----------------------------------------------
+EXPOSURE_KEY_COLUMNS = ("user_id", "timestamp", "item_id", "request_id")
+
+
+def exposure_keys(exposure: pa.Table) -> pa.Table:
+    """The exposure key that spans requests (a user shown an item at an instant), with its request."""
+    return exposure.select(list(EXPOSURE_KEY_COLUMNS))
+
+
+def exposure_key_part(keys: pa.Table, parts: int) -> np.ndarray:
+    """Partition of each exposure key by its own hash: duplicates always meet in one partition."""
+    user = keys["user_id"].fill_null(0).to_numpy()
+    item = keys["item_id"].fill_null(0).to_numpy()
+    ts = pc.cast(keys["timestamp"], pa.int64()).fill_null(0).to_numpy()
+    return (hashing.mix64(user ^ ts, item, salt=3) % np.uint64(parts)).astype(np.int32)
+
+
+def content_key_part(content: pd.DataFrame, parts: int) -> np.ndarray:
+    return (content["content_key"].to_numpy().astype(np.uint64) % np.uint64(parts)).astype(np.int32)
+
+
+def day_frames(totals: dict[str, int]) -> dict[str, pd.DataFrame]:
+    """One row per raw log of day-level values, reduced from the buckets' counts (``totals``)."""
+    rows = totals.get("exposure_rows", 0)
+    return {
+        "exposure": pd.DataFrame(
+            {
+                "rows": [rows],
+                "ctr": [totals.get("exposure_clicks", 0) / rows if rows else 0.0],
+            }
+        ),
+        "ranking": pd.DataFrame({"rows": [totals.get("ranking_rows", 0)]}),
+        "fullflow": pd.DataFrame(
+            {"requests": [totals.get("fullflow_requests", 0)], "clicks": [totals.get("fullflow_clicks", 0)]}
+        ),
+    }
+
+
+def bucket_counts(exposure: pa.Table, ranking: pa.Table, fullflow: pa.Table) -> dict[str, int]:
+    """The additive counts a bucket contributes to the day-level checks."""
+    return {
+        "exposure_rows": exposure.num_rows,
+        "exposure_clicks": int(pc.sum(exposure["click"]).as_py() or 0),
+        "ranking_rows": ranking.num_rows,
+        "fullflow_requests": int(pc.count_distinct(fullflow["request_id"]).as_py()),
+        "fullflow_clicks": int(pc.sum(fullflow["click"]).as_py() or 0),
     }
 
 

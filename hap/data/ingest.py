@@ -13,6 +13,7 @@ temporary folder and renamed into place: re-running a day replaces it, never dup
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,21 @@ import pyarrow.parquet as pq
 from hap.core import layout, schema
 from hap.core.atomic import atomic_dir
 from hap.core.config import Config
+from hap.core.engine import Mapper, local_map
 from hap.core.errors import DataContractError
 from hap.data import markers
+from hap.data.buckets import DayBuckets, cut_day, drop_cut
 from hap.data.quarantine import quarantine_day
 
-PART_FILE = "part-0.parquet"
-BATCH_ROWS = 262_144
+EXPOSURE_COLUMNS = [
+    "request_id",
+    "timestamp",
+    "user_id",
+    "item_id",
+    "position",
+    "click",
+    *schema.REQUEST_FEATURES,
+]
 PARQUET_OPTIONS = dict(compression="zstd", write_statistics=True)
 
 
@@ -225,43 +235,82 @@ def _join_fullflow(side: _RequestSide, fullflow: pa.Table, path: Path) -> pa.Tab
     return pa.table(columns).select(schema.LAKE_FULLFLOW.names).cast(schema.LAKE_FULLFLOW)
 
 
-def _stream_join(
-    handle: pq.ParquetFile,
-    contract: pa.Schema,
-    out: Path,
-    out_schema: pa.Schema,
-    join,
-    side: _RequestSide,
-    path: Path,
-) -> tuple[int, Counter]:
-    rows, by_source = 0, Counter()
-    with pq.ParquetWriter(out, out_schema, **PARQUET_OPTIONS) as writer:
-        try:
-            batches = handle.iter_batches(batch_size=BATCH_ROWS, columns=contract.names)
-            for batch in batches:
-                table = pa.Table.from_batches([batch]).select(contract.names).cast(contract)
-                joined = join(side, table, path)
+LAKE_TARGETS = {  # lake table -> (raw log, its contract, the lake schema, the join)
+    "samples": ("ranking", schema.RANKING_LOG, schema.LAKE_SAMPLES, _join_samples),
+    "fullflow": ("fullflow", schema.FULLFLOW_LOG, schema.LAKE_FULLFLOW, _join_fullflow),
+}
+
+
+def _conformed(table: pa.Table, contract: pa.Schema, columns: list[str], path: str) -> pa.Table:
+    try:
+        return table.select(columns).cast(pa.schema([contract.field(n) for n in columns]))
+    except (pa.ArrowInvalid, OSError, ValueError, KeyError) as err:  # ValueError: nulls in a required column
+        raise DataContractError(f"{path}: cannot be read against its contract ({err})") from None
+
+
+@dataclass
+class BucketIngest:
+    """What one bucket added to the lake."""
+
+    requests: int = 0
+    samples: int = 0
+    fullflow_rows: int = 0
+    by_source: dict[str, int] = field(default_factory=dict)
+
+
+def ingest_bucket(cut: DayBuckets, out_dirs: dict[str, str], bucket: int) -> BucketIngest:
+    """Join one bucket: its request side (from the exposure log) onto its ranking and full-flow rows,
+    written as ``part-{bucket}.parquet`` of each lake table. Every row of a request is in its
+    bucket, so the join is exact; the raw rows are read one staging file at a time."""
+    exposure = _conformed(
+        cut.read("exposure", bucket), schema.EXPOSURE_LOG, EXPOSURE_COLUMNS, cut.raw["exposure"]
+    )
+    side = _request_side(exposure)
+    del exposure
+    out = BucketIngest(requests=len(side.request_ids))
+    by_source: Counter = Counter()
+    for table, (raw, contract, out_schema, join) in LAKE_TARGETS.items():
+        files = cut.bucket_files(raw, bucket)
+        if not files:
+            continue
+        rows = 0
+        target = Path(out_dirs[table]) / lake_part_file(bucket)
+        with pq.ParquetWriter(target, out_schema, **PARQUET_OPTIONS) as writer:
+            for path in files:
+                part = _conformed(pq.read_table(path), contract, contract.names, cut.raw[raw])
+                joined = join(side, part, Path(cut.raw[raw]))
                 writer.write_table(joined)
                 rows += joined.num_rows
                 if "source" in joined.column_names:
                     counts = pc.value_counts(joined["source"]).to_pylist()
                     by_source.update({c["values"]: c["counts"] for c in counts})
-        except (pa.ArrowInvalid, OSError, ValueError) as err:  # ValueError: nulls in a required column
-            raise DataContractError(f"{path}: cannot be read against its contract ({err})") from None
-    return rows, by_source
+        if table == "samples":
+            out.samples = rows
+        else:
+            out.fullflow_rows = rows
+    out.by_source = dict(by_source)
+    return out
 
 
-def ingest_day(cfg: Config, date: dt.date, require_validated: bool = True) -> IngestReport:
+def lake_part_file(bucket: int) -> str:
+    """A lake partition's file of one bucket: each holds whole requests, none spans two files."""
+    return f"part-{bucket:05d}.parquet"
+
+
+def ingest_day(
+    cfg: Config, date: dt.date, require_validated: bool = True, mapper: Mapper = local_map
+) -> IngestReport:
     """Validated landing logs of ``date`` → ``lake/samples/dt=D`` and ``lake/fullflow/dt=D``.
 
     Ingest publishes only a day whose landing files passed validation unchanged (the validated lake
     never holds anything else); ``require_validated=False`` is for fixtures and benchmarks that build
-    a lake from trusted simulated logs. A contract error quarantines the day and raises."""
+    a lake from trusted simulated logs. A contract error quarantines the day and raises. ``mapper``
+    runs the buckets (``hap.core.engine``)."""
     date = layout.day(date)
     if require_validated:
         markers.require_fresh_validation(cfg, date, "ingest")
     try:
-        return _ingest(cfg, date)
+        return _ingest(cfg, date, mapper)
     except (DataContractError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as err:
         message = str(err) if isinstance(err, DataContractError) else f"ingest of {date}: {err}"
         qdir = quarantine_day(
@@ -273,42 +322,24 @@ def ingest_day(cfg: Config, date: dt.date, require_validated: bool = True) -> In
         ) from None
 
 
-def _ingest(cfg: Config, date: dt.date) -> IngestReport:
-    handles = {name: open_raw_log(cfg, date, name) for name in schema.RAW_LOGS}
-    exp_path = layout.raw_log(cfg, date, "exposure")
-    exp_cols = [
-        "request_id",
-        "timestamp",
-        "user_id",
-        "item_id",
-        "position",
-        "click",
-        *schema.REQUEST_FEATURES,
-    ]
-    exposure = read_conformed(handles["exposure"], schema.EXPOSURE_LOG, exp_cols, exp_path)
-    side = _request_side(exposure)
-    del exposure
-    report = IngestReport(date=date, requests=len(side.request_ids))
-
-    targets = {
-        "samples": ("ranking", schema.RANKING_LOG, schema.LAKE_SAMPLES, _join_samples),
-        "fullflow": ("fullflow", schema.FULLFLOW_LOG, schema.LAKE_FULLFLOW, _join_fullflow),
-    }
-    for table, (raw, contract, out_schema, join) in targets.items():
-        target = layout.lake_partition(cfg, table, date)
-        with atomic_dir(target) as tmp:
-            rows, by_source = _stream_join(
-                handles[raw],
-                contract,
-                tmp / PART_FILE,
-                out_schema,
-                join,
-                side,
-                layout.raw_log(cfg, date, raw),
-            )
-        report.paths.append(target)
-        if table == "samples":
-            report.samples, report.by_source = rows, dict(by_source)
-        else:
-            report.fullflow_rows = rows
+def _ingest(cfg: Config, date: dt.date, mapper: Mapper) -> IngestReport:
+    for name in schema.RAW_LOGS:  # the footers against the contract, before any row is read
+        open_raw_log(cfg, date, name)
+    cut = cut_day(cfg, date, schema.RAW_LOGS, mapper)  # validation's cut, when the files are unchanged
+    problems = [f"{cut.raw[n]}: {stats.problem}" for n, stats in cut.files.items() if stats.problem]
+    if problems:
+        raise DataContractError("; ".join(problems))
+    report = IngestReport(date=date)
+    targets = {table: layout.lake_partition(cfg, table, date) for table in LAKE_TARGETS}
+    by_source: Counter = Counter()
+    with atomic_dir(targets["samples"]) as samples_tmp, atomic_dir(targets["fullflow"]) as fullflow_tmp:
+        out_dirs = {"samples": str(samples_tmp), "fullflow": str(fullflow_tmp)}
+        for part in mapper(functools.partial(ingest_bucket, cut, out_dirs), cut.ids):
+            report.requests += part.requests
+            report.samples += part.samples
+            report.fullflow_rows += part.fullflow_rows
+            by_source.update(part.by_source)
+    report.by_source = dict(by_source)
+    report.paths = list(targets.values())
+    drop_cut(cfg, date)  # the lake now holds the day; the buckets were a scratch copy
     return report

@@ -56,6 +56,7 @@ def quarantine_day(cfg: Config, date: dt.date | str, reason: dict[str, Any]) -> 
         if part.exists():
             shutil.rmtree(part)
             unpublished.append(str(part))
+    shutil.rmtree(layout.staging_day(cfg, date), ignore_errors=True)  # its buckets: scratch copies
     atomic_write_json(
         qdir / RESULT_FILE,
         {

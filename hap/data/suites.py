@@ -15,7 +15,14 @@ Every expectation carries ``meta.batch``, the frame it runs on (``hap.data.frame
   the click sequence's length, id range and null ids, ``engaged_without_click``,
   ``in_exposure_log``, ``click_unexposed``, ``partition_difficulty``);
 - ``requests``: one row per request, aggregated pyarrow-side from both logs (per-request
-  structure, display positions, sampling counts, the content key);
+  structure, display positions, sampling counts);
+  ``rows`` and ``requests`` run once per request-hash bucket (``hap.data.buckets``), their findings
+  merged per file;
+- ``exposure_keys`` and ``content_keys``: the keys that span requests (a user's exposures at an
+  instant, a request's content key), partitioned by the key's own hash so that uniqueness is exact
+  per partition;
+- ``day``: one row of day-level values reduced from the per-bucket aggregates (volume, CTR,
+  full-flow requests and clicks);
 - ``drift``: one row per statistic of today against the trailing validated days (distinct values,
   dense quantiles, content mix, click share per position); severity follows
   ``validation.on_distribution_shift``.
@@ -228,9 +235,10 @@ def exposure_suite() -> dict[str, Any]:
     ex = [
         *_schema_part(),
         _e(
-            "expect_table_row_count_to_be_between",
-            "rows",
-            "not empty, and volume within a tolerance of the trailing median",
+            "expect_column_values_to_be_between",
+            "day",
+            "not empty, and the day's volume within a tolerance of the trailing median",
+            column="rows",
             min_value=P("exposure_rows_min"),
             max_value=P("exposure_rows_max"),
         ),
@@ -257,7 +265,7 @@ def exposure_suite() -> dict[str, Any]:
         ),
         _e(
             "expect_compound_columns_to_be_unique",
-            "rows",
+            "exposure_keys",
             "the same user is not shown the same item at the same instant twice (replayed logs)",
             column_list=["user_id", "timestamp", "item_id"],
         ),
@@ -334,10 +342,10 @@ def exposure_suite() -> dict[str, Any]:
             value_set=[True],
         ),
         _e(
-            "expect_column_mean_to_be_between",
-            "rows",
-            "CTR within bounds (a CTR of 0 is a broken click log)",
-            column="click",
+            "expect_column_values_to_be_between",
+            "day",
+            "the day's CTR within bounds (a CTR of 0 is a broken click log)",
+            column="ctr",
             min_value=P("ctr_min"),
             max_value=P("ctr_max"),
         ),
@@ -359,9 +367,10 @@ def ranking_suite() -> dict[str, Any]:
     ex = [
         *_schema_part(),
         _e(
-            "expect_table_row_count_to_be_between",
-            "rows",
-            "not empty, and volume within a tolerance of the trailing median",
+            "expect_column_values_to_be_between",
+            "day",
+            "not empty, and the day's volume within a tolerance of the trailing median",
+            column="rows",
             min_value=P("ranking_rows_min"),
             max_value=P("ranking_rows_max"),
         ),
@@ -477,7 +486,7 @@ def ranking_suite() -> dict[str, Any]:
         ),
         _e(
             "expect_column_values_to_be_unique",
-            "requests",
+            "content_keys",
             "no request repeats another's user and exposures (content duplicated under new request ids)",
             column="content_key",
         ),
@@ -537,17 +546,17 @@ def fullflow_suite() -> dict[str, Any]:
             column_list=["request_id", "item_id"],
         ),
         _e(
-            "expect_column_unique_value_count_to_be_between",
-            "rows",
+            "expect_column_values_to_be_between",
+            "day",
             "enough full-flow requests for the gate's paired statistics (validation.fullflow_min_requests)",
-            column="request_id",
+            column="requests",
             min_value=P("fullflow_min_requests"),
         ),
         _e(
-            "expect_column_sum_to_be_between",
-            "rows",
+            "expect_column_values_to_be_between",
+            "day",
             "the full-flow log has clicks (validation.fullflow_min_clicks): without them nothing ranks",
-            column="click",
+            column="clicks",
             min_value=P("fullflow_min_clicks"),
         ),
         _e(

@@ -21,22 +21,25 @@ distribution profile); thresholds are in ``params.yaml`` under ``validation:``, 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from hap.core import layout, schema
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
+from hap.core.engine import Mapper, local_map
 from hap.core.errors import HapError, ValidationFailed
 from hap.data import frames as vf
 from hap.data import markers
-from hap.data.gx_runner import Finding, GxRunner
+from hap.data.bucket_checks import KEY_BATCHES, KEYS_DIR, check_bucket, check_key_part
+from hap.data.buckets import DayBuckets, cut_day
+from hap.data.gx_runner import Finding, GxRunner, merge_findings
 from hap.data.quarantine import quarantine_day, release_quarantine  # noqa: F401 - the public API lives here too
 from hap.data.suites import KEY_COLUMNS, load_suite_json
 
@@ -212,43 +215,81 @@ def _missing_day(landing: Path) -> Finding:
 
 
 def _drift_findings(
-    cfg: Config, date: dt.date, report: ValidationReport, runner: GxRunner, suite: dict, tables: dict
+    cfg: Config, date: dt.date, report: ValidationReport, runner: GxRunner, parts: list[dict[str, Any]]
 ) -> None:
-    """Today's distribution profile, and its checks against the trailing validated days."""
-    report.profile = vf.profile(tables["exposure"], tables["ranking"])
+    """Today's distribution profile (merged from the buckets), and its checks against the trailing
+    validated days."""
+    report.profile = vf.merge_profiles(parts)
     refs = [s["profile"] for s in trailing_summaries(cfg, date) if s.get("profile")]
     if len(refs) < cfg.validation.distribution_min_history:
         return
     frame = vf.drift_frame(report.profile, refs)
     files = ", ".join(str(layout.raw_log(cfg, date, n)) for n in SUITED)
     report.findings += runner.run(
-        suite, "drift", frame, report.params, f"{files} (vs {len(refs)} trailing days)"
+        load_suite_json("exposure"), "drift", frame, report.params, f"{files} (vs {len(refs)} trailing days)"
     )
 
 
-def _row_findings(
-    cfg: Config, date: dt.date, report: ValidationReport, runner: GxRunner, tables: dict
+def _bucket_findings(
+    cfg: Config, report: ValidationReport, runner: GxRunner, cut: DayBuckets, mapper: Mapper
 ) -> None:
-    suites = {name: load_suite_json(name) for name in schema.RAW_LOGS}
-    exposure, ranking, fullflow = (tables[n] for n in schema.RAW_LOGS)
-    exp_file, rank_file, full_file = (str(layout.raw_log(cfg, date, n)) for n in schema.RAW_LOGS)
-    params = report.params
-    report.findings += runner.run(
-        suites["exposure"], "rows", vf.exposure_rows(exposure, ranking), params, exp_file
+    """The per-request checks bucket by bucket, the cross-request keys partition by partition, then
+    the day-level checks on values reduced from the buckets' counts."""
+    shutil.rmtree(cut.root / KEYS_DIR, ignore_errors=True)  # a re-validation writes them afresh
+    examples = cfg.validation.examples
+    results = mapper(functools.partial(check_bucket, cfg, cut, report.params), cut.ids)
+    report.findings += merge_findings([r.findings for r in results], examples)
+    parts = [(batch, k) for batch in KEY_BATCHES for k in cut.ids]
+    report.findings += merge_findings(
+        mapper(functools.partial(check_key_part, cfg, cut, report.params), parts), examples
     )
-    report.findings += runner.run(suites["ranking"], "rows", vf.ranking_rows(ranking), params, rank_file)
-    per_request = vf.requests_frame(exposure, ranking, cfg.contract.global_neg_per_pos)
-    report.findings += runner.run(
-        suites["ranking"], "requests", per_request, params, f"{rank_file} + {exp_file} (per request)"
-    )
-    report.findings += runner.run(
-        suites["fullflow"], "rows", vf.fullflow_rows(fullflow, exposure), params, full_file
-    )
-    _drift_findings(cfg, date, report, runner, suites["exposure"], tables)
+    totals: dict[str, int] = {}
+    for r in results:
+        for key, n in r.counts.items():
+            totals[key] = totals.get(key, 0) + n
+    for name, frame in vf.day_frames(totals).items():
+        for finding in runner.run(load_suite_json(name), "day", frame, report.params, cut.raw[name]):
+            finding.observed = frame[finding.args["column"]].item()  # the day's value, not "1 bad row"
+            finding.bad_rows = finding.rows = None
+            finding.examples = []
+            report.findings.append(finding)
+    _drift_findings(cfg, cut.date, report, runner, [r.profile for r in results])
 
 
-def check_day(cfg: Config, date: dt.date, docs_dir: Path | None = None) -> ValidationReport:
-    """Run every check on the day's landing files; no side effects besides the Data Docs."""
+def _schema_findings(
+    cfg: Config, date: dt.date, report: ValidationReport, runner: GxRunner, mapper: Mapper
+) -> DayBuckets | None:
+    """Open each log by its footer, cut the readable ones into buckets (which also counts rows and
+    nulls), and run the schema checks; the cut, or ``None`` when no log could be read."""
+    handles = {}
+    for name in schema.RAW_LOGS:
+        path = layout.raw_log(cfg, date, name)
+        handle, problem = vf.open_parquet(path)
+        if problem:
+            report.findings.append(_problem_finding(problem, f"{name}_log"))
+        else:
+            handles[name] = handle
+    if not handles:
+        return None
+    cut = cut_day(cfg, date, list(handles), mapper)
+    for name, handle in handles.items():
+        stats = cut.files[name]
+        path = layout.raw_log(cfg, date, name)
+        if stats.problem:
+            report.findings.append(_problem_finding(vf.unreadable(path, stats.problem), f"{name}_log"))
+            continue
+        report.rows[name] = stats.rows
+        contract, keys = schema.RAW_LOGS[name], KEY_COLUMNS[name]
+        frame = vf.schema_frame_of(handle.schema_arrow, stats.null_counts, contract, keys)
+        report.findings += runner.run(load_suite_json(name), "schema", frame, report.params, str(path))
+    return cut
+
+
+def check_day(
+    cfg: Config, date: dt.date, docs_dir: Path | None = None, mapper: Mapper = local_map
+) -> ValidationReport:
+    """Run every check on the day's landing files; no side effects besides the day's buckets
+    (``hap.data.buckets``) and the Data Docs."""
     started = time.perf_counter()
     report = ValidationReport(date=date, params=suite_params(cfg, date))
     landing = layout.landing_day(cfg, date)
@@ -262,27 +303,12 @@ def check_day(cfg: Config, date: dt.date, docs_dir: Path | None = None) -> Valid
     report.findings += runner.run(
         load_suite_json("landing"), "files", vf.landing_files(landing), report.params, str(landing)
     )
-    tables: dict[str, pa.Table] = {}
-    for name in schema.RAW_LOGS:
-        path = layout.raw_log(cfg, date, name)
-        table, problem = vf.read_table(path)
-        if problem:
-            report.findings.append(_problem_finding(problem, f"{name}_log"))
-            continue
-        tables[name] = table
-        report.rows[name] = table.num_rows
-        report.findings += runner.run(
-            load_suite_json(name),
-            "schema",
-            vf.schema_frame(table, schema.RAW_LOGS[name], KEY_COLUMNS[name]),
-            report.params,
-            str(path),
-        )
-
+    cut = _schema_findings(cfg, date, report, runner, mapper)
+    readable = len(report.rows) == len(schema.RAW_LOGS)
     schema_ok = not any(f.failed and f.gates for f in report.findings if f.suite != "landing.files")
-    if schema_ok and len(tables) == len(schema.RAW_LOGS):
-        _row_findings(cfg, date, report, runner, tables)
-    elif tables:
+    if cut is not None and readable and schema_ok:
+        _bucket_findings(cfg, report, runner, cut, mapper)
+    elif cut is not None:
         report.findings.append(
             Finding(
                 file=str(landing),
@@ -293,7 +319,6 @@ def check_day(cfg: Config, date: dt.date, docs_dir: Path | None = None) -> Valid
                 why="row-level and per-request checks skipped: a file is unreadable or breaks the schema",
             )
         )
-    del tables
     try:
         report.docs = runner.build_docs()
     except Exception as err:  # Data Docs are a convenience; a rendering bug must not hide the verdict
@@ -311,8 +336,9 @@ def check_day(cfg: Config, date: dt.date, docs_dir: Path | None = None) -> Valid
     return report
 
 
-def validate_day(cfg: Config, date: dt.date | str) -> ValidationReport:
-    """Validate one landing day; mark it validated, or quarantine it and raise ``ValidationFailed``."""
+def validate_day(cfg: Config, date: dt.date | str, mapper: Mapper = local_map) -> ValidationReport:
+    """Validate one landing day; mark it validated, or quarantine it and raise ``ValidationFailed``.
+    ``mapper`` runs the per-bucket checks (``hap.core.engine``)."""
     date = layout.day(date)
     if markers.is_quarantined(cfg, date):
         raise ValidationFailed(
@@ -322,7 +348,7 @@ def validate_day(cfg: Config, date: dt.date | str) -> ValidationReport:
     markers.clear_marker(cfg, date)
     out_dir = layout.validation_day(cfg, date)
     docs_dir = out_dir / DOCS_DIR if cfg.validation.data_docs else None
-    report = check_day(cfg, date, docs_dir)
+    report = check_day(cfg, date, docs_dir, mapper)
     summary = report.to_dict()
     if not report.success:
         report.quarantined_to = layout.quarantine_day(cfg, date)
