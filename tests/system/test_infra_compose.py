@@ -6,7 +6,10 @@ tests/data), interpolated with the values of ``infra/.env.example`` the way Comp
 checked for consistency: every variable declared, every image/port/credential taken from the
 env file, published ports unique and on loopback, health checks and dependencies coherent, the
 workers pointed at the servers and buckets the stack actually creates. The Kubernetes GPU job
-template is rendered with Prefect's own templating and must reserve ``nvidia.com/gpu: 1``.
+template is rendered with Prefect's own templating and must reserve ``nvidia.com/gpu: 1``. The
+data path's Dask cluster (compose services, the operator's ``DaskCluster``) is checked against
+what ``hap.core.engine`` reads: one scheduler address, the flow's workers pointed at it, the Dask
+workers on the same image, volume and memory limit as the local engine.
 """
 
 from __future__ import annotations
@@ -27,11 +30,99 @@ COMPOSE = INFRA / "docker-compose.yml"
 ENV_EXAMPLE = INFRA / ".env.example"
 SCHEMA = REPO / "tests" / "fixtures" / "compose-spec.json"
 GPU_TEMPLATE = INFRA / "k8s" / "gpu-pool-base-job-template.json"
+DASK_CLUSTER = INFRA / "k8s" / "dask-cluster.yaml"
 
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, ${VAR?err}, $VAR; "$$" is a literal "$".
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 _SECRET_KEY = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY")
-SERVER_PORTS = {"postgres": 5432, "mlflow": 5000, "prefect-server": 4200, "evidently-ui": 8000}
+SERVER_PORTS = {
+    "postgres": 5432,
+    "mlflow": 5000,
+    "prefect-server": 4200,
+    "evidently-ui": 8000,
+    "dask-scheduler": 8786,
+}
+DASK_SCHEDULER = f"tcp://dask-scheduler:{SERVER_PORTS['dask-scheduler']}"
+# The Dask operator's names: the Service it creates, its port names, its pod labels.
+DASK_SCHEDULER_SERVICE = "{cluster}-scheduler"
+DASK_PORT_NAMES = {"tcp-comm": 8786, "http-dashboard": 8787}
+# What the operator's CRD requires of a DaskCluster (customresources/templates.yaml in
+# dask-kubernetes): scheduler.spec + scheduler.service, worker.spec, an integer replicas. Unknown
+# keys are refused here: the served CRD would prune a misspelt field without a word.
+DASK_CLUSTER_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "kubernetes.dask.org/v1"},
+        "kind": {"const": "DaskCluster"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object",
+            "required": ["scheduler", "worker"],
+            "additionalProperties": False,
+            "properties": {
+                "idleTimeout": {"type": "integer", "minimum": 0},
+                "scheduler": {
+                    "type": "object",
+                    "required": ["spec", "service"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "metadata": {"type": "object"},
+                        "spec": {"$ref": "#/definitions/podSpec"},
+                        "service": {
+                            "type": "object",
+                            "required": ["selector", "ports"],
+                            "properties": {"ports": {"type": "array", "minItems": 1}},
+                        },
+                    },
+                },
+                "worker": {
+                    "type": "object",
+                    "required": ["spec"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "metadata": {"type": "object"},
+                        "replicas": {"type": "integer", "minimum": 1},
+                        "spec": {"$ref": "#/definitions/podSpec"},
+                    },
+                },
+            },
+        },
+    },
+    "definitions": {
+        "podSpec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {
+                "containers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"type": "object", "required": ["name", "image", "args", "resources"]},
+                }
+            },
+        }
+    },
+}
+
+
+def compose_bytes(value: str) -> int:
+    """A Compose memory size ('4g', '512m'): binary units, as Docker reads them."""
+    m = re.fullmatch(r"(\d+)([bkmg]?)b?", str(value).lower())
+    assert m, f"'{value}' is not a Compose byte value"
+    return int(m.group(1)) * 1024 ** "bkmg".index(m.group(2) or "b")
+
+
+def k8s_bytes(value: str) -> int:
+    """A Kubernetes memory quantity in binary units ('4Gi', '512Mi')."""
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", str(value))
+    assert m, f"'{value}' is not a binary Kubernetes quantity"
+    return int(m.group(1)) * 1024 ** (["", "Ki", "Mi", "Gi", "Ti"].index(m.group(2) or ""))
+
+
+def flag(args: list[str], name: str) -> str:
+    """The value after ``name`` in a command line."""
+    assert name in args, f"{name} missing from {args}"
+    return str(args[args.index(name) + 1])
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -303,3 +394,165 @@ def test_helm_values_point_workers_at_the_pools_and_the_server(env: dict[str, st
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "HAP_HOME", "HAP_DVC_REMOTE"):
         assert config[key], key
     assert not any(_SECRET_KEY.search(k) for k in config), "credentials belong in the Secret"
+
+
+# ---- the data path's Dask cluster ---------------------------------------------------------------
+def _daily_flow_services(compose: dict[str, Any]) -> list[str]:
+    """The services whose Prefect worker serves the pool the daily and backfill flows run on."""
+    deployments = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    pools = {deployments[name]["work_pool"]["name"] for name in ("daily-retrain", "backfill")}
+    return [
+        name
+        for name, svc in compose["services"].items()
+        if "--pool" in (svc.get("command") or []) and flag(svc["command"], "--pool") in pools
+    ]
+
+
+def test_dask_scheduler_and_workers_run_the_hap_image(compose: dict[str, Any], env: dict[str, str]) -> None:
+    from hap.core import engine
+
+    s = compose["services"]
+    scheduler, worker, cpu = s["dask-scheduler"], s["dask-worker"], s["worker-cpu"]
+    for svc in (scheduler, worker):
+        assert (svc["image"], svc["build"]) == (cpu["image"], cpu["build"]), "one image for flows and Dask"
+        assert "profiles" not in svc, "the cluster starts with the stack"
+    cmd = scheduler["command"]
+    assert cmd[:2] == ["dask", "scheduler"] and flag(cmd, "--host") == "0.0.0.0"
+    assert int(flag(cmd, "--port")) == SERVER_PORTS["dask-scheduler"]
+    dashboard = int(flag(cmd, "--dashboard-address").rpartition(":")[2])
+    assert [str(p).split(":")[1:] for p in scheduler["ports"]] == [
+        [env["DASK_SCHEDULER_PORT"], "8786"],
+        [env["DASK_DASHBOARD_PORT"], str(dashboard)],
+    ]
+    assert f"127.0.0.1:{dashboard}/health" in " ".join(scheduler["healthcheck"]["test"])
+
+    # the workers join the scheduler by its address on the compose network, once it is healthy
+    cmd = worker["command"]
+    assert cmd[:3] == ["dask", "worker", DASK_SCHEDULER] and flag(cmd, "--nthreads") == "1"
+    assert worker["depends_on"]["dask-scheduler"]["condition"] == "service_healthy"
+    worker_http = int(flag(cmd, "--dashboard-address").rpartition(":")[2])
+    assert f"127.0.0.1:{worker_http}/health" in " ".join(worker["healthcheck"]["test"])
+    assert worker["deploy"]["replicas"] == int(env["DASK_WORKERS"]) >= 1
+    assert "ports" not in worker, "replicas cannot share a host port"
+
+    # the per-bucket work reads and writes the data root: the CPU worker's volume and settings
+    assert worker["volumes"] == cpu["volumes"] == ["hap-data:/data"]
+    assert worker["environment"]["HAP_HOME"] == "/data"
+    assert "HAP_DASK_ADDRESS" not in worker["environment"], "code on a Dask worker runs in-process"
+    assert worker["environment"] == {k: v for k, v in cpu["environment"].items() if k != "HAP_DASK_ADDRESS"}
+    assert engine.scheduler_address(load_config(environ=dict(worker["environment"]))) is None
+
+
+def test_dask_worker_memory_limit_matches_the_container_and_the_engine(compose: dict[str, Any]) -> None:
+    from dask.utils import parse_bytes
+
+    worker = compose["services"]["dask-worker"]
+    dask_limit = parse_bytes(flag(worker["command"], "--memory-limit"))
+    assert dask_limit == compose_bytes(worker["deploy"]["resources"]["limits"]["memory"])
+    # a bucket is sized (engine.bucket_requests) for the local workers' limit: the same here
+    assert dask_limit == parse_bytes(load_config().engine.worker_memory)
+
+
+def test_the_daily_flow_runs_its_data_steps_on_the_cluster(compose: dict[str, Any]) -> None:
+    from hap.core import engine
+
+    s = compose["services"]
+    flow_services = _daily_flow_services(compose)
+    assert flow_services == ["worker-cpu"]
+    for name in flow_services:
+        address = s[name]["environment"]["HAP_DASK_ADDRESS"]
+        assert address == DASK_SCHEDULER
+        assert s[name]["depends_on"]["dask-scheduler"]["condition"] == "service_healthy"
+        cfg = load_config(environ={"HAP_DASK_ADDRESS": address})
+        assert cfg.engine.address == engine.scheduler_address(cfg) == address
+
+
+@pytest.fixture(scope="module")
+def dask_cluster() -> dict[str, Any]:
+    docs = [d for d in yaml.safe_load_all(DASK_CLUSTER.read_text()) if d]
+    assert len(docs) == 1, "dask-cluster.yaml holds the DaskCluster only"
+    return docs[0]
+
+
+def _containers(cluster: dict[str, Any], role: str) -> dict[str, Any]:
+    (container,) = cluster["spec"][role]["spec"]["containers"]
+    return container
+
+
+def test_dask_cluster_manifest_follows_the_operator_crd(dask_cluster: dict[str, Any]) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    validator = jsonschema.Draft7Validator(DASK_CLUSTER_SCHEMA)
+    assert _errors(validator, dask_cluster) == []
+    broken = json.loads(json.dumps(dask_cluster))
+    broken["spec"]["workers"] = broken["spec"].pop("worker")
+    assert any("workers" in e for e in _errors(validator, broken)), "the schema must catch typos"
+
+    name, spec = dask_cluster["metadata"]["name"], dask_cluster["spec"]
+    config = yaml.safe_load((INFRA / "k8s" / "hap-config.yaml").read_text())
+    assert dask_cluster["metadata"]["namespace"] == config["metadata"]["namespace"]
+    # the scheduler listens where its Service sends traffic, on the port names the operator uses
+    scheduler = _containers(dask_cluster, "scheduler")
+    args = scheduler["args"]
+    assert args[:2] == ["dask", "scheduler"] and int(flag(args, "--port")) == SERVER_PORTS["dask-scheduler"]
+    assert int(flag(args, "--dashboard-address").rpartition(":")[2]) == DASK_PORT_NAMES["http-dashboard"]
+    assert {p["name"]: p["containerPort"] for p in scheduler["ports"]} == DASK_PORT_NAMES
+    service = spec["scheduler"]["service"]
+    assert service["selector"] == {"dask.org/cluster-name": name, "dask.org/component": "scheduler"}
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in service["ports"]} == {
+        n: (port, n) for n, port in DASK_PORT_NAMES.items()
+    }
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert scheduler[probe]["httpGet"] == {"port": "http-dashboard", "path": "/health"}
+    assert scheduler["resources"]["limits"]["memory"]
+
+
+def test_dask_cluster_workers_match_the_flow_runs(dask_cluster: dict[str, Any], env: dict[str, str]) -> None:
+    from dask.utils import parse_bytes
+
+    from hap.core import engine
+
+    spec = dask_cluster["spec"]
+    scheduler, worker = _containers(dask_cluster, "scheduler"), _containers(dask_cluster, "worker")
+    assert scheduler["image"] == worker["image"] == env["HAP_IMAGE"], "the CPU hap image on both ends"
+    assert spec["worker"]["replicas"] >= 1
+    args = worker["args"]
+    # the operator fills in DASK_SCHEDULER_ADDRESS (its Service) and DASK_WORKER_NAME
+    assert args[:3] == ["dask", "worker", "$(DASK_SCHEDULER_ADDRESS)"]
+    assert flag(args, "--name") == "$(DASK_WORKER_NAME)" and flag(args, "--nthreads") == "1"
+    limits, requests = worker["resources"]["limits"], worker["resources"]["requests"]
+    assert (
+        parse_bytes(flag(args, "--memory-limit"))
+        == k8s_bytes(limits["memory"])
+        == k8s_bytes(requests["memory"])
+    )
+    assert k8s_bytes(limits["memory"]) == parse_bytes(load_config().engine.worker_memory)
+
+    # the data root and the settings as the flow-run Jobs see them (the GPU job template's defaults)
+    job = json.loads(GPU_TEMPLATE.read_text())["variables"]["properties"]
+    pod = spec["worker"]["spec"]
+    assert {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]} == {
+        "hap-data": job["data_pvc"]["default"]
+    }
+    assert worker["volumeMounts"] == [{"name": "hap-data", "mountPath": "/data"}]
+    assert [next(iter(ref.values()))["name"] for ref in worker["envFrom"]] == [
+        job["config_map_name"]["default"],
+        job["secret_name"]["default"],
+    ]
+    own = {e["name"]: e["value"] for e in worker["env"]}
+    assert own["HAP_HOME"] == "/data"
+    # hap-config's HAP_DASK_ADDRESS is blanked on the workers: an empty value is no address
+    assert own["HAP_DASK_ADDRESS"] == ""
+    config = yaml.safe_load((INFRA / "k8s" / "hap-config.yaml").read_text())["data"]
+    assert engine.scheduler_address(load_config(environ={**config, **own})) is None
+
+
+def test_flow_runs_on_kubernetes_get_the_cluster_address(dask_cluster: dict[str, Any]) -> None:
+    from hap.core import engine
+
+    config = yaml.safe_load((INFRA / "k8s" / "hap-config.yaml").read_text())
+    name, namespace = dask_cluster["metadata"]["name"], dask_cluster["metadata"]["namespace"]
+    service = DASK_SCHEDULER_SERVICE.format(cluster=name)
+    address = config["data"]["HAP_DASK_ADDRESS"]
+    assert address == f"tcp://{service}.{namespace}.svc.cluster.local:{DASK_PORT_NAMES['tcp-comm']}"
+    assert engine.scheduler_address(load_config(environ={"HAP_DASK_ADDRESS": address})) == address
+    assert f"tcp://{service}.{namespace}.svc.cluster.local:8786" in DASK_CLUSTER.read_text()

@@ -41,6 +41,17 @@ def test_deployment_env_names_set_the_lake_and_the_dvc_remote(tmp_path):
         load_config(environ={**env, "HAP_LAKE_URL": "s3://bucket/lake"})
 
 
+def test_deployment_env_name_selects_the_dask_cluster(tmp_path):
+    env = {"HAP_HOME": str(tmp_path)}
+    assert load_config(environ=env).engine.address is None  # params.yaml: local
+    cfg = load_config(environ={**env, "HAP_DASK_ADDRESS": "tcp://x:8786"})
+    assert cfg.engine.address == "tcp://x:8786"
+    # an empty value is no address (infra/k8s/dask-cluster.yaml blanks it on the Dask workers)
+    assert load_config(environ={**env, "HAP_DASK_ADDRESS": ""}).engine.address is None
+    both = {**env, "HAP__ENGINE__ADDRESS": "tcp://y:8786", "HAP_DASK_ADDRESS": "tcp://x:8786"}
+    assert load_config(environ=both).engine.address == "tcp://y:8786"  # HAP__... still wins
+
+
 def test_bad_values_and_unknown_keys_are_refused(tmp_path):
     env = {"HAP_HOME": str(tmp_path)}
     with pytest.raises(KeyError, match="unknown config key"):
