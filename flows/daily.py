@@ -9,6 +9,9 @@ monitor -> version the data (``dvc push``).
 - Concurrency: the whole run locks the days of its window (one run per day of data; a second
   one waits, then refuses) and DVC operations lock the repository (``flows.locks``).
 - Skip rule: ``flows.policy`` decides whether the day retrains; an alert can force the next one.
+- Scale: the data steps (validate, ingest, split) map their request-hash buckets in-process by
+  default, or run in the ``data-path`` subflow on the Dask cluster ``engine.address``
+  (``HAP_DASK_ADDRESS``) names, or on ``engine.workers`` local worker processes (``flows.engine``).
 - Output: a markdown artifact ``daily-retrain-<D>`` and ``metrics/dt=D/daily_run.json``; a
   monitoring alert also emits the Prefect event ``hap.monitor.alert`` and an alert artifact.
 """
@@ -22,7 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from flows import policy, report, tasks
+from flows import engine, policy, report, tasks
 from flows.common import quiet_env, resolve_date, run_config, run_spec
 from flows.locks import run_lock
 from hap.core import layout
@@ -50,6 +53,23 @@ def _where(cfg: Config, day: dt.date) -> dict[str, Any]:
     }
 
 
+@flow(name="data-path", log_prints=True)
+def data_path(date: str, steps: list[str], spec: dict[str, Any]) -> dict[str, Any]:
+    """Data steps of one day on this subflow's task runner (``flows.engine``): each bucket is a
+    ``bucket`` task run on a Dask worker."""
+    cfg = run_config(**spec)
+    day = resolve_date(cfg, date)
+    return {name: _step(tasks.DATA_STEPS[name], cfg, day, engine.prefect_map) for name in steps}
+
+
+def _data_steps(cfg: Config, day: dt.date, spec: dict[str, Any], steps: tuple[str, ...]) -> dict[str, Any]:
+    """Run ``steps`` here, or in the ``data-path`` subflow on the configured Dask cluster."""
+    if not engine.distributed(cfg):
+        return {name: _step(tasks.DATA_STEPS[name], cfg, day) for name in steps}
+    runner = engine.dask_task_runner(cfg)
+    return data_path.with_options(task_runner=runner)(day.isoformat(), list(steps), spec)
+
+
 def _train(cfg: Config, day: dt.date, spec: dict[str, Any]) -> dict[str, Any]:
     if cfg.orchestration.train_on == "gpu-pool":
         return tasks.configured(tasks.train_remote, cfg)(cfg, day, spec)
@@ -57,7 +77,7 @@ def _train(cfg: Config, day: dt.date, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _retrain(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str, Any]) -> None:
-    summary["split"] = _step(tasks.split, cfg, day)
+    summary.update(_data_steps(cfg, day, spec, ("split",)))
     same = _step(tasks.unchanged, cfg, day)
     if same is not None:  # same data, config and code as a registered version: nothing to do
         summary.update(model_version=same, retrain=False)
@@ -119,8 +139,8 @@ def run_day(cfg: Config, day: dt.date, force_train: bool, spec: dict[str, Any]) 
     """Every step for one day, in order; the summary is written even when a step fails."""
     summary: dict[str, Any] = {"date": day.isoformat(), "status": "running", **_where(cfg, day)}
     try:
-        summary["validate"] = _step(tasks.validate, cfg, day)  # the landing files, before ingest publishes
-        summary["ingest"] = _step(tasks.ingest, cfg, day)
+        # the landing files are validated before ingest publishes them
+        summary.update(_data_steps(cfg, day, spec, ("validate", "ingest")))
         decision = policy.decide(cfg, day, force=force_train)
         summary.update(retrain=decision.retrain, retrain_reason=decision.reason)
         if decision.retrain:

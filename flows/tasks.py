@@ -22,6 +22,7 @@ from flows.locks import dvc_lock
 from flows.retry import backoff, retry_condition
 from hap.core import layout
 from hap.core.config import REPO_ROOT, Config
+from hap.core.engine import Mapper, local_map
 from hap.core.errors import HapError
 from hap.data import dvc_repo
 
@@ -56,21 +57,22 @@ def configured(step: Task, cfg: Config) -> Task:
 
 
 # ---- data steps ----------------------------------------------------------------------------
+# ``mapper`` runs a step's buckets: in the task's process, or as ``flows.engine`` bucket tasks.
 @_task("ingest")
-def ingest(cfg: Config, date: dt.date) -> dict[str, Any]:
+def ingest(cfg: Config, date: dt.date, mapper: Mapper = local_map) -> dict[str, Any]:
     faults.maybe_inject(cfg, "ingest")
     from hap.data.ingest import ingest_day
 
-    return summarize(ingest_day(cfg, date))
+    return summarize(ingest_day(cfg, date, mapper=mapper))
 
 
 @_task("validate")
-def validate(cfg: Config, date: dt.date) -> dict[str, Any]:
+def validate(cfg: Config, date: dt.date, mapper: Mapper = local_map) -> dict[str, Any]:
     """Raises ``ValidationFailed`` (never retried) after quarantining a bad day."""
     faults.maybe_inject(cfg, "validate")
     from hap.data.validate import validate_day
 
-    report = validate_day(cfg, date)
+    report = validate_day(cfg, date, mapper)
     return {
         "rows": summarize(report.rows),
         "expectations": len(report.findings),
@@ -82,11 +84,14 @@ def validate(cfg: Config, date: dt.date) -> dict[str, Any]:
 
 
 @_task("split")
-def split(cfg: Config, date: dt.date) -> dict[str, Any]:
+def split(cfg: Config, date: dt.date, mapper: Mapper = local_map) -> dict[str, Any]:
     faults.maybe_inject(cfg, "split")
     from hap.data.split import build_training_set
 
-    return summarize(build_training_set(cfg, date))
+    return summarize(build_training_set(cfg, date, mapper=mapper))
+
+
+DATA_STEPS = {"validate": validate, "ingest": ingest, "split": split}
 
 
 # ---- model steps ---------------------------------------------------------------------------
