@@ -24,7 +24,7 @@ from hap.core import schema
 from hap.core.config import Config
 from hap.data import frames as vf
 from hap.data.buckets import STAGING_FORMAT, STAGING_OPTIONS, DayBuckets
-from hap.data.gx_runner import Finding, bucket_runner
+from hap.data.gx_runner import Finding, GxRunner, bucket_runner
 from hap.data.suites import load_suite_json
 
 KEYS_DIR = "keys"
@@ -40,7 +40,7 @@ class BucketResult:
     profile: dict[str, Any] = field(default_factory=dict)
 
 
-def _runner(cfg: Config):
+def _runner(cfg: Config) -> GxRunner:
     v = cfg.validation
     return bucket_runner(v.examples, v.extra_columns, v.on_distribution_shift)
 
@@ -59,12 +59,15 @@ def _write_keys(cut: DayBuckets, batch: str, bucket: int, table: pa.Table, part)
     )
 
 
-def check_bucket(cfg: Config, cut: DayBuckets, params: dict[str, Any], bucket: int) -> BucketResult:
-    """Run the per-request checks on one bucket and hand back what the day-level checks need."""
+def check_bucket(
+    cfg: Config, cut: DayBuckets, params: dict[str, Any], bucket: int, runner: GxRunner | None = None
+) -> BucketResult:
+    """Run the per-request checks on one bucket and hand back what the day-level checks need
+    (``runner``: this process's shared one by default, or the day's, to put a bucket in its Data Docs)."""
     exposure, ranking, fullflow = (cut.read(log, bucket) for log in schema.RAW_LOGS)
     suites = {name: load_suite_json(name) for name in schema.RAW_LOGS}
     files = cut.raw
-    runner = _runner(cfg)
+    runner = runner or _runner(cfg)
     out = BucketResult(bucket)
     out.findings += runner.run(
         suites["exposure"], "rows", vf.exposure_rows(exposure, ranking), params, files["exposure"]

@@ -2,9 +2,12 @@
 
 Writes, atomically as one folder ``training/dt=D/``:
 
-- ``train/difficulty={positive,hard,easy}/part-0.parquet``: one row per (request, sample) with its
-  ``group`` (the GHCL group it is contrasted in) and ``difficulty`` (``hap.schema``), Hive-
-  partitioned by difficulty. Each source is kept with probability ``split.sample_ratio[source]``,
+- ``train/difficulty={positive,hard,easy}/part-YYYYMMDD-BBBBB.parquet``: one row per (request,
+  sample) with its ``group`` (the GHCL group it is contrasted in) and ``difficulty``
+  (``hap.schema``), Hive-partitioned by difficulty. One file per *unit* (a day's lake file of one
+  request-hash bucket, mapped over the workers): the three difficulty files of a unit hold the same
+  requests and a request never spans units, so a unit is a training shard (``hap.model.stream``).
+  Each source is kept with probability ``split.sample_ratio[source]``,
   decided by a salted hash of ``(request_id, item_id)``: no RNG state, so a rebuild of the same
   window with the same params gives the same rows, in the same order, in the same bytes.
 - ``eval/part-0.parquet``: the full-flow eval set (every retrieved candidate of at most
@@ -17,13 +20,14 @@ where tomorrow does not exist yet — it is ``D``, the last day of the window, a
 requests are *removed from the training rows of D*, so the eval set stays held out at request
 level. ``SplitReport.eval_day`` and ``eval_held_out_day`` record which happened.
 
-Memory is bounded: the lake is streamed with ``pyarrow.dataset`` one row group at a time (sliced
+Memory is bounded per unit: the lake is streamed with ``pyarrow.dataset`` one row group at a time (sliced
 into ``split.batch_rows`` batches), and each difficulty buffers at most one output row group.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -39,6 +43,7 @@ import pyarrow.parquet as pq
 from hap.core import layout, schema
 from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
+from hap.core.engine import Mapper, local_map
 from hap.core.errors import DataContractError, HapError
 from hap.core.hashing import unit_hash
 from hap.data import markers
@@ -113,7 +118,8 @@ def stream_batches(
             yield from row_group.to_table(columns=columns, filter=filter).to_batches(max_chunksize=batch_rows)
 
 
-def _lake_dataset(cfg: Config, table: str, date: dt.date) -> ds.Dataset:
+def _lake_files(cfg: Config, table: str, date: dt.date) -> list[Path]:
+    """The day's lake files of ``table``, in bucket order (each holds whole requests)."""
     folder = layout.lake_partition(cfg, table, date)
     files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
     if not files:
@@ -121,7 +127,11 @@ def _lake_dataset(cfg: Config, table: str, date: dt.date) -> ds.Dataset:
             f"split: no lake data at {folder} although {date} is marked validated; "
             f"run `hap ingest --date {date}` and `hap validate --date {date}`"
         )
-    return ds.dataset([str(p) for p in files], format="parquet")
+    return files
+
+
+def _lake_dataset(cfg: Config, table: str, date: dt.date) -> ds.Dataset:
+    return ds.dataset([str(p) for p in _lake_files(cfg, table, date)], format="parquet")
 
 
 def choose_eval_requests(cfg: Config, eval_day: dt.date) -> np.ndarray:
@@ -168,8 +178,8 @@ def _write_eval_samples(cfg: Config, eval_day: dt.date, request_ids: np.ndarray,
 class _PartitionWriter:
     """One Parquet file per difficulty; buffers up to one row group so files are not fragmented."""
 
-    def __init__(self, root: Path, row_group_rows: int) -> None:
-        self.root, self.row_group_rows = root, row_group_rows
+    def __init__(self, root: Path, row_group_rows: int, file_name: str = PART_FILE) -> None:
+        self.root, self.row_group_rows, self.file_name = root, row_group_rows, file_name
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.buffers: dict[str, list[pa.Table]] = {d: [] for d in DIFFICULTIES}
         self.buffered: Counter = Counter()
@@ -187,7 +197,7 @@ class _PartitionWriter:
             folder = self.root / f"difficulty={difficulty}"
             folder.mkdir(parents=True, exist_ok=True)
             self.writers[difficulty] = pq.ParquetWriter(
-                folder / PART_FILE, schema.TRAINING_SET, **PARQUET_OPTIONS
+                folder / self.file_name, schema.TRAINING_SET, **PARQUET_OPTIONS
             )
         self.writers[difficulty].write_table(
             pa.concat_tables(self.buffers[difficulty]), row_group_size=self.row_group_rows
@@ -228,6 +238,44 @@ def _label_batch(
     return table.select(schema.TRAINING_SET.names).cast(schema.TRAINING_SET), idx
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One day's lake file of one bucket: the split's unit of work, and a training-set shard."""
+
+    day: dt.date
+    path: str
+
+    @property
+    def shard(self) -> str:
+        """The unit's file name in every difficulty partition: ``part-YYYYMMDD-<bucket>.parquet``."""
+        return f"part-{self.day:%Y%m%d}-{Path(self.path).stem.removeprefix('part-')}.parquet"
+
+
+def split_unit(
+    cfg: Config, train_dir: str, eval_day: dt.date, drop: np.ndarray | None, unit: Unit
+) -> tuple[int, Counter]:
+    """Sample and label one unit into its shard of each difficulty partition; (lake rows, rows
+    kept per source index). The same unit gives the same bytes wherever it runs."""
+    ratios = _sample_ratios(cfg)
+    drop_requests = pa.array(drop, pa.int64()) if drop is not None and unit.day == eval_day else None
+    read_cols = [c for c in schema.TRAINING_SET.names if c not in ("dt", "group", "difficulty")]
+    writer = _PartitionWriter(Path(train_dir), cfg.split.batch_rows, unit.shard)
+    lake_rows, by_source = 0, Counter()
+    try:
+        dataset = ds.dataset(unit.path, format="parquet")
+        for batch in stream_batches(dataset, read_cols, cfg.split.batch_rows):
+            lake_rows += batch.num_rows
+            table, idx = _label_batch(batch, unit.day, cfg, ratios, drop_requests)
+            by_source.update(dict(zip(*np.unique(idx, return_counts=True))))
+            for difficulty in DIFFICULTIES:
+                part = table.filter(pc.equal(table["difficulty"], difficulty))
+                if part.num_rows:
+                    writer.add(difficulty, part)
+    finally:
+        writer.close()
+    return lake_rows, Counter({int(k): int(v) for k, v in by_source.items()})
+
+
 def _sample_ratios(cfg: Config) -> np.ndarray:
     unknown = set(cfg.split.sample_ratio) - set(schema.SOURCES)
     if unknown:
@@ -240,40 +288,30 @@ def _sample_ratios(cfg: Config) -> np.ndarray:
     return ratios
 
 
-def build_training_set(cfg: Config, date: dt.date) -> SplitReport:
-    """Build ``training/dt=D/{train,eval}`` from the validated lake window ending on ``date``."""
+def build_training_set(cfg: Config, date: dt.date, mapper: Mapper = local_map) -> SplitReport:
+    """Build ``training/dt=D/{train,eval}`` from the validated lake window ending on ``date``;
+    ``mapper`` runs the units (``hap.core.engine``)."""
     from hap.data.versioning import record_data_version  # local: versioning imports this module's constants
 
     date = layout.day(date)
     window = layout.window(date, cfg.split.window_days)
     markers.require_validated(cfg, window, "split")
-    ratios = _sample_ratios(cfg)
+    _sample_ratios(cfg)  # a bad ratio fails before any work
     eval_day, held_out = choose_eval_day(cfg, date)
     eval_ids = choose_eval_requests(cfg, eval_day)
-    datasets = {day: _lake_dataset(cfg, "samples", day) for day in window}
-
     report = SplitReport(date=date, window=window, eval_day=eval_day, eval_held_out_day=held_out)
     by_source: Counter = Counter()
     target = layout.training_set(cfg, date).parent
-    read_cols = [c for c in schema.TRAINING_SET.names if c not in ("dt", "group", "difficulty")]
     with atomic_dir(target) as tmp:
         train_dir, eval_dir = tmp / layout.training_set(cfg, date).name, tmp / layout.eval_set(cfg, date).name
         train_dir.mkdir()
         eval_dir.mkdir()
-        writer = _PartitionWriter(train_dir, cfg.split.batch_rows)
-        try:
-            for day, dataset in datasets.items():
-                drop = pa.array(eval_ids, pa.int64()) if (day == eval_day and not held_out) else None
-                for batch in stream_batches(dataset, read_cols, cfg.split.batch_rows):
-                    report.lake_rows += batch.num_rows
-                    table, idx = _label_batch(batch, day, cfg, ratios, drop)
-                    by_source.update(dict(zip(*np.unique(idx, return_counts=True))))
-                    for difficulty in DIFFICULTIES:
-                        part = table.filter(pc.equal(table["difficulty"], difficulty))
-                        if part.num_rows:
-                            writer.add(difficulty, part)
-        finally:
-            writer.close()
+        drop = eval_ids if not held_out else None
+        units = [Unit(day, str(f)) for day in window for f in _lake_files(cfg, "samples", day)]
+        counts = mapper(functools.partial(split_unit, cfg, str(train_dir), eval_day, drop), units)
+        for lake_rows, unit_sources in counts:
+            report.lake_rows += lake_rows
+            by_source.update(unit_sources)
         report.eval_rows = _write_eval_set(cfg, eval_day, eval_ids, eval_dir / PART_FILE)
         samples_dir = tmp / layout.eval_samples(cfg, date).name
         samples_dir.mkdir()

@@ -239,6 +239,9 @@ def _bucket_findings(
     examples = cfg.validation.examples
     results = mapper(functools.partial(check_bucket, cfg, cut, report.params), cut.ids)
     report.findings += merge_findings([r.findings for r in results], examples)
+    failing = [r.bucket for r in results if any(f.failed for f in r.findings)]
+    if failing and runner.docs_dir is not None:  # the first bad bucket's row checks, in the Data Docs
+        check_bucket(cfg, cut, report.params, failing[0], runner=runner)
     parts = [(batch, k) for batch in KEY_BATCHES for k in cut.ids]
     report.findings += merge_findings(
         mapper(functools.partial(check_key_part, cfg, cut, report.params), parts), examples

@@ -1,0 +1,279 @@
+"""Scale: the bucketed data path (validate, ingest, split) at 100k and 1M requests a day, on one and
+two Dask workers, against today's single-process path and plain pyarrow I/O, then a 3-day window
+of the largest volume through split, one training epoch and evaluate.
+
+Every stage runs in a fresh process; its figures are its wall time and the peak RSS of its
+largest process (the stage's own, or one of its Dask worker processes). Baselines in the same run:
+
+- ``pyarrow I/O``: read the day's three raw logs and write them back, nothing else;
+- ``single-process (BASE)``: the data path as it was before buckets (commit ``--base``, checked
+  out into a temporary worktree), on the same landing files. Its validate held the whole day in
+  pandas (6.3 GB at 300k requests), so above ``--base-validate-max`` requests it is not run.
+
+Usage::
+
+    python -m bench.bench_scale simulate --volumes 100000,1000000 --days 3   # once, ~10 min per 1M day
+    python -m bench.bench_scale run --volumes 100000,1000000
+
+Figures go to ``bench/results/scale.{json,md}``; ``run`` keeps what it measured so far if a
+later stage fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench.common import markdown_table, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+START = dt.date(2026, 11, 1)
+ROOT = Path(tempfile.gettempdir()) / "hap-bench-scale"
+BASE_COMMIT = "208ff89"  # the last single-process data path
+
+# Runs in a child interpreter whose ``hap`` is either this checkout or the baseline's worktree.
+CHILD = r"""
+import json, os, resource, sys, time, datetime as dt
+from hap.core.config import load_config
+stage, day, workers = sys.argv[1], dt.date.fromisoformat(sys.argv[2]), int(sys.argv[3])
+overrides = json.loads(sys.argv[4])
+env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
+cfg = load_config(environ=env, overrides=overrides)
+started = time.perf_counter()
+
+def mapped(fn):
+    if workers == 0:  # the baseline: no engine, no mapper
+        return fn(None)
+    from hap.core import engine
+    with engine.session(cfg) as mapper:
+        return fn(mapper)
+
+def kw(m):
+    return {} if m is None else {"mapper": m}
+
+if stage == "validate":
+    from hap.data.validate import validate_day
+    rows = sum(mapped(lambda m: validate_day(cfg, day, **kw(m))).rows.values())
+elif stage == "ingest":
+    from hap.data.ingest import ingest_day
+    rows = mapped(lambda m: ingest_day(cfg, day, **kw(m))).samples
+elif stage == "split":
+    from hap.data.split import build_training_set
+    rows = mapped(lambda m: build_training_set(cfg, day, **kw(m))).lake_rows
+elif stage == "train":
+    from hap.model.train import train_day
+    result = train_day(cfg, day)
+    rows = getattr(result, "train_rows", 0)
+elif stage == "evaluate":
+    from hap.model.evaluate import evaluate_day
+    evaluate_day(cfg, day)
+    rows = 0
+elif stage == "pyarrow-io":
+    import pyarrow.parquet as pq
+    from hap.core import layout
+    out = cfg.home / "io-baseline"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    for name in ("exposure", "ranking", "fullflow"):
+        table = pq.read_table(layout.raw_log(cfg, day, name))
+        pq.write_table(table, out / f"{name}.parquet", compression="zstd")
+        rows += table.num_rows
+else:
+    raise SystemExit(f"unknown stage {stage}")
+seconds = time.perf_counter() - started
+peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+print("BENCH " + json.dumps({"seconds": seconds, "rows": int(rows or 0), "peak_rss_mb": peak / 1024}))
+"""
+
+
+def overrides(requests: int, window: int = 1, **extra: Any) -> dict[str, Any]:
+    return {
+        "simulate.requests_per_day": requests,
+        "split.window_days": window,
+        "validation.data_docs": False,
+        "train.epochs": 1,
+        **extra,
+    }
+
+
+def _simulate(home: str, requests: int, day: str) -> str:
+    os.environ["HAP_HOME"] = home
+    from hap.core.config import load_config
+    from hap.sources.simulator import simulate_day
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
+    cfg = load_config(environ=env, overrides=overrides(requests))
+    simulate_day(cfg, dt.date.fromisoformat(day), progress=False)
+    return f"{requests} {day}"
+
+
+def landing_home(requests: int) -> Path:
+    return ROOT / f"{requests}" / "landed"
+
+
+def simulate(volumes: list[int], days: int) -> None:
+    """Simulate every (volume, day) once, two at a time: each day is independent of the others."""
+    jobs = [
+        (str(landing_home(v)), v, (START + dt.timedelta(days=i)).isoformat())
+        for v in volumes
+        for i in range(days)
+        if not (landing_home(v) / "landing" / f"dt={START + dt.timedelta(days=i)}").exists()
+    ]
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        for done in pool.map(_simulate, *zip(*jobs)) if jobs else []:
+            print("simulated", done, flush=True)
+
+
+def fresh_home(requests: int, name: str) -> Path:
+    """A data root whose landing folder links to the shared simulated days."""
+    home = ROOT / f"{requests}" / name
+    shutil.rmtree(home, ignore_errors=True)
+    (home / "landing").mkdir(parents=True)
+    for day in sorted((landing_home(requests) / "landing").iterdir()):
+        (home / "landing" / day.name).mkdir()
+        for f in day.iterdir():
+            os.link(f, home / "landing" / day.name / f.name)  # same inode: same size and mtime
+    return home
+
+
+def run_stage(code: Path, home: Path, stage: str, day: dt.date, workers: int, ov: dict[str, Any]) -> dict:
+    env = {**os.environ, "HAP_HOME": str(home), "PYTHONPATH": str(code)}
+    env.pop("HAP_DASK_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, stage, day.isoformat(), str(workers), json.dumps(ov)],
+        cwd=code,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"{stage} failed: {(proc.stderr or proc.stdout)[-1500:]}")
+    out = json.loads(line[len("BENCH ") :])
+    print(f"  {stage:10s} workers={workers} {out}", flush=True)
+    return out
+
+
+def base_worktree(commit: str) -> Path:
+    path = ROOT / f"base-{commit}"
+    if not path.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), commit], cwd=REPO, check=True)
+    return path
+
+
+def bench_day(requests: int, base: Path, base_validate_max: int) -> list[dict[str, Any]]:
+    """One day through each path; rows of (path, stage, figures)."""
+    ov = overrides(requests)
+    rows: list[dict[str, Any]] = []
+
+    def add(path: str, stage: str, figures: dict) -> None:
+        rows.append({"requests": requests, "path": path, "stage": stage, **figures})
+
+    add(
+        "pyarrow I/O", "read + write", run_stage(REPO, fresh_home(requests, "io"), "pyarrow-io", START, 1, ov)
+    )
+    home = fresh_home(requests, "base")
+    base_path = f"single-process ({BASE_COMMIT})"
+    if requests <= base_validate_max:
+        add(base_path, "validate", run_stage(base, home, "validate", START, 0, ov))
+        add(base_path, "ingest", run_stage(base, home, "ingest", START, 0, ov))
+        add(base_path, "split", run_stage(base, home, "split", START, 0, ov))
+    for workers in (1, 2):
+        home = fresh_home(requests, f"buckets-{workers}")
+        wov = {**ov, "engine.workers": workers}
+        for stage in ("validate", "ingest", "split"):
+            add(f"buckets, {workers} worker(s)", stage, run_stage(REPO, home, stage, START, workers, wov))
+    return rows
+
+
+def bench_window(requests: int, days: int) -> list[dict[str, Any]]:
+    """A ``days``-day window of ``requests`` a day on two workers, through split, one epoch, evaluate."""
+    ov = overrides(requests, window=days, **{"engine.workers": 2})
+    home = fresh_home(requests, "window")
+    rows = []
+    window = [START + dt.timedelta(days=i) for i in range(days)]
+    for day in window:
+        for stage in ("validate", "ingest"):
+            rows.append(
+                {"requests": requests, "path": f"window of {days} days, 2 workers", "stage": f"{stage} {day}"}
+                | run_stage(REPO, home, stage, day, 2, ov)
+            )
+    for stage, workers in (("split", 2), ("train", 1), ("evaluate", 1)):
+        rows.append(
+            {"requests": requests, "path": f"window of {days} days, 2 workers", "stage": stage}
+            | run_stage(REPO, home, stage, window[-1], workers, ov)
+        )
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """The table, with each stage's ratio to pyarrow I/O and to the single-process path."""
+    io = {r["requests"]: r["seconds"] for r in rows if r["path"] == "pyarrow I/O"}
+    base = {(r["requests"], r["stage"]): r["seconds"] for r in rows if r["path"].startswith("single")}
+    one = {(r["requests"], r["stage"]): r["seconds"] for r in rows if r["path"] == "buckets, 1 worker(s)"}
+    table = []
+    for r in rows:
+        key = (r["requests"], r["stage"])
+        table.append(
+            [
+                f"{r['requests']:,}",
+                r["path"],
+                r["stage"],
+                r["seconds"],
+                r["peak_rss_mb"],
+                r["seconds"] / io[r["requests"]] if r["requests"] in io else "-",
+                r["seconds"] / base[key] if key in base else "-",
+                one[key] / r["seconds"] if key in one else "-",
+            ]
+        )
+    return markdown_table(
+        [
+            "requests/day",
+            "path",
+            "stage",
+            "s",
+            "peak RSS MB (largest process)",
+            "× pyarrow I/O",
+            "× single-process",
+            "speed-up vs 1 worker",
+        ],
+        table,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["simulate", "run"])
+    parser.add_argument("--volumes", default="100000,1000000")
+    parser.add_argument("--days", type=int, default=3, help="window of the largest volume")
+    parser.add_argument("--base", default=BASE_COMMIT)
+    parser.add_argument("--base-validate-max", type=int, default=300_000)
+    args = parser.parse_args()
+    volumes = [int(v) for v in args.volumes.split(",")]
+    if args.command == "simulate":
+        simulate(volumes[:-1], 1)
+        simulate(volumes[-1:], args.days)
+        return
+    base = base_worktree(args.base)
+    rows: list[dict[str, Any]] = []
+    try:
+        for requests in volumes:
+            print(f"{requests:,} requests a day", flush=True)
+            rows += bench_day(requests, base, args.base_validate_max)
+        rows += bench_window(volumes[-1], args.days)
+    finally:
+        if rows:
+            write_results("scale", {"rows": rows, "base": args.base}, summarize(rows))
+
+
+if __name__ == "__main__":
+    main()
