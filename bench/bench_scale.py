@@ -257,6 +257,8 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=3, help="window of the largest volume")
     parser.add_argument("--base", default=BASE_COMMIT)
     parser.add_argument("--base-validate-max", type=int, default=300_000)
+    parser.add_argument("--parts", default="day,window", help="day: per-volume paths; window: the window")
+    parser.add_argument("--out", default="scale", help="results name under bench/results/")
     args = parser.parse_args()
     volumes = [int(v) for v in args.volumes.split(",")]
     if args.command == "simulate":
@@ -266,13 +268,14 @@ def main() -> None:
     base = base_worktree(args.base)
     rows: list[dict[str, Any]] = []
     try:
-        for requests in volumes:
+        for requests in volumes if "day" in args.parts else []:
             print(f"{requests:,} requests a day", flush=True)
             rows += bench_day(requests, base, args.base_validate_max)
-        rows += bench_window(volumes[-1], args.days)
+        if "window" in args.parts:
+            rows += bench_window(volumes[-1], args.days)
     finally:
         if rows:
-            write_results("scale", {"rows": rows, "base": args.base}, summarize(rows))
+            write_results(args.out, {"rows": rows, "base": args.base}, summarize(rows))
 
 
 if __name__ == "__main__":

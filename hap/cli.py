@@ -135,9 +135,12 @@ def release_quarantine(date: DateOpt) -> None:
 @app.command()
 def split(date: DateOpt) -> None:
     """Build the difficulty-split training set and the full-flow eval set for the window ending on D."""
+    from hap.core.engine import session
     from hap.data.split import build_training_set
 
-    typer.echo(build_training_set(state.cfg, parse_date(date)).render())
+    with session(state.cfg) as mapper:
+        report = build_training_set(state.cfg, parse_date(date), mapper=mapper)
+    typer.echo(report.render())
 
 
 @app.command("data-version")

@@ -224,10 +224,27 @@ def refuse_non_finite(table: pa.Table, where: str = "the training set") -> None:
         )
 
 
-class TrainData:
-    """The whole training set in memory as tensors, split by request into train and validation."""
+def is_validation_request(cfg: Config, request_ids: np.ndarray) -> np.ndarray:
+    """Which requests are held out for validation: a salted hash, the same in every shard."""
+    return hashing.unit_hash(request_ids, 0, cfg.train.seed + 0xA11) < cfg.train.val_fraction
 
-    def __init__(self, cfg: Config, table: pa.Table, spec: FeatureSpec | None = None) -> None:
+
+class TrainData:
+    """A training table in memory as tensors, split by request into train and validation: the
+    whole training set (``load``), or one shard of it (``hap.model.stream``, ``salt`` = the shard's
+    index, so shards draw different negatives; ``require_both=False`` lets a small shard hold no
+    validation request)."""
+
+    rank_local = False  # every DDP rank builds the same global batch and trains on its slice
+
+    def __init__(
+        self,
+        cfg: Config,
+        table: pa.Table,
+        spec: FeatureSpec | None = None,
+        salt: int = 0,
+        require_both: bool = True,
+    ) -> None:
 
         if table.num_rows == 0:
             raise HapError("the training set is empty")
@@ -248,7 +265,8 @@ class TrainData:
         self.item_dense = torch.from_numpy(enc["item_dense"])
         source = table["source"].to_numpy(zero_copy_only=False)
         # per group: rows in a fixed shuffled order inside each request, as CSR offsets by request
-        rng = np.random.default_rng(cfg.train.seed)
+        self.salt = salt
+        rng = np.random.default_rng([cfg.train.seed, salt] if salt else cfg.train.seed)
         shuffle = rng.permutation(len(rid))
         self.group_rows, self.group_start, self.group_count = [], [], []
         for g in GROUPS:
@@ -261,14 +279,14 @@ class TrainData:
         pos_rows = np.nonzero(source == schema.Source.EXPOSE_POS.value)[0]
         if pos_rows.size == 0:
             raise HapError("the training set has no positives (expose_pos)")
-        is_val = hashing.unit_hash(uniq, 0, cfg.train.seed + 0xA11) < cfg.train.val_fraction
+        is_val = is_validation_request(cfg, uniq)
         anchor_req = req_index[pos_rows]
         val_mask = is_val[anchor_req]
         self.train_anchors = torch.from_numpy(pos_rows[~val_mask])
         self.val_anchors = torch.from_numpy(pos_rows[val_mask])
         self.row_req = torch.from_numpy(req_index)
         self.n_requests = len(uniq)
-        if len(self.train_anchors) == 0 or len(self.val_anchors) == 0:
+        if require_both and (len(self.train_anchors) == 0 or len(self.val_anchors) == 0):
             raise HapError(
                 f"train/val split left an empty side ({len(self.train_anchors)} train, "
                 f"{len(self.val_anchors)} val anchors); adjust train.val_fraction"
@@ -285,6 +303,14 @@ class TrainData:
     @property
     def columns(self) -> int:
         return int(self.col_group.numel())
+
+    @property
+    def n_train_anchors(self) -> int:
+        return len(self.train_anchors)
+
+    def item_cat_chunks(self) -> list[torch.Tensor]:
+        """Every row's encoded item columns (the behaviour lookup's input), in one chunk."""
+        return [self.item_cat]
 
     def make_batch(self, anchors: torch.Tensor, generator: torch.Generator) -> Batch:
         """Gather the grid for these anchor rows; negatives come from each anchor's own request."""
@@ -319,7 +345,7 @@ class TrainData:
         resumed run and a DDP run see exactly the batches of a single-process run."""
         anchors = self.train_anchors if split == "train" else self.val_anchors
         gen = torch.Generator().manual_seed(
-            self.cfg.train.seed * 1_000_003 + (epoch if split == "train" else -1)
+            self.cfg.train.seed * 1_000_003 + (epoch if split == "train" else -1) + self.salt * 7_919
         )
         if split == "train":
             anchors = anchors[torch.randperm(len(anchors), generator=gen)]

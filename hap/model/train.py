@@ -10,8 +10,11 @@
   run reproduces an uninterrupted one.
 - Gradient-conflict diagnostics every ``train.diagnostics_every`` steps: cosine between the
   easy-group and hard-group gradients on the shared dense parameters, and per-group gradient norms.
-- DDP: under ``torchrun`` (``WORLD_SIZE > 1``) every rank builds the same global batch and trains on
-  its slice of anchors; gradients are averaged by ``DistributedDataParallel`` (gloo on CPU).
+- Input: ``hap.model.stream`` streams the training set shard by shard (a day's request-hash
+  bucket), so a window larger than memory trains. Under ``torchrun`` (``WORLD_SIZE > 1``) each rank
+  reads its own shards, every rank runs the same number of steps, and gradients are averaged by
+  ``DistributedDataParallel`` (gloo on CPU). An in-memory ``TrainData`` (benchmarks) keeps the
+  older scheme: every rank builds the same global batch and trains on its slice of anchors.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from hap.model.losses import (
     pcgrad_combine,
 )
 from hap.model.routing import calibrate_threshold
+from hap.model.stream import StreamingTrainData
 from hap.model.towers import build_models, save_bundle
 
 CKPT_FILE = layout.CHECKPOINT_FILE
@@ -284,11 +288,15 @@ def validate(m: _Member, batches: list[Batch], device: torch.device) -> tuple[fl
 
 
 # ---- the loop -------------------------------------------------------------------------------------
-def _members(cfg: Config, data: TrainData, device: torch.device, world: int) -> list[_Member]:
+def _members(
+    cfg: Config, data: TrainData | StreamingTrainData, device: torch.device, world: int
+) -> list[_Member]:
     torch.manual_seed(cfg.train.seed)
     light, expressive = build_models(cfg.model.model_dump(mode="json"))
-    for tower in (light, expressive):
-        tower.fit_behaviour_lookup(data.item_cat)  # every row: train and validation see one lookup
+    if cfg.model.behaviour_features:  # every row: train and validation see one lookup
+        for item_cat in data.item_cat_chunks():
+            for tower in (light, expressive):
+                tower.fit_behaviour_lookup(item_cat)
     members = [_Member("light", light, cfg, None, device, world)]
     if cfg.train.expressive_groups != "none":
         keep = None
@@ -310,7 +318,12 @@ class StepTiming:
 
 
 def time_training_steps(
-    cfg: Config, data: TrainData, tower: str, steps: int, device: torch.device, warmup: int = 3
+    cfg: Config,
+    data: TrainData | StreamingTrainData,
+    tower: str,
+    steps: int,
+    device: torch.device,
+    warmup: int = 3,
 ) -> StepTiming:
     """Wall time of ``steps`` real training steps (``_train_step``) of one tower, after ``warmup``
     untimed ones: the unit ``bench/`` turns into samples/s and achieved FLOP/s."""
@@ -382,6 +395,7 @@ class _Where:
     rank: int
     world: int
     date: str = ""  # the training day, named by a non-finite-loss error
+    rank_local: bool = False  # each rank's batches are its own shards' (no slicing of a global batch)
 
 
 def _fmt(prefix: str, row: dict[str, Any], spec: str) -> str:
@@ -415,7 +429,7 @@ def train_step_all(
     cfg: Config, active: list[_Member], gb: Batch, p: _Progress, w: _Where, light: _Member | None = None
 ) -> dict[str, float]:
     """One global batch for every still-training member; each member's loss (diagnostics: light)."""
-    b = gb.shard(w.rank, w.world).to(w.device) if w.world > 1 else gb.to(w.device)
+    b = gb.shard(w.rank, w.world).to(w.device) if w.world > 1 and not w.rank_local else gb.to(w.device)
     members0 = light if light is not None else active[0]
     losses = {m.name: _train_step(cfg, m, b, w.device, w.world, p.step) for m in active}
     p.cells += sum(int(m.view(b).valid.sum()) for m in active)
@@ -426,7 +440,7 @@ def train_step_all(
 
 
 def train_epoch(
-    cfg: Config, data: TrainData, members: list[_Member], p: _Progress, w: _Where
+    cfg: Config, data: TrainData | StreamingTrainData, members: list[_Member], p: _Progress, w: _Where
 ) -> dict[str, float]:
     """One pass over the epoch's batches; the mean loss of each member."""
     active = [m for m in members if not m.done]
@@ -463,7 +477,7 @@ def eval_step(cfg: Config, m: _Member, val: list[Batch], epoch: int, device: tor
 
 def train_loop(
     cfg: Config,
-    data: TrainData,
+    data: TrainData | StreamingTrainData,
     members: list[_Member],
     p: _Progress,
     w: _Where,
@@ -498,7 +512,7 @@ def write_bundle(
     cfg: Config,
     bundle_dir: Path,
     members: list[_Member],
-    data: TrainData,
+    data: TrainData | StreamingTrainData,
     meta: dict[str, Any],
     extra: dict[str, Any],
 ) -> None:
@@ -544,7 +558,7 @@ TIMING_FIELDS = ("train_seconds", "samples_per_second", "resumed_from_epoch")
 
 def fit(
     cfg: Config,
-    data: TrainData,
+    data: TrainData | StreamingTrainData,
     bundle_dir: Path,
     ckpt_dir: Path | None = None,
     resume: bool = False,
@@ -555,7 +569,7 @@ def fit(
 
     The checkpoint is removed once the bundle is written: it only serves an interrupted run."""
     rank, world, local_rank = _dist_setup(cfg)
-    w = _Where(pick_device(cfg, local_rank), rank, world, str((meta or {}).get("date", "")))
+    w = _Where(pick_device(cfg, local_rank), rank, world, str((meta or {}).get("date", "")), data.rank_local)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     # CPU kernels are deterministic for a fixed thread count; torch.use_deterministic_algorithms
@@ -581,7 +595,7 @@ def fit(
         val_metric={m.name: m.best_metric for m in members},
         train_seconds=seconds,
         samples_per_second=_all_ranks_sum(p.cells, world) / max(seconds, 1e-9),
-        anchors=len(data.train_anchors),
+        anchors=data.n_train_anchors,
         resumed_from_epoch=p.resumed,
         diagnostics_summary=summarize_diagnostics(p.diag),
     )
@@ -644,7 +658,9 @@ def train_day(cfg: Config, date: dt.date | str, resume: bool = False) -> TrainRe
     path = layout.training_set(cfg, date)
     if not path.exists():
         raise HapError(f"no training set at {path}; run `hap split --date {date}` first")
-    data = TrainData.load(cfg, path)
+    data = StreamingTrainData(
+        cfg, path, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    )
     split_report = layout.split_meta(cfg, date)
     window = [d.isoformat() for d in layout.window(date, cfg.split.window_days)]
     eval_day = None
