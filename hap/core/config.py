@@ -217,6 +217,7 @@ class TrainConfig(_Section):
     expressive_groups: Literal["hard", "all", "none", "served"] = "hard"
     expressive_easy_top: int = Field(default=4, ge=0)
     checkpoint_every: int = Field(default=1, ge=1)  # epochs between checkpoints
+    loader_workers: int = Field(default=0, ge=0)  # DataLoader processes prefetching shards; 0 = in-process
 
 
 class RoutingConfig(_Section):

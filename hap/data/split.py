@@ -4,12 +4,22 @@ Writes, atomically as one folder ``training/dt=D/``:
 
 - ``train/difficulty={positive,hard,easy}/part-YYYYMMDD-BBBBB.parquet``: one row per (request,
   sample) with its ``group`` (the GHCL group it is contrasted in) and ``difficulty``
-  (``hap.schema``), Hive-partitioned by difficulty. One file per *unit* (a day's lake file of one
-  request-hash bucket, mapped over the workers): the three difficulty files of a unit hold the same
-  requests and a request never spans units, so a unit is a training shard (``hap.model.stream``).
+  (``hap.schema``), Hive-partitioned by difficulty. One file per *unit* and difficulty: a unit is one
+  day's lake file of one request-hash bucket (``BBBBB`` is the lake file's bucket), and the units
+  are mapped over the workers. The layout is what the streaming trainer (``hap.model.stream``)
+  reads one unit at a time:
+
+  - a request never spans units, so a unit's three files (a difficulty with no row in the unit has
+    no file) hold whole requests: a unit is a training shard that trains like a small training set;
+  - inside every file the rows of a request are contiguous, in the lake file's request order
+    (``request_grouping``), in row groups of ``split.batch_rows`` rows;
+  - a window yields ``sum over days of ceil(requests / engine.bucket_requests)`` units, at most
+    three files each, whatever ``engine.workers`` is.
+
   Each source is kept with probability ``split.sample_ratio[source]``,
   decided by a salted hash of ``(request_id, item_id)``: no RNG state, so a rebuild of the same
-  window with the same params gives the same rows, in the same order, in the same bytes.
+  window with the same params gives the same rows, in the same order, in the same bytes, with one
+  worker or many.
 - ``eval/part-0.parquet``: the full-flow eval set (every retrieved candidate of at most
   ``split.eval_max_requests`` requests, the ones with the smallest request hash).
 - ``train/_data_version.json``: the content hash of the training set (``hap.versioning``).
@@ -21,7 +31,9 @@ requests are *removed from the training rows of D*, so the eval set stays held o
 level. ``SplitReport.eval_day`` and ``eval_held_out_day`` record which happened.
 
 Memory is bounded per unit: the lake is streamed with ``pyarrow.dataset`` one row group at a time (sliced
-into ``split.batch_rows`` batches), and each difficulty buffers at most one output row group.
+into ``split.batch_rows`` batches), and each difficulty buffers at most one output row group. Only a
+lake file that interleaves requests (ingest never writes one) is regrouped in memory, one unit (one
+bucket) at a time.
 """
 
 from __future__ import annotations
@@ -238,6 +250,30 @@ def _label_batch(
     return table.select(schema.TRAINING_SET.names).cast(schema.TRAINING_SET), idx
 
 
+def request_grouping(request_ids: np.ndarray) -> np.ndarray | None:
+    """``None`` when every request's rows are already contiguous, else the stable permutation that
+    makes them so (requests in the order they first appear, rows of a request in file order)."""
+    runs = 1 + int(np.count_nonzero(request_ids[1:] != request_ids[:-1])) if len(request_ids) else 0
+    _, first, inverse = np.unique(request_ids, return_index=True, return_inverse=True)
+    if runs == len(first):
+        return None
+    first_seen_rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")
+    return np.argsort(first_seen_rank[inverse], kind="stable")
+
+
+def _request_contiguous_batches(path: str, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A unit's lake rows with each request's rows contiguous, in ``batch_rows`` batches.
+
+    Ingest writes a bucket request by request, so the unit streams one row group at a time; a lake
+    file that interleaves requests (another writer) is regrouped in memory, which the bucket bounds."""
+    dataset = ds.dataset(path, format="parquet")
+    order = request_grouping(dataset.to_table(columns=["request_id"])["request_id"].to_numpy())
+    if order is None:
+        yield from stream_batches(dataset, columns, batch_rows)
+        return
+    yield from dataset.to_table(columns=columns).take(pa.array(order)).to_batches(max_chunksize=batch_rows)
+
+
 @dataclass(frozen=True)
 class Unit:
     """One day's lake file of one bucket: the split's unit of work, and a training-set shard."""
@@ -262,8 +298,7 @@ def split_unit(
     writer = _PartitionWriter(Path(train_dir), cfg.split.batch_rows, unit.shard)
     lake_rows, by_source = 0, Counter()
     try:
-        dataset = ds.dataset(unit.path, format="parquet")
-        for batch in stream_batches(dataset, read_cols, cfg.split.batch_rows):
+        for batch in _request_contiguous_batches(unit.path, read_cols, cfg.split.batch_rows):
             lake_rows += batch.num_rows
             table, idx = _label_batch(batch, unit.day, cfg, ratios, drop_requests)
             by_source.update(dict(zip(*np.unique(idx, return_counts=True))))

@@ -1,4 +1,4 @@
-"""The training set as tensors, loaded once, and stratified request-grouped batches.
+"""A training table as tensors, and its stratified request-grouped batches.
 
 Why this shape: GHCL contrasts each positive against *its own request's* negatives, group by
 group. So the unit of a batch is an **anchor** (one clicked item of one request) and every anchor
@@ -17,6 +17,7 @@ saved in the bundle (``FeatureSpec.to_dict``), so serving encodes exactly as tra
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,8 +342,15 @@ class TrainData:
         )
 
     def batches(self, epoch: int, split: str = "train", batch_size: int | None = None) -> list[Batch]:
-        """The epoch's batches; the order and the negatives depend only on (seed, epoch), so a
-        resumed run and a DDP run see exactly the batches of a single-process run."""
+        """The epoch's batches as a list (benchmarks reuse them); see ``iter_batches``."""
+        return list(self.iter_batches(epoch, split, batch_size))
+
+    def iter_batches(
+        self, epoch: int, split: str = "train", batch_size: int | None = None
+    ) -> Iterator[Batch]:
+        """The epoch's batches, built one at a time; the order and the negatives depend only on
+        (seed, epoch, salt), so a resumed run and a DDP run see exactly the batches of a
+        single-process run."""
         anchors = self.train_anchors if split == "train" else self.val_anchors
         gen = torch.Generator().manual_seed(
             self.cfg.train.seed * 1_000_003 + (epoch if split == "train" else -1) + self.salt * 7_919
@@ -350,4 +358,5 @@ class TrainData:
         if split == "train":
             anchors = anchors[torch.randperm(len(anchors), generator=gen)]
         bs = batch_size or self.cfg.train.batch_requests
-        return [self.make_batch(anchors[i : i + bs], gen) for i in range(0, len(anchors), bs)]
+        for i in range(0, len(anchors), bs):
+            yield self.make_batch(anchors[i : i + bs], gen)

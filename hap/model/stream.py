@@ -4,21 +4,31 @@ The split writes one file per unit (a day's request-hash bucket) in each difficu
 and a request never spans units (``hap.data.split``). A shard is the unit's three files: its
 requests with every sample they have, so a shard is trained exactly like a small training set
 (``TrainData``, the GHCL batch grid of each anchor's own request). Memory follows the bucket size
-(``engine.bucket_requests``), not the window.
+(``engine.bucket_requests``) and the batch size, not the window: one shard's train (or validation)
+requests are in memory at a time, and their batches are built one at a time.
 
 - **Features**: one scan of the dense columns (no other column) fits the standardization exactly
   (streamed sums) and refuses non-finite values before any step.
+- **Train / validation**: a request is validation by its salted hash (``is_validation_request``,
+  ``train.val_fraction``), the same rule in every shard; a train load holds only train requests, a
+  validation load only validation requests.
 - **Order**: epoch ``e`` visits the shards in a permutation seeded by ``(train.seed, e)``, and a
   shard's batches depend only on ``(seed, e, shard)``: the same seed and data give the same model,
   and a run resumed at an epoch boundary sees exactly the batches of an uninterrupted one.
-- **DDP**: rank ``r`` of ``w`` trains on shards ``r, r + w, ...`` of the epoch's order and reads no
-  other; every rank runs the same number of steps (the fewest any rank has, known from the scan's
-  anchor counts), so no collective waits on a rank that ran out. Validation reads every shard on
-  every rank, so early stopping decides the same everywhere.
+- **DDP**: each epoch the shards are dealt to the ranks disjointly, balanced by their batch counts
+  (largest first, to the least loaded rank; ties by the epoch's permutation), and rank ``r`` reads
+  only its own. Every rank runs the same number of steps (the fewest any rank has, known from the
+  scan's anchor counts), so no collective waits on a rank that ran out. Validation reads every
+  shard on every rank, so early stopping decides the same everywhere.
+- **Prefetch**: ``ShardStream`` is a ``torch.utils.data.IterableDataset``; with
+  ``train.loader_workers > 0`` a ``DataLoader`` builds the batches in worker processes (worker
+  ``k`` of ``n`` takes every ``n``-th of the rank's shards). The batch order depends on
+  ``(seed, epoch, world size, loader_workers)``; 0 and 1 worker give the same batches.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,12 +39,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hap.core import schema
 from hap.core.config import Config
 from hap.core.errors import HapError
 from hap.model.batches import (
     DENSE_ORDER,
+    ITEM_CATEGORICAL,
     Batch,
     FeatureSpec,
     TrainData,
@@ -46,6 +58,7 @@ from hap.model.batches import (
 )
 
 SCAN_COLUMNS = ["dt", "request_id", "source", *DENSE_ORDER]
+ITEM_COLUMNS = [*ITEM_CATEGORICAL, *schema.ITEM_DENSE]  # what ``FeatureSpec.encode_items`` reads
 
 
 @dataclass(frozen=True)
@@ -129,39 +142,85 @@ class StreamingTrainData:
                 f"train/val split left an empty side ({self.n_train_anchors} train, "
                 f"{self.n_val_anchors} val anchors); adjust train.val_fraction"
             )
+        trainable = sum(1 for s in shards if s.train_anchors)
+        if trainable < world:
+            raise HapError(
+                f"the training set at {path} has {trainable} shard(s) with training requests for "
+                f"{world} DDP ranks: a rank would have nothing to train on; use fewer ranks or a "
+                "smaller engine.bucket_requests"
+            )
 
     @property
     def columns(self) -> int:
         return int(self.col_group.numel())
 
-    def load(self, index: int) -> TrainData:
-        """One shard in memory, salted by its index so shards draw different negatives."""
-        return TrainData(self.cfg, self.shards[index].read(), self.spec, salt=index + 1, require_both=False)
+    def load(self, index: int, split: str = "train") -> TrainData:
+        """One shard's ``split`` requests in memory, salted by the shard's index so shards draw
+        different negatives (a request's negatives are its own rows: none is lost by the filter)."""
+        table = self.shards[index].read()
+        is_val = is_validation_request(self.cfg, table["request_id"].to_numpy())
+        table = table.filter(pa.array(is_val if split == "val" else ~is_val))
+        return TrainData(self.cfg, table, self.spec, salt=index + 1, require_both=False)
 
     def item_cat_chunks(self) -> Iterator[torch.Tensor]:
-        for i in range(len(self.shards)):
-            yield self.load(i).item_cat
+        """Every row's encoded item columns (the behaviour lookup's input), one shard at a time."""
+        for shard in self.shards:
+            items = self.spec.encode_items(shard.read(ITEM_COLUMNS))
+            yield torch.from_numpy(items["item_cat"])
 
     def epoch_order(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.shards), generator=gen).tolist()
 
-    def steps_per_epoch(self, epoch: int) -> int:
+    def shard_batches(self, index: int, batch_size: int | None = None) -> int:
+        """Training batches of one shard (the load every rank must match)."""
+        return math.ceil(self.shards[index].train_anchors / (batch_size or self.cfg.train.batch_requests))
+
+    def assignment(self, epoch: int, batch_size: int | None = None) -> list[list[int]]:
+        """Each rank's shards in ``epoch``, in visit order: disjoint, together every shard with
+        training requests, balanced by batches (largest first to the least loaded rank)."""
+        position = {shard: k for k, shard in enumerate(self.epoch_order(epoch))}
+        weight = {i: self.shard_batches(i, batch_size) for i in position}
+        ranks: list[list[int]] = [[] for _ in range(self.world)]
+        load = [0] * self.world
+        for i in sorted(position, key=lambda i: (-weight[i], position[i])):
+            if self.shards[i].train_anchors:
+                r = min(range(self.world), key=lambda r: (load[r], r))
+                ranks[r].append(i)
+                load[r] += weight[i]
+        return [sorted(shards, key=position.__getitem__) for shards in ranks]
+
+    def steps_per_epoch(self, epoch: int, batch_size: int | None = None) -> int:
         """Batches each rank trains on in ``epoch``: the fewest any rank's shards give."""
-        bs, order = self.cfg.train.batch_requests, self.epoch_order(epoch)
-        per_rank = [
-            sum(math.ceil(self.shards[i].train_anchors / bs) for i in order[r :: self.world])
-            for r in range(self.world)
-        ]
-        return min(per_rank)
+        ranks = self.assignment(epoch, batch_size)
+        return min(sum(self.shard_batches(i, batch_size) for i in shards) for shards in ranks)
 
     def batches(self, epoch: int, split: str = "train", batch_size: int | None = None) -> EpochBatches:
         return EpochBatches(self, epoch, split, batch_size)
 
 
+class ShardStream(IterableDataset):
+    """Every ``split`` batch of the given shards, one shard in memory at a time; inside a
+    ``DataLoader`` worker, only every ``n``-th shard (worker ``k`` of ``n`` starts at ``k``)."""
+
+    def __init__(
+        self, data: StreamingTrainData, shards: list[int], epoch: int, split: str, batch_size: int | None
+    ) -> None:
+        super().__init__()
+        self.data, self.shards, self.split = data, shards, split
+        self.epoch, self.batch_size = epoch, batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker = get_worker_info()
+        shards = self.shards if worker is None else self.shards[worker.id :: worker.num_workers]
+        for i in shards:
+            yield from self.data.load(i, self.split).iter_batches(self.epoch, self.split, self.batch_size)
+
+
 @dataclass
 class EpochBatches:
-    """An epoch's batches, streamed shard by shard each time it is iterated."""
+    """An epoch's batches for this rank, streamed shard by shard each time it is iterated: the
+    rank's training shards cut to the epoch's common step count, or every validation shard."""
 
     data: StreamingTrainData
     epoch: int
@@ -170,19 +229,16 @@ class EpochBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         d = self.data
-        if self.split != "train":  # validation: every shard, on every rank, in file order
-            for i, shard in enumerate(d.shards):
-                if shard.val_anchors:
-                    yield from d.load(i).batches(self.epoch, self.split, self.batch_size)
-            return
-        left = d.steps_per_epoch(self.epoch)
-        for i in d.epoch_order(self.epoch)[d.rank :: d.world]:
-            if left <= 0:
-                return
-            if not d.shards[i].train_anchors:
-                continue
-            for batch in d.load(i).batches(self.epoch, "train", self.batch_size):
-                if left <= 0:
-                    return
-                left -= 1
-                yield batch
+        if self.split == "train":
+            shards = d.assignment(self.epoch, self.batch_size)[d.rank]
+            steps = d.steps_per_epoch(self.epoch, self.batch_size)
+        else:
+            shards, steps = [i for i, s in enumerate(d.shards) if s.val_anchors], None
+        stream = ShardStream(d, shards, self.epoch, self.split, self.batch_size)
+        yield from itertools.islice(self._prefetched(stream), steps)
+
+    def _prefetched(self, stream: ShardStream) -> Iterator[Batch]:
+        workers = self.data.cfg.train.loader_workers
+        if workers == 0:
+            return iter(stream)
+        return iter(DataLoader(stream, batch_size=None, num_workers=workers))

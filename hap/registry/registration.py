@@ -17,6 +17,7 @@ import json
 import math
 import re
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -421,8 +422,14 @@ def load_model(cfg: Config, version_or_alias: str = CHAMPION):
     import mlflow.pyfunc
 
     tracking.client(cfg)
-    with tracking.fluent(cfg):
-        return mlflow.pyfunc.load_model(model_uri(cfg, version_or_alias))
+    path = list(sys.path)
+    try:
+        with tracking.fluent(cfg):
+            return mlflow.pyfunc.load_model(model_uri(cfg, version_or_alias))
+    finally:
+        # MLflow puts the artifact's copy of our code first on sys.path; this process already runs
+        # the installed package, and processes it spawns later (Dask workers) must import that too
+        sys.path[:] = path
 
 
 def load_champion(cfg: Config):

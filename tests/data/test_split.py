@@ -21,7 +21,7 @@ from hap.core import layout, schema
 from hap.core.config import Config
 from hap.core.errors import HapError, NotValidated
 from hap.data import markers
-from hap.data.split import build_training_set, open_training_set, read_report, unit_hash
+from hap.data.split import build_training_set, open_training_set, read_report, request_grouping, unit_hash
 from hap.data.versioning import VERSION_FILE, data_version
 
 D1, D2, D3, D4 = (dt.date(2026, 11, d) for d in (1, 2, 3, 4))
@@ -204,3 +204,52 @@ def test_eval_set_carries_truth_and_the_eval_requests_samples(lake_cfg: Config) 
     ids = set(eval_set["request_id"].to_pylist())
     assert samples.num_rows and set(samples["request_id"].to_pylist()) <= ids
     assert set(samples["source"].to_pylist()) == {s.value for s in schema.Source}
+
+
+def _out_of_order_map(fn, items):
+    """Runs the units last to first, as workers finishing in any order would; results in item order."""
+    return [fn(item) for item in reversed(items)][::-1]
+
+
+def test_units_give_the_same_bytes_in_any_worker_order(lake_cfg: Config) -> None:
+    first = build_training_set(lake_cfg, D2)
+    before = _files(first.train_path.parent)
+    other = build_training_set(lake_cfg, D2, mapper=_out_of_order_map)
+    assert other.data_version == first.data_version and _files(other.train_path.parent) == before
+
+
+def test_request_grouping_keeps_first_seen_request_order_and_file_order() -> None:
+    assert request_grouping(np.array([5, 5, 2, 9, 9])) is None
+    ids = np.array([5, 2, 5, 9, 2, 5])
+    order = request_grouping(ids)
+    assert sorted(order.tolist()) == list(range(len(ids)))
+    grouped = ids[order]
+    assert request_grouping(grouped) is None  # contiguous now
+    assert list(dict.fromkeys(grouped.tolist())) == list(dict.fromkeys(ids.tolist()))
+    for rid in np.unique(ids):  # a request's rows keep their file order
+        assert np.all(np.diff(order[grouped == rid]) > 0)
+
+
+def test_one_file_per_unit_and_difficulty_holding_whole_contiguous_requests(lake_cfg: Config) -> None:
+    """The layout the streaming trainer reads: a unit's files hold the lake file's requests, each
+    request's rows contiguous in every file, even when the lake file interleaves requests."""
+    lake_file = sorted(layout.lake_partition(lake_cfg, "samples", D1).glob("*.parquet"))[0]
+    lake = pq.read_table(lake_file)
+    pq.write_table(lake.take(np.random.default_rng(0).permutation(lake.num_rows)), lake_file)
+    report = build_training_set(lake_cfg, D2)
+    assert report.rows == report.lake_rows
+    for day in report.window:
+        for lake_part in sorted(layout.lake_partition(lake_cfg, "samples", day).glob("*.parquet")):
+            name = f"part-{day:%Y%m%d}-{lake_part.stem.removeprefix('part-')}.parquet"
+            files = sorted(report.train_path.glob(f"difficulty=*/{name}"))
+            assert 1 <= len(files) <= len(schema.Difficulty)
+            covered: set[int] = set()
+            for f in files:
+                ids = pq.read_table(f, columns=["request_id"])["request_id"].to_numpy()
+                assert request_grouping(ids) is None
+                covered |= set(ids.tolist())
+            assert covered == set(pq.read_table(lake_part, columns=["request_id"])["request_id"].to_pylist())
+    assert (
+        request_grouping(pq.read_table(lake_file, columns=["request_id"])["request_id"].to_numpy())
+        is not None
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ from conftest import tiny_config
 
 from hap.core import layout
 from hap.core.config import Config
+from hap.core.errors import HapError
 from hap.data import markers
 from hap.model import stream
-from hap.model.batches import TrainData
+from hap.model.batches import TrainData, is_validation_request
 
 DATE = dt.date(2026, 11, 2)
 SMALL = {
@@ -62,6 +64,9 @@ def test_shards_are_the_split_units_and_the_features_fit_exactly(sharded: Config
     assert data.n_val_anchors == len(whole.val_anchors)
     np.testing.assert_allclose(data.spec.dense_mean, whole.spec.dense_mean, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(data.spec.dense_std, whole.spec.dense_std, rtol=1e-7)
+    chunks = torch.cat(list(data.item_cat_chunks()))  # the behaviour lookup sees every row once
+    assert len(chunks) == len(whole.item_cat)
+    assert torch.equal(torch.unique(chunks, dim=0), torch.unique(whole.item_cat, dim=0))
     # no request spans two shards
     seen: dict[int, str] = {}
     for shard in data.shards:
@@ -114,16 +119,86 @@ def test_ddp_ranks_read_disjoint_shards_and_run_the_same_steps(
         real = data.load
         loaded[rank] = set()
 
-        def record(index: int, rank=rank, real=real) -> TrainData:
+        def record(index: int, split: str = "train", rank=rank, real=real) -> TrainData:
             loaded[rank].add(index)
-            return real(index)
+            return real(index, split)
 
         monkeypatch.setattr(data, "load", record)
         steps[rank] = sum(1 for _ in data.batches(1, "train"))
-        order = data.epoch_order(1)
-        assert loaded[rank] <= set(order[rank::2])
+        assert loaded[rank] <= set(data.assignment(1)[rank])
     assert not loaded[0] & loaded[1]
     assert steps[0] == steps[1] == data.steps_per_epoch(1) > 0
+
+
+def _train_requests(data: stream.StreamingTrainData, shards: list[int]) -> set[int]:
+    out: set[int] = set()
+    for i in shards:
+        ids = np.unique(data.shards[i].read(["request_id"])["request_id"].to_numpy())
+        out |= set(ids[~is_validation_request(data.cfg, ids)].tolist())
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_shards_are_disjoint_balanced_and_cover_every_training_request(
+    sharded: Config, world: int
+) -> None:
+    data = stream.StreamingTrainData(sharded, _path(sharded), world=world)
+    every = _train_requests(data, list(range(len(data.shards))))
+    for epoch in (0, 1):
+        ranks = data.assignment(epoch)
+        assert len(ranks) == world and all(ranks)
+        per_rank = [_train_requests(data, shards) for shards in ranks]
+        assert sum(len(r) for r in per_rank) == len(set().union(*per_rank))  # disjoint
+        assert set().union(*per_rank) == every
+        load = [sum(data.shard_batches(i) for i in shards) for shards in ranks]
+        assert max(load) - min(load) <= max(data.shard_batches(i) for i in range(len(data.shards)))
+        order = data.epoch_order(epoch)
+        assert all(shards == sorted(shards, key=order.index) for shards in ranks)  # visit order
+    assert data.assignment(0) == stream.StreamingTrainData(sharded, _path(sharded), world=world).assignment(0)
+
+
+def test_more_ranks_than_shards_is_refused(sharded: Config) -> None:
+    shards = len(stream.shard_files(_path(sharded)))
+    with pytest.raises(HapError, match="a rank would have nothing to train on"):
+        stream.StreamingTrainData(sharded, _path(sharded), world=shards + 1)
+
+
+def test_a_load_holds_one_shard_and_only_its_split(sharded: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peak memory follows the shard, not the window: at most one shard's tensors are alive while
+    an epoch streams, and a train (validation) load holds train (validation) requests only."""
+    data = stream.StreamingTrainData(sharded, _path(sharded))
+    alive: list[weakref.ref] = []
+    real_init = TrainData.__init__
+
+    def tracked(self, *args, **kwargs) -> None:
+        real_init(self, *args, **kwargs)
+        alive.append(weakref.ref(self))
+
+    monkeypatch.setattr(TrainData, "__init__", tracked)
+    most = 0
+    for split in ("train", "val"):
+        for _ in data.batches(0, split):
+            most = max(most, sum(ref() is not None for ref in alive))
+    assert len(alive) > 1 and most == 1
+    for split in ("train", "val"):
+        shard = next(i for i, s in enumerate(data.shards) if s.val_anchors and s.train_anchors)
+        loaded = data.load(shard, split)
+        ids = np.unique(data.shards[shard].read(["request_id"])["request_id"].to_numpy())
+        is_val = is_validation_request(sharded, ids)
+        assert loaded.n_requests == int((is_val if split == "val" else ~is_val).sum()) < len(ids)
+        assert (len(loaded.val_anchors) > 0) == (split == "val") != (len(loaded.train_anchors) > 0)
+
+
+def test_loader_workers_prefetch_the_same_batches(sharded: Config) -> None:
+    data = stream.StreamingTrainData(sharded, _path(sharded))
+    base = _flat(data.batches(0, "train"))
+    one = stream.StreamingTrainData(sharded.updated({"train.loader_workers": 1}), _path(sharded))
+    assert all(torch.equal(a, b) for a, b in zip(base, _flat(one.batches(0, "train")), strict=True))
+    two = stream.StreamingTrainData(sharded.updated({"train.loader_workers": 2}), _path(sharded))
+    first, again = _flat(two.batches(0, "train")), _flat(two.batches(0, "train"))
+    assert len(first) == len(base) and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    key = sorted(tuple(t.tolist()) for t in base)
+    assert sorted(tuple(t.tolist()) for t in first) == key  # the same batches, interleaved by worker
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(

@@ -112,7 +112,7 @@ def test_repro_runs_every_stage_up_to_split(pipeline_repo) -> None:
         assert f"Running stage '{stage}'" in out, out
     assert "Running stage 'train'" not in out
     train = repo / "data" / "training" / f"dt={DATE}" / "train"
-    assert (train / "difficulty=hard" / "part-0.parquet").exists()
+    assert sorted((train / "difficulty=hard").glob("part-*.parquet"))  # one file per (day, bucket) unit
     assert (repo / "data" / "training" / f"dt={DATE}" / "eval" / "part-0.parquet").exists()
     split_metrics = json.loads(
         (repo / "data" / "metrics" / f"dt={DATE}" / layout.SPLIT_REPORT_FILE).read_text()
