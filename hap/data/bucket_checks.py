@@ -16,20 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 
 from hap.core import schema
 from hap.core.config import Config
 from hap.data import frames as vf
-from hap.data.buckets import STAGING_FORMAT, STAGING_OPTIONS, DayBuckets
+from hap.data.buckets import DayBuckets, write_partitioned
 from hap.data.gx_runner import Finding, GxRunner, bucket_runner
 from hap.data.suites import load_suite_json
 
 KEYS_DIR = "keys"
 KEY_BATCHES = {"exposure_keys": "exposure", "content_keys": "ranking"}  # batch -> the suite it is in
-KEY_PARTITIONING = ds.partitioning(pa.schema([("part", pa.int32())]), flavor="hive")
 
 
 @dataclass
@@ -45,18 +44,8 @@ def _runner(cfg: Config) -> GxRunner:
     return bucket_runner(v.examples, v.extra_columns, v.on_distribution_shift)
 
 
-def _write_keys(cut: DayBuckets, batch: str, bucket: int, table: pa.Table, part) -> None:
-    ds.write_dataset(
-        table.append_column("part", pa.array(part, pa.int32())),
-        base_dir=str(cut.root / KEYS_DIR / batch),
-        format=STAGING_FORMAT,
-        file_options=STAGING_OPTIONS,
-        partitioning=KEY_PARTITIONING,
-        basename_template=f"bucket-{bucket:05d}-{{i}}.parquet",
-        existing_data_behavior="overwrite_or_ignore",
-        use_threads=False,
-        preserve_order=True,
-    )
+def _write_keys(cut: DayBuckets, batch: str, bucket: int, table: pa.Table, part: np.ndarray) -> None:
+    write_partitioned(table, "part", part, cut.root / KEYS_DIR / batch, f"bucket-{bucket:05d}")
 
 
 def check_bucket(

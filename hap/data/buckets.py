@@ -39,7 +39,6 @@ from hap.core.hashing import mix64
 from hap.data import markers
 
 BUCKET_SALT = 0xB0C3
-PARTITIONING = ds.partitioning(pa.schema([("bucket", pa.int32())]), flavor="hive")
 STAGING_FORMAT = ds.ParquetFileFormat()
 STAGING_OPTIONS = STAGING_FORMAT.make_write_options(compression="lz4")  # scratch: fast over small
 
@@ -119,6 +118,22 @@ class DayBuckets:
         }
 
 
+def write_partitioned(table: pa.Table, column: str, part: np.ndarray, base_dir: Path, stem: str) -> None:
+    """Write ``table``'s rows as Hive partitions ``column=K/{stem}-0.parquet`` of ``base_dir`` by
+    ``part``, keeping their order (pyarrow's partitioned write: the shuffle is the filesystem)."""
+    ds.write_dataset(
+        table.append_column(column, pa.array(part, pa.int32())),
+        base_dir=str(base_dir),
+        format=STAGING_FORMAT,
+        file_options=STAGING_OPTIONS,
+        partitioning=ds.partitioning(pa.schema([(column, pa.int32())]), flavor="hive"),
+        basename_template=f"{stem}-{{i}}.parquet",
+        existing_data_behavior="overwrite_or_ignore",
+        use_threads=False,
+        preserve_order=True,
+    )
+
+
 # ---- slicing the raw logs -------------------------------------------------------------------------------
 def plan_slices(path: Path, log: str, slice_rows: int) -> list[Slice]:
     """Group the file's row groups into slices of about ``slice_rows`` rows (whole row groups)."""
@@ -148,17 +163,7 @@ def cut_slice(out_root: str, buckets: int, piece: Slice) -> FileStats:
         bucket = bucket_of(ids.fill_null(0).to_numpy(), buckets)
     else:  # no usable request id: the schema checks fail the day; one bucket keeps the rows checkable
         bucket = np.zeros(table.num_rows, np.int32)
-    ds.write_dataset(
-        table.append_column("bucket", pa.array(bucket, pa.int32())),
-        base_dir=str(Path(out_root) / piece.log),
-        format=STAGING_FORMAT,
-        file_options=STAGING_OPTIONS,
-        partitioning=PARTITIONING,
-        basename_template=f"slice-{piece.index:05d}-{{i}}.parquet",
-        existing_data_behavior="overwrite_or_ignore",
-        use_threads=False,
-        preserve_order=True,
-    )
+    write_partitioned(table, "bucket", bucket, Path(out_root) / piece.log, f"slice-{piece.index:05d}")
     return stats
 
 

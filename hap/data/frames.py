@@ -323,12 +323,6 @@ QUANTILES = (0.01, 0.5, 0.99)
 DIGEST_K = 200  # t-digest compression: ~0.1% rank error at p1/p99, a few kB per column and bucket
 
 
-def _shares(values: pa.ChunkedArray | pa.Array) -> dict[str, float]:
-    counts = pc.value_counts(values).to_pylist()
-    total = sum(c["counts"] for c in counts)
-    return {str(c["values"]): c["counts"] / total for c in counts} if total else {}
-
-
 def _counts(values: pa.ChunkedArray | pa.Array) -> dict[str, int]:
     return {str(c["values"]): int(c["counts"]) for c in pc.value_counts(values).to_pylist()}
 
