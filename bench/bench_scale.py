@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 START = dt.date(2026, 11, 1)
 ROOT = Path(tempfile.gettempdir()) / "hap-bench-scale"
 BASE_COMMIT = "208ff89"  # the last single-process data path
+DATA_STAGES = ("validate", "ingest", "split")
 
 # Runs in a child interpreter whose ``hap`` is either this checkout or the baseline's worktree.
 CHILD = r"""
@@ -205,12 +206,14 @@ def bench_day(requests: int, base: Path, base_validate_max: int) -> list[dict[st
     base_path = f"single-process ({BASE_COMMIT})"
     if requests <= base_validate_max:
         add(base_path, "validate", run_stage(base, home, "validate", START, 0, ov))
-        add(base_path, "ingest", run_stage(base, home, "ingest", START, 0, ov))
-        add(base_path, "split", run_stage(base, home, "split", START, 0, ov))
+    else:  # its ingest and split still run: today's validate writes the same marker they require
+        run_stage(REPO, home, "validate", START, 1, ov)
+    add(base_path, "ingest", run_stage(base, home, "ingest", START, 0, ov))
+    add(base_path, "split", run_stage(base, home, "split", START, 0, ov))
     for workers in (1, 2):
         home = fresh_home(requests, f"buckets-{workers}")
         wov = {**ov, "engine.workers": workers}
-        for stage in ("validate", "ingest", "split"):
+        for stage in DATA_STAGES:
             add(f"buckets, {workers} worker(s)", stage, run_stage(REPO, home, stage, START, workers, wov))
     return rows
 
@@ -235,11 +238,36 @@ def bench_window(requests: int, days: int) -> list[dict[str, Any]]:
     return rows
 
 
+def with_data_path(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows, plus a ``data path`` row (validate + ingest + split) for each path that ran all three."""
+    out = list(rows)
+    paths = dict.fromkeys((r["requests"], r["path"]) for r in rows if r["stage"] in DATA_STAGES)
+    for requests, path in paths:
+        mine = [
+            r for r in rows if (r["requests"], r["path"]) == (requests, path) and r["stage"] in DATA_STAGES
+        ]
+        if len(mine) == len(DATA_STAGES):
+            out.append(
+                {
+                    "requests": requests,
+                    "path": path,
+                    "stage": "data path",
+                    "seconds": sum(r["seconds"] for r in mine),
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+                }
+            )
+    return out
+
+
 def summarize(rows: list[dict[str, Any]]) -> str:
-    """The table, with each stage's ratio to pyarrow I/O and to the single-process path."""
+    """The table, with each stage's ratio to pyarrow I/O, to the single-process path, to one worker,
+    and its peak memory against the same path and stage at the smallest volume."""
+    rows = with_data_path(rows)
     io = {r["requests"]: r["seconds"] for r in rows if r["path"] == "pyarrow I/O"}
     base = {(r["requests"], r["stage"]): r["seconds"] for r in rows if r["path"].startswith("single")}
     one = {(r["requests"], r["stage"]): r["seconds"] for r in rows if r["path"] == "buckets, 1 worker(s)"}
+    smallest = min(r["requests"] for r in rows)
+    rss = {(r["path"], r["stage"]): r["peak_rss_mb"] for r in rows if r["requests"] == smallest}
     table = []
     for r in rows:
         key = (r["requests"], r["stage"])
@@ -253,6 +281,9 @@ def summarize(rows: list[dict[str, Any]]) -> str:
                 r["seconds"] / io[r["requests"]] if r["requests"] in io else "-",
                 r["seconds"] / base[key] if key in base else "-",
                 one[key] / r["seconds"] if key in one else "-",
+                r["peak_rss_mb"] / rss[(r["path"], r["stage"])]
+                if r["requests"] != smallest and (r["path"], r["stage"]) in rss
+                else "-",
             ]
         )
     return markdown_table(
@@ -265,6 +296,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
             "× pyarrow I/O",
             "× single-process",
             "speed-up vs 1 worker",
+            f"peak RSS × {smallest:,}/day",
         ],
         table,
     )

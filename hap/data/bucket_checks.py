@@ -62,6 +62,9 @@ def check_bucket(
         suites["exposure"], "rows", vf.exposure_rows(exposure, ranking), params, files["exposure"]
     )
     out.findings += runner.run(suites["ranking"], "rows", vf.ranking_rows(ranking), params, files["ranking"])
+    out.findings += runner.run(
+        suites["ranking"], "positions", vf.ranking_positions(ranking), params, files["ranking"]
+    )
     per_request = vf.requests_frame(exposure, ranking, cfg.contract.global_neg_per_pos)
     out.findings += runner.run(
         suites["ranking"],

@@ -119,9 +119,6 @@ RANKING_ROW_COLUMNS = (
     "request_id",
     "item_id",
     "source",
-    "retrieval_pos",
-    "prerank_pos",
-    "rank_pos",
     "content_type",
     "true_affinity",
     *schema.ITEM_DENSE,
@@ -143,6 +140,7 @@ FULLFLOW_ROW_COLUMNS = (
 # The files a landing day holds; ``_SUCCESS`` is the completion flag some producers (Spark, Hadoop)
 # write. Anything else fails validation: a late or extra file is never silently ignored.
 LANDING_FILES = frozenset({*(f"{name}.parquet" for name in schema.RAW_LOGS), "_SUCCESS"})
+RANKING_POSITION_COLUMNS = ("request_id", "source", "retrieval_pos", "prerank_pos", "rank_pos")
 TRAINING_ROW_COLUMNS = (
     "dt",
     "request_id",
@@ -172,8 +170,9 @@ def _frame(table: pa.Table, columns: tuple[str, ...]) -> pd.DataFrame:
     return frame
 
 
-def _list_len(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.list_value_length(col)
+def _list_len(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Each row's list length as int64 (Arrow gives int32, which GX checks value by value)."""
+    return pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def landing_files(folder: Path) -> pd.DataFrame:
@@ -198,7 +197,7 @@ def _sequence_stats(col: pa.ChunkedArray) -> dict[str, np.ndarray]:
     lo[rows] = per_row["id_min"].fill_null(0).to_numpy()
     hi[rows] = per_row["id_max"].fill_null(0).to_numpy()
     nulls[rows] = per_row["id_count"].to_numpy()
-    return {"len": _list_len(col).to_pandas(), "min": lo, "max": hi, "nulls": nulls}
+    return {"len": _list_len(col), "min": lo, "max": hi, "nulls": nulls}
 
 
 def exposure_rows(exposure: pa.Table, ranking: pa.Table) -> pd.DataFrame:
@@ -248,6 +247,11 @@ def has_ranking_row(exposure: pa.Table, ranking: pa.Table) -> np.ndarray:
 def ranking_rows(ranking: pa.Table) -> pd.DataFrame:
     """Ranking rows; ``source`` as a categorical keeps the string column cheap in pandas."""
     return _frame(ranking, RANKING_ROW_COLUMNS)
+
+
+def ranking_positions(ranking: pa.Table) -> pd.DataFrame:
+    """The ranking log's stage positions by source, for the checks conditioned on ``source``."""
+    return _frame(ranking, RANKING_POSITION_COLUMNS)
 
 
 def content_keys(exposure: pa.Table) -> pd.DataFrame:
@@ -308,7 +312,7 @@ def training_rows(table: pa.Table, partition_difficulty: str) -> pd.DataFrame:
     """Training-set rows of one Hive partition, plus ``partition_matches`` (folder == column)."""
     seq = schema.USER_SEQUENCE
     frame = _frame(table, TRAINING_ROW_COLUMNS)
-    frame[f"{seq}_len"] = _list_len(table[seq]).to_pandas()
+    frame[f"{seq}_len"] = _list_len(table[seq])
     frame["partition_matches"] = (frame["difficulty"].astype(str) == partition_difficulty).to_numpy()
     return frame
 

@@ -82,13 +82,6 @@ class Finding:
         return asdict(self)
 
 
-def _consolidated(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame with one block per dtype. GX's pandas engine copies the frame for every filtered
-    metric; a frame built column by column has a block per column, and each copy merges them again
-    (measured: half of a tiny day's validation time)."""
-    return frame.copy() if frame._mgr.nblocks > len(set(frame.dtypes)) else frame
-
-
 def _short(value: Any, limit: int = 160) -> str:
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -199,11 +192,15 @@ class GxRunner:
         }
         if index_cols:
             result_format["unexpected_index_column_names"] = index_cols
-        result = definition.run(
-            batch_parameters={"dataframe": _consolidated(frame)},
-            expectation_parameters=params,
-            result_format=result_format,
-        )
+        # Copy-on-write: GX's pandas engine copies the whole frame for every filter it applies, even
+        # one that keeps every row (measured: a third of a bucket's validation time); under
+        # copy-on-write those copies are lazy and nothing is written, so nothing is copied.
+        with pd.option_context("mode.copy_on_write", True):
+            result = definition.run(
+                batch_parameters={"dataframe": frame},
+                expectation_parameters=params,
+                result_format=result_format,
+            )
         return [self._finding(r, suite.name, file, len(frame)) for r in result.results]
 
     def _finding(self, res: Any, suite: str, file: str, rows: int) -> Finding:

@@ -14,6 +14,9 @@ Every expectation carries ``meta.batch``, the frame it runs on (``hap.data.frame
 - ``rows``: the table's rows, plus derived columns computed pyarrow-side (``has_ranking_row``,
   the click sequence's length, id range and null ids, ``engaged_without_click``,
   ``in_exposure_log``, ``click_unexposed``, ``partition_difficulty``);
+- ``positions``: the ranking log's stage positions and source, a narrow frame: GX copies the
+  whole frame for every row condition and for every column with nulls, and the positions are
+  both conditioned on ``source`` and null for the sources that skipped a stage;
 - ``requests``: one row per request, aggregated pyarrow-side from both logs (per-request
   structure, display positions, sampling counts);
   ``rows`` and ``requests`` run once per request-hash bucket (``hap.data.buckets``), their findings
@@ -391,7 +394,7 @@ def ranking_suite() -> dict[str, Any]:
         *[
             _e(
                 "expect_column_values_to_be_between",
-                "rows",
+                "positions",
                 f"{col} is 1-based where present",
                 column=col,
                 min_value=1,
@@ -412,7 +415,7 @@ def ranking_suite() -> dict[str, Any]:
         *_ids(schema.ITEM_CATEGORICAL),
         _e(
             "expect_column_values_to_not_be_null",
-            "rows",
+            "positions",
             "a rank_neg passed the ranking stage",
             column="rank_pos",
             row_condition=src("rank_neg"),
@@ -420,7 +423,7 @@ def ranking_suite() -> dict[str, Any]:
         ),
         _e(
             "expect_column_values_to_be_between",
-            "rows",
+            "positions",
             "rank_neg are ranked below the ranking cut (> 50)",
             column="rank_pos",
             min_value=P("rank_neg_min_pos"),
@@ -429,7 +432,7 @@ def ranking_suite() -> dict[str, Any]:
         ),
         _e(
             "expect_column_values_to_not_be_null",
-            "rows",
+            "positions",
             "a prerank_neg passed the pre-ranking stage",
             column="prerank_pos",
             row_condition=src("prerank_neg"),
@@ -437,7 +440,7 @@ def ranking_suite() -> dict[str, Any]:
         ),
         _e(
             "expect_column_values_to_be_between",
-            "rows",
+            "positions",
             "prerank_neg are pre-ranked below the pre-ranking cut (> 200)",
             column="prerank_pos",
             min_value=P("prerank_neg_min_pos"),
@@ -446,7 +449,7 @@ def ranking_suite() -> dict[str, Any]:
         ),
         _e(
             "expect_column_values_to_be_between",
-            "rows",
+            "positions",
             "exposed items come from the ranking top",
             column="rank_pos",
             min_value=1,

@@ -384,6 +384,25 @@ def test_valid_day_passes_with_marker_summary_and_docs(day_copy, monkeypatch, ca
     assert list((docs / "validations").rglob("*.html")), "no validation result page in the Data Docs"
 
 
+def test_every_expectation_of_the_suites_runs_on_a_valid_day(day_copy):
+    """Each expectation's ``meta.batch`` names a frame validation builds: one that names no frame
+    would never run, and its check would silently pass."""
+    from collections import Counter
+
+    from hap.data.suites import SUITE_FILES, load_suite_json
+    from hap.data.validate import check_day
+
+    report = check_day(_cfg(day_copy), DAY)
+    ran = Counter(f.suite for f in report.findings)
+    for table in ("landing", *schema.RAW_LOGS):
+        suite = load_suite_json(table)
+        expected = Counter(f"{suite['name']}.{e['meta']['batch']}" for e in suite["expectations"])
+        for batch, n in expected.items():
+            if batch.endswith(".drift") and not report.profile:
+                continue
+            assert ran[batch] == n, f"{SUITE_FILES[table]}: {n} expectation(s) of {batch}, {ran[batch]} ran"
+
+
 def test_extra_column_warns_by_default_and_fails_when_configured(day_copy, monkeypatch, capsys):
     cfg = _cfg(day_copy)
     _rw(
