@@ -28,6 +28,7 @@ from hap.core.atomic import atomic_dir
 from hap.core.config import Config
 from hap.core.engine import Mapper, local_map
 from hap.core.errors import DataContractError
+from hap.core.parquet import RowGroupWriter
 from hap.data import markers
 from hap.data.buckets import DayBuckets, cut_day, drop_cut
 from hap.data.quarantine import quarantine_day
@@ -41,7 +42,6 @@ EXPOSURE_COLUMNS = [
     "click",
     *schema.REQUEST_FEATURES,
 ]
-PARQUET_OPTIONS = dict(compression="zstd", write_statistics=True)
 
 
 @dataclass
@@ -258,10 +258,13 @@ class BucketIngest:
     by_source: dict[str, int] = field(default_factory=dict)
 
 
-def ingest_bucket(cut: DayBuckets, out_dirs: dict[str, str], bucket: int) -> BucketIngest:
+def ingest_bucket(
+    cut: DayBuckets, out_dirs: dict[str, str], row_group_rows: int, bucket: int
+) -> BucketIngest:
     """Join one bucket: its request side (from the exposure log) onto its ranking and full-flow rows,
-    written as ``part-{bucket}.parquet`` of each lake table. Every row of a request is in its
-    bucket, so the join is exact; the raw rows are read one staging file at a time."""
+    written as ``part-{bucket}.parquet`` of each lake table in row groups of ``row_group_rows``.
+    Every row of a request is in its bucket, so the join is exact; the raw rows are read one
+    staging file at a time."""
     exposure = _conformed(
         cut.read("exposure", bucket), schema.EXPOSURE_LOG, EXPOSURE_COLUMNS, cut.raw["exposure"]
     )
@@ -273,21 +276,19 @@ def ingest_bucket(cut: DayBuckets, out_dirs: dict[str, str], bucket: int) -> Buc
         files = cut.bucket_files(raw, bucket)
         if not files:
             continue
-        rows = 0
         target = Path(out_dirs[table]) / lake_part_file(bucket)
-        with pq.ParquetWriter(target, out_schema, **PARQUET_OPTIONS) as writer:
+        with RowGroupWriter(target, out_schema, row_group_rows) as writer:
             for path in files:
                 part = _conformed(pq.read_table(path), contract, contract.names, cut.raw[raw])
                 joined = join(side, part, Path(cut.raw[raw]))
-                writer.write_table(joined)
-                rows += joined.num_rows
+                writer.write(joined)
                 if "source" in joined.column_names:
                     counts = pc.value_counts(joined["source"]).to_pylist()
                     by_source.update({c["values"]: c["counts"] for c in counts})
         if table == "samples":
-            out.samples = rows
+            out.samples = writer.rows
         else:
-            out.fullflow_rows = rows
+            out.fullflow_rows = writer.rows
     out.by_source = dict(by_source)
     return out
 
@@ -334,7 +335,7 @@ def _ingest(cfg: Config, date: dt.date, mapper: Mapper) -> IngestReport:
     by_source: Counter = Counter()
     with atomic_dir(targets["samples"]) as samples_tmp, atomic_dir(targets["fullflow"]) as fullflow_tmp:
         out_dirs = {"samples": str(samples_tmp), "fullflow": str(fullflow_tmp)}
-        for part in mapper(functools.partial(ingest_bucket, cut, out_dirs), cut.ids):
+        for part in mapper(functools.partial(ingest_bucket, cut, out_dirs, cfg.split.batch_rows), cut.ids):
             report.requests += part.requests
             report.samples += part.samples
             report.fullflow_rows += part.fullflow_rows

@@ -58,11 +58,11 @@ from hap.core.config import Config
 from hap.core.engine import Mapper, local_map
 from hap.core.errors import DataContractError, HapError
 from hap.core.hashing import unit_hash
+from hap.core.parquet import PARQUET_OPTIONS, RowGroupWriter
 from hap.data import markers
 
 PART_FILE = "part-0.parquet"
 REPORT_FILE = layout.SPLIT_REPORT_FILE
-PARQUET_OPTIONS = dict(compression="zstd", write_statistics=True)
 DIFFICULTIES: tuple[str, ...] = tuple(d.value for d in schema.Difficulty)
 _EVAL_SALT_OFFSET = 0x5EED  # a different hash stream for choosing eval requests
 
@@ -188,37 +188,18 @@ def _write_eval_samples(cfg: Config, eval_day: dt.date, request_ids: np.ndarray,
 
 # ---- the training set -----------------------------------------------------------------------------
 class _PartitionWriter:
-    """One Parquet file per difficulty; buffers up to one row group so files are not fragmented."""
+    """One Parquet file per difficulty, in whole row groups (``RowGroupWriter``)."""
 
     def __init__(self, root: Path, row_group_rows: int, file_name: str = PART_FILE) -> None:
-        self.root, self.row_group_rows, self.file_name = root, row_group_rows, file_name
-        self.writers: dict[str, pq.ParquetWriter] = {}
-        self.buffers: dict[str, list[pa.Table]] = {d: [] for d in DIFFICULTIES}
-        self.buffered: Counter = Counter()
+        self.writers = {
+            d: RowGroupWriter(root / f"difficulty={d}" / file_name, schema.TRAINING_SET, row_group_rows)
+            for d in DIFFICULTIES
+        }
 
     def add(self, difficulty: str, table: pa.Table) -> None:
-        self.buffers[difficulty].append(table)
-        self.buffered[difficulty] += table.num_rows
-        if self.buffered[difficulty] >= self.row_group_rows:
-            self._flush(difficulty)
-
-    def _flush(self, difficulty: str) -> None:
-        if not self.buffers[difficulty]:
-            return
-        if difficulty not in self.writers:
-            folder = self.root / f"difficulty={difficulty}"
-            folder.mkdir(parents=True, exist_ok=True)
-            self.writers[difficulty] = pq.ParquetWriter(
-                folder / self.file_name, schema.TRAINING_SET, **PARQUET_OPTIONS
-            )
-        self.writers[difficulty].write_table(
-            pa.concat_tables(self.buffers[difficulty]), row_group_size=self.row_group_rows
-        )
-        self.buffers[difficulty], self.buffered[difficulty] = [], 0
+        self.writers[difficulty].write(table)
 
     def close(self) -> None:
-        for difficulty in DIFFICULTIES:
-            self._flush(difficulty)
         for writer in self.writers.values():
             writer.close()
 

@@ -42,11 +42,11 @@ from hap.core import layout, schema
 from hap.core.atomic import atomic_dir
 from hap.core.config import Config, ContractConfig, SimulateConfig
 from hap.core.hashing import hash_ids
+from hap.core.parquet import PARQUET_OPTIONS
 
 RNG_STREAM_UNIVERSE = 0
 RNG_STREAM_CHUNK = 1
 REQUEST_ID_STRIDE = 10_000_000  # request_id = date ordinal * stride + index within the day
-PARQUET_OPTIONS = dict(compression="zstd", write_statistics=True)
 
 
 @dataclass(frozen=True)

@@ -76,3 +76,24 @@ def test_unreadable_raw_logs_give_a_clear_error_and_no_lake_output(landed, damag
     with pytest.raises(DataContractError, match=str(path)):
         ingest_day(cfg, DAY, require_validated=False)
     assert not layout.lake_partition(cfg, "samples", DAY).exists()
+
+
+def test_lake_row_groups_do_not_shrink_as_the_day_is_cut_finer(make_cfg):
+    """A bucket reaches ingest as one piece per slice of the raw log, and a bigger day has more
+    slices, so the pieces shrink with the day; the lake's row groups must not."""
+    row_group_rows = 1024
+    cfg = make_cfg(
+        simulate__requests_per_day=150,
+        simulate__chunk_requests=10,  # 15 row groups per raw log
+        engine__bucket_requests=75,  # two buckets of ~2,300 ranking rows
+        engine__slice_rows=50,  # one row group per slice: each bucket arrives in 15 pieces
+        split__batch_rows=row_group_rows,
+    )
+    simulate_day(cfg, DAY, progress=False)
+    ingest_day(cfg, DAY, require_validated=False)
+    files = sorted(layout.lake_partition(cfg, "samples", DAY).glob("part-*.parquet"))
+    assert len(files) == 2
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        assert meta.num_row_groups > 1 and all(n == row_group_rows for n in sizes[:-1]), (path, sizes)
