@@ -23,7 +23,7 @@ from hap.core.config import Config
 @task(name="bucket", cache_policy=NO_CACHE, persist_result=False)
 def run_partition(fn: Callable[[Any], Any], item: Any) -> Any:
     """One item of a data step's map (a bucket, a slice of a raw log, a key partition)."""
-    return fn(item)
+    return engine.run_item(fn, item)
 
 
 def prefect_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:

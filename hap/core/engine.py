@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -36,9 +37,54 @@ class Mapper(Protocol):
     def __call__(self, fn: Callable[[T], R], items: Sequence[T], /) -> list[R]: ...
 
 
+def release_memory() -> None:
+    """Hand the memory a partition freed back to the OS (glibc keeps freed blocks for reuse)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # glibc only
+
+
+_libc = _load_libc()
+
+
+def use_system_memory_pool() -> None:
+    """Allocate Arrow memory with the system allocator, unless ``ARROW_DEFAULT_MEMORY_POOL`` says
+    otherwise. With pyarrow's default (mimalloc) the freed memory of one bucket stayed fragmented
+    under the next, and a 1M-request day's buckets peaked 45% above a 100k day's buckets of the
+    same size (2.75 GB against 1.89 GB, one process); with the system pool, released after each
+    item, both peak at about 2.0 GB."""
+    import pyarrow as pa
+
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ and pa.default_memory_pool().backend_name != "system":
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
+def run_item(fn: Callable[[T], R], item: T) -> R:
+    """One item of a map, in whatever process runs it: its peak memory follows the item alone."""
+    use_system_memory_pool()
+    try:
+        return fn(item)
+    finally:
+        release_memory()
+
+
 def local_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """Run every item in this process, in order."""
-    return [fn(item) for item in items]
+    return [run_item(fn, item) for item in items]
 
 
 def client_map(client: Any, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -46,7 +92,7 @@ def client_map(client: Any, fn: Callable[[T], R], items: Sequence[T]) -> list[R]
     own exception (a ``DataContractError`` stays one)."""
     if not items:
         return []
-    futures = client.map(fn, list(items), pure=False)
+    futures = client.map(functools.partial(run_item, fn), list(items), pure=False)
     try:
         return client.gather(futures)
     finally:

@@ -201,6 +201,9 @@ class GxRunner:
                 expectation_parameters=params,
                 result_format=result_format,
             )
+        # The data source's execution engine keeps the last frame of every asset; a bucket's frames
+        # would stay alive while the next bucket's are built (measured: +0.5-0.9 GB of peak RSS).
+        self.source.get_execution_engine().batch_manager.batch_data_cache.clear()
         return [self._finding(r, suite.name, file, len(frame)) for r in result.results]
 
     def _finding(self, res: Any, suite: str, file: str, rows: int) -> Finding:
