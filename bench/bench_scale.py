@@ -9,14 +9,16 @@ the process tree sampled every 0.2 s with psutil). Baselines in the same run:
 - ``pyarrow I/O``: read the day's three raw logs and write them back, nothing else;
 - ``single-process (BASE)``: the data path as it was before buckets (commit ``--base``, checked
   out into a temporary worktree), on the same landing files. Its validate held the whole day in
-  pandas (6.3 GB at 300k requests), so above ``--base-validate-max`` requests it is not run.
+  pandas (6.3 GB at 300k requests), so above ``--base-validate-max`` requests only its ingest and
+  split run, on the marker written by today's validate.
 
 Usage::
 
     python -m bench.bench_scale simulate --volumes 100000,1000000 --days 3   # once, ~10 min per 1M day
-    python -m bench.bench_scale run --volumes 100000,1000000
+    python -m bench.bench_scale run --volumes 100000,1000000 --parts day --out scale_day
+    python -m bench.bench_scale run --volumes 1000000 --parts window --out scale_window
 
-Figures go to ``bench/results/scale.{json,md}``; ``run`` keeps what it measured so far if a
+Figures go to ``bench/results/<out>.{json,md}``; ``run`` keeps what it measured so far if a
 later stage fails.
 """
 
