@@ -150,6 +150,7 @@ class ValidateConfig(_Section):
     content_mix_tvd_max: float = Field(default=0.3, gt=0.0, le=1.0)
     click_position_tvd_max: float = Field(default=0.25, gt=0.0, le=1.0)
     on_distribution_shift: Literal["quarantine", "alert"] = "quarantine"
+    profile_sample_rows: int = Field(default=100_000, ge=1_000)
 
 
 class SplitConfig(_Section):

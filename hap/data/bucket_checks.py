@@ -65,6 +65,10 @@ def check_bucket(
     out.findings += runner.run(
         suites["ranking"], "positions", vf.ranking_positions(ranking), params, files["ranking"]
     )
+    for batch in vf.SOURCE_POSITIONS:
+        out.findings += runner.run(
+            suites["ranking"], batch, vf.source_positions(ranking, batch), params, files["ranking"]
+        )
     per_request = vf.requests_frame(exposure, ranking, cfg.contract.global_neg_per_pos)
     out.findings += runner.run(
         suites["ranking"],
@@ -77,7 +81,7 @@ def check_bucket(
         suites["fullflow"], "rows", vf.fullflow_rows(fullflow, exposure), params, files["fullflow"]
     )
     out.counts = vf.bucket_counts(exposure, ranking, fullflow)
-    out.profile = vf.profile_part(exposure, ranking)
+    out.profile = vf.profile_part(exposure, ranking, cfg.validation.profile_sample_rows)
     keys = vf.exposure_keys(exposure)
     _write_keys(cut, "exposure_keys", bucket, keys, vf.exposure_key_part(keys, cut.buckets))
     content = vf.content_keys(exposure)

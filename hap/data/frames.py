@@ -140,7 +140,12 @@ FULLFLOW_ROW_COLUMNS = (
 # The files a landing day holds; ``_SUCCESS`` is the completion flag some producers (Spark, Hadoop)
 # write. Anything else fails validation: a late or extra file is never silently ignored.
 LANDING_FILES = frozenset({*(f"{name}.parquet" for name in schema.RAW_LOGS), "_SUCCESS"})
-RANKING_POSITION_COLUMNS = ("request_id", "source", "retrieval_pos", "prerank_pos", "rank_pos")
+RANKING_POSITION_COLUMNS = ("request_id", "retrieval_pos", "prerank_pos", "rank_pos")
+SOURCE_POSITIONS = {  # batch -> (the ranking-log source it holds, the stage position its checks read)
+    "rank_neg_positions": ("rank_neg", "rank_pos"),
+    "prerank_neg_positions": ("prerank_neg", "prerank_pos"),
+    "exposed_positions": ("exposed", "rank_pos"),
+}
 TRAINING_ROW_COLUMNS = (
     "dt",
     "request_id",
@@ -250,8 +255,14 @@ def ranking_rows(ranking: pa.Table) -> pd.DataFrame:
 
 
 def ranking_positions(ranking: pa.Table) -> pd.DataFrame:
-    """The ranking log's stage positions by source, for the checks conditioned on ``source``."""
+    """The ranking log's stage positions (null where a source skipped the stage)."""
     return _frame(ranking, RANKING_POSITION_COLUMNS)
+
+
+def source_positions(ranking: pa.Table, batch: str) -> pd.DataFrame:
+    """The rows of one source (``SOURCE_POSITIONS``): its request id and the stage position checked."""
+    source, column = SOURCE_POSITIONS[batch]
+    return _frame(ranking.filter(pc.equal(ranking["source"], source)), ("request_id", column))
 
 
 def content_keys(exposure: pa.Table) -> pd.DataFrame:
@@ -331,26 +342,34 @@ def _counts(values: pa.ChunkedArray | pa.Array) -> dict[str, int]:
     return {str(c["values"]): int(c["counts"]) for c in pc.value_counts(values).to_pylist()}
 
 
-def _digest(values: pa.ChunkedArray) -> dict[str, Any]:
-    """A mergeable t-digest (Apache DataSketches) of a dense column, and its non-finite count."""
+def _digest(values: pa.ChunkedArray, sample_rows: int) -> dict[str, Any]:
+    """A mergeable t-digest (Apache DataSketches) of a dense column, and its non-finite count.
+
+    The digest takes every k-th finite value, at most about ``sample_rows`` of them: the t-digest's
+    update is most of a bucket's profiling time (0.14 s per 1.5M values), and a systematic sample of
+    100k values keeps p1/p99 within ~0.1% in rank, as the whole column does (tests/unit/
+    test_profile_digest.py). Non-finite values are counted on the whole column, so one NaN anywhere
+    still fails the shift check."""
     x = values.drop_null().to_numpy().astype(np.float64)
     finite = np.isfinite(x)
+    x = x[finite]
     digest = tdigest_double(DIGEST_K)
-    if finite.any():
-        digest.update(x[finite])
+    if len(x):
+        digest.update(x[:: max(1, -(-len(x) // sample_rows))])
     return {"digest": digest.serialize(), "nonfinite": int((~finite).sum())}
 
 
-def profile_part(exposure: pa.Table, ranking: pa.Table) -> dict[str, dict]:
+def profile_part(exposure: pa.Table, ranking: pa.Table, sample_rows: int) -> dict[str, dict]:
     """One bucket's share of the day's profile: distinct values per feature, t-digests of the dense
-    features, and the counts behind the content mix and the click share per position."""
+    features (over at most ``sample_rows`` values each), and the counts behind the content mix and
+    the click share per position."""
     tables = {"exposure": exposure, "ranking": ranking}
     distinct, digests = {}, {}
     for name, columns in PROFILED.items():
         for col in columns:
             distinct[col] = int(pc.count_distinct(tables[name][col]).as_py())
             if col in DENSE_PROFILED:
-                digests[col] = _digest(tables[name][col])
+                digests[col] = _digest(tables[name][col], sample_rows)
     clicked = exposure.filter(pc.equal(exposure["click"], 1))
     return {
         "distinct": distinct,
@@ -399,11 +418,6 @@ def merge_profiles(parts: list[dict[str, dict]]) -> dict[str, dict]:
         "content_mix": _shares_of([p["content_mix"] for p in parts]),
         "click_position": _shares_of([p["click_position"] for p in parts]),
     }
-
-
-def profile(exposure: pa.Table, ranking: pa.Table) -> dict[str, dict]:
-    """The distribution summary of tables held in memory (one bucket)."""
-    return merge_profiles([profile_part(exposure, ranking)])
 
 
 # ---- keys that span requests, and the day-level values -----------------------------------------------

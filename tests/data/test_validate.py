@@ -282,8 +282,8 @@ CORPUS = [
         "expect_column_values_to_be_between(column=position",
         "4 bad row(s)",
     ),
-    (rank_neg_above_cut, "ranking.parquet", 'row_condition=source=="rank_neg"', "6 bad row(s)"),
-    (prerank_neg_above_cut, "ranking.parquet", 'row_condition=source=="prerank_neg"', "6 bad row(s)"),
+    (rank_neg_above_cut, "ranking.parquet", "ranking_log.rank_neg_positions", "6 bad row(s)"),
+    (prerank_neg_above_cut, "ranking.parquet", "ranking_log.prerank_neg_positions", "6 bad row(s)"),
     (
         timestamps_other_day,
         "exposure.parquet",
