@@ -310,6 +310,8 @@ class EngineConfig(_Section):
     bucket_requests: int = Field(default=50000, ge=1)  # requests per bucket: sets each step's memory
     slice_rows: int = Field(default=500000, ge=1)  # raw-log rows one cut task reads (whole row groups)
     worker_memory: str = "4GiB"  # memory limit of each local worker process
+    # modules a worker runs as it starts (Dask preload): hap.data.gx_runner imports GX early
+    worker_preload: list[str] = Field(default_factory=list)
     connect_timeout_seconds: float = Field(default=30, gt=0)
 
 

@@ -135,7 +135,8 @@ def dask_client(cfg: Config) -> Iterator[Any | None]:
 
 def local_cluster_kwargs(cfg: Config) -> dict[str, Any]:
     """A ``LocalCluster`` of ``engine.workers`` single-threaded processes on 127.0.0.1 (also what the
-    flow's ``DaskTaskRunner`` starts when no address is set)."""
+    flow's ``DaskTaskRunner`` starts when no address is set), each running ``engine.worker_preload``
+    as it starts."""
     return {
         "n_workers": cfg.engine.workers,
         "threads_per_worker": 1,
@@ -143,6 +144,7 @@ def local_cluster_kwargs(cfg: Config) -> dict[str, Any]:
         "host": "127.0.0.1",
         "dashboard_address": None,
         "memory_limit": cfg.engine.worker_memory,
+        "preload": list(cfg.engine.worker_preload),
     }
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import logging
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,24 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+@functools.cache
+def warm_up() -> threading.Thread:
+    """Import Great Expectations in a background thread, once per process. Its import costs about
+    4 s; started before the day is cut (pyarrow work that releases the GIL), it is mostly done by
+    the time the first suite runs. ``GxRunner`` waits for it, so no two threads import GX at once."""
+    thread = threading.Thread(
+        target=importlib.import_module, args=("great_expectations",), name="gx-import", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask's preload hook (``engine.worker_preload``): a worker starts importing GX as it comes
+    up, while its first tasks (the cut) run, instead of when its first bucket's checks start."""
+    warm_up()
+
+
 class GxRunner:
     """A throwaway GX context: add suites and frames, run, collect findings, render docs."""
 
@@ -113,7 +133,9 @@ class GxRunner:
         extra_columns: str = "warn",
         on_distribution_shift: str = "quarantine",
         reuse: bool = False,
+        quick: bool = False,
     ) -> None:
+        warm_up().join()
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -141,6 +163,9 @@ class GxRunner:
         self.on_distribution_shift = on_distribution_shift
         self.reuse = reuse  # keep suites and validation definitions by name, for the next bucket
         self._definitions: dict[str, Any] = {}
+        # verdicts first, details only for a batch that fails (bucket checks: their passing findings
+        # are merged into the day's and never shown one by one)
+        self.quick = quick
 
     def _suite(self, suite_json: dict[str, Any], batch: str) -> Any:
         chosen = []
@@ -183,15 +208,38 @@ class GxRunner:
                 )
             )
             self._definitions[suite.name] = definition
-        index_cols = (
-            [c for c in ("request_id", "column", "file") if c in frame.columns][:1] if len(frame) else []
-        )
+        if not self.quick:
+            result = self._validate(definition, frame, params, self._detailed_format(frame))
+            return [self._finding(r, suite.name, file, len(frame)) for r in result.results]
+        # Verdicts first: GX's Python-side work per expectation roughly halves without the unexpected
+        # values and index lists, which a passing batch does not need (measured: 2.5 s -> 1.5 s a bucket)
+        result = self._validate(definition, frame, params, {"result_format": "BOOLEAN_ONLY"})
+        if not all(r.success for r in result.results):  # a failure or an error: its counts and examples
+            result = self._validate(definition, frame, params, self._detailed_format(frame))
+            return [self._finding(r, suite.name, file, len(frame)) for r in result.results]
+        findings = [self._finding(r, suite.name, file, len(frame)) for r in result.results]
+        for (
+            f
+        ) in findings:  # the rows a passing map check saw: the frame's, unless a row condition filtered it
+            f.rows = None if "row_condition" in f.args else len(frame)
+        return findings
+
+    def _detailed_format(self, frame: pd.DataFrame) -> dict[str, Any]:
+        """Counts, example values and example request ids (or columns, or files) of what failed."""
         result_format: dict[str, Any] = {
             "result_format": "SUMMARY",
             "partial_unexpected_count": self.examples,
         }
+        index_cols = (
+            [c for c in ("request_id", "column", "file") if c in frame.columns][:1] if len(frame) else []
+        )
         if index_cols:
             result_format["unexpected_index_column_names"] = index_cols
+        return result_format
+
+    def _validate(
+        self, definition: Any, frame: pd.DataFrame, params: dict[str, Any], result_format: dict[str, Any]
+    ) -> Any:
         # Copy-on-write: GX's pandas engine copies the whole frame for every filter it applies, even
         # one that keeps every row (measured: a third of a bucket's validation time); under
         # copy-on-write those copies are lazy and nothing is written, so nothing is copied.
@@ -204,7 +252,7 @@ class GxRunner:
         # The data source's execution engine keeps the last frame of every asset; a bucket's frames
         # would stay alive while the next bucket's are built (measured: +0.5-0.9 GB of peak RSS).
         self.source.get_execution_engine().batch_manager.batch_data_cache.clear()
-        return [self._finding(r, suite.name, file, len(frame)) for r in result.results]
+        return result
 
     def _finding(self, res: Any, suite: str, file: str, rows: int) -> Finding:
         cfg = res.expectation_config
@@ -252,13 +300,15 @@ class GxRunner:
 def bucket_runner(examples: int, extra_columns: str, on_distribution_shift: str) -> GxRunner:
     """The GX runner of this worker process, for per-bucket checks (no Data Docs). Building a GX
     context and its suites costs about a second; one per process, reused bucket after bucket,
-    keeps that cost out of the per-bucket time."""
-    return GxRunner(None, examples, extra_columns, on_distribution_shift, reuse=True)
+    keeps that cost out of the per-bucket time. It runs verdicts first (``quick``): a bucket's
+    passing findings are only counted in the merge."""
+    return GxRunner(None, examples, extra_columns, on_distribution_shift, reuse=True, quick=True)
 
 
 def merge_findings(parts: list[list[Finding]], examples: int) -> list[Finding]:
     """The per-bucket findings of each expectation merged into one per file, in bucket order: bad
-    rows and rows summed, examples from the first buckets that have some. The merged verdicts,
+    rows summed, rows summed when every bucket counted them (a row-conditioned check that passed a
+    bucket on its verdict alone did not), examples from the first buckets that have some. The merged verdicts,
     counts and examples are the same whatever the number of workers."""
     merged: dict[tuple, Finding] = {}
     for findings in parts:
@@ -270,7 +320,7 @@ def merge_findings(parts: list[list[Finding]], examples: int) -> list[Finding]:
                 continue
             into.success = into.success and f.success
             into.bad_rows = _add(into.bad_rows, f.bad_rows)
-            into.rows = _add(into.rows, f.rows)
+            into.rows = None if into.rows is None or f.rows is None else into.rows + f.rows
             into.examples = (into.examples + f.examples)[:examples]
             into.error = into.error or f.error
             if into.observed is None:

@@ -39,7 +39,7 @@ from hap.data import frames as vf
 from hap.data import markers
 from hap.data.bucket_checks import KEY_BATCHES, KEYS_DIR, check_bucket, check_key_part
 from hap.data.buckets import DayBuckets, cut_day
-from hap.data.gx_runner import Finding, GxRunner, merge_findings
+from hap.data.gx_runner import Finding, GxRunner, merge_findings, warm_up
 from hap.data.quarantine import quarantine_day, release_quarantine  # noqa: F401 - the public API lives here too
 from hap.data.suites import KEY_COLUMNS, load_suite_json
 
@@ -259,22 +259,27 @@ def _bucket_findings(
     _drift_findings(cfg, cut.date, report, runner, [r.profile for r in results])
 
 
-def _schema_findings(
-    cfg: Config, date: dt.date, report: ValidationReport, runner: GxRunner, mapper: Mapper
-) -> DayBuckets | None:
-    """Open each log by its footer, cut the readable ones into buckets (which also counts rows and
-    nulls), and run the schema checks; the cut, or ``None`` when no log could be read."""
-    handles = {}
+def _open_logs(cfg: Config, date: dt.date) -> tuple[dict[str, Any], list[Finding]]:
+    """Each raw log opened by its footer, and a finding for each that cannot be."""
+    handles, problems = {}, []
     for name in schema.RAW_LOGS:
-        path = layout.raw_log(cfg, date, name)
-        handle, problem = vf.open_parquet(path)
+        handle, problem = vf.open_parquet(layout.raw_log(cfg, date, name))
         if problem:
-            report.findings.append(_problem_finding(problem, f"{name}_log"))
+            problems.append(_problem_finding(problem, f"{name}_log"))
         else:
             handles[name] = handle
-    if not handles:
-        return None
-    cut = cut_day(cfg, date, list(handles), mapper)
+    return handles, problems
+
+
+def _schema_findings(
+    cfg: Config,
+    date: dt.date,
+    report: ValidationReport,
+    runner: GxRunner,
+    handles: dict[str, Any],
+    cut: DayBuckets,
+) -> None:
+    """The schema checks of each readable log, on the row and null counts its cut gathered."""
     for name, handle in handles.items():
         stats = cut.files[name]
         path = layout.raw_log(cfg, date, name)
@@ -285,7 +290,6 @@ def _schema_findings(
         contract, keys = schema.RAW_LOGS[name], KEY_COLUMNS[name]
         frame = vf.schema_frame_of(handle.schema_arrow, stats.null_counts, contract, keys)
         report.findings += runner.run(load_suite_json(name), "schema", frame, report.params, str(path))
-    return cut
 
 
 def check_day(
@@ -301,12 +305,17 @@ def check_day(
         report.seconds = time.perf_counter() - started
         return report
 
+    warm_up()  # GX imports while the day is cut
+    handles, problems = _open_logs(cfg, date)
+    cut = cut_day(cfg, date, list(handles), mapper) if handles else None
     v = cfg.validation
     runner = GxRunner(docs_dir, v.examples, v.extra_columns, v.on_distribution_shift)
     report.findings += runner.run(
         load_suite_json("landing"), "files", vf.landing_files(landing), report.params, str(landing)
     )
-    cut = _schema_findings(cfg, date, report, runner, mapper)
+    report.findings += problems
+    if cut is not None:
+        _schema_findings(cfg, date, report, runner, handles, cut)
     readable = len(report.rows) == len(schema.RAW_LOGS)
     schema_ok = not any(f.failed and f.gates for f in report.findings if f.suite != "landing.files")
     if cut is not None and readable and schema_ok:

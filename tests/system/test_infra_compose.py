@@ -451,6 +451,11 @@ def test_dask_worker_memory_limit_matches_the_container_and_the_engine(compose: 
     assert dask_limit == compose_bytes(worker["deploy"]["resources"]["limits"]["memory"])
     # a bucket is sized (engine.bucket_requests) for the local workers' limit: the same here
     assert dask_limit == parse_bytes(load_config().engine.worker_memory)
+    assert _preloads(worker["command"]) == load_config().engine.worker_preload
+
+
+def _preloads(args: list[str]) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--preload"]
 
 
 def test_the_daily_flow_runs_its_data_steps_on_the_cluster(compose: dict[str, Any]) -> None:
@@ -526,6 +531,7 @@ def test_dask_cluster_workers_match_the_flow_runs(dask_cluster: dict[str, Any], 
         == k8s_bytes(requests["memory"])
     )
     assert k8s_bytes(limits["memory"]) == parse_bytes(load_config().engine.worker_memory)
+    assert _preloads(args) == load_config().engine.worker_preload
 
     # the data root and the settings as the flow-run Jobs see them (the GPU job template's defaults)
     job = json.loads(GPU_TEMPLATE.read_text())["variables"]["properties"]

@@ -142,7 +142,7 @@ def dask_cluster(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
     procs.append(
         subprocess.Popen(
             [str(dask), "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1"]
-            + common,
+            + ["--preload", "hap.data.gx_runner", *common],
             stdout=open(logs / "worker.log", "w"),
             stderr=subprocess.STDOUT,
             env=env,
@@ -180,6 +180,26 @@ def _scheduler_task_counts(address: str) -> dict[str, int]:
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the scheduler cannot import tests
     with Client(address, timeout=10) as client:
         return client.run_on_scheduler(_task_counts)
+
+
+def _gx_warming() -> bool:
+    import sys
+    import threading
+
+    return "great_expectations" in sys.modules or any(t.name == "gx-import" for t in threading.enumerate())
+
+
+def test_local_workers_start_importing_gx_as_they_come_up(tmp_path: Path):
+    """``engine.worker_preload``: a fresh worker that has run no task is already importing GX."""
+    from distributed import Client, LocalCluster
+
+    cfg = _cfg(tmp_path / "data", **{"engine.workers": 1})
+    assert cfg.engine.worker_preload == ["hap.data.gx_runner"]
+    with LocalCluster(**engine.local_cluster_kwargs(cfg)) as cluster, Client(cluster) as client:
+        assert all(client.run(_gx_warming).values())
+    without = _cfg(tmp_path / "data", **{"engine.workers": 1, "engine.worker_preload": []})
+    with LocalCluster(**engine.local_cluster_kwargs(without)) as cluster, Client(cluster) as client:
+        assert not any(client.run(_gx_warming).values()), "nothing else imports GX in a fresh worker"
 
 
 def _task_counts(dask_scheduler) -> dict[str, int]:
