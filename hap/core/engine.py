@@ -38,9 +38,16 @@ class Mapper(Protocol):
 
 
 def release_memory() -> None:
-    """Hand the memory a partition freed back to the OS (glibc keeps freed blocks for reuse)."""
+    """Free what a partition left behind and hand it back to the OS. Reference cycles first: GX's
+    validators and execution engines refer to each other and to the frames they checked, so without
+    a full collection a bucket's frames outlived it until Python's oldest generation was next
+    collected (measured: RSS after each 1M-day bucket grew 1.3 -> 2.3 GB over six buckets, peaks
+    to 3.1 GB); then Arrow's pool and glibc, which keep freed blocks for reuse."""
+    import gc
+
     import pyarrow as pa
 
+    gc.collect()
     pa.default_memory_pool().release_unused()
     if _libc is not None:
         _libc.malloc_trim(0)

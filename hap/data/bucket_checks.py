@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from hap.core import schema
 from hap.core.config import Config
 from hap.data import frames as vf
-from hap.data.buckets import DayBuckets, write_partitioned
+from hap.data.buckets import STAGING_SUFFIX, DayBuckets, read_staged, write_partitioned
 from hap.data.gx_runner import Finding, GxRunner, bucket_runner
 from hap.data.suites import load_suite_json
 
@@ -65,10 +64,8 @@ def check_bucket(
     out.findings += runner.run(
         suites["ranking"], "positions", vf.ranking_positions(ranking), params, files["ranking"]
     )
-    for batch in vf.SOURCE_POSITIONS:
-        out.findings += runner.run(
-            suites["ranking"], batch, vf.source_positions(ranking, batch), params, files["ranking"]
-        )
+    for batch, frame in vf.source_positions(ranking).items():
+        out.findings += runner.run(suites["ranking"], batch, frame, params, files["ranking"])
     per_request = vf.requests_frame(exposure, ranking, cfg.contract.global_neg_per_pos)
     out.findings += runner.run(
         suites["ranking"],
@@ -96,7 +93,7 @@ def check_bucket(
 
 
 def key_part_files(cut: DayBuckets, batch: str, part: int) -> list[Path]:
-    return sorted((cut.root / KEYS_DIR / batch / f"part={part}").glob("*.parquet"))
+    return sorted((cut.root / KEYS_DIR / batch / f"part={part}").glob(f"*{STAGING_SUFFIX}"))
 
 
 def check_key_part(
@@ -107,7 +104,7 @@ def check_key_part(
     files = key_part_files(cut, batch, part)
     if not files:
         return []
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    frame = pa.concat_tables(read_staged(f) for f in files).to_pandas()
     suite = KEY_BATCHES[batch]
     label = cut.raw["exposure"]
     if batch == "content_keys":  # the request-level checks' label (``check_bucket``)

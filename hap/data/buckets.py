@@ -5,8 +5,12 @@ Every key of our data includes ``request_id``, so a day split by a hash of it ca
 raw log in slices of whole row groups (about ``engine.slice_rows`` rows, mapped over the workers)
 and writes the rows of each bucket as Hive partitions::
 
-    staging/dt=D/{exposure,ranking,fullflow}/bucket=B/slice-SSSSS-0.parquet
+    staging/dt=D/{exposure,ranking,fullflow}/bucket=B/slice-SSSSS-0.arrow
     staging/dt=D/_cut.json      buckets, the landing files' stamp, per-file row and null counts
+
+Staging files are Arrow IPC with lz4 buffers: scratch that is written once and read twice (validate,
+ingest), where Parquet's encoding was most of the cut's time (measured at 100k requests: writing
+2.0x, reading 2.4x slower than IPC, for 10% less disk).
 
 A bucket's rows keep the raw file's order (slices in order, rows in order inside a slice). The
 number of buckets follows the day's volume (``engine.bucket_requests``) and never the number of
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from hap.core import layout
@@ -39,8 +44,14 @@ from hap.core.hashing import mix64
 from hap.data import markers
 
 BUCKET_SALT = 0xB0C3
-STAGING_FORMAT = ds.ParquetFileFormat()
+STAGING_FORMAT = ds.IpcFileFormat()
 STAGING_OPTIONS = STAGING_FORMAT.make_write_options(compression="lz4")  # scratch: fast over small
+STAGING_SUFFIX = ".arrow"
+
+
+def read_staged(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """One staging file (``write_partitioned``), all columns or ``columns``."""
+    return feather.read_table(path, columns=list(columns) if columns is not None else None, memory_map=False)
 
 
 def bucket_of(request_ids: np.ndarray, buckets: int) -> np.ndarray:
@@ -96,7 +107,7 @@ class DayBuckets:
         return list(range(self.buckets))
 
     def bucket_files(self, log: str, bucket: int) -> list[Path]:
-        return sorted((self.root / log / f"bucket={bucket}").glob("*.parquet"))
+        return sorted((self.root / log / f"bucket={bucket}").glob(f"*{STAGING_SUFFIX}"))
 
     def read(self, log: str, bucket: int, columns: Sequence[str] | None = None) -> pa.Table:
         """One bucket of one raw log, in raw-file order (an empty table when the bucket is empty)."""
@@ -105,8 +116,7 @@ class DayBuckets:
             raw = pq.read_schema(self.raw[log])
             names = list(columns) if columns is not None else raw.names
             return pa.schema([raw.field(n) for n in names if n in raw.names]).empty_table()
-        cols = list(columns) if columns is not None else None
-        return pa.concat_tables(pq.ParquetFile(f).read(columns=cols) for f in files)
+        return pa.concat_tables(read_staged(f, columns) for f in files)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -119,7 +129,7 @@ class DayBuckets:
 
 
 def write_partitioned(table: pa.Table, column: str, part: np.ndarray, base_dir: Path, stem: str) -> None:
-    """Write ``table``'s rows as Hive partitions ``column=K/{stem}-0.parquet`` of ``base_dir`` by
+    """Write ``table``'s rows as Hive partitions ``column=K/{stem}-0.arrow`` of ``base_dir`` by
     ``part``, keeping their order (pyarrow's partitioned write: the shuffle is the filesystem)."""
     ds.write_dataset(
         table.append_column(column, pa.array(part, pa.int32())),
@@ -127,7 +137,7 @@ def write_partitioned(table: pa.Table, column: str, part: np.ndarray, base_dir: 
         format=STAGING_FORMAT,
         file_options=STAGING_OPTIONS,
         partitioning=ds.partitioning(pa.schema([(column, pa.int32())]), flavor="hive"),
-        basename_template=f"{stem}-{{i}}.parquet",
+        basename_template=f"{stem}-{{i}}{STAGING_SUFFIX}",
         existing_data_behavior="overwrite_or_ignore",
         use_threads=False,
         preserve_order=True,

@@ -259,10 +259,16 @@ def ranking_positions(ranking: pa.Table) -> pd.DataFrame:
     return _frame(ranking, RANKING_POSITION_COLUMNS)
 
 
-def source_positions(ranking: pa.Table, batch: str) -> pd.DataFrame:
-    """The rows of one source (``SOURCE_POSITIONS``): its request id and the stage position checked."""
-    source, column = SOURCE_POSITIONS[batch]
-    return _frame(ranking.filter(pc.equal(ranking["source"], source)), ("request_id", column))
+def source_positions(ranking: pa.Table) -> dict[str, pd.DataFrame]:
+    """Per batch of ``SOURCE_POSITIONS``: the rows of its source, with their request id and the stage
+    position its checks read. The source strings are matched once (one hash lookup per row), then
+    each batch's rows are picked by an integer code."""
+    batches = list(SOURCE_POSITIONS.items())
+    codes = pc.index_in(ranking["source"], value_set=pa.array([source for _, (source, _) in batches]))
+    return {
+        batch: _frame(ranking.filter(pc.equal(codes, i)), ("request_id", column))
+        for i, (batch, (_, column)) in enumerate(batches)
+    }
 
 
 def content_keys(exposure: pa.Table) -> pd.DataFrame:

@@ -30,7 +30,7 @@ from hap.core.engine import Mapper, local_map
 from hap.core.errors import DataContractError
 from hap.core.parquet import RowGroupWriter
 from hap.data import markers
-from hap.data.buckets import DayBuckets, cut_day, drop_cut
+from hap.data.buckets import DayBuckets, cut_day, drop_cut, read_staged
 from hap.data.quarantine import quarantine_day
 
 EXPOSURE_COLUMNS = [
@@ -279,7 +279,7 @@ def ingest_bucket(
         target = Path(out_dirs[table]) / lake_part_file(bucket)
         with RowGroupWriter(target, out_schema, row_group_rows) as writer:
             for path in files:
-                part = _conformed(pq.read_table(path), contract, contract.names, cut.raw[raw])
+                part = _conformed(read_staged(path), contract, contract.names, cut.raw[raw])
                 joined = join(side, part, Path(cut.raw[raw]))
                 writer.write(joined)
                 if "source" in joined.column_names:

@@ -38,3 +38,30 @@ def test_an_explicit_arrow_pool_is_kept(default_pool, monkeypatch):
     pa.set_memory_pool(pa.mimalloc_memory_pool())
     engine.local_map(_allocate_and_drop, [8])
     assert pa.default_memory_pool().backend_name == "mimalloc"
+
+
+class _Cyclic:
+    """An object in a reference cycle, as GX's validators and execution engines are."""
+
+    def __init__(self, megabytes: int) -> None:
+        self.data = pa.array(range(megabytes << 17), pa.int64())
+        self.me = self
+
+
+def _leave_a_cycle(megabytes: int) -> int:
+    left = _Cyclic(megabytes)
+    return left.data.nbytes
+
+
+def test_what_an_item_left_in_reference_cycles_is_freed_before_the_next(default_pool, monkeypatch):
+    import gc
+
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    gc.disable()  # as if the cycle collector's oldest generation were not due for a long while
+    try:
+        engine.local_map(_leave_a_cycle, [1])  # settles the pool switch
+        before = pa.default_memory_pool().bytes_allocated()
+        assert engine.local_map(_leave_a_cycle, [200])[0] >= 200 * 2**20
+        assert pa.default_memory_pool().bytes_allocated() - before < 8 * 2**20
+    finally:
+        gc.enable()
