@@ -7,6 +7,10 @@ largest process (the stage's own, or one of its Dask worker processes: ``getrusa
 the process tree sampled every 0.2 s with psutil). Baselines in the same run:
 
 - ``pyarrow I/O``: read the day's three raw logs and write them back, nothing else;
+- ``running cluster``: the bucketed path against a Dask scheduler and 1 or 2 worker processes
+  started and warmed up before the stages (as compose's long-lived workers are), so the speed-up
+  from a second worker is not hidden by per-step start-up (``buckets, N worker(s)`` starts a local
+  cluster inside each stage, and every worker imports GX);
 - ``single-process (BASE)``: the data path as it was before buckets (commit ``--base``, checked
   out into a temporary worktree), on the same landing files. Its validate held the whole day in
   pandas (6.3 GB at 300k requests), so above ``--base-validate-max`` requests only its ingest and
@@ -25,13 +29,17 @@ later stage fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -168,22 +176,105 @@ def fresh_home(requests: int, name: str) -> Path:
     return home
 
 
-def run_stage(code: Path, home: Path, stage: str, day: dt.date, workers: int, ov: dict[str, Any]) -> dict:
+def run_stage(
+    code: Path, home: Path, stage: str, day: dt.date, workers: int, ov: dict[str, Any], watch: tuple = ()
+) -> dict:
+    """One stage in a fresh process; ``watch``: processes outside its tree whose memory counts too
+    (a running cluster's workers)."""
     env = {**os.environ, "HAP_HOME": str(home), "PYTHONPATH": str(code)}
     env.pop("HAP_DASK_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, stage, day.isoformat(), str(workers), json.dumps(ov)],
-        cwd=code,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    with _peak_rss(watch) as outside:
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, stage, day.isoformat(), str(workers), json.dumps(ov)],
+            cwd=code,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if proc.returncode or line is None:
         raise RuntimeError(f"{stage} failed: {(proc.stderr or proc.stdout)[-1500:]}")
     out = json.loads(line[len("BENCH ") :])
+    out["peak_rss_mb"] = max(out["peak_rss_mb"], outside[0] / 2**20)
     print(f"  {stage:10s} workers={workers} {out}", flush=True)
     return out
+
+
+@contextlib.contextmanager
+def _peak_rss(processes: tuple) -> Iterator[list[int]]:
+    """The largest RSS of any of ``processes`` or their children while the block runs."""
+    import psutil
+
+    largest, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for root in processes:
+                try:
+                    tree = [root, *root.children(recursive=True)]
+                except psutil.Error:
+                    continue
+                for p in tree:
+                    try:
+                        largest[0] = max(largest[0], p.memory_info().rss)
+                    except psutil.Error:
+                        pass
+            done.wait(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield largest
+    finally:
+        done.set()
+        thread.join()
+
+
+def _gx_imported() -> bool:
+    import importlib
+
+    return importlib.import_module("great_expectations") is not None  # waits for the preload's import
+
+
+@contextlib.contextmanager
+def running_cluster(workers: int, logs: Path) -> Iterator[tuple[str, tuple]]:
+    """A Dask scheduler and ``workers`` worker processes on 127.0.0.1, started once and warmed up
+    before any stage runs: the production shape (compose's and Kubernetes' workers are long-lived),
+    so a stage pays no cluster or worker start-up. Yields the address and the processes to watch."""
+    import psutil
+    from distributed import Client
+
+    from hap.core.config import load_config
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).with_name("dask"))
+    engine = load_config().engine
+    preload = [arg for module in engine.worker_preload for arg in ("--preload", module)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    logs.mkdir(parents=True, exist_ok=True)
+    commands = [
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        [dask, "worker", address, "--nworkers", str(workers), "--nthreads", "1", "--host", "127.0.0.1"]
+        + ["--memory-limit", engine.worker_memory, "--no-dashboard", *preload],
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT
+        )
+        for name, cmd in zip(("scheduler", "workers"), commands)
+    ]
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(workers, timeout=120)
+            assert all(client.run(_gx_imported).values())
+        yield address, tuple(psutil.Process(p.pid) for p in procs)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=30)
 
 
 def base_worktree(commit: str) -> Path:
@@ -217,6 +308,13 @@ def bench_day(requests: int, base: Path, base_validate_max: int) -> list[dict[st
         wov = {**ov, "engine.workers": workers}
         for stage in DATA_STAGES:
             add(f"buckets, {workers} worker(s)", stage, run_stage(REPO, home, stage, START, workers, wov))
+    for workers in (1, 2):
+        home = fresh_home(requests, f"cluster-{workers}")
+        with running_cluster(workers, home / "cluster-logs") as (address, watch):
+            cov = {**ov, "engine.address": address}
+            for stage in DATA_STAGES:
+                figures = run_stage(REPO, home, stage, START, 1, cov, watch)
+                add(f"running cluster, {workers} worker(s)", stage, figures)
     return rows
 
 
@@ -261,13 +359,22 @@ def with_data_path(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _family(path: str) -> str:
+    """``buckets`` or ``running cluster``: paths that differ only in their number of workers."""
+    return path.split(",")[0]
+
+
 def summarize(rows: list[dict[str, Any]]) -> str:
     """The table, with each stage's ratio to pyarrow I/O, to the single-process path, to one worker,
     and its peak memory against the same path and stage at the smallest volume."""
     rows = with_data_path(rows)
     io = {r["requests"]: r["seconds"] for r in rows if r["path"] == "pyarrow I/O"}
     base = {(r["requests"], r["stage"]): r["seconds"] for r in rows if r["path"].startswith("single")}
-    one = {(r["requests"], r["stage"]): r["seconds"] for r in rows if r["path"] == "buckets, 1 worker(s)"}
+    one = {  # each way of running buckets against its own 1-worker run
+        (r["requests"], _family(r["path"]), r["stage"]): r["seconds"]
+        for r in rows
+        if r["path"].endswith(", 1 worker(s)")
+    }
     smallest = min(r["requests"] for r in rows)
     rss = {(r["path"], r["stage"]): r["peak_rss_mb"] for r in rows if r["requests"] == smallest}
     table = []
@@ -282,7 +389,9 @@ def summarize(rows: list[dict[str, Any]]) -> str:
                 r["peak_rss_mb"],
                 r["seconds"] / io[r["requests"]] if r["requests"] in io else "-",
                 r["seconds"] / base[key] if key in base else "-",
-                one[key] / r["seconds"] if key in one else "-",
+                one[(*key[:1], _family(r["path"]), key[1])] / r["seconds"]
+                if (*key[:1], _family(r["path"]), key[1]) in one
+                else "-",
                 r["peak_rss_mb"] / rss[(r["path"], r["stage"])]
                 if r["requests"] != smallest and (r["path"], r["stage"]) in rss
                 else "-",
