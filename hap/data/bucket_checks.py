@@ -12,11 +12,15 @@ partitions of a file back into one finding per expectation.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from hap.core import schema
@@ -47,36 +51,38 @@ def _write_keys(cut: DayBuckets, batch: str, bucket: int, table: pa.Table, part:
     write_partitioned(table, "part", part, cut.root / KEYS_DIR / batch, f"bucket-{bucket:05d}")
 
 
-def check_bucket(
-    cfg: Config, cut: DayBuckets, params: dict[str, Any], bucket: int, runner: GxRunner | None = None
-) -> BucketResult:
-    """Run the per-request checks on one bucket and hand back what the day-level checks need
-    (``runner``: this process's shared one by default, or the day's, to put a bucket in its Data Docs)."""
-    exposure, ranking, fullflow = (cut.read(log, bucket) for log in schema.RAW_LOGS)
-    suites = {name: load_suite_json(name) for name in schema.RAW_LOGS}
-    files = cut.raw
-    runner = runner or _runner(cfg)
-    out = BucketResult(bucket)
-    out.findings += runner.run(
-        suites["exposure"], "rows", vf.exposure_rows(exposure, ranking), params, files["exposure"]
-    )
-    out.findings += runner.run(suites["ranking"], "rows", vf.ranking_rows(ranking), params, files["ranking"])
-    out.findings += runner.run(
-        suites["ranking"], "positions", vf.ranking_positions(ranking), params, files["ranking"]
-    )
-    for batch, frame in vf.source_positions(ranking).items():
-        out.findings += runner.run(suites["ranking"], batch, frame, params, files["ranking"])
-    per_request = vf.requests_frame(exposure, ranking, cfg.contract.global_neg_per_pos)
-    out.findings += runner.run(
-        suites["ranking"],
-        "requests",
-        per_request,
-        params,
-        f"{files['ranking']} + {files['exposure']} (per request)",
-    )
-    out.findings += runner.run(
-        suites["fullflow"], "rows", vf.fullflow_rows(fullflow, exposure), params, files["fullflow"]
-    )
+Batch = tuple[str, str, pd.DataFrame, str]  # (suite, batch, frame, the file its findings name)
+
+
+def _batches(
+    cfg: Config, files: dict[str, str], exposure: pa.Table, ranking: pa.Table, fullflow: pa.Table
+) -> list[Callable[[], list[Batch]]]:
+    """The frames a bucket's GX batches run on, one builder per log (pyarrow-side work)."""
+    per_request = f"{files['ranking']} + {files['exposure']} (per request)"
+    return [
+        lambda: [("exposure", "rows", vf.exposure_rows(exposure, ranking), files["exposure"])],
+        lambda: [
+            ("ranking", "rows", vf.ranking_rows(ranking), files["ranking"]),
+            ("ranking", "positions", vf.ranking_positions(ranking), files["ranking"]),
+            *[("ranking", b, f, files["ranking"]) for b, f in vf.source_positions(ranking).items()],
+        ],
+        lambda: [
+            (
+                "ranking",
+                "requests",
+                vf.requests_frame(exposure, ranking, cfg.contract.global_neg_per_pos),
+                per_request,
+            )
+        ],
+        lambda: [("fullflow", "rows", vf.fullflow_rows(fullflow, exposure), files["fullflow"])],
+    ]
+
+
+def _summarize(
+    cfg: Config, cut: DayBuckets, bucket: int, tables: tuple[pa.Table, ...], out: BucketResult
+) -> None:
+    """What the day-level checks need from the bucket, and its keys that span requests."""
+    exposure, ranking, fullflow = tables
     out.counts = vf.bucket_counts(exposure, ranking, fullflow)
     out.profile = vf.profile_part(exposure, ranking, cfg.validation.profile_sample_rows)
     keys = vf.exposure_keys(exposure)
@@ -89,6 +95,33 @@ def check_bucket(
         pa.Table.from_pandas(content, preserve_index=False),
         vf.content_key_part(content, cut.buckets),
     )
+
+
+def check_bucket(
+    cfg: Config, cut: DayBuckets, params: dict[str, Any], bucket: int, runner: GxRunner | None = None
+) -> BucketResult:
+    """Run the per-request checks on one bucket and hand back what the day-level checks need
+    (``runner``: this process's shared one by default, or the day's, to put a bucket in its Data Docs).
+
+    GX's work is Python (it holds the GIL) and building frames is mostly pyarrow (it releases it),
+    so the next log's frames are built in a background thread while GX checks the current ones,
+    and the bucket's counts, profile and keys while GX checks the last (measured: 4.85 -> 4.26 s
+    a bucket). The whole bucket runs under pandas copy-on-write, as GX's runs do (``GxRunner``):
+    the option is process-wide, and toggling it under the other thread would mix the two modes."""
+    tables = tuple(cut.read(log, bucket) for log in schema.RAW_LOGS)
+    suites = {name: load_suite_json(name) for name in schema.RAW_LOGS}
+    runner = runner or _runner(cfg)
+    out = BucketResult(bucket)
+    with pd.option_context("mode.copy_on_write", True), ThreadPoolExecutor(1, "bucket-frames") as pool:
+        builders = _batches(cfg, cut.raw, *tables)
+        pending = pool.submit(builders[0])
+        for build in [*builders[1:], functools.partial(_summarize, cfg, cut, bucket, tables, out)]:
+            batches = pending.result()
+            pending = pool.submit(build)  # one log ahead: a bucket holds two logs' frames at most
+            for suite, batch, frame, file in batches:
+                out.findings += runner.run(suites[suite], batch, frame, params, file)
+            del batches
+        pending.result()
     return out
 
 
