@@ -168,6 +168,9 @@ class GxRunner:
         self.quick = quick
 
     def _suite(self, suite_json: dict[str, Any], batch: str) -> Any:
+        name = f"{suite_json['name']}.{batch}"
+        if self.reuse and name in self._definitions:  # built for an earlier bucket
+            return self._definitions[name].suite
         chosen = []
         for exp in suite_json["expectations"]:
             if exp.get("meta", {}).get("batch") != batch:
@@ -178,9 +181,6 @@ class GxRunner:
             if exp["meta"].get("check") == DISTRIBUTION_NOTE:
                 exp["severity"] = "critical" if self.on_distribution_shift == "quarantine" else "warning"
             chosen.append(exp)
-        name = f"{suite_json['name']}.{batch}"
-        if self.reuse and name in self._definitions:
-            return self._definitions[name].suite
         if name in self._names:  # the same suite on another file (a training-set partition)
             name = f"{name}.{len(self._names)}"
         self._names.add(name)
@@ -208,20 +208,19 @@ class GxRunner:
                 )
             )
             self._definitions[suite.name] = definition
-        if not self.quick:
+        # Verdicts first (bucket checks): GX's Python-side work per expectation roughly halves without
+        # the unexpected values and index lists, which a passing batch does not need (measured:
+        # 2.5 s -> 1.5 s a bucket); a failure or an error runs again for its counts and examples.
+        quick = self.quick
+        result_format = {"result_format": "BOOLEAN_ONLY"} if quick else self._detailed_format(frame)
+        result = self._validate(definition, frame, params, result_format)
+        if quick and not all(r.success for r in result.results):
+            quick = False
             result = self._validate(definition, frame, params, self._detailed_format(frame))
-            return [self._finding(r, suite.name, file, len(frame)) for r in result.results]
-        # Verdicts first: GX's Python-side work per expectation roughly halves without the unexpected
-        # values and index lists, which a passing batch does not need (measured: 2.5 s -> 1.5 s a bucket)
-        result = self._validate(definition, frame, params, {"result_format": "BOOLEAN_ONLY"})
-        if not all(r.success for r in result.results):  # a failure or an error: its counts and examples
-            result = self._validate(definition, frame, params, self._detailed_format(frame))
-            return [self._finding(r, suite.name, file, len(frame)) for r in result.results]
         findings = [self._finding(r, suite.name, file, len(frame)) for r in result.results]
-        for (
-            f
-        ) in findings:  # the rows a passing map check saw: the frame's, unless a row condition filtered it
-            f.rows = None if "row_condition" in f.args else len(frame)
+        if quick:  # the rows a passing map check saw: the frame's, unless a row condition filtered it
+            for f in findings:
+                f.rows = None if "row_condition" in f.args else len(frame)
         return findings
 
     def _detailed_format(self, frame: pd.DataFrame) -> dict[str, Any]:
@@ -308,8 +307,8 @@ def bucket_runner(examples: int, extra_columns: str, on_distribution_shift: str)
 def merge_findings(parts: list[list[Finding]], examples: int) -> list[Finding]:
     """The per-bucket findings of each expectation merged into one per file, in bucket order: bad
     rows summed, rows summed when every bucket counted them (a row-conditioned check that passed a
-    bucket on its verdict alone did not), examples from the first buckets that have some. The merged verdicts,
-    counts and examples are the same whatever the number of workers."""
+    bucket on its verdict alone did not), examples from the first buckets that have some. The
+    merged verdicts, counts and examples are the same whatever the number of workers."""
     merged: dict[tuple, Finding] = {}
     for findings in parts:
         for f in findings:
