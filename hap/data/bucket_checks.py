@@ -12,7 +12,6 @@ partitions of a file back into one finding per expectation.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +51,12 @@ def _write_keys(cut: DayBuckets, batch: str, bucket: int, table: pa.Table, part:
 
 
 Batch = tuple[str, str, pd.DataFrame, str]  # (suite, batch, frame, the file its findings name)
+BUILD_ORDER = (
+    3,
+    2,
+    1,
+    0,
+)  # ``_batches``' builders, cheapest frames first: full-flow, requests, ranking, exposure
 
 
 def _batches(
@@ -103,25 +108,36 @@ def check_bucket(
     """Run the per-request checks on one bucket and hand back what the day-level checks need
     (``runner``: this process's shared one by default, or the day's, to put a bucket in its Data Docs).
 
-    GX's work is Python (it holds the GIL) and building frames is mostly pyarrow (it releases it),
-    so the next log's frames are built in a background thread while GX checks the current ones,
-    and the bucket's counts, profile and keys while GX checks the last (measured: 4.85 -> 4.26 s
-    a bucket). The whole bucket runs under pandas copy-on-write, as GX's runs do (``GxRunner``):
-    the option is process-wide, and toggling it under the other thread would mix the two modes."""
+    GX's work is Python (it holds the GIL) while building frames and the bucket's summary is mostly
+    pyarrow (it releases it), so the three overlap: the summary (counts, profile, keys) is built in
+    one background thread from the start, and each log's frames in another, one log ahead of GX,
+    cheapest first so that GX starts at once (measured: 2.4 -> 1.9 s a bucket of a 100k-request
+    day, once GX's part had shrunk to 0.5 s and the frames had become the longer chain). Findings keep the
+    logs' order whatever the schedule. The whole bucket runs under pandas copy-on-write, as GX's
+    runs do (``GxRunner``): the option is process-wide, and toggling it under another thread would
+    mix the two modes."""
     tables = tuple(cut.read(log, bucket) for log in schema.RAW_LOGS)
     suites = {name: load_suite_json(name) for name in schema.RAW_LOGS}
     runner = runner or _runner(cfg)
     out = BucketResult(bucket)
-    with pd.option_context("mode.copy_on_write", True), ThreadPoolExecutor(1, "bucket-frames") as pool:
-        builders = _batches(cfg, cut.raw, *tables)
-        pending = pool.submit(builders[0])
-        for build in [*builders[1:], functools.partial(_summarize, cfg, cut, bucket, tables, out)]:
+    builders = _batches(cfg, cut.raw, *tables)
+    order = BUILD_ORDER
+    findings: dict[int, list[Finding]] = {}
+    with pd.option_context("mode.copy_on_write", True), ThreadPoolExecutor(2, "bucket-build") as pool:
+        summary = pool.submit(_summarize, cfg, cut, bucket, tables, out)
+        pending = pool.submit(builders[order[0]])
+        for at, index in enumerate(order):
             batches = pending.result()
-            pending = pool.submit(build)  # one log ahead: a bucket holds two logs' frames at most
-            for suite, batch, frame, file in batches:
-                out.findings += runner.run(suites[suite], batch, frame, params, file)
+            if at + 1 < len(order):  # one log ahead: a bucket holds two logs' frames at most
+                pending = pool.submit(builders[order[at + 1]])
+            findings[index] = [
+                f
+                for suite, batch, frame, file in batches
+                for f in runner.run(suites[suite], batch, frame, params, file)
+            ]
             del batches
-        pending.result()
+        summary.result()
+    out.findings = [f for i in range(len(builders)) for f in findings[i]]
     return out
 
 
