@@ -230,9 +230,9 @@ class GxRunner:
 
         ``quick`` runs verdicts first: the batch's rules folded into a few multi-column GX
         expectations (``hap.data.gx_rules``), for their verdicts only (measured: GX's work on a
-        bucket of a 100k-request day 1.6 -> 0.5 s, with the fingerprint off). A batch that passes them passed every expectation of the suite, and
-        each gets a passing finding; one that fails or errors runs again with the suite's own
-        expectations, for their counts and examples."""
+        bucket of a 100k-request day 1.6 -> 0.5 s, with the fingerprint off). A batch that passes
+        them passed every expectation of the suite, and each gets a passing finding; one that fails
+        or errors runs again with the suite's own expectations, for their counts and examples."""
         definition = self._definition(suite_json, batch)
         if definition is None:
             return []
