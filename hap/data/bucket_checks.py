@@ -51,27 +51,23 @@ def _write_keys(cut: DayBuckets, batch: str, bucket: int, table: pa.Table, part:
 
 
 Batch = tuple[str, str, pd.DataFrame, str]  # (suite, batch, frame, the file its findings name)
-BUILD_ORDER = (
-    3,
-    2,
-    1,
-    0,
-)  # ``_batches``' builders, cheapest frames first: full-flow, requests, ranking, exposure
+BUILD_ORDER = ("fullflow", "requests", "ranking", "exposure")  # cheapest frames first
 
 
 def _batches(
     cfg: Config, files: dict[str, str], exposure: pa.Table, ranking: pa.Table, fullflow: pa.Table
-) -> list[Callable[[], list[Batch]]]:
-    """The frames a bucket's GX batches run on, one builder per log (pyarrow-side work)."""
+) -> dict[str, Callable[[], list[Batch]]]:
+    """The frames a bucket's GX batches run on, one builder per part, in the order findings are
+    reported (pyarrow-side work)."""
     per_request = f"{files['ranking']} + {files['exposure']} (per request)"
-    return [
-        lambda: [("exposure", "rows", vf.exposure_rows(exposure, ranking), files["exposure"])],
-        lambda: [
+    return {
+        "exposure": lambda: [("exposure", "rows", vf.exposure_rows(exposure, ranking), files["exposure"])],
+        "ranking": lambda: [
             ("ranking", "rows", vf.ranking_rows(ranking), files["ranking"]),
             ("ranking", "positions", vf.ranking_positions(ranking), files["ranking"]),
             *[("ranking", b, f, files["ranking"]) for b, f in vf.source_positions(ranking).items()],
         ],
-        lambda: [
+        "requests": lambda: [
             (
                 "ranking",
                 "requests",
@@ -79,8 +75,8 @@ def _batches(
                 per_request,
             )
         ],
-        lambda: [("fullflow", "rows", vf.fullflow_rows(fullflow, exposure), files["fullflow"])],
-    ]
+        "fullflow": lambda: [("fullflow", "rows", vf.fullflow_rows(fullflow, exposure), files["fullflow"])],
+    }
 
 
 def _summarize(
@@ -112,32 +108,31 @@ def check_bucket(
     pyarrow (it releases it), so the three overlap: the summary (counts, profile, keys) is built in
     one background thread from the start, and each log's frames in another, one log ahead of GX,
     cheapest first so that GX starts at once (measured: 2.4 -> 1.9 s a bucket of a 100k-request
-    day, once GX's part had shrunk to 0.5 s and the frames had become the longer chain). Findings keep the
-    logs' order whatever the schedule. The whole bucket runs under pandas copy-on-write, as GX's
-    runs do (``GxRunner``): the option is process-wide, and toggling it under another thread would
-    mix the two modes."""
+    day, once GX's part had shrunk to 0.5 s and the frames had become the longer chain).
+    Findings keep ``_batches``' order whatever the schedule. The whole bucket runs under pandas
+    copy-on-write, as GX's runs do (``GxRunner``): the option is process-wide, and toggling it
+    under another thread would mix the two modes."""
     tables = tuple(cut.read(log, bucket) for log in schema.RAW_LOGS)
     suites = {name: load_suite_json(name) for name in schema.RAW_LOGS}
     runner = runner or _runner(cfg)
     out = BucketResult(bucket)
     builders = _batches(cfg, cut.raw, *tables)
-    order = BUILD_ORDER
-    findings: dict[int, list[Finding]] = {}
+    findings: dict[str, list[Finding]] = {}
     with pd.option_context("mode.copy_on_write", True), ThreadPoolExecutor(2, "bucket-build") as pool:
         summary = pool.submit(_summarize, cfg, cut, bucket, tables, out)
-        pending = pool.submit(builders[order[0]])
-        for at, index in enumerate(order):
+        pending = pool.submit(builders[BUILD_ORDER[0]])
+        for part, following in zip(BUILD_ORDER, [*BUILD_ORDER[1:], None]):
             batches = pending.result()
-            if at + 1 < len(order):  # one log ahead: a bucket holds two logs' frames at most
-                pending = pool.submit(builders[order[at + 1]])
-            findings[index] = [
+            if following is not None:  # one part ahead: a bucket holds two parts' frames at most
+                pending = pool.submit(builders[following])
+            findings[part] = [
                 f
                 for suite, batch, frame, file in batches
                 for f in runner.run(suites[suite], batch, frame, params, file)
             ]
             del batches
         summary.result()
-    out.findings = [f for i in range(len(builders)) for f in findings[i]]
+    out.findings = [f for part in builders for f in findings[part]]
     return out
 
 
