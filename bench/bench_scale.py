@@ -6,7 +6,9 @@ Every stage runs in a fresh process; its figures are its wall time and the peak 
 largest process (the stage's own, or one of its Dask worker processes: ``getrusage`` peaks, and
 the process tree sampled every 0.2 s with psutil). Baselines in the same run:
 
-- ``pyarrow I/O``: read the day's three raw logs and write them back, nothing else;
+- ``pyarrow I/O``: read the day's three raw logs and write them back, nothing else; ``pairs``
+  runs it again just before each in-process step, ``--repeat`` times, because it moves with the
+  page cache (2.3-4.0 s at 100k in one session) and one baseline per run makes the ratios noisy;
 - ``running cluster``: the bucketed path against a Dask scheduler and 1 or 2 worker processes
   started and warmed up before the stages (as compose's long-lived workers are), so the speed-up
   from a second worker is not hidden by per-step start-up (``buckets, N worker(s)`` starts a local
@@ -21,6 +23,7 @@ Usage::
     python -m bench.bench_scale simulate --volumes 100000,1000000 --days 3   # once, ~10 min per 1M day
     python -m bench.bench_scale run --volumes 100000,1000000 --parts day --out scale_day
     python -m bench.bench_scale run --volumes 1000000 --parts window --out scale_window
+    python -m bench.bench_scale pairs --volumes 100000 --repeat 3 --out scale_pairs
 
 Figures go to ``bench/results/<out>.{json,md}``; ``run`` keeps what it measured so far if a
 later stage fails.
@@ -338,6 +341,45 @@ def bench_window(requests: int, days: int) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_pairs(requests: int, repeat: int) -> list[dict[str, Any]]:
+    """Each in-process data step right after its own pyarrow I/O baseline, ``repeat`` times."""
+    ov = {**overrides(requests), "engine.workers": 1}
+    rows = []
+    for attempt in range(1, repeat + 1):
+        home = fresh_home(requests, "pairs")
+        for stage in DATA_STAGES:
+            io = run_stage(REPO, fresh_home(requests, "io"), "pyarrow-io", START, 1, ov)
+            step = run_stage(REPO, home, stage, START, 1, ov)
+            rows.append(
+                {
+                    "requests": requests,
+                    "attempt": attempt,
+                    "stage": stage,
+                    "seconds": step["seconds"],
+                    "pyarrow_io_seconds": io["seconds"],
+                    "peak_rss_mb": step["peak_rss_mb"],
+                }
+            )
+    return rows
+
+
+def summarize_pairs(rows: list[dict[str, Any]]) -> str:
+    table = [
+        [
+            f"{r['requests']:,}",
+            r["attempt"],
+            r["stage"],
+            r["seconds"],
+            r["pyarrow_io_seconds"],
+            r["seconds"] / r["pyarrow_io_seconds"],
+            r["peak_rss_mb"],
+        ]
+        for r in rows
+    ]
+    headers = ["requests/day", "attempt", "stage", "s", "pyarrow I/O just before, s", "× pyarrow I/O"]
+    return markdown_table([*headers, "peak RSS MB"], table)
+
+
 def with_data_path(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows, plus a ``data path`` row (validate + ingest + split) for each path that ran all three."""
     out = list(rows)
@@ -415,18 +457,23 @@ def summarize(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["simulate", "run"])
+    parser.add_argument("command", choices=["simulate", "run", "pairs"])
     parser.add_argument("--volumes", default="100000,1000000")
     parser.add_argument("--days", type=int, default=3, help="window of the largest volume")
     parser.add_argument("--base", default=BASE_COMMIT)
     parser.add_argument("--base-validate-max", type=int, default=300_000)
     parser.add_argument("--parts", default="day,window", help="day: per-volume paths; window: the window")
     parser.add_argument("--out", default="scale", help="results name under bench/results/")
+    parser.add_argument("--repeat", type=int, default=3, help="pairs: rounds of each step and its baseline")
     args = parser.parse_args()
     volumes = [int(v) for v in args.volumes.split(",")]
     if args.command == "simulate":
         simulate(volumes[:-1], 1)
         simulate(volumes[-1:], args.days)
+        return
+    if args.command == "pairs":
+        rows = [r for requests in volumes for r in bench_pairs(requests, args.repeat)]
+        write_results(args.out, {"rows": rows}, summarize_pairs(rows))
         return
     base = base_worktree(args.base)
     rows: list[dict[str, Any]] = []

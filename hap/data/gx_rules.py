@@ -3,11 +3,12 @@ per-bucket verdict pass (``GxRunner(quick=True)``).
 
 A bucket's row batches carry ~130 single-column expectations (range, not-null, value set), and
 GX's cost is mostly per expectation, not per row: building its metric graph, its configuration
-and its result (measured: ~13 ms an expectation on a 500k-row frame, three quarters of it
-Python). The verdict pass folds a batch's single-column rules of one kind into one multi-column
-expectation (``fold``) and runs those with GX; a batch that passes them passed every rule they
-fold, and a batch that fails or errors is re-run with the suite's own expectations, so what a
-user reads (per-column findings, counts, example rows) is always the reviewed suite's.
+and its result, in Python (measured on a bucket of a 100k-request day, 1.5M ranking rows:
+~12 ms an expectation, 1.6 s a bucket; folded to ~25 expectations, 0.5 s). The verdict pass
+folds a batch's single-column rules of one kind into one multi-column expectation (``fold``) and
+runs those with GX; a batch that passes them passed every rule they fold, and a batch that fails
+or errors is re-run with the suite's own expectations, so what a user reads (per-column
+findings, counts, example rows) is always the reviewed suite's.
 
 The fold is conservative: it takes only rules whose GX semantics it matches exactly, and its
 checks *raise* on anything else (a column GX would not check vectorized, a bound that is not a
