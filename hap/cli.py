@@ -8,6 +8,7 @@ failures (``HapError``) print one clear message and exit non-zero, without a tra
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -316,6 +317,13 @@ def main() -> None:
         # when collected at exit; the error above already reports it, so that echo is dropped.
         sys.unraisablehook = lambda _unraisable: None
         sys.exit(err.exit_code)
+    finally:
+        # Arrow readers that are garbage but not yet collected may still have I/O tasks in Arrow's
+        # thread pools; left to the interpreter's teardown, a pool destroyed under a live task
+        # aborts the process after its work is done ("terminate called without an active
+        # exception", exit -6: seen once on `hap split` under load; apache/arrow#34314). Collected
+        # here, while Arrow is alive, they finish first.
+        gc.collect()
 
 
 if __name__ == "__main__":
