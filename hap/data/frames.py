@@ -185,7 +185,11 @@ def _frame(table: pa.Table, columns: tuple[str, ...]) -> pd.DataFrame:
 def _list_len(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Each row's list length as int64 (Arrow gives int32, which GX checks value by value); NaN
     for a null list, as float64, so that the length's not-null check counts it."""
-    lengths = pc.list_value_length(col)
+    return _lengths(pc.list_value_length(col))
+
+
+def _lengths(lengths: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """``_list_len`` of lengths already computed."""
     if lengths.null_count:
         return lengths.to_numpy(zero_copy_only=False).astype(np.float64)
     return lengths.to_numpy(zero_copy_only=False).astype(np.int64)
@@ -200,9 +204,11 @@ def landing_files(folder: Path) -> pd.DataFrame:
 def _sequence_stats(col: pa.ChunkedArray | pa.Array) -> dict[str, np.ndarray]:
     """Per row of a list column: its length, smallest and largest id (0 where it has no id), and
     the null ids inside. One numpy reduction per statistic over the flattened ids, segment by
-    segment (half the time of Arrow's hash group-by on row numbers, which it replaced)."""
+    segment (faster than Arrow's hash group-by on row numbers, which it replaced: 0.34 -> 0.18 s
+    on 200k lists of 50 ids, as a bucket meets them, with its memory freshly returned)."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    counts = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = pc.list_value_length(col)
+    counts = lengths.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     flat = pc.list_flatten(col)  # the ids of the non-null lists, in row order
     valid = flat.is_valid().to_numpy(zero_copy_only=False)
     ids = flat.fill_null(0).to_numpy(zero_copy_only=False)
@@ -215,7 +221,7 @@ def _sequence_stats(col: pa.ChunkedArray | pa.Array) -> dict[str, np.ndarray]:
         has_id = nulls[rows] < counts[rows]
         lo[rows] = np.where(has_id, np.minimum.reduceat(np.where(valid, ids, top), starts), 0)
         hi[rows] = np.where(has_id, np.maximum.reduceat(np.where(valid, ids, bottom), starts), 0)
-    return {"len": _list_len(col), "min": lo, "max": hi, "nulls": nulls}
+    return {"len": _lengths(lengths), "min": lo, "max": hi, "nulls": nulls}
 
 
 def exposure_rows(exposure: pa.Table, ranking: pa.Table) -> pd.DataFrame:

@@ -146,12 +146,12 @@ class GxRunner:
         # GX fingerprints every frame under HASH_THRESHOLD bytes (an md5 of pandas' row hashes) for
         # its batch markers, which nothing here reads: a third of GX's time on a bucket (measured:
         # 1.2 of 3.9 s at 100k requests). A module setting, not a patch: if a GX upgrade drops it,
-        # only the speed-up goes, and tests/data/test_gx_runner.py says so.
+        # only the speed-up goes, and tests/data/test_gx_rules.py says so.
         pandas_execution_engine.HASH_THRESHOLD = 0
 
         logging.getLogger("great_expectations").setLevel(logging.ERROR)
         self.gx = gx
-        self._fold, self._rule_parameters = gx_rules.fold, gx_rules.rule_parameters
+        self._gx_rules = gx_rules  # imported here, after GX
         self.ctx = gx.get_context(mode="ephemeral")
         self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
         self.docs_dir = docs_dir
@@ -207,7 +207,7 @@ class GxRunner:
             name = f"{name}.{len(self._names)}"
         self._names.add(name)
         if verdicts:
-            expectations, self._rules[name] = self._fold(expectations)
+            expectations, self._rules[name] = self._gx_rules.fold(expectations)
         suite = self.ctx.suites.add(
             self.gx.ExpectationSuite(
                 name=name, expectations=expectations, meta={**suite_json.get("meta", {}), "batch": batch}
@@ -238,7 +238,7 @@ class GxRunner:
             return []
         if self.quick:
             verdicts = self._definition(suite_json, batch, verdicts=True)
-            rules = self._rule_parameters(self._rules[verdicts.name], params)
+            rules = self._gx_rules.rule_parameters(self._rules[verdicts.name], params)
             result = self._validate(verdicts, frame, {**params, **rules}, {"result_format": "BOOLEAN_ONLY"})
             if all(r.success for r in result.results):
                 return self._passing(definition, params, file, len(frame))
