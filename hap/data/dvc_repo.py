@@ -54,8 +54,17 @@ def dvc_dir_md5(folder: Path) -> str:
     return tree.hash_info.value
 
 
+def dvc_reason(output: str) -> str:
+    """DVC's own account of a failure: its ``ERROR:`` lines (the last 600 characters of the whole
+    output where it printed none), or a note that it printed nothing."""
+    errors = [line.strip() for line in output.splitlines() if line.lstrip().startswith("ERROR")]
+    reason = "\n".join(errors) if errors else output.strip()[-600:]
+    return reason or "DVC printed no reason"
+
+
 def dvc(args: list[str], cwd: Path, timeout: float = DVC_TIMEOUT_SECONDS) -> str:
-    """Run ``dvc ARGS`` in ``cwd``: its stdout, or ``DvcFailed`` (a hung remote is killed at ``timeout``)."""
+    """Run ``dvc ARGS`` in ``cwd``: its stdout, or ``DvcFailed`` naming DVC's reason (a hung
+    remote is killed at ``timeout``). Never pass ``--quiet``: DVC then hides its errors too."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     try:
         proc = subprocess.run(
@@ -69,7 +78,8 @@ def dvc(args: list[str], cwd: Path, timeout: float = DVC_TIMEOUT_SECONDS) -> str
     except subprocess.TimeoutExpired:
         raise DvcFailed(f"`dvc {' '.join(args)}` ran past {timeout:g}s and was stopped") from None
     if proc.returncode != 0:
-        raise DvcFailed(f"`dvc {' '.join(args)}` failed: {(proc.stderr or proc.stdout).strip()[-600:]}")
+        reason = dvc_reason(f"{proc.stdout}\n{proc.stderr}")
+        raise DvcFailed(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}): {reason}")
     return proc.stdout
 
 
@@ -102,9 +112,9 @@ def dvc_targets(cfg: Config, date: dt.date, repo: Path = REPO_ROOT) -> list[str]
 def commit_and_push(cfg: Config, targets: list[str], repo: Path = REPO_ROOT) -> str:
     """``dvc commit`` the stages into dvc.lock and ``dvc push`` them to the configured remote."""
     remote, timeout = cfg.dvc_remote_url(), cfg.orchestration.dvc_timeout_seconds
-    dvc(["commit", "--force", "--quiet", *targets], repo, timeout)
+    dvc(["commit", "--force", *targets], repo, timeout)
     dvc(["remote", "add", "--local", "--force", PUSH_REMOTE, remote], repo, timeout)
-    dvc(["push", "--quiet", "-r", PUSH_REMOTE, *targets], repo, timeout)
+    dvc(["push", "-r", PUSH_REMOTE, *targets], repo, timeout)
     return remote
 
 
@@ -116,8 +126,8 @@ def fetch_training_set(dir_md5: str, remote: str, dest: Path) -> Path:
     project = dest.parent
     project.mkdir(parents=True, exist_ok=True)
     if not (project / ".dvc").is_dir():
-        dvc(["init", "--no-scm", "--quiet"], project)
+        dvc(["init", "--no-scm"], project)
     dvc(["remote", "add", "--force", "--default", "origin", remote], project)
     (project / f"{dest.name}.dvc").write_text(f"outs:\n- md5: {dir_md5}\n  path: {dest.name}\n  hash: md5\n")
-    dvc(["pull", "--quiet", f"{dest.name}.dvc"], project)
+    dvc(["pull", f"{dest.name}.dvc"], project)
     return dest
