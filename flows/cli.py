@@ -6,15 +6,17 @@ library ``hap/`` never imports ``flows/`` (or Prefect). Expected failures print 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 
-from hap.core.config import parse_override
+from hap.core.config import Config, parse_override
 from hap.core.errors import HapError
 
 app = typer.Typer(
@@ -28,6 +30,7 @@ app = typer.Typer(
 class _Opts:
     params: str | None = None
     overrides: dict[str, Any] = {}
+    verbose: bool = False
 
 
 opts = _Opts()
@@ -39,23 +42,41 @@ def _global(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key (repeatable).")
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show Prefect's and the libraries' own output too.")
+    ] = False,
 ) -> None:
     opts.params = str(params) if params else None
     opts.overrides = dict(parse_override(o) for o in set_ or [])
+    opts.verbose = verbose
     from flows.common import bound_prefect, quiet_env, run_config
 
     quiet_env()  # before any Prefect client starts a temporary server
     bound_prefect(run_config(opts.overrides, None, opts.params))
 
 
-def _raise_on_failure(state: Any) -> Any:
-    """The flow's result, or its ``HapError`` re-raised (so the exit code is the step's own)."""
+def _raise_on_failure(state: Any, term: TextIO, days: list[dt.date], since: float, log: Path) -> Any:
+    """The flow's result; or, after a paragraph for each failed day on ``term``, its ``HapError``
+    re-raised (so the exit code is the step's own) and marked as already reported."""
+    from flows.progress import failed_days, failure_paragraph
+
     result = state.result(raise_on_failure=False)
-    if not state.is_completed():
-        if isinstance(result, HapError):
-            raise result
-        raise HapError(state.message or f"flow run ended {state.name}")
-    return result
+    if state.is_completed():
+        return result
+    error = (
+        result if isinstance(result, HapError) else HapError(state.message or f"flow run ended {state.name}")
+    )
+    paragraphs = [failure_paragraph(summary, log) for summary in failed_days(_cfg(), days, since)]
+    if paragraphs:
+        print("\n" + "\n\n".join(paragraphs), file=term)
+        error.reported = True  # type: ignore[attr-defined]
+    raise error
+
+
+def _cfg() -> Config:
+    from flows.common import run_config
+
+    return run_config(opts.overrides, None, opts.params)
 
 
 @app.command()
@@ -68,24 +89,27 @@ def run(
     ] = False,
 ) -> None:
     """Run the daily retraining flow for one day."""
-    from flows.common import log_to_file, run_config
+    from flows.common import log_to_file, resolve_date
     from flows.daily import daily_retrain
-
-    typer.echo(f"full Prefect log: {log_to_file(run_config(opts.overrides, None, opts.params))}")
-    state = daily_retrain(
-        date=date,
-        force_train=force_train,
-        overrides=opts.overrides,
-        params_file=opts.params,
-        return_state=True,
-    )
-    summary = _raise_on_failure(state)
+    from flows.progress import console
     from flows.report import gate_verdict
 
-    typer.echo(
-        f"{summary['date']}: retrain={summary.get('retrain')} ({summary.get('retrain_reason')}); "
-        f"model version {summary.get('model_version') or '-'}; gate {gate_verdict(summary.get('gate'))}"
-    )
+    cfg, since = _cfg(), time.time()
+    log = log_to_file(cfg)
+    with console(log, opts.verbose) as term:
+        state = daily_retrain(
+            date=date,
+            force_train=force_train,
+            overrides=opts.overrides,
+            params_file=opts.params,
+            return_state=True,
+        )
+        summary = _raise_on_failure(state, term, [resolve_date(cfg, date)], since, log)
+        print(
+            f"{summary['date']}: retrain={summary.get('retrain')} ({summary.get('retrain_reason')}); "
+            f"model version {summary.get('model_version') or '-'}; gate {gate_verdict(summary.get('gate'))}",
+            file=term,
+        )
 
 
 @app.command()
@@ -96,19 +120,23 @@ def backfill(
 ) -> None:
     """Run the daily flow over a date range, in order."""
     from flows.backfill import backfill as backfill_flow
-    from flows.common import log_to_file, run_config
+    from flows.common import date_range, log_to_file, resolve_date
+    from flows.progress import console
 
-    typer.echo(f"full Prefect log: {log_to_file(run_config(opts.overrides, None, opts.params))}")
-    state = backfill_flow(
-        start=start,
-        end=end,
-        force_train=force_train,
-        overrides=opts.overrides,
-        params_file=opts.params,
-        return_state=True,
-    )
-    for row in _raise_on_failure(state):
-        typer.echo(f"{row['date']}: {row['state']}")
+    cfg, since = _cfg(), time.time()
+    days = date_range(resolve_date(cfg, start), resolve_date(cfg, end))
+    log = log_to_file(cfg)
+    with console(log, opts.verbose) as term:
+        state = backfill_flow(
+            start=start,
+            end=end,
+            force_train=force_train,
+            overrides=opts.overrides,
+            params_file=opts.params,
+            return_state=True,
+        )
+        for row in _raise_on_failure(state, term, days, since, log):
+            print(f"{row['date']}: {row['state']}", file=term)
 
 
 @app.command()
@@ -175,7 +203,8 @@ def main() -> None:
     try:
         app()
     except HapError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        if not getattr(err, "reported", False):
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(getattr(err, "exit_code", 1))
     except BaseException as err:  # SIGTERM (Prefect's TerminationSignal, Interrupted) or Ctrl-C
         signum = getattr(err, "signum", None) or getattr(err, "signal", None)

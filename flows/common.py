@@ -38,8 +38,15 @@ def bound_prefect(cfg: Config) -> None:
 
 def log_to_file(cfg: Config) -> Path:
     """Send Prefect's full log (every logger under ``prefect``, DEBUG included) to a file under
-    ``<data root>/logs``; the console keeps Prefect's usual lines. The file's path."""
+    ``<data root>/logs``; the console keeps Prefect's usual lines. The file's path.
+
+    Prefect's logging is set up first: its first set-up replaces the handlers of its loggers, so a
+    handler added before it would be dropped (later set-ups are incremental)."""
     import logging
+
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
 
     path = cfg.home / "logs" / f"run-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     path.parent.mkdir(parents=True, exist_ok=True)

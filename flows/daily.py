@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from flows import engine, policy, report, tasks
+from flows import engine, policy, progress, report, tasks
 from flows.common import quiet_env, resolve_date, run_config, run_spec
 from flows.locks import run_lock
 from hap.core import layout
@@ -40,7 +40,11 @@ ALERT_EVENT = "hap.monitor.alert"
 
 
 def _step(step: Any, cfg: Config, *args: Any) -> Any:
-    return tasks.configured(step, cfg)(cfg, *args)
+    """Run a step task with the run's retries; its line (step, day, outcome, seconds) is reported."""
+    day = next((a for a in args if isinstance(a, dt.date)), None)
+    with progress.reported(step.name, day) as report:
+        report["result"] = tasks.configured(step, cfg)(cfg, *args)
+    return report["result"]
 
 
 def _where(cfg: Config, day: dt.date) -> dict[str, Any]:
@@ -72,7 +76,7 @@ def _data_steps(cfg: Config, day: dt.date, spec: dict[str, Any], steps: tuple[st
 
 def _train(cfg: Config, day: dt.date, spec: dict[str, Any]) -> dict[str, Any]:
     if cfg.orchestration.train_on == "gpu-pool":
-        return tasks.configured(tasks.train_remote, cfg)(cfg, day, spec)
+        return _step(tasks.train_remote, cfg, day, spec)
     return _step(tasks.train, cfg, day)
 
 
@@ -86,6 +90,7 @@ def _retrain(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str,
             "config and code; no new version, no alias moved"
         )
         get_run_logger().info(summary["retrain_reason"])
+        progress.skipped(day, "train", f"unchanged: v{same} was trained from the same data, config and code")
         return
     summary["train"] = _train(cfg, day, spec)
     summary["model_dir"] = str(layout.model_dir(cfg, day))
@@ -145,12 +150,20 @@ def run_day(cfg: Config, day: dt.date, force_train: bool, spec: dict[str, Any]) 
         summary.update(retrain=decision.retrain, retrain_reason=decision.reason)
         if decision.retrain:
             _retrain(cfg, day, spec, summary)
+        else:
+            progress.skipped(day, "train", decision.reason)
         summary["champion"] = _step(tasks.champion, cfg)
         _monitor(cfg, day, summary)
         summary["version_data"] = _step(tasks.version_data, cfg, day, decision.retrain)
         summary["status"] = "completed"
     except BaseException as err:
-        summary.update(status="failed", error=str(err))
+        summary.update(
+            status="failed",
+            error=str(err),
+            error_type=type(err).__name__,
+            failed_step=getattr(err, "failed_step", None),
+            expected=isinstance(err, HapError),
+        )
         where = reject(cfg, err) if isinstance(err, DayRejected) else None
         if where:  # say where the rejected day went, in the one line the user sees
             err.args = (

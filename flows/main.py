@@ -9,14 +9,20 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
+from flows import progress
 from flows.common import bound_prefect, log_to_file, quiet_env, run_config
 from hap.core import layout
 from hap.core.config import Config
+
+# today's monitoring figures the closing summary shows; daily_run.json and the report have all
+HEADLINE_FIGURES = ("hard_neg", "near_margin", "routed", "ctr", "drift_share", "prediction_drift")
 
 
 def champion_table(cfg: Config, metrics: dict[str, float]) -> list[str]:
@@ -28,13 +34,14 @@ def champion_table(cfg: Config, metrics: dict[str, float]) -> list[str]:
 
 
 def _summary(cfg: Config, last: Any, elapsed: float) -> str:
+    """The closing report: the champion against the reference rankers, every version's verdict,
+    today's monitoring headline and where to look next (the full figures are in the artifacts)."""
     from hap.registry.registration import list_models
     from hap.registry.tracking import tracking_uri
 
-    lines = ["", "=" * 72, "HAP daily retraining: summary", "=" * 72]
     rows = list_models(cfg)
+    lines = ["", f"== summary: {len(rows)} model versions registered, {elapsed:.0f} s =="]
     champ = next((r for r in rows if "champion" in r.aliases), None)
-    lines.append(f"model versions registered: {len(rows)}")
     if champ:
         lines.append(
             f"champion: {cfg.gate.model_name} v{champ.version} "
@@ -49,47 +56,70 @@ def _summary(cfg: Config, last: Any, elapsed: float) -> str:
     if run_file.exists():
         day = json.loads(run_file.read_text())
         mon = day.get("monitor") or {}
-        lines.append(f"today ({last}): retrain={day.get('retrain')} ({day.get('retrain_reason')})")
-        for key, value in sorted((mon.get("figures") or {}).items()):
-            lines.append(f"  {key:<32} {value:.4g}" if isinstance(value, float) else f"  {key:<32} {value}")
-        lines.append(
-            f"  alerts: {len(mon.get('alerts') or [])}"
-            + "".join(f"\n    - {a}" for a in mon.get("alerts") or [])
+        figures = mon.get("figures") or {}
+        headline = ", ".join(
+            f"{k} {figures[k]:.4g}" for k in HEADLINE_FIGURES if isinstance(figures.get(k), (int, float))
         )
+        alerts = mon.get("alerts") or []
+        lines.append(f"monitoring {last}: {headline}; {len(alerts)} alerts")
+        lines += [f"  - {a}" for a in alerts]
         if mon.get("html_report"):
             lines.append(f"  Evidently report: {mon['html_report']}")
         if day.get("monitor_note"):
             lines.append(f"  {day['monitor_note']}")
     lines += [
-        "",
-        "open the UIs (127.0.0.1 only):",
+        "open the UIs (127.0.0.1 only): `hap dashboard` (Evidently) and",
         f"  mlflow ui --backend-store-uri {tracking_uri(cfg)} --host 127.0.0.1 --port 5000",
-        "  hap dashboard            # evidently ui on the monitoring workspace",
-        f"took {elapsed:.0f} s",
     ]
     return "\n".join(lines)
 
 
-def main() -> int:
-    quiet_env()
-    started = time.perf_counter()
-    cfg = run_config()
-    bound_prefect(cfg)
-    from flows.backfill import backfill
+def _simulate(cfg: Config, term: TextIO) -> list[dt.date]:
+    """Simulate the week into the landing folder: one line, and a bar on a terminal."""
+    from tqdm import tqdm
+
     from hap.sources.simulator import simulate_days
 
-    start, days = cfg.simulate.start, cfg.simulate.days
-    print(f"simulating {days} days from {start} into {cfg.path('landing')}")
-    last = start
-    for last, stats in simulate_days(cfg, start, days):
-        print(f"  {last}: {stats.requests} requests, {stats.exposures} exposures, {stats.clicks} clicks")
-    print(f"full Prefect log: {log_to_file(cfg)}")
-    state = backfill(start=start.isoformat(), end=last.isoformat(), return_state=True)
-    print(_summary(cfg, last, time.perf_counter() - started))
-    if not state.is_completed():
-        print(f"backfill ended {state.name}: {state.message}", file=sys.stderr)
+    start, n_days = cfg.simulate.start, cfg.simulate.days
+    began, days, totals = time.perf_counter(), [], [0, 0, 0]
+    bar = tqdm(total=n_days, desc="simulate", unit="day", file=term, disable=not term.isatty(), leave=False)
+    for day, stats in simulate_days(cfg, start, n_days, progress=False):
+        days.append(day)
+        totals = [totals[0] + stats.requests, totals[1] + stats.exposures, totals[2] + stats.clicks]
+        bar.update()
+    bar.close()
+    detail = (
+        f"{n_days} days into {cfg.path('landing')}: "
+        f"{totals[0]} requests, {totals[1]} exposures, {totals[2]} clicks"
+    )
+    label = f"{days[0]}..{days[-1].day:02d}" if days else "-"
+    print(progress.step_line(label, "simulate", "ok", time.perf_counter() - began, detail), file=term)
+    return days
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make run", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' own output too")
+    args = parser.parse_args(argv)
+    quiet_env()
+    started, wall_started = time.perf_counter(), time.time()
+    cfg = run_config()
+    bound_prefect(cfg)
+    log_path = log_to_file(cfg)
+    with progress.console(log_path, verbose=args.verbose) as term:
+        days = _simulate(cfg, term)
+        from flows.backfill import backfill
+
+        state = backfill(start=days[0].isoformat(), end=days[-1].isoformat(), return_state=True)
+        print(_summary(cfg, days[-1], time.perf_counter() - started), file=term)
+        if state.is_completed():
+            return 0
+        failed = progress.failed_days(cfg, days, since=wall_started)
+        for summary in failed:
+            print("\n" + progress.failure_paragraph(summary, log_path), file=term)
+        if not failed:
+            print(f"\nthe backfill ended {state.name}: {state.message}. Full log: {log_path}.", file=term)
         return 1
-    return 0
 
 
 if __name__ == "__main__":
