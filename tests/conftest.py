@@ -60,6 +60,24 @@ TINY_FLOW_RUN: dict[str, Any] = {
 }
 
 
+def write_tiny_params(repo: Path, **extra: Any) -> None:
+    """A copy of the repository's ``params.yaml`` in ``repo``, shrunk by ``TINY_OVERRIDES`` plus
+    ``extra`` (dotted keys), with the data root at ``repo/data``: what DVC and ``make run`` read there."""
+    import yaml
+
+    from hap.core.config import REPO_ROOT
+
+    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for key, value in {**TINY_OVERRIDES, **extra}.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    raw["paths"]["home"] = "data"
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
 def tiny_config(home: Path, **overrides: Any) -> Config:
     """A tiny config rooted at ``home``; keyword overrides use ``__`` for dots."""
     merged = {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_OVERRIDES
+from conftest import write_tiny_params
 
 from hap.core import layout
 from hap.core.config import REPO_ROOT, load_config
@@ -63,18 +63,6 @@ def git(repo: Path, tmp: Path, *args: str) -> str:
     return _run(repo, tmp, "git", *args)
 
 
-def _write_tiny_params(repo: Path, **extra: object) -> None:
-    raw = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    for key, value in {**TINY_OVERRIDES, **extra}.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    raw["paths"]["home"] = "data"
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
 def _files(folder: Path) -> dict[str, bytes]:
     return {
         p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
@@ -98,7 +86,7 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
     (repo / ".gitignore").write_text("/data/\n__pycache__/\n")
-    _write_tiny_params(repo)
+    write_tiny_params(repo)
     git(repo, tmp, "init", "-q")
     git(repo, tmp, "add", "-A")
     git(repo, tmp, "commit", "-q", "-m", "pipeline copy")
@@ -140,7 +128,7 @@ def test_split_param_change_reruns_split_only(pipeline_repo) -> None:
     repo, tmp, _ = pipeline_repo
     lock_before = _lock(repo)
     version_before = _run(repo, tmp, str(VENV_BIN / "hap"), "data-version", "--date", DATE).strip()
-    _write_tiny_params(repo, **{"split.sample_ratio.global_neg": 0.5})
+    write_tiny_params(repo, **{"split.sample_ratio.global_neg": 0.5})
     out = dvc(repo, tmp, "repro", "split")
     assert "Running stage 'split'" in out, out
     assert not any(f"Running stage '{s}@" in out for s in ("simulate", "ingest", "validate"))
@@ -150,7 +138,7 @@ def test_split_param_change_reruns_split_only(pipeline_repo) -> None:
             assert lock_after[name] == lock_before[name], name
     assert lock_after["split"]["outs"] != lock_before["split"]["outs"]
     # back to the original params: the run cache restores the first training set, same version
-    _write_tiny_params(repo)
+    write_tiny_params(repo)
     dvc(repo, tmp, "repro", "split")
     assert _run(repo, tmp, str(VENV_BIN / "hap"), "data-version", "--date", DATE).strip() == version_before
     assert _lock(repo)["split"] == lock_before["split"]
@@ -201,7 +189,7 @@ def test_full_graph_through_evaluate(pipeline_repo) -> None:
     if missing:
         pytest.skip(f"the model issue has not landed {missing}; the train/evaluate stages cannot run yet")
     tiny_train = {"train.epochs": 1}
-    _write_tiny_params(repo, **tiny_train)
+    write_tiny_params(repo, **tiny_train)
     out = dvc(repo, tmp, "repro", "evaluate")
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out
     metrics = json.loads((repo / "data" / "metrics" / f"dt={DATE}" / layout.EVAL_FILE).read_text())
@@ -211,14 +199,14 @@ def test_full_graph_through_evaluate(pipeline_repo) -> None:
     assert "recall" in dvc(repo, tmp, "plots", "show", "--json")
     assert "Running stage" not in dvc(repo, tmp, "repro", "evaluate")
     # a split param change re-runs split and everything after it, nothing before it
-    _write_tiny_params(repo, **tiny_train, **{"split.sample_ratio.rank_neg": 0.5})
+    write_tiny_params(repo, **tiny_train, **{"split.sample_ratio.rank_neg": 0.5})
     # (a dry run cannot show it: downstream stages only change once split's output has)
     out = dvc(repo, tmp, "repro", "evaluate")
     assert "Running stage 'split'" in out or "Stage 'split' is cached" in out, out
     for stage in ("train", "evaluate"):
         assert f"Running stage '{stage}'" in out, out
     assert not any(f"Running stage '{s}@" in out for s in ("simulate", "ingest", "validate"))
-    _write_tiny_params(repo, **tiny_train)
+    write_tiny_params(repo, **tiny_train)
 
 
 def _changed_stages(repo: Path, tmp: Path) -> set[str]:
@@ -237,7 +225,7 @@ def _changed_stages(repo: Path, tmp: Path) -> set[str]:
 def test_touching_a_module_marks_the_stages_that_import_it(pipeline_repo, module, expect, untouched) -> None:
     """A code change is a dependency change: ``dvc status`` names every stage that can import it."""
     repo, tmp, _ = pipeline_repo
-    _write_tiny_params(repo, **{"train.epochs": 1})
+    write_tiny_params(repo, **{"train.epochs": 1})
     dvc(repo, tmp, "repro", "evaluate")  # a clean, complete graph (a no-op after the test above)
     assert _changed_stages(repo, tmp) == set()
     path = repo / module
