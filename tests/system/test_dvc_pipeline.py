@@ -238,3 +238,21 @@ def test_touching_a_module_marks_the_stages_that_import_it(pipeline_repo, module
     finally:
         path.write_bytes(original)
     assert _changed_stages(repo, tmp) == set()
+
+
+def test_dvc_failed_names_dvcs_own_reason(tmp_path: Path) -> None:
+    """DVC's ERROR line reaches the message (``--quiet`` once hid it: the reason printed empty)."""
+    from hap.data.dvc_repo import DvcFailed, commit_and_push
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, tmp_path, "init", "--quiet")
+    dvc(repo, tmp_path, "init", "--quiet")
+    (repo / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
+    (repo / "out.txt").write_text("hi\n")
+    (repo / ".gitignore").write_text("/dvc.lock\n")
+    cfg = load_config(overrides={"paths.dvc_remote": str(tmp_path / "remote")})
+    with pytest.raises(DvcFailed) as failed:
+        commit_and_push(cfg, ["a"], repo)
+    message = str(failed.value)
+    assert "dvc commit --force a" in message and "is git-ignored" in message, message
