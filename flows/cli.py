@@ -16,6 +16,7 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
+from hap.cli import ForceTrainOpt, RunDateOpt, VerboseOpt
 from hap.core.config import Config, parse_override
 from hap.core.errors import HapError
 
@@ -42,9 +43,7 @@ def _global(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key (repeatable).")
     ] = None,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", help="Show Prefect's and the libraries' own output too.")
-    ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     opts.params = str(params) if params else None
     opts.overrides = dict(parse_override(o) for o in set_ or [])
@@ -80,14 +79,7 @@ def _cfg() -> Config:
 
 
 @app.command()
-def run(
-    date: Annotated[
-        str | None, typer.Option("--date", "-d", help="Day to process (default: yesterday).")
-    ] = None,
-    force_train: Annotated[
-        bool, typer.Option("--force-train", help="Retrain even if the skip rule says no.")
-    ] = False,
-) -> None:
+def run(date: RunDateOpt = None, force_train: ForceTrainOpt = False) -> None:
     """Run the daily retraining flow for one day."""
     from flows.common import log_to_file, resolve_date
     from flows.daily import daily_retrain
@@ -116,7 +108,7 @@ def run(
 def backfill(
     start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD.")],
     end: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD (inclusive).")],
-    force_train: Annotated[bool, typer.Option("--force-train")] = False,
+    force_train: ForceTrainOpt = False,
 ) -> None:
     """Run the daily flow over a date range, in order."""
     from flows.backfill import backfill as backfill_flow

@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -26,6 +27,10 @@ app = typer.Typer(
 )
 
 DateOpt = Annotated[str, typer.Option("--date", "-d", help="Partition date, YYYY-MM-DD.")]
+# the daily flow's options, shared with ``flows.cli`` (which ``hap run`` calls)
+RunDateOpt = Annotated[str | None, typer.Option("--date", "-d", help="Day to process (default: yesterday).")]
+ForceTrainOpt = Annotated[bool, typer.Option("--force-train", help="Retrain even if the skip rule says no.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show the libraries' own output too.")]
 
 
 class _State:
@@ -90,15 +95,21 @@ def simulate(
         )
 
 
+def _data_step(step: Callable[..., Any], date: str) -> None:
+    """Run a data step over the day's buckets on the configured engine; print its report."""
+    from hap.core.engine import session
+
+    with session(state.cfg) as mapper:
+        report = step(state.cfg, parse_date(date), mapper=mapper)
+    typer.echo(report.render())
+
+
 @app.command()
 def ingest(date: DateOpt) -> None:
     """Join a day's exposure and ranking logs per request into the lake (atomic, idempotent)."""
-    from hap.core.engine import session
     from hap.data.ingest import ingest_day
 
-    with session(state.cfg) as mapper:
-        report = ingest_day(state.cfg, parse_date(date), mapper=mapper)
-    typer.echo(report.render())
+    _data_step(ingest_day, date)
 
 
 @app.command("import-recflow")
@@ -116,12 +127,9 @@ def import_recflow(
 @app.command()
 def validate(date: DateOpt) -> None:
     """Run the GX suites on a day's raw logs; mark it validated, or quarantine it and exit non-zero."""
-    from hap.core.engine import session
     from hap.data.validate import validate_day
 
-    with session(state.cfg) as mapper:
-        report = validate_day(state.cfg, parse_date(date), mapper)
-    typer.echo(report.render())
+    _data_step(validate_day, date)
 
 
 @app.command("release-quarantine")
@@ -136,12 +144,9 @@ def release_quarantine(date: DateOpt) -> None:
 @app.command()
 def split(date: DateOpt) -> None:
     """Build the difficulty-split training set and the full-flow eval set for the window ending on D."""
-    from hap.core.engine import session
     from hap.data.split import build_training_set
 
-    with session(state.cfg) as mapper:
-        report = build_training_set(state.cfg, parse_date(date), mapper=mapper)
-    typer.echo(report.render())
+    _data_step(build_training_set, date)
 
 
 @app.command("data-version")
@@ -197,12 +202,12 @@ def models() -> None:
 
 
 # ---- orchestration: through Prefect, in a subprocess so hap/ never imports flows/ ----
-def _flows(*args: str) -> None:
+def _flows(*args: str, verbose: bool = False) -> None:
     """``python -m flows.cli ARGS`` in its own process group: SIGTERM or Ctrl-C stops the flow and
     its temporary Prefect server too, within 10 s, instead of orphaning them."""
     from hap.core.procs import run_supervised
 
-    cmd = [sys.executable, "-m", "flows.cli"]
+    cmd = [sys.executable, "-m", "flows.cli", *(["--verbose"] if verbose else [])]
     if state.params:
         cmd += ["--params", str(state.params)]
     for override in state.overrides:
@@ -213,26 +218,22 @@ def _flows(*args: str) -> None:
 
 
 @app.command("run")
-def run_day(
-    date: Annotated[
-        str | None, typer.Option("--date", "-d", help="Day to process (default: yesterday).")
-    ] = None,
-    force_train: Annotated[
-        bool, typer.Option("--force-train", help="Retrain even if the skip rule says no.")
-    ] = False,
-) -> None:
+def run_day(date: RunDateOpt = None, force_train: ForceTrainOpt = False, verbose: VerboseOpt = False) -> None:
     """Run the daily retraining flow (Prefect) for one day."""
-    _flows("run", *(["--date", date] if date else []), *(["--force-train"] if force_train else []))
+    flags = [*(["--date", date] if date else []), *(["--force-train"] if force_train else [])]
+    _flows("run", *flags, verbose=verbose)
 
 
 @app.command()
 def backfill(
     start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD.")],
     end: Annotated[str, typer.Option(help="Last day, YYYY-MM-DD (inclusive).")],
-    force_train: Annotated[bool, typer.Option("--force-train")] = False,
+    force_train: ForceTrainOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the daily flow (Prefect) over a date range, in date order."""
-    _flows("backfill", "--start", start, "--end", end, *(["--force-train"] if force_train else []))
+    flags = ["--start", start, "--end", end, *(["--force-train"] if force_train else [])]
+    _flows("backfill", *flags, verbose=verbose)
 
 
 @app.command()
