@@ -50,8 +50,9 @@ def _summary(cfg: Config, last: Any, elapsed: float) -> str:
         lines += champion_table(cfg, champ.metrics)
     else:
         lines.append("champion: none promoted")
-    for row in rows:
-        lines.append(f"  v{row.version} {row.date} gate={row.verdict} aliases={','.join(row.aliases) or '-'}")
+    if rows:
+        verdicts = ", ".join(f"v{r.version} {r.date} {r.verdict}" for r in rows)
+        lines.append(f"gate verdicts: {verdicts}")
     run_file = layout.metrics_dir(cfg, last) / layout.DAILY_RUN_FILE
     if run_file.exists():
         day = json.loads(run_file.read_text())
