@@ -16,15 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench.common import (
-    Measurement,
-    markdown_table,
-    measure,
-    volume_config,
-    volume_payload,
-    volume_rows,
-    write_results,
-)
+from bench.common import Measurement, markdown_table, measure, volume_config, volume_rows, write_results
 
 DAY = dt.date(2026, 11, 1)
 
@@ -156,7 +148,7 @@ def main() -> None:
         ms = bench_volume(requests)
         base = next(m for m in ms if m.name.startswith("pyarrow"))
         duck = next(m for m in ms if m.name.startswith("duckdb"))
-        payload[requests] = volume_payload(ms)
+        payload[requests] = [m.figures() for m in ms]
         rows += volume_rows(requests, ms, base, duck)
     table = markdown_table(
         ["requests/day", "stage", "s", "rows", "rows/s", "peak RSS MB", "× pyarrow I/O", "× DuckDB"], rows

@@ -22,15 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench.common import (
-    Measurement,
-    markdown_table,
-    measure,
-    volume_config,
-    volume_payload,
-    volume_rows,
-    write_results,
-)
+from bench.common import Measurement, markdown_table, measure, volume_config, volume_rows, write_results
 
 END = dt.date(2026, 11, 1)
 
@@ -172,7 +164,7 @@ def main() -> None:
     for requests in (int(v) for v in args.volumes.split(",")):
         ms = bench_volume(requests, args.days, args.keep)
         split, scan, label, duck, duck_nowrite = ms
-        payload[requests] = volume_payload(ms)
+        payload[requests] = [m.figures() for m in ms]
         rows += volume_rows(requests, ms, split, duck)
         write_s, compute_s = split.seconds - label.seconds, label.seconds - scan.seconds
         slower = "split" if split.seconds > duck.seconds else "duckdb"

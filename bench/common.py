@@ -37,6 +37,10 @@ class Measurement:
     def rows_per_s(self) -> float:
         return self.rows / self.seconds if self.seconds else float("nan")
 
+    def figures(self) -> dict[str, Any]:
+        """Its fields and its throughput, for a result's JSON."""
+        return self.__dict__ | {"rows_per_s": self.rows_per_s}
+
 
 def volume_config(home: str, requests: int, overrides: dict[str, Any] | None = None):
     """The repo's config rooted at ``home``, at ``requests`` a day and production-like otherwise,
@@ -88,11 +92,6 @@ def volume_rows(requests: int, measurements: list[Measurement], *baselines: Meas
         + [m.seconds / b.seconds for b in baselines]
         for m in measurements
     ]
-
-
-def volume_payload(measurements: list[Measurement]) -> list[dict[str, Any]]:
-    """The JSON figures of one volume's stages."""
-    return [m.__dict__ | {"rows_per_s": m.rows_per_s} for m in measurements]
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
