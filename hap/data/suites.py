@@ -66,9 +66,9 @@ SUITE_FILES = {
     "fullflow": "fullflow_log.json",
     "training_set": "training_set.json",
 }
-EXTRA_COLUMNS_NOTE = (
-    "extra_columns"  # meta.check of the expectation whose severity follows validation.extra_columns
-)
+# meta.check of the expectations whose severity follows validation.extra_columns or on_distribution_shift
+EXTRA_COLUMNS_NOTE = "extra_columns"
+DISTRIBUTION_NOTE = "distribution"
 
 
 KEY_COLUMNS = {  # not-null checked row by row (bad-row counts and examples); other columns via null_count
@@ -82,8 +82,8 @@ STAGE_POSITIONS = ("retrieval_pos", "prerank_pos", "rank_pos")
 
 # ---- checks shared by several suites, one builder per kind of column ----------------------------
 def _schema_part() -> list[dict[str, Any]]:
-    """Checks on the ``columns`` frame: one row per column of the file or the contract, with the
-    Arrow type found, the contract type, and the column's null count (``hap.validation_frames``)."""
+    """Checks on the ``schema`` frame: one row per column of the file or the contract, with the
+    Arrow type found, the contract type, and the column's null count (``hap.data.frames.schema_frame``)."""
     why_extra = "no unknown column (warning by default: an additive upstream change, dropped at ingest)"
     why_nulls = "non-key, non-nullable contract columns hold no null (keys are checked row by row)"
     return [
@@ -113,9 +113,6 @@ def _schema_part() -> list[dict[str, Any]]:
     ]
 
 
-DISTRIBUTION_NOTE = "distribution"  # meta.check of checks whose severity follows on_distribution_shift
-
-
 def _key_columns(table: str) -> list[dict[str, Any]]:
     return [not_null("rows", c, f"key column {c} is never null") for c in KEY_COLUMNS[table]]
 
@@ -141,8 +138,8 @@ def _dense(columns: tuple[str, ...]) -> list[dict[str, Any]]:
 
 def _ids(columns: tuple[str, ...]) -> list[dict[str, Any]]:
     """Categorical ids lie in the hash space [0, contract.hash_buckets)."""
-    why = "{} is an id of the hash space [0, contract.hash_buckets)".format
-    return [between("rows", c, why(c), 0, P("id_max")) for c in columns]
+    why = "is an id of the hash space [0, contract.hash_buckets)"
+    return [between("rows", c, f"{c} {why}", 0, P("id_max")) for c in columns]
 
 
 def _non_negative(columns: tuple[str, ...]) -> list[dict[str, Any]]:
