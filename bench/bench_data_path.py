@@ -12,30 +12,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from bench.common import PRODUCTION_LIKE, Measurement, markdown_table, measure, write_results
+from bench.common import Measurement, markdown_table, measure, volume_config, volume_rows, write_results
 
 DAY = dt.date(2026, 11, 1)
 
 
 def _cfg(home: str, requests: int):
-    from hap.core.config import load_config
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
-    env["HAP_HOME"] = home
-    return load_config(
-        environ=env,
-        overrides={
-            "simulate.requests_per_day": requests,
-            **PRODUCTION_LIKE,
-            "split.window_days": 1,
-            "pipeline.date": DAY.isoformat(),
-        },
-    )
+    return volume_config(home, requests, {"split.window_days": 1, "pipeline.date": DAY.isoformat()})
 
 
 def run_simulate(home: str, requests: int) -> int:
@@ -161,20 +148,8 @@ def main() -> None:
         ms = bench_volume(requests)
         base = next(m for m in ms if m.name.startswith("pyarrow"))
         duck = next(m for m in ms if m.name.startswith("duckdb"))
-        payload[requests] = [m.__dict__ | {"rows_per_s": m.rows_per_s} for m in ms]
-        for m in ms:
-            rows.append(
-                [
-                    f"{requests:,}",
-                    m.name,
-                    m.seconds,
-                    m.rows,
-                    m.rows_per_s,
-                    m.peak_rss_mb,
-                    m.seconds / base.seconds,
-                    m.seconds / duck.seconds,
-                ]
-            )
+        payload[requests] = [m.figures() for m in ms]
+        rows += volume_rows(requests, ms, base, duck)
     table = markdown_table(
         ["requests/day", "stage", "s", "rows", "rows/s", "peak RSS MB", "× pyarrow I/O", "× DuckDB"], rows
     )

@@ -18,30 +18,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from bench.common import PRODUCTION_LIKE, Measurement, markdown_table, measure, write_results
+from bench.common import Measurement, markdown_table, measure, volume_config, volume_rows, write_results
 
 END = dt.date(2026, 11, 1)
 
 
 def _cfg(home: str, requests: int, days: int):
-    from hap.core.config import load_config
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
-    env["HAP_HOME"] = home
-    return load_config(
-        environ=env,
-        overrides={
-            "simulate.requests_per_day": requests,
-            **PRODUCTION_LIKE,
-            "split.window_days": days,
-            "pipeline.date": END.isoformat(),
-        },
-    )
+    return volume_config(home, requests, {"split.window_days": days, "pipeline.date": END.isoformat()})
 
 
 def prepare(home: str, requests: int, days: int) -> int:
@@ -177,20 +164,8 @@ def main() -> None:
     for requests in (int(v) for v in args.volumes.split(",")):
         ms = bench_volume(requests, args.days, args.keep)
         split, scan, label, duck, duck_nowrite = ms
-        payload[requests] = [m.__dict__ | {"rows_per_s": m.rows_per_s} for m in ms]
-        for m in ms:
-            rows.append(
-                [
-                    f"{requests:,}",
-                    m.name,
-                    m.seconds,
-                    m.rows,
-                    m.rows_per_s,
-                    m.peak_rss_mb,
-                    m.seconds / split.seconds,
-                    m.seconds / duck.seconds,
-                ]
-            )
+        payload[requests] = [m.figures() for m in ms]
+        rows += volume_rows(requests, ms, split, duck)
         write_s, compute_s = split.seconds - label.seconds, label.seconds - scan.seconds
         slower = "split" if split.seconds > duck.seconds else "duckdb"
         if slower == "split":

@@ -14,24 +14,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import shutil
 import tempfile
 
-from bench.common import PRODUCTION_LIKE, markdown_table, measure, write_results
+from bench.common import markdown_table, measure, volume_config, write_results
 
 DAY = dt.date(2026, 11, 1)
 
 
 def _cfg(home: str, requests: int, docs: bool = True):
-    from hap.core.config import load_config
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
-    env["HAP_HOME"] = home
-    return load_config(
-        environ=env,
-        overrides={"simulate.requests_per_day": requests, **PRODUCTION_LIKE, "validation.data_docs": docs},
-    )
+    return volume_config(home, requests, {"validation.data_docs": docs})
 
 
 def prepare(home: str, requests: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import platform
 import resource
 import time
@@ -35,6 +36,22 @@ class Measurement:
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.seconds if self.seconds else float("nan")
+
+    def figures(self) -> dict[str, Any]:
+        """Its fields and its throughput, for a result's JSON."""
+        return self.__dict__ | {"rows_per_s": self.rows_per_s}
+
+
+def volume_config(home: str, requests: int, overrides: dict[str, Any] | None = None):
+    """The repo's config rooted at ``home``, at ``requests`` a day and production-like otherwise,
+    plus ``overrides`` (dotted keys). The shell's ``HAP__`` variables are left out: a benchmark
+    measures the repo's settings."""
+    from hap.core.config import load_config
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
+    env["HAP_HOME"] = home
+    settings = {"simulate.requests_per_day": requests, **PRODUCTION_LIKE, **(overrides or {})}
+    return load_config(environ=env, overrides=settings)
 
 
 def _child(fn: Callable[..., int], args: tuple, conn) -> None:
@@ -66,6 +83,15 @@ def machine() -> str:
     return (
         f"{platform.machine()}, {psutil.cpu_count()} cores, {mem:.0f} GiB, Python {platform.python_version()}"
     )
+
+
+def volume_rows(requests: int, measurements: list[Measurement], *baselines: Measurement) -> list[list[Any]]:
+    """Table rows of one volume: each stage's figures, then its time as a multiple of each baseline's."""
+    return [
+        [f"{requests:,}", m.name, m.seconds, m.rows, m.rows_per_s, m.peak_rss_mb]
+        + [m.seconds / b.seconds for b in baselines]
+        for m in measurements
+    ]
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:

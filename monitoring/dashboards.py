@@ -26,103 +26,110 @@ def _mean(column: str, legend: str) -> Any:
     return PanelMetric(legend=legend, metric="MeanValue", metric_labels={"column": column})
 
 
+def _line(title: str, size: str, description: str, *values: Any) -> Any:
+    """A line over the monitored days, one line per value."""
+    from evidently.sdk.panels import line_plot_panel
+
+    return line_plot_panel(title=title, size=size, description=description, values=list(values))
+
+
+def _per_content_type(cfg: Config, column: str, title: str, description: str) -> Any:
+    """One line per content type of the ``{column}_ct{k}`` columns."""
+    types = range(cfg.contract.n_content_types)
+    return _line(title, "half", description, *[_mean(f"{column}_ct{k}", f"type {k}") for k in types])
+
+
 def panels(cfg: Config) -> list[tuple[str, Any]]:
     """(tab, panel) pairs of the project dashboard."""
     from evidently.sdk.models import PanelMetric
-    from evidently.sdk.panels import line_plot_panel
 
-    cts = range(cfg.contract.n_content_types)
-    per_ct = lambda col, title, desc: line_plot_panel(  # noqa: E731
-        title=title, description=desc, size="half", values=[_mean(f"{col}_ct{k}", f"type {k}") for k in cts]
+    mon = cfg.monitor
+    hard_why = (
+        "data-side: hard sources among logged negatives; model-side: negatives within "
+        f"{mon.margin} of their request's positive (champion light score)"
     )
-    out: list[tuple[str, Any]] = [
+    drifted = PanelMetric(
+        legend="drifted share", metric="DriftedColumnsCount", metric_labels={"value_type": "share"}
+    )
+    score_drift = PanelMetric(
+        legend="light score drift", metric="ValueDrift", metric_labels={"column": "light_score"}
+    )
+    return [
         (
             TAB_OVERVIEW,
-            line_plot_panel(
-                title="Hard-sample fraction",
-                size="full",
-                description="data-side: hard sources among logged negatives; model-side: negatives within "
-                f"{cfg.monitor.margin} of their request's positive (champion light score)",
-                values=[
-                    _mean("hard_neg", "data-side (hard sources)"),
-                    _mean("near_margin", "model-side (near margin)"),
-                ],
-            ),
-        ),
-        (
-            TAB_OVERVIEW,
-            line_plot_panel(
-                title="Routed share",
-                size="half",
-                description="full-flow candidates above the champion's calibrated routing threshold",
-                values=[_mean("routed", "routed to the expressive model")],
+            _line(
+                "Hard-sample fraction",
+                "full",
+                hard_why,
+                _mean("hard_neg", "data-side (hard sources)"),
+                _mean("near_margin", "model-side (near margin)"),
             ),
         ),
         (
             TAB_OVERVIEW,
-            line_plot_panel(
-                title="Champion version",
-                size="half",
-                description="registry version that scored the day",
-                values=[_mean("champion_version", "champion")],
+            _line(
+                "Routed share",
+                "half",
+                "full-flow candidates above the champion's calibrated routing threshold",
+                _mean("routed", "routed to the expressive model"),
+            ),
+        ),
+        (
+            TAB_OVERVIEW,
+            _line(
+                "Champion version",
+                "half",
+                "registry version that scored the day",
+                _mean("champion_version", "champion"),
             ),
         ),
         (
             TAB_CONTENT,
-            per_ct("hard_neg", "Hard fraction (data-side) by content type", "hard sources among negatives"),
-        ),
-        (
-            TAB_CONTENT,
-            per_ct(
-                "near_margin", "Hard fraction (model-side) by content type", "negatives near the positive"
+            _per_content_type(
+                cfg, "hard_neg", "Hard fraction (data-side) by content type", "hard sources among negatives"
             ),
         ),
         (
             TAB_CONTENT,
-            per_ct("routed", "Routed share by content type", "candidates above the routing threshold"),
+            _per_content_type(
+                cfg,
+                "near_margin",
+                "Hard fraction (model-side) by content type",
+                "negatives near the positive",
+            ),
         ),
-        (TAB_CONTENT, per_ct("exposed", "Content mix of exposures", "share of exposures by content type")),
         (
-            TAB_DRIFT,
-            line_plot_panel(
-                title="Feature drift share",
-                size="half",
-                description=(
-                    f"share of features drifted ({cfg.monitor.drift_method}, "
-                    f"threshold {cfg.monitor.drift_threshold})"
-                ),
-                values=[
-                    PanelMetric(
-                        legend="drifted share",
-                        metric="DriftedColumnsCount",
-                        metric_labels={"value_type": "share"},
-                    )
-                ],
+            TAB_CONTENT,
+            _per_content_type(
+                cfg, "routed", "Routed share by content type", "candidates above the routing threshold"
+            ),
+        ),
+        (
+            TAB_CONTENT,
+            _per_content_type(
+                cfg, "exposed", "Content mix of exposures", "share of exposures by content type"
             ),
         ),
         (
             TAB_DRIFT,
-            line_plot_panel(
-                title="Prediction drift (light score)",
-                size="half",
-                description=f"{cfg.monitor.drift_method} score of the champion's light scores",
-                values=[
-                    PanelMetric(
-                        legend="light score drift",
-                        metric="ValueDrift",
-                        metric_labels={"column": "light_score"},
-                    )
-                ],
+            _line(
+                "Feature drift share",
+                "half",
+                f"share of features drifted ({mon.drift_method}, threshold {mon.drift_threshold})",
+                drifted,
             ),
         ),
         (
             TAB_DRIFT,
-            line_plot_panel(
-                title="CTR", size="half", description="clicks per exposure", values=[_mean("ctr", "CTR")]
+            _line(
+                "Prediction drift (light score)",
+                "half",
+                f"{mon.drift_method} score of the champion's light scores",
+                score_drift,
             ),
         ),
+        (TAB_DRIFT, _line("CTR", "half", "clicks per exposure", _mean("ctr", "CTR"))),
     ]
-    return out
 
 
 def apply_dashboard(project: Any, cfg: Config) -> None:

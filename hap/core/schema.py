@@ -108,125 +108,78 @@ def _feature_fields(names: tuple[str, ...]) -> list[pa.Field]:
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 POSITION = pa.int32()
 
+# The Arrow type of every column that is not a feature: a column has one type in every table.
+COLUMN_TYPES: dict[str, pa.DataType] = {
+    "dt": pa.string(),  # the day, YYYY-MM-DD
+    "request_id": pa.int64(),
+    "timestamp": TIMESTAMP,
+    "user_id": pa.int64(),
+    "item_id": pa.int64(),
+    "source": pa.string(),  # RankingSource in the ranking log, Source from the lake on
+    "group": pa.string(),  # GROUP_OF_SOURCE
+    "difficulty": pa.string(),  # Difficulty; also the training set's partition key
+    "label": pa.int8(),  # the click, as a training label
+    "position": POSITION,  # display position, 1-based
+    "retrieval_pos": POSITION,  # stage positions, 1-based; null where the item never got there
+    "prerank_pos": POSITION,
+    "rank_pos": POSITION,
+    "exposed": pa.bool_(),
+    "click": pa.int8(),
+    "like": pa.int8(),
+    "comment": pa.int8(),
+    "share": pa.int8(),
+    "dwell": pa.float32(),  # seconds
+    "content_type": pa.int8(),
+    "true_affinity": pa.float32(),  # simulator ground truth; null on real data
+}
+
+
+def _table(columns: str, features: tuple[str, ...]) -> pa.Schema:
+    """A table's schema: its columns in order (a name ending in ``?`` is nullable, the others are
+    not), then its feature columns."""
+    fields = []
+    for column in columns.split():
+        name = column.removesuffix("?")
+        fields.append(pa.field(name, COLUMN_TYPES[name], nullable=column.endswith("?")))
+    return pa.schema([*fields, *_feature_fields(features)])
+
+
 # ---- raw logs ---------------------------------------------------------------------------
-EXPOSURE_LOG = pa.schema(
-    [
-        pa.field("request_id", pa.int64(), nullable=False),
-        pa.field("timestamp", TIMESTAMP, nullable=False),
-        pa.field("user_id", pa.int64(), nullable=False),
-        pa.field("item_id", pa.int64(), nullable=False),
-        pa.field("position", POSITION, nullable=False),  # display position, 1-based
-        pa.field("content_type", pa.int8(), nullable=False),
-        pa.field("click", pa.int8(), nullable=False),
-        pa.field("like", pa.int8(), nullable=False),
-        pa.field("comment", pa.int8(), nullable=False),
-        pa.field("share", pa.int8(), nullable=False),
-        pa.field("dwell", pa.float32(), nullable=False),  # seconds
-        *_feature_fields(REQUEST_FEATURES),
-    ]
+EXPOSURE_LOG = _table(
+    "request_id timestamp user_id item_id position content_type click like comment share dwell",
+    REQUEST_FEATURES,
 )
-
-RANKING_LOG = pa.schema(
-    [
-        pa.field("request_id", pa.int64(), nullable=False),
-        pa.field("item_id", pa.int64(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),  # RankingSource
-        pa.field("retrieval_pos", POSITION),  # null where the item never got there
-        pa.field("prerank_pos", POSITION),
-        pa.field("rank_pos", POSITION),
-        pa.field("content_type", pa.int8(), nullable=False),
-        pa.field("true_affinity", pa.float32()),  # simulator ground truth; null on real data
-        *_feature_fields(ITEM_FEATURES),
-    ]
+RANKING_LOG = _table(
+    "request_id item_id source retrieval_pos? prerank_pos? rank_pos? content_type true_affinity?",
+    ITEM_FEATURES,
 )
-
-FULLFLOW_LOG = pa.schema(
-    [
-        pa.field("request_id", pa.int64(), nullable=False),
-        pa.field("item_id", pa.int64(), nullable=False),
-        pa.field("retrieval_pos", POSITION, nullable=False),
-        pa.field("prerank_pos", POSITION),
-        pa.field("rank_pos", POSITION),
-        pa.field("exposed", pa.bool_(), nullable=False),
-        pa.field("click", pa.int8(), nullable=False),
-        pa.field("content_type", pa.int8(), nullable=False),
-        pa.field("true_affinity", pa.float32()),
-        *_feature_fields(ITEM_FEATURES),
-    ]
+FULLFLOW_LOG = _table(
+    "request_id item_id retrieval_pos prerank_pos? rank_pos? exposed click content_type true_affinity?",
+    ITEM_FEATURES,
 )
 
 RAW_LOGS: dict[str, pa.Schema] = {"exposure": EXPOSURE_LOG, "ranking": RANKING_LOG, "fullflow": FULLFLOW_LOG}
 
 # ---- lake (joined per request) ------------------------------------------------------------
-_REQUEST_KEYS = [
-    pa.field("request_id", pa.int64(), nullable=False),
-    pa.field("timestamp", TIMESTAMP, nullable=False),
-    pa.field("user_id", pa.int64(), nullable=False),
-]
-
-LAKE_SAMPLES = pa.schema(
-    [
-        *_REQUEST_KEYS,
-        pa.field("item_id", pa.int64(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),  # Source
-        pa.field("label", pa.int8(), nullable=False),  # click
-        pa.field("position", POSITION),  # display position for exposures
-        pa.field("retrieval_pos", POSITION),
-        pa.field("prerank_pos", POSITION),
-        pa.field("rank_pos", POSITION),
-        pa.field("content_type", pa.int8(), nullable=False),
-        pa.field("true_affinity", pa.float32()),
-        *_feature_fields(FEATURE_COLUMNS),
-    ]
+LAKE_SAMPLES = _table(
+    "request_id timestamp user_id item_id source label position? retrieval_pos? prerank_pos? rank_pos? "
+    "content_type true_affinity?",
+    FEATURE_COLUMNS,
 )
-
-LAKE_FULLFLOW = pa.schema(
-    [
-        *_REQUEST_KEYS,
-        pa.field("item_id", pa.int64(), nullable=False),
-        pa.field("label", pa.int8(), nullable=False),
-        pa.field("exposed", pa.bool_(), nullable=False),
-        pa.field("retrieval_pos", POSITION, nullable=False),
-        pa.field("prerank_pos", POSITION),
-        pa.field("rank_pos", POSITION),
-        pa.field("content_type", pa.int8(), nullable=False),
-        pa.field("true_affinity", pa.float32()),
-        *_feature_fields(FEATURE_COLUMNS),
-    ]
+LAKE_FULLFLOW = _table(
+    "request_id timestamp user_id item_id label exposed retrieval_pos prerank_pos? rank_pos? "
+    "content_type true_affinity?",
+    FEATURE_COLUMNS,
 )
 
 # ---- training set and full-flow eval set --------------------------------------------------
-TRAINING_SET = pa.schema(
-    [
-        pa.field("dt", pa.string(), nullable=False),
-        pa.field("request_id", pa.int64(), nullable=False),
-        pa.field("item_id", pa.int64(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("group", pa.string(), nullable=False),  # GROUP_OF_SOURCE
-        pa.field("difficulty", pa.string(), nullable=False),  # Difficulty; also the partition key
-        pa.field("label", pa.int8(), nullable=False),
-        pa.field("retrieval_pos", POSITION),
-        pa.field("prerank_pos", POSITION),
-        pa.field("rank_pos", POSITION),
-        pa.field("content_type", pa.int8(), nullable=False),
-        *_feature_fields(FEATURE_COLUMNS),
-    ]
+TRAINING_SET = _table(
+    "dt request_id item_id source group difficulty label retrieval_pos? prerank_pos? rank_pos? content_type",
+    FEATURE_COLUMNS,
 )
-
-EVAL_SET = pa.schema(
-    [
-        pa.field("dt", pa.string(), nullable=False),
-        pa.field("request_id", pa.int64(), nullable=False),
-        pa.field("item_id", pa.int64(), nullable=False),
-        pa.field("label", pa.int8(), nullable=False),
-        pa.field("exposed", pa.bool_(), nullable=False),
-        pa.field("retrieval_pos", POSITION, nullable=False),
-        pa.field("prerank_pos", POSITION),
-        pa.field("rank_pos", POSITION),
-        pa.field("content_type", pa.int8(), nullable=False),
-        pa.field("true_affinity", pa.float32()),  # simulator ground truth; null on real data
-        *_feature_fields(FEATURE_COLUMNS),
-    ]
+EVAL_SET = _table(
+    "dt request_id item_id label exposed retrieval_pos prerank_pos? rank_pos? content_type true_affinity?",
+    FEATURE_COLUMNS,
 )
 
 TABLES: dict[str, pa.Schema] = {

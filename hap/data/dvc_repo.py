@@ -22,7 +22,6 @@ from hap.core import layout
 from hap.core.config import REPO_ROOT, Config
 from hap.core.errors import HapError
 
-_CHUNK = 1 << 20
 PUSH_REMOTE = "hap"  # the remote named in params (or HAP_DVC_REMOTE), kept in .dvc/config.local
 DVC_TIMEOUT_SECONDS = 600.0
 
@@ -32,11 +31,8 @@ class DvcFailed(HapError):
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def dvc_dir_md5(folder: Path) -> str:

@@ -19,6 +19,7 @@ classes when this module is imported (``GxRunner`` does).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,9 +31,8 @@ from great_expectations.expectations.metrics.map_metric_provider.multicolumn_con
     multicolumn_condition_partial,
 )
 
-BETWEEN = "expect_column_values_to_be_between"
-IN_SET = "expect_column_values_to_be_in_set"
-NOT_NULL = "expect_column_values_to_not_be_null"
+from hap.data.suite_json import BETWEEN, IN_SET, NOT_NULL
+
 FOLDED = {  # single-column type -> (the multi-column type, the suite parameter of its rules)
     BETWEEN: ("expect_multicolumn_values_to_be_between", "hap_between_rules"),
     IN_SET: ("expect_multicolumn_values_to_be_in_set", "hap_in_set_rules"),
@@ -89,22 +89,26 @@ def _every_rule(frame: pd.DataFrame, rules: list, check: Any) -> pd.Series:
     return pd.Series(ok, index=frame.index)
 
 
-class MulticolumnValuesBetween(MulticolumnMapMetricProvider):
+class _RulesMetric(MulticolumnMapMetricProvider):
+    """Row by row: does every rule hold, by the subclass's ``check``? (GX registers only the
+    subclasses: this one has no metric name.)"""
+
+    condition_value_keys = ("rules",)
+    check: ClassVar[Callable[..., np.ndarray]]
+
+    @multicolumn_condition_partial(engine=PandasExecutionEngine)
+    def _pandas(cls, column_list: pd.DataFrame, rules: list, **kwargs: Any) -> pd.Series:
+        return _every_rule(column_list, rules, cls.check)
+
+
+class MulticolumnValuesBetween(_RulesMetric):
     condition_metric_name = "hap_multicolumn_values.between"
-    condition_value_keys = ("rules",)
-
-    @multicolumn_condition_partial(engine=PandasExecutionEngine)
-    def _pandas(cls, column_list: pd.DataFrame, rules: list, **kwargs: Any) -> pd.Series:
-        return _every_rule(column_list, rules, _inside)
+    check = staticmethod(_inside)
 
 
-class MulticolumnValuesInSet(MulticolumnMapMetricProvider):
+class MulticolumnValuesInSet(_RulesMetric):
     condition_metric_name = "hap_multicolumn_values.in_set"
-    condition_value_keys = ("rules",)
-
-    @multicolumn_condition_partial(engine=PandasExecutionEngine)
-    def _pandas(cls, column_list: pd.DataFrame, rules: list, **kwargs: Any) -> pd.Series:
-        return _every_rule(column_list, rules, _in_set)
+    check = staticmethod(_in_set)
 
 
 class MulticolumnValuesNonNull(MulticolumnMapMetricProvider):

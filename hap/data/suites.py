@@ -47,6 +47,16 @@ from typing import Any
 
 from hap.core import schema
 from hap.core.config import REPO_ROOT
+from hap.data.suite_json import (
+    BETWEEN,
+    P,
+    between,
+    expectation,
+    in_set,
+    not_null,
+    unique_together,
+    where,
+)
 
 SUITE_DIR = REPO_ROOT / "expectations"
 SUITE_FILES = {
@@ -56,18 +66,9 @@ SUITE_FILES = {
     "fullflow": "fullflow_log.json",
     "training_set": "training_set.json",
 }
-EXTRA_COLUMNS_NOTE = (
-    "extra_columns"  # meta.check of the expectation whose severity follows validation.extra_columns
-)
-
-
-def P(name: str) -> dict[str, str]:
-    """A suite parameter reference, resolved at run time."""
-    return {"$PARAMETER": name}
-
-
-def _e(kind: str, batch: str, why: str, severity: str = "critical", **kwargs: Any) -> dict[str, Any]:
-    return {"type": kind, "kwargs": kwargs, "meta": {"batch": batch, "why": why}, "severity": severity}
+# meta.check of the expectations whose severity follows validation.extra_columns or on_distribution_shift
+EXTRA_COLUMNS_NOTE = "extra_columns"
+DISTRIBUTION_NOTE = "distribution"
 
 
 KEY_COLUMNS = {  # not-null checked row by row (bad-row counts and examples); other columns via null_count
@@ -76,663 +77,360 @@ KEY_COLUMNS = {  # not-null checked row by row (bad-row counts and examples); ot
     "fullflow": ("request_id", "item_id", "retrieval_pos", "exposed", "click"),
     "training_set": ("dt", "request_id", "item_id", "source", "group", "difficulty", "label"),
 }
+STAGE_POSITIONS = ("retrieval_pos", "prerank_pos", "rank_pos")
 
 
+# ---- checks shared by several suites, one builder per kind of column ----------------------------
 def _schema_part() -> list[dict[str, Any]]:
-    """Checks on the ``columns`` frame: one row per column of the file or the contract, with the
-    Arrow type found, the contract type, and the column's null count (``hap.validation_frames``)."""
+    """Checks on the ``schema`` frame: one row per column of the file or the contract, with the
+    Arrow type found, the contract type, and the column's null count (``hap.data.frames.schema_frame``)."""
     why_extra = "no unknown column (warning by default: an additive upstream change, dropped at ingest)"
+    why_nulls = "non-key, non-nullable contract columns hold no null (keys are checked row by row)"
     return [
-        _e(
-            "expect_column_values_to_be_in_set",
-            "schema",
-            "every contract column is present",
-            column="in_file",
-            value_set=[True],
-        ),
+        in_set("schema", "in_file", "every contract column is present", [True]),
         {
-            **_e(
-                "expect_column_values_to_be_in_set",
-                "schema",
-                why_extra,
-                severity="warning",
-                column="in_contract",
-                value_set=[True],
-            ),
+            **in_set("schema", "in_contract", why_extra, [True], severity="warning"),
             "meta": {"batch": "schema", "check": EXTRA_COLUMNS_NOTE, "why": why_extra},
         },
-        _e(
+        expectation(
             "expect_column_pair_values_to_be_equal",
             "schema",
             "each column has its contract Arrow type",
             column_A="arrow_type",
             column_B="contract_type",
-            row_condition="in_file & in_contract",
-            condition_parser="pandas",
+            **where("in_file & in_contract"),
         ),
         {
-            **_e(
-                "expect_column_values_to_be_between",
+            **between(
                 "schema",
+                "null_count",
                 "non-nullable contract columns hold no null",
-                column="null_count",
                 max_value=0,
-                row_condition="in_file & in_contract & ~nullable & ~key",
-                condition_parser="pandas",
+                **where("in_file & in_contract & ~nullable & ~key"),
             ),
-            "meta": {
-                "batch": "schema",
-                "gates": False,
-                "why": "non-key, non-nullable contract columns hold no null (keys are checked row by row)",
-            },
+            "meta": {"batch": "schema", "gates": False, "why": why_nulls},
         },
     ]
 
 
-DISTRIBUTION_NOTE = "distribution"  # meta.check of checks whose severity follows on_distribution_shift
+def _key_columns(table: str) -> list[dict[str, Any]]:
+    return [not_null("rows", c, f"key column {c} is never null") for c in KEY_COLUMNS[table]]
+
+
+def _day_volume(table: str) -> dict[str, Any]:
+    why = "not empty, and the day's volume within a tolerance of the trailing median"
+    return between("day", "rows", why, P(f"{table}_rows_min"), P(f"{table}_rows_max"))
+
+
+def _labels(columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [in_set("rows", c, f"{c} is a 0/1 label", [0, 1]) for c in columns]
 
 
 def _dense(columns: tuple[str, ...]) -> list[dict[str, Any]]:
     """Every dense column: no NaN (pandas counts NaN as null) and inside its finite contract range."""
     out = []
     for c in columns:
-        out.append(_e("expect_column_values_to_not_be_null", "rows", f"{c} is a number (no NaN)", column=c))
-        out.append(
-            _e(
-                "expect_column_values_to_be_between",
-                "rows",
-                f"{c} is finite and inside its contract range (contract.ranges.{c})",
-                column=c,
-                min_value=P(f"{c}_min"),
-                max_value=P(f"{c}_max"),
-            )
-        )
+        out.append(not_null("rows", c, f"{c} is a number (no NaN)"))
+        why = f"{c} is finite and inside its contract range (contract.ranges.{c})"
+        out.append(between("rows", c, why, P(f"{c}_min"), P(f"{c}_max")))
     return out
 
 
 def _ids(columns: tuple[str, ...]) -> list[dict[str, Any]]:
     """Categorical ids lie in the hash space [0, contract.hash_buckets)."""
-    return [
-        _e(
-            "expect_column_values_to_be_between",
-            "rows",
-            f"{c} is an id of the hash space [0, contract.hash_buckets)",
-            column=c,
-            min_value=0,
-            max_value=P("id_max"),
-        )
-        for c in columns
-    ]
+    why = "is an id of the hash space [0, contract.hash_buckets)"
+    return [between("rows", c, f"{c} {why}", 0, P("id_max")) for c in columns]
 
 
-def _non_negative(columns: tuple[str, ...], what: str = "ids are non-negative") -> list[dict[str, Any]]:
-    return [
-        _e("expect_column_values_to_be_between", "rows", f"{c}: {what}", column=c, min_value=0)
-        for c in columns
-    ]
+def _non_negative(columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [between("rows", c, f"{c}: ids are non-negative", 0) for c in columns]
 
 
 def _content_type() -> dict[str, Any]:
-    return _e(
-        "expect_column_values_to_be_between",
-        "rows",
-        "content types are codes 0 .. contract.n_content_types - 1",
-        column="content_type",
-        min_value=0,
-        max_value=P("content_type_max"),
-    )
+    why = "content types are codes 0 .. contract.n_content_types - 1"
+    return between("rows", "content_type", why, 0, P("content_type_max"))
+
+
+def _item_side(positions_batch: str) -> list[dict[str, Any]]:
+    """The candidate columns that the ranking and full-flow logs share: stage positions (checked on
+    ``positions_batch``), content type, keys, item features and the simulator's true affinity."""
+    why_affinity = "true_affinity is finite where present (contract.ranges.true_affinity)"
+    return [
+        *[between(positions_batch, c, f"{c} is 1-based where present", 1) for c in STAGE_POSITIONS],
+        _content_type(),
+        *_non_negative(("request_id", "item_id")),
+        *_dense(schema.ITEM_DENSE),
+        between("rows", "true_affinity", why_affinity, P("true_affinity_min"), P("true_affinity_max")),
+        *_ids(schema.ITEM_CATEGORICAL),
+    ]
+
+
+def _click_sequence() -> list[dict[str, Any]]:
+    """The recent-click sequence, through the derived columns of its length, null ids and id range."""
+    why_space = "recent-click ids lie in the hash space [0, contract.hash_buckets)"
+    return [
+        between(
+            "rows",
+            "u_click_seq_len",
+            "the recent-click sequence has exactly contract.seq_len ids",
+            P("seq_len"),
+            P("seq_len"),
+        ),
+        between("rows", "u_click_seq_nulls", "the recent-click sequence holds no null id", max_value=0),
+        between("rows", "u_click_seq_min", why_space, min_value=0),
+        between("rows", "u_click_seq_max", why_space, max_value=P("id_max")),
+        not_null("rows", "u_click_seq_len", "the recent-click sequence is present"),
+    ]
 
 
 def _distribution_part() -> list[dict[str, Any]]:
     """Checks on the ``drift`` frame: one row per statistic of today against the median of the
-    trailing validated days (``hap.data.frames.drift_frame``). Severity follows
+    trailing validated days (``hap.data.profiles.drift_frame``). Severity follows
     ``validation.on_distribution_shift``."""
-    checks = [
-        (
-            "distinct_ratio",
-            "min",
-            "distinct_ratio_min",
-            "a feature keeps its number of distinct values (not collapsed)",
-        ),
-        (
-            "dense_shift",
-            "max",
-            "dense_shift_max",
-            "a dense feature's median and p99 stay near the trailing days'",
-        ),
-        (
-            "content_mix_tvd",
-            "max",
-            "content_mix_tvd_max",
-            "the content-type mix stays near the trailing days'",
-        ),
+    checks = [  # (statistic, which bound its parameter sets, why)
+        ("distinct_ratio", "min", "a feature keeps its number of distinct values (not collapsed)"),
+        ("dense_shift", "max", "a dense feature's median and p99 stay near the trailing days'"),
+        ("content_mix_tvd", "max", "the content-type mix stays near the trailing days'"),
         (
             "click_position_tvd",
             "max",
-            "click_position_tvd_max",
             "the share of clicks per display position stays near the trailing days'",
         ),
     ]
     out = []
-    for check, side, param, why in checks:
-        bound = {"min_value": P(param)} if side == "min" else {"max_value": P(param)}
-        exp = _e(
-            "expect_column_values_to_be_between",
-            "drift",
-            why,
-            column="value",
-            row_condition=f'check=="{check}"',
-            condition_parser="pandas",
-            **bound,
-        )
+    for check, side, why in checks:
+        # the bound follows the row condition in these expectations' kwargs (kept for the JSON files)
+        exp = expectation(BETWEEN, "drift", why, column="value", **where(f'check=="{check}"'))
+        exp["kwargs"][f"{side}_value"] = P(f"{check}_{side}")
         exp["meta"]["check"] = DISTRIBUTION_NOTE
         out.append(exp)
     return out
 
 
-def _not_null(table: str) -> list[dict[str, Any]]:
-    return [
-        _e("expect_column_values_to_not_be_null", "rows", f"key column {c} is never null", column=c)
-        for c in KEY_COLUMNS[table]
-    ]
+def _suite(name: str, table: str, expectations: list[dict[str, Any]], contract: str) -> dict[str, Any]:
+    meta = {"table": table, "contract": f"hap.core.schema.{contract}", "generated_by": "hap.data.suites"}
+    return {"name": name, "expectations": expectations, "meta": meta}
 
 
+# ---- the suites ---------------------------------------------------------------------------------
 def exposure_suite() -> dict[str, Any]:
     ex = [
         *_schema_part(),
-        _e(
-            "expect_column_values_to_be_between",
-            "day",
-            "not empty, and the day's volume within a tolerance of the trailing median",
-            column="rows",
-            min_value=P("exposure_rows_min"),
-            max_value=P("exposure_rows_max"),
-        ),
-        *_not_null("exposure"),
-        _e(
-            "expect_compound_columns_to_be_unique",
+        _day_volume("exposure"),
+        *_key_columns("exposure"),
+        unique_together("rows", ["request_id", "item_id"], "one row per exposed item of a request"),
+        unique_together("rows", ["request_id", "position"], "one item per display slot of a request"),
+        between(
             "rows",
-            "one row per exposed item of a request",
-            column_list=["request_id", "item_id"],
-        ),
-        _e(
-            "expect_compound_columns_to_be_unique",
-            "rows",
-            "one item per display slot of a request",
-            column_list=["request_id", "position"],
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "rows",
+            "position",
             "display positions are 1 .. contract.exposed_per_request",
-            column="position",
-            min_value=1,
-            max_value=P("exposed_per_request"),
+            1,
+            P("exposed_per_request"),
         ),
-        _e(
-            "expect_compound_columns_to_be_unique",
+        unique_together(
             "exposure_keys",
+            ["user_id", "timestamp", "item_id"],
             "the same user is not shown the same item at the same instant twice (replayed logs)",
-            column_list=["user_id", "timestamp", "item_id"],
         ),
-        *[
-            _e(
-                "expect_column_values_to_be_in_set",
-                "rows",
-                f"{col} is a 0/1 label",
-                column=col,
-                value_set=[0, 1],
-            )
-            for col in ("click", "like", "comment", "share")
-        ],
-        _e(
-            "expect_column_values_to_be_in_set",
+        *_labels(("click", "like", "comment", "share")),
+        in_set(
             "rows",
+            "engaged_without_click",
             "feedback is consistent: no like, comment or share without a click",
-            column="engaged_without_click",
-            value_set=[False],
+            [False],
         ),
         *_dense(("dwell", *schema.USER_DENSE)),
         _content_type(),
         *_non_negative(("request_id", "user_id", "item_id")),
         *_ids((*schema.USER_CATEGORICAL, *schema.CONTEXT_CATEGORICAL)),
-        _e(
-            "expect_column_values_to_be_between",
+        between(
             "rows",
+            "timestamp",
             "timestamps fall inside the partition's UTC day",
-            column="timestamp",
-            min_value=P("day_start"),
-            max_value=P("day_end"),
+            P("day_start"),
+            P("day_end"),
             strict_max=True,
         ),
-        _e(
-            "expect_column_values_to_be_between",
+        *_click_sequence(),
+        in_set(
             "rows",
-            "the recent-click sequence has exactly contract.seq_len ids",
-            column="u_click_seq_len",
-            min_value=P("seq_len"),
-            max_value=P("seq_len"),
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "rows",
-            "the recent-click sequence holds no null id",
-            column="u_click_seq_nulls",
-            max_value=0,
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "rows",
-            "recent-click ids lie in the hash space [0, contract.hash_buckets)",
-            column="u_click_seq_min",
-            min_value=0,
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "rows",
-            "recent-click ids lie in the hash space [0, contract.hash_buckets)",
-            column="u_click_seq_max",
-            max_value=P("id_max"),
-        ),
-        _e(
-            "expect_column_values_to_not_be_null",
-            "rows",
-            "the recent-click sequence is present",
-            column="u_click_seq_len",
-        ),
-        _e(
-            "expect_column_values_to_be_in_set",
-            "rows",
+            "has_ranking_row",
             "referential integrity: every exposure has a ranking-log row (source 'exposed')",
-            column="has_ranking_row",
-            value_set=[True],
+            [True],
         ),
-        _e(
-            "expect_column_values_to_be_between",
+        between(
             "day",
+            "ctr",
             "the day's CTR within bounds (a CTR of 0 is a broken click log)",
-            column="ctr",
-            min_value=P("ctr_min"),
-            max_value=P("ctr_max"),
+            P("ctr_min"),
+            P("ctr_max"),
         ),
         *_distribution_part(),
     ]
-    return {
-        "name": "exposure_log",
-        "expectations": ex,
-        "meta": {
-            "table": "exposure",
-            "contract": "hap.core.schema.EXPOSURE_LOG",
-            "generated_by": "hap.data.suites",
-        },
-    }
+    return _suite("exposure_log", "exposure", ex, "EXPOSURE_LOG")
+
+
+def _per_request() -> list[dict[str, Any]]:
+    """The ranking suite's checks on the ``requests`` frame: one row per request, from both logs."""
+    no_gap = "display positions of a request are exactly 1..k: no gap (largest position == exposures)"
+    duplicated = "no request repeats another's user and exposures (content duplicated under new request ids)"
+    per_pos = "sampling: global_neg_per_pos global negatives per click (n_global_neg - per_pos * clicks == 0)"
+    return [
+        between("requests", "n_exposures", "every logged request has at least one exposure", 1),
+        between(
+            "requests",
+            "n_exposures",
+            "a request shows at most contract.exposed_per_request items",
+            max_value=P("exposed_per_request"),
+        ),
+        between("requests", "position_min", "display positions of a request start at 1", 1, 1),
+        between("requests", "position_gap", no_gap, 0, 0),
+        expectation("expect_column_values_to_be_unique", "content_keys", duplicated, column="content_key"),
+        between(
+            "requests",
+            "exposed_gap",
+            "every exposure of a request is logged in the ranking log and vice versa",
+            0,
+            0,
+        ),
+        *[
+            between(
+                "requests",
+                f"n_{s}",
+                f"sampling: {s} per request",
+                P(f"{s}_per_request"),
+                P(f"{s}_per_request"),
+            )
+            for s in ("rank_neg", "prerank_neg")
+        ],
+        between("requests", "global_neg_gap", per_pos, 0, 0),
+    ]
 
 
 def ranking_suite() -> dict[str, Any]:
     ex = [
         *_schema_part(),
-        _e(
-            "expect_column_values_to_be_between",
-            "day",
-            "not empty, and the day's volume within a tolerance of the trailing median",
-            column="rows",
-            min_value=P("ranking_rows_min"),
-            max_value=P("ranking_rows_max"),
+        _day_volume("ranking"),
+        *_key_columns("ranking"),
+        unique_together(
+            "rows", ["request_id", "item_id", "source"], "key: (request_id, item_id, source) is unique"
         ),
-        *_not_null("ranking"),
-        _e(
-            "expect_compound_columns_to_be_unique",
-            "rows",
-            "key: (request_id, item_id, source) is unique",
-            column_list=["request_id", "item_id", "source"],
-        ),
-        _e(
-            "expect_column_values_to_be_in_set",
-            "rows",
-            "source is a known ranking-log source",
-            column="source",
-            value_set=list(schema.RANKING_SOURCES),
-        ),
-        *[
-            _e(
-                "expect_column_values_to_be_between",
-                "positions",
-                f"{col} is 1-based where present",
-                column=col,
-                min_value=1,
-            )
-            for col in ("retrieval_pos", "prerank_pos", "rank_pos")
-        ],
-        _content_type(),
-        *_non_negative(("request_id", "item_id")),
-        *_dense(schema.ITEM_DENSE),
-        _e(
-            "expect_column_values_to_be_between",
-            "rows",
-            "true_affinity is finite where present (contract.ranges.true_affinity)",
-            column="true_affinity",
-            min_value=P("true_affinity_min"),
-            max_value=P("true_affinity_max"),
-        ),
-        *_ids(schema.ITEM_CATEGORICAL),
-        _e(
-            "expect_column_values_to_not_be_null",
+        in_set("rows", "source", "source is a known ranking-log source", list(schema.RANKING_SOURCES)),
+        *_item_side("positions"),
+        not_null("rank_neg_positions", "rank_pos", "a rank_neg passed the ranking stage"),
+        between(
             "rank_neg_positions",
-            "a rank_neg passed the ranking stage",
-            column="rank_pos",
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "rank_neg_positions",
+            "rank_pos",
             "rank_neg are ranked below the ranking cut (> 50)",
-            column="rank_pos",
-            min_value=P("rank_neg_min_pos"),
+            P("rank_neg_min_pos"),
         ),
-        _e(
-            "expect_column_values_to_not_be_null",
+        not_null("prerank_neg_positions", "prerank_pos", "a prerank_neg passed the pre-ranking stage"),
+        between(
             "prerank_neg_positions",
-            "a prerank_neg passed the pre-ranking stage",
-            column="prerank_pos",
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "prerank_neg_positions",
+            "prerank_pos",
             "prerank_neg are pre-ranked below the pre-ranking cut (> 200)",
-            column="prerank_pos",
-            min_value=P("prerank_neg_min_pos"),
+            P("prerank_neg_min_pos"),
         ),
-        _e(
-            "expect_column_values_to_be_between",
-            "exposed_positions",
-            "exposed items come from the ranking top",
-            column="rank_pos",
-            min_value=1,
-            max_value=P("rank_keep"),
+        between(
+            "exposed_positions", "rank_pos", "exposed items come from the ranking top", 1, P("rank_keep")
         ),
-        _e(
-            "expect_column_values_to_be_between",
-            "requests",
-            "every logged request has at least one exposure",
-            column="n_exposures",
-            min_value=1,
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "requests",
-            "a request shows at most contract.exposed_per_request items",
-            column="n_exposures",
-            max_value=P("exposed_per_request"),
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "requests",
-            "display positions of a request start at 1",
-            column="position_min",
-            min_value=1,
-            max_value=1,
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "requests",
-            "display positions of a request are exactly 1..k: no gap (largest position == exposures)",
-            column="position_gap",
-            min_value=0,
-            max_value=0,
-        ),
-        _e(
-            "expect_column_values_to_be_unique",
-            "content_keys",
-            "no request repeats another's user and exposures (content duplicated under new request ids)",
-            column="content_key",
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "requests",
-            "every exposure of a request is logged in the ranking log and vice versa",
-            column="exposed_gap",
-            min_value=0,
-            max_value=0,
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "requests",
-            "sampling: rank_neg per request",
-            column="n_rank_neg",
-            min_value=P("rank_neg_per_request"),
-            max_value=P("rank_neg_per_request"),
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "requests",
-            "sampling: prerank_neg per request",
-            column="n_prerank_neg",
-            min_value=P("prerank_neg_per_request"),
-            max_value=P("prerank_neg_per_request"),
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "requests",
-            "sampling: global_neg_per_pos global negatives per click (n_global_neg - per_pos * clicks == 0)",
-            column="global_neg_gap",
-            min_value=0,
-            max_value=0,
-        ),
+        *_per_request(),
     ]
-    return {
-        "name": "ranking_log",
-        "expectations": ex,
-        "meta": {
-            "table": "ranking",
-            "contract": "hap.core.schema.RANKING_LOG",
-            "generated_by": "hap.data.suites",
-        },
-    }
+    return _suite("ranking_log", "ranking", ex, "RANKING_LOG")
 
 
 def fullflow_suite() -> dict[str, Any]:
     """The eval log: a sample of requests logged with every retrieved candidate."""
     ex = [
         *_schema_part(),
-        *_not_null("fullflow"),
-        _e(
-            "expect_compound_columns_to_be_unique",
-            "rows",
-            "key: (request_id, item_id) is unique",
-            column_list=["request_id", "item_id"],
-        ),
-        _e(
-            "expect_column_values_to_be_between",
+        *_key_columns("fullflow"),
+        unique_together("rows", ["request_id", "item_id"], "key: (request_id, item_id) is unique"),
+        between(
             "day",
+            "requests",
             "enough full-flow requests for the gate's paired statistics (validation.fullflow_min_requests)",
-            column="requests",
-            min_value=P("fullflow_min_requests"),
+            P("fullflow_min_requests"),
         ),
-        _e(
-            "expect_column_values_to_be_between",
+        between(
             "day",
+            "clicks",
             "the full-flow log has clicks (validation.fullflow_min_clicks): without them nothing ranks",
-            column="clicks",
-            min_value=P("fullflow_min_clicks"),
+            P("fullflow_min_clicks"),
         ),
-        _e(
-            "expect_column_values_to_be_in_set",
-            "rows",
-            "every full-flow request is in the day's exposure log",
-            column="in_exposure_log",
-            value_set=[True],
-        ),
-        _e(
-            "expect_column_values_to_be_in_set",
-            "rows",
-            "click is a 0/1 label",
-            column="click",
-            value_set=[0, 1],
-        ),
-        _e(
-            "expect_column_values_to_be_in_set",
-            "rows",
-            "only exposed candidates are clicked",
-            column="click_unexposed",
-            value_set=[False],
-        ),
-        *[
-            _e(
-                "expect_column_values_to_be_between",
-                "rows",
-                f"{col} is 1-based where present",
-                column=col,
-                min_value=1,
-            )
-            for col in ("retrieval_pos", "prerank_pos", "rank_pos")
-        ],
-        _content_type(),
-        *_non_negative(("request_id", "item_id")),
-        *_dense(schema.ITEM_DENSE),
-        _e(
-            "expect_column_values_to_be_between",
-            "rows",
-            "true_affinity is finite where present (contract.ranges.true_affinity)",
-            column="true_affinity",
-            min_value=P("true_affinity_min"),
-            max_value=P("true_affinity_max"),
-        ),
-        *_ids(schema.ITEM_CATEGORICAL),
+        in_set("rows", "in_exposure_log", "every full-flow request is in the day's exposure log", [True]),
+        *_labels(("click",)),
+        in_set("rows", "click_unexposed", "only exposed candidates are clicked", [False]),
+        *_item_side("rows"),
     ]
-    return {
-        "name": "fullflow_log",
-        "expectations": ex,
-        "meta": {
-            "table": "fullflow",
-            "contract": "hap.core.schema.FULLFLOW_LOG",
-            "generated_by": "hap.data.suites",
-        },
-    }
+    return _suite("fullflow_log", "fullflow", ex, "FULLFLOW_LOG")
 
 
 def landing_suite() -> dict[str, Any]:
     """The day's folder: exactly the contract's files. A late or extra file fails the day (it may
     hold part of the day's logs); the producer merges it into the contract files or removes it."""
+    why = (
+        "the landing folder holds only exposure/ranking/fullflow.parquet (and _SUCCESS): "
+        "a late or extra file is part of no log and is never ignored silently"
+    )
     return {
         "name": "landing",
-        "expectations": [
-            _e(
-                "expect_column_values_to_be_in_set",
-                "files",
-                "the landing folder holds only exposure/ranking/fullflow.parquet (and _SUCCESS): "
-                "a late or extra file is part of no log and is never ignored silently",
-                column="known",
-                value_set=[True],
-            )
-        ],
+        "expectations": [in_set("files", "known", why, [True])],
         "meta": {"table": "landing", "generated_by": "hap.data.suites"},
     }
 
 
 def training_set_suite() -> dict[str, Any]:
-    src = "source in {}".format
+    sources_in = "source in {}".format
     ex = [
         *_schema_part(),
-        _e("expect_table_row_count_to_be_between", "rows", "the training set is not empty", min_value=1),
-        *_not_null("training_set"),
-        _e(
-            "expect_compound_columns_to_be_unique",
+        expectation(
+            "expect_table_row_count_to_be_between", "rows", "the training set is not empty", min_value=1
+        ),
+        *_key_columns("training_set"),
+        unique_together(
             "rows",
+            ["dt", "request_id", "item_id", "source"],
             "key: (dt, request_id, item_id, source) is unique",
-            column_list=["dt", "request_id", "item_id", "source"],
         ),
-        _e(
-            "expect_column_values_to_be_in_set",
+        in_set("rows", "source", "known source", list(schema.SOURCES)),
+        in_set("rows", "group", "known group", sorted(set(schema.GROUP_OF_SOURCE.values()))),
+        in_set("rows", "difficulty", "known difficulty", [d.value for d in schema.Difficulty]),
+        in_set("rows", "label", "labels are 0/1", [0, 1]),
+        in_set("rows", "label", "positives are labelled 1", [1], **where('source=="expose_pos"')),
+        in_set("rows", "label", "negatives are labelled 0", [0], **where('source!="expose_pos"')),
+        in_set(
             "rows",
-            "known source",
-            column="source",
-            value_set=list(schema.SOURCES),
-        ),
-        _e(
-            "expect_column_values_to_be_in_set",
-            "rows",
-            "known group",
-            column="group",
-            value_set=sorted(set(schema.GROUP_OF_SOURCE.values())),
-        ),
-        _e(
-            "expect_column_values_to_be_in_set",
-            "rows",
-            "known difficulty",
-            column="difficulty",
-            value_set=[d.value for d in schema.Difficulty],
-        ),
-        _e("expect_column_values_to_be_in_set", "rows", "labels are 0/1", column="label", value_set=[0, 1]),
-        _e(
-            "expect_column_values_to_be_in_set",
-            "rows",
-            "positives are labelled 1",
-            column="label",
-            value_set=[1],
-            row_condition='source=="expose_pos"',
-            condition_parser="pandas",
-        ),
-        _e(
-            "expect_column_values_to_be_in_set",
-            "rows",
-            "negatives are labelled 0",
-            column="label",
-            value_set=[0],
-            row_condition='source!="expose_pos"',
-            condition_parser="pandas",
-        ),
-        _e(
-            "expect_column_values_to_be_in_set",
-            "rows",
+            "difficulty",
             "hard sources sit in the hard partition",
-            column="difficulty",
-            value_set=["hard"],
-            row_condition=src(list(schema.HARD_SOURCES)),
-            condition_parser="pandas",
+            ["hard"],
+            **where(sources_in(list(schema.HARD_SOURCES))),
         ),
-        _e(
-            "expect_column_values_to_be_in_set",
+        in_set(
             "rows",
+            "difficulty",
             "easy sources sit in the easy partition",
-            column="difficulty",
-            value_set=["easy"],
-            row_condition=src(list(schema.EASY_SOURCES)),
-            condition_parser="pandas",
+            ["easy"],
+            **where(sources_in(list(schema.EASY_SOURCES))),
         ),
-        _e(
-            "expect_column_values_to_be_in_set",
-            "rows",
-            "the Hive partition folder matches the difficulty column",
-            column="partition_matches",
-            value_set=[True],
+        in_set(
+            "rows", "partition_matches", "the Hive partition folder matches the difficulty column", [True]
         ),
-        _e(
-            "expect_column_values_to_be_between",
+        between(
             "rows",
+            "rank_pos",
             "rank_neg are ranked below the ranking cut",
-            column="rank_pos",
-            min_value=P("rank_neg_min_pos"),
-            row_condition='source=="rank_neg"',
-            condition_parser="pandas",
+            P("rank_neg_min_pos"),
+            **where('source=="rank_neg"'),
         ),
-        _e(
-            "expect_column_values_to_be_between",
+        between(
             "rows",
+            "prerank_pos",
             "prerank_neg are pre-ranked below the pre-ranking cut",
-            column="prerank_pos",
-            min_value=P("prerank_neg_min_pos"),
-            row_condition='source=="prerank_neg"',
-            condition_parser="pandas",
+            P("prerank_neg_min_pos"),
+            **where('source=="prerank_neg"'),
         ),
     ]
-    return {
-        "name": "training_set",
-        "expectations": ex,
-        "meta": {
-            "table": "training_set",
-            "contract": "hap.core.schema.TRAINING_SET",
-            "generated_by": "hap.data.suites",
-        },
-    }
+    return _suite("training_set", "training_set", ex, "TRAINING_SET")
 
 
 BUILDERS = {

@@ -36,7 +36,7 @@ from hap.core.config import Config
 from hap.core.engine import Mapper, local_map
 from hap.core.errors import HapError, ValidationFailed
 from hap.data import frames as vf
-from hap.data import markers
+from hap.data import markers, profiles
 from hap.data.bucket_checks import KEY_BATCHES, KEYS_DIR, check_bucket, check_key_part
 from hap.data.buckets import DayBuckets, cut_day
 from hap.data.gx_runner import Finding, GxRunner, merge_findings, warm_up
@@ -192,26 +192,24 @@ def suite_params(cfg: Config, date: dt.date) -> dict[str, Any]:
 
 
 # ---- running the checks --------------------------------------------------------------------------------
-def _problem_finding(problem: vf.ReadProblem, suite: str) -> Finding:
+def _failed(
+    file: str, suite: str, check: str, error: str, why: str = "", severity: str = "critical"
+) -> Finding:
+    """A check of validation's own, not a GX expectation, that failed with ``error``."""
     return Finding(
-        file=problem.file,
-        suite=suite,
-        expectation=problem.check,
-        success=False,
-        why="the file must be readable Parquet",
-        error=problem.message,
+        file=file, suite=suite, expectation=check, success=False, severity=severity, why=why, error=error
+    )
+
+
+def _problem_finding(problem: vf.ReadProblem, suite: str) -> Finding:
+    return _failed(
+        problem.file, suite, problem.check, problem.message, why="the file must be readable Parquet"
     )
 
 
 def _missing_day(landing: Path) -> Finding:
-    return Finding(
-        file=str(landing),
-        suite="landing",
-        expectation="day_exists",
-        success=False,
-        why="a day of logs must have landed",
-        error=f"missing day: {landing} does not exist",
-    )
+    error = f"missing day: {landing} does not exist"
+    return _failed(str(landing), "landing", "day_exists", error, why="a day of logs must have landed")
 
 
 def _drift_findings(
@@ -219,11 +217,11 @@ def _drift_findings(
 ) -> None:
     """Today's distribution profile (merged from the buckets), and its checks against the trailing
     validated days."""
-    report.profile = vf.merge_profiles(parts)
+    report.profile = profiles.merge_profiles(parts)
     refs = [s["profile"] for s in trailing_summaries(cfg, date) if s.get("profile")]
     if len(refs) < cfg.validation.distribution_min_history:
         return
-    frame = vf.drift_frame(report.profile, refs)
+    frame = profiles.drift_frame(report.profile, refs)
     files = ", ".join(str(layout.raw_log(cfg, date, n)) for n in SUITED)
     report.findings += runner.run(
         load_suite_json("exposure"), "drift", frame, report.params, f"{files} (vs {len(refs)} trailing days)"
@@ -335,14 +333,7 @@ def check_day(
         report.docs = runner.build_docs()
     except Exception as err:  # Data Docs are a convenience; a rendering bug must not hide the verdict
         report.findings.append(
-            Finding(
-                file=str(docs_dir),
-                suite="docs",
-                expectation="build_data_docs",
-                success=False,
-                severity="warning",
-                error=str(err)[:300],
-            )
+            _failed(str(docs_dir), "docs", "build_data_docs", str(err)[:300], severity="warning")
         )
     report.seconds = time.perf_counter() - started
     return report
@@ -394,15 +385,7 @@ def check_training_set(cfg: Config, date: dt.date | str, docs_dir: Path | None =
     report = ValidationReport(date=date, params=suite_params(cfg, date))
     files = sorted(root.glob("difficulty=*/*.parquet")) if root.exists() else []
     if not files:
-        report.findings.append(
-            Finding(
-                file=str(root),
-                suite="training_set",
-                expectation="files_exist",
-                success=False,
-                error="no training set files",
-            )
-        )
+        report.findings.append(_failed(str(root), "training_set", "files_exist", "no training set files"))
         return report
     runner = GxRunner(docs_dir, examples=cfg.validation.examples, extra_columns=cfg.validation.extra_columns)
     suite = load_suite_json("training_set")

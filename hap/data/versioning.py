@@ -21,7 +21,6 @@ from hap.core.errors import HapError
 
 VERSION_FILE = layout.DATA_VERSION_FILE
 ALGORITHM = "sha256-tree-v1"
-_CHUNK = 1 << 20
 
 
 def _data_files(folder: Path) -> list[Path]:
@@ -33,11 +32,8 @@ def _data_files(folder: Path) -> list[Path]:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def content_hash(folder: Path) -> tuple[str, dict[str, str]]:

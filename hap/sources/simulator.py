@@ -289,26 +289,10 @@ def _chunk(
     seq_score = np.take_along_axis(affinity, seq_pool, 1) + rng.gumbel(size=seq_pool.shape)
     seq_items = np.take_along_axis(seq_pool, _top_positions(seq_score, con.seq_len), 1)
 
-    ranking = _ranking_table(
-        sim,
-        uni,
-        req_ids,
-        users,
-        cand,
-        cand_aff,
-        prerank_pos,
-        rank_pos,
-        exp_cols,
-        rank_neg_cols,
-        prerank_neg_cols,
-        global_items,
-        affinity,
-    )
-    exposure = _exposure_table(con, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, click, seq_items)
-    full_rows = full_flow_rows(sim, first_index, size)
-    fullflow = _fullflow_table(
-        uni, req_ids, cand, cand_aff, prerank_pos, rank_pos, exp_cols, click, full_rows
-    )
+    chunk = _Cascade(req_ids, users, cand, cand_aff, prerank_pos, rank_pos, exp_cols, click)
+    ranking = _ranking_table(uni, chunk, rank_neg_cols, prerank_neg_cols, global_items, affinity)
+    exposure = _exposure_table(con, uni, rng, date, chunk, ts_ms, seq_items)
+    fullflow = _fullflow_table(uni, chunk, full_flow_rows(sim, first_index, size))
     return {"exposure": exposure, "ranking": ranking, "fullflow": fullflow}
 
 
@@ -320,44 +304,54 @@ def full_flow_rows(sim: SimulateConfig, first_index: int, size: int) -> np.ndarr
     return np.flatnonzero((index + 1) * count // n > index * count // n)
 
 
+@dataclass(frozen=True)
+class _Cascade:
+    """A chunk after the cascade, what its logs are cut from; candidates in retrieval order."""
+
+    req_ids: np.ndarray
+    users: np.ndarray
+    cand: np.ndarray  # item ids
+    cand_aff: np.ndarray  # true affinity
+    prerank_pos: np.ndarray  # 1-based
+    rank_pos: np.ndarray  # 1-based, 0 = never ranked
+    exp_cols: np.ndarray  # (requests, exposed): the exposed candidates' columns, by display position
+    click: np.ndarray  # (requests, exposed)
+
+
 def _item_columns(uni: Universe, items: np.ndarray) -> dict[str, np.ndarray]:
     return {name: uni.item_static[name][items] for name in schema.ITEM_FEATURES}
 
 
+def _arrow_table(columns: dict[str, np.ndarray | pa.Array]) -> pa.Table:
+    return pa.table({k: (v if isinstance(v, pa.Array) else pa.array(v)) for k, v in columns.items()})
+
+
 def _ranking_table(
-    sim,
-    uni,
-    req_ids,
-    users,
-    cand,
-    cand_aff,
-    prerank_pos,
-    rank_pos,
-    exp_cols,
-    rank_neg_cols,
-    prerank_neg_cols,
-    global_items,
-    affinity,
+    uni: Universe,
+    chunk: _Cascade,
+    rank_neg_cols: np.ndarray,
+    prerank_neg_cols: np.ndarray,
+    global_items: list[np.ndarray],
+    affinity: np.ndarray,
 ) -> pa.Table:
-    size = len(req_ids)
-    parts_cols = [exp_cols, rank_neg_cols, prerank_neg_cols]
-    parts_src = [
-        schema.RankingSource.EXPOSED,
-        schema.RankingSource.RANK_NEG,
-        schema.RankingSource.PRERANK_NEG,
-    ]
+    size = len(chunk.req_ids)
+    logged = {  # each source's logged candidates, as candidate columns
+        schema.RankingSource.EXPOSED: chunk.exp_cols,
+        schema.RankingSource.RANK_NEG: rank_neg_cols,
+        schema.RankingSource.PRERANK_NEG: prerank_neg_cols,
+    }
     rows, cols, sources = [], [], []
-    for block, src in zip(parts_cols, parts_src):
+    for src, block in logged.items():
         rows.append(np.repeat(np.arange(size), block.shape[1]))
         cols.append(block.ravel())
         sources.append(np.full(block.size, src.value, dtype=object))
     row = np.concatenate(rows)
     col = np.concatenate(cols)
-    items = cand[row, col]
+    items = chunk.cand[row, col]
     retr = col.astype(np.int32) + 1
-    pre = prerank_pos[row, col].astype(np.int32)
-    rk = rank_pos[row, col]
-    aff = cand_aff[row, col]
+    pre = chunk.prerank_pos[row, col].astype(np.int32)
+    rk = chunk.rank_pos[row, col]
+    aff = chunk.cand_aff[row, col]
     g_row = np.repeat(np.arange(size), [len(g) for g in global_items])
     g_items = np.concatenate(global_items) if global_items else np.zeros(0, np.int64)
     # global negatives come from the whole pool; they passed through no stage.
@@ -375,7 +369,7 @@ def _ranking_table(
     )
     order = np.lexsort((np.arange(len(row)), row))  # group rows by request, keep source order
     columns = {
-        "request_id": req_ids[row],
+        "request_id": chunk.req_ids[row],
         "item_id": items.astype(np.int64),
         "source": src,
         "retrieval_pos": pa.array(retr, mask=~valid_stage),
@@ -385,15 +379,23 @@ def _ranking_table(
         "true_affinity": aff.astype(np.float32),
         **_item_columns(uni, items),
     }
-    table = pa.table({k: (v if isinstance(v, pa.Array) else pa.array(v)) for k, v in columns.items()})
-    return table.take(pa.array(order)).cast(schema.RANKING_LOG)
+    return _arrow_table(columns).take(pa.array(order)).cast(schema.RANKING_LOG)
 
 
-def _exposure_table(con, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, click, seq_items) -> pa.Table:
-    size, n_exp = exp_cols.shape
+def _exposure_table(
+    con: ContractConfig,
+    uni: Universe,
+    rng: np.random.Generator,
+    date: dt.date,
+    chunk: _Cascade,
+    ts_ms: np.ndarray,
+    seq_items: np.ndarray,
+) -> pa.Table:
+    users = chunk.users
+    size, n_exp = chunk.exp_cols.shape
     row = np.repeat(np.arange(size), n_exp)
-    items = np.take_along_axis(cand, exp_cols, 1).ravel()
-    clk = click.ravel()
+    items = np.take_along_axis(chunk.cand, chunk.exp_cols, 1).ravel()
+    clk = chunk.click.ravel()
     n = len(row)
     like = (clk & (rng.random(n) < 0.25)).astype(np.int8)
     comment = (clk & (rng.random(n) < 0.05)).astype(np.int8)
@@ -416,7 +418,7 @@ def _exposure_table(con, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, 
         "c_channel": hash_ids(rng.integers(0, 6, size)[row], 24, b),
     }
     columns = {
-        "request_id": req_ids[row],
+        "request_id": chunk.req_ids[row],
         "timestamp": pa.array(ts_ms[row], type=pa.int64()).cast(schema.TIMESTAMP),
         "user_id": users[row].astype(np.int64),
         "item_id": items.astype(np.int64),
@@ -429,34 +431,31 @@ def _exposure_table(con, uni, rng, date, req_ids, users, ts_ms, cand, exp_cols, 
         "dwell": dwell,
         **request_features,
     }
-    return pa.table({k: (v if isinstance(v, pa.Array) else pa.array(v)) for k, v in columns.items()}).cast(
-        schema.EXPOSURE_LOG
-    )
+    return _arrow_table(columns).cast(schema.EXPOSURE_LOG)
 
 
-def _fullflow_table(uni, req_ids, cand, cand_aff, prerank_pos, rank_pos, exp_cols, click, rows) -> pa.Table:
-    n_ret = cand.shape[1]
-    exposed = np.zeros(cand.shape, bool)
-    clicked = np.zeros(cand.shape, np.int8)
-    np.put_along_axis(exposed, exp_cols, True, 1)
-    np.put_along_axis(clicked, exp_cols, click, 1)
-    items = cand[rows].ravel()
-    rk = rank_pos[rows].ravel()
+def _fullflow_table(uni: Universe, chunk: _Cascade, rows: np.ndarray) -> pa.Table:
+    """The candidates of the chunk's requests at ``rows``, every one of them."""
+    n_ret = chunk.cand.shape[1]
+    exposed = np.zeros(chunk.cand.shape, bool)
+    clicked = np.zeros(chunk.cand.shape, np.int8)
+    np.put_along_axis(exposed, chunk.exp_cols, True, 1)
+    np.put_along_axis(clicked, chunk.exp_cols, chunk.click, 1)
+    items = chunk.cand[rows].ravel()
+    rk = chunk.rank_pos[rows].ravel()
     columns = {
-        "request_id": np.repeat(req_ids[rows], n_ret),
+        "request_id": np.repeat(chunk.req_ids[rows], n_ret),
         "item_id": items.astype(np.int64),
         "retrieval_pos": np.tile(np.arange(1, n_ret + 1, dtype=np.int32), len(rows)),
-        "prerank_pos": prerank_pos[rows].ravel().astype(np.int32),
+        "prerank_pos": chunk.prerank_pos[rows].ravel().astype(np.int32),
         "rank_pos": pa.array(rk.astype(np.int32), mask=rk == 0),
         "exposed": exposed[rows].ravel(),
         "click": clicked[rows].ravel(),
         "content_type": uni.item_ctype[items],
-        "true_affinity": cand_aff[rows].ravel().astype(np.float32),
+        "true_affinity": chunk.cand_aff[rows].ravel().astype(np.float32),
         **_item_columns(uni, items),
     }
-    return pa.table({k: (v if isinstance(v, pa.Array) else pa.array(v)) for k, v in columns.items()}).cast(
-        schema.FULLFLOW_LOG
-    )
+    return _arrow_table(columns).cast(schema.FULLFLOW_LOG)
 
 
 # ---- days ----------------------------------------------------------------------------------------

@@ -11,54 +11,27 @@ import pytest
 
 from hap.data import gx_rules
 from hap.data.gx_runner import GxRunner
-from hap.data.suites import P, _e, load_suite_json
+from hap.data.suite_json import BETWEEN, P, between, in_set, not_null, unique_together, where
+from hap.data.suites import load_suite_json
 
-BETWEEN, IN_SET, NOT_NULL = gx_rules.BETWEEN, gx_rules.IN_SET, gx_rules.NOT_NULL
 SUITE = {
     "name": "toy_rules",
     "meta": {},
     "expectations": [
-        _e(NOT_NULL, "rows", "ids are present", column="request_id"),
-        _e(NOT_NULL, "rows", "scores are numbers", column="score"),
-        _e(  # GX orders results by column, first seen first; this one's group has no column
-            "expect_compound_columns_to_be_unique",
-            "rows",
-            "one row per item",
-            column_list=["request_id", "position"],
-        ),
-        _e(NOT_NULL, "rows", "labels are present", column="label"),
-        _e(BETWEEN, "rows", "ids are non-negative", column="request_id", min_value=0),
-        _e(BETWEEN, "rows", "positions are 1-based", column="position", min_value=1, max_value=P("max_pos")),
-        _e(
-            BETWEEN,
-            "rows",
-            "scores lie in the contract range",
-            column="score",
-            min_value=P("lo"),
-            max_value=P("hi"),
-        ),
-        _e(BETWEEN, "rows", "nullable counts are small", column="count", max_value=3),
-        _e(
-            BETWEEN,
-            "rows",
-            "timestamps lie in the day",
-            column="ts",
-            min_value=P("day_start"),
-            max_value=P("day_end"),
-            strict_max=True,
-        ),
-        _e(
-            BETWEEN,
-            "rows",
-            "clicked rows dwell",
-            column="dwell",
-            min_value=1,
-            row_condition="click==1",
-            condition_parser="pandas",
-        ),
-        _e(IN_SET, "rows", "clicks are binary", column="click", value_set=[0, 1]),
-        _e(IN_SET, "rows", "labels are known", column="label", value_set=["a", "b"]),
-        _e(IN_SET, "rows", "no orphan row", column="logged", value_set=[True]),
+        not_null("rows", "request_id", "ids are present"),
+        not_null("rows", "score", "scores are numbers"),
+        # GX orders results by column, first seen first; this one's group has no column
+        unique_together("rows", ["request_id", "position"], "one row per item"),
+        not_null("rows", "label", "labels are present"),
+        between("rows", "request_id", "ids are non-negative", min_value=0),
+        between("rows", "position", "positions are 1-based", min_value=1, max_value=P("max_pos")),
+        between("rows", "score", "scores lie in the contract range", P("lo"), P("hi")),
+        between("rows", "count", "nullable counts are small", max_value=3),
+        between("rows", "ts", "timestamps lie in the day", P("day_start"), P("day_end"), strict_max=True),
+        between("rows", "dwell", "clicked rows dwell", min_value=1, **where("click==1")),
+        in_set("rows", "click", "clicks are binary", [0, 1]),
+        in_set("rows", "label", "labels are known", ["a", "b"]),
+        in_set("rows", "logged", "no orphan row", [True]),
     ],
 }
 PARAMS = {
@@ -165,7 +138,7 @@ def test_fold_replaces_each_kind_of_plain_rule_by_one_multicolumn_expectation():
 
 
 def test_a_lone_rule_of_its_kind_is_not_folded():
-    one = [_e(NOT_NULL, "rows", "x", column="a"), _e(BETWEEN, "rows", "y", column="a", min_value=0)]
+    one = [not_null("rows", "a", "x"), between("rows", "a", "y", min_value=0)]
     assert gx_rules.fold(one) == (one, {})
 
 

@@ -7,36 +7,16 @@ import pandas as pd
 import pytest
 
 from hap.data.gx_runner import GxRunner, merge_findings, warm_up
-from hap.data.suites import P, _e
+from hap.data.suite_json import P, between, not_null, unique_together, where
 
 SUITE = {
     "name": "toy_log",
     "meta": {},
     "expectations": [
-        _e("expect_column_values_to_not_be_null", "rows", "ids are present", column="request_id"),
-        _e(
-            "expect_column_values_to_be_between",
-            "rows",
-            "positions are 1-based",
-            column="position",
-            min_value=1,
-            max_value=P("max_position"),
-        ),
-        _e(
-            "expect_column_values_to_be_between",
-            "rows",
-            "clicked rows dwell",
-            column="dwell",
-            min_value=1,
-            row_condition="click==1",
-            condition_parser="pandas",
-        ),
-        _e(
-            "expect_compound_columns_to_be_unique",
-            "rows",
-            "one row per item",
-            column_list=["request_id", "item"],
-        ),
+        not_null("rows", "request_id", "ids are present"),
+        between("rows", "position", "positions are 1-based", min_value=1, max_value=P("max_position")),
+        between("rows", "dwell", "clicked rows dwell", min_value=1, **where("click==1")),
+        unique_together("rows", ["request_id", "item"], "one row per item"),
     ],
 }
 PARAMS = {"max_position": 10}

@@ -27,6 +27,7 @@ from conftest import tiny_config
 from hap.core import layout, schema
 from hap.core.errors import DataContractError, NotValidated, ValidationFailed
 from hap.data import markers
+from hap.data.suite_json import BETWEEN, IN_SET, NOT_NULL, UNIQUE_TOGETHER
 
 DAY = dt.date(2026, 11, 3)
 HISTORY = [dt.date(2026, 11, 1), dt.date(2026, 11, 2)]
@@ -83,20 +84,21 @@ def day_copy(pristine: Path, tmp_path: Path) -> Path:
 
 def run_cli(
     home: Path,
-    args: list[str],
+    command: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
     registry: str | None = None,
     **overrides,
 ) -> tuple[int, str]:
-    """Run ``hap`` in-process; returns (exit code, stdout + stderr)."""
+    """Run ``hap COMMAND --date DAY`` in-process; returns (exit code, stdout + stderr)."""
     from hap import cli
 
     monkeypatch.setenv("HAP_HOME", str(home))
     if registry:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
     sets = {**OVERRIDES, **overrides}
-    argv = ["hap", *[a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")], *args]
+    argv = ["hap", *[a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")], command]
+    argv += ["--date", DAY.isoformat()]
     monkeypatch.setattr(sys, "argv", argv)
     capsys.readouterr()
     code = 0
@@ -109,6 +111,11 @@ def run_cli(
 
 
 # ---- corruptions: each takes the landing folder of DAY and breaks it ---------------------------------
+# what a FAIL line names: the file, and the expectation (its kind and, up to its bounds, its column)
+EXPOSURE, RANKING, FULLFLOW = "exposure.parquet", "ranking.parquet", "fullflow.parquet"
+TYPE_CHECK = "expect_column_pair_values_to_be_equal"  # each column has its contract Arrow type
+
+
 def _rw(folder: Path, name: str, fn: Callable[[pa.Table], pa.Table]) -> None:
     path = folder / f"{name}.parquet"
     pq.write_table(fn(pq.read_table(path)), path)
@@ -259,57 +266,27 @@ def sampling_count(d: Path) -> None:
     _rw(d, "ranking", fn)
 
 
-# (corruption, file it names, expectation it names, bad-row count or None)
+# (corruption, file it names, expectation it names, a detail on the same line)
 CORPUS = [
-    (
-        missing_column,
-        "exposure.parquet",
-        "expect_column_values_to_be_in_set(column=in_file",
-        "'column': 'click'",
-    ),
-    (wrong_dtype, "exposure.parquet", "expect_column_pair_values_to_be_equal", "'arrow_type': 'string'"),
-    (null_keys, "ranking.parquet", "expect_column_values_to_not_be_null(column=item_id)", "3 bad row(s)"),
-    (duplicate_keys, "ranking.parquet", "expect_compound_columns_to_be_unique", "8 bad row(s)"),
-    (
-        label_out_of_range,
-        "exposure.parquet",
-        "expect_column_values_to_be_in_set(column=click",
-        "5 bad row(s)",
-    ),
-    (
-        negative_position,
-        "exposure.parquet",
-        "expect_column_values_to_be_between(column=position",
-        "4 bad row(s)",
-    ),
-    (rank_neg_above_cut, "ranking.parquet", "ranking_log.rank_neg_positions", "6 bad row(s)"),
-    (prerank_neg_above_cut, "ranking.parquet", "ranking_log.prerank_neg_positions", "6 bad row(s)"),
-    (
-        timestamps_other_day,
-        "exposure.parquet",
-        "expect_column_values_to_be_between(column=timestamp",
-        "7 bad row(s)",
-    ),
-    (empty_day, "exposure.parquet", "expect_column_values_to_be_between(column=rows", "observed 0"),
-    (truncated_file, "ranking.parquet", "parquet_readable", "truncated or corrupt"),
-    (zero_byte_file, "exposure.parquet", "file_not_empty", "zero-byte"),
-    (missing_file, "fullflow.parquet", "file_exists", "never landed"),
+    (missing_column, EXPOSURE, f"{IN_SET}(column=in_file", "'column': 'click'"),
+    (wrong_dtype, EXPOSURE, TYPE_CHECK, "'arrow_type': 'string'"),
+    (null_keys, RANKING, f"{NOT_NULL}(column=item_id)", "3 bad row(s)"),
+    (duplicate_keys, RANKING, UNIQUE_TOGETHER, "8 bad row(s)"),
+    (label_out_of_range, EXPOSURE, f"{IN_SET}(column=click", "5 bad row(s)"),
+    (negative_position, EXPOSURE, f"{BETWEEN}(column=position", "4 bad row(s)"),
+    (rank_neg_above_cut, RANKING, "ranking_log.rank_neg_positions", "6 bad row(s)"),
+    (prerank_neg_above_cut, RANKING, "ranking_log.prerank_neg_positions", "6 bad row(s)"),
+    (timestamps_other_day, EXPOSURE, f"{BETWEEN}(column=timestamp", "7 bad row(s)"),
+    (empty_day, EXPOSURE, f"{BETWEEN}(column=rows", "observed 0"),
+    (truncated_file, RANKING, "parquet_readable", "truncated or corrupt"),
+    (zero_byte_file, EXPOSURE, "file_not_empty", "zero-byte"),
+    (missing_file, FULLFLOW, "file_exists", "never landed"),
     (missing_day, "landing/dt=2026-11-03", "day_exists", "missing day"),
-    (ctr_zero, "exposure.parquet", "expect_column_values_to_be_between(column=ctr", "observed 0"),
-    (volume_drop, "exposure.parquet", "expect_column_values_to_be_between(column=rows", "observed 750"),
-    (
-        exposure_without_ranking_row,
-        "exposure.parquet",
-        "expect_column_values_to_be_in_set(column=has_ranking_row",
-        "3 bad row(s)",
-    ),
-    (unknown_source, "ranking.parquet", "expect_column_values_to_be_in_set(column=source", "3 bad row(s)"),
-    (
-        sampling_count,
-        "ranking.parquet",
-        "expect_column_values_to_be_between(column=n_rank_neg",
-        "1 bad row(s)",
-    ),
+    (ctr_zero, EXPOSURE, f"{BETWEEN}(column=ctr", "observed 0"),
+    (volume_drop, EXPOSURE, f"{BETWEEN}(column=rows", "observed 750"),
+    (exposure_without_ranking_row, EXPOSURE, f"{IN_SET}(column=has_ranking_row", "3 bad row(s)"),
+    (unknown_source, RANKING, f"{IN_SET}(column=source", "3 bad row(s)"),
+    (sampling_count, RANKING, f"{BETWEEN}(column=n_rank_neg", "1 bad row(s)"),
 ]
 
 
@@ -321,7 +298,7 @@ def test_corruption_is_caught_and_quarantined(
     landing = layout.landing_day(cfg, DAY)
     corrupt(landing)
 
-    code, out = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys, registry_uri)
+    code, out = run_cli(day_copy, "validate", monkeypatch, capsys, registry_uri)
 
     # a clear message, no traceback, a non-zero exit
     assert code == ValidationFailed.exit_code, out
@@ -362,13 +339,7 @@ def test_corpus_is_large_enough():
 
 
 def test_valid_day_passes_with_marker_summary_and_docs(day_copy, monkeypatch, capsys):
-    code, out = run_cli(
-        day_copy,
-        ["validate", "--date", DAY.isoformat()],
-        monkeypatch,
-        capsys,
-        **{"validation.data_docs": True},
-    )
+    code, out = run_cli(day_copy, "validate", monkeypatch, capsys, **{"validation.data_docs": True})
     assert code == 0, out
     assert f"validated {DAY}" in out
     cfg = _cfg(day_copy)
@@ -410,18 +381,12 @@ def test_extra_column_warns_by_default_and_fails_when_configured(day_copy, monke
         "exposure",
         lambda t: t.append_column("debug_flag", pa.array(np.zeros(t.num_rows, np.int8))),
     )
-    code, out = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys)
+    code, out = run_cli(day_copy, "validate", monkeypatch, capsys)
     assert code == 0, out
     assert "WARN" in out and "'column': 'debug_flag'" in out
     assert markers.is_validated(cfg, DAY)
 
-    code, out = run_cli(
-        day_copy,
-        ["validate", "--date", DAY.isoformat()],
-        monkeypatch,
-        capsys,
-        **{"validation.extra_columns": "fail"},
-    )
+    code, out = run_cli(day_copy, "validate", monkeypatch, capsys, **{"validation.extra_columns": "fail"})
     assert code == ValidationFailed.exit_code
     assert "FAIL" in out and "debug_flag" in out
     assert markers.is_quarantined(cfg, DAY) and not markers.marker_path(cfg, DAY).exists()
@@ -435,29 +400,29 @@ def test_release_quarantine_after_a_fix(day_copy, monkeypatch, capsys):
     good = day_copy.parent / "good"
     shutil.copytree(landing, good)
     label_out_of_range(landing)
-    code, _ = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys)
+    code, _ = run_cli(day_copy, "validate", monkeypatch, capsys)
     assert code == ValidationFailed.exit_code
     # a quarantined day is refused until released
-    code, out = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys)
+    code, out = run_cli(day_copy, "validate", monkeypatch, capsys)
     assert code == ValidationFailed.exit_code and "in quarantine" in out
     # the operator fixes the files in place, in the quarantine folder, then releases the day
     qlanding = layout.quarantine_day(cfg, DAY) / "landing"
     shutil.rmtree(qlanding)
     shutil.copytree(good, qlanding)
-    code, out = run_cli(day_copy, ["release-quarantine", "--date", DAY.isoformat()], monkeypatch, capsys)
+    code, out = run_cli(day_copy, "release-quarantine", monkeypatch, capsys)
     assert code == 0, out
     assert "released" in out and not markers.is_quarantined(cfg, DAY) and landing.is_dir()
     assert list((cfg.path("quarantine") / ".released").iterdir()), "the quarantine record is archived"
     # ingest refuses a released day until it passes validation again
-    code, out = run_cli(day_copy, ["ingest", "--date", DAY.isoformat()], monkeypatch, capsys)
+    code, out = run_cli(day_copy, "ingest", monkeypatch, capsys)
     assert code == NotValidated.exit_code and "hap validate" in out
     assert not layout.lake_partition(cfg, "samples", DAY).exists()
-    code, out = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys)
+    code, out = run_cli(day_copy, "validate", monkeypatch, capsys)
     assert code == 0, out
     assert markers.is_validated(cfg, DAY)
     ingest_day(cfg, DAY)
     assert layout.lake_partition(cfg, "samples", DAY).is_dir()
-    code, out = run_cli(day_copy, ["release-quarantine", "--date", DAY.isoformat()], monkeypatch, capsys)
+    code, out = run_cli(day_copy, "release-quarantine", monkeypatch, capsys)
     assert code != 0 and "not in quarantine" in out
 
 
@@ -746,28 +711,16 @@ def key_in_narrower_integer(d: Path) -> None:
 
 # (fault class, corruption, file named, expectation named, detail on the same line)
 FAULTS = [
-    (
-        1,
-        nan_dense_feature,
-        "ranking.parquet",
-        "expect_column_values_to_not_be_null(column=i_ctr)",
-        "5 bad row(s)",
-    ),
-    (
-        1,
-        inf_request_feature,
-        "exposure.parquet",
-        "expect_column_values_to_be_between(column=u_activity",
-        "4 bad row(s)",
-    ),
-    (1, absurd_magnitude_in_eval_log, "fullflow.parquet", "(column=i_followers", "3 bad row(s)"),
-    (2, id_outside_hash_space, "ranking.parquet", "(column=i_category", "3 bad row(s)"),
-    (2, negative_user_id, "exposure.parquet", "(column=user_id", "2 bad row(s)"),
+    (1, nan_dense_feature, RANKING, f"{NOT_NULL}(column=i_ctr)", "5 bad row(s)"),
+    (1, inf_request_feature, EXPOSURE, f"{BETWEEN}(column=u_activity", "4 bad row(s)"),
+    (1, absurd_magnitude_in_eval_log, FULLFLOW, "(column=i_followers", "3 bad row(s)"),
+    (2, id_outside_hash_space, RANKING, "(column=i_category", "3 bad row(s)"),
+    (2, negative_user_id, EXPOSURE, "(column=user_id", "2 bad row(s)"),
     (3, position_gap, "(per request)", "(column=position_gap", "1 bad row(s)"),
-    (3, click_sequence_too_short, "exposure.parquet", "(column=u_click_seq_len", "3 bad row(s)"),
-    (3, click_sequence_out_of_space, "exposure.parquet", "(column=u_click_seq_max", "2 bad row(s)"),
-    (4, like_without_click, "exposure.parquet", "(column=engaged_without_click", "4 bad row(s)"),
-    (4, absurd_dwell, "exposure.parquet", "expect_column_values_to_be_between(column=dwell", "3 bad row(s)"),
+    (3, click_sequence_too_short, EXPOSURE, "(column=u_click_seq_len", "3 bad row(s)"),
+    (3, click_sequence_out_of_space, EXPOSURE, "(column=u_click_seq_max", "2 bad row(s)"),
+    (4, like_without_click, EXPOSURE, "(column=engaged_without_click", "4 bad row(s)"),
+    (4, absurd_dwell, EXPOSURE, f"{BETWEEN}(column=dwell", "3 bad row(s)"),
     (5, collapsed_feature, "trailing days", 'row_condition=check=="distinct_ratio"', "u_city"),
     (5, content_mix_jump, "trailing days", 'row_condition=check=="content_mix_tvd"', "content_mix"),
     (
@@ -777,46 +730,16 @@ FAULTS = [
         'row_condition=check=="click_position_tvd"',
         "click_position",
     ),
-    (6, day_at_twice_the_volume, "exposure.parquet", "(column=rows", "observed 3000"),
+    (6, day_at_twice_the_volume, EXPOSURE, "(column=rows", "observed 3000"),
     (6, requests_duplicated_under_new_ids, "(per request)", "(column=content_key", "10 bad row(s)"),
     (6, late_file_in_the_day, "landing/dt=2026-11-03", "(column=known", "exposure-late-0001.parquet"),
-    (
-        7,
-        eval_log_without_clicks,
-        "fullflow.parquet",
-        "expect_column_values_to_be_between(column=clicks",
-        "observed 0",
-    ),
-    (7, eval_requests_missing_from_exposure_log, "fullflow.parquet", "(column=in_exposure_log", "bad row(s)"),
-    (
-        7,
-        eval_sample_too_small,
-        "fullflow.parquet",
-        "expect_column_values_to_be_between(column=requests",
-        "observed 3",
-    ),
-    (8, not_parquet, "exposure.parquet", "parquet_readable", "truncated or corrupt"),
-    (
-        8,
-        renamed_column,
-        "exposure.parquet",
-        "expect_column_values_to_be_in_set(column=in_file",
-        "'column': 'dwell'",
-    ),
-    (
-        8,
-        timestamp_in_microseconds,
-        "exposure.parquet",
-        "expect_column_pair_values_to_be_equal",
-        "timestamp[us",
-    ),
-    (
-        8,
-        key_in_narrower_integer,
-        "ranking.parquet",
-        "expect_column_pair_values_to_be_equal",
-        "'arrow_type': 'int32'",
-    ),
+    (7, eval_log_without_clicks, FULLFLOW, f"{BETWEEN}(column=clicks", "observed 0"),
+    (7, eval_requests_missing_from_exposure_log, FULLFLOW, "(column=in_exposure_log", "bad row(s)"),
+    (7, eval_sample_too_small, FULLFLOW, f"{BETWEEN}(column=requests", "observed 3"),
+    (8, not_parquet, EXPOSURE, "parquet_readable", "truncated or corrupt"),
+    (8, renamed_column, EXPOSURE, f"{IN_SET}(column=in_file", "'column': 'dwell'"),
+    (8, timestamp_in_microseconds, EXPOSURE, TYPE_CHECK, "timestamp[us"),
+    (8, key_in_narrower_integer, RANKING, TYPE_CHECK, "'arrow_type': 'int32'"),
 ]
 
 
@@ -885,12 +808,12 @@ def test_upstream_fault_is_rejected_by_validate_and_run(
     corrupt(layout.landing_day(cfg, DAY))
     through_run = corrupt.__name__ in THROUGH_RUN
 
-    code, out = run_cli(day_copy, ["validate", "--date", DAY.isoformat()], monkeypatch, capsys, registry_uri)
+    code, out = run_cli(day_copy, "validate", monkeypatch, capsys, registry_uri)
     _assert_clean_rejection(out, code, file, expectation, detail)
     _assert_nothing_published(cfg, registry_uri)
 
     # the same landed files through the daily flow: released, then rejected again the same way
-    code, out = run_cli(day_copy, ["release-quarantine", "--date", DAY.isoformat()], monkeypatch, capsys)
+    code, out = run_cli(day_copy, "release-quarantine", monkeypatch, capsys)
     assert code == 0 and layout.landing_day(cfg, DAY).is_dir(), out
     if not through_run:
         return
@@ -950,11 +873,7 @@ def test_distribution_shift_policy_alert_trains_with_a_warning(day_copy, monkeyp
     cfg = _cfg(day_copy)
     collapsed_feature(layout.landing_day(cfg, DAY))
     code, out = run_cli(
-        day_copy,
-        ["validate", "--date", DAY.isoformat()],
-        monkeypatch,
-        capsys,
-        **{"validation.on_distribution_shift": "alert"},
+        day_copy, "validate", monkeypatch, capsys, **{"validation.on_distribution_shift": "alert"}
     )
     assert code == 0, out
     assert any(line.strip().startswith("WARN") and "u_city" in line for line in out.splitlines()), out
