@@ -204,6 +204,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": [m["seed"] for m in models],
         "n_requests": int(models[0]["metrics"].get("n_requests") or 0),
         "primary_by_seed": [m["metrics"][primary] for m in models],
+        "calibration_by_seed": [
+            {k: m["metrics"].get(k) for k in ("logloss", "logloss_constant", "ece", "mean_prob", "ctr")}
+            for m in models
+        ],
         "gate": base.gate.model_dump(mode="json"),
         "confidence": base.evaluate.confidence,
         "train_and_eval_seconds": train_wall,
@@ -286,6 +290,31 @@ def summarize(payload: dict[str, Any]) -> str:
         "",
         markdown_table(["check", "level", "median half-width", "decisive", "fail", "not decisive"], rows),
     ]
+    cal = payload.get("calibration_by_seed") or []
+    if cal:
+        mean = {k: float(np.mean([c[k] for c in cal])) for k in cal[0]}
+        lines += [
+            "",
+            f"Served probability on the eval day's exposures (mean over the {len(cal)} models): log loss "
+            f"{mean['logloss']:.4f} against the constant predictor's {mean['logloss_constant']:.4f}, ECE "
+            f"{mean['ece']:.4f}, mean predicted {mean['mean_prob']:.4f} against the observed CTR "
+            f"{mean['ctr']:.4f}.",
+        ]
+    by_seed = dict(zip(payload["seeds"], payload["primary_by_seed"]))
+    rejected = [v for v in aa if not v["promoted"]]
+    if rejected:
+        lines += [
+            "",
+            f"Rejected A/A pairs (champion seed -> challenger seed: {primary} of each; paired difference):",
+            "",
+        ]
+        for v in rejected:
+            gain = v["checks"][0]
+            lines.append(
+                f"- {v['champion']} -> {v['challenger']}: {by_seed[v['champion']]:.4f} -> "
+                f"{by_seed[v['challenger']]:.4f}; {gain['delta']:+.4f} "
+                f"[{gain['lower']:+.4f}, {gain['upper']:+.4f}]"
+            )
     acc = payload["degraded"].get(f"{ACCEPT_DELTA:g}")
     promoted = sum(v["promoted"] for v in aa)
     verdict = [f"A/A promotion rate {promoted / n:.0%} (acceptance >= 95%)"]
