@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: venv run test test-fast lint format bench bench-quality serve dashboard clean
+.PHONY: venv run test test-fast lint format bench bench-quality bench-gate serve dashboard clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,9 @@ bench: venv
 
 bench-quality: venv
 	$(BIN)/python -m bench.paper_table
+
+bench-gate: venv ## the gate's A/A promotion and degraded-challenger rejection rates (bench/results/gate_power.md)
+	nice -n 5 $(BIN)/python -m bench.bench_gate
 
 serve: venv ## serve the daily deployment on this machine (needs a Prefect server)
 	$(BIN)/hap schedule

@@ -6,6 +6,7 @@ and reports ratios; absolute seconds are printed only as indications.
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import os
@@ -103,6 +104,16 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def seeded_parser(doc: str | None, home: str, seeds: int) -> argparse.ArgumentParser:
+    """The options of a benchmark over training seeds: ``--seeds``, ``--home`` (its data root under
+    ``data/``) and ``--from-json`` (re-render a saved run instead of training)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=seeds)
+    ap.add_argument("--home", type=Path, default=Path(__file__).resolve().parent.parent / "data" / home)
+    ap.add_argument("--from-json", type=Path, help="re-summarize a saved run instead of training")
+    return ap
 
 
 def write_results(name: str, payload: dict[str, Any], table: str) -> Path:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import RESULTS, markdown_table, write_results
+from bench.common import RESULTS, markdown_table, seeded_parser, write_results
 
 RHOS = (0.05, 0.1, 0.2, 0.5)
 HARMONIZATIONS = ("uniform", "gradnorm", "pcgrad")
@@ -454,16 +454,11 @@ def _yes(holds: bool) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap = seeded_parser(__doc__, "bench-quality", seeds=3)
     ap.add_argument("--epochs", type=int, default=0, help="override train.epochs (0: params)")
     ap.add_argument("--batch", type=int, default=0, help="override train.batch_requests (0: params)")
     ap.add_argument("--diag-every", type=int, default=10)
     ap.add_argument("--eval-requests", type=int, default=1000, help="full-flow requests of the eval day")
-    ap.add_argument(
-        "--home", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "bench-quality"
-    )
-    ap.add_argument("--from-json", type=Path, help="re-summarize a saved run instead of training")
     args = ap.parse_args()
     if args.from_json:
         from hap.core.config import load_config

@@ -249,6 +249,9 @@ class GateConfig(_Section):
     floors: dict[str, float]
     margin: float = Field(ge=0.0)  # non-inferiority: lower bound of (challenger - champion) > -margin
     max_slice_regression: float = Field(ge=0.0)  # the same rule's margin for each slice
+    # a slice blocks only when its interval's half-width <= slice_decisive_ratio x its margin
+    slice_decisive_ratio: float = Field(default=0.5, gt=0.0)
+    slice_adjust: Literal["bonferroni", "none"] = "bonferroni"  # the slices' intervals as one family
     min_train_rows_ratio: float = Field(default=0.5, ge=0.0)  # train rows vs trailing training sets' median
     max_train_rows_ratio: float = Field(default=2.0, ge=1.0)
     health_trailing_days: int = Field(default=3, ge=1)

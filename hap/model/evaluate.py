@@ -13,7 +13,8 @@ the same requests, each metric first per request (``hap.model.metrics``):
   ``rank50_recall@K``; ground-truth metrics ``gt_recall@K`` and ``exp_clicks@10`` (absent, not 0,
   without ``true_affinity``);
 - on exposures: ``auc_light`` / ``auc_expressive`` (each model's own logits), ``gauc`` (final
-  order), ``logloss`` of the served probability next to ``logloss_constant`` (the base rate);
+  order), the calibration of the served probability (``logloss`` next to ``logloss_constant``,
+  the base rate's; ``ece``; ``mean_prob`` next to ``ctr``: ``metrics.calibration_metrics``);
 - ``auc_slice_<source|easy|hard>``: mean per-request AUC of positives against each negative source
   on the eval requests' samples, which the split writes next to the eval set (single-model score:
   light, or expressive for ``expressive_all``); ``ct<k>_recall@50`` by content type;
@@ -48,6 +49,7 @@ from hap.core.errors import HapError
 from hap.model.metrics import (
     _nanmean,
     auc,
+    calibration_metrics,
     click_vectors,
     gauc,
     group_aucs,
@@ -170,9 +172,10 @@ def content_type_vectors(es: EvalSet, key: np.ndarray) -> dict[str, np.ndarray]:
 
 # ---- exposure metrics ------------------------------------------------------------------------------
 def exposure_metrics(
-    bundle: HapBundle, es: EvalSet, light: np.ndarray, final: np.ndarray, served: np.ndarray
+    bundle: HapBundle, es: EvalSet, light: np.ndarray, final: np.ndarray, served: np.ndarray, prob: np.ndarray
 ) -> dict[str, float]:
-    """Each model's own AUC, the final order's GAUC and log loss next to a constant predictor's."""
+    """Each model's own AUC, the final order's GAUC, and the calibration of the served probability
+    ``prob`` (the score serving returns) next to a constant predictor's log loss."""
     exposed = es.column("exposed").astype(bool)
     y = es.column("label").astype(np.int64)[exposed]
     rows = np.flatnonzero(exposed)
@@ -180,9 +183,7 @@ def exposure_metrics(
     if bundle.expressive is not None and len(rows):
         out["auc_expressive"] = auc(y, bundle.tower_scores("expressive", es.table, rows, es.index))
     out["gauc"] = gauc(es.index.row_request[rows], y, final[rows])
-    prob = 1.0 / (1.0 + np.exp(-np.clip(served[rows].astype(np.float64), -50, 50)))
-    out["logloss"] = logloss(y, prob)
-    out["logloss_constant"] = logloss(y, np.full(len(y), y.mean() if len(y) else 0.5))
+    out |= calibration_metrics(y, prob[rows])
     return {k: (v if np.isfinite(served).all() else float("nan")) for k, v in out.items()}
 
 
@@ -261,7 +262,7 @@ def evaluate_bundle(cfg: Config, bundle: HapBundle, eval_set_path: Path | str) -
     vectors |= {f"model/{m}": v for m, v in slice_vectors(bundle, es).items()}
 
     metrics = {_public(k): _nanmean(v) for k, v in vectors.items()}
-    metrics |= exposure_metrics(bundle, es, scores.light, final, served)
+    metrics |= exposure_metrics(bundle, es, scores.light, final, served, scores.prob)
     metrics |= interval_metrics(cfg, vectors, primary_metric(cfg, metrics))
     metrics |= cost_metrics(cfg, bundle, es, scores.routed)
     metrics["nonfinite_scores"] = float((~np.isfinite(served)).sum())

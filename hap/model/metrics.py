@@ -64,6 +64,25 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()) if len(y) else float("nan")
 
 
+def calibration_metrics(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict[str, float]:
+    """Calibration of click probabilities on exposures: log loss next to the constant predictor's
+    (the observed rate), the expected calibration error over ``bins`` equal-count bins
+    (scikit-learn's ``calibration_curve``, quantile strategy: the mean |observed - predicted|
+    rate), and the mean predicted probability next to the observed CTR."""
+    from sklearn.calibration import calibration_curve
+
+    y = np.asarray(labels, np.int64)
+    p = np.asarray(probs, np.float64)
+    nan = float("nan")
+    constant = np.full(len(y), y.mean() if len(y) else 0.5)
+    out = {"logloss": logloss(y, p), "logloss_constant": logloss(y, constant)}
+    out |= {"ctr": float(y.mean()) if len(y) else nan, "mean_prob": float(p.mean()) if len(p) else nan}
+    if len(y) < bins or y.min() == y.max() or not np.isfinite(p).all():
+        return out | {"ece": nan}
+    observed, predicted = calibration_curve(y, p, n_bins=bins, strategy="quantile")
+    return out | {"ece": float(np.abs(observed - predicted).mean())}
+
+
 def _nanmean(values: np.ndarray) -> float:
     ok = np.isfinite(values)
     return float(values[ok].mean()) if ok.any() else float("nan")

@@ -59,14 +59,20 @@ def merge_scores(
     - ``sum``: the routed set above the rest, ordered by the sum of both logits (a two-model
       ensemble: the expressive model refines the light order instead of replacing it).
     """
+    logit = merged_logit(light, expressive, routed, merge)
+    return logit if merge == "raw" else np.where(routed, logit + ROUTED_OFFSET, logit)
+
+
+def merged_logit(light: np.ndarray, expressive: np.ndarray, routed: np.ndarray, merge: str) -> np.ndarray:
+    """Each candidate's score on its logit scale: ``merge_scores`` without the routed set's
+    offset (the offset only places the routed set first). ``hap.model.calibration`` maps it to
+    the served probability."""
     e = np.nan_to_num(expressive, nan=0.0).astype(np.float64)
-    lt = light.astype(np.float64)
-    if merge == "stack":
-        return np.where(routed, e + ROUTED_OFFSET, lt)
-    if merge == "raw":
+    lt = np.asarray(light).astype(np.float64)
+    if merge in ("stack", "raw"):
         return np.where(routed, e, lt)
     if merge == "sum":
-        return np.where(routed, lt + e + ROUTED_OFFSET, lt)
+        return np.where(routed, lt + e, lt)
     raise ValueError(f"routing.merge: unknown {merge!r} (stack | raw | sum)")
 
 

@@ -7,7 +7,8 @@ through ``HapBundle.score_table`` (the DAMR result of many requests at once) or
 - the user side runs once per request, the item side per row (from the item cache when one is
   built), the head per row, in chunks that bound memory;
 - the routing mask is ``routing.route_grid`` over a padded ``[requests, candidates]`` grid;
-- the final order is ``routing.merge_scores`` under ``routing.merge``.
+- the final order is ``routing.merge_scores`` under ``routing.merge``;
+- the served score, P(click | exposed), is ``calibration.served_probability`` of the same logits.
 
 A bundle folder (``hap train`` output) is ``bundle.json`` + ``light.pt`` / ``expressive.pt``;
 ``load_bundle`` rebuilds typed model and routing configs from ``bundle.json`` alone (like
@@ -31,6 +32,7 @@ from hap.core import layout, schema
 from hap.core.config import ModelConfig, RoutingConfig
 from hap.core.errors import HapError
 from hap.model.batches import ITEM_CATEGORICAL, FeatureSpec
+from hap.model.calibration import served_probability
 from hap.model.routing import flops_per_request, merge_scores, ranks, route_grid
 from hap.model.towers import BUNDLE_FORMAT, ExpressiveModel, LightweightModel, build_models
 
@@ -50,6 +52,7 @@ class RequestScores:
     expressive: np.ndarray  # NaN where not routed
     routed: np.ndarray  # bool
     rank: np.ndarray  # 1-based final position within the request
+    prob: np.ndarray | None = None  # the served score, P(click | exposed): calibration.served_probability
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,11 @@ class HapBundle:
     expressive: ExpressiveModel | None
     device: torch.device = torch.device("cpu")
     item_cache: ItemCache | None = None
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """Platt scaling of each score kind, fitted at training time (``hap.model.calibration``)."""
+        return self.meta.get("calibration")
 
     @property
     def serve(self) -> str:
@@ -215,7 +223,8 @@ class HapBundle:
             else merge_scores(light, expr, routed, self.routing.merge)
         )
         rank_grid = ranks(index.grid(final, -np.inf))
-        return RequestScores(final, light, expr, routed, rank_grid[index.row_request, index.column])
+        prob = served_probability(light, expr, routed, self.serve, self.routing.merge, self.calibration)
+        return RequestScores(final, light, expr, routed, rank_grid[index.row_request, index.column], prob)
 
     def score_request(self, frame: Any) -> RequestScores:
         """The serving path for one request's candidates."""

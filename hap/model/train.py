@@ -41,6 +41,7 @@ from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import HapError, NonFiniteData, WriteFailed
 from hap.model.batches import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS, Batch, TrainData
+from hap.model.calibration import calibrate_towers
 from hap.model.losses import (
     Harmonizer,
     difficulty_masks,
@@ -533,6 +534,7 @@ def write_bundle(
             "serve": serve,
             "merge": cfg.routing.merge,
         },
+        "calibration": extra.get("calibration"),
         "train": cfg.train.model_dump(mode="json"),
         "config_hash": config_hash(cfg),
         "groups": list(GROUPS),
@@ -585,6 +587,8 @@ def fit(
     _keep_best(members)
     _, val_light = validate(members[0], data.batches(0, "val"), w.device)
     threshold = calibrate_threshold(val_light, cfg.routing.rho)
+    towers = [m.raw for m in members] + [None]
+    calibration = calibrate_towers(cfg, towers[0], towers[1], data.spec, (meta or {}).get("date"), w.device)
     result = TrainResult(
         date=str((meta or {}).get("date", "")),
         bundle_dir=str(bundle_dir),
@@ -602,6 +606,7 @@ def fit(
     if rank == 0:
         extra = {
             "threshold": threshold,
+            "calibration": calibration,
             "result": asdict(result),
             "history": p.history,
             "diag": p.diag,

@@ -8,8 +8,16 @@ blessed only when:
 - when a champion exists: non-inferiority on the primary metric. The lower bound of the paired
   bootstrap interval of (challenger - champion) over the same eval requests must be above
   ``-margin``, so a fresher model of equal quality replaces the champion, and one worse by more
-  than the eval noise plus the margin does not. Each slice is judged the same way with
-  ``max_slice_regression`` as its margin. A missing or NaN interval never promotes.
+  than the eval noise plus the margin does not. A missing or NaN interval never promotes.
+- each slice is judged the same way with ``max_slice_regression`` as its margin, but only a
+  *decisive* slice can block: one whose interval's half-width is at most
+  ``slice_decisive_ratio`` x its margin. A wider interval cannot tell an equal challenger from
+  one worse by the whole margin (at half-width = margin an equal model fails about half the
+  time), so it is recorded as ``not_decisive`` and does not block. The slices are one family:
+  their intervals are taken at the Bonferroni-adjusted level ``1 - (1 - confidence) / m``
+  (``slice_adjust``; ``interval_levels``), so that over all m slices an equal challenger is
+  blocked with probability at most (1 - confidence) / 2, and a decisive slice that lost its whole
+  margin is still caught with probability at least 1 - (1 - confidence) / (2m).
 """
 
 from __future__ import annotations
@@ -32,13 +40,20 @@ class Check:
     value: float | None
     threshold: float | None
     op: Literal[">=", "<=", ">"]
-    passed: bool
+    passed: bool  # False: the check blocks the promotion (a not-decisive check never does)
     champion: float | None = None
     delta: float | None = None  # value - champion
     reason: str = ""
     lower: float | None = None  # paired interval of value - champion
     upper: float | None = None
     n: int | None = None  # eval requests the interval is over
+    confidence: float | None = None  # the interval's level (slices: adjusted for the family)
+    halfwidth: float | None = None  # (upper - lower) / 2
+    decisive: bool | None = None  # half-width small enough against the margin for the check to block
+    verdict: CheckVerdict = "pass"  # pass | fail | not_decisive (failed, but cannot tell: not blocking)
+
+
+CheckVerdict = Literal["pass", "fail", "not_decisive"]
 
 
 @dataclass(frozen=True)
@@ -49,10 +64,15 @@ class Interval:
     lower: float
     upper: float
     n: int
+    confidence: float | None = None
 
     @property
     def finite(self) -> bool:
         return all(math.isfinite(x) for x in (self.diff, self.lower, self.upper)) and self.n >= 2
+
+    @property
+    def halfwidth(self) -> float:
+        return (self.upper - self.lower) / 2.0
 
 
 @dataclass(frozen=True)
@@ -179,9 +199,19 @@ def decide(
 
 
 def non_inferior(
-    name: str, metric: str, interval: Interval | None, margin: float, values: tuple[Any, Any]
+    name: str,
+    metric: str,
+    interval: Interval | None,
+    margin: float,
+    values: tuple[Any, Any],
+    decisive_ratio: float | None = None,
 ) -> Check:
-    """Pass when the interval's lower bound of (challenger - champion) is above ``-margin``."""
+    """Pass when the interval's lower bound of (challenger - champion) is above ``-margin``.
+
+    With ``decisive_ratio``, a check whose interval's half-width exceeds ``decisive_ratio x
+    margin`` cannot tell an equal challenger from a regressed one: when its lower bound is not
+    above ``-margin`` it is ``not_decisive`` (recorded, not blocking) instead of failed. A missing
+    or NaN interval always blocks."""
     v, c = (float(x) if _finite(x) else None for x in values)
     if interval is None or not interval.finite:
         return Check(
@@ -194,26 +224,55 @@ def non_inferior(
             champion=c,
             reason=f"no paired interval for {metric} (missing or NaN on the challenger or the champion); "
             "cannot compare, so not promoting",
+            verdict="fail",
         )
     ok = interval.lower > -margin
+    half = interval.halfwidth
+    decisive = decisive_ratio is None or half <= decisive_ratio * margin + 1e-12
+    level = f"{interval.confidence * 100:.4g}%" if interval.confidence is not None else "95%"
+    verdict: CheckVerdict = "pass" if ok else ("fail" if decisive else "not_decisive")
     return Check(
         name,
         metric,
         v,
         -margin,
         ">",
-        ok,
+        verdict != "fail",
         champion=c,
         delta=interval.diff,
         lower=interval.lower,
         upper=interval.upper,
         n=interval.n,
+        confidence=interval.confidence,
+        halfwidth=half,
+        decisive=decisive,
+        verdict=verdict,
         reason=""
-        if ok
-        else f"{metric}: challenger - champion = {interval.diff:+.4f}, 95% interval "
+        if verdict != "fail"
+        else f"{metric}: challenger - champion = {interval.diff:+.4f}, {level} interval "
         f"[{interval.lower:+.4f}, {interval.upper:+.4f}] over {interval.n} requests; its lower bound "
         f"is not above -margin {-margin:+.4f}",
     )
+
+
+def family_confidence(confidence: float, members: int, adjust: str) -> float:
+    """The level of each interval in a family of ``members`` checks: Bonferroni's
+    ``1 - (1 - confidence) / m``, so the family's intervals hold together at ``confidence``."""
+    if adjust == "none" or members <= 1:
+        return confidence
+    if adjust == "bonferroni":
+        return 1.0 - (1.0 - confidence) / members
+    raise ValueError(f"gate.slice_adjust: unknown {adjust!r} (bonferroni | none)")
+
+
+def interval_levels(
+    gate: GateConfig, confidence: float, primary: str, compared: list[str]
+) -> dict[str, float]:
+    """The confidence level of each compared metric's paired interval: ``confidence`` for the
+    primary metric (a single test), the family-adjusted level for the slices."""
+    slices = [m for m in compared if m != primary and m in slice_metrics({m: 0}, gate.slice_prefixes)]
+    level = family_confidence(confidence, len(slices), gate.slice_adjust)
+    return {m: (level if m in slices else confidence) for m in compared}
 
 
 def comparison_checks(
@@ -223,7 +282,8 @@ def comparison_checks(
     primary: str,
     intervals: dict[str, Interval],
 ) -> list[Check]:
-    """Non-inferiority of the primary metric and of every slice both models have."""
+    """Non-inferiority of the primary metric (always blocking) and of every slice both models
+    have (blocking only where decisive)."""
     out = [
         non_inferior(
             f"gain:{primary}",
@@ -243,6 +303,7 @@ def comparison_checks(
                 intervals.get(name),
                 gate.max_slice_regression,
                 (challenger.get(name), champion.get(name)),
+                decisive_ratio=gate.slice_decisive_ratio,
             )
         )
     return out

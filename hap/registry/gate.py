@@ -25,7 +25,7 @@ from hap.core.config import Config
 from hap.core.errors import HapError
 from hap.registry import registration as registry
 from hap.registry import tracking
-from hap.registry.blessing import Decision, Interval, TrainingHealth, decide
+from hap.registry.blessing import Decision, Interval, TrainingHealth, decide, interval_levels
 
 BLESSING_FILE = layout.BLESSING_FILE
 TAG_MARGIN, TAG_INTERVAL, TAG_REQUESTS = "gate.margin", "gate.interval", "gate.n_requests"
@@ -97,6 +97,15 @@ class Blessing:
                     f"[{ch['lower']:+.4f}, {ch['upper']:+.4f}] "
                     f"over {ch['n']} requests; margin {self.thresholds.get('margin')}"
                 )
+        slices = [ch for ch in self.checks if ch.get("name", "").startswith("slice:")]
+        if slices:
+            verdicts = [ch.get("verdict") for ch in slices]
+            count = {v: verdicts.count(v) for v in ("pass", "fail", "not_decisive")}
+            lines.append(
+                f"  slices: {count['pass']} pass, {count['fail']} fail, {count['not_decisive']} not decisive "
+                f"(a slice blocks only when its interval's half-width <= "
+                f"{self.thresholds.get('slice_decisive_ratio')} x its margin)"
+            )
         return "\n".join([*lines, *(f"  - {r}" for r in self.reasons)])
 
 
@@ -161,6 +170,8 @@ def _thresholds(cfg: Config, primary: str) -> dict[str, Any]:
         "floors": dict(g.floors),
         "margin": g.margin,
         "max_slice_regression": g.max_slice_regression,
+        "slice_decisive_ratio": g.slice_decisive_ratio,
+        "slice_adjust": g.slice_adjust,
         "confidence": cfg.evaluate.confidence,
         "bootstrap_resamples": cfg.evaluate.bootstrap_resamples,
         "slice_prefixes": list(g.slice_prefixes),
@@ -173,26 +184,43 @@ def _thresholds(cfg: Config, primary: str) -> dict[str, Any]:
 
 def paired_intervals(cfg: Config, date: dt.date, champion: Any, metrics: list[str]) -> dict[str, Interval]:
     """(challenger - champion) on each metric, paired over the eval requests both were measured on."""
-    import numpy as np
-
     from hap.model.evaluate import read_vectors
-    from hap.model.metrics import paired_interval
 
     mine = read_vectors(cfg, date)
-    ids = mine["request_id"].to_numpy()
-    at = np.searchsorted(champion.request_ids, ids).clip(max=len(champion.request_ids) - 1)
-    same = champion.request_ids[at] == ids
+    vectors = {c: mine[c].to_numpy() for c in mine.column_names if c != "request_id"}
+    return compare_vectors(
+        cfg, (mine["request_id"].to_numpy(), vectors), (champion.request_ids, champion.vectors), metrics
+    )
+
+
+def compare_vectors(
+    cfg: Config,
+    challenger: tuple[Any, dict[str, Any]],
+    champion: tuple[Any, dict[str, Any]],
+    metrics: list[str],
+) -> dict[str, Interval]:
+    """The gate's paired intervals from per-request vectors: ``(request_ids, {"model/<metric>":
+    vector})`` of each model (champion ids sorted). The first metric is the primary; the rest
+    (the slices) are one family at the adjusted level of ``blessing.interval_levels``."""
+    import numpy as np
+
+    from hap.model.metrics import paired_interval
+
+    ids, mine = challenger
+    champion_ids, theirs_all = champion
+    at = np.searchsorted(champion_ids, ids).clip(max=len(champion_ids) - 1)
+    same = champion_ids[at] == ids
     e = cfg.evaluate
+    present = [m for m in metrics if f"model/{m}" in mine and f"model/{m}" in theirs_all]
+    levels = interval_levels(cfg.gate, e.confidence, metrics[0], present) if metrics else {}
     out = {}
-    for metric in metrics:
+    for metric in present:
         name = f"model/{metric}"
-        if name not in mine.column_names or name not in champion.vectors:
-            continue
-        theirs = np.where(same, champion.vectors[name][at], np.nan)
+        theirs = np.where(same, theirs_all[name][at], np.nan)
         d, lo, hi, n = paired_interval(
-            mine[name].to_numpy(), theirs, e.confidence, e.bootstrap_resamples, e.seed
+            np.asarray(mine[name], np.float64), theirs, levels[metric], e.bootstrap_resamples, e.seed
         )
-        out[metric] = Interval(d, lo, hi, n)
+        out[metric] = Interval(d, lo, hi, n, levels[metric])
     return out
 
 

@@ -5,8 +5,9 @@ expressive weights, ``bundle.json`` with the routing config and calibrated thres
 goes through ``hap.model.serving.load_bundle``, so the registry serves exactly the DAMR scorer that
 ``hap evaluate`` measured. Input: one row per candidate with ``request_id``, ``item_id`` and the
 29 feature columns; rows of several requests may be mixed. Output, in input order: the final
-DAMR score, the light score, the expressive score (NaN where not routed), the routing decision
-and the final rank within the request.
+DAMR score (the order's sort key), the served probability ``prob`` (P(click | exposed), the
+calibrated score ``hap evaluate`` measures), the light score, the expressive score (NaN where not
+routed), the routing decision and the final rank within the request.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     "request_id",
     "item_id",
     "score",
+    "prob",
     "light_score",
     "expressive_score",
     "routed",
@@ -69,6 +71,7 @@ def score_frame(bundle: Any, frame: pd.DataFrame) -> pd.DataFrame:
             "request_id": frame["request_id"].to_numpy(np.int64),
             "item_id": frame["item_id"].to_numpy(np.int64),
             "score": np.asarray(result.final, np.float64),
+            "prob": np.asarray(result.prob, np.float64),
             "light_score": np.asarray(result.light, np.float64),
             "expressive_score": np.asarray(result.expressive, np.float64),
             "routed": np.asarray(result.routed, bool),

@@ -286,6 +286,9 @@ def test_evaluation_saves_what_it_returns(trained: tuple[Config, Any], evaluated
         "gauc",
         "logloss",
         "logloss_constant",
+        "ece",
+        "mean_prob",
+        "ctr",
         "gt_recall@50",
         "exp_clicks@10",
         "ref_prerank_recall@50",
@@ -465,3 +468,36 @@ def test_nan_scores_give_nan_metrics_and_a_rejection(tiny_split: Config, bundle_
     cfg = tiny_split.updated({"gate.floors": {}})
     d = decide(saved, None, cfg.gate, primary_metric(cfg, saved))
     assert not d.passed and any("never promoted" in r for r in d.reasons)
+
+
+def test_the_served_probability_is_calibrated_and_is_what_evaluation_measures(
+    tiny_split: Config, bundle_dir: Path, evaluated: dict[str, float]
+) -> None:
+    """One served score (issue 29): training fits a Platt scaling per score kind on its validation
+    exposures; serving, the pyfunc and evaluation all read ``RequestScores.prob``."""
+    from hap.model.calibration import served_probability
+    from hap.model.evaluate import load_eval_set
+    from hap.model.metrics import calibration_metrics
+    from hap.model.serving import load_bundle
+    from hap.registry.pyfunc import score_frame
+
+    bundle = load_bundle(bundle_dir)
+    assert bundle.calibration is not None
+    assert all(len(bundle.calibration[k]) == 2 for k in ("light", "expressive", "sum"))
+    es = load_eval_set(layout.eval_set(tiny_split, DATE))
+    scores = bundle.score_table(es.table, es.index)
+    routing = bundle.routing
+    again = served_probability(
+        scores.light, scores.expressive, scores.routed, bundle.serve, routing.merge, bundle.calibration
+    )
+    assert np.allclose(scores.prob, again) and ((scores.prob > 0) & (scores.prob < 1)).all()
+    exposed = es.column("exposed").astype(bool)
+    y = es.column("label").astype(int)[exposed]
+    measured = calibration_metrics(y, scores.prob[exposed])
+    assert evaluated["logloss"] == pytest.approx(measured["logloss"])
+    assert evaluated["ece"] == pytest.approx(measured["ece"])
+    # the registered model serves the same probability
+    rid = es.column("request_id")
+    rows = np.flatnonzero(rid == rid[0])
+    served = score_frame(bundle, es.table.take(rows).to_pandas())
+    assert np.allclose(served["prob"], scores.prob[rows], atol=1e-6)

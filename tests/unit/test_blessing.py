@@ -137,3 +137,90 @@ def test_missing_primary_never_promoted(gate):
     challenger = metrics()
     del challenger["recall@50"]
     assert not decide(challenger, None, gate, "recall@50").passed
+
+
+# ---- issue 29: a slice blocks only where its interval can tell; the slices are one family --------
+def test_a_slice_that_cannot_tell_does_not_block(gate):
+    # half-width 0.02 against a slice margin of 0.02: an equal challenger would fail it about half
+    # the time, so its failure is recorded as not decisive and the challenger is promoted
+    primary = {"recall@50": within(0.0, 0.003)}
+    wide = {**primary, "auc_slice_easy": within(0.0), "auc_slice_hard": within(-0.012, 0.02)}
+    d = decide(metrics(), metrics(), gate, "recall@50", wide)
+    assert d.passed, d.reasons
+    hard = next(c for c in d.checks if c.name == "slice:auc_slice_hard")
+    assert hard.verdict == "not_decisive" and hard.decisive is False and hard.passed
+    assert hard.halfwidth == pytest.approx(0.02) and hard.lower == pytest.approx(-0.032)
+    record = d.to_dict()["checks"]  # the blessing records every check, decisive or not
+    assert {"verdict", "decisive", "halfwidth", "confidence", "lower", "upper"} <= set(record[0])
+
+
+def test_a_decisive_slice_regression_blocks(gate):
+    # half-width 0.005 <= 0.5 x 0.02: the check can tell, and the slice lost more than its margin
+    intervals = {
+        "recall@50": within(0.0, 0.003),
+        "auc_slice_easy": within(0.0),
+        "auc_slice_hard": within(-0.03, 0.005),
+    }
+    d = decide(metrics(), metrics(), gate, "recall@50", intervals)
+    assert not d.passed and any("auc_slice_hard" in r for r in d.reasons)
+    hard = next(c for c in d.checks if c.name == "slice:auc_slice_hard")
+    assert hard.verdict == "fail" and hard.decisive
+
+
+def test_the_primary_metric_blocks_even_when_its_interval_is_wide(gate):
+    d = decide(metrics(), metrics(), gate, "recall@50", steady(**{"recall@50": within(0.0, 0.02)}))
+    assert not d.passed and any("recall@50" in r for r in d.reasons)
+
+
+def test_the_slice_family_is_bonferroni_adjusted(make_cfg):
+    from hap.registry.blessing import family_confidence, interval_levels
+
+    gate = make_cfg(gate__slice_adjust="bonferroni").gate
+    compared = [
+        "gt_recall@50",
+        "auc_slice_easy",
+        "auc_slice_hard",
+        "auc_slice_global_neg",
+        "auc_slice_rank_neg",
+    ]
+    levels = interval_levels(gate, 0.95, "gt_recall@50", compared)
+    assert levels["gt_recall@50"] == 0.95  # the primary metric is one test at the configured level
+    assert all(levels[s] == pytest.approx(1 - 0.05 / 4) for s in compared[1:])
+    unadjusted = interval_levels(make_cfg(gate__slice_adjust="none").gate, 0.95, "gt_recall@50", compared)
+    assert set(unadjusted.values()) == {0.95}
+    assert family_confidence(0.95, 1, "bonferroni") == 0.95
+
+
+def test_the_adjusted_level_widens_the_slice_intervals_and_can_change_the_verdict(make_cfg):
+    """The gate's own interval function (``hap gate`` and the benchmark): the same per-request
+    differences give the primary a 95% interval and each of the 6 slices a 1 - 0.05/6 one, wide
+    enough here that a slice decisive at 95% is not decisive in the family."""
+    import numpy as np
+
+    from hap.registry.gate import compare_vectors
+
+    rng = np.random.default_rng(0)
+    n = 400
+    ids = np.arange(n)
+    diff = rng.normal(-0.012, 0.08, n)  # a small per-request loss, noisy
+    names = ["gt_recall@50", *(f"auc_slice_{s}" for s in ("a", "b", "c", "d", "e", "f"))]
+    champion = {f"model/{m}": np.full(n, 0.5) for m in names}
+    challenger = {f"model/{m}": 0.5 + diff for m in names}
+
+    def judged(**gate):
+        cfg = make_cfg(
+            gate__margin=0.01, gate__max_slice_regression=0.02, gate__slice_decisive_ratio=0.5, **gate
+        )
+        ivs = compare_vectors(cfg, (ids, challenger), (ids, champion), names)
+        d = decide(
+            {m: 0.5 for m in names} | metrics(), {m: 0.5 for m in names} | metrics(), cfg.gate, names[0], ivs
+        )
+        return ivs, {c.metric: c for c in d.checks}
+
+    adj, adj_checks = judged(gate__slice_adjust="bonferroni")
+    raw, raw_checks = judged(gate__slice_adjust="none")
+    assert adj["gt_recall@50"].confidence == raw["gt_recall@50"].confidence == 0.95
+    assert adj["auc_slice_a"].confidence == pytest.approx(1 - 0.05 / 6)
+    assert adj["auc_slice_a"].halfwidth > 1.25 * raw["auc_slice_a"].halfwidth
+    assert raw_checks["auc_slice_a"].decisive and raw_checks["auc_slice_a"].verdict == "fail"
+    assert not adj_checks["auc_slice_a"].decisive and adj_checks["auc_slice_a"].verdict == "not_decisive"

@@ -1,0 +1,340 @@
+"""The promotion gate's power: ``make bench-gate`` -> ``bench/results/gate_power.{md,json}``.
+
+How often does the gate (``hap.registry.gate.compare_vectors`` + ``hap.registry.blessing.decide``,
+the code ``hap gate`` runs) reject a challenger that is as good as its champion, and how often
+does it let through one that is worse by a given amount of the primary metric?
+
+1. The default world (``params.yaml``) is simulated, validated, ingested and split for the window
+   ``simulate.start .. + split.window_days - 1`` (``bench.paper_table.prepare``); eval day the day
+   after, ``simulate.full_flow_requests`` eval requests, as in ``make run``.
+2. ``--seeds K`` models are trained on that window with ``hap``'s own ``train_day``, differing only
+   in ``train.seed``, and each is evaluated on the eval set (``evaluate_bundle``, the per-request
+   vectors the gate compares). Bundles and evaluations are cached under ``--home``, keyed by the
+   config hash and the git tree of ``hap/``, so a re-run on the same model code only re-judges.
+3. **A/A**: every pair (i < j) is gated with model i as champion and model j as challenger: the
+   same config and data, other seeds, so an equal challenger. C(K, 2) pairs.
+4. **Degraded**: each challenger's served order is degraded by mixing seeded Gaussian noise into
+   its within-request rank (``key = rank / n + lambda * N(0, 1)``), with ``lambda`` found by
+   bisection so that its own ``gt_recall@50`` drops by ``delta`` (measured, reported); every
+   ranking metric of the degraded order is recomputed with ``evaluate.ranker_vectors`` (the
+   slices, which score the eval samples with the towers, are left as they were). Each pair is then
+   gated again with the degraded challenger; ``delta`` = 0.03 is the acceptance's A/B, the smaller
+   ones trace the power curve around ``gate.margin``.
+5. The same pairs are also judged by the rule before issue 29 (every slice blocking, 95% each:
+   ``slice_decisive_ratio`` = inf, ``slice_adjust`` = none), for comparison.
+
+Options: ``--seeds 8 --deltas 0.005,0.01,0.015,0.02,0.03 --home DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import markdown_table, seeded_parser, write_results
+
+DELTAS = (0.005, 0.01, 0.015, 0.02, 0.03)
+ACCEPT_DELTA = 0.03
+OLD_RULE = {"gate.slice_decisive_ratio": 1e9, "gate.slice_adjust": "none"}
+
+
+def _code_version() -> str:
+    """The git tree of ``hap/`` (``-dirty`` with uncommitted changes there): the cache key of the
+    trained models, so a change to the model's code retrains them and a bench-only change does not."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    tree = git("rev-parse", "--short", "HEAD:hap") or "nogit"
+    return tree + ("-dirty" if git("status", "--porcelain", "hap") else "")
+
+
+def trained_models(base: Any, date: Any, seeds: int, work: Path) -> list[dict[str, Any]]:
+    """Train (or reuse) and evaluate one model per seed: its metrics, vectors and final scores."""
+    import pyarrow.parquet as pq
+
+    from hap.core import layout
+    from hap.model.evaluate import evaluate_bundle, json_metrics, load_eval_set
+    from hap.model.serving import load_bundle
+    from hap.model.train import config_hash, train_day
+
+    eval_path = layout.eval_set(base, date)
+    es = load_eval_set(eval_path)
+    models = []
+    for k in range(seeds):
+        cfg = base.updated({"train.seed": base.train.seed + k})
+        folder = work / f"{config_hash(cfg)[:12]}-{_code_version()}" / f"seed{cfg.train.seed}"
+        done = folder / "eval.json"
+        if not done.exists():
+            t = time.perf_counter()
+            own = cfg.updated({"paths.models": str(folder / "models")})
+            train_day(own, date)
+            train_s = time.perf_counter() - t
+            bundle = load_bundle(layout.model_dir(own, date))
+            result = evaluate_bundle(cfg, bundle, eval_path)
+            final = bundle.score_table(es.table, es.index).final
+            pq.write_table(result.table(), folder / "vectors.parquet")
+            np.save(folder / "final.npy", np.asarray(final, np.float64))
+            done.write_text(json.dumps({"metrics": json_metrics(result.metrics), "train_s": train_s}))
+            print(f"seed {cfg.train.seed}: trained in {train_s:.0f}s, {folder}", flush=True)
+        saved = json.loads(done.read_text())
+        table = pq.read_table(folder / "vectors.parquet")
+        models.append(
+            {
+                "seed": cfg.train.seed,
+                "metrics": saved["metrics"],
+                "ids": table["request_id"].to_numpy(),
+                "vectors": {c: table[c].to_numpy() for c in table.column_names if c != "request_id"},
+                "final": np.load(folder / "final.npy"),
+            }
+        )
+    return models
+
+
+def degrade(
+    cfg: Any, es: Any, model: dict[str, Any], delta: float, primary: str, seed: int
+) -> dict[str, Any]:
+    """The model with its served order degraded so that its own ``primary`` drops by ``delta``."""
+    from hap.model.evaluate import ranker_vectors
+
+    grid = es.grid(model["final"], -np.inf)
+    order = np.argsort(-grid, axis=1, kind="stable")
+    pct = np.empty_like(grid)
+    np.put_along_axis(pct, order, np.broadcast_to(-np.arange(grid.shape[1], dtype=np.float64), grid.shape), 1)
+    pct = (pct / es.index.counts[:, None])[es.index.row_request, es.index.column]  # 0 (top) .. -1
+    noise = np.random.default_rng(seed).standard_normal(len(pct))
+    target = np.nanmean(model["vectors"][f"model/{primary}"]) - delta
+
+    def vectors(lam: float) -> dict[str, np.ndarray]:
+        return ranker_vectors(cfg, es, pct + lam * noise)
+
+    lo, hi = 0.0, 4.0
+    for _ in range(14):  # the primary falls as the noise grows: bisection on lambda
+        mid = (lo + hi) / 2
+        if np.nanmean(vectors(mid)[primary]) > target:
+            lo = mid
+        else:
+            hi = mid
+    got = vectors(hi)
+    new_vectors = dict(model["vectors"]) | {f"model/{m}": v for m, v in got.items()}
+    metrics = dict(model["metrics"]) | {m: float(np.nanmean(v)) for m, v in got.items()}
+    achieved = float(np.nanmean(model["vectors"][f"model/{primary}"]) - metrics[primary])
+    return {**model, "vectors": new_vectors, "metrics": metrics, "lambda": hi, "achieved": achieved}
+
+
+def judge(cfg: Any, champion: dict[str, Any], challenger: dict[str, Any], primary: str) -> dict[str, Any]:
+    """The gate's decision on one pair: the flow's interval function and rule, no training health."""
+    from hap.registry.blessing import decide, slice_metrics
+    from hap.registry.gate import compare_vectors
+
+    compared = [primary, *slice_metrics(challenger["metrics"], cfg.gate.slice_prefixes)]
+    intervals = compare_vectors(
+        cfg,
+        (challenger["ids"], challenger["vectors"]),
+        (champion["ids"], champion["vectors"]),
+        compared,
+    )
+    d = decide(challenger["metrics"], champion["metrics"], cfg.gate, primary, intervals)
+    checks = [c for c in d.checks if c.name.startswith(("gain:", "slice:"))]
+    return {
+        "champion": champion["seed"],
+        "challenger": challenger["seed"],
+        "promoted": d.passed,
+        "reasons": d.reasons,
+        "checks": [
+            {
+                "name": c.name,
+                "delta": c.delta,
+                "lower": c.lower,
+                "upper": c.upper,
+                "halfwidth": c.halfwidth,
+                "confidence": c.confidence,
+                "decisive": c.decisive,
+                "verdict": c.verdict,
+            }
+            for c in checks
+        ],
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.paper_table import prepare
+    from hap.core import layout
+    from hap.core.config import load_config
+    from hap.model.evaluate import load_eval_set, primary_metric
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
+    environ["HAP_HOME"] = str(args.home)
+    base = load_config(environ=environ)
+    date = prepare(base)
+    t0 = time.perf_counter()
+    models = trained_models(base, date, args.seeds, Path(args.home) / "gate-bundles")
+    train_wall = time.perf_counter() - t0
+    primary = primary_metric(base, models[0]["metrics"])
+    es = load_eval_set(layout.eval_set(base, date))
+    pairs = list(itertools.combinations(range(len(models)), 2))
+    old = base.updated(OLD_RULE)
+
+    aa = [judge(base, models[i], models[j], primary) for i, j in pairs]
+    aa_old = [judge(old, models[i], models[j], primary) for i, j in pairs]
+    degraded: dict[str, Any] = {}
+    for delta in args.deltas:
+        challengers = sorted({j for _, j in pairs})
+        worse = {j: degrade(base, es, models[j], delta, primary, seed=1000 + j) for j in challengers}
+        verdicts = [judge(base, models[i], worse[j], primary) for i, j in pairs]
+        degraded[f"{delta:g}"] = {
+            "delta": delta,
+            "achieved": [worse[j]["achieved"] for j in sorted(worse)],
+            "lambda": [worse[j]["lambda"] for j in sorted(worse)],
+            "pairs": verdicts,
+            "rejected": sum(not v["promoted"] for v in verdicts),
+        }
+    return {
+        "date": date.isoformat(),
+        "primary": primary,
+        "seeds": [m["seed"] for m in models],
+        "n_requests": int(models[0]["metrics"].get("n_requests") or 0),
+        "primary_by_seed": [m["metrics"][primary] for m in models],
+        "calibration_by_seed": [
+            {k: m["metrics"].get(k) for k in ("logloss", "logloss_constant", "ece", "mean_prob", "ctr")}
+            for m in models
+        ],
+        "gate": base.gate.model_dump(mode="json"),
+        "confidence": base.evaluate.confidence,
+        "train_and_eval_seconds": train_wall,
+        "aa": aa,
+        "aa_old_rule": aa_old,
+        "degraded": degraded,
+    }
+
+
+def _rate(k: int, n: int) -> str:
+    return f"{k}/{n} ({k / n:.0%})" if n else "-"
+
+
+def summarize(payload: dict[str, Any]) -> str:
+    aa, old = payload["aa"], payload["aa_old_rule"]
+    n = len(aa)
+    primary = payload["primary"]
+    g = payload["gate"]
+    scores = np.asarray(payload["primary_by_seed"])
+    lines = [
+        f"Default world, window ending {payload['date']}, {payload['n_requests']} eval requests; "
+        f"{len(payload['seeds'])} training seeds ({primary} {scores.mean():.4f} ± {scores.std(ddof=1):.4f} "
+        f"std over seeds), {n} pairs (champion seed i, challenger seed j > i). Gate: margin {g['margin']} on "
+        f"{primary}, slice margin {g['max_slice_regression']}, a slice blocks only when its half-width <= "
+        f"{g['slice_decisive_ratio']} x margin, slice family adjusted by {g['slice_adjust']}.",
+        "",
+    ]
+
+    def why(verdicts: list[dict[str, Any]]) -> str:
+        blocked: dict[str, int] = {}
+        for v in verdicts:
+            for c in v["checks"]:
+                if c["verdict"] == "fail":
+                    blocked[c["name"]] = blocked.get(c["name"], 0) + 1
+        return ", ".join(f"{k} x{c}" for k, c in sorted(blocked.items())) or "-"
+
+    rows = [
+        ["A/A (equal challengers), this gate", _rate(sum(v["promoted"] for v in aa), n), "promoted", why(aa)],
+        [
+            "A/A, the rule before (every slice blocks, 95% each)",
+            _rate(sum(v["promoted"] for v in old), n),
+            "promoted",
+            why(old),
+        ],
+    ]
+    for key, d in payload["degraded"].items():
+        ach = np.asarray(d["achieved"])
+        rows.append(
+            [
+                f"challenger degraded by {key} {primary} (measured {ach.min():.4f}..{ach.max():.4f})",
+                _rate(d["rejected"], n),
+                "rejected",
+                why(d["pairs"]),
+            ]
+        )
+    lines.append(markdown_table(["challengers", "rate", "outcome", "blocking checks (pairs)"], rows))
+
+    slices: dict[str, list[dict[str, Any]]] = {}
+    for v in aa:
+        for c in v["checks"]:
+            slices.setdefault(c["name"], []).append(c)
+    rows = []
+    for name, cs in sorted(slices.items()):
+        half = np.asarray([c["halfwidth"] for c in cs if c["halfwidth"] is not None])
+        conf = cs[0]["confidence"]
+        rows.append(
+            [
+                name,
+                f"{conf:.4f}" if conf is not None else "-",
+                f"{np.median(half):.4f}" if len(half) else "-",
+                _rate(sum(bool(c["decisive"]) for c in cs), len(cs)),
+                _rate(sum(c["verdict"] == "fail" for c in cs), len(cs)),
+                _rate(sum(c["verdict"] == "not_decisive" for c in cs), len(cs)),
+            ]
+        )
+    lines += [
+        "",
+        "Checks over the A/A pairs (interval level, median half-width, how often decisive / blocking / "
+        "failed but not decisive):",
+        "",
+        markdown_table(["check", "level", "median half-width", "decisive", "fail", "not decisive"], rows),
+    ]
+    cal = payload.get("calibration_by_seed") or []
+    if cal:
+        mean = {k: float(np.mean([c[k] for c in cal])) for k in cal[0]}
+        lines += [
+            "",
+            f"Served probability on the eval day's exposures (mean over the {len(cal)} models): log loss "
+            f"{mean['logloss']:.4f} against the constant predictor's {mean['logloss_constant']:.4f}, ECE "
+            f"{mean['ece']:.4f}, mean predicted {mean['mean_prob']:.4f} against the observed CTR "
+            f"{mean['ctr']:.4f}.",
+        ]
+    by_seed = dict(zip(payload["seeds"], payload["primary_by_seed"]))
+    rejected = [v for v in aa if not v["promoted"]]
+    if rejected:
+        lines += [
+            "",
+            f"Rejected A/A pairs (champion seed -> challenger seed: {primary} of each; paired difference):",
+            "",
+        ]
+        for v in rejected:
+            gain = v["checks"][0]
+            lines.append(
+                f"- {v['champion']} -> {v['challenger']}: {by_seed[v['champion']]:.4f} -> "
+                f"{by_seed[v['challenger']]:.4f}; {gain['delta']:+.4f} "
+                f"[{gain['lower']:+.4f}, {gain['upper']:+.4f}]"
+            )
+    acc = payload["degraded"].get(f"{ACCEPT_DELTA:g}")
+    promoted = sum(v["promoted"] for v in aa)
+    verdict = [f"A/A promotion rate {promoted / n:.0%} (acceptance >= 95%)"]
+    if acc:
+        rate = acc["rejected"] / n
+        verdict.append(f"rejection of challengers degraded by {ACCEPT_DELTA} {rate:.0%} (>= 95%)")
+    lines += ["", "Acceptance: " + "; ".join(verdict) + "."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = seeded_parser(__doc__, "bench-gate", seeds=8)
+    p.add_argument("--deltas", type=lambda s: [float(x) for x in s.split(",")], default=list(DELTAS))
+    args = p.parse_args()
+    if args.from_json:
+        payload = json.loads(args.from_json.read_text())
+    else:
+        payload = run(args)
+    write_results("gate_power", payload, summarize(payload))
+
+
+if __name__ == "__main__":
+    main()
