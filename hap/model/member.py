@@ -104,7 +104,7 @@ def served_view(light: nn.Module, b: Batch, easy_top: int) -> Batch:
     """The batch as the expressive model meets it when served: every hard negative, plus per anchor
     the ``easy_top`` easy negatives the light model scores highest (the ones it would route)."""
     easy = torch.isin(b.col_group, torch.tensor(EASY_GROUP_IDS, device=b.col_group.device))
-    s = light(b.req_cat, b.req_dense, b.seq, b.item_cat, b.item_dense).float()
+    s = light(b.req_cat, b.req_dense, b.seq, b.item_cat, b.item_dense, b.cross).float()
     s = s.masked_fill(~(b.valid & easy[None]), float("-inf"))
     top = s.topk(min(easy_top, int(easy.sum())), dim=1).indices
     picked = torch.zeros_like(b.valid).scatter_(1, top, True) & b.valid & easy[None]
@@ -113,7 +113,7 @@ def served_view(light: nn.Module, b: Batch, easy_top: int) -> Batch:
 
 def forward(net: nn.Module, b: Batch, device: torch.device) -> torch.Tensor:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return net(b.req_cat, b.req_dense, b.seq, b.item_cat, b.item_dense).float()
+        return net(b.req_cat, b.req_dense, b.seq, b.item_cat, b.item_dense, b.cross).float()
 
 
 def build_members(

@@ -216,6 +216,7 @@ def write_bundle(
     try:
         with atomic_dir(Path(bundle_dir)) as tmp:
             save_bundle(tmp, bundle_meta, members[0].raw, members[1].raw if len(members) > 1 else None)
+            data.spec.cross.save(tmp)  # the profile serving reads (hap.model.cross)
             atomic_write_json(tmp / layout.HISTORY_FILE, extra["history"])
             atomic_write_json(
                 tmp / layout.DIAGNOSTICS_FILE, {"summary": extra["diag_summary"], "steps": extra["diag"]}
