@@ -13,7 +13,14 @@ from torch import nn
 
 from hap.core.config import Config
 from hap.model.batches import GROUPS, Batch, TrainData
-from hap.model.losses import difficulty_masks, group_losses, mixed_bce, mixed_infonce, pcgrad_combine
+from hap.model.losses import (
+    difficulty_masks,
+    group_losses,
+    mixed_bce,
+    mixed_infonce,
+    pcgrad_combine,
+    stage_loss,
+)
 from hap.model.member import Member, build_members, forward
 from hap.model.stream import StreamingTrainData
 
@@ -36,12 +43,21 @@ def variant_loss(
     return (w * losses).sum() / w.sum().clamp(min=1e-12)
 
 
+def stage_term(cfg: Config, logits: torch.Tensor, b: Batch) -> torch.Tensor | None:
+    """``train.stage_weight`` x the stage-label loss (``losses.stage_loss``), or None when off."""
+    if cfg.train.stage_weight <= 0 or not cfg.train.stage_levels:
+        return None
+    return cfg.train.stage_weight * stage_loss(logits, b.valid, b.col_group, cfg.train.stage_levels)
+
+
 def train_step(cfg: Config, m: Member, b: Batch, device: torch.device, world: int, step: int) -> float:
     b = m.view(b)
     m.opt.zero_grad(set_to_none=True)
     logits = forward(m.net, b, device)
+    aux = stage_term(cfg, logits, b)
     if cfg.train.loss != "ghcl":
         loss = variant_loss(cfg, logits, b)
+        loss = loss if aux is None else loss + aux
         loss.backward()
     else:
         losses, present = group_losses(
@@ -49,14 +65,15 @@ def train_step(cfg: Config, m: Member, b: Batch, device: torch.device, world: in
         )
         if cfg.train.harmonization == "pcgrad":
             loss = (losses * present).sum() / present.sum().clamp(min=1)
+            loss = loss if aux is None else loss + aux
             loss.backward(retain_graph=True)  # embeddings (and DDP's all-reduce) from the mean loss
             shared = m.raw.shared_parameters()
             idx = [i for i in range(len(losses)) if bool(present[i])]
-            grads = [
-                list(torch.autograd.grad(losses[i], shared, retain_graph=k < len(idx) - 1))
-                for k, i in enumerate(idx)
-            ]
+            grads = [list(torch.autograd.grad(losses[i], shared, retain_graph=True)) for i in idx]
             merged = pcgrad_combine(grads, torch.Generator().manual_seed(cfg.train.seed + step))
+            if aux is not None:  # the stage loss is not a GHCL group: added after the projection
+                extra = torch.autograd.grad(aux, shared, allow_unused=True)
+                merged = [g if e is None else g + e for g, e in zip(merged, extra)]
             for p, g in zip(shared, merged):
                 if world > 1:
                     tdist.all_reduce(g)
@@ -67,6 +84,7 @@ def train_step(cfg: Config, m: Member, b: Batch, device: torch.device, world: in
             w = m.harm.weights(losses, present, logits)
             m.last_weights = w
             loss = (w * losses).sum()
+            loss = loss if aux is None else loss + aux
             loss.backward()
     m.opt.step()
     return float(loss.detach())
