@@ -77,6 +77,9 @@ class _TwoTower(nn.Module):
         self.embed_dim, self.seq_len, self.cross_dim = embed_dim, seq_len, cross_dim
         # the cross features' direct (wide) term on the logit, beside their place in the head's MLP input
         self.wide = nn.Linear(cross_dim, 1) if cross_dim else None
+        if self.wide is not None:  # starts neutral: a random sign on strong features would rank at random
+            nn.init.zeros_(self.wide.weight)
+            nn.init.zeros_(self.wide.bias)
         self.behaviour_slots = [ITEM_CATEGORICAL.index(f) for f in behaviour_features]
         lookup = torch.zeros(hash_buckets, len(self.behaviour_slots), dtype=torch.long)
         self.register_buffer("behaviour_lookup", lookup)

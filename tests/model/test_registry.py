@@ -29,7 +29,7 @@ from hap.data import markers
 
 DAY = dt.date(2026, 11, 3)  # window 11-02..11-03, eval day 11-04 (all in the tiny lake)
 FLOORS = {"recall@50": 0.0, "gauc": 0.3}  # low: the barely trained first model must clear them
-WEAK = {"train.epochs": 1, "train.lr": 1e-6}
+WEAK = {"train.epochs": 1, "train.lr": 1e-6, "model.cross_features": []}  # degraded: no user x item crosses
 GOOD = {"train.epochs": 2, "train.diagnostics_every": 1}
 SAME_QUALITY_MARGIN = 0.05  # the tiny eval day has 24 requests: same-quality models differ by ~0.01
 
