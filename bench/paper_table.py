@@ -35,10 +35,13 @@ from typing import Any
 import numpy as np
 
 from bench.common import RESULTS, markdown_table, seeded_parser, write_results
+from hap.model.evaluate import MODEL_FREE
+from hap.model.evaluate import REFERENCES as LOGGED_REFERENCES
 
 RHOS = (0.05, 0.1, 0.2, 0.5)
 HARMONIZATIONS = ("uniform", "gradnorm", "pcgrad")
-REFERENCES = ("retrieval", "prerank", "ranking", "random", "truth")
+# the logged orders, random, truth, and the model-free rankers (issue 29) as rows
+REFERENCES = (*LOGGED_REFERENCES, *MODEL_FREE)
 CLAIM_METRICS = ("gt_recall@50", "recall@50")  # the ground-truth and the click top-50 metric
 LOW_RHOS = (0.05, 0.1)  # claim 2: HAP at rho <= 0.1
 COLUMNS = (

@@ -176,6 +176,10 @@ class ModelConfig(_Section):
     hash_buckets: int
     # item side features a recent click is embedded with, beside its id (looked up from the window)
     behaviour_features: list[str] = []
+    # user x item cross features the heads see (hap.model.cross.CROSS_FEATURES); [] = none
+    cross_features: list[str] = []
+    # days of earlier logs a day's user-history profile is built from (hap.data.profile)
+    profile_days: int = Field(default=3, ge=1)
     light: TowerConfig
     expressive: TowerConfig
 
@@ -219,6 +223,10 @@ class TrainConfig(_Section):
     expressive_easy_top: int = Field(default=4, ge=0)
     checkpoint_every: int = Field(default=1, ge=1)  # epochs between checkpoints
     loader_workers: int = Field(default=0, ge=0)  # DataLoader processes prefetching shards; 0 = in-process
+    # the cascade's stage labels as supervision: a pairwise loss per anchor that orders the candidate
+    # grid by how far each got (stage_levels, higher = further); 0 turns it off
+    stage_weight: float = Field(default=0.0, ge=0.0)
+    stage_levels: dict[str, int] = {}
 
 
 class RoutingConfig(_Section):

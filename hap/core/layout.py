@@ -102,6 +102,11 @@ def eval_samples(cfg: Config, date: dt.date | str) -> Path:
     return eval_samples_of(eval_set(cfg, date))
 
 
+def profile_dir(cfg: Config, date: dt.date | str) -> Path:
+    """The user-history profiles of the window ending on ``date`` (``hap.data.profile``)."""
+    return cfg.path("training") / partition(date) / "profile"
+
+
 def eval_samples_of(eval_set_path: Path) -> Path:
     return Path(eval_set_path).parent / "eval_samples"
 

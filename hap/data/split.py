@@ -23,6 +23,8 @@ Writes, atomically as one folder ``training/dt=D/``:
 - ``eval/part-0.parquet``: the full-flow eval set (every retrieved candidate of at most
   ``split.eval_max_requests`` requests, the ones with the smallest request hash).
 - ``train/_data_version.json``: the content hash of the training set (``hap.versioning``).
+- ``profile/``: the user-history profiles, a point-in-time join of earlier days' logs
+  (``hap.data.profile``), which training, evaluation and serving read (``hap.model.cross``).
 
 **Which day is evaluated.** The eval day is ``D + 1`` when that day has passed validation (the
 held-out day after the window; ``dvc repro`` ingests it). Otherwise — the daily run,
@@ -60,6 +62,7 @@ from hap.core.errors import DataContractError, HapError
 from hap.core.hashing import unit_hash
 from hap.core.parquet import PARQUET_OPTIONS, RowGroupWriter
 from hap.data import markers
+from hap.data.profile import build_profiles
 
 PART_FILE = "part-0.parquet"
 REPORT_FILE = layout.SPLIT_REPORT_FILE
@@ -339,6 +342,8 @@ def build_training_set(cfg: Config, date: dt.date, mapper: Mapper = local_map) -
         for source, n in report.by_source.items():
             diff_counts[schema.DIFFICULTY_OF_SOURCE[source]] += n
         report.by_difficulty = dict(diff_counts)
+        profile_dir = tmp / layout.profile_dir(cfg, date).name
+        build_profiles(cfg, window, eval_day, profile_dir)
         report.data_version = record_data_version(train_dir)
         report.train_path, report.eval_path = layout.training_set(cfg, date), layout.eval_set(cfg, date)
         # the split's metadata travels with the training set (``_`` files are outside its data version)

@@ -30,6 +30,7 @@ import torch
 from hap.core import hashing, schema
 from hap.core.config import Config
 from hap.core.errors import HapError, NonFiniteData
+from hap.model.cross import CrossFeatures, profile_folder
 
 REQUEST_CATEGORICAL: tuple[str, ...] = (*schema.USER_CATEGORICAL, *schema.CONTEXT_CATEGORICAL)
 ITEM_CATEGORICAL: tuple[str, ...] = schema.ITEM_CATEGORICAL
@@ -55,6 +56,7 @@ class FeatureSpec:
     seq_len: int
     dense_mean: list[float] = field(default_factory=lambda: [0.0] * len(DENSE_ORDER))
     dense_std: list[float] = field(default_factory=lambda: [1.0] * len(DENSE_ORDER))
+    cross: CrossFeatures = field(default_factory=lambda: CrossFeatures(()))  # user x item (hap.model.cross)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +68,7 @@ class FeatureSpec:
             "dense": list(DENSE_ORDER),
             "sequence": schema.USER_SEQUENCE,
             "dense_transform": "standardize(sign(x)*log1p(|x|))",
+            "cross": list(self.cross.names),
         }
 
     @classmethod
@@ -87,8 +90,13 @@ class FeatureSpec:
         return np.where(x == 0, 0, out)
 
     def encode(self, table: pa.Table) -> dict[str, np.ndarray]:
-        """``{req_cat [N,10], req_dense [N,2], seq [N,L], item_cat [N,8], item_dense [N,8]}`` (numpy)."""
-        return {**self.encode_request(table), **self.encode_items(table)}
+        """``{req_cat [N,10], req_dense [N,2], seq [N,L], item_cat [N,8], item_dense [N,8],
+        cross [N,F]}`` (numpy)."""
+        return {**self.encode_request(table), **self.encode_items(table), "cross": self.encode_cross(table)}
+
+    def encode_cross(self, table: pa.Table) -> np.ndarray:
+        """The user x item cross features of each row ``[N, F]`` (``F = 0`` without any)."""
+        return self.cross.encode(table, self.seq_len)
 
     def encode_request(self, table: pa.Table) -> dict[str, np.ndarray]:
         """The user and context side of each row: ``req_cat``, ``req_dense``, ``seq``."""
@@ -153,9 +161,15 @@ class Batch:
     item_dense: torch.Tensor  # [B, C, 8]
     valid: torch.Tensor  # [B, C] bool
     col_group: torch.Tensor  # [C] long: -1 for the positive, else index into GROUPS
+    cross: torch.Tensor | None = None  # [B, C, F] user x item cross features (None: the model has none)
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(getattr(self, f).to(device, non_blocking=True) for f in self.__dataclass_fields__))
+        return Batch(
+            *(
+                None if getattr(self, f) is None else getattr(self, f).to(device, non_blocking=True)
+                for f in self.__dataclass_fields__
+            )
+        )
 
     def columns(self, keep: torch.Tensor) -> Batch:
         """Keep only the candidate columns where ``keep`` ([C] bool) is true (the hard-only view)."""
@@ -168,6 +182,7 @@ class Batch:
             self.item_dense[:, idx],
             self.valid[:, idx],
             self.col_group[idx],
+            None if self.cross is None else self.cross[:, idx],
         )
 
     def shard(self, rank: int, world: int) -> Batch:
@@ -181,6 +196,7 @@ class Batch:
             self.item_dense[sl],
             self.valid[sl],
             self.col_group,
+            None if self.cross is None else self.cross[sl],
         )
 
     @property
@@ -251,7 +267,10 @@ class TrainData:
             raise HapError("the training set is empty")
         refuse_non_finite(table)
         self.cfg = cfg
-        self.spec = spec or FeatureSpec(cfg.model.hash_buckets, cfg.model.seq_len).fit(table)
+        if spec is None:
+            spec = FeatureSpec(cfg.model.hash_buckets, cfg.model.seq_len).fit(table)
+            spec.cross = CrossFeatures.from_table(cfg.model.cross_features, table)
+        self.spec = spec
         self.col_group = column_layout(cfg.train.group_proportions)
         rid = table["request_id"].to_numpy()
         # one dense request index, rows grouped by request (stable: keeps the file order inside a request)
@@ -264,6 +283,7 @@ class TrainData:
         self.seq = torch.from_numpy(enc["seq"][first])
         self.item_cat = torch.from_numpy(enc["item_cat"])
         self.item_dense = torch.from_numpy(enc["item_dense"])
+        self.cross = torch.from_numpy(enc["cross"]) if self.spec.cross.width else None
         source = table["source"].to_numpy(zero_copy_only=False)
         # per group: rows in a fixed shuffled order inside each request, as CSR offsets by request
         self.salt = salt
@@ -299,7 +319,11 @@ class TrainData:
 
         if not Path(path).exists():
             raise HapError(f"no training set at {path}; run `hap split` first")
-        return cls(cfg, open_training_set(Path(path)).to_table(), spec)
+        table = open_training_set(Path(path)).to_table()
+        if spec is None:
+            spec = FeatureSpec(cfg.model.hash_buckets, cfg.model.seq_len).fit(table)
+            spec.cross = CrossFeatures.load(cfg.model.cross_features, profile_folder(Path(path)))
+        return cls(cfg, table, spec)
 
     @property
     def columns(self) -> int:
@@ -339,6 +363,7 @@ class TrainData:
             self.item_dense[rows_t],
             valid_t,
             self.col_group,
+            None if self.cross is None else self.cross[rows_t],
         )
 
     def batches(self, epoch: int, split: str = "train", batch_size: int | None = None) -> list[Batch]:

@@ -139,6 +139,36 @@ def reference_keys(cfg: Config, es: EvalSet) -> dict[str, np.ndarray]:
     return keys
 
 
+# Model-free reference rankers (README "Reference rankers"): each from the training window's logs (the
+# split's user-history profile as of the eval day: hap.data.profile) and the candidates' own features.
+MODEL_FREE: dict[str, str] = {
+    "popularity": "i_popularity",  # the candidate's own popularity feature
+    "segment_ctr": "segment_ctr",  # user segment x category click rate in the window
+    "seq_match": "seq_match",  # the request's recent clicks sharing the candidate's category
+    "user_clicks": "user_clicked",  # the user's clicks in the window, by category
+    "user_logged": "user_logged",  # everything the cascade logged for the user in the window, by category
+}
+
+
+def model_free_keys(cfg: Config, es: EvalSet, profile: Path | None = None) -> dict[str, np.ndarray]:
+    """Row keys of the model-free reference rankers; ties broken at random (``evaluate.seed``).
+    ``profile``: the split's profile folder (default: next to the eval set); absent, only popularity."""
+    from hap.model.cross import CrossFeatures
+
+    folder = Path(profile) if profile is not None else Path(es.path).parent / "profile"
+    names = [f for f in MODEL_FREE.values() if f != "i_popularity"]
+    cross = CrossFeatures.load(names, folder) if folder.exists() else None
+    features = cross.encode(es.table, cfg.model.seq_len) if cross is not None else None
+    jitter = np.random.default_rng(cfg.evaluate.seed + 1).random(es.table.num_rows) * 1e-9
+    keys = {}
+    for name, feature in MODEL_FREE.items():
+        if feature == "i_popularity":
+            keys[name] = es.column("i_popularity").astype(np.float64) + jitter
+        elif features is not None:
+            keys[name] = features[:, names.index(feature)].astype(np.float64) + jitter
+    return keys
+
+
 def ranker_vectors(cfg: Config, es: EvalSet, key: np.ndarray) -> dict[str, np.ndarray]:
     """Every per-request ranking metric of one ranker's row keys (all NaN if a key is not finite)."""
     ks = list(cfg.evaluate.ks)
@@ -255,6 +285,7 @@ def evaluate_bundle(cfg: Config, bundle: HapBundle, eval_set_path: Path | str) -
     served = np.where(scores.routed, scores.expressive, scores.light)
     final = np.where(np.isfinite(served), scores.final, np.nan)
     rankers = {"model": final, **{f"ref_{k}": v for k, v in reference_keys(cfg, es).items()}}
+    rankers |= {f"ref_{k}": v for k, v in model_free_keys(cfg, es).items()}
     if bundle.light is not None and bundle.serve != "light":
         rankers["light"] = scores.light.astype(np.float64)
     vectors = {f"{r}/{m}": v for r, key in rankers.items() for m, v in ranker_vectors(cfg, es, key).items()}
@@ -310,6 +341,11 @@ RANKERS = (
     ("logged pre-ranking order", "ref_prerank_"),
     ("logged retrieval order", "ref_retrieval_"),
     ("random order", "ref_random_"),
+    ("item popularity", "ref_popularity_"),
+    ("segment x category CTR", "ref_segment_ctr_"),
+    ("recent clicks' category", "ref_seq_match_"),
+    ("user's clicks' categories", "ref_user_clicks_"),
+    ("user's logged categories", "ref_user_logged_"),
     ("ground truth", "ref_truth_"),
 )
 TABLE_METRICS = ("gt_recall@50", "exp_clicks@10", "recall@50", "ndcg@50")

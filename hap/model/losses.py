@@ -144,3 +144,22 @@ def difficulty_masks(col_group: torch.Tensor) -> dict[str, torch.Tensor]:
     hard = torch.isin(col_group, torch.tensor(HARD_GROUP_IDS, device=col_group.device))
     pos = col_group < 0
     return {"easy": easy | pos, "hard": hard | pos}
+
+
+def stage_loss(
+    logits: torch.Tensor, valid: torch.Tensor, col_group: torch.Tensor, levels: dict[str, int]
+) -> torch.Tensor:
+    """The cascade's stage labels as supervision (RecFlow): inside each anchor's grid, every pair
+    of valid candidates whose stage levels differ (``train.stage_levels``: how far each source got
+    in the cascade, e.g. exposed > ``rank_neg`` > ``prerank_neg`` > ``global_neg``) adds the logistic
+    loss of ordering them, the further one above. Mean over such pairs; 0 without any."""
+    table = torch.tensor(
+        [float(levels.get(g, 0)) for g in GROUPS] + [float(levels.get("expose_pos", 0))],
+        device=logits.device,
+    )
+    level = table[col_group]  # col_group -1 (the positive) reads the last entry
+    above = level[:, None] > level[None, :]  # [C, C]: column i got further than column j
+    s = logits.float()
+    pairs = above[None] & valid[:, :, None] & valid[:, None, :]  # [B, C, C]
+    loss = F.softplus(s[:, None, :] - s[:, :, None])  # [B, i, j]: -log sigmoid(s_i - s_j)
+    return (loss * pairs).sum() / pairs.sum().clamp(min=1)

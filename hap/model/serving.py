@@ -33,6 +33,7 @@ from hap.core.config import ModelConfig, RoutingConfig
 from hap.core.errors import HapError
 from hap.model.batches import ITEM_CATEGORICAL, FeatureSpec
 from hap.model.calibration import served_probability
+from hap.model.cross import CrossFeatures
 from hap.model.routing import flops_per_request, merge_scores, ranks, route_grid
 from hap.model.towers import BUNDLE_FORMAT, ExpressiveModel, LightweightModel, build_models
 
@@ -175,8 +176,17 @@ class HapBundle:
             r = rows[s : s + CHUNK_ROWS]
             at = torch.from_numpy(index.row_request[r]).to(self.device)
             u = {k: t[at] for k, t in user.items()}
-            out[s : s + len(r)] = model.head(u, self._item_vectors(tower, items, r)).float().cpu().numpy()
+            cross = self._cross(table, r)
+            out[s : s + len(r)] = (
+                model.head(u, self._item_vectors(tower, items, r), cross).float().cpu().numpy()
+            )
         return out
+
+    def _cross(self, table: pa.Table, rows: np.ndarray) -> torch.Tensor | None:
+        """The rows' user x item cross features (``hap.model.cross``), or None without any."""
+        if not self.spec.cross.width:
+            return None
+        return torch.from_numpy(self.spec.encode_cross(table.take(rows))).to(self.device)
 
     def _item_vectors(self, tower: str, table: pa.Table, rows: np.ndarray) -> torch.Tensor:
         """``[len(rows), D]`` item-tower outputs: cached ids from the cache, the rest through the tower."""
@@ -269,11 +279,13 @@ def load_bundle(path: Path | str, device: str = "cpu") -> HapBundle:
             state.setdefault("behaviour_lookup", model.behaviour_lookup)
             model.load_state_dict(state)
             model.to(device).eval()
+    spec = FeatureSpec.from_dict(meta["features"])
+    spec.cross = CrossFeatures.load(model_config.cross_features, folder / "profile")
     return HapBundle(
         meta=meta,
         model_config=model_config,
         routing=routing,
-        spec=FeatureSpec.from_dict(meta["features"]),
+        spec=spec,
         light=towers["light"] if meta.get("has_light") else None,
         expressive=towers["expressive"] if meta.get("has_expressive") else None,
         device=torch.device(device),

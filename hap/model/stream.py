@@ -56,6 +56,7 @@ from hap.model.batches import (
     is_validation_request,
     refuse_non_finite,
 )
+from hap.model.cross import CrossFeatures, profile_folder
 
 SCAN_COLUMNS = ["dt", "request_id", "source", *DENSE_ORDER]
 ITEM_COLUMNS = [*ITEM_CATEGORICAL, *schema.ITEM_DENSE]  # what ``FeatureSpec.encode_items`` reads
@@ -134,6 +135,8 @@ class StreamingTrainData:
             shards.append(Shard(name, paths, *_anchor_counts(cfg, table)))
         self.shards = shards
         self.spec = spec or moments.spec(cfg)
+        if spec is None:
+            self.spec.cross = CrossFeatures.load(cfg.model.cross_features, profile_folder(path))
         self.col_group = column_layout(cfg.train.group_proportions)
         self.n_train_anchors = sum(s.train_anchors for s in shards)
         self.n_val_anchors = sum(s.val_anchors for s in shards)

@@ -71,9 +71,15 @@ class _TwoTower(nn.Module):
         tower_dims: list[int],
         seq_len: int,
         behaviour_features: tuple[str, ...] = (),
+        cross_dim: int = 0,
     ) -> None:
         super().__init__()
-        self.embed_dim, self.seq_len = embed_dim, seq_len
+        self.embed_dim, self.seq_len, self.cross_dim = embed_dim, seq_len, cross_dim
+        # the cross features' direct (wide) term on the logit, beside their place in the head's MLP input
+        self.wide = nn.Linear(cross_dim, 1) if cross_dim else None
+        if self.wide is not None:  # starts neutral: a random sign on strong features would rank at random
+            nn.init.zeros_(self.wide.weight)
+            nn.init.zeros_(self.wide.bias)
         self.behaviour_slots = [ITEM_CATEGORICAL.index(f) for f in behaviour_features]
         lookup = torch.zeros(hash_buckets, len(self.behaviour_slots), dtype=torch.long)
         self.register_buffer("behaviour_lookup", lookup)
@@ -124,9 +130,23 @@ class _TwoTower(nn.Module):
         seq: torch.Tensor,
         item_cat: torch.Tensor,
         item_dense: torch.Tensor,
+        cross: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, C]`` for ``B`` requests x ``C`` candidates each."""
-        return self.head(self.user(req_cat, req_dense, seq), self.item(item_cat, item_dense))
+        """Logits ``[B, C]`` for ``B`` requests x ``C`` candidates each (``cross``: ``[B, C, F]``)."""
+        return self.head(self.user(req_cat, req_dense, seq), self.item(item_cat, item_dense), cross)
+
+    def _cross_in(self, v: torch.Tensor, cross: torch.Tensor | None) -> list[torch.Tensor]:
+        """The cross features as the head's extra MLP input (zeros where a caller has none)."""
+        if not self.cross_dim:
+            return []
+        if cross is None:
+            cross = v.new_zeros(*v.shape[:-1], self.cross_dim)
+        return [cross.to(v.dtype)]
+
+    def _wide(self, logit: torch.Tensor, cross: torch.Tensor | None) -> torch.Tensor:
+        if self.wide is None or cross is None:
+            return logit
+        return logit + self.wide(cross.to(logit.dtype)).squeeze(-1)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The dense parameters every group's loss flows through (towers, MLP, head): where
@@ -137,10 +157,12 @@ class _TwoTower(nn.Module):
         """FLOPs of one user-side pass and of one candidate (item tower + head)."""
         behaviour_adds = len(self.behaviour_slots) * self.seq_len * self.embed_dim
         user = linear_flops(self.user_tower) + 2 * self.seq_len * self.embed_dim + behaviour_adds
+        # the cross features: seq_len category compares and a few lookups per candidate, and the wide term
+        cross = (2 * self.seq_len + 4 * self.cross_dim + linear_flops(self.wide)) if self.cross_dim else 0
         return {
             "user": user + self._user_extra_flops(),
             "item": linear_flops(self.item_tower),
-            "head": self._head_flops(),
+            "head": self._head_flops() + cross,
         }
 
     def _user_extra_flops(self) -> int:
@@ -158,10 +180,11 @@ class LightweightModel(_TwoTower):
         mlp_dims: list[int],
         seq_len: int,
         behaviour_features: tuple[str, ...] = (),
+        cross_dim: int = 0,
     ) -> None:
-        super().__init__(hash_buckets, embed_dim, tower_dims, seq_len, behaviour_features)
-        self.mlp = mlp([2 * self.dim, *mlp_dims], final_activation=True)
-        self.out = nn.Linear(mlp_dims[-1] if mlp_dims else 2 * self.dim, 1)
+        super().__init__(hash_buckets, embed_dim, tower_dims, seq_len, behaviour_features, cross_dim)
+        self.mlp = mlp([2 * self.dim + cross_dim, *mlp_dims], final_activation=True)
+        self.out = nn.Linear(mlp_dims[-1] if mlp_dims else 2 * self.dim + cross_dim, 1)
 
     def user(
         self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
@@ -169,10 +192,13 @@ class LightweightModel(_TwoTower):
         u, _, _ = self._user_vec(req_cat, req_dense, seq)
         return {"u": u}
 
-    def head(self, user: dict[str, torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    def head(
+        self, user: dict[str, torch.Tensor], v: torch.Tensor, cross: torch.Tensor | None = None
+    ) -> torch.Tensor:
         u = user["u"].unsqueeze(-2) if v.dim() == 3 else user["u"]
         u = u.expand_as(v)
-        return self.out(self.mlp(torch.cat([u + v, u * v], dim=-1))).squeeze(-1)
+        x = torch.cat([u + v, u * v, *self._cross_in(v, cross)], dim=-1)
+        return self._wide(self.out(self.mlp(x)).squeeze(-1), cross)
 
     def _head_flops(self) -> int:
         return linear_flops(self.mlp) + linear_flops(self.out) + 3 * self.dim
@@ -191,8 +217,9 @@ class ExpressiveModel(_TwoTower):
         heads: int,
         pooling: str = "target",
         behaviour_features: tuple[str, ...] = (),
+        cross_dim: int = 0,
     ) -> None:
-        super().__init__(hash_buckets, embed_dim, tower_dims, seq_len, behaviour_features)
+        super().__init__(hash_buckets, embed_dim, tower_dims, seq_len, behaviour_features, cross_dim)
         if pooling not in ("target", "mean"):
             raise HapError(f"model.expressive.pooling: unknown {pooling!r} (target | mean)")
         self.pooling = pooling  # "mean": the click sequence averaged, the same for every candidate
@@ -201,7 +228,7 @@ class ExpressiveModel(_TwoTower):
             raise HapError(f"model.expressive: tower output {self.dim} not divisible by {self.heads} heads")
         self.q = nn.Linear(self.dim, self.dim)
         self.kv = nn.Linear(embed_dim, 2 * self.dim)  # user side: once per request
-        self.mlp = mlp([3 * self.dim, *mlp_dims], final_activation=True)
+        self.mlp = mlp([3 * self.dim + cross_dim, *mlp_dims], final_activation=True)
         self.out = nn.Linear(mlp_dims[-1], 1)
 
     def user(
@@ -211,10 +238,13 @@ class ExpressiveModel(_TwoTower):
         k, v = self.kv(seq_emb).chunk(2, dim=-1)  # [B, L, D] each
         return {"u": u, "k": k, "v": v, "mask": mask}
 
-    def head(self, user: dict[str, torch.Tensor], cand: torch.Tensor) -> torch.Tensor:
+    def head(
+        self, user: dict[str, torch.Tensor], cand: torch.Tensor, cross: torch.Tensor | None = None
+    ) -> torch.Tensor:
         squeeze = cand.dim() == 2  # [N, D] candidates of rows already aligned
         if squeeze:
             cand = cand.unsqueeze(1)
+            cross = None if cross is None else cross.unsqueeze(1)
             user = {k: t for k, t in user.items()}
         b, c, d = cand.shape
         h, dh = self.heads, d // self.heads
@@ -227,7 +257,8 @@ class ExpressiveModel(_TwoTower):
         att = att.masked_fill(~user["mask"][:, None, None, :], -1e4).softmax(-1)
         ctx = (att @ val).transpose(1, 2).reshape(b, c, d)  # [B, C, D]
         u = user["u"].unsqueeze(1).expand_as(cand)
-        logit = self.out(self.mlp(torch.cat([u + cand, u * cand, ctx], dim=-1))).squeeze(-1)
+        x = torch.cat([u + cand, u * cand, ctx, *self._cross_in(cand, cross)], dim=-1)
+        logit = self._wide(self.out(self.mlp(x)).squeeze(-1), cross)
         return logit.squeeze(1) if squeeze else logit
 
     def _user_extra_flops(self) -> int:
@@ -246,6 +277,7 @@ def build_models(model_cfg: ModelConfig | dict[str, Any]) -> tuple[LightweightMo
         embed_dim=m.embed_dim,
         seq_len=m.seq_len,
         behaviour_features=tuple(m.behaviour_features),
+        cross_dim=len(m.cross_features),
     )
     return (
         LightweightModel(tower_dims=m.light.tower_dims, mlp_dims=m.light.mlp_dims, **common),

@@ -20,9 +20,7 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -34,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as tdist
-from torch import nn
 
 from hap.core import layout
 from hap.core.atomic import atomic_dir, atomic_write_json
@@ -42,17 +39,24 @@ from hap.core.config import Config
 from hap.core.errors import HapError, NonFiniteData, WriteFailed
 from hap.model.batches import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS, Batch, TrainData
 from hap.model.calibration import calibrate_towers
-from hap.model.losses import (
-    Harmonizer,
-    difficulty_masks,
-    group_losses,
-    mixed_bce,
-    mixed_infonce,
-    pcgrad_combine,
+from hap.model.checkpoint import (  # noqa: F401  (config_hash, CheckpointMismatch: re-exported)
+    CheckpointMismatch,
+    Progress,
+    binding,
+    config_hash,
+    restore,
+    save_ckpt,
 )
+from hap.model.member import Member, build_members, dist_setup, pick_device, served_view  # noqa: F401
 from hap.model.routing import calibrate_threshold
+from hap.model.steps import (  # noqa: F401  (time_training_steps: re-exported for bench/)
+    diagnostics,
+    time_training_steps,
+    train_step,
+    validate,
+)
 from hap.model.stream import StreamingTrainData
-from hap.model.towers import build_models, save_bundle
+from hap.model.towers import save_bundle
 
 CKPT_FILE = layout.CHECKPOINT_FILE
 
@@ -80,316 +84,6 @@ class TrainResult:
         )
 
 
-# ---- device and distributed ------------------------------------------------------------------------
-def pick_device(cfg: Config, local_rank: int = 0) -> torch.device:
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise HapError("train.device=cuda but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def _dist_setup(cfg: Config) -> tuple[int, int, int]:
-    """(rank, world, local_rank); initializes the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    if not tdist.is_initialized():
-        use_nccl = torch.cuda.is_available() and cfg.train.device != "cpu"
-        tdist.init_process_group("nccl" if use_nccl else "gloo")
-    return tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-# ---- one model being trained -----------------------------------------------------------------------
-class _Member:
-    def __init__(
-        self,
-        name: str,
-        model: nn.Module,
-        cfg: Config,
-        keep: torch.Tensor | None,
-        device: torch.device,
-        world: int,
-    ) -> None:
-        self.name, self.raw, self.keep = name, model.to(device), keep
-        self.net: nn.Module = self.raw
-        # fused: one kernel per step instead of a pass per Adam op over the hashed embedding table,
-        # which every step touches in full (its gradient is table-sized): ~1.2x light steps on CPU
-        self.opt = torch.optim.Adam(
-            self.raw.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True
-        )
-        if world > 1:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.raw, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        self.harm = Harmonizer(cfg.train.harmonization)
-        self.last_weights: torch.Tensor | None = None
-        self.best_metric, self.best_epoch, self.bad, self.done = -1.0, -1, 0, False
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.scout: nn.Module | None = None  # "served": the light model that picks the easy negatives
-        self.easy_top = cfg.train.expressive_easy_top
-
-    def view(self, b: Batch) -> Batch:
-        if self.scout is not None:
-            return served_view(self.scout, b, self.easy_top)
-        return b.columns(self.keep.to(b.col_group.device)) if self.keep is not None else b
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "model": self.raw.state_dict(),
-            "opt": self.opt.state_dict(),
-            "harm": self.harm.state_dict(),
-            "best_metric": self.best_metric,
-            "best_epoch": self.best_epoch,
-            "bad": self.bad,
-            "done": self.done,
-            "best_state": self.best_state,
-        }
-
-    def load(self, s: dict[str, Any]) -> None:
-        self.raw.load_state_dict(s["model"])
-        self.opt.load_state_dict(s["opt"])
-        self.harm.load_state_dict(s["harm"])
-        self.best_metric, self.best_epoch, self.bad, self.done = (
-            s["best_metric"],
-            s["best_epoch"],
-            s["bad"],
-            s["done"],
-        )
-        self.best_state = s["best_state"]
-
-
-@torch.no_grad()
-def served_view(light: nn.Module, b: Batch, easy_top: int) -> Batch:
-    """The batch as the expressive model meets it when served: every hard negative, plus per anchor
-    the ``easy_top`` easy negatives the light model scores highest (the ones it would route)."""
-    easy = torch.isin(b.col_group, torch.tensor(EASY_GROUP_IDS, device=b.col_group.device))
-    s = light(b.req_cat, b.req_dense, b.seq, b.item_cat, b.item_dense).float()
-    s = s.masked_fill(~(b.valid & easy[None]), float("-inf"))
-    top = s.topk(min(easy_top, int(easy.sum())), dim=1).indices
-    picked = torch.zeros_like(b.valid).scatter_(1, top, True) & b.valid & easy[None]
-    return dataclasses.replace(b, valid=(b.valid & ~easy[None]) | picked)
-
-
-def _forward(net: nn.Module, b: Batch, device: torch.device) -> torch.Tensor:
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return net(b.req_cat, b.req_dense, b.seq, b.item_cat, b.item_dense).float()
-
-
-def _variant_loss(
-    cfg: Config,
-    logits: torch.Tensor,
-    b: Batch,
-    valid: torch.Tensor | None = None,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The configured loss as one scalar (GHCL with fixed group weights; uniform if none given)."""
-    valid = b.valid if valid is None else valid
-    if cfg.train.loss == "mixed_bce":
-        return mixed_bce(logits, valid)
-    if cfg.train.loss == "mixed_infonce":
-        return mixed_infonce(logits, valid, cfg.train.temperature)
-    losses, present = group_losses(logits, valid, b.col_group, cfg.train.temperature, cfg.train.bce_weight)
-    w = present.float() if weights is None else weights * present
-    return (w * losses).sum() / w.sum().clamp(min=1e-12)
-
-
-def _train_step(cfg: Config, m: _Member, b: Batch, device: torch.device, world: int, step: int) -> float:
-    b = m.view(b)
-    m.opt.zero_grad(set_to_none=True)
-    logits = _forward(m.net, b, device)
-    if cfg.train.loss != "ghcl":
-        loss = _variant_loss(cfg, logits, b)
-        loss.backward()
-    else:
-        losses, present = group_losses(
-            logits, b.valid, b.col_group, cfg.train.temperature, cfg.train.bce_weight
-        )
-        if cfg.train.harmonization == "pcgrad":
-            loss = (losses * present).sum() / present.sum().clamp(min=1)
-            loss.backward(retain_graph=True)  # embeddings (and DDP's all-reduce) from the mean loss
-            shared = m.raw.shared_parameters()
-            idx = [i for i in range(len(losses)) if bool(present[i])]
-            grads = [
-                list(torch.autograd.grad(losses[i], shared, retain_graph=k < len(idx) - 1))
-                for k, i in enumerate(idx)
-            ]
-            merged = pcgrad_combine(grads, torch.Generator().manual_seed(cfg.train.seed + step))
-            for p, g in zip(shared, merged):
-                if world > 1:
-                    tdist.all_reduce(g)
-                    g /= world
-                p.grad = g.to(p.dtype)
-            m.last_weights = present.float() / present.sum()
-        else:
-            w = m.harm.weights(losses, present, logits)
-            m.last_weights = w
-            loss = (w * losses).sum()
-            loss.backward()
-    m.opt.step()
-    return float(loss.detach())
-
-
-def _flat_grad(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
-    )
-
-
-def diagnostics(cfg: Config, m: _Member, b: Batch, device: torch.device) -> dict[str, float]:
-    """Gradient conflict on the shared dense parameters of ``m`` for this batch: the cosine between
-    the loss restricted to (positives + easy negatives) and to (positives + hard negatives), and the
-    gradient norm of each group's share of the loss. Same definition for every loss variant."""
-    b = m.view(b)
-    logits = _forward(m.raw, b, device)
-    params = m.raw.shared_parameters()
-    masks = difficulty_masks(b.col_group)
-    out: dict[str, float] = {}
-    w = m.last_weights
-    parts = {}
-    for name in ("easy", "hard"):
-        valid = b.valid & masks[name][None]
-        if bool(valid[:, 1:].any()):
-            parts[name] = _flat_grad(_variant_loss(cfg, logits, b, valid, w), params)
-    if len(parts) == 2:
-        out["cos_easy_hard"] = float(
-            torch.nn.functional.cosine_similarity(parts["easy"], parts["hard"], dim=0)
-        )
-    for gi, g in enumerate(GROUPS):
-        valid = b.valid & ((b.col_group == gi) | (b.col_group < 0))[None]
-        if bool(valid[:, 1:].any()):
-            out[f"grad_norm/{g}"] = float(_flat_grad(_variant_loss(cfg, logits, b, valid, w), params).norm())
-    if w is not None and cfg.train.loss == "ghcl":
-        for gi, g in enumerate(GROUPS):
-            out[f"weight/{g}"] = float(w[gi])
-    return out
-
-
-@torch.no_grad()
-def validate(m: _Member, batches: list[Batch], device: torch.device) -> tuple[float, np.ndarray]:
-    """Mean over groups of P(s_pos > s_neg) on validation anchors; also every valid light score."""
-    hits = torch.zeros(len(GROUPS), dtype=torch.float64)
-    tot = torch.zeros(len(GROUPS), dtype=torch.float64)
-    scores = []
-    for b in batches:
-        b = m.view(b.to(device))
-        s = _forward(m.raw, b, device)
-        onehot = (
-            torch.nn.functional.one_hot(b.col_group.clamp(min=0), len(GROUPS)).double()
-            * (b.col_group >= 0)[:, None]
-        )
-        win = ((s[:, :1] > s) & b.valid).double()
-        hits += (win @ onehot).sum(0).cpu()
-        tot += (b.valid.double() @ onehot).sum(0).cpu()
-        scores.append(s[b.valid].cpu().numpy())
-    present = tot > 0
-    metric = float((hits[present] / tot[present]).mean()) if present.any() else 0.0
-    return metric, np.concatenate(scores) if scores else np.zeros(0, np.float32)
-
-
-# ---- the loop -------------------------------------------------------------------------------------
-def _members(
-    cfg: Config, data: TrainData | StreamingTrainData, device: torch.device, world: int
-) -> list[_Member]:
-    torch.manual_seed(cfg.train.seed)
-    light, expressive = build_models(cfg.model.model_dump(mode="json"))
-    if cfg.model.behaviour_features:  # every row: train and validation see one lookup
-        for item_cat in data.item_cat_chunks():
-            for tower in (light, expressive):
-                tower.fit_behaviour_lookup(item_cat)
-    members = [_Member("light", light, cfg, None, device, world)]
-    if cfg.train.expressive_groups != "none":
-        keep = None
-        if cfg.train.expressive_groups == "hard":
-            keep = (data.col_group < 0) | torch.isin(data.col_group, torch.tensor(HARD_GROUP_IDS))
-        members.append(_Member("expressive", expressive, cfg, keep, device, world))
-        if cfg.train.expressive_groups == "served":
-            members[-1].scout = light
-    return members
-
-
-@dataclass
-class StepTiming:
-    tower: str
-    seconds: float
-    steps: int
-    cells: int  # candidate samples trained on (valid grid cells)
-    requests: int  # anchors: one user-tower pass each
-
-
-def time_training_steps(
-    cfg: Config,
-    data: TrainData | StreamingTrainData,
-    tower: str,
-    steps: int,
-    device: torch.device,
-    warmup: int = 3,
-) -> StepTiming:
-    """Wall time of ``steps`` real training steps (``_train_step``) of one tower, after ``warmup``
-    untimed ones: the unit ``bench/`` turns into samples/s and achieved FLOP/s."""
-    member = next(
-        m
-        for m in _members(cfg.updated({"train.expressive_groups": "all"}), data, device, 1)
-        if m.name == tower
-    )
-    member.raw.train()
-    batches = [b.to(device) for b in data.batches(0, "train")]
-    batches = (batches * (1 + (steps + warmup) // max(len(batches), 1)))[: steps + warmup]
-    for i, b in enumerate(batches[:warmup]):
-        _train_step(cfg, member, b, device, 1, i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    timed = batches[warmup:]
-    cells, requests = sum(int(b.valid.sum()) for b in timed), sum(b.size for b in timed)
-    t0 = time.perf_counter()
-    for i, b in enumerate(timed):
-        _train_step(cfg, member, b, device, 1, warmup + i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return StepTiming(tower, time.perf_counter() - t0, steps, cells, requests)
-
-
-def _save_ckpt(path: Path, payload: dict[str, Any]) -> None:
-    """Write the checkpoint by rename; a full disk leaves no partial file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise WriteFailed(path, err) from None
-
-
-# Keys that never change the weights of the epochs already trained: a checkpoint written under
-# other values of these is the same model state.
-_RESUME_NEUTRAL = ("epochs", "checkpoint_every", "num_threads", "device", "diagnostics_every")
-
-
-def config_hash(cfg: Config) -> str:
-    """Hash of the configuration that shapes the weights (the model and train sections)."""
-    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in _RESUME_NEUTRAL}
-    payload = {"model": cfg.model.model_dump(mode="json"), "train": train}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class CheckpointMismatch(HapError):
-    """``--resume`` found a checkpoint of another training set or configuration."""
-
-
-@dataclass
-class _Progress:
-    """What the loop carries from epoch to epoch, and what a checkpoint restores."""
-
-    epoch: int = 0  # the next epoch to run
-    step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    diag: list[dict[str, Any]] = field(default_factory=list)
-    resumed: int | None = None
-    cells: int = 0
-
-
 @dataclass(frozen=True)
 class _Where:
     device: torch.device
@@ -405,34 +99,13 @@ def _fmt(prefix: str, row: dict[str, Any], spec: str) -> str:
     )
 
 
-def binding(cfg: Config, meta: dict[str, Any] | None) -> dict[str, Any]:
-    """What a checkpoint belongs to: the training set's data version and the config hash."""
-    return {"data_version": (meta or {}).get("data_version"), "config_hash": config_hash(cfg)}
-
-
-def restore(ckpt: Path, members: list[_Member], bound: dict[str, Any], device: torch.device) -> _Progress:
-    """Load the checkpoint into ``members``; refuse one written for other data or config."""
-    state = torch.load(ckpt, map_location=device, weights_only=True)
-    for key, want in bound.items():
-        if state.get(key) != want:
-            raise CheckpointMismatch(
-                f"checkpoint {ckpt} was written for {key} {state.get(key)}, this run has {want}; "
-                "train without --resume to start over"
-            )
-    for m in members:
-        m.load(state["members"][m.name])
-    return _Progress(
-        state["epoch"] + 1, state["step"], state["history"], state["diagnostics"], state["epoch"]
-    )
-
-
 def train_step_all(
-    cfg: Config, active: list[_Member], gb: Batch, p: _Progress, w: _Where, light: _Member | None = None
+    cfg: Config, active: list[Member], gb: Batch, p: Progress, w: _Where, light: Member | None = None
 ) -> dict[str, float]:
     """One global batch for every still-training member; each member's loss (diagnostics: light)."""
     b = gb.shard(w.rank, w.world).to(w.device) if w.world > 1 and not w.rank_local else gb.to(w.device)
     members0 = light if light is not None else active[0]
-    losses = {m.name: _train_step(cfg, m, b, w.device, w.world, p.step) for m in active}
+    losses = {m.name: train_step(cfg, m, b, w.device, w.world, p.step) for m in active}
     p.cells += sum(int(m.view(b).valid.sum()) for m in active)
     p.step += 1
     if cfg.train.diagnostics_every > 0 and p.step % cfg.train.diagnostics_every == 0 and w.rank == 0:
@@ -441,7 +114,7 @@ def train_step_all(
 
 
 def train_epoch(
-    cfg: Config, data: TrainData | StreamingTrainData, members: list[_Member], p: _Progress, w: _Where
+    cfg: Config, data: TrainData | StreamingTrainData, members: list[Member], p: Progress, w: _Where
 ) -> dict[str, float]:
     """One pass over the epoch's batches; the mean loss of each member."""
     active = [m for m in members if not m.done]
@@ -463,7 +136,7 @@ def train_epoch(
     return {name: s / max(n, 1) for name, s in sums.items()}
 
 
-def eval_step(cfg: Config, m: _Member, val: list[Batch], epoch: int, device: torch.device) -> float:
+def eval_step(cfg: Config, m: Member, val: list[Batch], epoch: int, device: torch.device) -> float:
     """Validate one member and update its early-stopping state (best weights, patience)."""
     m.raw.eval()
     metric, _ = validate(m, val, device)
@@ -479,8 +152,8 @@ def eval_step(cfg: Config, m: _Member, val: list[Batch], epoch: int, device: tor
 def train_loop(
     cfg: Config,
     data: TrainData | StreamingTrainData,
-    members: list[_Member],
-    p: _Progress,
+    members: list[Member],
+    p: Progress,
     w: _Where,
     ckpt: Path | None,
     bound: dict[str, Any],
@@ -505,14 +178,14 @@ def train_loop(
         if ckpt is not None and w.rank == 0 and (p.epoch + 1) % cfg.train.checkpoint_every == 0:
             state = {"members": {m.name: m.state() for m in members}, **bound}
             state.update(epoch=p.epoch, step=p.step, history=p.history, diagnostics=p.diag)
-            _save_ckpt(ckpt, state)
+            save_ckpt(ckpt, state)
         p.epoch += 1
 
 
 def write_bundle(
     cfg: Config,
     bundle_dir: Path,
-    members: list[_Member],
+    members: list[Member],
     data: TrainData | StreamingTrainData,
     meta: dict[str, Any],
     extra: dict[str, Any],
@@ -545,6 +218,7 @@ def write_bundle(
     try:
         with atomic_dir(Path(bundle_dir)) as tmp:
             save_bundle(tmp, bundle_meta, members[0].raw, members[1].raw if len(members) > 1 else None)
+            data.spec.cross.save(tmp)  # the profile serving reads (hap.model.cross)
             atomic_write_json(tmp / layout.HISTORY_FILE, extra["history"])
             atomic_write_json(
                 tmp / layout.DIAGNOSTICS_FILE, {"summary": extra["diag_summary"], "steps": extra["diag"]}
@@ -570,14 +244,14 @@ def fit(
     """Train on already-loaded ``data`` and write the bundle to ``bundle_dir`` (rank 0, atomically).
 
     The checkpoint is removed once the bundle is written: it only serves an interrupted run."""
-    rank, world, local_rank = _dist_setup(cfg)
+    rank, world, local_rank = dist_setup(cfg)
     w = _Where(pick_device(cfg, local_rank), rank, world, str((meta or {}).get("date", "")), data.rank_local)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     # CPU kernels are deterministic for a fixed thread count; torch.use_deterministic_algorithms
     # would only add 3-4x slower index_put paths here, so it is not set.
     say = (lambda *a: print(*a, flush=True)) if (log and rank == 0) else (lambda *a: None)
-    members = _members(cfg, data, w.device, world)
+    members = build_members(cfg, data, w.device, world)
     bound = binding(cfg, meta)
     ckpt = ckpt_dir / CKPT_FILE if ckpt_dir is not None else None
     p = _start(ckpt, resume, members, bound, w, say)
@@ -621,8 +295,8 @@ def fit(
 
 
 def _start(
-    ckpt: Path | None, resume: bool, members: list[_Member], bound: dict[str, Any], w: _Where, say: Any
-) -> _Progress:
+    ckpt: Path | None, resume: bool, members: list[Member], bound: dict[str, Any], w: _Where, say: Any
+) -> Progress:
     """Resume from the checkpoint when asked; otherwise a stale checkpoint is removed (rank 0)."""
     if ckpt is not None and resume and ckpt.exists():
         p = restore(ckpt, members, bound, w.device)
@@ -630,10 +304,10 @@ def _start(
         return p
     if ckpt is not None and ckpt.exists() and w.rank == 0:
         ckpt.unlink()
-    return _Progress()
+    return Progress()
 
 
-def _keep_best(members: list[_Member]) -> None:
+def _keep_best(members: list[Member]) -> None:
     """Early stopping's choice: each tower goes back to its best validation epoch, in eval mode."""
     for m in members:
         if m.best_state is not None:

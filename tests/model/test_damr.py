@@ -36,7 +36,7 @@ def test_merges_order_routed_and_unrouted_candidates():
 
 
 class _ScoreIsFirstDenseFeature(torch.nn.Module):
-    def forward(self, req_cat, req_dense, seq, item_cat, item_dense):  # noqa: ANN001
+    def forward(self, req_cat, req_dense, seq, item_cat, item_dense, cross=None):  # noqa: ANN001
         return item_dense[..., 0]
 
 

@@ -337,7 +337,12 @@ def test_request_side_encoded_once_scores_like_the_batch_path(tiny_split: Config
     enc = bundle.encode(one)  # the batch path encodes the request side on every row
     with torch.no_grad():
         batch_light = bundle.light(
-            enc["req_cat"], enc["req_dense"], enc["seq"], enc["item_cat"][:, None], enc["item_dense"][:, None]
+            enc["req_cat"],
+            enc["req_dense"],
+            enc["seq"],
+            enc["item_cat"][:, None],
+            enc["item_dense"][:, None],
+            enc["cross"][:, None],
         )[:, 0].numpy()
     assert np.allclose(batch_light, here.light, atol=1e-5)
 

@@ -1,0 +1,201 @@
+"""User x item cross features, computed at scoring time from the request and the candidate (COLD,
+InteractRank): one vector per (request, candidate) that the light and expressive heads read.
+
+A two-tower head sees the user and the item only through ``[u + v, u * v]`` of two learned
+vectors; with hashed ids and a few thousand clicks a window, it never learned that a candidate
+sharing the category of the user's recent clicks is a likely click (bench/results/model_quality.md).
+These features state that match directly:
+
+- ``seq_match``: ``log1p`` of how many of the request's recent clicks share the candidate's
+  category (a click's category from the window's item table: the click sequence holds ids only);
+- ``user_logged``: ``log1p(100 x)`` of the user's share ``x`` of logged candidates (what the
+  cascade chose for them: exposures, ``rank_neg``, ``prerank_neg``) in the candidate's category,
+  over the profile's days;
+- ``user_clicked``: the same of the user's share of clicks in the candidate's category;
+- ``segment_ctr``: ``log`` of the user segment x category click rate over the base rate, smoothed.
+
+The profile is ``hap.data.profile``'s point-in-time table: a training row of day ``a`` reads the
+profile ``as_of`` ``a`` (earlier days only); evaluation and serving read ``serve_as_of`` (the eval
+day), which the bundle carries in its ``profile/`` folder. Everything here is numpy over the rows:
+training, evaluation and serving call the same ``CrossFeatures.encode``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from hap.core import schema
+from hap.core.errors import HapError
+from hap.data import profile as prof
+
+CROSS_FEATURES: tuple[str, ...] = ("seq_match", "user_logged", "user_clicked", "segment_ctr")
+SMOOTHING = 20.0  # pseudo-exposures at the base rate in segment_ctr
+SHARE_SCALE = 100.0  # a profile share s enters as log1p(100 s): 0..4.6, the scale of the other inputs
+_SHIFT = 24  # pair key = a << _SHIFT | b (hashed ids lie below contract.hash_buckets <= 2^24)
+
+
+def profile_folder(training_set: Path) -> Path:
+    """The profile the split wrote next to the training set ``training/dt=D/train``."""
+    return Path(training_set).parent / "profile"
+
+
+def pair_key(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (np.asarray(a, np.int64) << _SHIFT) | np.asarray(b, np.int64)
+
+
+@dataclass
+class _Lookup:
+    """Sorted int64 keys -> float values; absent keys read ``default``."""
+
+    keys: np.ndarray
+    values: np.ndarray
+
+    def get(self, keys: np.ndarray, default: float = 0.0) -> np.ndarray:
+        if len(self.keys) == 0:
+            return np.full(len(keys), default, np.float64)
+        pos = np.searchsorted(self.keys, keys).clip(max=len(self.keys) - 1)
+        return np.where(self.keys[pos] == keys, self.values[pos], default)
+
+    @classmethod
+    def of(cls, keys: np.ndarray, values: np.ndarray) -> _Lookup:
+        order = np.argsort(keys, kind="stable")
+        return cls(np.asarray(keys)[order], np.asarray(values, np.float64)[order])
+
+
+@dataclass
+class _AsOf:
+    """One day's profile as lookups."""
+
+    user_logged: _Lookup  # (u_id, category) -> share of the user's logged candidates
+    user_clicked: _Lookup  # (u_id, category) -> share of the user's clicks
+    segment_ctr: _Lookup  # (u_city, category) -> log smoothed CTR / base rate
+
+
+@dataclass
+class CrossFeatures:
+    """The configured cross features of rows, from the item table and the per-day profiles."""
+
+    names: tuple[str, ...]
+    items: _Lookup = field(default_factory=lambda: _Lookup(np.zeros(0, np.int64), np.zeros(0)))
+    days: dict[str, _AsOf] = field(default_factory=dict)
+    serve_as_of: str | None = None
+    folder: Path | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.names if n not in CROSS_FEATURES]
+        if unknown:
+            raise HapError(f"model.cross_features: unknown {unknown}; known: {list(CROSS_FEATURES)}")
+
+    @property
+    def width(self) -> int:
+        return len(self.names)
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, names: list[str] | tuple[str, ...], folder: Path | None) -> CrossFeatures:
+        """From a ``hap.data.profile`` folder (the split's, or a bundle's copy)."""
+        names = tuple(names)
+        if not names:
+            return cls(names)
+        if folder is None or not (Path(folder) / prof.META_FILE).exists():
+            raise HapError(
+                f"model.cross_features {list(names)} need the split's user-history profile, not found at "
+                f"{folder}; run `hap split` again"
+            )
+        folder = Path(folder)
+        meta = prof.read_meta(folder)
+        items = pq.read_table(folder / prof.ITEMS_FILE)
+        out = cls(
+            names,
+            _Lookup.of(items["i_id"].to_numpy(), items["i_category"].to_numpy()),
+            serve_as_of=meta["serve_as_of"],
+            folder=folder,
+        )
+        users, segments = pq.read_table(folder / prof.USERS_FILE), pq.read_table(folder / prof.SEGMENTS_FILE)
+        for day in sorted(set(users["as_of"].to_pylist()) | set(segments["as_of"].to_pylist())):
+            out.days[day] = _day(users, segments, day)
+        return out
+
+    @classmethod
+    def from_table(cls, names: list[str] | tuple[str, ...], table: pa.Table) -> CrossFeatures:
+        """Without a profile (tests, benchmarks on an in-memory table): the item table from the
+        table's own rows; the profile features read 0."""
+        ids, cats = table["i_id"].to_numpy(), table["i_category"].to_numpy()
+        uniq, first = np.unique(ids, return_index=True)
+        return cls(tuple(names), _Lookup.of(uniq, cats[first]))
+
+    def save(self, folder: Path) -> None:
+        """Copy the profile into a bundle folder (``profile/``), so serving reads what training read."""
+        if self.folder is not None and self.names:
+            shutil.copytree(self.folder, Path(folder) / "profile")
+
+    # ---- encoding ---------------------------------------------------------------------------------
+    def encode(self, table: pa.Table, seq_len: int) -> np.ndarray:
+        """``[rows, width]`` float32 for rows that carry the request and the candidate columns."""
+        n = table.num_rows
+        out = np.zeros((n, self.width), np.float32)
+        if not self.names or n == 0:
+            return out
+        cat = table["i_category"].to_numpy(zero_copy_only=False).astype(np.int64)
+        for j, name in enumerate(self.names):
+            if name == "seq_match":
+                out[:, j] = np.log1p(self._seq_match(table, cat, seq_len))
+        profile_cols = [j for j, name in enumerate(self.names) if name != "seq_match"]
+        if not profile_cols or not self.days:
+            return out
+        for day, rows in self._rows_by_day(table).items():
+            p = self.days.get(day)
+            if p is None:
+                continue
+            user = table["u_id"].to_numpy()[rows].astype(np.int64)
+            seg = table["u_city"].to_numpy()[rows].astype(np.int64)
+            for j in profile_cols:
+                name = self.names[j]
+                key = pair_key(seg if name == "segment_ctr" else user, cat[rows])
+                value = getattr(p, name).get(key)
+                out[rows, j] = value if name == "segment_ctr" else np.log1p(SHARE_SCALE * value)
+        return out
+
+    def _seq_match(self, table: pa.Table, cat: np.ndarray, seq_len: int) -> np.ndarray:
+        from hap.model.batches import _sequence_matrix  # local: batches imports this module
+
+        seq = _sequence_matrix(table[schema.USER_SEQUENCE], seq_len)
+        seq_cat = self.items.get(seq.reshape(-1), default=-1).reshape(seq.shape)
+        seq_cat = np.where(seq == 0, -1, seq_cat)
+        return (seq_cat == cat[:, None]).sum(1).astype(np.float64)
+
+    def _rows_by_day(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """Rows per profile day: the row's ``dt`` where the profile has that day, else ``serve_as_of``."""
+        serve = self.serve_as_of or ""
+        if "dt" not in table.column_names:
+            return {serve: np.arange(table.num_rows)}
+        days = np.asarray(table["dt"].to_numpy(zero_copy_only=False)).astype(str)
+        days = np.where(np.isin(days, list(self.days)), days, serve)
+        return {d: np.flatnonzero(days == d) for d in np.unique(days)}
+
+
+def _day(users: pa.Table, segments: pa.Table, day: str) -> _AsOf:
+    u = users.filter(pc.equal(users["as_of"], day))
+    uid, ucat = u["u_id"].to_numpy(), u["i_category"].to_numpy()
+    logged, clicked = u["logged"].to_numpy().astype(np.float64), u["clicked"].to_numpy().astype(np.float64)
+    inv = np.unique(uid, return_inverse=True)[1]
+    tot_logged, tot_clicked = np.bincount(inv, logged), np.bincount(inv, clicked)
+    key = pair_key(uid, ucat)
+    s = segments.filter(pc.equal(segments["as_of"], day))
+    exposed, sclicked = s["exposed"].to_numpy().astype(np.float64), s["clicked"].to_numpy().astype(np.float64)
+    base = max(sclicked.sum() / max(exposed.sum(), 1.0), 1e-6)
+    ctr = (sclicked + SMOOTHING * base) / (exposed + SMOOTHING)
+    return _AsOf(
+        user_logged=_Lookup.of(key, logged / np.maximum(tot_logged[inv], 1.0)),
+        user_clicked=_Lookup.of(key, clicked / np.maximum(tot_clicked[inv], 1.0)),
+        segment_ctr=_Lookup.of(
+            pair_key(s["u_city"].to_numpy(), s["i_category"].to_numpy()), np.log(ctr / base)
+        ),
+    )

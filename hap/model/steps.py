@@ -1,0 +1,189 @@
+"""One training step, its gradient-conflict diagnostics, the validation metric, and the timing of
+real steps the benchmarks use."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from hap.core.config import Config
+from hap.model.batches import GROUPS, Batch, TrainData
+from hap.model.losses import (
+    difficulty_masks,
+    group_losses,
+    mixed_bce,
+    mixed_infonce,
+    pcgrad_combine,
+    stage_loss,
+)
+from hap.model.member import Member, build_members, forward
+from hap.model.stream import StreamingTrainData
+
+
+def variant_loss(
+    cfg: Config,
+    logits: torch.Tensor,
+    b: Batch,
+    valid: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The configured loss as one scalar (GHCL with fixed group weights; uniform if none given)."""
+    valid = b.valid if valid is None else valid
+    if cfg.train.loss == "mixed_bce":
+        return mixed_bce(logits, valid)
+    if cfg.train.loss == "mixed_infonce":
+        return mixed_infonce(logits, valid, cfg.train.temperature)
+    losses, present = group_losses(logits, valid, b.col_group, cfg.train.temperature, cfg.train.bce_weight)
+    w = present.float() if weights is None else weights * present
+    return (w * losses).sum() / w.sum().clamp(min=1e-12)
+
+
+def stage_term(cfg: Config, logits: torch.Tensor, b: Batch) -> torch.Tensor | None:
+    """``train.stage_weight`` x the stage-label loss (``losses.stage_loss``), or None when off."""
+    if cfg.train.stage_weight <= 0 or not cfg.train.stage_levels:
+        return None
+    return cfg.train.stage_weight * stage_loss(logits, b.valid, b.col_group, cfg.train.stage_levels)
+
+
+def train_step(cfg: Config, m: Member, b: Batch, device: torch.device, world: int, step: int) -> float:
+    b = m.view(b)
+    m.opt.zero_grad(set_to_none=True)
+    logits = forward(m.net, b, device)
+    aux = stage_term(cfg, logits, b)
+    if cfg.train.loss != "ghcl":
+        loss = variant_loss(cfg, logits, b)
+        loss = loss if aux is None else loss + aux
+        loss.backward()
+    else:
+        losses, present = group_losses(
+            logits, b.valid, b.col_group, cfg.train.temperature, cfg.train.bce_weight
+        )
+        if cfg.train.harmonization == "pcgrad":
+            loss = (losses * present).sum() / present.sum().clamp(min=1)
+            loss = loss if aux is None else loss + aux
+            loss.backward(retain_graph=True)  # embeddings (and DDP's all-reduce) from the mean loss
+            shared = m.raw.shared_parameters()
+            idx = [i for i in range(len(losses)) if bool(present[i])]
+            grads = [list(torch.autograd.grad(losses[i], shared, retain_graph=True)) for i in idx]
+            merged = pcgrad_combine(grads, torch.Generator().manual_seed(cfg.train.seed + step))
+            if aux is not None:  # the stage loss is not a GHCL group: added after the projection
+                extra = torch.autograd.grad(aux, shared, allow_unused=True)
+                merged = [g if e is None else g + e for g, e in zip(merged, extra)]
+            for p, g in zip(shared, merged):
+                if world > 1:
+                    tdist.all_reduce(g)
+                    g /= world
+                p.grad = g.to(p.dtype)
+            m.last_weights = present.float() / present.sum()
+        else:
+            w = m.harm.weights(losses, present, logits)
+            m.last_weights = w
+            loss = (w * losses).sum()
+            loss = loss if aux is None else loss + aux
+            loss.backward()
+    m.opt.step()
+    return float(loss.detach())
+
+
+def _flat_grad(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
+    )
+
+
+def diagnostics(cfg: Config, m: Member, b: Batch, device: torch.device) -> dict[str, float]:
+    """Gradient conflict on the shared dense parameters of ``m`` for this batch: the cosine between
+    the loss restricted to (positives + easy negatives) and to (positives + hard negatives), and the
+    gradient norm of each group's share of the loss. Same definition for every loss variant."""
+    b = m.view(b)
+    logits = forward(m.raw, b, device)
+    params = m.raw.shared_parameters()
+    masks = difficulty_masks(b.col_group)
+    out: dict[str, float] = {}
+    w = m.last_weights
+    parts = {}
+    for name in ("easy", "hard"):
+        valid = b.valid & masks[name][None]
+        if bool(valid[:, 1:].any()):
+            parts[name] = _flat_grad(variant_loss(cfg, logits, b, valid, w), params)
+    if len(parts) == 2:
+        out["cos_easy_hard"] = float(
+            torch.nn.functional.cosine_similarity(parts["easy"], parts["hard"], dim=0)
+        )
+    for gi, g in enumerate(GROUPS):
+        valid = b.valid & ((b.col_group == gi) | (b.col_group < 0))[None]
+        if bool(valid[:, 1:].any()):
+            out[f"grad_norm/{g}"] = float(_flat_grad(variant_loss(cfg, logits, b, valid, w), params).norm())
+    if w is not None and cfg.train.loss == "ghcl":
+        for gi, g in enumerate(GROUPS):
+            out[f"weight/{g}"] = float(w[gi])
+    return out
+
+
+@torch.no_grad()
+def validate(m: Member, batches: list[Batch], device: torch.device) -> tuple[float, np.ndarray]:
+    """Mean over groups of P(s_pos > s_neg) on validation anchors; also every valid light score."""
+    hits = torch.zeros(len(GROUPS), dtype=torch.float64)
+    tot = torch.zeros(len(GROUPS), dtype=torch.float64)
+    scores = []
+    for b in batches:
+        b = m.view(b.to(device))
+        s = forward(m.raw, b, device)
+        onehot = (
+            torch.nn.functional.one_hot(b.col_group.clamp(min=0), len(GROUPS)).double()
+            * (b.col_group >= 0)[:, None]
+        )
+        win = ((s[:, :1] > s) & b.valid).double()
+        hits += (win @ onehot).sum(0).cpu()
+        tot += (b.valid.double() @ onehot).sum(0).cpu()
+        scores.append(s[b.valid].cpu().numpy())
+    present = tot > 0
+    metric = float((hits[present] / tot[present]).mean()) if present.any() else 0.0
+    return metric, np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
+@dataclass
+class StepTiming:
+    tower: str
+    seconds: float
+    steps: int
+    cells: int  # candidate samples trained on (valid grid cells)
+    requests: int  # anchors: one user-tower pass each
+
+
+def time_training_steps(
+    cfg: Config,
+    data: TrainData | StreamingTrainData,
+    tower: str,
+    steps: int,
+    device: torch.device,
+    warmup: int = 3,
+) -> StepTiming:
+    """Wall time of ``steps`` real training steps (``train_step``) of one tower, after ``warmup``
+    untimed ones: the unit ``bench/`` turns into samples/s and achieved FLOP/s."""
+    member = next(
+        m
+        for m in build_members(cfg.updated({"train.expressive_groups": "all"}), data, device, 1)
+        if m.name == tower
+    )
+    member.raw.train()
+    batches = [b.to(device) for b in data.batches(0, "train")]
+    batches = (batches * (1 + (steps + warmup) // max(len(batches), 1)))[: steps + warmup]
+    for i, b in enumerate(batches[:warmup]):
+        train_step(cfg, member, b, device, 1, i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timed = batches[warmup:]
+    cells, requests = sum(int(b.valid.sum()) for b in timed), sum(b.size for b in timed)
+    t0 = time.perf_counter()
+    for i, b in enumerate(timed):
+        train_step(cfg, member, b, device, 1, warmup + i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return StepTiming(tower, time.perf_counter() - t0, steps, cells, requests)
