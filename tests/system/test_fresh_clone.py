@@ -36,7 +36,8 @@ def _env(tmp: Path) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("HAP", "PREFECT_", "MLFLOW_", "VIRTUAL_ENV", "PYTHONPATH"))
+        # MAKE*: under `make test` the outer make's level would make the inner one say "Entering directory"
+        if not k.startswith(("HAP", "PREFECT_", "MLFLOW_", "VIRTUAL_ENV", "PYTHONPATH", "MAKE", "MFLAGS"))
     }
     env.update(
         PATH=path,
