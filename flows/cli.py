@@ -54,7 +54,9 @@ def _global(
     bound_prefect(run_config(opts.overrides, None, opts.params))
 
 
-def _raise_on_failure(state: Any, term: TextIO, days: list[dt.date], since: float, log: Path) -> Any:
+def _raise_on_failure(
+    state: Any, cfg: Config, term: TextIO, days: list[dt.date], since: float, log: Path
+) -> Any:
     """The flow's result; or, after a paragraph for each failed day on ``term``, its ``HapError``
     re-raised (so the exit code is the step's own) and marked as already reported."""
     from flows.progress import failed_days, failure_paragraph
@@ -65,7 +67,7 @@ def _raise_on_failure(state: Any, term: TextIO, days: list[dt.date], since: floa
     error = (
         result if isinstance(result, HapError) else HapError(state.message or f"flow run ended {state.name}")
     )
-    paragraphs = [failure_paragraph(summary, log) for summary in failed_days(_cfg(), days, since)]
+    paragraphs = [failure_paragraph(summary, log) for summary in failed_days(cfg, days, since)]
     if paragraphs:
         print("\n" + "\n\n".join(paragraphs), file=term)
         error.reported = True  # type: ignore[attr-defined]
@@ -96,7 +98,7 @@ def run(date: RunDateOpt = None, force_train: ForceTrainOpt = False) -> None:
             params_file=opts.params,
             return_state=True,
         )
-        summary = _raise_on_failure(state, term, [resolve_date(cfg, date)], since, log)
+        summary = _raise_on_failure(state, cfg, term, [resolve_date(cfg, date)], since, log)
         print(
             f"{summary['date']}: retrain={summary.get('retrain')} ({summary.get('retrain_reason')}); "
             f"model version {summary.get('model_version') or '-'}; gate {gate_verdict(summary.get('gate'))}",
@@ -127,7 +129,7 @@ def backfill(
             params_file=opts.params,
             return_state=True,
         )
-        for row in _raise_on_failure(state, term, days, since, log):
+        for row in _raise_on_failure(state, cfg, term, days, since, log):
             print(f"{row['date']}: {row['state']}", file=term)
 
 

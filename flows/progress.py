@@ -63,9 +63,9 @@ def describe(step: str, result: Any) -> str:
     if step == "register":
         return f"model version {result}"
     if step == "gate":
-        verdict = "promoted to champion" if r.get("promoted", r.get("blessed")) else "champion kept"
-        reasons = "; ".join(str(x) for x in r.get("reasons") or [])
-        return f"{r.get('verdict', '')}, {verdict}" + (f" ({reasons})" if reasons else "")
+        from flows.report import gate_verdict
+
+        return gate_verdict(r)
     if step == "monitor":
         figures = r.get("figures") or {}
         keys = ("hard_neg", "near_margin", "routed", "drift_share")
