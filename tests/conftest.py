@@ -106,6 +106,27 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server on 127.0.0.1 for the session, with ``AWS_*`` pointing at it.
+
+    The variables are set for the whole test process (and its subprocesses), as a deployment
+    would set them; each test creates its own buckets (``s3.create_bucket``)."""
+    from tests.s3_server import s3_server
+
+    with s3_server() as server:
+        saved = {key: os.environ.get(key) for key in server.env}
+        os.environ.update(server.env)
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
 def tiny_lake(tmp_path_factory: pytest.TempPathFactory) -> Config:
     """Four simulated days, ingested into the lake once per session. Treat it as read-only."""
     from hap.data.ingest import ingest_day
