@@ -51,16 +51,18 @@ class PathsConfig(_Section):
 
     @field_validator("lake")
     @classmethod
-    def _lake_is_a_filesystem_path(cls, value: str) -> str:
-        """The lake is read and written with atomic renames, which object stores do not have:
-        it takes a path (relative to the data root, absolute, or ``file://``), e.g. a shared volume."""
+    def _lake_is_a_path_or_s3(cls, value: str) -> str:
+        """The lake is Delta tables (``hap.data.lake``): a path (relative to the data root, absolute,
+        or ``file://``) or an ``s3://`` URL (S3, MinIO, any S3-compatible store via AWS_ENDPOINT_URL)."""
         if value.startswith("file://"):
             return value[len("file://") :]
-        if "://" in value:
+        if "://" in value and not value.startswith("s3://"):
             raise ValueError(
-                f"paths.lake / HAP_LAKE_URL must be a filesystem path or file:// URL, not "
-                f"{value!r}: put the lake on a shared volume (infra/README.md)"
+                f"paths.lake / HAP_LAKE_URL must be a filesystem path, a file:// URL or an s3:// URL, "
+                f"not {value.split('://')[0]}:// (infra/README.md)"
             )
+        if value.startswith("s3://") and not value[len("s3://") :].strip("/"):
+            raise ValueError("paths.lake / HAP_LAKE_URL: an s3:// URL needs a bucket, e.g. s3://hap-lake/lake")
         return value
 
 
@@ -326,6 +328,14 @@ class EngineConfig(_Section):
     connect_timeout_seconds: float = Field(default=30, gt=0)
 
 
+class LakeConfig(_Section):
+    """How the lake talks to its storage (``hap.data.lake``): bounded, so a dead store fails fast."""
+
+    timeout_seconds: int = Field(default=10, ge=1)  # connect and per-request timeout on object storage
+    max_retries: int = Field(default=1, ge=0)  # retries of one request before the step fails
+    commit_retries: int = Field(default=3, ge=0)  # re-commits of a day after losing to a concurrent writer
+
+
 class Config(_Section):
     paths: PathsConfig
     pipeline: PipelineConfig
@@ -341,6 +351,7 @@ class Config(_Section):
     monitor: MonitorConfig
     orchestration: OrchestrationConfig
     engine: EngineConfig = EngineConfig()
+    lake: LakeConfig = LakeConfig()
 
     @model_validator(mode="after")
     def _cascade_shape(self) -> Config:

@@ -62,12 +62,11 @@ def raw_log(cfg: Config, date: dt.date | str, name: str) -> Path:
     return landing_day(cfg, date) / f"{name}.parquet"
 
 
-def lake_table(cfg: Config, table: str) -> Path:
-    return cfg.path("lake") / table
-
-
-def lake_partition(cfg: Config, table: str, date: dt.date | str) -> Path:
-    return lake_table(cfg, table) / partition(date)
+def lake_url(cfg: Config) -> str:
+    """The lake's root: an object-store URL as given (``s3://bucket/lake``), else a folder under the
+    data root. Each lake table is a Delta table below it (``hap.data.lake``)."""
+    lake = cfg.paths.lake
+    return lake if "://" in lake else str(cfg.path("lake"))
 
 
 def quarantine_day(cfg: Config, date: dt.date | str) -> Path:

@@ -3,11 +3,13 @@
 The exposure log carries the request side (user, context, recent clicks) and the feedback; the
 ranking log carries every logged candidate with the item side and its stage positions. Ingest
 attaches the request side and the click to each candidate, splits exposures into
-``expose_pos``/``expose_neg``, and writes ``lake/samples/dt=D`` and ``lake/fullflow/dt=D``.
+``expose_pos``/``expose_neg``, and publishes day D of the lake tables ``samples`` and ``fullflow``.
 
 The ranking log is streamed batch by batch, so memory grows with the exposure log only (about a
-third of the rows, and only the request-side columns are kept). Each partition is written to a
-temporary folder and renamed into place: re-running a day replaces it, never duplicates it.
+third of the rows, and only the request-side columns are kept). Each bucket's file is written into
+the lake by the process that joined it; the day is then committed in one transaction per table
+(``hap.data.lake``): re-running a day replaces it, never duplicates it, and a writer killed before
+its commit leaves the previous day readable.
 """
 
 from __future__ import annotations
@@ -24,12 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hap.core import layout, schema
-from hap.core.atomic import atomic_dir
 from hap.core.config import Config
 from hap.core.engine import Mapper, local_map
 from hap.core.errors import DataContractError
-from hap.core.parquet import RowGroupWriter
-from hap.data import markers
+from hap.data import lake, markers
 from hap.data.buckets import DayBuckets, cut_day, drop_cut, read_staged
 from hap.data.quarantine import quarantine_day
 
@@ -51,7 +51,7 @@ class IngestReport:
     samples: int = 0
     fullflow_rows: int = 0
     by_source: dict[str, int] = field(default_factory=dict)
-    paths: list[Path] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         sources = ", ".join(f"{k}={v}" for k, v in sorted(self.by_source.items()))
@@ -256,15 +256,14 @@ class BucketIngest:
     samples: int = 0
     fullflow_rows: int = 0
     by_source: dict[str, int] = field(default_factory=dict)
+    files: dict[str, lake.PartFile] = field(default_factory=dict)  # lake table -> its uncommitted file
 
 
-def ingest_bucket(
-    cut: DayBuckets, out_dirs: dict[str, str], row_group_rows: int, bucket: int
-) -> BucketIngest:
+def ingest_bucket(cfg: Config, cut: DayBuckets, bucket: int) -> BucketIngest:
     """Join one bucket: its request side (from the exposure log) onto its ranking and full-flow rows,
-    written as ``part-{bucket}.parquet`` of each lake table in row groups of ``row_group_rows``.
-    Every row of a request is in its bucket, so the join is exact; the raw rows are read one
-    staging file at a time."""
+    written as the bucket's file of each lake table (``lake.PartWriter``, in row groups of
+    ``split.batch_rows``), not yet committed. Every row of a request is in its bucket, so the join
+    is exact; the raw rows are read one staging file at a time."""
     exposure = _conformed(
         cut.read("exposure", bucket), schema.EXPOSURE_LOG, EXPOSURE_COLUMNS, cut.raw["exposure"]
     )
@@ -276,32 +275,30 @@ def ingest_bucket(
         files = cut.bucket_files(raw, bucket)
         if not files:
             continue
-        target = Path(out_dirs[table]) / lake_part_file(bucket)
-        with RowGroupWriter(target, out_schema, row_group_rows) as writer:
-            for path in files:
-                part = _conformed(read_staged(path), contract, contract.names, cut.raw[raw])
-                joined = join(side, part, Path(cut.raw[raw]))
-                writer.write(joined)
-                if "source" in joined.column_names:
-                    counts = pc.value_counts(joined["source"]).to_pylist()
-                    by_source.update({c["values"]: c["counts"] for c in counts})
+        writer = lake.PartWriter(cfg, table, cut.date, bucket, out_schema)
+        for path in files:
+            part = _conformed(read_staged(path), contract, contract.names, cut.raw[raw])
+            joined = join(side, part, Path(cut.raw[raw]))
+            writer.write(joined)
+            if "source" in joined.column_names:
+                counts = pc.value_counts(joined["source"]).to_pylist()
+                by_source.update({c["values"]: c["counts"] for c in counts})
+        written = writer.close()
+        if written is None:
+            continue
+        out.files[table] = written
         if table == "samples":
-            out.samples = writer.rows
+            out.samples = written.rows
         else:
-            out.fullflow_rows = writer.rows
+            out.fullflow_rows = written.rows
     out.by_source = dict(by_source)
     return out
-
-
-def lake_part_file(bucket: int) -> str:
-    """A lake partition's file of one bucket: each holds whole requests, none spans two files."""
-    return f"part-{bucket:05d}.parquet"
 
 
 def ingest_day(
     cfg: Config, date: dt.date, require_validated: bool = True, mapper: Mapper = local_map
 ) -> IngestReport:
-    """Validated landing logs of ``date`` → ``lake/samples/dt=D`` and ``lake/fullflow/dt=D``.
+    """Validated landing logs of ``date`` → day D of the lake tables ``samples`` and ``fullflow``.
 
     Ingest publishes only a day whose landing files passed validation unchanged (the validated lake
     never holds anything else); ``require_validated=False`` is for fixtures and benchmarks that build
@@ -331,16 +328,19 @@ def _ingest(cfg: Config, date: dt.date, mapper: Mapper) -> IngestReport:
     if problems:
         raise DataContractError("; ".join(problems))
     report = IngestReport(date=date)
-    targets = {table: layout.lake_partition(cfg, table, date) for table in LAKE_TARGETS}
     by_source: Counter = Counter()
-    with atomic_dir(targets["samples"]) as samples_tmp, atomic_dir(targets["fullflow"]) as fullflow_tmp:
-        out_dirs = {"samples": str(samples_tmp), "fullflow": str(fullflow_tmp)}
-        for part in mapper(functools.partial(ingest_bucket, cut, out_dirs, cfg.split.batch_rows), cut.ids):
-            report.requests += part.requests
-            report.samples += part.samples
-            report.fullflow_rows += part.fullflow_rows
-            by_source.update(part.by_source)
+    written: dict[str, list[lake.PartFile]] = {table: [] for table in LAKE_TARGETS}
+    for part in mapper(functools.partial(ingest_bucket, cfg, cut), cut.ids):
+        report.requests += part.requests
+        report.samples += part.samples
+        report.fullflow_rows += part.fullflow_rows
+        by_source.update(part.by_source)
+        for table, file in part.files.items():
+            written[table].append(file)
+    # one commit per table; fullflow first, so a day whose samples are visible has its full flow
+    for table in ("fullflow", "samples"):
+        lake.commit_day(cfg, table, date, LAKE_TARGETS[table][2], written[table])
+        report.paths.append(f"{lake.redact(lake.table_url(cfg, table))}/{layout.partition(date)}")
     report.by_source = dict(by_source)
-    report.paths = list(targets.values())
     drop_cut(cfg, date)  # the lake now holds the day; the buckets were a scratch copy
     return report

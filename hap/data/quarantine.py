@@ -3,8 +3,9 @@
 ``quarantine_day`` moves the day's landing folder into ``quarantine/dt=D/landing`` and writes
 ``result.json`` with a machine-readable reason (step, check, file, examples). Every rejection
 calls it: validation, ingest, training (non-finite data) and the flows for any ``DayRejected``.
-Lake partitions are derived data: a day rejected after ingest published it has them removed
-(unpublished), never moved, so the quarantine holds only what landed. ``markers.require_validated``
+Lake days are derived data: a day rejected after ingest published it is removed from the lake
+tables in one commit each (``hap.data.lake.unpublish_day``), never moved, so the quarantine holds
+only what landed. ``markers.require_validated``
 then refuses the day. ``release_quarantine`` is for the operator who has fixed the data: either
 fixed in place under ``quarantine/dt=D/landing/`` (it is moved back), or re-landed under
 ``landing/dt=D/`` (the fresh files win and the quarantined copy is archived). The day then goes
@@ -24,7 +25,7 @@ from hap.core import layout
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import HapError
-from hap.data import markers
+from hap.data import lake, markers
 
 RESULT_FILE = layout.QUARANTINE_RESULT_FILE
 RELEASED_DIR = ".released"
@@ -42,7 +43,7 @@ def _move(src: Path, dst: Path) -> bool:
 
 def quarantine_day(cfg: Config, date: dt.date | str, reason: dict[str, Any]) -> Path:
     """Move the day's landing files to ``quarantine/dt=D`` with ``reason``; unpublish its lake
-    partitions. Idempotent: a second rejection of the same day keeps the first one's files."""
+    days. Idempotent: a second rejection of the same day keeps the first one's files."""
     date = layout.day(date)
     qdir = layout.quarantine_day(cfg, date)
     qdir.mkdir(parents=True, exist_ok=True)
@@ -50,12 +51,7 @@ def quarantine_day(cfg: Config, date: dt.date | str, reason: dict[str, Any]) -> 
     moved: dict[str, str] = {}
     if _move(layout.landing_day(cfg, date), qdir / "landing"):
         moved["landing"] = str(qdir / "landing")
-    unpublished = []
-    for table in layout.LAKE_TABLES:
-        part = layout.lake_partition(cfg, table, date)
-        if part.exists():
-            shutil.rmtree(part)
-            unpublished.append(str(part))
+    unpublished = lake.unpublish_day(cfg, date)
     shutil.rmtree(layout.staging_day(cfg, date), ignore_errors=True)  # its buckets: scratch copies
     atomic_write_json(
         qdir / RESULT_FILE,
