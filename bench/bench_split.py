@@ -94,13 +94,14 @@ def run_duckdb(home: str, requests: int, days: int, write: bool = True) -> int:
     import duckdb
 
     from hap.core import layout, schema
+    from hap.data import lake
 
     cfg = _cfg(home, requests, days)
     out = Path(home) / "duckdb-split"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     files = ", ".join(
-        f"'{layout.lake_partition(cfg, 'samples', d)}/*.parquet'" for d in layout.window(END, days)
+        f"'{p.uri}'" for d in layout.window(END, days) for p in lake.day_parts(cfg, "samples", d)
     )
     ratio = " ".join(f"WHEN '{s}' THEN {cfg.split.sample_ratio.get(s, 1.0)}" for s in schema.SOURCES)
     group = " ".join(f"WHEN '{s}' THEN '{g}'" for s, g in schema.GROUP_OF_SOURCE.items())
@@ -122,13 +123,13 @@ def run_duckdb(home: str, requests: int, days: int, write: bool = True) -> int:
     con.execute(
         f"COPY ({select}) TO '{out}/train' (FORMAT parquet, PARTITION_BY (difficulty), COMPRESSION zstd)"
     )
-    fullflow = f"{layout.lake_partition(cfg, 'fullflow', END)}/*.parquet"
+    fullflow = ", ".join(f"'{p.uri}'" for p in lake.day_parts(cfg, "fullflow", END))
     con.execute(f"""
         COPY (
-          WITH chosen AS (SELECT DISTINCT request_id FROM read_parquet('{fullflow}')
+          WITH chosen AS (SELECT DISTINCT request_id FROM read_parquet([{fullflow}])
                           ORDER BY hash(request_id, {cfg.split.seed}), request_id
                           LIMIT {cfg.split.eval_max_requests})
-          SELECT f.* FROM read_parquet('{fullflow}') f SEMI JOIN chosen USING (request_id)
+          SELECT f.* FROM read_parquet([{fullflow}]) f SEMI JOIN chosen USING (request_id)
         ) TO '{out}/eval.parquet' (FORMAT parquet, COMPRESSION zstd)
     """)
     return con.execute(f"SELECT count(*) FROM read_parquet([{files}])").fetchone()[0]

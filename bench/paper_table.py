@@ -62,6 +62,7 @@ COLUMNS = (
 def prepare(cfg: Any) -> dt.date:
     """Simulate, ingest, validate and split; reuses what exists (same params => same bytes)."""
     from hap.core import layout
+    from hap.data import lake
     from hap.data.ingest import ingest_day
     from hap.data.split import build_training_set
     from hap.data.validate import validate_day
@@ -73,7 +74,7 @@ def prepare(cfg: Any) -> dt.date:
         return date
     for i in range(cfg.split.window_days + 1):
         day = start + dt.timedelta(days=i)
-        if not layout.lake_partition(cfg, "samples", day).exists():
+        if not lake.has_day(cfg, "samples", day):
             simulate_day(cfg, day)
             validate_day(cfg, day)
             ingest_day(cfg, day)

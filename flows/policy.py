@@ -25,6 +25,7 @@ from typing import Any
 from hap.core import layout
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
+from hap.data import lake
 
 REQUEST_FILE = layout.RETRAIN_REQUEST_FILE
 BUNDLE_FILE = layout.BUNDLE_META_FILE
@@ -81,7 +82,7 @@ def missing_window_days(cfg: Config, date: dt.date) -> list[dt.date]:
     return [
         d
         for d in layout.window(date, cfg.split.window_days)
-        if not layout.landing_day(cfg, d).exists() and not layout.lake_partition(cfg, "samples", d).exists()
+        if not layout.landing_day(cfg, d).exists() and not lake.has_day(cfg, "samples", d)
     ]
 
 

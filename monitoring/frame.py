@@ -34,6 +34,7 @@ from hap.core import layout, schema
 from hap.core.atomic import atomic_write_bytes
 from hap.core.config import Config
 from hap.core.errors import HapError
+from hap.data import lake
 from monitoring.champion import Champion
 
 FEATURES: tuple[str, ...] = schema.FEATURE_COLUMNS
@@ -58,13 +59,11 @@ def indicator_columns(cfg: Config) -> list[str]:
 
 # ---- reading the lake -------------------------------------------------------------------------
 def _read_lake(cfg: Config, table: str, date: dt.date) -> pd.DataFrame:
-    path = layout.lake_partition(cfg, table, date)
-    if not path.exists():
-        raise HapError(f"monitor: no lake partition {path}; run `hap ingest --date {date}` first")
     columns = ["request_id", "item_id", "label", "content_type", *FEATURES]
     if table == "samples":
         columns.append("source")
-    return pq.read_table(path, columns=columns).to_pandas()
+    parts = lake.require_day(cfg, table, date, "monitor")
+    return lake.parts_dataset(cfg, parts).to_table(columns=columns).to_pandas()
 
 
 def _flatten_sequence(frame: pd.DataFrame) -> None:

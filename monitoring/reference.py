@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from hap.core import layout
 from hap.core.config import Config
+from hap.data import lake
 from monitoring.champion import Champion
 
 
@@ -23,10 +24,7 @@ def reference_dates(cfg: Config, date: dt.date, champion: Champion | None) -> Re
     """Trailing ``k`` ingested days before ``date``, or the champion's training window."""
 
     def ingested(d: dt.date) -> bool:
-        return (
-            layout.lake_partition(cfg, "samples", d).exists()
-            and layout.lake_partition(cfg, "fullflow", d).exists()
-        )
+        return lake.has_days(cfg, d)
 
     if cfg.monitor.reference == "champion_window":
         if champion is not None and champion.window:

@@ -62,7 +62,9 @@ class PathsConfig(_Section):
                 f"not {value.split('://')[0]}:// (infra/README.md)"
             )
         if value.startswith("s3://") and not value[len("s3://") :].strip("/"):
-            raise ValueError("paths.lake / HAP_LAKE_URL: an s3:// URL needs a bucket, e.g. s3://hap-lake/lake")
+            raise ValueError(
+                "paths.lake / HAP_LAKE_URL: an s3:// URL needs a bucket, e.g. s3://hap-lake/lake"
+            )
         return value
 
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from hap.core import layout, schema
+from hap.core import schema
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from hap.core.parquet import PARQUET_OPTIONS
+from hap.data import lake
 
 USERS_FILE, SEGMENTS_FILE, ITEMS_FILE, META_FILE = (
     "users.parquet",
@@ -44,9 +44,7 @@ _COLUMNS = ["u_id", "u_city", "i_id", "i_category", "source", "label"]
 
 
 def _day_samples(cfg: Config, day: dt.date) -> pa.Table | None:
-    folder = layout.lake_partition(cfg, "samples", day)
-    files = sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
-    return ds.dataset(files, format="parquet").to_table(columns=_COLUMNS) if files else None
+    return lake.read_day(cfg, "samples", day, _COLUMNS)
 
 
 def _counts(table: pa.Table, keys: list[str], sources: tuple[str, ...], name: str) -> pa.Table:

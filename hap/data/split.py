@@ -5,8 +5,8 @@ Writes, atomically as one folder ``training/dt=D/``:
 - ``train/difficulty={positive,hard,easy}/part-YYYYMMDD-BBBBB.parquet``: one row per (request,
   sample) with its ``group`` (the GHCL group it is contrasted in) and ``difficulty``
   (``hap.schema``), Hive-partitioned by difficulty. One file per *unit* and difficulty: a unit is one
-  day's lake file of one request-hash bucket (``BBBBB`` is the lake file's bucket), and the units
-  are mapped over the workers. The layout is what the streaming trainer (``hap.model.stream``)
+  day's lake file of one request-hash bucket (``BBBBB`` is the bucket; ``hap.data.lake.day_parts``),
+  and the units are mapped over the workers. The layout is what the streaming trainer (``hap.model.stream``)
   reads one unit at a time:
 
   - a request never spans units, so a unit's three files (a difficulty with no row in the unit has
@@ -61,7 +61,7 @@ from hap.core.engine import Mapper, local_map
 from hap.core.errors import DataContractError, HapError
 from hap.core.hashing import unit_hash
 from hap.core.parquet import PARQUET_OPTIONS, RowGroupWriter
-from hap.data import markers
+from hap.data import lake, markers
 from hap.data.profile import build_profiles
 
 PART_FILE = "part-0.parquet"
@@ -114,7 +114,7 @@ class SplitReport:
 def choose_eval_day(cfg: Config, date: dt.date) -> tuple[dt.date, bool]:
     """``D + 1`` when it has passed validation and is in the lake, else ``D`` (see module doc)."""
     nxt = date + dt.timedelta(days=1)
-    if markers.is_validated(cfg, nxt) and layout.lake_partition(cfg, "fullflow", nxt).exists():
+    if markers.is_validated(cfg, nxt) and lake.has_day(cfg, "fullflow", nxt):
         return nxt, True
     return date, False
 
@@ -133,20 +133,19 @@ def stream_batches(
             yield from row_group.to_table(columns=columns, filter=filter).to_batches(max_chunksize=batch_rows)
 
 
-def _lake_files(cfg: Config, table: str, date: dt.date) -> list[Path]:
-    """The day's lake files of ``table``, in bucket order (each holds whole requests)."""
-    folder = layout.lake_partition(cfg, table, date)
-    files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
-    if not files:
+def _lake_files(cfg: Config, table: str, date: dt.date) -> list[lake.Part]:
+    """The day's committed lake files of ``table``, in bucket order (each holds whole requests)."""
+    parts = lake.day_parts(cfg, table, date)
+    if not parts:
         raise HapError(
-            f"split: no lake data at {folder} although {date} is marked validated; "
-            f"run `hap ingest --date {date}` and `hap validate --date {date}`"
+            f"split: no lake data for {date} in {lake.redact(lake.table_url(cfg, table))} although it "
+            f"is marked validated; run `hap ingest --date {date}` and `hap validate --date {date}`"
         )
-    return files
+    return parts
 
 
 def _lake_dataset(cfg: Config, table: str, date: dt.date) -> ds.Dataset:
-    return ds.dataset([str(p) for p in _lake_files(cfg, table, date)], format="parquet")
+    return lake.parts_dataset(cfg, _lake_files(cfg, table, date))
 
 
 def choose_eval_requests(cfg: Config, eval_day: dt.date) -> np.ndarray:
@@ -245,12 +244,14 @@ def request_grouping(request_ids: np.ndarray) -> np.ndarray | None:
     return np.argsort(first_seen_rank[inverse], kind="stable")
 
 
-def _request_contiguous_batches(path: str, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+def _request_contiguous_batches(
+    cfg: Config, part: lake.Part, columns: list[str], batch_rows: int
+) -> Iterator[pa.RecordBatch]:
     """A unit's lake rows with each request's rows contiguous, in ``batch_rows`` batches.
 
     Ingest writes a bucket request by request, so the unit streams one row group at a time; a lake
     file that interleaves requests (another writer) is regrouped in memory, which the bucket bounds."""
-    dataset = ds.dataset(path, format="parquet")
+    dataset = lake.parts_dataset(cfg, [part])
     order = request_grouping(dataset.to_table(columns=["request_id"])["request_id"].to_numpy())
     if order is None:
         yield from stream_batches(dataset, columns, batch_rows)
@@ -262,13 +263,16 @@ def _request_contiguous_batches(path: str, columns: list[str], batch_rows: int) 
 class Unit:
     """One day's lake file of one bucket: the split's unit of work, and a training-set shard."""
 
-    day: dt.date
-    path: str
+    part: lake.Part
+
+    @property
+    def day(self) -> dt.date:
+        return self.part.date
 
     @property
     def shard(self) -> str:
-        """The unit's file name in every difficulty partition: ``part-YYYYMMDD-<bucket>.parquet``."""
-        return f"part-{self.day:%Y%m%d}-{Path(self.path).stem.removeprefix('part-')}.parquet"
+        """The unit's file name in every difficulty partition: ``part-YYYYMMDD-BBBBB.parquet``."""
+        return f"part-{self.day:%Y%m%d}-{self.part.bucket:05d}.parquet"
 
 
 def split_unit(
@@ -282,7 +286,7 @@ def split_unit(
     writer = _PartitionWriter(Path(train_dir), cfg.split.batch_rows, unit.shard)
     lake_rows, by_source = 0, Counter()
     try:
-        for batch in _request_contiguous_batches(unit.path, read_cols, cfg.split.batch_rows):
+        for batch in _request_contiguous_batches(cfg, unit.part, read_cols, cfg.split.batch_rows):
             lake_rows += batch.num_rows
             table, idx = _label_batch(batch, unit.day, cfg, ratios, drop_requests)
             by_source.update(dict(zip(*np.unique(idx, return_counts=True))))
@@ -326,7 +330,7 @@ def build_training_set(cfg: Config, date: dt.date, mapper: Mapper = local_map) -
         train_dir.mkdir()
         eval_dir.mkdir()
         drop = eval_ids if not held_out else None
-        units = [Unit(day, str(f)) for day in window for f in _lake_files(cfg, "samples", day)]
+        units = [Unit(part) for day in window for part in _lake_files(cfg, "samples", day)]
         counts = mapper(functools.partial(split_unit, cfg, str(train_dir), eval_day, drop), units)
         for lake_rows, unit_sources in counts:
             report.lake_rows += lake_rows

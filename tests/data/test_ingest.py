@@ -1,15 +1,16 @@
-"""Ingest joins the raw logs into the lake atomically and idempotently."""
+"""Ingest joins the raw logs into the lake atomically and idempotently (the lake's own guarantees,
+on a folder and on the S3 server, are in tests/data/test_lake.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 from hap.core import layout, schema
 from hap.core.errors import DataContractError
+from hap.data import lake as lake_tables
 from hap.data.ingest import ingest_day
 from hap.sources.simulator import simulate_day
 
@@ -24,7 +25,10 @@ def landed(make_cfg):
 
 
 def _lake(cfg, table):
-    return ds.dataset(layout.lake_table(cfg, table), partitioning="hive").to_table()
+    """The table as delta-rs itself reads it (its partition columns ``dt`` and ``bucket`` included)."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(lake_tables.table_url(cfg, table)).to_pyarrow_table()
 
 
 def test_ingest_joins_per_request_and_is_idempotent(landed):
@@ -39,8 +43,9 @@ def test_ingest_joins_per_request_and_is_idempotent(landed):
         [("request_id", "ascending"), ("item_id", "ascending"), ("source", "ascending")]
     ).equals(lake.sort_by([("request_id", "ascending"), ("item_id", "ascending"), ("source", "ascending")]))
     assert set(first.by_source) == set(schema.SOURCES)
-    # no temp folders left behind by the atomic rename
-    assert not [p for p in layout.lake_table(cfg, "samples").iterdir() if p.name.startswith(".")]
+    # one committed file per bucket: the re-run replaced the day's files, it did not add to them
+    parts = lake_tables.day_parts(cfg, "samples", DAY)
+    assert [p.bucket for p in parts] == list(range(len(parts)))
 
 
 def test_lake_rows_match_the_raw_logs(landed):
@@ -75,7 +80,7 @@ def test_unreadable_raw_logs_give_a_clear_error_and_no_lake_output(landed, damag
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(DataContractError, match=str(path)):
         ingest_day(cfg, DAY, require_validated=False)
-    assert not layout.lake_partition(cfg, "samples", DAY).exists()
+    assert not lake_tables.has_day(cfg, "samples", DAY)
 
 
 def test_lake_row_groups_do_not_shrink_as_the_day_is_cut_finer(make_cfg):
@@ -91,7 +96,7 @@ def test_lake_row_groups_do_not_shrink_as_the_day_is_cut_finer(make_cfg):
     )
     simulate_day(cfg, DAY, progress=False)
     ingest_day(cfg, DAY, require_validated=False)
-    files = sorted(layout.lake_partition(cfg, "samples", DAY).glob("part-*.parquet"))
+    files = [p.uri for p in lake_tables.day_parts(cfg, "samples", DAY)]
     assert len(files) == 2
     for path in files:
         meta = pq.ParquetFile(path).metadata

@@ -6,13 +6,13 @@ import datetime as dt
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
 from hap.core import layout, schema
 from hap.core.errors import DataContractError
+from hap.data import lake as lake_tables
 from hap.data.ingest import ingest_day
 from hap.sources.recflow import import_recflow
 
@@ -86,7 +86,7 @@ def test_recflow_fixture_round_trips_into_the_lake(make_cfg, tmp_path):
     for name in schema.RAW_LOGS:
         assert pq.read_schema(layout.raw_log(cfg, DAY, name)).equals(schema.RAW_LOGS[name])
     report = ingest_day(cfg, DAY, require_validated=False)
-    lake = ds.dataset(layout.lake_table(cfg, "samples"), partitioning="hive").to_table().to_pandas()
+    lake = lake_tables.read_day(cfg, "samples", DAY).to_pandas()
     n_shown = sum(len(s["video_id"]) for s in shows)
     n_clicks = sum(int(s["effective_view"].sum()) for s in shows)
     n_rank = sum(int(s["rank_neg"].sum()) for s in stages)

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 from hap.core import layout, schema
 from hap.core.config import Config
 from hap.core.errors import HapError, NotValidated
-from hap.data import markers
+from hap.data import lake, markers
 from hap.data.split import build_training_set, open_training_set, read_report, request_grouping, unit_hash
 from hap.data.versioning import VERSION_FILE, data_version
 
@@ -40,9 +39,7 @@ def lake_cfg(tiny_lake: Config, make_cfg, tmp_path: Path) -> Config:
 def _lake_counts(cfg: Config, days: list[dt.date]) -> dict[str, int]:
     out: dict[str, int] = {}
     for day in days:
-        table = ds.dataset(str(layout.lake_partition(cfg, "samples", day)), format="parquet").to_table(
-            columns=["source"]
-        )
+        table = lake.read_day(cfg, "samples", day, ["source"])
         for row in pc.value_counts(table["source"]).to_pylist():
             out[row["values"]] = out.get(row["values"], 0) + row["counts"]
     return out
@@ -233,14 +230,15 @@ def test_request_grouping_keeps_first_seen_request_order_and_file_order() -> Non
 def test_one_file_per_unit_and_difficulty_holding_whole_contiguous_requests(lake_cfg: Config) -> None:
     """The layout the streaming trainer reads: a unit's files hold the lake file's requests, each
     request's rows contiguous in every file, even when the lake file interleaves requests."""
-    lake_file = sorted(layout.lake_partition(lake_cfg, "samples", D1).glob("*.parquet"))[0]
-    lake = pq.read_table(lake_file)
-    pq.write_table(lake.take(np.random.default_rng(0).permutation(lake.num_rows)), lake_file)
+    lake_file = lake.day_parts(lake_cfg, "samples", D1)[0].uri
+    rows = pq.read_table(lake_file)
+    pq.write_table(rows.take(np.random.default_rng(0).permutation(rows.num_rows)), lake_file)
     report = build_training_set(lake_cfg, D2)
     assert report.rows == report.lake_rows
     for day in report.window:
-        for lake_part in sorted(layout.lake_partition(lake_cfg, "samples", day).glob("*.parquet")):
-            name = f"part-{day:%Y%m%d}-{lake_part.stem.removeprefix('part-')}.parquet"
+        for part in lake.day_parts(lake_cfg, "samples", day):
+            lake_part = part.uri
+            name = f"part-{day:%Y%m%d}-{part.bucket:05d}.parquet"
             files = sorted(report.train_path.glob(f"difficulty=*/{name}"))
             assert 1 <= len(files) <= len(schema.Difficulty)
             covered: set[int] = set()

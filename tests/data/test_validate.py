@@ -26,7 +26,7 @@ from conftest import tiny_config
 
 from hap.core import layout, schema
 from hap.core.errors import DataContractError, NotValidated, ValidationFailed
-from hap.data import markers
+from hap.data import lake, markers
 from hap.data.suite_json import BETWEEN, IN_SET, NOT_NULL, UNIQUE_TOGETHER
 
 DAY = dt.date(2026, 11, 3)
@@ -317,7 +317,7 @@ def test_corruption_is_caught_and_quarantined(
     if corrupt is not missing_day:
         assert (qdir / "landing").is_dir()
     for table in layout.LAKE_TABLES:  # validation runs before ingest: nothing was published
-        assert not layout.lake_partition(cfg, table, DAY).exists()
+        assert not lake.has_day(cfg, table, DAY)
         assert not (qdir / "lake").exists()
     # no downstream output; downstream steps refuse the day
     assert not markers.marker_path(cfg, DAY).exists()
@@ -416,12 +416,12 @@ def test_release_quarantine_after_a_fix(day_copy, monkeypatch, capsys):
     # ingest refuses a released day until it passes validation again
     code, out = run_cli(day_copy, "ingest", monkeypatch, capsys)
     assert code == NotValidated.exit_code and "hap validate" in out
-    assert not layout.lake_partition(cfg, "samples", DAY).exists()
+    assert not lake.has_day(cfg, "samples", DAY)
     code, out = run_cli(day_copy, "validate", monkeypatch, capsys)
     assert code == 0, out
     assert markers.is_validated(cfg, DAY)
     ingest_day(cfg, DAY)
-    assert layout.lake_partition(cfg, "samples", DAY).is_dir()
+    assert lake.has_day(cfg, "samples", DAY)
     code, out = run_cli(day_copy, "release-quarantine", monkeypatch, capsys)
     assert code != 0 and "not in quarantine" in out
 
@@ -781,7 +781,7 @@ def _assert_nothing_published(cfg, registry_uri: str) -> None:
     assert result["reason"]["step"] == "validate" and result["reason"]["failed"]
     assert not layout.landing_day(cfg, DAY).exists()
     for table in layout.LAKE_TABLES:
-        assert not layout.lake_partition(cfg, table, DAY).exists()
+        assert not lake.has_day(cfg, table, DAY)
     assert not markers.is_validated(cfg, DAY)
     assert not layout.training_set(cfg, DAY).exists() and not layout.model_dir(cfg, DAY).exists()
     champion = registry.alias_version(cfg, "champion")
@@ -862,7 +862,7 @@ def test_training_refuses_non_finite_values_that_bypass_validation(
     ]
     assert reason["step"] == "train" and reason["check"] == "finite:i_ctr" and reason["examples"]
     for table in layout.LAKE_TABLES:  # unpublished from the lake
-        assert not layout.lake_partition(cfg, table, DAY).exists()
+        assert not lake.has_day(cfg, table, DAY)
     assert not markers.is_validated(cfg, DAY)
     assert str(registry.alias_version(cfg, "champion").version) == "1"
     assert [str(v.version) for v in registry.versions(cfg)] == ["1"]
@@ -893,4 +893,4 @@ def test_ingest_turns_nulls_in_a_required_column_into_a_quarantine(day_copy):
         "reason"
     ]
     assert reason["step"] == "ingest" and "ranking.parquet" in reason["error"]
-    assert not layout.lake_partition(cfg, "samples", DAY).exists()
+    assert not lake.has_day(cfg, "samples", DAY)

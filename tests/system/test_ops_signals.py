@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from hap.core import layout
+from hap.data import lake
 from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -74,7 +75,7 @@ def test_sigterm_to_hap_run_stops_within_10s_and_leaves_no_process(tmp_path):
     )
     # mid-flow: the day is in the lake (ingest done), the run goes on to validate, split, train
     deadline = time.monotonic() + 240
-    while not layout.lake_partition(cfg, "samples", D1).exists():
+    while not lake.has_day(cfg, "samples", D1):
         assert proc.poll() is None, (tmp_path / "run.log").read_text()[-2000:]
         assert time.monotonic() < deadline, "the flow never reached ingest"
         time.sleep(0.2)
