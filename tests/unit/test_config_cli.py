@@ -37,8 +37,9 @@ def test_deployment_env_names_set_the_lake_and_the_dvc_remote(tmp_path):
         tmp_path.resolve() / "dvc-remote"
     )
     assert load_config(environ={**env, "HAP__PATHS__DVC_REMOTE": "/mnt/dvc"}).dvc_remote_url() == "/mnt/dvc"
-    with pytest.raises(ValidationError, match="shared volume"):
-        load_config(environ={**env, "HAP_LAKE_URL": "s3://bucket/lake"})
+    assert load_config(environ={**env, "HAP_LAKE_URL": "s3://bucket/lake"}).paths.lake == "s3://bucket/lake"
+    with pytest.raises(ValidationError, match="s3:// URL"):
+        load_config(environ={**env, "HAP_LAKE_URL": "hdfs://nn/lake"})
 
 
 def test_deployment_env_name_selects_the_dask_cluster(tmp_path):
