@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: venv run test test-fast lint format bench bench-quality bench-gate serve dashboard clean
+.PHONY: venv run test test-fast lint format bench bench-quality bench-gate bench-lake serve dashboard clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,9 @@ bench-quality: venv
 
 bench-gate: venv ## the gate's A/A promotion and degraded-challenger rejection rates (bench/results/gate_power.md)
 	nice -n 5 $(BIN)/python -m bench.bench_gate
+
+bench-lake: venv ## the lake (Delta) on local disk and on an S3 server vs plain pyarrow (bench/results/lake.md)
+	nice -n 5 $(BIN)/python -m bench.bench_lake --requests 100000
 
 serve: venv ## serve the daily deployment on this machine (needs a Prefect server)
 	$(BIN)/hap schedule
