@@ -230,3 +230,15 @@ def test_the_lake_url_takes_paths_and_s3_and_refuses_other_schemes(make_cfg, tmp
         make_cfg(paths__lake="gs://b/lake")
     with pytest.raises(ValueError, match="needs a bucket"):
         make_cfg(paths__lake="s3://")
+
+
+def test_ingest_into_a_missing_bucket_fails_cleanly_and_does_not_quarantine_the_day(make_cfg, s3) -> None:
+    """The store is down, not the data: the day stays in landing, nothing is published."""
+    from hap.core import layout
+    from hap.data import markers
+
+    cfg = make_cfg(simulate__requests_per_day=40, paths__lake="s3://hap-missing-bucket/lake")
+    simulate_day(cfg, DAY, progress=False)
+    with pytest.raises(lake.LakeUnavailable, match="s3://hap-missing-bucket/lake"):
+        ingest_day(cfg, DAY, require_validated=False)
+    assert layout.landing_day(cfg, DAY).is_dir() and not markers.is_quarantined(cfg, DAY)
