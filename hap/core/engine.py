@@ -12,7 +12,8 @@ is the same in every mode; only the mapper changes:
 
 Results come back in the order of the items, whatever worker ran them, so a reduce sees the same
 sequence with one worker or many: the outputs are byte-identical at every scale. Workers need the
-data root on a shared filesystem (or object store) and this package installed.
+data root on a shared filesystem and this package installed; the lake may instead be a bucket
+(``HAP_LAKE_URL=s3://...``), which workers write their buckets' files to (``hap.data.lake``).
 """
 
 from __future__ import annotations
