@@ -128,9 +128,7 @@ def denying_server():
         proc.wait(timeout=10)
 
 
-def test_denied_bucket_fails_at_once_without_credentials_in_the_message(
-    s3, tmp_path, monkeypatch, denying_server
-):
+def test_denied_bucket_fails_at_once_without_credentials(s3, tmp_path, monkeypatch, denying_server):
     monkeypatch.setenv("AWS_ENDPOINT_URL", denying_server)
     url = "s3://locked/hap"
     started = time.monotonic()
