@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import faults
 from flows.locks import dvc_lock
 from flows.retry import backoff, retry_condition
-from hap.core import layout
+from hap.core import layout, storage
 from hap.core.config import REPO_ROOT, Config
 from hap.core.engine import Mapper, local_map
 from hap.core.errors import HapError
@@ -126,6 +126,7 @@ def train_remote(
             f"train-ghcl run {flow_run.name} for {date} ended "
             f"{state.name if state else 'without a state'}: {state.message if state else ''}"
         )
+    storage.pull_root(cfg)  # a data root on object storage: the worker published the bundle there
     bundle = layout.model_dir(cfg, date) / layout.BUNDLE_META_FILE
     if not bundle.exists():
         raise HapError(
