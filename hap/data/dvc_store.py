@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,11 +150,20 @@ def pull_version(cfg: Config, version: str, dest: Path) -> Path:
 
     remote = cfg.dvc_remote_url()
     record = _read_index(cfg, remote, version)
-    dest = Path(dest)
-    fetch_training_set(record["training"]["md5"], remote, dest)
-    got, _ = content_hash(dest / record.get("train_path", "train"))
-    if got != version:
-        raise HapError(f"restored {dest} hashes to {got}, not the data version {version}")
+    dest = Path(dest).resolve()
+    if dest.exists():
+        raise HapError(f"{dest} exists; restore into a new folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # a scratch DVC project beside dest, so no surrounding project (a clone of this repo) is touched
+    scratch = Path(tempfile.mkdtemp(prefix=".hap-pull-", dir=dest.parent))
+    try:
+        fetched = fetch_training_set(record["training"]["md5"], remote, scratch / "out")
+        got, _ = content_hash(fetched / record.get("train_path", "train"))
+        if got != version:
+            raise HapError(f"restored training set hashes to {got}, not the data version {version}")
+        os.replace(fetched, dest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return dest
 
 
