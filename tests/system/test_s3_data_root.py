@@ -2,8 +2,8 @@
 
 Machine A lands two simulated days into ``s3://hap-root/prod``; machine B (another working copy,
 nothing shared but the bucket) runs the daily flow for both days with ``HAP_HOME`` on that URL and
-``HAP_DVC_REMOTE`` on a second bucket. Then an empty machine (a fresh process in an empty folder,
-only the remote's URL and the ``AWS_*`` variables) restores a registered version's training set
+``HAP_DVC_REMOTE`` on a second bucket. Then a fresh clone on an empty machine (only the remote's
+URL and the ``AWS_*`` variables) restores a registered version's training set
 with ``hap data pull --version`` and its content hash is the version's ``data_version`` tag.
 Finally no credential appears in any log, tag, record or object.
 """
@@ -100,7 +100,10 @@ def test_two_days_complete_with_everything_in_buckets(two_days):
     assert any(k.startswith("store/files/md5/") for k in _objects(s3, "hap-dvc"))
 
 
-def test_an_empty_machine_restores_a_registered_training_set_by_its_data_version(two_days, tmp_path):
+def test_a_fresh_clone_restores_a_registered_training_set_by_its_data_version(two_days, tmp_path):
+    """A fresh ``git clone`` of HEAD on an empty machine: no data root, no MLflow, only the DVC
+    remote's URL and the ``AWS_*`` variables. The clone's own DVC project is left untouched."""
+    from hap.core.config import REPO_ROOT
     from hap.data.dvc_repo import dvc_dir_md5
     from hap.data.versioning import content_hash
     from hap.registry import registration as registry
@@ -108,25 +111,27 @@ def test_an_empty_machine_restores_a_registered_training_set_by_its_data_version
     cfg = two_days["cfg"]
     tags = registry.version_for_day(cfg, D2).tags  # the registered version's record of its data
     version = tags[registry.TAG_DATA_VERSION]
-    empty = tmp_path / "empty-machine"
-    empty.mkdir()
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(REPO_ROOT), str(clone)], check=True, timeout=120)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HAP", "MLFLOW"))}
-    env.update(HAP_DVC_REMOTE=two_days["remote"], HAP_WORKDIR=str(empty / "work"))
+    env.update(HAP_DVC_REMOTE=two_days["remote"], HAP_WORKDIR=str(tmp_path / "work"))
     proc = subprocess.run(
         [sys.executable, "-m", "hap.cli", "data", "pull", "--version", version, "--out", "restored"],
-        cwd=empty,
+        cwd=clone,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    restored = empty / "restored"
-    got, _ = content_hash(
-        restored / Path(tags[registry.TAG_TRAIN_PATH]).relative_to(tags[registry.TAG_DVC_OUT])
-    )
-    assert got == version
+    restored = clone / "restored"
+    train = restored / Path(tags[registry.TAG_TRAIN_PATH]).relative_to(tags[registry.TAG_DVC_OUT])
+    assert content_hash(train)[0] == version
     assert dvc_dir_md5(restored) == tags[registry.TAG_DVC_MD5]
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone, capture_output=True, text=True
+    ).stdout.splitlines()
+    assert all(line.startswith("?? restored/") for line in changed), changed
 
 
 def test_unknown_data_version_is_one_clear_error(two_days, tmp_path):
