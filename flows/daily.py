@@ -12,6 +12,9 @@ monitor -> version the data (``dvc push``).
 - Scale: the data steps (validate, ingest, split) map their request-hash buckets in-process by
   default, or run in the ``data-path`` subflow on the Dask cluster ``engine.address``
   (``HAP_DASK_ADDRESS``) names, or on ``engine.workers`` local worker processes (``flows.engine``).
+- Storage: with the data root on object storage (``HAP_HOME=s3://...``) the run pulls the bucket's
+  changes into its local working copy first and publishes each step's outputs as the step ends
+  (``hap.core.storage``); an unreachable or denied bucket fails the run at its start.
 - Output: a markdown artifact ``daily-retrain-<D>`` and ``metrics/dt=D/daily_run.json``; a
   monitoring alert also emits the Prefect event ``hap.monitor.alert`` and an alert artifact.
 """
@@ -28,7 +31,7 @@ from prefect.events import emit_event
 from flows import engine, policy, progress, report, tasks
 from flows.common import quiet_env, resolve_date, run_config, run_spec
 from flows.locks import run_lock
-from hap.core import layout
+from hap.core import layout, storage
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import DataContractError, DayRejected, HapError, ValidationFailed
@@ -44,6 +47,7 @@ def _step(step: Any, cfg: Config, *args: Any) -> Any:
     day = next((a for a in args if isinstance(a, dt.date)), None)
     with progress.reported(step.name, day) as report:
         report["result"] = tasks.configured(step, cfg)(cfg, *args)
+    storage.publish_root(cfg)  # a data root on object storage gets each step's outputs at once
     return report["result"]
 
 
@@ -202,5 +206,5 @@ def daily_retrain(
     cfg = run_config(**spec)
     day = resolve_date(cfg, date)
     check_reachable(cfg)  # a dead tracking server fails the run now, not after training
-    with run_lock(cfg, day, cfg.orchestration.date_lock_timeout_seconds):
+    with run_lock(cfg, day, cfg.orchestration.date_lock_timeout_seconds), storage.synced(cfg):
         return run_day(cfg, day, force_train, spec)

@@ -73,7 +73,8 @@ def describe(step: str, result: Any) -> str:
         return f"{len(r.get('alerts') or [])} alerts; " + ", ".join(shown)
     if step == "version-data":
         dvc = str(r.get("dvc", ""))
-        return "dvc.lock committed, pushed" if dvc.startswith("committed") else f"dvc {dvc}"
+        line = "dvc.lock committed, pushed" if dvc.startswith("committed") else f"dvc {dvc}"
+        return f"training set and bundle pushed by hash; {line}" if r.get("pushed") else line
     return ""
 
 

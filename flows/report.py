@@ -135,6 +135,8 @@ def render_day(summary: dict[str, Any]) -> str:
     versioning = summary.get("version_data") or {}
     if versioning:
         out.append(f"- data version: `{versioning.get('data_version')}`; DVC: {versioning.get('dvc')}")
+        if versioning.get("pushed"):
+            out.append(f"- in the DVC remote by hash: {versioning['pushed']}")
     for key in ("model_dir", "metrics_dir", "quarantine"):
         if summary.get(key):
             out.append(f"- {key.replace('_', ' ')}: `{summary[key]}`")

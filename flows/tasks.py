@@ -20,10 +20,11 @@ from prefect.cache_policies import NO_CACHE
 from flows import faults
 from flows.locks import dvc_lock
 from flows.retry import backoff, retry_condition
-from hap.core import layout
+from hap.core import layout, storage
 from hap.core.config import REPO_ROOT, Config
 from hap.core.engine import Mapper, local_map
 from hap.core.errors import HapError
+from hap.core.storage import redact
 from hap.data import dvc_repo
 
 
@@ -125,6 +126,7 @@ def train_remote(
             f"train-ghcl run {flow_run.name} for {date} ended "
             f"{state.name if state else 'without a state'}: {state.message if state else ''}"
         )
+    storage.pull_root(cfg)  # a data root on object storage: the worker published the bundle there
     bundle = layout.model_dir(cfg, date) / layout.BUNDLE_META_FILE
     if not bundle.exists():
         raise HapError(
@@ -206,7 +208,9 @@ def champion(cfg: Config) -> dict[str, Any] | None:
 # ---- data versioning -----------------------------------------------------------------------
 @_task("version-data")
 def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
-    """Record the day's data version; commit its dvc.yaml stages to dvc.lock and ``dvc push``.
+    """Record the day's data version; push its training set and bundle to the DVC remote by content
+    hash; when the data root is the repository's, also commit its dvc.yaml stages to dvc.lock and
+    ``dvc push`` them.
 
     Holds the repository's DVC concurrency slot: parallel DVC operations fail on DVC's repo lock.
     """
@@ -219,6 +223,12 @@ def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
     if not cfg.orchestration.dvc_push:
         out["dvc"] = "disabled (orchestration.dvc_push: false)"
         return out
+    if trained:  # by content hash, wherever the data root lives (hap.data.dvc_store)
+        from hap.data import dvc_store
+
+        with dvc_lock(cfg.home / dvc_store.PROJECT, cfg.orchestration.date_lock_timeout_seconds):
+            pushed = dvc_store.push_day(cfg, date)
+        out["pushed"] = f"{', '.join(f'{k} {v}' for k, v in pushed.md5.items())} to {pushed.remote}"
     targets = dvc_repo.dvc_targets(cfg, date)
     if not targets:
         out["dvc"] = (
@@ -231,5 +241,5 @@ def version_data(cfg: Config, date: dt.date, trained: bool) -> dict[str, Any]:
         write_recall_curve(cfg, date)
     with dvc_lock(REPO_ROOT, timeout_seconds=cfg.orchestration.date_lock_timeout_seconds):
         remote = dvc_repo.commit_and_push(cfg, targets, REPO_ROOT)
-    out["dvc"] = f"committed to dvc.lock and pushed to {remote}: {', '.join(targets)}"
+    out["dvc"] = f"committed to dvc.lock and pushed to {redact(remote)}: {', '.join(targets)}"
     return out

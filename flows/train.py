@@ -2,7 +2,8 @@
 
 ``daily_retrain`` calls it through ``run_deployment`` when ``orchestration.train_on: gpu-pool``
 (the deployment lives in ``prefect.yaml`` on the ``gpu`` pool; its Kubernetes job template in
-``infra/``). The worker must see the same data root (shared volume or object store).
+``infra/``). The worker must see the same data root: a shared volume, or the same object-store
+URL, whose changes it pulls into its own working copy and to which it publishes the bundle.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from prefect import flow
 
 from flows import tasks
 from flows.common import quiet_env, resolve_date, run_config
+from hap.core import storage
 
 
 @flow(name="train-ghcl", log_prints=True)
@@ -26,4 +28,5 @@ def train_ghcl(
     """Train the HAP towers for the window ending on ``date``; returns the training summary."""
     quiet_env()
     cfg = run_config(overrides, home, params_file)
-    return tasks.configured(tasks.train, cfg)(cfg, resolve_date(cfg, date), resume)
+    with storage.synced(cfg):  # no-op for a local data root
+        return tasks.configured(tasks.train, cfg)(cfg, resolve_date(cfg, date), resume)

@@ -37,12 +37,32 @@ class _State:
     params: Path | None = None
     overrides: list[str] = []
     _cfg: Config | None = None
+    sync: bool = True  # a data root on object storage: pull its changes before the command
+    synced: bool = False
 
     @property
     def cfg(self) -> Config:
         if self._cfg is None:
             self._cfg = load_config(self.params, self.overrides)
+            if self._cfg.root_url and self.sync:
+                from hap.core.storage import pull_root
+
+                pull_root(self._cfg)
+                self.synced = True
         return self._cfg
+
+    def publish(self, quiet: bool = False) -> None:
+        """Send the command's outputs to the object-store data root it pulled (``quiet``: after a
+        failure, whose own message is the one to show)."""
+        if self._cfg is None or not self.synced:
+            return
+        from hap.core.storage import StorageError, publish_root
+
+        try:
+            publish_root(self._cfg)
+        except StorageError:
+            if not quiet:
+                raise
 
 
 state = _State()
@@ -59,6 +79,7 @@ def _global(
     state.params = params
     state.overrides = list(set_ or [])
     state._cfg = None
+    state.sync, state.synced = True, False
 
 
 def parse_date(text: str) -> dt.date:
@@ -201,6 +222,40 @@ def models() -> None:
     typer.echo(render_models(state.cfg, list_models(state.cfg)))
 
 
+# ---- data versions in the DVC remote --------------------------------------------------------
+data_app = typer.Typer(
+    help="Training sets and bundles in the DVC remote, by content hash.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("push")
+def data_push(date: DateOpt) -> None:
+    """Push a day's training set and model bundle to the DVC remote by content hash (the daily
+    flow does this after every training run)."""
+    from hap.data.dvc_store import push_day
+
+    pushed = push_day(state.cfg, parse_date(date))
+    typer.echo(f"data version {pushed.data_version}: {pushed.md5} in {pushed.remote}")
+
+
+@data_app.command("pull")
+def data_pull(
+    version: Annotated[str, typer.Option("--version", help="A model version's data_version tag.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Folder to restore into (default: ./training-<version[:12]>).")
+    ] = None,
+) -> None:
+    """Restore the training set of a data version from the DVC remote (HAP_DVC_REMOTE, or the data
+    root's) on any machine, and check that its content hash is that version."""
+    from hap.data.dvc_store import pull_version
+
+    state.sync = False  # needs only the DVC remote, not the data root
+    dest = out or Path(f"training-{version[:12]}")
+    pull_version(state.cfg, version, dest)
+    typer.echo(f"restored data version {version} into {dest}/ (content hash checked)")
+
+
 # ---- orchestration: through Prefect, in a subprocess so hap/ never imports flows/ ----
 def _flows(*args: str, verbose: bool = False) -> None:
     """``python -m flows.cli ARGS`` in its own process group: SIGTERM or Ctrl-C stops the flow and
@@ -304,7 +359,11 @@ def evaluate(date: DateOpt) -> None:
 def main() -> None:
     """Entry point: run the app and turn expected failures into a clear message, no traceback."""
     try:
-        app()
+        try:
+            app()
+        except SystemExit as exit_:  # typer ends every command with one, 0 on success
+            state.publish(quiet=bool(exit_.code))
+            raise
     except HapError as err:
         message = str(err)
         if isinstance(err, DayRejected) and state._cfg is not None:  # a step found data it must not use
@@ -313,6 +372,7 @@ def main() -> None:
             where = reject(state._cfg, err)
             if where:
                 message += f"\n  the day was moved to {where}; fix the data, then `hap release-quarantine`"
+        state.publish(quiet=True)
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         # Half-written files of the failed step (a Parquet writer on a full disk) fail once more
         # when collected at exit; the error above already reports it, so that echo is dropped.

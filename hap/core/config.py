@@ -2,8 +2,10 @@
 
 ``params.yaml`` is the single source of tunables. Overrides, strongest last:
 the file, ``HAP__SECTION__KEY=value`` environment variables, ``--set section.key=value``
-CLI flags. ``HAP_HOME`` moves the data root; ``HAP_DVC_REMOTE`` and ``HAP_LAKE_URL`` set
-``paths.dvc_remote`` and ``paths.lake``. Values in overrides are parsed as YAML, so
+CLI flags. ``HAP_HOME`` moves the data root (a path, or an object-store URL such as
+``s3://bucket/prefix``: the steps then work on a local copy under ``HAP_WORKDIR``, see
+``hap.core.storage``); ``HAP_DVC_REMOTE`` and ``HAP_LAKE_URL`` set ``paths.dvc_remote`` and
+``paths.lake``. Values in overrides are parsed as YAML, so
 ``--set train.epochs=3`` gives an int and ``--set split.sample_ratio.global_neg=0.5`` a float.
 """
 
@@ -27,6 +29,7 @@ ENV_ALIASES = {
     "HAP_DVC_REMOTE": "paths.dvc_remote",
     "HAP_LAKE_URL": "paths.lake",
     "HAP_DASK_ADDRESS": "engine.address",
+    "HAP_WORKDIR": "paths.workdir",
 }
 
 
@@ -48,6 +51,8 @@ class PathsConfig(_Section):
     mlflow_artifacts: str
     dvc_remote: str
     staging: str = "staging"  # request-hash buckets of the landing days (hap.data.buckets)
+    workdir: str = "~/.cache/hap/work"  # the local working copy of a data root on object storage
+    root_url: str | None = None  # the data root's object-store URL (HAP_HOME=s3://...); home is its copy
 
     @field_validator("lake")
     @classmethod
@@ -317,6 +322,15 @@ class OrchestrationConfig(_Section):
     lock_lease_seconds: float = Field(default=120, gt=0)
 
 
+class StorageConfig(_Section):
+    """Bounds and scope of every object-store call (``hap.core.storage``)."""
+
+    connect_timeout_seconds: float = Field(default=5, gt=0)
+    read_timeout_seconds: float = Field(default=30, gt=0)
+    attempts: int = Field(default=3, ge=1)  # tries per call; transient errors only
+    sync_exclude: list[str] = [".locks", ".hap-sync.json", ".dvc-store"]  # top-level names never synced
+
+
 class EngineConfig(_Section):
     """Where the data path's per-bucket work runs (``hap.core.engine``), and how big a bucket is."""
 
@@ -354,6 +368,7 @@ class Config(_Section):
     orchestration: OrchestrationConfig
     engine: EngineConfig = EngineConfig()
     lake: LakeConfig = LakeConfig()
+    storage: StorageConfig = StorageConfig()
 
     @model_validator(mode="after")
     def _cascade_shape(self) -> Config:
@@ -373,10 +388,20 @@ class Config(_Section):
         """Absolute location of one ``paths`` entry under the data root."""
         return self.home / getattr(self.paths, name)
 
+    @property
+    def root_url(self) -> str | None:
+        """The data root's object-store URL, or None when the data root is a local folder."""
+        return self.paths.root_url
+
     def dvc_remote_url(self) -> str:
-        """Where ``dvc push`` sends data: an object-store URL as given, else a folder under the data root."""
+        """Where ``dvc push`` sends data: an object-store URL as given, else ``paths.dvc_remote`` under
+        the data root (inside the bucket when the data root is one, so DVC talks to it directly)."""
         remote = self.paths.dvc_remote
-        return remote if "://" in remote else str(self.path("dvc_remote"))
+        if "://" in remote or Path(remote).is_absolute():
+            return remote
+        if self.root_url:
+            return f"{self.root_url}/{remote}"
+        return str(self.path("dvc_remote"))
 
     def updated(self, overrides: dict[str, Any]) -> Config:
         """A copy with dotted-key overrides applied (``{"train.epochs": 2}``)."""
@@ -432,7 +457,17 @@ def load_config(
         merged.update(dict(parse_override(o) for o in overrides or []))
     for key, value in merged.items():
         _set_dotted(raw, key, value)
-    home = Path(environ.get("HAP_HOME") or raw["paths"]["home"])
+    home_text = str(environ.get("HAP_HOME") or raw["paths"]["home"])
+    if home_text.startswith("file://"):
+        home_text = home_text[len("file://") :]
+    if "://" in home_text:  # an object-store data root: the steps work on its local copy
+        url = home_text.rstrip("/")
+        raw["paths"]["root_url"] = url
+        workdir = Path(str(raw["paths"].get("workdir") or "~/.cache/hap/work")).expanduser()
+        home = workdir / url.replace("://", "/")
+    else:
+        raw["paths"]["root_url"] = None
+        home = Path(home_text)
     if not home.is_absolute():
         home = params_file.resolve().parent / home
     raw["paths"]["home"] = str(home.resolve())

@@ -21,6 +21,7 @@ import yaml
 from hap.core import layout
 from hap.core.config import REPO_ROOT, Config
 from hap.core.errors import HapError
+from hap.core.storage import redact
 
 PUSH_REMOTE = "hap"  # the remote named in params (or HAP_DVC_REMOTE), kept in .dvc/config.local
 DVC_TIMEOUT_SECONDS = 600.0
@@ -72,10 +73,10 @@ def dvc(args: list[str], cwd: Path, timeout: float = DVC_TIMEOUT_SECONDS) -> str
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        raise DvcFailed(f"`dvc {' '.join(args)}` ran past {timeout:g}s and was stopped") from None
+        raise DvcFailed(redact(f"`dvc {' '.join(args)}` ran past {timeout:g}s and was stopped")) from None
     if proc.returncode != 0:
         reason = dvc_reason(f"{proc.stdout}\n{proc.stderr}")
-        raise DvcFailed(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}): {reason}")
+        raise DvcFailed(redact(f"`dvc {' '.join(args)}` failed (exit {proc.returncode}): {reason}"))
     return proc.stdout
 
 

@@ -1,0 +1,172 @@
+"""Object storage (hap.core.storage) against a real S3-compatible server on 127.0.0.1.
+
+The working copy of an ``s3://`` data root syncs both ways, incrementally; an unreachable, silent,
+missing or denied bucket fails within the ``storage:`` bounds with one line naming the URL and no
+credential. The denied case is a second moto server with its IAM authorization on, which refuses
+the (unknown) test key exactly as S3 refuses a wrong one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hap.core import storage
+from hap.core.config import load_config
+from tests.s3_server import TEST_ACCESS_KEY, TEST_SECRET_KEY, _free_port
+
+TIGHT = {"storage.connect_timeout_seconds": 1, "storage.read_timeout_seconds": 1, "storage.attempts": 2}
+BOUND_S = 2 * (1 + 1) + 3  # attempts x (connect + read) + s3fs's backoff and process slack
+
+
+def _cfg(url: str, workdir: Path, **overrides):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP")}
+    environ.update(HAP_HOME=url, HAP_WORKDIR=str(workdir))
+    return load_config(overrides={**TIGHT, **overrides}, environ=environ)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != storage.SYNC_RECORD
+    }
+
+
+def _assert_one_clean_line(err: storage.StorageError, url: str, what: str) -> None:
+    text = str(err)
+    assert "\n" not in text and url in text and what in text, text
+    assert TEST_SECRET_KEY not in text and TEST_ACCESS_KEY not in text
+
+
+def test_working_copy_syncs_both_ways_incrementally(s3, tmp_path):
+    url = f"{s3.create_bucket('sync-root')}/hap"
+    a, b = _cfg(url, tmp_path / "a"), _cfg(url, tmp_path / "b")
+    (a.home / "training/dt=2026-11-01/train").mkdir(parents=True)
+    (a.home / "training/dt=2026-11-01/train/part-0.parquet").write_bytes(b"rows" * 100)
+    (a.home / "training/dt=2026-11-01/train/_data_version.json").write_text("{}")
+    (a.home / ".locks").mkdir()
+    (a.home / ".locks/run.lock").write_text("")  # local only (storage.sync_exclude)
+
+    assert storage.publish_root(a).copied == 2
+    assert storage.publish_root(a).copied == 0  # nothing changed, nothing sent
+    assert storage.pull_root(b).copied == 2
+    assert _files(b.home) == {k: v for k, v in _files(a.home).items() if not k.startswith(".locks")}
+    assert storage.pull_root(b).copied == 0
+
+    (b.home / "training/dt=2026-11-01/train/part-0.parquet").unlink()  # b replaces the day
+    (b.home / "training/dt=2026-11-01/train/part-1.parquet").write_bytes(b"new")
+    synced = storage.publish_root(b)
+    assert (synced.copied, synced.removed) == (1, 1)
+    pulled = storage.pull_root(a)
+    assert (pulled.copied, pulled.removed) == (1, 1)
+    assert _files(a.home).keys() - {".locks/run.lock"} == _files(b.home).keys()
+
+
+def test_unreachable_endpoint_fails_in_bounded_time(s3, tmp_path, monkeypatch):
+    url = f"{s3.create_bucket('reach')}/hap"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens
+    cfg = _cfg(url, tmp_path)
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError) as err:
+        storage.pull_root(cfg)
+    assert time.monotonic() - started < BOUND_S
+    _assert_one_clean_line(err.value, url, "unreachable")
+
+
+def test_silent_endpoint_is_cut_by_the_read_timeout(s3, tmp_path, monkeypatch):
+    """A server that accepts connections and never answers (a hung proxy) costs the bound, not forever."""
+    url = f"{s3.create_bucket('silent')}/hap"
+    with socket.socket() as sink:
+        sink.bind(("127.0.0.1", 0))
+        sink.listen(16)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sink.getsockname()[1]}")
+        started = time.monotonic()
+        with pytest.raises(storage.StorageError) as err:
+            storage.check(url, _cfg(url, tmp_path).storage)
+        assert time.monotonic() - started < BOUND_S
+    _assert_one_clean_line(err.value, url, "unreachable")
+
+
+def test_missing_bucket_is_named(s3, tmp_path):
+    url = "s3://no-such-bucket-here/hap"
+    with pytest.raises(storage.StorageError) as err:
+        storage.pull_root(_cfg(url, tmp_path))
+    _assert_one_clean_line(err.value, url, "no such bucket")
+
+
+@pytest.fixture
+def denying_server():
+    """A moto server with authorization on: the test's key is unknown to it, so every call is denied."""
+    port = _free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0", "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("the denying moto server did not start")
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_denied_bucket_fails_at_once_without_credentials(s3, tmp_path, monkeypatch, denying_server):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", denying_server)
+    url = "s3://locked/hap"
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError) as err:
+        storage.pull_root(_cfg(url, tmp_path))
+    assert time.monotonic() - started < BOUND_S
+    _assert_one_clean_line(err.value, url, "access denied")
+
+
+def test_cli_on_an_unreachable_data_root_prints_one_line(s3, tmp_path):
+    url = "s3://hap-root/prod"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAP")}
+    env.update(
+        HAP_HOME=url,
+        HAP_WORKDIR=str(tmp_path),
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}",
+        HAP__STORAGE__CONNECT_TIMEOUT_SECONDS="1",
+        HAP__STORAGE__ATTEMPTS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "hap.cli", "data-version", "--date", "2026-11-02"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == storage.StorageError.exit_code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and url in lines[0] and "unreachable" in lines[0], proc.stderr
+    assert TEST_SECRET_KEY not in proc.stderr + proc.stdout
+
+
+def test_redact_removes_credentials(s3):
+    text = (
+        f"key {TEST_ACCESS_KEY} secret {TEST_SECRET_KEY} "
+        "url s3://user:pa55word@bucket/x https://h/o?X-Amz-Credential=AKIAXXXXXXXXXXXXXXXX%2F&X-Amz-Signature=abc"
+    )
+    out = storage.redact(text)
+    for secret in (TEST_ACCESS_KEY, TEST_SECRET_KEY, "pa55word", "AKIAXXXXXXXXXXXXXXXX", "=abc"):
+        assert secret not in out, out
+    assert "s3://***@bucket/x" in out
