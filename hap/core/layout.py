@@ -64,9 +64,25 @@ def raw_log(cfg: Config, date: dt.date | str, name: str) -> Path:
 
 def lake_url(cfg: Config) -> str:
     """The lake's root: an object-store URL as given (``s3://bucket/lake``), else a folder under the
-    data root. Each lake table is a Delta table below it (``hap.data.lake``)."""
+    data root. Each lake table is a Delta table below it (``hap.data.lake``).
+
+    On an object-store data root (``HAP_HOME=s3://...``) a relative lake lives in that bucket itself,
+    committed by Delta, never in the working copy: syncing Delta's files as plain files would lose
+    its commits (``hap.core.storage`` skips the folder)."""
     lake = cfg.paths.lake
-    return lake if "://" in lake else str(cfg.path("lake"))
+    if "://" in lake:
+        return lake
+    if cfg.root_url and not Path(lake).is_absolute():
+        return f"{cfg.root_url}/{lake}"
+    return str(cfg.path("lake"))
+
+
+def unsynced_folders(cfg: Config) -> list[str]:
+    """Top-level names of the data root the working-copy sync leaves alone: the configured ones, and
+    the lake when it lives in the data root's bucket (``lake_url``)."""
+    lake = cfg.paths.lake
+    in_bucket = bool(cfg.root_url) and "://" not in lake and not Path(lake).is_absolute()
+    return [*cfg.storage.sync_exclude, *([Path(lake).parts[0]] if in_bucket else [])]
 
 
 def quarantine_day(cfg: Config, date: dt.date | str) -> Path:

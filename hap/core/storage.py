@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hap.core import layout
 from hap.core.errors import HapError
 
 if TYPE_CHECKING:
@@ -216,7 +217,7 @@ def pull_root(cfg: Config) -> Synced:
     url = cfg.root_url
     if not url:
         return Synced(0, 0, 0)
-    home, exclude = cfg.home, cfg.storage.sync_exclude
+    home, exclude = cfg.home, layout.unsynced_folders(cfg)
     fs, root = filesystem(url, cfg.storage)
     home.mkdir(parents=True, exist_ok=True)
     record = _load_record(home, url)
@@ -254,7 +255,7 @@ def publish_root(cfg: Config) -> Synced:
     url = cfg.root_url
     if not url:
         return Synced(0, 0, 0)
-    home, exclude = cfg.home, cfg.storage.sync_exclude
+    home, exclude = cfg.home, layout.unsynced_folders(cfg)
     fs, root = filesystem(url, cfg.storage)
     record = _load_record(home, url)
     local = _local_files(home, exclude)

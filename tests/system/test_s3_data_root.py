@@ -28,17 +28,11 @@ pytestmark = pytest.mark.slow
 
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
 OVERRIDES: dict[str, Any] = {**TINY_OVERRIDES, "simulate.days": 2, **TINY_FLOW_RUN, "split.window_days": 1}
-# The lake stays where today's code puts it (under the data root, so in the bucket through the
-# working copy). Once HAP_LAKE_URL takes s3:// (Delta Lake), set this to f"s3://{LAKE_BUCKET}/lake".
-LAKE_URL: str | None = None
-LAKE_BUCKET = "hap-lake"
 
 
 def _environ(url: str, workdir: Path, remote: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP")}
     env.update(HAP_HOME=url, HAP_WORKDIR=str(workdir), HAP_DVC_REMOTE=remote)
-    if LAKE_URL:
-        env["HAP_LAKE_URL"] = LAKE_URL
     return env
 
 
@@ -50,8 +44,6 @@ def two_days(s3, prefect_harness, tmp_path_factory) -> dict[str, Any]:
 
     url = f"{s3.create_bucket('hap-root')}/prod"
     remote = f"{s3.create_bucket('hap-dvc')}/store"
-    if LAKE_URL:
-        s3.create_bucket(LAKE_BUCKET)
     root = tmp_path_factory.mktemp("s3root")
     producer = load_config(overrides=OVERRIDES, environ=_environ(url, root / "machine-a", remote))
     list(simulate_days(producer, D1, 2, progress=False))
@@ -98,6 +90,20 @@ def test_two_days_complete_with_everything_in_buckets(two_days):
         assert summary["version_data"]["pushed"], summary["version_data"]
         assert f"prod/metrics/dt={iso}/{layout.DAILY_RUN_FILE}" in keys
     assert any(k.startswith("store/files/md5/") for k in _objects(s3, "hap-dvc"))
+
+
+def test_the_lake_is_a_delta_table_in_the_root_bucket_not_in_the_working_copy(two_days):
+    """A relative lake on an object-store root lives in that bucket, committed by Delta: each day
+    is one commit per table, and the working copy never holds (or re-uploads) its files."""
+    from hap.data import lake
+
+    cfg, s3 = two_days["cfg"], two_days["s3"]
+    assert layout.lake_url(cfg) == f"{two_days['url']}/lake"
+    keys = set(_objects(s3, "hap-root"))
+    for table in ("samples", "fullflow"):
+        assert any(k.startswith(f"prod/lake/{table}/_delta_log/") for k in keys), table
+    assert lake.has_day(cfg, "samples", D1) and lake.has_day(cfg, "samples", D2)
+    assert not (cfg.home / "lake").exists()
 
 
 def test_a_fresh_clone_restores_a_registered_training_set_by_its_data_version(two_days, tmp_path):
