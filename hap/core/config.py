@@ -168,6 +168,8 @@ class SplitConfig(_Section):
     eval_max_requests: int = Field(ge=1)
     seed: int = 11
     batch_rows: int = Field(default=131072, ge=1024)
+    # share of the window's full-flow candidates kept as stage-order supervision (hap.data.fullflow_set)
+    fullflow_share: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class TowerConfig(_Section):
@@ -236,6 +238,10 @@ class TrainConfig(_Section):
     # grid by how far each got (stage_levels, higher = further); 0 turns it off
     stage_weight: float = Field(default=0.0, ge=0.0)
     stage_levels: dict[str, int] = {}
+    # the window's full-flow requests ordered by the logged ranking order (hap.model.distill): the
+    # weight of that pairwise loss (0 = off) and the requests per step it draws
+    fullflow_weight: float = Field(default=0.0, ge=0.0)
+    fullflow_batch_requests: int = Field(default=32, ge=1)
 
 
 class RoutingConfig(_Section):

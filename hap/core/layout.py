@@ -117,6 +117,11 @@ def eval_samples(cfg: Config, date: dt.date | str) -> Path:
     return eval_samples_of(eval_set(cfg, date))
 
 
+def fullflow_set(cfg: Config, date: dt.date | str) -> Path:
+    """The window's sampled full-flow rows, the stage-order supervision (``hap.data.fullflow_set``)."""
+    return cfg.path("training") / partition(date) / "fullflow"
+
+
 def profile_dir(cfg: Config, date: dt.date | str) -> Path:
     """The user-history profiles of the window ending on ``date`` (``hap.data.profile``)."""
     return cfg.path("training") / partition(date) / "profile"

@@ -23,6 +23,8 @@ Writes, atomically as one folder ``training/dt=D/``:
 - ``eval/part-0.parquet``: the full-flow eval set (every retrieved candidate of at most
   ``split.eval_max_requests`` requests, the ones with the smallest request hash).
 - ``train/_data_version.json``: the content hash of the training set (``hap.versioning``).
+- ``fullflow/part-0.parquet``: a hashed share (``split.fullflow_share``) of the window's full-flow
+  candidates with the stages they reached, the stage-order supervision (``hap.data.fullflow_set``).
 - ``profile/``: the user-history profiles, a point-in-time join of earlier days' logs
   (``hap.data.profile``), which training, evaluation and serving read (``hap.model.cross``).
 
@@ -62,6 +64,7 @@ from hap.core.errors import DataContractError, HapError
 from hap.core.hashing import unit_hash
 from hap.core.parquet import PARQUET_OPTIONS, RowGroupWriter
 from hap.data import lake, markers
+from hap.data.fullflow_set import write_fullflow_set
 from hap.data.profile import build_profiles
 
 PART_FILE = "part-0.parquet"
@@ -82,6 +85,7 @@ class SplitReport:
     by_difficulty: dict[str, int] = field(default_factory=dict)
     eval_requests: int = 0
     eval_rows: int = 0
+    fullflow_rows: int = 0  # the window's full-flow rows kept as stage-order supervision
     data_version: str = ""
     train_path: Path | None = None
     eval_path: Path | None = None
@@ -336,6 +340,9 @@ def build_training_set(cfg: Config, date: dt.date, mapper: Mapper = local_map) -
             report.lake_rows += lake_rows
             by_source.update(unit_sources)
         report.eval_rows = _write_eval_set(cfg, eval_day, eval_ids, eval_dir / PART_FILE)
+        fullflow_days = {d: _lake_dataset(cfg, "fullflow", d) for d in window if cfg.split.fullflow_share > 0}
+        fullflow_out = tmp / layout.fullflow_set(cfg, date).name / PART_FILE
+        report.fullflow_rows = write_fullflow_set(cfg, window, fullflow_days, drop, fullflow_out)
         samples_dir = tmp / layout.eval_samples(cfg, date).name
         samples_dir.mkdir()
         _write_eval_samples(cfg, eval_day, eval_ids, samples_dir / PART_FILE)

@@ -162,6 +162,7 @@ class Batch:
     valid: torch.Tensor  # [B, C] bool
     col_group: torch.Tensor  # [C] long: -1 for the positive, else index into GROUPS
     cross: torch.Tensor | None = None  # [B, C, F] user x item cross features (None: the model has none)
+    fullflow: Any = None  # the step's full-flow requests (hap.model.distill.FullflowBatch), or None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -253,6 +254,7 @@ class TrainData:
     validation request)."""
 
     rank_local = False  # every DDP rank builds the same global batch and trains on its slice
+    fullflow = None  # no full-flow supervision in memory (hap.model.distill; the streamed set loads it)
 
     def __init__(
         self,

@@ -12,7 +12,14 @@ These features state that match directly:
   cascade chose for them: exposures, ``rank_neg``, ``prerank_neg``) in the candidate's category,
   over the profile's days;
 - ``user_clicked``: the same of the user's share of clicks in the candidate's category;
-- ``segment_ctr``: ``log`` of the user segment x category click rate over the base rate, smoothed.
+- ``segment_ctr``: ``log`` of the user segment x category click rate over the base rate, smoothed;
+- ``retrieval``: what the stage before the pre-ranker said about the candidate, as a real
+  pre-ranker receives it: ``-log`` of its retrieval position (the true affinity falls about
+  linearly in it, bench/results/model_quality.md), and a missing indicator. Retrieval's error is
+  independent of the pre-ranker's, so the model's estimate and retrieval's combine. Global
+  negatives passed through no stage and carry no position: they read 0 and indicator 1 (a value
+  imputed without the flag would teach the model that any position can be a random item); every
+  candidate served or evaluated has a position, so the indicator is 0 there. Two columns.
 
 The profile is ``hap.data.profile``'s point-in-time table: a training row of day ``a`` reads the
 profile ``as_of`` ``a`` (earlier days only); evaluation and serving read ``serve_as_of`` (the eval
@@ -35,10 +42,30 @@ from hap.core import schema
 from hap.core.errors import HapError
 from hap.data import profile as prof
 
-CROSS_FEATURES: tuple[str, ...] = ("seq_match", "user_logged", "user_clicked", "segment_ctr")
+CROSS_FEATURES: tuple[str, ...] = ("seq_match", "user_logged", "user_clicked", "segment_ctr", "retrieval")
+WIDTHS: dict[str, int] = {"retrieval": 2}  # columns a feature takes (1 unless listed)
+PROFILE_FEATURES: tuple[str, ...] = ("user_logged", "user_clicked", "segment_ctr")  # read the profile
+RETRIEVAL_COLUMN = "retrieval_pos"
 SMOOTHING = 20.0  # pseudo-exposures at the base rate in segment_ctr
 SHARE_SCALE = 100.0  # a profile share s enters as log1p(100 s): 0..4.6, the scale of the other inputs
 _SHIFT = 24  # pair key = a << _SHIFT | b (hashed ids lie below contract.hash_buckets <= 2^24)
+
+
+def cross_width(names: list[str] | tuple[str, ...]) -> int:
+    """Columns the cross features ``names`` take in the head's input."""
+    return sum(WIDTHS.get(n, 1) for n in names)
+
+
+def retrieval_columns(table: pa.Table) -> np.ndarray:
+    """``[rows, 2]``: ``-log(retrieval_pos)`` and whether the position is missing (null or 0)."""
+    if RETRIEVAL_COLUMN not in table.column_names:
+        raise HapError(
+            f"model.cross_features 'retrieval' reads the candidates' {RETRIEVAL_COLUMN} column, which the "
+            f"input does not carry (columns: {table.column_names[:8]}...)"
+        )
+    pos = pc.fill_null(table[RETRIEVAL_COLUMN], 0).to_numpy(zero_copy_only=False).astype(np.float64)
+    missing = pos <= 0
+    return np.stack([np.where(missing, 0.0, -np.log(np.maximum(pos, 1.0))), missing.astype(np.float64)], 1)
 
 
 def profile_folder(training_set: Path) -> Path:
@@ -95,14 +122,19 @@ class CrossFeatures:
 
     @property
     def width(self) -> int:
-        return len(self.names)
+        return cross_width(self.names)
+
+    def offsets(self) -> dict[str, int]:
+        """First column of each feature in the encoded matrix."""
+        widths = [WIDTHS.get(n, 1) for n in self.names]
+        return dict(zip(self.names, np.cumsum([0, *widths[:-1]]).tolist()))
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def load(cls, names: list[str] | tuple[str, ...], folder: Path | None) -> CrossFeatures:
         """From a ``hap.data.profile`` folder (the split's, or a bundle's copy)."""
         names = tuple(names)
-        if not names:
+        if not set(names) & set(PROFILE_FEATURES + ("seq_match",)):
             return cls(names)
         if folder is None or not (Path(folder) / prof.META_FILE).exists():
             raise HapError(
@@ -144,10 +176,13 @@ class CrossFeatures:
         if not self.names or n == 0:
             return out
         cat = table["i_category"].to_numpy(zero_copy_only=False).astype(np.int64)
-        for j, name in enumerate(self.names):
+        at = self.offsets()
+        for j, name in zip(at.values(), self.names):
             if name == "seq_match":
                 out[:, j] = np.log1p(self._seq_match(table, cat, seq_len))
-        profile_cols = [j for j, name in enumerate(self.names) if name != "seq_match"]
+            elif name == "retrieval":
+                out[:, j : j + 2] = retrieval_columns(table)
+        profile_cols = [at[name] for name in self.names if name in PROFILE_FEATURES]
         if not profile_cols or not self.days:
             return out
         for day, rows in self._rows_by_day(table).items():
@@ -156,8 +191,8 @@ class CrossFeatures:
                 continue
             user = table["u_id"].to_numpy()[rows].astype(np.int64)
             seg = table["u_city"].to_numpy()[rows].astype(np.int64)
-            for j in profile_cols:
-                name = self.names[j]
+            for name in (n for n in self.names if n in PROFILE_FEATURES):
+                j = at[name]
                 key = pair_key(seg if name == "segment_ctr" else user, cat[rows])
                 value = getattr(p, name).get(key)
                 out[rows, j] = value if name == "segment_ctr" else np.log1p(SHARE_SCALE * value)

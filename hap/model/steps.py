@@ -13,6 +13,7 @@ from torch import nn
 
 from hap.core.config import Config
 from hap.model.batches import GROUPS, Batch, TrainData
+from hap.model.distill import fullflow_term
 from hap.model.losses import (
     difficulty_masks,
     group_losses,
@@ -51,10 +52,12 @@ def stage_term(cfg: Config, logits: torch.Tensor, b: Batch) -> torch.Tensor | No
 
 
 def train_step(cfg: Config, m: Member, b: Batch, device: torch.device, world: int, step: int) -> float:
+    fullflow = fullflow_term(cfg, m.net, b.fullflow, device) if b.fullflow is not None else None
     b = m.view(b)
     m.opt.zero_grad(set_to_none=True)
     logits = forward(m.net, b, device)
     aux = stage_term(cfg, logits, b)
+    aux = fullflow if aux is None else aux if fullflow is None else aux + fullflow
     if cfg.train.loss != "ghcl":
         loss = variant_loss(cfg, logits, b)
         loss = loss if aux is None else loss + aux

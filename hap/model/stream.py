@@ -57,6 +57,7 @@ from hap.model.batches import (
     refuse_non_finite,
 )
 from hap.model.cross import CrossFeatures, profile_folder
+from hap.model.distill import FullflowData
 
 SCAN_COLUMNS = ["dt", "request_id", "source", *DENSE_ORDER]
 ITEM_COLUMNS = [*ITEM_CATEGORICAL, *schema.ITEM_DENSE]  # what ``FeatureSpec.encode_items`` reads
@@ -138,6 +139,7 @@ class StreamingTrainData:
         if spec is None:
             self.spec.cross = CrossFeatures.load(cfg.model.cross_features, profile_folder(path))
         self.col_group = column_layout(cfg.train.group_proportions)
+        self.fullflow = FullflowData.load(cfg, Path(path).parent / "fullflow", self.spec)
         self.n_train_anchors = sum(s.train_anchors for s in shards)
         self.n_val_anchors = sum(s.val_anchors for s in shards)
         if self.n_train_anchors == 0 or self.n_val_anchors == 0:

@@ -41,6 +41,7 @@ from hap.model.batches import (
     N_USER_DENSE,
     REQUEST_CATEGORICAL,
 )
+from hap.model.cross import cross_width
 
 BUNDLE_FORMAT = "hap-bundle/1"
 N_REQ_CAT, N_ITEM_CAT = len(REQUEST_CATEGORICAL), len(ITEM_CATEGORICAL)
@@ -277,7 +278,7 @@ def build_models(model_cfg: ModelConfig | dict[str, Any]) -> tuple[LightweightMo
         embed_dim=m.embed_dim,
         seq_len=m.seq_len,
         behaviour_features=tuple(m.behaviour_features),
-        cross_dim=len(m.cross_features),
+        cross_dim=cross_width(m.cross_features),
     )
     return (
         LightweightModel(tower_dims=m.light.tower_dims, mlp_dims=m.light.mlp_dims, **common),

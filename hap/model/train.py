@@ -122,6 +122,8 @@ def train_epoch(
         m.raw.train()
     sums, n = {m.name: 0.0 for m in active}, 0
     for gb in data.batches(p.epoch, "train"):
+        if data.fullflow is not None:  # the step's full-flow requests (hap.model.distill)
+            gb.fullflow = data.fullflow.batch(p.step)
         for name, loss in train_step_all(cfg, active, gb, p, w, members[0]).items():
             if not math.isfinite(loss):  # a NaN loss poisons every weight: stop, write nothing
                 raise NonFiniteData(

@@ -3,8 +3,9 @@
 The version's artifacts are the whole bundle folder written by ``hap train`` (light and
 expressive weights, ``bundle.json`` with the routing config and calibrated threshold). Loading
 goes through ``hap.model.serving.load_bundle``, so the registry serves exactly the DAMR scorer that
-``hap evaluate`` measured. Input: one row per candidate with ``request_id``, ``item_id`` and the
-29 feature columns; rows of several requests may be mixed. Output, in input order: the final
+``hap evaluate`` measured. Input: one row per candidate with ``request_id``, ``item_id``,
+``retrieval_pos`` (its position in the retrieval stage's list) and the 29 feature columns; rows of
+several requests may be mixed. Output, in input order: the final
 DAMR score (the order's sort key), the served probability ``prob`` (P(click | exposed), the
 calibrated score ``hap evaluate`` measures), the light score, the expressive score (NaN where not
 routed), the routing decision and the final rank within the request.
@@ -22,7 +23,9 @@ import pandas as pd
 from hap.core import schema
 
 BUNDLE_ARTIFACT = "bundle"
-INPUT_COLUMNS: tuple[str, ...] = ("request_id", "item_id", *schema.FEATURE_COLUMNS)
+# retrieval_pos: the candidate's position in the retrieval stage's list, as a pre-ranker receives it
+# (the ``retrieval`` cross feature reads it, hap.model.cross)
+INPUT_COLUMNS: tuple[str, ...] = ("request_id", "item_id", "retrieval_pos", *schema.FEATURE_COLUMNS)
 OUTPUT_COLUMNS: tuple[str, ...] = (
     "request_id",
     "item_id",

@@ -1,0 +1,119 @@
+"""The logged ranking order of the window's full-flow requests as a training signal (RecFlow).
+
+The sampled logs teach the pre-ranker around the clicks; the full-flow rows (``hap.data.
+fullflow_set``) show, for a share of every retrieved candidate, how far it got: the ranking stage's
+order among the pre-ranker's top, the pre-ranker's order below it. Both stages rank by the true
+preference plus noise independent of each other and of the model, so a model fitted to their order
+over many requests learns the preference, not their noise, on the very candidate distribution it is
+served (all retrieved candidates, not only the ones around a click).
+
+Each training step adds ``train.fullflow_weight`` x a pairwise logistic loss over
+``train.fullflow_batch_requests`` such requests: every pair of a request's rows whose logged order
+differs, the one further along should score higher. GHCL's per-group losses over the anchors are
+unchanged; this term sits beside them like the stage loss (``losses.stage_loss``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hap.core.config import Config
+from hap.data.fullflow_set import read_fullflow_set, stage_key
+
+
+@dataclass
+class FullflowBatch:
+    """``B`` full-flow requests x ``K`` of their candidates, and the logged order's key."""
+
+    batch: object  # hap.model.batches.Batch (col_group all 0: no GHCL group)
+    key: torch.Tensor  # [B, K] higher = further along the cascade
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> FullflowBatch:
+        return FullflowBatch(self.batch.to(device), self.key.to(device, non_blocking=non_blocking))
+
+
+class FullflowData:
+    """The full-flow rows as a padded ``[requests, candidates]`` grid of encoded tensors."""
+
+    def __init__(self, cfg: Config, table: pa.Table, spec: object) -> None:
+        self.cfg = cfg
+        rid = table["request_id"].to_numpy()
+        uniq, ri = np.unique(rid, return_inverse=True)
+        order = np.argsort(ri, kind="stable")
+        counts = np.bincount(ri, minlength=len(uniq))
+        starts = np.cumsum(counts) - counts
+        col = np.empty(len(ri), np.int64)
+        col[order] = np.arange(len(ri)) - np.repeat(starts, counts)
+        n, k = len(uniq), int(counts.max())
+        enc = spec.encode(table)
+        first = order[starts]
+        self.req_cat = torch.from_numpy(enc["req_cat"][first])
+        self.req_dense = torch.from_numpy(enc["req_dense"][first])
+        self.seq = torch.from_numpy(enc["seq"][first])
+
+        def grid(values: np.ndarray, fill: float) -> torch.Tensor:
+            out = np.full((n, k, *values.shape[1:]), fill, dtype=values.dtype)
+            out[ri, col] = values
+            return torch.from_numpy(out)
+
+        self.item_cat = grid(enc["item_cat"], 0)
+        self.item_dense = grid(enc["item_dense"], 0)
+        self.cross = grid(enc["cross"], 0) if enc["cross"].shape[1] else None
+        self.key = grid(stage_key(table), -np.inf)
+        self.valid = grid(np.ones(len(ri), bool), False)
+        self.n_requests = n
+
+    @classmethod
+    def load(cls, cfg: Config, path: Path, spec: object) -> FullflowData | None:
+        """The training set's full-flow rows (``training/dt=D/fullflow``), or None when the term is
+        off or the split wrote none."""
+        if cfg.train.fullflow_weight <= 0:
+            return None
+        table = read_fullflow_set(path)
+        return cls(cfg, table, spec) if table is not None else None
+
+    def batch(self, step: int) -> FullflowBatch:
+        """The step's requests: a draw that depends only on (seed, step)."""
+        from hap.model.batches import Batch  # local: batches imports hap.model.cross only
+
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7_368_787 + step)
+        b = min(self.cfg.train.fullflow_batch_requests, self.n_requests)
+        idx = torch.randperm(self.n_requests, generator=gen)[:b]
+        batch = Batch(
+            self.req_cat[idx],
+            self.req_dense[idx],
+            self.seq[idx],
+            self.item_cat[idx],
+            self.item_dense[idx],
+            self.valid[idx],
+            torch.zeros(self.valid.shape[1], dtype=torch.long),
+            None if self.cross is None else self.cross[idx],
+        )
+        return FullflowBatch(batch, self.key[idx])
+
+
+def order_loss(logits: torch.Tensor, key: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean ``softplus(s_j - s_i)`` over the valid pairs of a request with ``key_i > key_j``."""
+    better = (key[:, :, None] > key[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    diff = logits[:, None, :] - logits[:, :, None]  # s_j - s_i at [b, i, j]
+    return (F.softplus(diff) * better).sum() / better.sum().clamp(min=1)
+
+
+def fullflow_term(
+    cfg: Config, net: nn.Module, fb: FullflowBatch | None, device: torch.device
+) -> torch.Tensor | None:
+    """``train.fullflow_weight`` x the order loss of ``net`` on the step's full-flow requests."""
+    if fb is None or cfg.train.fullflow_weight <= 0:
+        return None
+    from hap.model.member import forward  # local: member imports the training modules
+
+    fb = fb.to(device)
+    logits = forward(net, fb.batch, device)
+    return cfg.train.fullflow_weight * order_loss(logits, fb.key, fb.batch.valid)
