@@ -174,8 +174,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     environ["HAP_HOME"] = str(args.home)
-    base = load_config(environ=environ)
-    date = prepare(base)
+    base = load_config(overrides=args.set, environ=environ)
+    date = layout.day(args.date) if args.date else prepare(base)
+    if not layout.eval_set(base, date).exists():
+        raise SystemExit(f"no eval set at {layout.eval_set(base, date)}; run `hap split --date {date}` first")
     t0 = time.perf_counter()
     models = trained_models(base, date, args.seeds, Path(args.home) / "gate-bundles")
     train_wall = time.perf_counter() - t0
@@ -200,6 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     return {
         "date": date.isoformat(),
+        "overrides": list(args.set),
         "primary": primary,
         "seeds": [m["seed"] for m in models],
         "n_requests": int(models[0]["metrics"].get("n_requests") or 0),
@@ -328,6 +331,9 @@ def summarize(payload: dict[str, Any]) -> str:
 def main() -> None:
     p = seeded_parser(__doc__, "bench-gate", seeds=8)
     p.add_argument("--deltas", type=lambda s: [float(x) for x in s.split(",")], default=list(DELTAS))
+    p.add_argument("--date", help="gate models trained on this already split day of --home (its window "
+                   "ending there, its eval day the next) instead of simulating the default window")
+    p.add_argument("--set", action="append", default=[], help="a config override, as `hap --set`")
     args = p.parse_args()
     if args.from_json:
         payload = json.loads(args.from_json.read_text())

@@ -227,6 +227,9 @@ class TrainConfig(_Section):
     # grid by how far each got (stage_levels, higher = further); 0 turns it off
     stage_weight: float = Field(default=0.0, ge=0.0)
     stage_levels: dict[str, int] = {}
+    # weight averaging (Polyak / EMA): validation, early stopping and the bundle use an exponential
+    # moving average of each tower's weights, updated after every step with this decay; 0 = off
+    ema_decay: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
 class RoutingConfig(_Section):

@@ -139,10 +139,11 @@ def train_epoch(
 def eval_step(cfg: Config, m: Member, val: list[Batch], epoch: int, device: torch.device) -> float:
     """Validate one member and update its early-stopping state (best weights, patience)."""
     m.raw.eval()
+    m.scored.eval()
     metric, _ = validate(m, val, device)
     if metric > m.best_metric + 1e-6:
         m.best_metric, m.best_epoch, m.bad = metric, epoch, 0
-        m.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in m.raw.state_dict().items()})
+        m.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in m.scored.state_dict().items()})
     else:
         m.bad += 1
         m.done = m.bad >= cfg.train.patience
@@ -308,10 +309,12 @@ def _start(
 
 
 def _keep_best(members: list[Member]) -> None:
-    """Early stopping's choice: each tower goes back to its best validation epoch, in eval mode."""
+    """Early stopping's choice: each tower goes back to its best validation epoch (its averaged
+    weights when training averages them), in eval mode."""
     for m in members:
         if m.best_state is not None:
             m.raw.load_state_dict(m.best_state)
+        m.avg = None  # from here on the tower itself is what is validated and saved
         m.raw.eval()
 
 
