@@ -331,8 +331,11 @@ def summarize(payload: dict[str, Any]) -> str:
 def main() -> None:
     p = seeded_parser(__doc__, "bench-gate", seeds=8)
     p.add_argument("--deltas", type=lambda s: [float(x) for x in s.split(",")], default=list(DELTAS))
-    p.add_argument("--date", help="gate models trained on this already split day of --home (its window "
-                   "ending there, its eval day the next) instead of simulating the default window")
+    p.add_argument(
+        "--date",
+        help="gate models trained on this already split day of --home (its window "
+        "ending there, its eval day the next) instead of simulating the default window",
+    )
     p.add_argument("--set", action="append", default=[], help="a config override, as `hap --set`")
     args = p.parse_args()
     if args.from_json:

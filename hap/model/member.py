@@ -72,6 +72,7 @@ class Member:
         self.last_weights: torch.Tensor | None = None
         self.best_metric, self.best_epoch, self.bad, self.done = -1.0, -1, 0, False
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.last_metric, self.last_epoch = -1.0, -1  # the last validation (train.keep: last)
         self.scout: nn.Module | None = None  # "served": the light model that picks the easy negatives
         self.easy_top = cfg.train.expressive_easy_top
 

@@ -74,7 +74,7 @@ def test_the_scored_weights_are_the_moving_average_of_every_step(window: Config)
             expected[name] = w if step == 0 else DECAY * expected[name] + (1 - DECAY) * w
     assert step >= 3
     scored = dict(light.scored.named_parameters())
-    for name, p in light.raw.named_parameters():
+    for name, _ in light.raw.named_parameters():
         assert torch.allclose(scored[name], expected[name], atol=1e-6), name
     assert any(not torch.equal(scored[n], p) for n, p in light.raw.named_parameters())
 
@@ -113,7 +113,25 @@ def test_a_resumed_averaged_run_equals_an_uninterrupted_one(
         one = window.updated({"train.epochs": 1})
         train.fit(one, _data(one), tmp_path / "resumed", tmp_path / "ck2", meta=meta, log=False)
     monkeypatch.undo()
-    train.fit(window, _data(window), tmp_path / "resumed", tmp_path / "ck2", resume=True, meta=meta, log=False)
+    resumed = tmp_path / "resumed"
+    train.fit(window, _data(window), resumed, tmp_path / "ck2", resume=True, meta=meta, log=False)
     for tower in ("light", "expressive"):
         a, b = _weights(tmp_path / "straight", tower), _weights(tmp_path / "resumed", tower)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), tower
+
+
+def test_keep_last_trains_every_epoch_and_keeps_the_last_average(window: Config, tmp_path: Path) -> None:
+    """``train.keep: last``: no early stop, no selection on validation; the bundle is the average
+    after the last step, which is the ``best`` run's bundle when validation picks the last epoch."""
+    from hap.model import train
+
+    meta = {"date": DATE.isoformat(), "data_version": "test"}
+    last_cfg = window.updated({"train.keep": "last", "train.patience": 1, "train.epochs": 3})
+    result = train.fit(last_cfg, _data(last_cfg), tmp_path / "last", meta=meta, log=False)
+    assert result.epochs_run == 3 and result.best_epoch == {"light": 2, "expressive": 2}
+    two = window.updated({"train.keep": "last", "train.epochs": 2})
+    train.fit(two, _data(two), tmp_path / "two", meta=meta, log=False)
+    best = train.fit(window, _data(window), tmp_path / "best", meta=meta, log=False)
+    if best.best_epoch["light"] == 1:  # validation picked the last epoch: the same weights
+        a, b = _weights(tmp_path / "two", "light"), _weights(tmp_path / "best", "light")
+        assert all(torch.equal(a[k], b[k]) for k in a)
