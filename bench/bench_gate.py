@@ -23,7 +23,9 @@ does it let through one that is worse by a given amount of the primary metric?
 5. The same pairs are also judged by the rule before issue 29 (every slice blocking, 95% each:
    ``slice_decisive_ratio`` = inf, ``slice_adjust`` = none), for comparison.
 
-Options: ``--seeds 8 --deltas 0.005,0.01,0.015,0.02,0.03 --home DIR``.
+Options: ``--seeds 8 --deltas 0.005,0.01,0.015,0.02,0.03 --home DIR``; ``--date D`` gates models
+trained on an already split day of ``--home`` (e.g. ``make run``'s window 2026-11-03..05 with
+``--date 2026-11-05``), ``--set key=value`` overrides the config as ``hap --set`` does.
 """
 
 from __future__ import annotations
@@ -231,7 +233,9 @@ def summarize(payload: dict[str, Any]) -> str:
     g = payload["gate"]
     scores = np.asarray(payload["primary_by_seed"])
     lines = [
-        f"Default world, window ending {payload['date']}, {payload['n_requests']} eval requests; "
+        f"Default world, window ending {payload['date']}, {payload['n_requests']} eval requests"
+        + (f" (overrides: {' '.join(payload['overrides'])})" if payload.get("overrides") else "")
+        + "; "
         f"{len(payload['seeds'])} training seeds ({primary} {scores.mean():.4f} ± {scores.std(ddof=1):.4f} "
         f"std over seeds), {n} pairs (champion seed i, challenger seed j > i). Gate: margin {g['margin']} on "
         f"{primary}, slice margin {g['max_slice_regression']}, a slice blocks only when its half-width <= "
