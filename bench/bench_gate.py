@@ -23,7 +23,9 @@ does it let through one that is worse by a given amount of the primary metric?
 5. The same pairs are also judged by the rule before issue 29 (every slice blocking, 95% each:
    ``slice_decisive_ratio`` = inf, ``slice_adjust`` = none), for comparison.
 
-Options: ``--seeds 8 --deltas 0.005,0.01,0.015,0.02,0.03 --home DIR``.
+Options: ``--seeds 8 --deltas 0.005,0.01,0.015,0.02,0.03 --home DIR``; ``--date D`` gates models
+trained on an already split day of ``--home`` (e.g. ``make run``'s window 2026-11-03..05 with
+``--date 2026-11-05``), ``--set key=value`` overrides the config as ``hap --set`` does.
 """
 
 from __future__ import annotations
@@ -174,8 +176,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     environ["HAP_HOME"] = str(args.home)
-    base = load_config(environ=environ)
-    date = prepare(base)
+    base = load_config(overrides=args.set, environ=environ)
+    date = layout.day(args.date) if args.date else prepare(base)
+    if not layout.eval_set(base, date).exists():
+        raise SystemExit(f"no eval set at {layout.eval_set(base, date)}; run `hap split --date {date}` first")
     t0 = time.perf_counter()
     models = trained_models(base, date, args.seeds, Path(args.home) / "gate-bundles")
     train_wall = time.perf_counter() - t0
@@ -200,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
     return {
         "date": date.isoformat(),
+        "overrides": list(args.set),
         "primary": primary,
         "seeds": [m["seed"] for m in models],
         "n_requests": int(models[0]["metrics"].get("n_requests") or 0),
@@ -228,7 +233,9 @@ def summarize(payload: dict[str, Any]) -> str:
     g = payload["gate"]
     scores = np.asarray(payload["primary_by_seed"])
     lines = [
-        f"Default world, window ending {payload['date']}, {payload['n_requests']} eval requests; "
+        f"Default world, window ending {payload['date']}, {payload['n_requests']} eval requests"
+        + (f" (overrides: {' '.join(payload['overrides'])})" if payload.get("overrides") else "")
+        + "; "
         f"{len(payload['seeds'])} training seeds ({primary} {scores.mean():.4f} ± {scores.std(ddof=1):.4f} "
         f"std over seeds), {n} pairs (champion seed i, challenger seed j > i). Gate: margin {g['margin']} on "
         f"{primary}, slice margin {g['max_slice_regression']}, a slice blocks only when its half-width <= "
@@ -328,6 +335,12 @@ def summarize(payload: dict[str, Any]) -> str:
 def main() -> None:
     p = seeded_parser(__doc__, "bench-gate", seeds=8)
     p.add_argument("--deltas", type=lambda s: [float(x) for x in s.split(",")], default=list(DELTAS))
+    p.add_argument(
+        "--date",
+        help="gate models trained on this already split day of --home (its window "
+        "ending there, its eval day the next) instead of simulating the default window",
+    )
+    p.add_argument("--set", action="append", default=[], help="a config override, as `hap --set`")
     args = p.parse_args()
     if args.from_json:
         payload = json.loads(args.from_json.read_text())

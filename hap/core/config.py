@@ -242,6 +242,12 @@ class TrainConfig(_Section):
     # weight of that pairwise loss (0 = off) and the requests per step it draws
     fullflow_weight: float = Field(default=0.0, ge=0.0)
     fullflow_batch_requests: int = Field(default=32, ge=1)
+    # weight averaging (Polyak / EMA): validation, early stopping and the bundle use an exponential
+    # moving average of each tower's weights, updated after every step with this decay; 0 = off
+    ema_decay: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # which epoch's weights the bundle keeps: the best on validation (early stopping's choice) or the
+    # last one trained (a fixed number of steps, no selection on a noisy validation metric)
+    keep: Literal["best", "last"] = "best"
 
 
 class RoutingConfig(_Section):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from hap.core.config import Config
 from hap.core.errors import HapError
@@ -63,11 +64,27 @@ class Member:
                 self.raw, device_ids=[device.index] if device.type == "cuda" else None
             )
         self.harm = Harmonizer(cfg.train.harmonization)
+        # Polyak/EMA weights: what validation and the bundle see when train.ema_decay > 0 (buffers,
+        # e.g. the behaviour lookup fitted before training, are copied once and never averaged)
+        self.avg: AveragedModel | None = None
+        if cfg.train.ema_decay > 0:
+            self.avg = AveragedModel(self.raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
         self.last_weights: torch.Tensor | None = None
         self.best_metric, self.best_epoch, self.bad, self.done = -1.0, -1, 0, False
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.last_metric, self.last_epoch = -1.0, -1  # the last validation (train.keep: last)
         self.scout: nn.Module | None = None  # "served": the light model that picks the easy negatives
         self.easy_top = cfg.train.expressive_easy_top
+
+    @property
+    def scored(self) -> nn.Module:
+        """The weights validation measures and the bundle keeps: the average when there is one."""
+        return self.avg.module if self.avg is not None else self.raw
+
+    def averaged_step(self) -> None:
+        """Fold the weights after an optimizer step into the average (no-op without averaging)."""
+        if self.avg is not None:
+            self.avg.update_parameters(self.raw)
 
     def view(self, b: Batch) -> Batch:
         if self.scout is not None:
@@ -84,6 +101,7 @@ class Member:
             "bad": self.bad,
             "done": self.done,
             "best_state": self.best_state,
+            "avg": self.avg.state_dict() if self.avg is not None else None,
         }
 
     def load(self, s: dict[str, Any]) -> None:
@@ -97,6 +115,8 @@ class Member:
             s["done"],
         )
         self.best_state = s["best_state"]
+        if self.avg is not None:
+            self.avg.load_state_dict(s["avg"])
 
 
 @torch.no_grad()

@@ -90,6 +90,7 @@ def train_step(cfg: Config, m: Member, b: Batch, device: torch.device, world: in
             loss = loss if aux is None else loss + aux
             loss.backward()
     m.opt.step()
+    m.averaged_step()
     return float(loss.detach())
 
 
@@ -131,13 +132,14 @@ def diagnostics(cfg: Config, m: Member, b: Batch, device: torch.device) -> dict[
 
 @torch.no_grad()
 def validate(m: Member, batches: list[Batch], device: torch.device) -> tuple[float, np.ndarray]:
-    """Mean over groups of P(s_pos > s_neg) on validation anchors; also every valid light score."""
+    """Mean over groups of P(s_pos > s_neg) on validation anchors; also every valid light score.
+    Measures ``m.scored``: the averaged weights when training averages them."""
     hits = torch.zeros(len(GROUPS), dtype=torch.float64)
     tot = torch.zeros(len(GROUPS), dtype=torch.float64)
     scores = []
     for b in batches:
         b = m.view(b.to(device))
-        s = forward(m.raw, b, device)
+        s = forward(m.scored, b, device)
         onehot = (
             torch.nn.functional.one_hot(b.col_group.clamp(min=0), len(GROUPS)).double()
             * (b.col_group >= 0)[:, None]

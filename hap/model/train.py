@@ -141,13 +141,15 @@ def train_epoch(
 def eval_step(cfg: Config, m: Member, val: list[Batch], epoch: int, device: torch.device) -> float:
     """Validate one member and update its early-stopping state (best weights, patience)."""
     m.raw.eval()
+    m.scored.eval()
     metric, _ = validate(m, val, device)
+    m.last_metric, m.last_epoch = metric, epoch
     if metric > m.best_metric + 1e-6:
         m.best_metric, m.best_epoch, m.bad = metric, epoch, 0
-        m.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in m.raw.state_dict().items()})
+        m.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in m.scored.state_dict().items()})
     else:
         m.bad += 1
-        m.done = m.bad >= cfg.train.patience
+        m.done = m.bad >= cfg.train.patience and cfg.train.keep == "best"  # last: a fixed step count
     return metric
 
 
@@ -260,7 +262,7 @@ def fit(
     t0 = time.perf_counter()
     train_loop(cfg, data, members, p, w, ckpt, bound, say)
     seconds = time.perf_counter() - t0
-    _keep_best(members)
+    _keep_best(members, cfg.train.keep)
     _, val_light = validate(members[0], data.batches(0, "val"), w.device)
     threshold = calibrate_threshold(val_light, cfg.routing.rho)
     towers = [m.raw for m in members] + [None]
@@ -309,11 +311,16 @@ def _start(
     return Progress()
 
 
-def _keep_best(members: list[Member]) -> None:
-    """Early stopping's choice: each tower goes back to its best validation epoch, in eval mode."""
+def _keep_best(members: list[Member], keep: str = "best") -> None:
+    """Early stopping's choice: each tower goes back to its best validation epoch (its averaged
+    weights when training averages them), in eval mode; ``keep="last"``: the last epoch's weights."""
     for m in members:
-        if m.best_state is not None:
+        if keep == "last":
+            m.raw.load_state_dict(m.scored.state_dict())
+            m.best_metric, m.best_epoch = m.last_metric, m.last_epoch
+        elif m.best_state is not None:
             m.raw.load_state_dict(m.best_state)
+        m.avg = None  # from here on the tower itself is what is validated and saved
         m.raw.eval()
 
 
