@@ -60,7 +60,7 @@ def light_scores(bundle: Any, frame: pd.DataFrame) -> np.ndarray:
         raise ValueError("the bundle has no light model")
     from hap.model.serving import RequestIndex
 
-    columns = [c for c in ("request_id", "item_id", *schema.FEATURE_COLUMNS) if c in frame]
+    columns = [c for c in ("request_id", "item_id", "retrieval_pos", *schema.FEATURE_COLUMNS) if c in frame]
     ids = frame["request_id"].to_numpy() if "request_id" in frame else np.arange(len(frame))
     scores = bundle.tower_scores("light", frame[columns], index=RequestIndex.of(ids))
     return scores.astype(np.float64)

@@ -59,7 +59,8 @@ def indicator_columns(cfg: Config) -> list[str]:
 
 # ---- reading the lake -------------------------------------------------------------------------
 def _read_lake(cfg: Config, table: str, date: dt.date) -> pd.DataFrame:
-    columns = ["request_id", "item_id", "label", "content_type", *FEATURES]
+    # retrieval_pos: the champion's scores read it (model.cross_features 'retrieval')
+    columns = ["request_id", "item_id", "label", "content_type", "retrieval_pos", *FEATURES]
     if table == "samples":
         columns.append("source")
     parts = lake.require_day(cfg, table, date, "monitor")

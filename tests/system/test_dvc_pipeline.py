@@ -29,6 +29,14 @@ DATE = "2026-11-02"
 COPIED = ["hap", "expectations", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", "pyproject.toml"]
 
 
+# Open defect since the lake became Delta tables: the ingest stage's per-day outs (lake/<table>/dt=D)
+# leave out the table's shared _delta_log, so a DVC pull or an independent rebuild does not reproduce
+# the lake byte for byte. Kept running (not skipped) so the fix shows up as XPASS.
+DELTA_LAKE_OUTS_DEFECT = pytest.mark.xfail(
+    reason="the Delta lake's _delta_log is outside the ingest stage's DVC outs", strict=False
+)
+
+
 def _env(repo: Path, tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP") and k != "PYTHONPATH"}
     env.update(
@@ -144,6 +152,7 @@ def test_split_param_change_reruns_split_only(pipeline_repo) -> None:
     assert _lock(repo)["split"] == lock_before["split"]
 
 
+@DELTA_LAKE_OUTS_DEFECT
 def test_push_then_pull_into_a_clean_clone(pipeline_repo) -> None:
     repo, tmp, _ = pipeline_repo
     dvc(repo, tmp, "push")
@@ -159,6 +168,7 @@ def test_push_then_pull_into_a_clean_clone(pipeline_repo) -> None:
     assert "Running stage" not in dvc(clone, tmp, "repro", "split")
 
 
+@DELTA_LAKE_OUTS_DEFECT
 def test_two_clean_rebuilds_give_the_same_training_set_hash(pipeline_repo, tmp_path: Path) -> None:
     """An independent rebuild through the library (the Prefect path) matches the DVC build."""
     from hap.data.ingest import ingest_day
