@@ -26,6 +26,7 @@ from torch import nn
 
 from hap.core.config import Config
 from hap.data.fullflow_set import read_fullflow_set, stage_key
+from hap.model.serving import RequestIndex
 
 
 @dataclass
@@ -44,16 +45,10 @@ class FullflowData:
 
     def __init__(self, cfg: Config, table: pa.Table, spec: object) -> None:
         self.cfg = cfg
-        rid = table["request_id"].to_numpy()
-        uniq, ri = np.unique(rid, return_inverse=True)
-        order = np.argsort(ri, kind="stable")
-        counts = np.bincount(ri, minlength=len(uniq))
-        starts = np.cumsum(counts) - counts
-        col = np.empty(len(ri), np.int64)
-        col[order] = np.arange(len(ri)) - np.repeat(starts, counts)
-        n, k = len(uniq), int(counts.max())
+        index = RequestIndex.of(table["request_id"].to_numpy())
+        ri, col, first = index.row_request, index.column, index.first_row
+        n, k = len(index.counts), int(index.counts.max())
         enc = spec.encode(table)
-        first = order[starts]
         self.req_cat = torch.from_numpy(enc["req_cat"][first])
         self.req_dense = torch.from_numpy(enc["req_dense"][first])
         self.seq = torch.from_numpy(enc["seq"][first])
