@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,6 +42,17 @@ def dist_setup(cfg: Config) -> tuple[int, int, int]:
     return tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def warmed_ema(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
+    """An EMA whose decay warms up as ``min(decay, (1 + n) / (10 + n))`` over the n updates so far:
+    a short run (a tiny world, a few dozen steps) is not left averaging its initial weights."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: Any) -> None:
+        n = float(n)
+        get_ema_multi_avg_fn(min(decay, (1.0 + n) / (10.0 + n)))(averaged, current, n)
+
+    return update
+
+
 # ---- one model being trained -----------------------------------------------------------------------
 class Member:
     def __init__(
@@ -68,7 +80,7 @@ class Member:
         # e.g. the behaviour lookup fitted before training, are copied once and never averaged)
         self.avg: AveragedModel | None = None
         if cfg.train.ema_decay > 0:
-            self.avg = AveragedModel(self.raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+            self.avg = AveragedModel(self.raw, multi_avg_fn=warmed_ema(cfg.train.ema_decay))
         self.last_weights: torch.Tensor | None = None
         self.best_metric, self.best_epoch, self.bad, self.done = -1.0, -1, 0, False
         self.best_state: dict[str, torch.Tensor] | None = None

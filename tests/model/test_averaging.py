@@ -59,8 +59,9 @@ def _weights(bundle: Path, tower: str) -> dict[str, torch.Tensor]:
 
 
 def test_the_scored_weights_are_the_moving_average_of_every_step(window: Config) -> None:
-    """After each step the averaged weights are decay x the previous average + (1 - decay) x the
-    new weights (the first step's weights start it); the weights being trained stay the raw ones."""
+    """After step n the averaged weights are d x the previous average + (1 - d) x the new weights,
+    with d = min(decay, (1 + k) / (10 + k)) warming up over the k updates averaged so far (the first step's
+    weights start it); the weights being trained stay the raw ones."""
     from hap.model.member import build_members
     from hap.model.steps import train_step
 
@@ -71,7 +72,8 @@ def test_the_scored_weights_are_the_moving_average_of_every_step(window: Config)
         train_step(window, light, b, torch.device("cpu"), 1, step)
         for name, p in light.raw.named_parameters():
             w = p.detach().clone()
-            expected[name] = w if step == 0 else DECAY * expected[name] + (1 - DECAY) * w
+            d = min(DECAY, (1 + step) / (10 + step))  # step updates averaged before this one
+            expected[name] = w if step == 0 else d * expected[name] + (1 - d) * w
     assert step >= 3
     scored = dict(light.scored.named_parameters())
     for name, _ in light.raw.named_parameters():
