@@ -116,21 +116,35 @@ def simulate(
         )
 
 
-def _data_step(step: Callable[..., Any], date: str) -> None:
-    """Run a data step over the day's buckets on the configured engine; print its report."""
+def _data_step(step: Callable[..., Any], *dates: str | dt.date) -> None:
+    """Run a data step over each day's buckets on the configured engine (one engine session, days
+    in the order given); print each day's report."""
     from hap.core.engine import session
 
     with session(state.cfg) as mapper:
-        report = step(state.cfg, parse_date(date), mapper=mapper)
-    typer.echo(report.render())
+        for date in dates:
+            report = step(state.cfg, date if isinstance(date, dt.date) else parse_date(date), mapper=mapper)
+            typer.echo(report.render())
 
 
 @app.command()
-def ingest(date: DateOpt) -> None:
+def ingest(
+    date: Annotated[str | None, typer.Option("--date", "-d", help="Partition date, YYYY-MM-DD.")] = None,
+    pipeline_dates: Annotated[
+        bool,
+        typer.Option(
+            "--pipeline-dates",
+            help="Every day of params `pipeline.dates`, oldest first: what `dvc repro`'s ingest stage "
+            "builds, since each lake table (one Delta log over all days) is one DVC output.",
+        ),
+    ] = False,
+) -> None:
     """Join a day's exposure and ranking logs per request into the lake (atomic, idempotent)."""
     from hap.data.ingest import ingest_day
 
-    _data_step(ingest_day, date)
+    if (date is None) == (not pipeline_dates):
+        raise HapError("hap ingest: give either --date D or --pipeline-dates")
+    _data_step(ingest_day, *([date] if date else sorted(state.cfg.pipeline.dates)))
 
 
 @app.command("import-recflow")
