@@ -29,6 +29,7 @@ from hap.core import layout, schema
 from hap.core.config import Config
 from hap.core.engine import Mapper, local_map
 from hap.core.errors import DataContractError
+from hap.core.storage import redact
 from hap.data import lake, markers
 from hap.data.buckets import DayBuckets, cut_day, drop_cut, read_staged
 from hap.data.quarantine import quarantine_day
@@ -340,7 +341,7 @@ def _ingest(cfg: Config, date: dt.date, mapper: Mapper) -> IngestReport:
     # one commit per table; fullflow first, so a day whose samples are visible has its full flow
     for table in ("fullflow", "samples"):
         lake.commit_day(cfg, table, date, LAKE_TARGETS[table][2], written[table])
-        report.paths.append(f"{lake.redact(lake.table_url(cfg, table))}/{layout.partition(date)}")
+        report.paths.append(f"{redact(lake.table_url(cfg, table))}/{layout.partition(date)}")
     report.by_source = dict(by_source)
     drop_cut(cfg, date)  # the lake now holds the day; the buckets were a scratch copy
     return report

@@ -25,7 +25,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import re
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -41,35 +40,22 @@ from hap.core import layout
 from hap.core.config import Config
 from hap.core.errors import HapError
 from hap.core.parquet import RowGroupWriter
+from hap.core.storage import StorageError, is_url, redact
 
 PARTITION_BY = ["dt", "bucket"]
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
-class LakeUnavailable(HapError):
-    """The lake's storage cannot be reached, or refuses us (missing bucket, denied credentials)."""
+class LakeUnavailable(StorageError):
+    """The lake's storage cannot be reached, or refuses us (missing bucket, denied credentials).
+    The lake keeps its own bounds (``lake:``): delta-rs and pyarrow take other settings than fsspec."""
 
 
 # ---- storage: where a table lives and how to talk to it ---------------------------------------------
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-def redact(text: str) -> str:
-    """``text`` without credentials: URL user-info and the values of the AWS secret variables."""
-    text = re.sub(r"(://)[^/@\s]+@", r"\1***@", str(text))
-    for name in _SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
-
-
 def storage_options(cfg: Config, url: str) -> dict[str, str]:
     """delta-rs (object_store) options: bounded timeouts and retries, so that an unreachable store
     fails in ``lake.timeout_seconds``-sized steps. Credentials and the endpoint come from the
     ``AWS_*`` variables, as for every other client; nothing secret is passed here."""
-    if not is_remote(url):
+    if not is_url(url):
         return {}
     seconds = f"{cfg.lake.timeout_seconds}s"
     return {
@@ -82,7 +68,7 @@ def storage_options(cfg: Config, url: str) -> dict[str, str]:
 
 def filesystem(cfg: Config, url: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow's filesystem for ``url`` and the path inside it (same timeouts as ``storage_options``)."""
-    if not is_remote(url):
+    if not is_url(url):
         return pafs.LocalFileSystem(), str(Path(url.removeprefix("file://")))
     if not url.startswith("s3://"):
         return pafs.FileSystem.from_uri(url)

@@ -63,6 +63,7 @@ from hap.core.engine import Mapper, local_map
 from hap.core.errors import DataContractError, HapError
 from hap.core.hashing import unit_hash
 from hap.core.parquet import PARQUET_OPTIONS, RowGroupWriter
+from hap.core.storage import redact
 from hap.data import lake, markers
 from hap.data.fullflow_set import write_fullflow_set
 from hap.data.profile import build_profiles
@@ -142,7 +143,7 @@ def _lake_files(cfg: Config, table: str, date: dt.date) -> list[lake.Part]:
     parts = lake.day_parts(cfg, table, date)
     if not parts:
         raise HapError(
-            f"split: no lake data for {date} in {lake.redact(lake.table_url(cfg, table))} although it "
+            f"split: no lake data for {date} in {redact(lake.table_url(cfg, table))} although it "
             f"is marked validated; run `hap ingest --date {date}` and `hap validate --date {date}`"
         )
     return parts

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from hap.core import storage
 from hap.core.config import Config
 from hap.data import lake
 from hap.data.ingest import ingest_day
@@ -216,7 +217,7 @@ def test_an_unreachable_or_missing_store_fails_fast_in_one_line_without_credenti
 
 def test_redact_removes_credentials(monkeypatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
-    text = lake.redact("s3://AKIA:s3cr3t-value@bucket/x failed with s3cr3t-value")
+    text = storage.redact("s3://AKIA:s3cr3t-value@bucket/x failed with s3cr3t-value")
     assert "s3cr3t-value" not in text and "bucket/x" in text
 
 
