@@ -62,9 +62,12 @@ def configured(step: Task, cfg: Config) -> Task:
 @_task("ingest")
 def ingest(cfg: Config, date: dt.date, mapper: Mapper = local_map) -> dict[str, Any]:
     faults.maybe_inject(cfg, "ingest")
+    from hap.data import lake
     from hap.data.ingest import ingest_day
 
-    return summarize(ingest_day(cfg, date, mapper=mapper))
+    out = summarize(ingest_day(cfg, date, mapper=mapper))
+    out["vacuumed_files"] = sum(lake.vacuum(cfg).values())  # the lake's scheduled clean-up
+    return out
 
 
 @_task("validate")

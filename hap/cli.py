@@ -147,6 +147,16 @@ def ingest(
     _data_step(ingest_day, *([date] if date else sorted(state.cfg.pipeline.dates)))
 
 
+@app.command()
+def vacuum() -> None:
+    """Delete lake files no snapshot of the last ``lake.vacuum_retention_hours`` reads (replaced or
+    removed days, uncommitted leftovers); the daily flow runs it after every ingest."""
+    from hap.data import lake
+
+    for table, n in lake.vacuum(state.cfg).items():
+        typer.echo(f"vacuumed {table}: {n} files deleted")
+
+
 @app.command("import-recflow")
 def import_recflow(
     path: Annotated[Path, typer.Argument(help="RecFlow root holding all_stage/ and realshow/.")],

@@ -362,6 +362,7 @@ class LakeConfig(_Section):
     timeout_seconds: int = Field(default=10, ge=1)  # connect and per-request timeout on object storage
     max_retries: int = Field(default=1, ge=0)  # retries of one request before the step fails
     commit_retries: int = Field(default=3, ge=0)  # re-commits of a day after losing to a concurrent writer
+    vacuum_retention_hours: int = Field(default=168, ge=0)  # unreferenced files older than this are deleted
 
 
 class Config(_Section):

@@ -308,6 +308,32 @@ def _absolute(root: str, path: str) -> str:
     return f"{root}/{path}".removeprefix("file://")
 
 
+def vacuum(cfg: Config, tables: Sequence[str] = layout.LAKE_TABLES) -> dict[str, int]:
+    """Delete the files no recent snapshot reads: days replaced or removed by a commit, and files a
+    killed writer left uncommitted (``full``), once older than ``lake.vacuum_retention_hours``.
+    Without it every re-ingest or quarantine leaves its old files in the bucket for good. The
+    retention keeps what a running reader or a writer still before its commit can reach.
+    Returns the number of data files deleted per table (the empty folder markers some object
+    stores keep are deleted too, not counted)."""
+    removed: dict[str, int] = {}
+    for table in tables:
+        url = table_url(cfg, table)
+        with storage_errors(url, "vacuum"):
+            delta = _delta_table(cfg, table)
+            files = (
+                delta.vacuum(
+                    retention_hours=cfg.lake.vacuum_retention_hours,
+                    dry_run=False,
+                    enforce_retention_duration=False,  # the retention is ours (params.yaml), not Delta's 7 days
+                    full=True,
+                )
+                if delta is not None
+                else []
+            )
+        removed[table] = sum(1 for f in files if f.endswith(".parquet"))
+    return removed
+
+
 def has_day(cfg: Config, table: str, date: dt.date | str) -> bool:
     return bool(day_parts(cfg, table, date))
 

@@ -74,6 +74,33 @@ def test_publish_replace_and_remove_are_one_commit_each(lake_cfg: Config) -> Non
     assert lake.unpublish_day(cfg, DAY, tables=["samples"]) == []  # nothing left to remove
 
 
+def _parquet_files(cfg: Config, table: str) -> set[str]:
+    fs, root = lake.filesystem(cfg, lake.table_url(cfg, table))
+    found = fs.get_file_info(pa.fs.FileSelector(root, recursive=True))
+    return {f.path for f in found if f.path.endswith(".parquet")}
+
+
+def test_vacuum_deletes_replaced_and_uncommitted_files_only_past_the_retention(lake_cfg: Config) -> None:
+    cfg = lake_cfg
+    lake.publish_day(cfg, "samples", DAY, {0: _rows(5), 1: _rows(3, 100)})
+    lake.publish_day(cfg, "samples", DAY2, {0: _rows(4)})
+    lake.publish_day(cfg, "samples", DAY, {0: _rows(7, 1000)})  # replaces DAY's two files
+    fs, root = lake.filesystem(cfg, lake.table_url(cfg, "samples"))
+    fs.create_dir(f"{root}/dt={DAY}/bucket=3")
+    with fs.open_output_stream(f"{root}/dt={DAY}/bucket=3/part-00003-killed-writer.parquet") as out:
+        out.write(b"never committed")
+    live = {p.uri for d in (DAY, DAY2) for p in lake.day_parts(cfg, "samples", d)}
+    assert len(_parquet_files(cfg, "samples")) == len(live) + 3
+    # inside the retention (a reader may still hold an older snapshot): nothing goes
+    assert lake.vacuum(cfg.updated({"lake.vacuum_retention_hours": 168}), ["samples"]) == {"samples": 0}
+    assert len(_parquet_files(cfg, "samples")) == len(live) + 3
+    # past it: the two replaced files and the uncommitted one go, every committed day reads the same
+    assert lake.vacuum(cfg.updated({"lake.vacuum_retention_hours": 0}), ["samples"]) == {"samples": 3}
+    assert len(_parquet_files(cfg, "samples")) == len(live)
+    assert lake.read_day(cfg, "samples", DAY)["request_id"].to_pylist() == list(range(1000, 1007))
+    assert lake.read_day(cfg, "samples", DAY2).num_rows == 4
+
+
 def test_ingest_and_quarantine_on_the_lake(lake_cfg: Config) -> None:
     from hap.data.quarantine import quarantine_day
 
