@@ -324,7 +324,7 @@ def vacuum(cfg: Config, tables: Sequence[str] = layout.LAKE_TABLES) -> dict[str,
                 delta.vacuum(
                     retention_hours=cfg.lake.vacuum_retention_hours,
                     dry_run=False,
-                    enforce_retention_duration=False,  # the retention is ours (params.yaml), not Delta's 7 days
+                    enforce_retention_duration=False,  # the retention is params.yaml's, not Delta's
                     full=True,
                 )
                 if delta is not None
