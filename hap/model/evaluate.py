@@ -116,7 +116,7 @@ def load_eval_set(path: Path | str) -> EvalSet:
     table = ds.dataset(str(path), format="parquet").to_table()
     if table.num_rows == 0:
         raise HapError(f"the eval set at {path} is empty")
-    index = RequestIndex.of(table["request_id"].to_numpy())
+    index = RequestIndex.of(table["request_id"].to_numpy(), table["item_id"].to_numpy())  # serving's ties
     return EvalSet(path, table, index, index.valid())
 
 

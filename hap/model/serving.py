@@ -80,9 +80,12 @@ class RequestIndex:
     counts: np.ndarray  # rows per request
 
     @classmethod
-    def of(cls, request_id: np.ndarray) -> RequestIndex:
+    def of(cls, request_id: np.ndarray, item_id: np.ndarray | None = None) -> RequestIndex:
+        """With ``item_id``, a request's columns follow its item ids, not the rows' order: every
+        tie (in routing's cut or the final order) then breaks by item id, so the served order does
+        not depend on the order the candidates arrive in."""
         uniq, ri = np.unique(request_id, return_inverse=True)
-        order = np.argsort(ri, kind="stable")
+        order = np.argsort(ri, kind="stable") if item_id is None else np.lexsort((np.asarray(item_id), ri))
         counts = np.bincount(ri, minlength=len(uniq))
         starts = np.cumsum(counts) - counts
         col = np.empty(len(ri), np.int64)
@@ -166,7 +169,7 @@ class HapBundle:
         request, the item side (cached ids from the cache) and the head per row."""
         table = as_table(frame)
         model = self._towers()[tower]
-        index = index or RequestIndex.of(table["request_id"].to_numpy())
+        index = index or RequestIndex.of(table["request_id"].to_numpy(), table["item_id"].to_numpy())
         req = self._tensors(self.spec.encode_request(table.take(index.first_row)))
         user = model.user(req["req_cat"], req["req_dense"], req["seq"])
         rows = np.arange(table.num_rows) if rows is None else np.asarray(rows, np.int64)
@@ -217,7 +220,7 @@ class HapBundle:
     def score_table(self, frame: Any, index: RequestIndex | None = None) -> RequestScores:
         """The DAMR result of every row of ``frame`` (rows of several requests may be mixed)."""
         table = as_table(frame)
-        index = index or RequestIndex.of(table["request_id"].to_numpy())
+        index = index or RequestIndex.of(table["request_id"].to_numpy(), table["item_id"].to_numpy())
         light = self.tower_scores("light", table, index=index) if self.light is not None else None
         routed = self.routed_mask(light, index)
         expr = np.full(table.num_rows, np.nan, np.float32)
