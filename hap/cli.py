@@ -130,21 +130,22 @@ def _data_step(step: Callable[..., Any], *dates: str | dt.date) -> None:
 @app.command()
 def ingest(
     date: Annotated[str | None, typer.Option("--date", "-d", help="Partition date, YYYY-MM-DD.")] = None,
-    pipeline_dates: Annotated[
+    all_validated: Annotated[
         bool,
         typer.Option(
-            "--pipeline-dates",
-            help="Every day of params `pipeline.dates`, oldest first: what `dvc repro`'s ingest stage "
-            "builds, since each lake table (one Delta log over all days) is one DVC output.",
+            "--all-validated",
+            help="Every validated day of the landing folder, oldest first: what `dvc repro`'s ingest "
+            "stage builds, since each lake table (one Delta log over all days) is one DVC output.",
         ),
     ] = False,
 ) -> None:
     """Join a day's exposure and ranking logs per request into the lake (atomic, idempotent)."""
     from hap.data.ingest import ingest_day
+    from hap.data.markers import validated_days
 
-    if (date is None) == (not pipeline_dates):
-        raise HapError("hap ingest: give either --date D or --pipeline-dates")
-    _data_step(ingest_day, *([date] if date else sorted(state.cfg.pipeline.dates)))
+    if (date is None) == (not all_validated):
+        raise HapError("hap ingest: give either --date D or --all-validated")
+    _data_step(ingest_day, *([date] if date else validated_days(state.cfg)))
 
 
 @app.command()

@@ -22,7 +22,7 @@ from hap.core import layout
 from hap.core.config import REPO_ROOT, Config
 from hap.core.errors import HapError
 from hap.core.storage import redact
-from hap.data import lake
+from hap.data import lake, markers
 
 PUSH_REMOTE = "hap"  # the remote named in params (or HAP_DVC_REMOTE), kept in .dvc/config.local
 DVC_TIMEOUT_SECONDS = 600.0
@@ -82,16 +82,16 @@ def dvc(args: list[str], cwd: Path, timeout: float = DVC_TIMEOUT_SECONDS) -> str
 
 
 def _stages(repo: Path) -> dict[str, str]:
-    """Stage name -> ``per_date`` (``foreach`` over the dates), ``all_dates`` (one stage over params
-    ``pipeline.dates``) or ``window`` (the rest), read from ``dvc.yaml``."""
+    """Stage name -> ``per_date`` (``foreach`` over the dates), ``window`` (a stage of params
+    ``pipeline.date``: split, train, evaluate) or ``lake`` (one stage over every day: ingest),
+    read from ``dvc.yaml``."""
     stages = yaml.safe_load((repo / "dvc.yaml").read_text()).get("stages", {})
 
     def kind(body: object) -> str:
         if isinstance(body, dict) and "foreach" in body:
             return "per_date"
-        if isinstance(body, dict) and "pipeline.dates" in body.get("params", []):
-            return "all_dates"
-        return "window"
+        params = body.get("params", []) if isinstance(body, dict) else []
+        return "window" if any(str(p).startswith("pipeline.date") for p in params) else "lake"
 
     return {name: kind(body) for name, body in stages.items()}
 
@@ -99,10 +99,10 @@ def _stages(repo: Path) -> dict[str, str]:
 def dvc_targets(cfg: Config, date: dt.date, repo: Path = REPO_ROOT) -> list[str]:
     """The dvc.yaml stages that produce this date's outputs, when the data root is the repo's.
 
-    Per-date stages (``foreach``) count when ``date`` is one of ``pipeline.dates``; a stage over
-    every pipeline date (the lake's ingest: its outputs are whole Delta tables) once all those days
-    are in the lake; the window stages (split, train, evaluate) when ``date`` is ``pipeline.date``
-    and its model exists."""
+    Per-date stages (``foreach``) and the lake's stage (ingest: its outputs are whole Delta tables
+    over every validated day) count when ``date`` is one of ``pipeline.dates``, the lake's once
+    every validated day is in it; the window stages (split, train, evaluate) when ``date`` is
+    ``pipeline.date`` and its model exists."""
     if not (repo / ".dvc").is_dir() or not (repo / "dvc.yaml").exists():
         return []
     try:
@@ -113,8 +113,9 @@ def dvc_targets(cfg: Config, date: dt.date, repo: Path = REPO_ROOT) -> list[str]
     targets = []
     if date in cfg.pipeline.dates:
         targets += [f"{name}@{date.isoformat()}" for name, kind in stages.items() if kind == "per_date"]
-        if all(lake.has_days(cfg, day) for day in cfg.pipeline.dates):
-            targets += [name for name, kind in stages.items() if kind == "all_dates"]
+        validated = markers.validated_days(cfg)
+        if date in validated and all(lake.has_days(cfg, day) for day in validated):
+            targets += [name for name, kind in stages.items() if kind == "lake"]
     if date == cfg.pipeline.date and layout.model_dir(cfg, date).exists():
         targets += [name for name, kind in stages.items() if kind == "window"]
     return targets

@@ -43,6 +43,13 @@ def is_validated(cfg: Config, date: dt.date | str) -> bool:
     return marker_path(cfg, date).exists() and not is_quarantined(cfg, date)
 
 
+def validated_days(cfg: Config) -> list[dt.date]:
+    """Every day that holds a validation marker and is not quarantined, oldest first."""
+    root = cfg.path("validation")
+    days = sorted(layout.day(p.name.removeprefix("dt=")) for p in root.glob("dt=*") if p.is_dir())
+    return [d for d in days if is_validated(cfg, d)]
+
+
 def read_marker(cfg: Config, date: dt.date | str) -> dict[str, Any]:
     return json.loads(marker_path(cfg, date).read_text())
 

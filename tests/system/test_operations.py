@@ -159,15 +159,27 @@ def test_bundle_identity_ignores_run_timings(tmp_path: Path) -> None:
 def test_dvc_targets_come_from_dvc_yaml(tmp_path: Path) -> None:
     import shutil
 
+    import pyarrow as pa
+
     from hap.core import layout
+    from hap.data import lake, markers
     from hap.data.dvc_repo import dvc_targets
 
     repo = tmp_path / "repo"
     (repo / ".dvc").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "dvc.yaml", repo / "dvc.yaml")
     cfg = tiny_config(repo / "data")
-    # the lake's ingest stage owns whole Delta tables: a target only once every pipeline day is in
+    # the lake's ingest stage owns whole Delta tables: a target once every validated day is in them
     assert dvc_targets(cfg, D1, repo) == ["simulate@2026-11-01", "validate@2026-11-01"]
+    rows = pa.table({"request_id": pa.array([1], pa.int64())})
+    for day in (D1, D2):
+        markers.mark_validated(cfg, day, {"by": "test"})
+    lake.publish_day(cfg, "samples", D1, {0: rows})
+    lake.publish_day(cfg, "fullflow", D1, {0: rows})
+    assert dvc_targets(cfg, D1, repo)[2:] == []  # D2 is validated but not in the lake yet
+    lake.publish_day(cfg, "samples", D2, {0: rows})
+    lake.publish_day(cfg, "fullflow", D2, {0: rows})
+    assert dvc_targets(cfg, D1, repo) == ["simulate@2026-11-01", "validate@2026-11-01", "ingest"]
     layout.model_dir(cfg, D2).mkdir(parents=True)  # pipeline.date with its model: the window stages too
-    assert dvc_targets(cfg, D2, repo)[2:] == ["split", "train", "evaluate"]
+    assert dvc_targets(cfg, D2, repo)[3:] == ["split", "train", "evaluate"]
     assert dvc_targets(tiny_config(tmp_path / "elsewhere"), D1, repo) == []  # data root outside the repo
