@@ -185,7 +185,8 @@ def test_two_clean_rebuilds_give_the_same_training_set_hash(pipeline_repo, tmp_p
         ingest_day(cfg, day)
     report = build_training_set(cfg, cfg.pipeline.date)
     assert report.data_version == data_version(cfg, cfg.pipeline.date)
-    ours, theirs = (_files(home / "training" / f"dt={DATE}") for home in (tmp_path / "rebuild", repo / "data"))
+    homes = (tmp_path / "rebuild", repo / "data")
+    ours, theirs = (_files(home / "training" / f"dt={DATE}") for home in homes)
     differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
     assert report.data_version == dvc_version, f"files that differ: {differ[:8]}"
 
