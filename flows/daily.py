@@ -34,6 +34,7 @@ from flows.locks import run_lock
 from hap.core import layout, storage
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
+from hap.core.engine import nanny_environ_undone
 from hap.core.errors import DataContractError, DayRejected, HapError, ValidationFailed
 from hap.data.quarantine import reject
 from hap.registry.tracking import check_reachable
@@ -75,7 +76,8 @@ def _data_steps(cfg: Config, day: dt.date, spec: dict[str, Any], steps: tuple[st
     if not engine.distributed(cfg):
         return {name: _step(tasks.DATA_STEPS[name], cfg, day) for name in steps}
     runner = engine.dask_task_runner(cfg)
-    return data_path.with_options(task_runner=runner)(day.isoformat(), list(steps), spec)
+    with nanny_environ_undone():
+        return data_path.with_options(task_runner=runner)(day.isoformat(), list(steps), spec)
 
 
 def _train(cfg: Config, day: dt.date, spec: dict[str, Any]) -> dict[str, Any]:

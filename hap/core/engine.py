@@ -141,10 +141,32 @@ def dask_client(cfg: Config) -> Iterator[Any | None]:
             yield client
         return
     with (
+        nanny_environ_undone(),
         LocalCluster(**local_cluster_kwargs(cfg)) as cluster,
         Client(cluster, timeout=cfg.engine.connect_timeout_seconds) as client,
     ):
         yield client
+
+
+@contextlib.contextmanager
+def nanny_environ_undone() -> Iterator[None]:
+    """Put back the variables a local cluster's ``Nanny`` writes into *this* process's environment
+    as it spawns its workers (``distributed.nanny.pre-spawn-environ``: ``OMP_NUM_THREADS=1``,
+    ``MALLOC_TRIM_THRESHOLD_``, ..., and ``PYTHONHASHSEED``). They are meant for the workers; left
+    in place they single-thread every later step and subprocess of this process (a training run,
+    a ``dvc repro``)."""
+    import dask
+
+    names = {*dask.config.get("distributed.nanny.pre-spawn-environ", {}), "PYTHONHASHSEED"}
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def local_cluster_kwargs(cfg: Config) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from hap.core.parquet import PARQUET_OPTIONS
 RNG_STREAM_UNIVERSE = 0
 RNG_STREAM_CHUNK = 1
 REQUEST_ID_STRIDE = 10_000_000  # request_id = date ordinal * stride + index within the day
+AFFINITY_BLOCK_USERS = 256  # users per float64 affinity block (~40 MB at 20k items)
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,35 @@ class Universe:
 
     def affinity(self, users: np.ndarray, pref: np.ndarray) -> np.ndarray:
         """True affinity ``(len(users), I)``: the best of the user's interests, plus item bias and
-        content-type preference. One BLAS call per interest, a running max (memory: one matrix)."""
-        out = self.user_vec[users, 0] @ self.item_vec.T
-        for k in range(1, self.user_vec.shape[1]):
-            np.maximum(out, self.user_vec[users, k] @ self.item_vec.T, out=out)
+        content-type preference.
+
+        The latent vectors sit on ``exact_grid``, so every dot product is exact in float64: the
+        bits do not depend on the BLAS build, its thread count or its summation order (a float32
+        product summed by BLAS did: a rebuild on another machine, or after a Dask nanny set
+        ``OMP_NUM_THREADS=1``, simulated other logs). One BLAS call per interest and block of
+        users, a running max; memory stays at one float64 block."""
+        items = self.item_vec.astype(np.float64).T
+        out = np.empty((len(users), items.shape[1]), np.float32)
+        for start in range(0, len(users), AFFINITY_BLOCK_USERS):
+            vec = self.user_vec[users[start : start + AFFINITY_BLOCK_USERS]].astype(np.float64)
+            best = vec[:, 0] @ items
+            for k in range(1, vec.shape[1]):
+                np.maximum(best, vec[:, k] @ items, out=best)
+            out[start : start + len(vec)] = best  # an exact value rounds to one float32
         return out + self.item_bias + pref[:, self.item_ctype]
+
+
+def exact_grid(x: np.ndarray, dim: int) -> np.ndarray:
+    """``x`` rounded to float32 values on one power-of-two grid: as fine as float32 holds for the
+    largest value, and coarse enough that a sum of ``dim`` products of two such values needs at
+    most float64's 53 mantissa bits, so computing it in any order gives the exact result."""
+    top = float(np.abs(x).max(initial=0.0))
+    if top == 0.0:
+        return x.astype(np.float32)
+    exponent = math.frexp(top)[1]  # top < 2**exponent
+    bits = min(24 - exponent, (53 - math.ceil(math.log2(max(dim, 2))) - 2 * exponent) // 2)
+    step = 2.0**bits
+    return (np.round(x.astype(np.float64) * step) / step).astype(np.float32)
 
 
 def _interest_categories(
@@ -146,12 +172,12 @@ def build_universe(sim: SimulateConfig, hash_buckets: int, n_content_types: int)
         "i_cover_score": rng.uniform(0, 1, n_i).astype(np.float32),
     }
     return Universe(
-        user_vec=user_vec.astype(np.float32),
+        user_vec=exact_grid(user_vec, d),
         user_segment=user_segment,
         user_pref=user_pref.astype(np.float32),
         user_weight=activity / activity.sum(),
         user_static=user_static,
-        item_vec=item_vec.astype(np.float32),
+        item_vec=exact_grid(item_vec, d),
         item_bias=item_bias.astype(np.float32),
         item_ctype=item_ctype,
         item_static=item_static,
@@ -233,7 +259,7 @@ def _chunk(
     seconds = np.sort(rng.uniform(0, 86_400, size)) if size else np.zeros(0)
     ts_ms = day_start + (seconds * 1000).astype(np.int64)
 
-    # True affinity of every user in the chunk to every item: one BLAS call.
+    # True affinity of every user in the chunk to every item (BLAS, exact: see Universe.affinity).
     affinity = uni.affinity(users, uni.user_pref[users] + knobs.ctype_shift)
 
     # 1. retrieval: a random pool, ranked by a noisy affinity, keeps retrieval_size.
@@ -459,8 +485,9 @@ def _fullflow_table(uni: Universe, chunk: _Cascade, rows: np.ndarray) -> pa.Tabl
 
 
 # ---- days ----------------------------------------------------------------------------------------
-def simulate_day(cfg: Config, date: dt.date, progress: bool = True) -> DayStats:
+def simulate_day(cfg: Config, date: dt.date | str, progress: bool = True) -> DayStats:
     """Write one day's raw logs into ``landing/dt=D`` atomically; a re-run replaces them."""
+    date = layout.day(date)
     sim = cfg.simulate
     uni = build_universe(sim, cfg.contract.hash_buckets, cfg.contract.n_content_types)
     knobs = day_knobs(sim, date, cfg.contract.n_content_types)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,7 +16,7 @@ import pytest
 
 from hap.core import layout, schema
 from hap.core.hashing import hash_ids
-from hap.sources.simulator import build_universe, day_knobs, drift_strength, simulate_day
+from hap.sources.simulator import build_universe, day_knobs, drift_strength, exact_grid, simulate_day
 
 DAY = dt.date(2026, 11, 1)
 
@@ -115,6 +119,55 @@ def test_same_seed_same_bytes_other_seed_other_bytes(make_cfg, tmp_path):
     other = digest(make_cfg(tmp_path / "c", simulate__requests_per_day=60, simulate__seed=1))
     assert first == again
     assert first["ranking"] != other["ranking"]
+
+
+def test_affinity_is_exact_whatever_the_summation_order(make_cfg):
+    """On the latent grid every dot product is exact in float64, so BLAS, a forward loop and a
+    reversed loop agree to the bit; without the grid the two loops already disagree."""
+    sim = make_cfg().simulate
+    uni = build_universe(sim, 1 << 18, 4)
+    users = np.arange(40)
+    pref = uni.user_pref[users]
+
+    def looped(u: np.ndarray, v: np.ndarray, order: range) -> np.ndarray:
+        out = np.zeros((u.shape[0], v.shape[0]))
+        for j in order:
+            out += u[:, j, None].astype(np.float64) * v[:, j].astype(np.float64)
+        return out
+
+    d = uni.item_vec.shape[1]
+    best = [
+        np.max([looped(uni.user_vec[users, k], uni.item_vec, order) for k in range(uni.user_vec.shape[1])], 0)
+        for order in (range(d), range(d - 1, -1, -1))
+    ]
+    assert np.array_equal(best[0], best[1])
+    expected = best[0].astype(np.float32) + uni.item_bias + pref[:, uni.item_ctype]
+    assert np.array_equal(uni.affinity(users, pref), expected)
+
+    rough = np.random.default_rng(0).normal(0, 0.6, (2, 400, d)).astype(np.float32)
+    assert not np.array_equal(looped(*rough, range(d)), looped(*rough, range(d - 1, -1, -1)))
+    on_grid = exact_grid(rough, d)
+    assert np.abs(on_grid - rough).max() <= 2.0**-22  # |values| < 4: float32's own step there
+    assert np.array_equal(looped(*on_grid, range(d)), looped(*on_grid, range(d - 1, -1, -1)))
+
+
+def test_the_simulated_bytes_do_not_depend_on_blas_threads(tmp_path):
+    """A Dask nanny sets OMP_NUM_THREADS=1 in its parent; another machine has other cores. Neither
+    may change a simulated day (a DVC rebuild compares hashes)."""
+    script = (
+        "import sys, datetime as dt; from pathlib import Path; from conftest import tiny_config; "
+        "from hap.sources.simulator import simulate_day; "
+        "simulate_day(tiny_config(Path(sys.argv[1])), dt.date(2026, 11, 1), progress=False)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    digests = []
+    for threads in ("1", "3"):
+        home = tmp_path / f"threads{threads}"
+        blas = {v: threads for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+        env = {**os.environ, **blas, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+        subprocess.run([sys.executable, "-c", script, str(home)], env=env, check=True, timeout=300)
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in home.rglob("*.parquet")})
+    assert digests[0] == digests[1] and len(digests[0]) == len(schema.RAW_LOGS)
 
 
 def test_drift_scenarios_change_the_cascade(make_cfg):

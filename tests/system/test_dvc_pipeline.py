@@ -162,12 +162,6 @@ def test_push_then_pull_into_a_clean_clone(pipeline_repo) -> None:
     assert "Running stage" not in dvc(clone, tmp, "repro", "split")
 
 
-# Open: in the full suite (`make test`, two xdist workers) this check has twice found the DVC build
-# at 2620d0f... against the library rebuild's 884bf96...; alone, with its file, with AWS_* set, in
-# a fresh clone and under `-n 2` with another file it passes, and the library rebuild gives 884bf96...
-# under every PYTHONHASHSEED tried. Kept running (non-strict) so a fix shows up as XPASS; the message
-# names the files that differ.
-@pytest.mark.xfail(reason="an in-suite-only mismatch of the DVC build's training-set hash", strict=False)
 def test_two_clean_rebuilds_give_the_same_training_set_hash(pipeline_repo, tmp_path: Path) -> None:
     """An independent rebuild through the library (the Prefect path) matches the DVC build."""
     from hap.data.ingest import ingest_day

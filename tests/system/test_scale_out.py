@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -101,13 +102,20 @@ def _run_days(cfg: Config, mapper: engine.Mapper) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_one_worker_and_two_give_the_same_lake_training_set_and_verdicts(landed: Path, tmp_path: Path):
+def test_one_worker_and_two_give_the_same_lake_training_set_and_verdicts(
+    landed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     local_cfg = _cfg(_copy(landed, tmp_path / "one"))
     local = _run_days(local_cfg, engine.local_map)
     cluster_cfg = _cfg(_copy(landed, tmp_path / "two"), **{"engine.workers": 2})
+    nanny_settings = ("OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+    for name in nanny_settings:
+        monkeypatch.delenv(name, raising=False)
     with engine.session(cluster_cfg) as mapper:
         assert mapper is not engine.local_map  # a real local cluster of two worker processes
         spread = _run_days(cluster_cfg, mapper)
+    # the nannies' settings for their workers (OPENBLAS_NUM_THREADS=1, ...) do not stay in this process
+    assert not [name for name in nanny_settings if name in os.environ]
 
     assert len(local["lake"]) == 2 * 4 * len(DAYS)  # samples + fullflow, one file per bucket and day
     assert local["lake"] == spread["lake"]
