@@ -34,30 +34,17 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import markdown_table, seeded_parser, write_results
+from bench.common import code_version, markdown_table, seeded_parser, write_results
 
 DELTAS = (0.005, 0.01, 0.015, 0.02, 0.03)
 ACCEPT_DELTA = 0.03
 OLD_RULE = {"gate.slice_decisive_ratio": 1e9, "gate.slice_adjust": "none"}
-
-
-def _code_version() -> str:
-    """The git tree of ``hap/`` (``-dirty`` with uncommitted changes there): the cache key of the
-    trained models, so a change to the model's code retrains them and a bench-only change does not."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
-
-    tree = git("rev-parse", "--short", "HEAD:hap") or "nogit"
-    return tree + ("-dirty" if git("status", "--porcelain", "hap") else "")
 
 
 def trained_models(base: Any, date: Any, seeds: int, work: Path) -> list[dict[str, Any]]:
@@ -65,16 +52,19 @@ def trained_models(base: Any, date: Any, seeds: int, work: Path) -> list[dict[st
     import pyarrow.parquet as pq
 
     from hap.core import layout
+    from hap.data.versioning import data_version
     from hap.model.evaluate import evaluate_bundle, json_metrics, load_eval_set
     from hap.model.serving import load_bundle
     from hap.model.train import config_hash, train_day
 
     eval_path = layout.eval_set(base, date)
     es = load_eval_set(eval_path)
+    # the cache key: the config, the library's code and the training set (a re-split retrains)
+    data_code = f"{data_version(base, date)[:12]}-{code_version('hap')}"
     models = []
     for k in range(seeds):
         cfg = base.updated({"train.seed": base.train.seed + k})
-        folder = work / f"{config_hash(cfg)[:12]}-{_code_version()}" / f"seed{cfg.train.seed}"
+        folder = work / f"{config_hash(cfg)[:12]}-{data_code}" / f"seed{cfg.train.seed}"
         done = folder / "eval.json"
         if not done.exists():
             t = time.perf_counter()

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -104,6 +105,18 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def code_version(*folders: str) -> str:
+    """The git trees of ``folders`` (``-dirty`` with uncommitted changes there): a cache key that
+    changes with the code that made a cached result, and not with a bench-only change."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    trees = [git("rev-parse", "--short", f"HEAD:{folder}") or "nogit" for folder in folders]
+    return "-".join(trees) + ("-dirty" if git("status", "--porcelain", *folders) else "")
 
 
 def seeded_parser(doc: str | None, home: str, seeds: int) -> argparse.ArgumentParser:

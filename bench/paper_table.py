@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import time
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import RESULTS, markdown_table, seeded_parser, write_results
+from bench.common import RESULTS, code_version, markdown_table, seeded_parser, write_results
 from hap.model.evaluate import MODEL_FREE
 from hap.model.evaluate import REFERENCES as LOGGED_REFERENCES
 
@@ -44,6 +45,9 @@ HARMONIZATIONS = ("uniform", "gradnorm", "pcgrad")
 REFERENCES = (*LOGGED_REFERENCES, *MODEL_FREE)
 CLAIM_METRICS = ("gt_recall@50", "recall@50")  # the ground-truth and the click top-50 metric
 LOW_RHOS = (0.05, 0.1)  # claim 2: HAP at rho <= 0.1
+# the config sections that decide the prepared data (simulated days, lake, training set), with
+# the profile's length (model.profile_days)
+PREPARE_SECTIONS = ("simulate", "contract", "split")
 COLUMNS = (
     "gt_recall@50",
     "exp_clicks@10",
@@ -60,8 +64,10 @@ COLUMNS = (
 
 
 def prepare(cfg: Any) -> dt.date:
-    """Simulate, ingest, validate and split; reuses what exists (same params => same bytes)."""
+    """Simulate, ingest, validate and split; reuses what exists when the same params and the same
+    data code made it (``prepared.json``), and refuses a home that other ones made."""
     from hap.core import layout
+    from hap.core.atomic import atomic_write_json
     from hap.data import lake
     from hap.data.ingest import ingest_day
     from hap.data.split import build_training_set
@@ -70,7 +76,18 @@ def prepare(cfg: Any) -> dt.date:
 
     start = cfg.simulate.start
     date = start + dt.timedelta(days=cfg.split.window_days - 1)
+    stamp_path = Path(cfg.home) / "prepared.json"
+    params = {name: getattr(cfg, name).model_dump(mode="json") for name in PREPARE_SECTIONS}
+    params["profile_days"] = cfg.model.profile_days
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    stamp = {"params": digest, "code": code_version("hap/sources", "hap/data", "hap/core")}
     if layout.eval_set(cfg, date).exists():
+        found = json.loads(stamp_path.read_text()) if stamp_path.exists() else None
+        if found != stamp:
+            raise SystemExit(
+                f"{cfg.home} holds data prepared by other params or data code ({found} != {stamp}); "
+                "pass another --home, or delete it"
+            )
         return date
     for i in range(cfg.split.window_days + 1):
         day = start + dt.timedelta(days=i)
@@ -79,6 +96,7 @@ def prepare(cfg: Any) -> dt.date:
             validate_day(cfg, day)
             ingest_day(cfg, day)
     print(build_training_set(cfg, date).render(), flush=True)
+    atomic_write_json(stamp_path, stamp)
     return date
 
 
