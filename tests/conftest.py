@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from hap.core import environ
 from hap.core.config import Config, load_config
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -81,9 +82,9 @@ def write_tiny_params(repo: Path, **extra: Any) -> None:
 def tiny_config(home: Path, **overrides: Any) -> Config:
     """A tiny config rooted at ``home``; keyword overrides use ``__`` for dots."""
     merged = {**TINY_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
-    environ["HAP_HOME"] = str(home)
-    return load_config(overrides=merged, environ=environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
+    env["HAP_HOME"] = str(home)
+    return load_config(overrides=merged, environ=env)
 
 
 @pytest.fixture
@@ -113,17 +114,9 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
     would set them; each test creates its own buckets (``s3.create_bucket``)."""
     from tests.s3_server import s3_server
 
-    with s3_server() as server:
-        saved = {key: os.environ.get(key) for key in server.env}
+    with s3_server() as server, environ.restored(server.env):
         os.environ.update(server.env)
-        try:
-            yield server
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
+from hap.core import environ
 from hap.core.config import Config
 from hap.core.errors import HapError
 
@@ -158,15 +159,8 @@ def nanny_environ_undone() -> Iterator[None]:
     import dask
 
     names = {*dask.config.get("distributed.nanny.pre-spawn-environ", {}), "PYTHONHASHSEED"}
-    saved = {name: os.environ.get(name) for name in names}
-    try:
+    with environ.restored(names):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def local_cluster_kwargs(cfg: Config) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hap.core import environ
 from hap.core.config import Config
 from hap.core.errors import HapError
 
@@ -71,19 +72,14 @@ def fluent(cfg: Config) -> Iterator[None]:
     import mlflow
 
     bound_http(cfg)
-    saved = {name: os.environ.get(name) for name in _URI_VARS}
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_registry_uri(registry_uri(cfg))
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with environ.restored(_URI_VARS):
+        mlflow.set_tracking_uri(tracking_uri(cfg))
+        mlflow.set_registry_uri(registry_uri(cfg))
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
 
 
 class TrackingUnavailable(HapError):
