@@ -21,7 +21,8 @@ Each knob copies a property of real feed logs (the README's table has the measur
 
 Generation is chunked: each chunk of requests becomes one Parquet row group, so memory stays
 flat in the day's volume. A day depends only on (seed, date, config): the same seed gives the
-same bytes, and days can be generated independently (DVC runs them as separate stages).
+same bytes on any machine and BLAS (the affinities are exact, ``exact_grid``), and days can be
+generated independently (DVC runs them as separate stages).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Universe:
         The latent vectors sit on ``exact_grid``, so every dot product is exact in float64: the
         bits do not depend on the BLAS build, its thread count or its summation order (a float32
         product summed by BLAS did: a rebuild on another machine, or after a Dask nanny set
-        ``OMP_NUM_THREADS=1``, simulated other logs). One BLAS call per interest and block of
+        ``OPENBLAS_NUM_THREADS=1``, simulated other logs). One BLAS call per interest and block of
         users, a running max; memory stays at one float64 block."""
         items = self.item_vec.astype(np.float64).T
         out = np.empty((len(users), items.shape[1]), np.float32)
