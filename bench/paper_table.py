@@ -63,11 +63,33 @@ COLUMNS = (
 )
 
 
-def prepare(cfg: Any) -> dt.date:
-    """Simulate, ingest, validate and split; reuses what exists when the same params and the same
-    data code made it (``prepared.json``), and refuses a home that other ones made."""
+def _claim_home(cfg: Any, days: list[dt.date], date: dt.date) -> None:
+    """Stamp the data root with the params and the data code that prepare it (``prepared.json``),
+    before the first day is made; refuse a root that other ones (or an unstamped run) began, so
+    neither a finished nor an interrupted preparation is reused across a simulator change."""
     from hap.core import layout
     from hap.core.atomic import atomic_write_json
+    from hap.data import lake
+
+    params = {name: getattr(cfg, name).model_dump(mode="json") for name in PREPARE_SECTIONS}
+    params["profile_days"] = cfg.model.profile_days
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    stamp = {"params": digest, "code": code_version("hap/sources", "hap/data", "hap/core")}
+    path = Path(cfg.home) / "prepared.json"
+    found = json.loads(path.read_text()) if path.exists() else None
+    started = layout.eval_set(cfg, date).exists() or any(lake.has_day(cfg, "samples", d) for d in days)
+    if found != stamp and (found is not None or started):
+        raise SystemExit(
+            f"{cfg.home} holds data prepared by other params or data code ({found} != {stamp}); "
+            "pass another --home, or delete it"
+        )
+    atomic_write_json(path, stamp)
+
+
+def prepare(cfg: Any) -> dt.date:
+    """Simulate, ingest, validate and split; reuses what exists when the same params and the same
+    data code made it (``_claim_home``)."""
+    from hap.core import layout
     from hap.data import lake
     from hap.data.ingest import ingest_day
     from hap.data.split import build_training_set
@@ -76,27 +98,16 @@ def prepare(cfg: Any) -> dt.date:
 
     start = cfg.simulate.start
     date = start + dt.timedelta(days=cfg.split.window_days - 1)
-    stamp_path = Path(cfg.home) / "prepared.json"
-    params = {name: getattr(cfg, name).model_dump(mode="json") for name in PREPARE_SECTIONS}
-    params["profile_days"] = cfg.model.profile_days
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    stamp = {"params": digest, "code": code_version("hap/sources", "hap/data", "hap/core")}
+    days = [start + dt.timedelta(days=i) for i in range(cfg.split.window_days + 1)]
+    _claim_home(cfg, days, date)
     if layout.eval_set(cfg, date).exists():
-        found = json.loads(stamp_path.read_text()) if stamp_path.exists() else None
-        if found != stamp:
-            raise SystemExit(
-                f"{cfg.home} holds data prepared by other params or data code ({found} != {stamp}); "
-                "pass another --home, or delete it"
-            )
         return date
-    for i in range(cfg.split.window_days + 1):
-        day = start + dt.timedelta(days=i)
+    for day in days:
         if not lake.has_day(cfg, "samples", day):
             simulate_day(cfg, day)
             validate_day(cfg, day)
             ingest_day(cfg, day)
     print(build_training_set(cfg, date).render(), flush=True)
-    atomic_write_json(stamp_path, stamp)
     return date
 
 
