@@ -88,7 +88,8 @@ def _claim_home(cfg: Any, days: list[dt.date], date: dt.date) -> None:
 
 def prepare(cfg: Any) -> dt.date:
     """Simulate, ingest, validate and split; reuses what exists when the same params and the same
-    data code made it (``_claim_home``)."""
+    data code made it (``_claim_home``). The eval day is the held-out day after the window
+    (``split.eval_day: next``): nothing of it is trained on."""
     from hap.core import layout
     from hap.data import lake
     from hap.data.ingest import ingest_day
@@ -96,6 +97,7 @@ def prepare(cfg: Any) -> dt.date:
     from hap.data.validate import validate_day
     from hap.sources.simulator import simulate_day
 
+    cfg = cfg.updated({"split.eval_day": "next"})
     start = cfg.simulate.start
     date = start + dt.timedelta(days=cfg.split.window_days - 1)
     days = [start + dt.timedelta(days=i) for i in range(cfg.split.window_days + 1)]

@@ -16,7 +16,8 @@ monitor -> version the data (``dvc push``).
   changes into its local working copy first and publishes each step's outputs as the step ends
   (``hap.core.storage``); an unreachable or denied bucket fails the run at its start.
 - Output: a markdown artifact ``daily-retrain-<D>`` and ``metrics/dt=D/daily_run.json``; a
-  monitoring alert also emits the Prefect event ``hap.monitor.alert`` and an alert artifact.
+  monitoring alert also emits the Prefect event ``hap.monitor.alert`` and an alert artifact; an
+  undecided gate under ``gate.on_undecided: alert`` emits ``hap.gate.undecided`` and an artifact.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from hap.registry.tracking import check_reachable
 
 SUMMARY_FILE = layout.DAILY_RUN_FILE
 ALERT_EVENT = "hap.monitor.alert"
+GATE_ALERT_EVENT = "hap.gate.undecided"
 
 
 def _step(step: Any, cfg: Config, *args: Any) -> Any:
@@ -103,7 +105,30 @@ def _retrain(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str,
     summary["evaluate"] = _step(tasks.evaluate, cfg, day)
     summary["model_version"] = _step(tasks.register, cfg, day)
     summary["gate"] = _step(tasks.gate, cfg, day)
+    if summary["gate"].get("alert"):
+        raise_gate_alert(day, summary["gate"])
     policy.consume_request(cfg, day)
+
+
+def raise_gate_alert(day: dt.date, gate: dict[str, Any]) -> None:
+    """An undecided gate under ``gate.on_undecided: alert``: the champion stays, and the on-call
+    engineer gets a Prefect event and an artifact saying why the comparison could not decide."""
+    iso = day.isoformat()
+    emit_event(
+        event=GATE_ALERT_EVENT,
+        resource={"prefect.resource.id": f"hap.gate.{iso}", "prefect.resource.name": f"HAP gate {iso}"},
+        payload={
+            "date": iso,
+            "challenger": gate.get("challenger_version"),
+            "undecided": gate.get("undecided"),
+        },
+    )
+    create_markdown_artifact(
+        f"# HAP gate undecided, {iso}\n\n{gate.get('undecided')}\n",
+        key=f"gate-undecided-{iso}",
+        description=f"HAP gate could not decide on {iso}",
+    )
+    get_run_logger().warning(f"gate {iso}: {gate.get('undecided')}")
 
 
 def _monitor(cfg: Config, day: dt.date, summary: dict[str, Any]) -> None:

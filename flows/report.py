@@ -63,7 +63,9 @@ def gate_verdict(gate: dict[str, Any] | None) -> str:
         return "not run"
     promoted = "promoted to champion" if gate.get("promoted", gate.get("blessed")) else "not promoted"
     verdict = gate.get("verdict")
-    reason = gate.get("reason") or "; ".join(str(r) for r in gate.get("reasons") or [])
+    reason = (
+        gate.get("reason") or "; ".join(str(r) for r in gate.get("reasons") or []) or gate.get("undecided")
+    )
     return (f"{verdict}, {promoted}" if verdict else promoted) + (f" ({reason})" if reason else "")
 
 

@@ -166,6 +166,10 @@ class SplitConfig(_Section):
     window_days: int = Field(ge=1)
     sample_ratio: dict[str, float]
     eval_max_requests: int = Field(ge=1)
+    # which day's full-flow requests are the eval set: "last", the window's last day (those requests
+    # are held out of its training rows), so the training set is a function of its window and params
+    # only; "next", the held-out day after the window, which must have been validated (benchmarks)
+    eval_day: Literal["last", "next"] = "last"
     seed: int = 11
     batch_rows: int = Field(default=131072, ge=1024)
     # share of the window's full-flow candidates kept as stage-order supervision (hap.data.fullflow_set)
@@ -281,6 +285,10 @@ class GateConfig(_Section):
     # a slice blocks only when its interval's half-width <= slice_decisive_ratio x its margin
     slice_decisive_ratio: float = Field(default=0.5, gt=0.0)
     slice_adjust: Literal["bonferroni", "none"] = "bonferroni"  # the slices' intervals as one family
+    # the primary metric decides only when its interval's half-width <= primary_decisive_ratio x margin;
+    # a wider interval that straddles -margin is "undecided", and on_undecided says what happens then
+    primary_decisive_ratio: float = Field(default=0.5, gt=0.0)
+    on_undecided: Literal["keep", "alert", "promote_if_better"] = "alert"
     min_train_rows_ratio: float = Field(default=0.5, ge=0.0)  # train rows vs trailing training sets' median
     max_train_rows_ratio: float = Field(default=2.0, ge=1.0)
     health_trailing_days: int = Field(default=3, ge=1)

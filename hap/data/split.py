@@ -28,11 +28,14 @@ Writes, atomically as one folder ``training/dt=D/``:
 - ``profile/``: the user-history profiles, a point-in-time join of earlier days' logs
   (``hap.data.profile``), which training, evaluation and serving read (``hap.model.cross``).
 
-**Which day is evaluated.** The eval day is ``D + 1`` when that day has passed validation (the
-held-out day after the window; ``dvc repro`` ingests it). Otherwise — the daily run,
-where tomorrow does not exist yet — it is ``D``, the last day of the window, and the chosen eval
-requests are *removed from the training rows of D*, so the eval set stays held out at request
-level. ``SplitReport.eval_day`` and ``eval_held_out_day`` record which happened.
+**Which day is evaluated** is a parameter, never a matter of which days have landed, so the
+training set is a pure function of its window and params and ``dvc repro`` rebuilds, on any later
+day, the very set a registered model was trained on. ``split.eval_day: last`` (the default, the
+daily run's) evaluates on ``D``, the window's last day: the chosen eval requests are *removed from
+the training rows of D* (and from the full-flow supervision), so the eval set stays held out at
+request level. ``split.eval_day: next`` evaluates on the held-out day ``D + 1``, which must have
+passed validation (a benchmark's choice: nothing of the eval day is trained on). ``SplitReport.eval_day``
+and ``eval_held_out_day`` record which.
 
 Memory is bounded per unit: the lake is streamed with ``pyarrow.dataset`` one row group at a time (sliced
 into ``split.batch_rows`` batches), and each difficulty buffers at most one output row group. Only a
@@ -117,11 +120,16 @@ class SplitReport:
 
 # ---- eval day and eval requests -------------------------------------------------------------------
 def choose_eval_day(cfg: Config, date: dt.date) -> tuple[dt.date, bool]:
-    """``D + 1`` when it has passed validation and is in the lake, else ``D`` (see module doc)."""
+    """The eval day ``split.eval_day`` names, and whether it lies outside the window (module doc)."""
+    if cfg.split.eval_day == "last":
+        return date, False
     nxt = date + dt.timedelta(days=1)
-    if markers.is_validated(cfg, nxt) and lake.has_day(cfg, "fullflow", nxt):
-        return nxt, True
-    return date, False
+    if not (markers.is_validated(cfg, nxt) and lake.has_day(cfg, "fullflow", nxt)):
+        raise HapError(
+            f"split: split.eval_day is 'next' but {nxt} has not been validated and ingested; run "
+            f"`hap validate --date {nxt}` and `hap ingest --date {nxt}`, or use split.eval_day=last"
+        )
+    return nxt, True
 
 
 def stream_batches(

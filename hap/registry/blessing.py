@@ -9,6 +9,13 @@ blessed only when:
   bootstrap interval of (challenger - champion) over the same eval requests must be above
   ``-margin``, so a fresher model of equal quality replaces the champion, and one worse by more
   than the eval noise plus the margin does not. A missing or NaN interval never promotes.
+- the primary metric's check decides only when its interval is narrow enough to tell an equal
+  challenger from one worse by the margin: half-width at most ``primary_decisive_ratio`` x
+  ``margin``. A wider interval whose lower bound is at or below ``-margin`` (and whose upper bound is
+  above it: a model clearly worse by more than the margin always fails) makes the verdict
+  ``undecided``, never ``fail``; ``on_undecided`` is the explicit policy then: ``keep`` the
+  champion, keep it and raise an ``alert``, or ``promote_if_better`` (the point estimate is not
+  below the champion's and every other check holds).
 - each slice is judged the same way with ``max_slice_regression`` as its margin, but only a
   *decisive* slice can block: one whose interval's half-width is at most
   ``slice_decisive_ratio`` x its margin. A wider interval cannot tell an equal challenger from
@@ -28,7 +35,7 @@ from typing import Any, Literal
 
 from hap.core.config import GateConfig
 
-Verdict = Literal["pass", "fail"]
+Verdict = Literal["pass", "fail", "undecided"]
 
 
 @dataclass(frozen=True)
@@ -86,16 +93,29 @@ class TrainingHealth:
 
 @dataclass
 class Decision:
+    """The rule's verdict, why, and whether the challenger is promoted: a pass always is, a fail
+    never is, and an undecided comparison is promoted only under ``promote_if_better``."""
+
     verdict: Verdict
     reasons: list[str]
     checks: list[Check] = field(default_factory=list)
+    promote: bool = False
+    undecided: str = ""  # why the primary metric could not decide, and the policy's outcome
+    alert: bool = False  # the policy asks the on-call engineer to look (on_undecided: alert)
 
     @property
     def passed(self) -> bool:
         return self.verdict == "pass"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "reasons": self.reasons, "checks": [asdict(c) for c in self.checks]}
+        return {
+            "verdict": self.verdict,
+            "reasons": self.reasons,
+            "promote": self.promote,
+            "undecided": self.undecided,
+            "alert": self.alert,
+            "checks": [asdict(c) for c in self.checks],
+        }
 
 
 def _finite(value: Any) -> bool:
@@ -195,7 +215,41 @@ def decide(
     for check in health_checks(health, gate) if health is not None else []:
         record(check)
 
-    return Decision("pass" if not reasons else "fail", reasons, checks)
+    if reasons:
+        return Decision("fail", reasons, checks)
+    gain = next((c for c in checks if c.name == f"gain:{primary}"), None)
+    if gain is not None and gain.verdict == "not_decisive":
+        return undecided_decision(gain, gate, checks)
+    return Decision("pass", reasons, checks, promote=True)
+
+
+def undecided_decision(gain: Check, gate: GateConfig, checks: list[Check]) -> Decision:
+    """Every other check holds but the primary metric's interval is too wide to tell: apply
+    ``gate.on_undecided``."""
+    need = gate.primary_decisive_ratio * gate.margin
+    why = (
+        f"undecided: {gain.metric} interval ±{gain.halfwidth:.4f} is wider than ±{need:.4f} "
+        f"({gate.primary_decisive_ratio:g} x the margin {gate.margin:g}): challenger - champion "
+        f"{gain.delta:+.4f} [{gain.lower:+.4f}, {gain.upper:+.4f}] over {gain.n} requests"
+    )
+    policy = gate.on_undecided
+    promote = policy == "promote_if_better" and (gain.delta or 0.0) >= 0.0
+    if policy == "promote_if_better":
+        outcome = (
+            "promoted: its point estimate is not below the champion's and every other check holds"
+            if promote
+            else "champion kept: its point estimate is below the champion's"
+        )
+    else:
+        outcome = "champion kept" + (", alert raised" if policy == "alert" else "")
+    return Decision(
+        "undecided",
+        [],
+        checks,
+        promote=promote,
+        undecided=f"{why}; policy {policy}: {outcome}",
+        alert=policy == "alert",
+    )
 
 
 def non_inferior(
@@ -210,8 +264,8 @@ def non_inferior(
 
     With ``decisive_ratio``, a check whose interval's half-width exceeds ``decisive_ratio x
     margin`` cannot tell an equal challenger from a regressed one: when its lower bound is not
-    above ``-margin`` it is ``not_decisive`` (recorded, not blocking) instead of failed. A missing
-    or NaN interval always blocks."""
+    above ``-margin`` (and its upper bound is, or the challenger is clearly worse) it is
+    ``not_decisive`` instead of failed. A missing or NaN interval always blocks."""
     v, c = (float(x) if _finite(x) else None for x in values)
     if interval is None or not interval.finite:
         return Check(
@@ -229,8 +283,9 @@ def non_inferior(
     ok = interval.lower > -margin
     half = interval.halfwidth
     decisive = decisive_ratio is None or half <= decisive_ratio * margin + 1e-12
+    clearly_worse = interval.upper <= -margin  # the whole interval lost more than the margin
     level = f"{interval.confidence * 100:.4g}%" if interval.confidence is not None else "95%"
-    verdict: CheckVerdict = "pass" if ok else ("fail" if decisive else "not_decisive")
+    verdict: CheckVerdict = "pass" if ok else ("fail" if decisive or clearly_worse else "not_decisive")
     return Check(
         name,
         metric,
@@ -282,8 +337,8 @@ def comparison_checks(
     primary: str,
     intervals: dict[str, Interval],
 ) -> list[Check]:
-    """Non-inferiority of the primary metric (always blocking) and of every slice both models
-    have (blocking only where decisive)."""
+    """Non-inferiority of the primary metric (blocking where decisive, else undecided) and of
+    every slice both models have (blocking only where decisive)."""
     out = [
         non_inferior(
             f"gain:{primary}",
@@ -291,6 +346,7 @@ def comparison_checks(
             intervals.get(primary),
             gate.margin,
             (challenger.get(primary), champion.get(primary)),
+            decisive_ratio=gate.primary_decisive_ratio,
         )
     ]
     for name in slice_metrics(challenger, gate.slice_prefixes):

@@ -60,7 +60,7 @@ class Blessing:
     model_name: str
     challenger_version: str
     champion_version: str | None
-    verdict: str  # pass | fail
+    verdict: str  # pass | fail | undecided (the primary metric's interval too wide to tell)
     reasons: list[str]
     promoted: bool
     eval_set: str
@@ -72,6 +72,8 @@ class Blessing:
     smoke_test: dict[str, Any] | None = None
     previous_version: str | None = None
     created_at: str = ""
+    undecided: str = ""  # why the comparison could not decide, and what gate.on_undecided did
+    alert: bool = False  # gate.on_undecided: alert asks the on-call engineer to look
 
     @property
     def passed(self) -> bool:
@@ -86,9 +88,9 @@ class Blessing:
             head += " -> champion" + (
                 f" (previous: v{self.previous_version})" if self.previous_version else ""
             )
-        elif self.verdict == "fail":
+        elif self.verdict in ("fail", "undecided"):
             head += " -> challenger; champion unchanged"
-        lines = [head]
+        lines = [head] + ([f"  {self.undecided}"] if self.undecided else [])
         for ch in self.checks:
             if ch.get("name", "").startswith("gain:") and ch.get("lower") is not None:
                 lines.append(
@@ -270,15 +272,17 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
         challenger_metrics, champion_metrics, cfg.gate, primary, intervals, training_health(cfg, date)
     )
     reasons = decision.reasons + reasons_extra
+    verdict = decision.verdict if not reasons else "fail"
     smoke: SmokeTest | None = None
-    if not reasons:
+    if not reasons and decision.promote:
         smoke = smoke_test(cfg, challenger.version, _expected_scores(cfg, date))
         if not smoke.passed:
             reasons.append(smoke.reason)
-    verdict = "pass" if not reasons else "fail"
+            verdict = "fail"
+    promoted = verdict != "fail" and decision.promote
 
     previous_version = None
-    if verdict == "pass":
+    if promoted:
         previous_version = registry.promote(cfg, challenger.version, c)
     else:
         registry.mark_challenger(cfg, challenger.version, c)
@@ -290,7 +294,7 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
         champion_version=champion.version if champion is not None else None,
         verdict=verdict,
         reasons=reasons,
-        promoted=verdict == "pass",
+        promoted=promoted,
         eval_set=str(eval_path),
         eval_set_hash=content_hash(eval_path)[0],
         challenger_metrics=challenger_metrics,
@@ -300,6 +304,8 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
         smoke_test=asdict(smoke) if smoke else None,
         previous_version=previous_version,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        undecided=decision.undecided if verdict == "undecided" else "",
+        alert=decision.alert and verdict == "undecided",
     )
     _record(cfg, c, blessing, challenger.run_id, decision, primary)
     return blessing
@@ -346,7 +352,8 @@ def _record(
     path = blessing_path(cfg, layout.day(blessing.date))
     atomic_write_json(path, asdict(blessing))
     c.set_model_version_tag(name, version, registry.TAG_VERDICT, verdict)
-    c.set_model_version_tag(name, version, registry.TAG_REASON, ("; ".join(blessing.reasons) or "ok")[:4000])
+    reason = "; ".join(blessing.reasons) or blessing.undecided or "ok"
+    c.set_model_version_tag(name, version, registry.TAG_REASON, reason[:4000])
     c.set_model_version_tag(name, version, TAG_MARGIN, f"{cfg.gate.margin:g}")
     gain = next((ch for ch in decision.checks if ch.name == f"gain:{primary}"), None)
     if gain is not None and gain.lower is not None:

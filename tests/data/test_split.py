@@ -52,7 +52,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_training_set_content_and_partitions(lake_cfg: Config) -> None:
-    report = build_training_set(lake_cfg, D2)
+    report = build_training_set(lake_cfg.updated({"split.eval_day": "next"}), D2)
     assert report.window == [D1, D2] and report.eval_day == D3 and report.eval_held_out_day
     train = open_training_set(report.train_path).to_table()
     # every lake row of the window is kept at ratio 1 (the eval day D+1 is outside the window)
@@ -140,9 +140,9 @@ def test_sampling_ratio_is_stratified_and_nested(lake_cfg: Config) -> None:
     assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.01
 
 
-def test_eval_falls_back_to_last_window_day_and_holds_requests_out(lake_cfg: Config) -> None:
+def test_eval_on_the_last_window_day_holds_its_requests_out(lake_cfg: Config) -> None:
     cfg = lake_cfg.updated({"split.eval_max_requests": 5})
-    report = build_training_set(cfg, D3)  # D4 is in the lake but not validated -> eval on D3
+    report = build_training_set(cfg, D3)  # the default split.eval_day: last
     assert report.eval_day == D3 and not report.eval_held_out_day
     ev = pq.read_table(report.eval_path)
     eval_ids = set(ev["request_id"].to_pylist())
@@ -152,6 +152,29 @@ def test_eval_falls_back_to_last_window_day_and_holds_requests_out(lake_cfg: Con
     assert report.rows < report.lake_rows
     # the choice is deterministic: the same requests on a rebuild
     assert set(pq.read_table(build_training_set(cfg, D3).eval_path)["request_id"].to_pylist()) == eval_ids
+
+
+def test_the_training_set_does_not_depend_on_which_later_days_have_landed(lake_cfg: Config) -> None:
+    """``dvc repro`` on a later day rebuilds the very set a model was trained on: D+1 passing
+    validation changes neither the eval day nor a byte of the training set."""
+    before = build_training_set(lake_cfg, D2)
+    train_before = _files(before.train_path)
+    eval_before = _files(before.eval_path)
+    assert markers.is_validated(lake_cfg, D3)  # the day after the window has landed all along
+    markers.mark_validated(lake_cfg, D4, {"source": "test"})  # and so has a later one now
+    after = build_training_set(lake_cfg, D2)
+    assert after.eval_day == before.eval_day == D2 and after.data_version == before.data_version
+    assert _files(after.train_path) == train_before and _files(after.eval_path) == eval_before
+
+
+def test_next_day_eval_needs_that_day_validated(lake_cfg: Config) -> None:
+    nxt = lake_cfg.updated({"split.eval_day": "next"})
+    report = build_training_set(nxt, D2)  # D3 validated: evaluated on the held-out day
+    assert report.eval_day == D3 and report.eval_held_out_day
+    assert report.rows == report.lake_rows  # nothing of the window is held out
+    with pytest.raises(HapError, match=r"eval_day is 'next' but 2026-11-04 has not been validated"):
+        build_training_set(nxt, D3)
+    assert not layout.training_set(nxt, D3).exists()
 
 
 def test_refuses_unvalidated_day_and_writes_nothing(lake_cfg: Config) -> None:
@@ -184,7 +207,7 @@ def test_cli_split_and_data_version(lake_cfg: Config, monkeypatch: pytest.Monkey
     sets = ["--set", "split.window_days=2"]
     res = runner.invoke(app, [*sets, "split", "--date", "2026-11-02"])
     assert res.exit_code == 0, res.output
-    assert "training rows" in res.output and "held-out day D+1" in res.output
+    assert "training rows" in res.output and "last window day, requests held out" in res.output
     res = runner.invoke(app, [*sets, "data-version", "--date", "2026-11-02"])
     assert res.exit_code == 0, res.output
     assert res.output.strip() == data_version(lake_cfg, D2)
@@ -233,8 +256,8 @@ def test_one_file_per_unit_and_difficulty_holding_whole_contiguous_requests(lake
     lake_file = lake.day_parts(lake_cfg, "samples", D1)[0].uri
     rows = pq.read_table(lake_file)
     pq.write_table(rows.take(np.random.default_rng(0).permutation(rows.num_rows)), lake_file)
-    report = build_training_set(lake_cfg, D2)
-    assert report.rows == report.lake_rows
+    report = build_training_set(lake_cfg.updated({"split.eval_day": "next"}), D2)
+    assert report.rows == report.lake_rows  # nothing held out: the eval day is D3
     for day in report.window:
         for part in lake.day_parts(lake_cfg, "samples", day):
             lake_part = part.uri

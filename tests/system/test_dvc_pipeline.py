@@ -105,7 +105,8 @@ def test_repro_runs_every_stage_up_to_split(pipeline_repo) -> None:
     split_metrics = json.loads(
         (repo / "data" / "metrics" / f"dt={DATE}" / layout.SPLIT_REPORT_FILE).read_text()
     )
-    assert split_metrics["eval_day"] == "2026-11-03" and split_metrics["eval_held_out_day"] is True
+    # the eval day is the window's last (split.eval_day: last), whatever later days have landed
+    assert split_metrics["eval_day"] == DATE and split_metrics["eval_held_out_day"] is False
     assert split_metrics["rows"] > 0
     assert set(_lock(repo)) >= {"simulate@2026-11-01", "validate@2026-11-03", "ingest", "split"}
     # the ingest stage owns each whole Delta table (its log is shared by every day), not day folders

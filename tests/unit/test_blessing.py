@@ -83,9 +83,12 @@ def test_equal_model_inside_the_margin_is_promoted(gate):
 def test_clearly_worse_model_is_rejected(gate):
     d = decide(metrics(), metrics(), gate, "recall@50", {"recall@50": within(-0.05)})
     assert not d.passed and any("not above -margin" in r for r in d.reasons)
-    # a small loss whose interval reaches below -margin is not proven non-inferior either
-    d = decide(metrics(), metrics(), gate, "recall@50", {"recall@50": Interval(-0.004, -0.012, 0.004, 300)})
-    assert not d.passed
+    # a small loss whose interval reaches below -margin is not proven non-inferior either: with a
+    # half-width of 0.008 > 0.5 x margin the comparison cannot tell, so it is undecided, not promoted
+    d = decide(
+        metrics(), metrics(), gate, "recall@50", steady(**{"recall@50": Interval(-0.004, -0.012, 0.004, 300)})
+    )
+    assert not d.passed and d.verdict == "undecided" and not d.promote
 
 
 @pytest.mark.parametrize(
@@ -167,9 +170,43 @@ def test_a_decisive_slice_regression_blocks(gate):
     assert hard.verdict == "fail" and hard.decisive
 
 
-def test_the_primary_metric_blocks_even_when_its_interval_is_wide(gate):
-    d = decide(metrics(), metrics(), gate, "recall@50", steady(**{"recall@50": within(0.0, 0.02)}))
-    assert not d.passed and any("recall@50" in r for r in d.reasons)
+def test_a_primary_interval_too_wide_to_tell_is_undecided_never_fail(make_cfg):
+    """Half-width 0.02 against a margin of 0.01: an equal challenger and one worse by the margin
+    look alike, so the verdict is undecided and the policy says what happens."""
+    wide = steady(**{"recall@50": within(0.004, 0.02)})
+    for policy, promote, alert in (
+        ("keep", False, False),
+        ("alert", False, True),
+        ("promote_if_better", True, False),
+    ):
+        gate = make_cfg(gate__margin=0.01, gate__max_flops_per_request=1e6, gate__on_undecided=policy).gate
+        d = decide(metrics(), metrics(), gate, "recall@50", wide)
+        assert d.verdict == "undecided" and d.reasons == [] and (d.promote, d.alert) == (promote, alert)
+        assert "interval ±0.0200 is wider than ±0.0050" in d.undecided and f"policy {policy}" in d.undecided
+    gate = make_cfg(
+        gate__margin=0.01, gate__max_flops_per_request=1e6, gate__on_undecided="promote_if_better"
+    ).gate
+    worse_point = decide(
+        metrics(), metrics(), gate, "recall@50", steady(**{"recall@50": within(-0.004, 0.02)})
+    )
+    assert worse_point.verdict == "undecided" and not worse_point.promote
+    # a wide interval entirely below -margin is a clear loss: fail, whatever the policy
+    clear = decide(metrics(), metrics(), gate, "recall@50", steady(**{"recall@50": within(-0.05, 0.02)}))
+    assert clear.verdict == "fail" and not clear.promote and any("recall@50" in r for r in clear.reasons)
+    # another blocking check wins over an undecided primary
+    floor = decide(metrics(gauc=0.4), metrics(), gate, "recall@50", wide)
+    assert floor.verdict == "fail" and not floor.promote
+
+
+def test_a_narrow_primary_interval_decides(gate):
+    narrow_loss = decide(
+        metrics(), metrics(), gate, "recall@50", steady(**{"recall@50": within(-0.012, 0.004)})
+    )
+    assert narrow_loss.verdict == "fail" and not narrow_loss.promote
+    narrow_equal = decide(
+        metrics(), metrics(), gate, "recall@50", steady(**{"recall@50": within(0.0, 0.004)})
+    )
+    assert narrow_equal.verdict == "pass" and narrow_equal.promote
 
 
 def test_the_slice_family_is_bonferroni_adjusted(make_cfg):
