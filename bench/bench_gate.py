@@ -23,9 +23,19 @@ does it let through one that is worse by a given amount of the primary metric?
 5. The same pairs are also judged by the rule before issue 29 (every slice blocking, 95% each:
    ``slice_decisive_ratio`` = inf, ``slice_adjust`` = none), for comparison.
 
+6. ``--truthless``: the same pairs judged as on real logs, where the eval set has no
+   ``true_affinity``. The truth builds the benchmark (each degraded challenger loses ``delta`` of
+   ``gt_recall@50``) but is hidden from the gate: its metrics and vectors lose every ground-truth
+   metric, so the gate's primary is ``evaluate.fallback_metric``. Every candidate primary for real
+   logs (``--candidates``) is judged the same way, beside its agreement in sign with
+   ``gt_recall@50`` over every pair of the eval's rankers that differ by more than the margin in it
+   (the model, its light model, the model-free references and the logged retrieval order; the
+   logged pre-ranking and ranking orders define the stage-aware metrics, so they are left out).
+
 Options: ``--seeds 8 --deltas 0.005,0.01,0.015,0.02,0.03 --home DIR``; ``--date D`` gates models
 trained on an already split day of ``--home`` (e.g. ``make run``'s window 2026-11-03..05 with
-``--date 2026-11-05``), ``--set key=value`` overrides the config as ``hap --set`` does.
+``--date 2026-11-05``), ``--set key=value`` overrides the config as ``hap --set`` does;
+``--truthless`` (results in ``gate_power_truthless``).
 """
 
 from __future__ import annotations
@@ -44,7 +54,43 @@ from bench.common import code_version, markdown_table, seeded_parser, write_resu
 
 DELTAS = (0.005, 0.01, 0.015, 0.02, 0.03)
 ACCEPT_DELTA = 0.03
-OLD_RULE = {"gate.slice_decisive_ratio": 1e9, "gate.slice_adjust": "none"}
+OLD_RULE = {"gate.slice_decisive_ratio": 1e9, "gate.slice_adjust": "none", "gate.primary_decisive_ratio": 1e9}
+TRUTH_PREFIXES = ("gt_", "exp_clicks", "ci/gt_", "ci/exp_clicks")
+CANDIDATES = ("recall@50", "ndcg@50", "exposure_auc", "rank50_recall@50", "rank50_recall@100")
+# rankers whose order defines the stage-aware metrics (or is the truth): not fair yardsticks of them
+SIGN_EXCLUDED = ("ref_prerank", "ref_ranking", "ref_truth")
+
+
+def hide_truth(model: dict[str, Any]) -> dict[str, Any]:
+    """The model as the gate sees it on real logs: every ground-truth metric and vector gone."""
+
+    def truthful(name: str) -> bool:
+        return name.split("/", 1)[-1].startswith(TRUTH_PREFIXES) or name.startswith(TRUTH_PREFIXES)
+
+    return {
+        **model,
+        "metrics": {k: v for k, v in model["metrics"].items() if not truthful(k)},
+        "vectors": {k: v for k, v in model["vectors"].items() if not truthful(k)},
+    }
+
+
+def sign_agreement(model: dict[str, Any], metric: str, truth: str, margin: float) -> tuple[int, int]:
+    """Over every pair of the eval's rankers whose ``truth`` means differ by more than ``margin``:
+    (pairs where ``metric`` orders them the same way, pairs)."""
+    vectors = model["vectors"]
+    rankers = sorted(
+        {k.split("/", 1)[0] for k in vectors if k.endswith(f"/{truth}")} - set(SIGN_EXCLUDED),
+    )
+    agree = total = 0
+    for a, b in itertools.combinations(rankers, 2):
+        if f"{a}/{metric}" not in vectors or f"{b}/{metric}" not in vectors:
+            continue
+        d_truth = np.nanmean(vectors[f"{a}/{truth}"] - vectors[f"{b}/{truth}"])
+        d_metric = np.nanmean(vectors[f"{a}/{metric}"] - vectors[f"{b}/{metric}"])
+        if abs(d_truth) > margin:
+            total += 1
+            agree += int(np.sign(d_truth) == np.sign(d_metric))
+    return agree, total
 
 
 def trained_models(base: Any, date: Any, seeds: int, work: Path) -> list[dict[str, Any]]:
@@ -140,7 +186,8 @@ def judge(cfg: Any, champion: dict[str, Any], challenger: dict[str, Any], primar
     return {
         "champion": champion["seed"],
         "challenger": challenger["seed"],
-        "promoted": d.passed,
+        "promoted": d.promote,
+        "verdict": d.verdict,
         "reasons": d.reasons,
         "checks": [
             {
@@ -173,32 +220,63 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     models = trained_models(base, date, args.seeds, Path(args.home) / "gate-bundles")
     train_wall = time.perf_counter() - t0
-    primary = primary_metric(base, models[0]["metrics"])
+    truth_metric = primary_metric(base, models[0]["metrics"])  # what degrades the challengers
+    seen = [hide_truth(m) for m in models] if args.truthless else models
+    primary = primary_metric(base, seen[0]["metrics"])
     es = load_eval_set(layout.eval_set(base, date))
     pairs = list(itertools.combinations(range(len(models)), 2))
     old = base.updated(OLD_RULE)
+    challengers = sorted({j for _, j in pairs})
+    worse = {
+        delta: {j: degrade(base, es, models[j], delta, truth_metric, seed=1000 + j) for j in challengers}
+        for delta in args.deltas
+    }
+    if args.truthless:
+        worse = {delta: {j: hide_truth(m) for j, m in by_j.items()} for delta, by_j in worse.items()}
 
-    aa = [judge(base, models[i], models[j], primary) for i, j in pairs]
-    aa_old = [judge(old, models[i], models[j], primary) for i, j in pairs]
-    degraded: dict[str, Any] = {}
-    for delta in args.deltas:
-        challengers = sorted({j for _, j in pairs})
-        worse = {j: degrade(base, es, models[j], delta, primary, seed=1000 + j) for j in challengers}
-        verdicts = [judge(base, models[i], worse[j], primary) for i, j in pairs]
-        degraded[f"{delta:g}"] = {
-            "delta": delta,
-            "achieved": [worse[j]["achieved"] for j in sorted(worse)],
-            "lambda": [worse[j]["lambda"] for j in sorted(worse)],
-            "pairs": verdicts,
-            "rejected": sum(not v["promoted"] for v in verdicts),
-        }
+    def judged(cfg: Any, metric: str) -> tuple[list[Any], dict[str, Any]]:
+        aa = [judge(cfg, seen[i], seen[j], metric) for i, j in pairs]
+        out: dict[str, Any] = {}
+        for delta, by_j in worse.items():
+            verdicts = [judge(cfg, seen[i], by_j[j], metric) for i, j in pairs]
+            out[f"{delta:g}"] = {
+                "delta": delta,
+                "achieved": [by_j[j]["achieved"] for j in sorted(by_j)],
+                "lambda": [by_j[j]["lambda"] for j in sorted(by_j)],
+                "pairs": verdicts,
+                "rejected": sum(not v["promoted"] for v in verdicts),
+            }
+        return aa, out
+
+    aa, degraded = judged(base, primary)
+    aa_old, _ = judged(old, primary)
+    candidates = {}
+    if args.truthless:
+        for metric in args.candidates:
+            c_aa, c_deg = judged(base, metric)
+            agree = [sign_agreement(m, metric, truth_metric, base.gate.margin) for m in models]
+            candidates[metric] = {
+                "aa_promoted": sum(v["promoted"] for v in c_aa),
+                "aa_undecided": sum(v["verdict"] == "undecided" for v in c_aa),
+                "aa_halfwidth": [v["checks"][0]["halfwidth"] for v in c_aa],
+                "rejected": {k: d["rejected"] for k, d in c_deg.items()},
+                "undecided": {
+                    k: sum(v["verdict"] == "undecided" for v in d["pairs"]) for k, d in c_deg.items()
+                },
+                "n_requests": int(np.median([v["checks"][0]["n"] or 0 for v in c_aa])),
+                "sign_agree": [sum(a for a, _ in agree), sum(t for _, t in agree)],
+            }
     return {
         "date": date.isoformat(),
         "overrides": list(args.set),
+        "truthless": bool(args.truthless),
+        "truth_metric": truth_metric,
+        "candidates": candidates,
         "primary": primary,
         "seeds": [m["seed"] for m in models],
         "n_requests": int(models[0]["metrics"].get("n_requests") or 0),
         "primary_by_seed": [m["metrics"][primary] for m in models],
+        "truth_by_seed": [m["metrics"][truth_metric] for m in models],
         "calibration_by_seed": [
             {k: m["metrics"].get(k) for k in ("logloss", "logloss_constant", "ece", "mean_prob", "ctr")}
             for m in models
@@ -222,8 +300,16 @@ def summarize(payload: dict[str, Any]) -> str:
     primary = payload["primary"]
     g = payload["gate"]
     scores = np.asarray(payload["primary_by_seed"])
+    truth = payload.get("truth_metric", primary)
+    truthless = (
+        f"Truth-less: {truth} is hidden from the gate (it only sizes the degraded challengers), so the "
+        f"gate's primary is {primary}. "
+        if payload.get("truthless")
+        else ""
+    )
     lines = [
-        f"Default world, window ending {payload['date']}, {payload['n_requests']} eval requests"
+        truthless
+        + f"Default world, window ending {payload['date']}, {payload['n_requests']} eval requests"
         + (f" (overrides: {' '.join(payload['overrides'])})" if payload.get("overrides") else "")
         + "; "
         f"{len(payload['seeds'])} training seeds ({primary} {scores.mean():.4f} ± {scores.std(ddof=1):.4f} "
@@ -254,13 +340,21 @@ def summarize(payload: dict[str, Any]) -> str:
         ach = np.asarray(d["achieved"])
         rows.append(
             [
-                f"challenger degraded by {key} {primary} (measured {ach.min():.4f}..{ach.max():.4f})",
+                f"challenger degraded by {key} {truth} (measured {ach.min():.4f}..{ach.max():.4f})",
                 _rate(d["rejected"], n),
                 "rejected",
                 why(d["pairs"]),
             ]
         )
     lines.append(markdown_table(["challengers", "rate", "outcome", "blocking checks (pairs)"], rows))
+    undecided = sum(v.get("verdict") == "undecided" for v in aa)
+    if undecided:
+        lines += [
+            "",
+            f"{undecided} of the {n} A/A pairs were undecided (gate.on_undecided: {g['on_undecided']}).",
+        ]
+    if payload.get("candidates"):
+        lines += ["", candidates_table(payload, n)]
 
     slices: dict[str, list[dict[str, Any]]] = {}
     for v in aa:
@@ -322,6 +416,39 @@ def summarize(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def candidates_table(payload: dict[str, Any], n: int) -> str:
+    """Every candidate primary for real logs, judged on the same pairs with the truth hidden."""
+    rows = []
+    for metric, c in payload["candidates"].items():
+        agree, total = c["sign_agree"]
+        rows.append(
+            [
+                metric,
+                str(c["n_requests"]),
+                f"{np.median(c['aa_halfwidth']):.4f}",
+                _rate(c["aa_promoted"], n)
+                + (f", {c['aa_undecided']} undecided" if c["aa_undecided"] else ""),
+                _rate(c["rejected"].get(f"{ACCEPT_DELTA:g}", 0), n),
+                _rate(c["rejected"].get("0.01", 0), n) if "0.01" in c["rejected"] else "-",
+                _rate(agree, total),
+            ]
+        )
+    truth = payload.get("truth_metric")
+    header = [
+        "candidate primary",
+        "requests it is defined on",
+        "A/A median half-width",
+        "A/A promoted",
+        f"{ACCEPT_DELTA} worse ({truth}) rejected",
+        f"0.01 worse ({truth}) rejected",
+        f"agrees in sign with {truth} (ranker pairs > margin apart)",
+    ]
+    return (
+        "Candidate primaries on the same pairs, truth hidden from the gate "
+        f"(margin {payload['gate']['margin']}):\n\n" + markdown_table(header, rows)
+    )
+
+
 def main() -> None:
     p = seeded_parser(__doc__, "bench-gate", seeds=8)
     p.add_argument("--deltas", type=lambda s: [float(x) for x in s.split(",")], default=list(DELTAS))
@@ -331,12 +458,20 @@ def main() -> None:
         "ending there, its eval day the next) instead of simulating the default window",
     )
     p.add_argument("--set", action="append", default=[], help="a config override, as `hap --set`")
+    p.add_argument(
+        "--truthless",
+        action="store_true",
+        help="judge as on real logs: the truth sizes the degraded challengers but is hidden from the gate",
+    )
+    p.add_argument("--candidates", type=lambda s: s.split(","), default=list(CANDIDATES))
     args = p.parse_args()
     if args.from_json:
         payload = json.loads(args.from_json.read_text())
     else:
         payload = run(args)
-    write_results("gate_power", payload, summarize(payload))
+    write_results(
+        "gate_power_truthless" if payload.get("truthless") else "gate_power", payload, summarize(payload)
+    )
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ the same requests, each metric first per request (``hap.model.metrics``):
   ``random`` order and, where the eval set has ``true_affinity`` (simulated data), the ``truth``
   order. Logged orders are favoured by click metrics: every click lies in the ranking stage's top
   by construction (selection bias), so only the ground-truth metrics compare them fairly;
-- click metrics ``recall@K`` / ``ndcg@K`` (requests without a click skipped) and
-  ``rank50_recall@K``; ground-truth metrics ``gt_recall@K`` and ``exp_clicks@10`` (absent, not 0,
-  without ``true_affinity``);
+- click metrics ``recall@K`` / ``ndcg@K`` (requests without a click skipped), ``exposure_auc``
+  (per-request AUC of clicks among the exposures, unweighted GAUC) and the stage-aware
+  ``rank50_recall@K`` (share of the ranking stage's top 50 in the ranker's top K, every request);
+  ground-truth metrics ``gt_recall@K`` and ``exp_clicks@10`` (absent, not 0, without
+  ``true_affinity``);
 - on exposures: ``auc_light`` / ``auc_expressive`` (each model's own logits), ``gauc`` (final
   order), the calibration of the served probability (``logloss`` next to ``logloss_constant``,
   the base rate's; ``ece``; ``mean_prob`` next to ``ctr``: ``metrics.calibration_metrics``);
@@ -180,6 +182,7 @@ def ranker_vectors(cfg: Config, es: EvalSet, key: np.ndarray) -> dict[str, np.nd
     out.update(
         share_vectors(order, es.grid((rank_pos <= 50).astype(np.int64), 0), es.valid, ks, "rank50_recall")
     )
+    out["exposure_auc"] = exposure_auc_vector(es, key)
     if es.has_truth():
         truth = es.grid(np.nan_to_num(es.column("true_affinity").astype(np.float64), nan=-np.inf), -np.inf)
         logit = (cfg.simulate.click_offset, cfg.simulate.position_bias)
@@ -187,6 +190,16 @@ def ranker_vectors(cfg: Config, es: EvalSet, key: np.ndarray) -> dict[str, np.nd
     if not np.isfinite(key).all():  # a NaN score is a failure, not a ranking
         out = {k: np.full_like(v, np.nan) for k, v in out.items()}
     return out
+
+
+def exposure_auc_vector(es: EvalSet, key: np.ndarray) -> np.ndarray:
+    """Per request, the AUC of its clicked exposures against its unclicked ones under ``key``
+    (NaN for a request without both): the per-request terms of an unweighted GAUC."""
+    rows = np.flatnonzero(es.column("exposed").astype(bool))
+    labels = es.column("label").astype(np.int64)[rows]
+    return group_aucs(
+        es.index.row_request[rows], labels, np.asarray(key, np.float64)[rows], len(es.index.counts)
+    )
 
 
 def content_type_vectors(es: EvalSet, key: np.ndarray) -> dict[str, np.ndarray]:
