@@ -27,7 +27,7 @@ from conftest import tiny_config
 from hap.core import layout
 from hap.data import markers
 
-DAY = dt.date(2026, 11, 3)  # window 11-02..11-03, eval day 11-04 (all in the tiny lake)
+DAY = dt.date(2026, 11, 3)  # window 11-02..11-03, evaluated on 11-03's held-out requests
 FLOORS = {"recall@50": 0.0, "gauc": 0.3}  # low: the barely trained first model must clear them
 WEAK = {"train.epochs": 1, "train.lr": 1e-6}
 GOOD = {"train.epochs": 2, "train.diagnostics_every": 1}
@@ -319,3 +319,43 @@ def test_training_set_fetched_back_with_dvc_from_tags(scenario, tmp_path):
     train_rel = Path(tags[registry.TAG_TRAIN_PATH]).relative_to(out)
     version, _ = content_hash(fetched / train_rel)
     assert version == tags[registry.TAG_DATA_VERSION]
+
+
+def test_an_underpowered_comparison_is_undecided_and_the_policy_decides(scenario, tmp_path):
+    """Two models trained alike, compared with a margin of 0 on the tiny eval day: the interval
+    straddles -margin and cannot be narrow enough to decide, so the verdict is undecided, never
+    fail; ``alert`` keeps the champion and says so, ``promote_if_better`` follows the point estimate."""
+    from hap.registry import gate
+    from hap.registry import registration as registry
+
+    cfg = scenario["cfg"].updated(
+        {
+            "gate.model_name": "hap-undecided",  # its own registered model: the scenario's aliases stay
+            "gate.margin": 0.0,
+            "gate.on_undecided": "alert",
+            "paths.models": str(tmp_path / "models"),
+            "paths.metrics": str(tmp_path / "metrics"),
+        }
+    )
+    _train_eval(cfg, GOOD)
+    first = registry.register_day(cfg, DAY)
+    assert gate.gate_day(cfg, DAY).promoted
+    _train_eval(cfg, {**GOOD, "train.seed": 9})
+    second = registry.register_day(cfg, DAY)
+    b = gate.gate_day(cfg, DAY)
+    gain = next(c for c in b.checks if c["name"].startswith("gain:"))
+    assert b.verdict == "undecided" and not b.promoted and b.alert and b.reasons == [], b.render()
+    assert gain["verdict"] == "not_decisive" and gain["lower"] <= 0.0 < gain["upper"]
+    assert "undecided: " in b.undecided and "policy alert: champion kept, alert raised" in b.undecided
+    head = b.render().splitlines()[0]
+    assert "UNDECIDED" in head and "FAIL" not in head and b.undecided in b.render()
+    assert registry.alias_version(cfg, registry.CHAMPION).version == first
+    assert registry.alias_version(cfg, registry.CHALLENGER).version == second
+    tags = registry.version_for_day(cfg, DAY).tags
+    assert tags[registry.TAG_VERDICT] == "undecided" and tags[registry.TAG_REASON].startswith("undecided: ")
+
+    keen = cfg.updated({"gate.on_undecided": "promote_if_better"})
+    b = gate.gate_day(keen, DAY)
+    better = gain["delta"] >= 0.0
+    assert b.verdict == "undecided" and b.promoted == better and not b.alert
+    assert registry.alias_version(cfg, registry.CHAMPION).version == (second if better else first)

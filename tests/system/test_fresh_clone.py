@@ -101,6 +101,37 @@ def test_dvc_repro_after_make_run_then_nothing_to_rerun(
     assert "?? dvc.lock" in status, status  # DVC's record, neither ignored nor committed (README)
 
 
+REGISTERED_DATA_VERSIONS = """
+import json
+from hap.core.config import load_config
+from hap.registry.registration import list_models
+print(json.dumps({r.date: r.data_version for r in list_models(load_config())}))
+"""
+
+
+def test_dvc_repro_rebuilds_the_training_set_its_model_was_trained_on(
+    clone: tuple[Path, dict[str, str]], make_run: subprocess.CompletedProcess
+) -> None:
+    """Later days have landed since the flow trained ``pipeline.date``'s model; a forced rebuild
+    of that day's split still gives the data version the registered model carries."""
+    import json
+
+    import yaml
+
+    assert make_run.returncode == 0
+    repo, env = clone
+    env = {**env, "PATH": f"{repo / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"}
+    date = yaml.safe_load((repo / "params.yaml").read_text())["pipeline"]["date"]
+    assert (repo / "data" / "validation" / f"dt={LAST_DAY}").is_dir()  # days after it are in
+    rebuilt = _run(["dvc", "repro", "--force", "--single-item", "split"], repo, env, timeout=600)
+    assert rebuilt.returncode == 0 and "Running stage 'split'" in rebuilt.stdout, rebuilt.stdout[-3000:]
+    version = _run(["hap", "data-version", "--date", date], repo, env, timeout=120)
+    registry = _run(["python", "-c", REGISTERED_DATA_VERSIONS], repo, env, timeout=120)
+    assert registry.returncode == 0, registry.stderr[-2000:]
+    registered = json.loads(registry.stdout.strip().splitlines()[-1])
+    assert registered.get(date) and version.stdout.strip() == registered[date], (version.stdout, registered)
+
+
 def test_a_corrupted_landing_file_prints_one_paragraph(
     clone: tuple[Path, dict[str, str]], make_run: subprocess.CompletedProcess
 ) -> None:
