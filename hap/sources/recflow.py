@@ -1,14 +1,21 @@
 """Adapter from RecFlow (Kuaishou's public full-flow dataset) into our raw log contracts.
 
 RecFlow ships one feather file per day in two folders: ``realshow/`` (the exposures) and
-``all_stage/`` (the unexposed candidates each stage filtered out, flagged ``rank_neg``,
-``coarse_neg`` and ``prerank_neg``). The mapping, and what RecFlow lacks:
+``all_stage/`` (the candidates of every stage, among them those a stage filtered out, flagged
+``rank_neg``, ``coarse_neg`` and ``prerank_neg``). The mapping, and what RecFlow lacks:
 
 - exposures: ``realshow == 1`` rows; the click is ``effective_view``; the display position is
-  ``rank_pos`` when present, else the row order within the request.
-- ``rank_neg`` rows become ``rank_neg``; ``coarse_neg`` and ``prerank_neg`` rows become
-  ``prerank_neg`` (both were dropped before ranking). Their stage position is ``rank_index + 1``
-  where RecFlow gives it; otherwise null.
+  the row order within the request (RecFlow's ``rank_pos`` is a top-10 flag, not a position).
+- ``rank_neg`` rows become ``rank_neg`` with ``rank_pos = rank_index + 1`` (RecFlow's ranking
+  keeps its top 10, so RecFlow data needs ``contract.rank_keep: 10``); ``coarse_neg`` and
+  ``prerank_neg`` rows become ``prerank_neg`` (both were dropped before ranking). RecFlow logs
+  only that those ranked out of the top ``PRERANK_CUT``, so their ``prerank_pos`` is that bound + 1.
+- ``duration`` is in milliseconds in RecFlow, seconds in our contract.
+- RecFlow logs no retrieval order: every candidate the cascade logged was retrieved, at a position
+  unknown to us, written as 1 (the retrieval cross feature is then a constant, and the logged
+  retrieval reference ranker a random order). Global negatives were never retrieved: null.
+- The full-flow log carries the same stage positions as the ranking log (exposures at their
+  display position in the ranking's top), so the stage-aware ``rank50_recall@K`` is defined on it.
 - RecFlow logs no global negatives: we draw ``global_neg_per_pos`` per click from the day's
   video pool with a seeded RNG, so the pipeline sees the same five sources.
 - Features missing from RecFlow (activity, CTR, network, OS, channel, tags, language,
@@ -52,6 +59,7 @@ REALSHOW_COLUMNS = (
     "effective_view",
 )
 ALL_STAGE_COLUMNS = (*REALSHOW_COLUMNS[:-2], "rank_neg", "coarse_neg", "prerank_neg", "rank_index")
+PRERANK_CUT = 500  # RecFlow's coarse and pre-ranking stages keep their top 500
 RECFLOW_ITEM_SALTS = {"i_id": 10, "i_author": 11, "i_content_type": 12, "i_category": 13, "i_subcategory": 14}
 
 
@@ -87,7 +95,7 @@ def _item_features(table: pa.Table, ts_ms: np.ndarray, buckets: int) -> dict[str
     feats.update({name: np.zeros(n, np.float32) for name in schema.ITEM_DENSE})
     upload = _col(table, "upload_timestamp")
     feats["i_age_hours"] = np.clip((ts_ms - upload) / 3.6e6, 0, None).astype(np.float32)
-    feats["i_duration"] = _col(table, "duration", np.float32)
+    feats["i_duration"] = _col(table, "duration", np.float32) / 1000  # milliseconds -> seconds
     return feats
 
 
@@ -98,8 +106,7 @@ def _exposure(table: pa.Table, date: dt.date, seq_len: int, buckets: int) -> pa.
     order = np.lexsort((np.arange(n), req))
     table = table.take(pa.array(order))
     req, ts = req[order], ts[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(req)) + 1]
-    position = (np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))).astype(np.int32) + 1
+    position = _display_positions(req)
     click = _col(table, "effective_view", np.int8)
     hour = (ts // 3_600_000) % 24
     cols = {
@@ -165,12 +172,13 @@ def _ranking(exposed: pa.Table, negatives: pa.Table, pool: pa.Table, cfg: Config
             _col(table, "rank_index") + 1 if "rank_index" in table.column_names else np.zeros(n, np.int64)
         )
         has_rank = (rank_index > 0) & (source == "rank_neg")
+        prerank_pos = np.full(n, PRERANK_CUT + 1, np.int32)  # the best position RecFlow implies
         cols = {
             "request_id": _col(table, "request_id"),
             "item_id": _col(table, "video_id"),
             "source": pa.array([source] * n, pa.string()),
-            "retrieval_pos": pa.nulls(n, pa.int32()),
-            "prerank_pos": pa.nulls(n, pa.int32()),
+            "retrieval_pos": pa.array(np.ones(n, np.int32), mask=np.full(n, source == "global_neg")),
+            "prerank_pos": pa.array(prerank_pos, mask=np.full(n, source != "prerank_neg")),
             "rank_pos": pa.array(rank_index.astype(np.int32), mask=~has_rank),
             "content_type": (_col(table, "upload_type") % 128).astype(np.int8),
             "true_affinity": pa.nulls(n, pa.float32()),
@@ -183,14 +191,47 @@ def _ranking(exposed: pa.Table, negatives: pa.Table, pool: pa.Table, cfg: Config
     return ranking.take(pa.array(np.flatnonzero(~keys.duplicated().to_numpy())))
 
 
+def _display_positions(request_ids: np.ndarray) -> np.ndarray:
+    """1-based position of each row within its request, in file order (RecFlow's display order)."""
+    n = len(request_ids)
+    order = np.lexsort((np.arange(n), request_ids))
+    sorted_req = request_ids[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_req)) + 1]
+    within = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    out = np.empty(n, np.int32)
+    out[order] = within + 1
+    return out
+
+
+def _stage_positions(all_stage: pa.Table, exposed: pa.Table) -> tuple[pa.Table, pa.Array, pa.Array]:
+    """The day's candidates (exposures first, so they win a repeated video) with the stage positions
+    RecFlow implies: an exposure ranked at its display position, a ``rank_neg`` at ``rank_index + 1``,
+    a ``coarse_neg``/``prerank_neg`` just below the pre-ranking cut; null where no stage kept it."""
+    rank_neg = _col(all_stage, "rank_neg").astype(bool)
+    dropped = (_col(all_stage, "coarse_neg") | _col(all_stage, "prerank_neg")).astype(bool) & ~rank_neg
+    index = (
+        _col(all_stage, "rank_index") + 1
+        if "rank_index" in all_stage.column_names
+        else np.zeros(len(rank_neg))
+    )
+    has_rank = rank_neg & (index > 0)
+    columns = list(ALL_STAGE_COLUMNS[:14])
+    cand = pa.concat_tables([exposed.select(columns), all_stage.select(columns)])
+    n_exp = exposed.num_rows
+    rank_pos = np.r_[_display_positions(_col(exposed, "request_id")), index.astype(np.int32)]
+    rank_mask = np.r_[np.zeros(n_exp, bool), ~has_rank]
+    prerank_mask = np.r_[np.ones(n_exp, bool), ~dropped]
+    prerank_pos = np.full(cand.num_rows, PRERANK_CUT + 1, np.int32)
+    return cand, pa.array(rank_pos, mask=rank_mask), pa.array(prerank_pos, mask=prerank_mask)
+
+
 def _fullflow(all_stage: pa.Table, exposed: pa.Table, cfg: Config, date: dt.date) -> pa.Table:
     rng = np.random.default_rng([cfg.simulate.seed, date.toordinal(), 78])
     req = np.unique(_col(exposed, "request_id"))
     chosen = rng.choice(req, size=min(cfg.simulate.full_flow_requests, len(req)), replace=False)
-    cand = pa.concat_tables(
-        [all_stage.select(list(ALL_STAGE_COLUMNS[:14])), exposed.select(list(ALL_STAGE_COLUMNS[:14]))]
-    )
-    cand = cand.filter(pa.array(np.isin(_col(cand, "request_id"), chosen)))
+    cand, rank_pos, prerank_pos = _stage_positions(all_stage, exposed)
+    keep = pa.array(np.isin(_col(cand, "request_id"), chosen))
+    cand, rank_pos, prerank_pos = cand.filter(keep), rank_pos.filter(keep), prerank_pos.filter(keep)
     n = cand.num_rows
     exp_keys = set(zip(_col(exposed, "request_id").tolist(), _col(exposed, "video_id").tolist()))
     clicks = dict(
@@ -204,9 +245,9 @@ def _fullflow(all_stage: pa.Table, exposed: pa.Table, cfg: Config, date: dt.date
     cols = {
         "request_id": _col(cand, "request_id"),
         "item_id": _col(cand, "video_id"),
-        "retrieval_pos": np.arange(1, n + 1, dtype=np.int32),
-        "prerank_pos": pa.nulls(n, pa.int32()),
-        "rank_pos": pa.nulls(n, pa.int32()),
+        "retrieval_pos": np.ones(n, np.int32),  # retrieved, at a position RecFlow does not log
+        "prerank_pos": prerank_pos,
+        "rank_pos": rank_pos,
         "exposed": np.array([p in exp_keys for p in pairs], bool),
         "click": np.array([clicks.get(p, 0) for p in pairs], np.int8),
         "content_type": (_col(cand, "upload_type") % 128).astype(np.int8),
