@@ -196,6 +196,7 @@ def judge(cfg: Any, champion: dict[str, Any], challenger: dict[str, Any], primar
                 "lower": c.lower,
                 "upper": c.upper,
                 "halfwidth": c.halfwidth,
+                "n": c.n,
                 "confidence": c.confidence,
                 "decisive": c.decisive,
                 "verdict": c.verdict,

@@ -58,7 +58,7 @@ def describe(step: str, result: Any) -> str:
     if step in ("train", "train-on-gpu-pool"):
         return f"{r.get('epochs_run', '?')} epochs on {r.get('device', '?')}"
     if step == "evaluate":
-        primary = next((k for k in ("gt_recall@50", "recall@50") if k in r), None)
+        primary = next((k for k in ("gt_recall@50", "rank50_recall@50", "recall@50") if k in r), None)
         return f"{primary} {_num(r[primary])}" if primary else ""
     if step == "register":
         return f"model version {result}"

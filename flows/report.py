@@ -13,6 +13,7 @@ KEY_METRICS = (
     "recall@10",
     "recall@50",
     "recall@100",
+    "rank50_recall@50",
     "ndcg@50",
     "gauc",
     "auc",

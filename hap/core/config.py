@@ -269,7 +269,7 @@ ReferenceRanker = Literal["retrieval", "prerank", "ranking", "random", "truth"]
 class EvaluateConfig(_Section):
     ks: list[int]
     primary_metric: str  # on data with ground truth (simulated)
-    fallback_metric: str = "recall@50"  # primary when the eval set has no true_affinity (real data)
+    fallback_metric: str = "rank50_recall@50"  # primary when the eval set has no true_affinity (real logs)
     latency_candidates: int
     latency_repeats: int
     confidence: float = Field(default=0.95, gt=0.0, lt=1.0)  # of every paired bootstrap interval

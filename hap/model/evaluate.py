@@ -129,12 +129,16 @@ def reference_keys(cfg: Config, es: EvalSet) -> dict[str, np.ndarray]:
     retrieval = es.column("retrieval_pos").astype(np.float64)
     prerank = np.nan_to_num(pc.fill_null(es.table["prerank_pos"], int(big)).to_numpy().astype(np.float64))
     ranked = pc.fill_null(es.table["rank_pos"], 0).to_numpy().astype(np.float64)
+    random = np.random.default_rng(cfg.evaluate.seed).random(es.table.num_rows)
+    # positions a log leaves tied (every candidate no stage kept; a source that logs no order) are
+    # ordered at random, never by the rows' order in the file, which can follow the labels
+    jitter = random * 1e-3
     keys = {
-        "retrieval": -retrieval,
-        "prerank": -prerank,
+        "retrieval": -retrieval + jitter,
+        "prerank": -prerank + jitter,
         # the logged ranking order covers the pre-ranker's top only; the rest follows the pre-ranker
-        "ranking": np.where(ranked > 0, -ranked, -big - prerank),
-        "random": np.random.default_rng(cfg.evaluate.seed).random(es.table.num_rows),
+        "ranking": np.where(ranked > 0, -ranked, -big - prerank) + jitter,
+        "random": random,
     }
     if es.has_truth():
         keys["truth"] = es.table["true_affinity"].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -361,7 +365,7 @@ RANKERS = (
     ("user's logged categories", "ref_user_logged_"),
     ("ground truth", "ref_truth_"),
 )
-TABLE_METRICS = ("gt_recall@50", "exp_clicks@10", "recall@50", "ndcg@50")
+TABLE_METRICS = ("gt_recall@50", "exp_clicks@10", "rank50_recall@50", "recall@50", "ndcg@50")
 
 
 def render_table(cfg: Config, metrics: dict[str, Any], key: Any = str) -> list[str]:

@@ -219,21 +219,38 @@ def decide(
         return Decision("fail", reasons, checks)
     gain = next((c for c in checks if c.name == f"gain:{primary}"), None)
     if gain is not None and gain.verdict == "not_decisive":
-        return undecided_decision(gain, gate, checks)
+        need = gate.primary_decisive_ratio * gate.margin
+        why = (
+            f"undecided: {gain.metric} interval ±{gain.halfwidth:.4f} is wider than ±{need:.4f} "
+            f"({gate.primary_decisive_ratio:g} x the margin {gate.margin:g}): challenger - champion "
+            f"{gain.delta:+.4f} [{gain.lower:+.4f}, {gain.upper:+.4f}] over {gain.n} requests"
+        )
+        return undecided_decision(why, gain.delta or 0.0, gate, checks)
+    blind = _blind_to_order(challenger, primary)
+    if gain is not None and blind:
+        return undecided_decision(blind, gain.delta or 0.0, gate, checks)
     return Decision("pass", reasons, checks, promote=True)
 
 
-def undecided_decision(gain: Check, gate: GateConfig, checks: list[Check]) -> Decision:
-    """Every other check holds but the primary metric's interval is too wide to tell: apply
-    ``gate.on_undecided``."""
-    need = gate.primary_decisive_ratio * gate.margin
-    why = (
-        f"undecided: {gain.metric} interval ±{gain.halfwidth:.4f} is wider than ±{need:.4f} "
-        f"({gate.primary_decisive_ratio:g} x the margin {gate.margin:g}): challenger - champion "
-        f"{gain.delta:+.4f} [{gain.lower:+.4f}, {gain.upper:+.4f}] over {gain.n} requests"
+def _blind_to_order(challenger: dict[str, Any], primary: str) -> str:
+    """Why ``primary`` cannot rank models on this eval set, or "": a metric on which a random
+    order scores exactly what the model scores (say recall@K with K at least every request's
+    candidate count) passes any challenger, so it must not be read as a verdict."""
+    model, random = challenger.get(primary), challenger.get(f"ref_random_{primary}")
+    if not (_finite(model) and _finite(random)) or abs(float(model) - float(random)) > 1e-12:
+        return ""
+    return (
+        f"undecided: {primary} cannot tell the model from a random order on this eval set (both "
+        f"{float(model):.4f}): its K is not below the candidates per request; choose a smaller K "
+        "(evaluate.primary_metric / evaluate.fallback_metric)"
     )
+
+
+def undecided_decision(why: str, delta: float, gate: GateConfig, checks: list[Check]) -> Decision:
+    """Every other check holds but the primary metric cannot decide (``why``): apply
+    ``gate.on_undecided``; ``delta`` is its point estimate of challenger - champion."""
     policy = gate.on_undecided
-    promote = policy == "promote_if_better" and (gain.delta or 0.0) >= 0.0
+    promote = policy == "promote_if_better" and delta >= 0.0
     if policy == "promote_if_better":
         outcome = (
             "promoted: its point estimate is not below the champion's and every other check holds"

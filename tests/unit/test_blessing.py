@@ -261,3 +261,20 @@ def test_the_adjusted_level_widens_the_slice_intervals_and_can_change_the_verdic
     assert adj["auc_slice_a"].halfwidth > 1.25 * raw["auc_slice_a"].halfwidth
     assert raw_checks["auc_slice_a"].decisive and raw_checks["auc_slice_a"].verdict == "fail"
     assert not adj_checks["auc_slice_a"].decisive and adj_checks["auc_slice_a"].verdict == "not_decisive"
+
+
+def test_a_metric_blind_to_the_order_is_undecided(make_cfg):
+    """recall@50 on requests of fewer than 50 candidates: a random order scores what the model
+    scores, every difference is 0, and the gate says it cannot tell instead of passing."""
+    gate = make_cfg(gate__margin=0.01, gate__max_flops_per_request=1e6, gate__on_undecided="keep").gate
+    blind = metrics(**{"ref_random_recall@50": 0.30})
+    d = decide(blind, metrics(), gate, "recall@50", steady(**{"recall@50": Interval(0.0, 0.0, 0.0, 300)}))
+    assert (
+        d.verdict == "undecided"
+        and not d.promote
+        and "cannot tell the model from a random order" in d.undecided
+    )
+    sighted = metrics(**{"ref_random_recall@50": 0.05})
+    d = decide(sighted, metrics(), gate, "recall@50", steady(**{"recall@50": Interval(0.0, 0.0, 0.0, 300)}))
+    assert d.verdict == "pass" and d.promote
+    assert decide(blind, None, gate, "recall@50").verdict == "pass"  # no champion: the floors decide
