@@ -65,10 +65,20 @@ def split(tmp_path_factory: pytest.TempPathFactory) -> Config:
 
 
 def test_split_keeps_a_share_of_the_window_full_flow_rows(split: Config) -> None:
+    import pyarrow.parquet as pq
+
     from hap.data.fullflow_set import read_fullflow_set
+    from hap.data.split import build_training_set
 
     table = read_fullflow_set(layout.fullflow_set(split, DATE))
     assert table is not None
+    # the window's days; the eval requests (here every full-flow request of the last day, D) are held out
+    eval_ids = set(pq.read_table(layout.eval_set(split, DATE))["request_id"].to_pylist())
+    assert eval_ids and not eval_ids & set(table["request_id"].to_pylist())
+    assert set(table["dt"].to_pylist()) <= {"2026-11-01", "2026-11-02"}
+    nxt = split.updated({"split.eval_day": "next", "paths.training": "training-next"})
+    build_training_set(nxt, DATE)  # eval on the held-out day after: every window day supervises
+    table = read_fullflow_set(layout.fullflow_set(nxt, DATE))
     assert set(table["dt"].to_pylist()) == {"2026-11-01", "2026-11-02"}  # the window, not the eval day
     per_request = np.unique(table["request_id"].to_numpy(), return_counts=True)[1]
     assert 60 < per_request.mean() < 140  # ~10% of 1,000 retrieved candidates

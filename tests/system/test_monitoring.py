@@ -77,7 +77,7 @@ def champion(tmp_path_factory: pytest.TempPathFactory):
     _simulate(cfg, DAYS[:4])
     for date in DAYS[:4]:
         validate_day(cfg, date)
-    build_training_set(cfg, end)
+    build_training_set(cfg.updated({"split.eval_day": "next"}), end)  # day 4 held out, days 1-3 all trained
     train.train_day(cfg, end)
     bundle = load_bundle(layout.model_dir(cfg, end))
     return from_bundle(bundle, "1", source=str(layout.model_dir(cfg, end)))
