@@ -68,6 +68,28 @@ def retrieval_columns(table: pa.Table) -> np.ndarray:
     return np.stack([np.where(missing, 0.0, -np.log(np.maximum(pos, 1.0))), missing.astype(np.float64)], 1)
 
 
+def sequence_matrix(column: pa.ChunkedArray | pa.Array, seq_len: int) -> np.ndarray:
+    """List column -> ``[N, seq_len]`` int64, keeping the last ``seq_len`` ids, left-padded with 0."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    n = len(lengths)
+    out = np.zeros((n, seq_len), dtype=np.int64)
+    if flat.size == 0:
+        return out
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    take = np.minimum(lengths, seq_len)
+    # position j of the output row takes flat[ends - take + (j - (seq_len - take))] when j >= seq_len - take
+    j = np.arange(seq_len)[None, :]
+    first = (seq_len - take)[:, None]
+    src = (ends - take)[:, None] + (j - first)
+    ok = j >= first
+    out[ok] = flat[np.clip(src, 0, flat.size - 1)][ok]
+    del starts
+    return out
+
+
 def profile_folder(training_set: Path) -> Path:
     """The profile the split wrote next to the training set ``training/dt=D/train``."""
     return Path(training_set).parent / "profile"
@@ -199,9 +221,7 @@ class CrossFeatures:
         return out
 
     def _seq_match(self, table: pa.Table, cat: np.ndarray, seq_len: int) -> np.ndarray:
-        from hap.model.batches import _sequence_matrix  # local: batches imports this module
-
-        seq = _sequence_matrix(table[schema.USER_SEQUENCE], seq_len)
+        seq = sequence_matrix(table[schema.USER_SEQUENCE], seq_len)
         seq_cat = self.items.get(seq.reshape(-1), default=-1).reshape(seq.shape)
         seq_cat = np.where(seq == 0, -1, seq_cat)
         return (seq_cat == cat[:, None]).sum(1).astype(np.float64)
