@@ -6,7 +6,7 @@ pre-ranking → ranking → exposure → click, and the logged negatives follow 
 Because difficulty is real here (exposed negatives sit near the positives, global negatives far
 away), GHCL against mixing and DAMR against uniform scaling give measurable differences.
 
-Each knob copies a property of real feed logs (the README's table has the measured values):
+Each knob copies a property of real feed logs (docs/data.md's table has the measured values):
 
 - stage precision improves along the cascade: retrieval (a cheap ANN lookup) is the noisiest
   stage, pre-ranking (a small model) in between, ranking (the heavy model) the least noisy;
