@@ -20,7 +20,7 @@ does it let through one that is worse by a given amount of the primary metric?
    slices, which score the eval samples with the towers, are left as they were). Each pair is then
    gated again with the degraded challenger; ``delta`` = 0.03 is the acceptance's A/B, the smaller
    ones trace the power curve around ``gate.margin``.
-5. The same pairs are also judged by the rule before issue 29 (every slice blocking, 95% each:
+5. The same pairs are also judged by the previous rule (every slice blocking, 95% each:
    ``slice_decisive_ratio`` = inf, ``slice_adjust`` = none), for comparison.
 
 6. ``--truthless``: the same pairs judged as on real logs, where the eval set has no

@@ -1,7 +1,7 @@
 """What a trained bundle's score depends on: ``python -m bench.model_probe BUNDLE_DIR TRAINING_DIR``.
 
 ``TRAINING_DIR`` is the split's ``training/dt=D`` (its ``train/``, ``eval/`` and ``profile/``).
-Prints, for the light model on the full-flow eval set (issue 29, bench/results/model_quality.md):
+Prints, for the light model on the full-flow eval set (bench/results/model_quality.md):
 
 - ``gt_recall@50`` as is, with every click sequence blanked, with every user id set to one value,
   and with the cross features zeroed (when the bundle has any): an input the score ignores moves

@@ -77,7 +77,7 @@ def oracles(cfg: Any, day: Any) -> dict[str, float]:
 
     from hap.core import layout
     from hap.model.serving import RequestIndex
-    from hap.sources.simulator import build_universe
+    from hap.sources.universe import build_universe
 
     uni = build_universe(cfg.simulate, cfg.contract.hash_buckets, cfg.contract.n_content_types)
     cols = ["request_id", "item_id", "true_affinity", "prerank_pos", "retrieval_pos"]

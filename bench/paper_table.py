@@ -41,7 +41,7 @@ from hap.model.evaluate import REFERENCES as LOGGED_REFERENCES
 
 RHOS = (0.05, 0.1, 0.2, 0.5)
 HARMONIZATIONS = ("uniform", "gradnorm", "pcgrad")
-# the logged orders, random, truth, and the model-free rankers (issue 29) as rows
+# the logged orders, random, truth, and the model-free rankers as rows
 REFERENCES = (*LOGGED_REFERENCES, *MODEL_FREE)
 CLAIM_METRICS = ("gt_recall@50", "recall@50")  # the ground-truth and the click top-50 metric
 LOW_RHOS = (0.05, 0.1)  # claim 2: HAP at rho <= 0.1

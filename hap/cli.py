@@ -407,8 +407,9 @@ def main() -> None:
         # Arrow readers that are garbage but not yet collected may still have I/O tasks in Arrow's
         # thread pools; left to the interpreter's teardown, a pool destroyed under a live task
         # aborts the process after its work is done ("terminate called without an active
-        # exception", exit -6: seen once on `hap split` under load; apache/arrow#34314). Collected
-        # here, while Arrow is alive, they finish first.
+        # exception", exit -6: seen once on `hap split` under load; upstream report:
+        # https://github.com/apache/arrow/issues/34314). Collected here, while Arrow is alive, they
+        # finish first.
         gc.collect()
 
 

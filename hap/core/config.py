@@ -193,7 +193,7 @@ class ModelConfig(_Section):
     behaviour_features: list[str] = []
     # user x item cross features the heads see (hap.model.cross.CROSS_FEATURES); [] = none
     cross_features: list[str] = []
-    # days of earlier logs a day's user-history profile is built from (hap.data.profile)
+    # days of earlier logs a day's user-history profile is built from (hap.data.user_history)
     profile_days: int = Field(default=3, ge=1)
     light: TowerConfig
     expressive: TowerConfig

@@ -123,7 +123,7 @@ def fullflow_set(cfg: Config, date: dt.date | str) -> Path:
 
 
 def profile_dir(cfg: Config, date: dt.date | str) -> Path:
-    """The user-history profiles of the window ending on ``date`` (``hap.data.profile``)."""
+    """The user-history profiles of the window ending on ``date`` (``hap.data.user_history``)."""
     return cfg.path("training") / partition(date) / "profile"
 
 

@@ -24,8 +24,8 @@ import pyarrow as pa
 
 from hap.core import schema
 from hap.core.config import Config
+from hap.data import day_profile
 from hap.data import frames as vf
-from hap.data import profiles
 from hap.data.buckets import STAGING_SUFFIX, DayBuckets, read_staged, write_partitioned
 from hap.data.gx_runner import Finding, GxRunner, bucket_runner
 from hap.data.suites import load_suite_json
@@ -86,7 +86,7 @@ def _summarize(
     """What the day-level checks need from the bucket, and its keys that span requests."""
     exposure, ranking, fullflow = tables
     out.counts = vf.bucket_counts(exposure, ranking, fullflow)
-    out.profile = profiles.profile_part(exposure, ranking, cfg.validation.profile_sample_rows)
+    out.profile = day_profile.profile_part(exposure, ranking, cfg.validation.profile_sample_rows)
     keys = vf.exposure_keys(exposure)
     _write_keys(cut, "exposure_keys", bucket, keys, vf.exposure_key_part(keys, cut.buckets))
     content = vf.content_keys(exposure)

@@ -4,7 +4,7 @@ Heavy work that GX on pandas does slowly (joins and per-request aggregation) is 
 pyarrow, producing derived columns and a per-request frame; GX then applies the expectations
 from ``expectations/*.json`` to them. No check is dropped: each derived column is named by the
 expectation that uses it (see ``hap.data.suites``). The ``drift`` frame, a day's distributions
-against the trailing days', is built by ``hap.data.profiles``.
+against the trailing days', is built by ``hap.data.day_profile``.
 """
 
 from __future__ import annotations

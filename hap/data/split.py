@@ -26,7 +26,7 @@ Writes, atomically as one folder ``training/dt=D/``:
 - ``fullflow/part-0.parquet``: a hashed share (``split.fullflow_share``) of the window's full-flow
   candidates with the stages they reached, the stage-order supervision (``hap.data.fullflow_set``).
 - ``profile/``: the user-history profiles, a point-in-time join of earlier days' logs
-  (``hap.data.profile``), which training, evaluation and serving read (``hap.model.cross``).
+  (``hap.data.user_history``), which training, evaluation and serving read (``hap.model.cross``).
 
 **Which day is evaluated** is a parameter, never a matter of which days have landed, so the
 training set is a pure function of its window and params and ``dvc repro`` rebuilds, on any later
@@ -69,7 +69,7 @@ from hap.core.parquet import PARQUET_OPTIONS, RowGroupWriter
 from hap.core.storage import redact
 from hap.data import lake, markers
 from hap.data.fullflow_set import write_fullflow_set
-from hap.data.profile import build_profiles
+from hap.data.user_history import build_profiles
 
 PART_FILE = "part-0.parquet"
 REPORT_FILE = layout.SPLIT_REPORT_FILE

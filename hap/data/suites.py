@@ -185,7 +185,7 @@ def _click_sequence() -> list[dict[str, Any]]:
 
 def _distribution_part() -> list[dict[str, Any]]:
     """Checks on the ``drift`` frame: one row per statistic of today against the median of the
-    trailing validated days (``hap.data.profiles.drift_frame``). Severity follows
+    trailing validated days (``hap.data.day_profile.drift_frame``). Severity follows
     ``validation.on_distribution_shift``."""
     checks = [  # (statistic, which bound its parameter sets, why)
         ("distinct_ratio", "min", "a feature keeps its number of distinct values (not collapsed)"),

@@ -35,8 +35,8 @@ from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from hap.core.engine import Mapper, local_map
 from hap.core.errors import HapError, ValidationFailed
+from hap.data import day_profile, markers
 from hap.data import frames as vf
-from hap.data import markers, profiles
 from hap.data.bucket_checks import KEY_BATCHES, KEYS_DIR, check_bucket, check_key_part
 from hap.data.buckets import DayBuckets, cut_day
 from hap.data.gx_runner import Finding, GxRunner, merge_findings, warm_up
@@ -217,11 +217,11 @@ def _drift_findings(
 ) -> None:
     """Today's distribution profile (merged from the buckets), and its checks against the trailing
     validated days."""
-    report.profile = profiles.merge_profiles(parts)
+    report.profile = day_profile.merge_profiles(parts)
     refs = [s["profile"] for s in trailing_summaries(cfg, date) if s.get("profile")]
     if len(refs) < cfg.validation.distribution_min_history:
         return
-    frame = profiles.drift_frame(report.profile, refs)
+    frame = day_profile.drift_frame(report.profile, refs)
     files = ", ".join(str(layout.raw_log(cfg, date, n)) for n in SUITED)
     report.findings += runner.run(
         load_suite_json("exposure"), "drift", frame, report.params, f"{files} (vs {len(refs)} trailing days)"

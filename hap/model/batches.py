@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from hap.core import hashing, schema
 from hap.core.config import Config
 from hap.core.errors import HapError, NonFiniteData
-from hap.model.cross import CrossFeatures, profile_folder
+from hap.model.cross import CrossFeatures, profile_folder, sequence_matrix
 
 REQUEST_CATEGORICAL: tuple[str, ...] = (*schema.USER_CATEGORICAL, *schema.CONTEXT_CATEGORICAL)
 ITEM_CATEGORICAL: tuple[str, ...] = schema.ITEM_CATEGORICAL
@@ -105,7 +104,7 @@ class FeatureSpec:
         return {
             "req_cat": self.rehash(cat, np.arange(len(REQUEST_CATEGORICAL))[None, :]),
             "req_dense": self._standardize(dense, slice(0, N_USER_DENSE)),
-            "seq": self.rehash(_sequence_matrix(table[schema.USER_SEQUENCE], self.seq_len), SEQ_FEATURE_SLOT),
+            "seq": self.rehash(sequence_matrix(table[schema.USER_SEQUENCE], self.seq_len), SEQ_FEATURE_SLOT),
         }
 
     def encode_items(self, table: pa.Table) -> dict[str, np.ndarray]:
@@ -125,28 +124,6 @@ class FeatureSpec:
 
 def _dense_matrix(table: pa.Table, columns: tuple[str, ...] = DENSE_ORDER) -> np.ndarray:
     return np.stack([table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in columns], axis=1)
-
-
-def _sequence_matrix(column: pa.ChunkedArray | pa.Array, seq_len: int) -> np.ndarray:
-    """List column -> ``[N, seq_len]`` int64, keeping the last ``seq_len`` ids, left-padded with 0."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    n = len(lengths)
-    out = np.zeros((n, seq_len), dtype=np.int64)
-    if flat.size == 0:
-        return out
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    take = np.minimum(lengths, seq_len)
-    # position j of the output row takes flat[ends - take + (j - (seq_len - take))] when j >= seq_len - take
-    j = np.arange(seq_len)[None, :]
-    first = (seq_len - take)[:, None]
-    src = (ends - take)[:, None] + (j - first)
-    ok = j >= first
-    out[ok] = flat[np.clip(src, 0, flat.size - 1)][ok]
-    del starts
-    return out
 
 
 # ---- the training tensors -------------------------------------------------------------------------

@@ -127,18 +127,3 @@ def fit_calibration(bundle: Any, table: Any) -> dict[str, list[float] | None] | 
     if light is not None and expr is not None:
         out["sum"] = platt(light.astype(np.float64) + expr, y)
     return out
-
-
-def calibrate_towers(
-    cfg: Config, light: Any, expressive: Any, spec: Any, date: Any, device: Any = "cpu"
-) -> dict[str, Any] | None:
-    """Training's hook: the calibration of freshly trained towers (eval mode) on the window's
-    validation exposures (None when the day's training set is not on disk)."""
-    import torch
-
-    from hap.model.serving import HapBundle
-
-    if not date:
-        return None
-    bundle = HapBundle({}, cfg.model, cfg.routing, spec, light, expressive, torch.device(device))
-    return fit_calibration(bundle, validation_exposures(cfg, date))

@@ -21,7 +21,7 @@ These features state that match directly:
   imputed without the flag would teach the model that any position can be a random item); every
   candidate served or evaluated has a position, so the indicator is 0 there. Two columns.
 
-The profile is ``hap.data.profile``'s point-in-time table: a training row of day ``a`` reads the
+The profile is ``hap.data.user_history``'s point-in-time table: a training row of day ``a`` reads the
 profile ``as_of`` ``a`` (earlier days only); evaluation and serving read ``serve_as_of`` (the eval
 day), which the bundle carries in its ``profile/`` folder. Everything here is numpy over the rows:
 training, evaluation and serving call the same ``CrossFeatures.encode``.
@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from hap.core import schema
 from hap.core.errors import HapError
-from hap.data import profile as prof
+from hap.data import user_history
 
 CROSS_FEATURES: tuple[str, ...] = ("seq_match", "user_logged", "user_clicked", "segment_ctr", "retrieval")
 WIDTHS: dict[str, int] = {"retrieval": 2}  # columns a feature takes (1 unless listed)
@@ -66,6 +66,28 @@ def retrieval_columns(table: pa.Table) -> np.ndarray:
     pos = pc.fill_null(table[RETRIEVAL_COLUMN], 0).to_numpy(zero_copy_only=False).astype(np.float64)
     missing = pos <= 0
     return np.stack([np.where(missing, 0.0, -np.log(np.maximum(pos, 1.0))), missing.astype(np.float64)], 1)
+
+
+def sequence_matrix(column: pa.ChunkedArray | pa.Array, seq_len: int) -> np.ndarray:
+    """List column -> ``[N, seq_len]`` int64, keeping the last ``seq_len`` ids, left-padded with 0."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    n = len(lengths)
+    out = np.zeros((n, seq_len), dtype=np.int64)
+    if flat.size == 0:
+        return out
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    take = np.minimum(lengths, seq_len)
+    # position j of the output row takes flat[ends - take + (j - (seq_len - take))] when j >= seq_len - take
+    j = np.arange(seq_len)[None, :]
+    first = (seq_len - take)[:, None]
+    src = (ends - take)[:, None] + (j - first)
+    ok = j >= first
+    out[ok] = flat[np.clip(src, 0, flat.size - 1)][ok]
+    del starts
+    return out
 
 
 def profile_folder(training_set: Path) -> Path:
@@ -132,25 +154,26 @@ class CrossFeatures:
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def load(cls, names: list[str] | tuple[str, ...], folder: Path | None) -> CrossFeatures:
-        """From a ``hap.data.profile`` folder (the split's, or a bundle's copy)."""
+        """From a ``hap.data.user_history`` folder (the split's, or a bundle's copy)."""
         names = tuple(names)
         if not set(names) & set(PROFILE_FEATURES + ("seq_match",)):
             return cls(names)
-        if folder is None or not (Path(folder) / prof.META_FILE).exists():
+        if folder is None or not (Path(folder) / user_history.META_FILE).exists():
             raise HapError(
                 f"model.cross_features {list(names)} need the split's user-history profile, not found at "
                 f"{folder}; run `hap split` again"
             )
         folder = Path(folder)
-        meta = prof.read_meta(folder)
-        items = pq.read_table(folder / prof.ITEMS_FILE)
+        meta = user_history.read_meta(folder)
+        items = pq.read_table(folder / user_history.ITEMS_FILE)
         out = cls(
             names,
             _Lookup.of(items["i_id"].to_numpy(), items["i_category"].to_numpy()),
             serve_as_of=meta["serve_as_of"],
             folder=folder,
         )
-        users, segments = pq.read_table(folder / prof.USERS_FILE), pq.read_table(folder / prof.SEGMENTS_FILE)
+        users = pq.read_table(folder / user_history.USERS_FILE)
+        segments = pq.read_table(folder / user_history.SEGMENTS_FILE)
         for day in sorted(set(users["as_of"].to_pylist()) | set(segments["as_of"].to_pylist())):
             out.days[day] = _day(users, segments, day)
         return out
@@ -199,9 +222,7 @@ class CrossFeatures:
         return out
 
     def _seq_match(self, table: pa.Table, cat: np.ndarray, seq_len: int) -> np.ndarray:
-        from hap.model.batches import _sequence_matrix  # local: batches imports this module
-
-        seq = _sequence_matrix(table[schema.USER_SEQUENCE], seq_len)
+        seq = sequence_matrix(table[schema.USER_SEQUENCE], seq_len)
         seq_cat = self.items.get(seq.reshape(-1), default=-1).reshape(seq.shape)
         seq_cat = np.where(seq == 0, -1, seq_cat)
         return (seq_cat == cat[:, None]).sum(1).astype(np.float64)

@@ -26,7 +26,9 @@ from torch import nn
 
 from hap.core.config import Config
 from hap.data.fullflow_set import read_fullflow_set, stage_key
+from hap.model.batches import Batch
 from hap.model.serving import RequestIndex
+from hap.model.towers import forward
 
 
 @dataclass
@@ -76,8 +78,6 @@ class FullflowData:
 
     def batch(self, step: int) -> FullflowBatch:
         """The step's requests: a draw that depends only on (seed, step)."""
-        from hap.model.batches import Batch  # local: batches imports hap.model.cross only
-
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7_368_787 + step)
         b = min(self.cfg.train.fullflow_batch_requests, self.n_requests)
         idx = torch.randperm(self.n_requests, generator=gen)[:b]
@@ -107,8 +107,6 @@ def fullflow_term(
     """``train.fullflow_weight`` x the order loss of ``net`` on the step's full-flow requests."""
     if fb is None or cfg.train.fullflow_weight <= 0:
         return None
-    from hap.model.member import forward  # local: member imports the training modules
-
     fb = fb.to(device)
     logits = forward(net, fb.batch, device)
     return cfg.train.fullflow_weight * order_loss(logits, fb.key, fb.batch.valid)

@@ -145,8 +145,9 @@ def reference_keys(cfg: Config, es: EvalSet) -> dict[str, np.ndarray]:
     return keys
 
 
-# Model-free reference rankers (README "Reference rankers"): each from the training window's logs (the
-# split's user-history profile as of the eval day: hap.data.profile) and the candidates' own features.
+# Model-free reference rankers (docs/evaluation.md "Reference rankers"): each from the training window's
+# logs (the split's user-history profile as of the eval day: hap.data.user_history) and the candidates'
+# own features.
 MODEL_FREE: dict[str, str] = {
     "popularity": "i_popularity",  # the candidate's own popularity feature
     "segment_ctr": "segment_ctr",  # user segment x category click rate in the window

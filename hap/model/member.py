@@ -143,11 +143,6 @@ def served_view(light: nn.Module, b: Batch, easy_top: int) -> Batch:
     return dataclasses.replace(b, valid=(b.valid & ~easy[None]) | picked)
 
 
-def forward(net: nn.Module, b: Batch, device: torch.device) -> torch.Tensor:
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return net(b.req_cat, b.req_dense, b.seq, b.item_cat, b.item_dense, b.cross).float()
-
-
 def build_members(
     cfg: Config, data: TrainData | StreamingTrainData, device: torch.device, world: int
 ) -> list[Member]:

@@ -29,10 +29,10 @@ import torch
 from pydantic import ValidationError
 
 from hap.core import layout, schema
-from hap.core.config import ModelConfig, RoutingConfig
+from hap.core.config import Config, ModelConfig, RoutingConfig
 from hap.core.errors import HapError
 from hap.model.batches import ITEM_CATEGORICAL, FeatureSpec
-from hap.model.calibration import served_probability
+from hap.model.calibration import fit_calibration, served_probability, validation_exposures
 from hap.model.cross import CrossFeatures
 from hap.model.routing import flops_per_request, merge_scores, ranks, route_grid
 from hap.model.towers import BUNDLE_FORMAT, ExpressiveModel, LightweightModel, build_models
@@ -293,3 +293,14 @@ def load_bundle(path: Path | str, device: str = "cpu") -> HapBundle:
         expressive=towers["expressive"] if meta.get("has_expressive") else None,
         device=torch.device(device),
     )
+
+
+def calibrate_towers(
+    cfg: Config, light: Any, expressive: Any, spec: Any, date: Any, device: Any = "cpu"
+) -> dict[str, Any] | None:
+    """Training's hook: the calibration of freshly trained towers (eval mode) on the window's
+    validation exposures (None when the day's training set is not on disk)."""
+    if not date:
+        return None
+    bundle = HapBundle({}, cfg.model, cfg.routing, spec, light, expressive, torch.device(device))
+    return fit_calibration(bundle, validation_exposures(cfg, date))

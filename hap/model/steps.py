@@ -22,8 +22,9 @@ from hap.model.losses import (
     pcgrad_combine,
     stage_loss,
 )
-from hap.model.member import Member, build_members, forward
+from hap.model.member import Member, build_members
 from hap.model.stream import StreamingTrainData
+from hap.model.towers import forward
 
 
 def variant_loss(

@@ -40,6 +40,7 @@ from hap.model.batches import (
     ITEM_CATEGORICAL,
     N_USER_DENSE,
     REQUEST_CATEGORICAL,
+    Batch,
 )
 from hap.model.cross import cross_width
 
@@ -268,6 +269,12 @@ class ExpressiveModel(_TwoTower):
     def _head_flops(self) -> int:
         attn = 2 * 2 * self.seq_len * self.dim + 5 * self.heads * self.seq_len  # q.k, att.v, softmax
         return linear_flops(self.q) + attn + linear_flops(self.mlp) + linear_flops(self.out) + 3 * self.dim
+
+
+def forward(net: nn.Module, b: Batch, device: torch.device) -> torch.Tensor:
+    """``net``'s logits ``[B, C]`` on a batch's candidate grid (bfloat16 autocast on CUDA)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return net(b.req_cat, b.req_dense, b.seq, b.item_cat, b.item_dense, b.cross).float()
 
 
 def build_models(model_cfg: ModelConfig | dict[str, Any]) -> tuple[LightweightModel, ExpressiveModel]:

@@ -38,7 +38,6 @@ from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import HapError, NonFiniteData, WriteFailed
 from hap.model.batches import EASY_GROUP_IDS, GROUPS, HARD_GROUP_IDS, Batch, TrainData
-from hap.model.calibration import calibrate_towers
 from hap.model.checkpoint import (  # noqa: F401  (config_hash, CheckpointMismatch: re-exported)
     CheckpointMismatch,
     Progress,
@@ -49,6 +48,7 @@ from hap.model.checkpoint import (  # noqa: F401  (config_hash, CheckpointMismat
 )
 from hap.model.member import Member, build_members, dist_setup, pick_device, served_view  # noqa: F401
 from hap.model.routing import calibrate_threshold
+from hap.model.serving import calibrate_towers
 from hap.model.steps import (  # noqa: F401  (time_training_steps: re-exported for bench/)
     diagnostics,
     time_training_steps,

@@ -16,7 +16,8 @@ import pytest
 
 from hap.core import layout, schema
 from hap.core.hashing import hash_ids
-from hap.sources.simulator import build_universe, day_knobs, drift_strength, exact_grid, simulate_day
+from hap.sources.simulator import day_knobs, drift_strength, simulate_day
+from hap.sources.universe import build_universe, exact_grid
 
 DAY = dt.date(2026, 11, 1)
 

@@ -98,7 +98,7 @@ def test_dvc_repro_after_make_run_then_nothing_to_rerun(
     assert "Data and pipelines are up to date" in second.stdout, second.stdout[-3000:]
     assert "Running stage" not in second.stdout, second.stdout[-3000:]
     status = _run(["git", "status", "--porcelain"], repo, env, timeout=60).stdout.splitlines()
-    assert "?? dvc.lock" in status, status  # DVC's record, neither ignored nor committed (README)
+    assert "?? dvc.lock" in status, status  # DVC's record, neither ignored nor committed (docs/operations.md)
 
 
 REGISTERED_DATA_VERSIONS = """

@@ -6,12 +6,12 @@ import numpy as np
 import pyarrow as pa
 from datasketches import tdigest_double
 
-from hap.data import profiles
+from hap.data import day_profile
 
 
 def _parts(values: np.ndarray, buckets: int, sample_rows: int) -> list[dict]:
     chunks = np.array_split(values, buckets)
-    return [profiles._digest(pa.chunked_array([chunk]), sample_rows) for chunk in chunks]
+    return [day_profile._digest(pa.chunked_array([chunk]), sample_rows) for chunk in chunks]
 
 
 def test_sampled_bucket_digests_merge_to_the_exact_quantiles():
@@ -20,9 +20,9 @@ def test_sampled_bucket_digests_merge_to_the_exact_quantiles():
     parts = _parts(values, buckets=4, sample_rows=20_000)
     # each bucket's digest saw a sample, not the whole bucket
     assert all(tdigest_double.deserialize(p["digest"]).get_total_weight() <= 20_001 for p in parts)
-    whole = profiles._merged_quantiles(_parts(values, buckets=4, sample_rows=len(values)))
-    estimate = profiles._merged_quantiles(parts)
-    for q, est, exact_digest in zip(profiles.QUANTILES, estimate, whole):
+    whole = day_profile._merged_quantiles(_parts(values, buckets=4, sample_rows=len(values)))
+    estimate = day_profile._merged_quantiles(parts)
+    for q, est, exact_digest in zip(day_profile.QUANTILES, estimate, whole):
         rank, digest_rank = float(np.mean(values <= est)), float(np.mean(values <= exact_digest))
         # the t-digest is precise at the tails and coarse in the middle (measured: 1.8% in rank at the
         # median over 4 merged digests of whole buckets); the sample stays within that class
@@ -36,7 +36,7 @@ def test_a_non_finite_value_outside_the_sample_still_fails_the_profile():
     values[1] = np.nan  # the sample takes every 5th value: index 1 is not in it
     parts = _parts(values, buckets=1, sample_rows=100_000)
     assert parts[0]["nonfinite"] == 1
-    assert profiles._merged_quantiles(parts) == [float("inf")] * len(profiles.QUANTILES)
+    assert day_profile._merged_quantiles(parts) == [float("inf")] * len(day_profile.QUANTILES)
 
 
 def test_a_bucket_below_the_sample_size_is_digested_whole():

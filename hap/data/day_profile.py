@@ -37,7 +37,7 @@ def _digest(values: pa.ChunkedArray, sample_rows: int) -> dict[str, Any]:
     The digest takes every k-th finite value, at most about ``sample_rows`` of them: the t-digest's
     update is most of a bucket's profiling time (0.14 s per 1.5M values), and a systematic sample of
     100k values keeps p1/p99 within ~0.1% in rank, as the whole column does (tests/unit/
-    test_profile_digest.py). Non-finite values are counted on the whole column, so one NaN anywhere
+    test_day_profile_digest.py). Non-finite values are counted on the whole column, so one NaN anywhere
     still fails the shift check."""
     x = values.drop_null().to_numpy().astype(np.float64)
     finite = np.isfinite(x)
