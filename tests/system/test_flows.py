@@ -218,3 +218,29 @@ def test_dead_tracking_server_fails_fast_and_keeps_the_champion(world, backfille
     assert took < 120, took
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert _aliases(cfg) == aliases
+
+
+def test_an_undecided_gate_under_the_alert_policy_leaves_an_artifact(world):
+    """``gate.on_undecided: alert``: the daily flow's alert for the on-call engineer (the Prefect
+    event ``hap.gate.undecided`` and an artifact naming why the comparison could not decide)."""
+    from prefect import flow
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.daily import raise_gate_alert
+
+    gate = {
+        "challenger_version": "7",
+        "undecided": "undecided: rank50_recall@50 interval ±0.0091 is wider than ±0.0050 (0.5 x the "
+        "margin 0.01); policy alert: champion kept, alert raised",
+    }
+
+    @flow(name="gate-alert-probe")
+    def probe() -> None:
+        raise_gate_alert(D3, gate)
+
+    probe()
+    with _client() as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"gate-undecided-{D3}"]))
+        )
+    assert arts and gate["undecided"] in arts[0].data

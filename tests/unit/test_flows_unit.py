@@ -162,3 +162,19 @@ def test_report_renders_counts_metrics_verdict_and_links():
         "sqlite:///x/mlflow.db",
     ):
         assert needle in text, needle
+
+
+def test_the_gate_line_says_undecided_and_the_policy_outcome_never_fail() -> None:
+    from flows.report import gate_verdict
+
+    undecided = {
+        "verdict": "undecided",
+        "promoted": False,
+        "reasons": [],
+        "undecided": "undecided: recall@50 interval ±0.0182 is wider than ±0.0050; policy alert: kept",
+    }
+    line = gate_verdict(undecided)
+    assert line.startswith("undecided, not promoted (undecided: recall@50") and "policy alert" in line
+    assert "fail" not in line
+    failed = {"verdict": "fail", "promoted": False, "reasons": ["gauc=0.4 is below its floor 0.5"]}
+    assert gate_verdict(failed) == "fail, not promoted (gauc=0.4 is below its floor 0.5)"
