@@ -81,3 +81,54 @@ def test_summary_table_shows_the_model_next_to_the_references(make_cfg):
     assert "logged pre-ranking order" in text and "0.4200" in text and "ground truth" in text
     assert "half-width 0.0055 over 600 eval requests" in text
     assert "random order" not in text  # a ranker without metrics gets no row
+
+
+def _eval_set(requests: int = 60, n: int = 40, seed: int = 3):
+    """A synthetic eval set: ragged requests, a few exposures per request, some clicked."""
+    import pyarrow as pa
+
+    from hap.model.evaluate import EvalSet
+    from hap.model.serving import RequestIndex
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(n // 2, n, requests)
+    rid = np.repeat(np.arange(requests), sizes)
+    exposed = rng.random(len(rid)) < 0.25
+    label = (exposed & (rng.random(len(rid)) < 0.3)).astype(np.int64)
+    rank_pos = np.where(rng.random(len(rid)) < 0.5, rng.integers(1, 120, len(rid)), 10**6)
+    table = pa.table({"request_id": rid, "item_id": np.arange(len(rid)), "exposed": exposed, "label": label})
+    index = RequestIndex.of(rid, table["item_id"].to_numpy())
+    return EvalSet(None, table, index, index.valid()), rng.normal(size=len(rid)), rank_pos
+
+
+def test_exposure_auc_matches_scikit_learn_per_request():
+    from sklearn.metrics import roc_auc_score
+
+    from hap.model.evaluate import exposure_auc_vector
+
+    es, key, _ = _eval_set()
+    key[::7] = key[1::7][: len(key[::7])]  # ties between candidates
+    got = exposure_auc_vector(es, key)
+    rid, exposed, label = (es.column(c) for c in ("request_id", "exposed", "label"))
+    for r in range(len(got)):
+        m = (rid == r) & exposed.astype(bool)
+        if label[m].min(initial=1) == label[m].max(initial=0):
+            assert np.isnan(got[r])  # a request without both a click and a non-click
+        else:
+            assert got[r] == pytest.approx(roc_auc_score(label[m], key[m]))
+
+
+def test_stage_recall_matches_a_brute_force_count():
+    es, key, rank_pos = _eval_set(seed=4)
+    members = es.grid((rank_pos <= 50).astype(np.int64), 0)
+    got = share_vectors(
+        order_of(es.grid(key, -np.inf), es.valid), members, es.valid, [10, 50], "rank50_recall"
+    )
+    rid = es.column("request_id")
+    for r in range(len(es.index.counts)):
+        rows = np.flatnonzero(rid == r)
+        top = rows[np.argsort(-key[rows], kind="stable")]
+        kept = rank_pos[rows] <= 50
+        for k in (10, 50):
+            want = (rank_pos[top[:k]] <= 50).sum() / kept.sum() if kept.any() else np.nan
+            assert got[f"rank50_recall@{k}"][r] == pytest.approx(want, nan_ok=True)
