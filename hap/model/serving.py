@@ -91,7 +91,12 @@ class RequestIndex:
             uniq, ri = request_id[:1], np.zeros(len(request_id), np.int64)
         else:
             uniq, ri = np.unique(request_id, return_inverse=True)
-        order = np.argsort(ri, kind="stable") if item_id is None else np.lexsort((np.asarray(item_id), ri))
+        if item_id is None:
+            order = np.argsort(ri, kind="stable")
+        elif len(uniq) == 1:
+            order = np.argsort(np.asarray(item_id), kind="stable")  # lexsort's order, one key
+        else:
+            order = np.lexsort((np.asarray(item_id), ri))
         counts = np.bincount(ri, minlength=len(uniq))
         starts = np.cumsum(counts) - counts
         col = np.empty(len(ri), np.int64)
@@ -133,6 +138,16 @@ class Inputs:
         self._items = _RowMemo(table.num_rows)
         self._cache: tuple[np.ndarray, np.ndarray] | None = None
 
+    def prepare(self, tower: str, rows: np.ndarray) -> None:
+        """Encode what ``tower`` reads of ``rows`` and no row has yet: their cross features, and
+        the item features of those the item cache does not hold for it."""
+        if self.bundle.spec.cross.width:
+            self._cross.fill(rows, self._encode_cross)
+        cache = self.bundle.item_cache
+        if cache is not None and tower in cache.vectors:
+            rows = rows[~self.cached(rows)[1]]
+        self._items.fill(rows, self._encode_items)
+
     def user(self, tower: str) -> dict[str, torch.Tensor]:
         if tower not in self._users:
             r = self.request
@@ -141,24 +156,20 @@ class Inputs:
 
     def cross(self, rows: np.ndarray) -> torch.Tensor | None:
         """The rows' user x item cross features (``hap.model.cross``), or None without any."""
-        spec = self.bundle.spec
-        if not spec.cross.width:
+        if not self.bundle.spec.cross.width:
             return None
-
-        def encode(missing: np.ndarray) -> dict[str, np.ndarray]:
-            seqs = (self.index.row_request[missing], self.requests)
-            return {"cross": spec.encode_cross(_take(self.per_row, missing), seqs)}
-
-        return self.bundle._tensor(self._cross.get(rows, encode)["cross"])
+        return self.bundle._tensor(self._cross.get(rows, self._encode_cross)["cross"])
 
     def items(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """The rows' encoded item features (``item_cat``, ``item_dense``)."""
+        return {k: self.bundle._tensor(v) for k, v in self._items.get(rows, self._encode_items).items()}
 
-        def encode(missing: np.ndarray) -> dict[str, np.ndarray]:
-            return self.bundle.spec.encode_items(_take(self.table.select(ITEM_COLUMNS), missing))
+    def _encode_cross(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        seqs = (self.index.row_request[rows], self.requests)
+        return {"cross": self.bundle.spec.encode_cross(_take(self.per_row, rows), seqs)}
 
-        got = self._items.get(rows, encode)
-        return {k: self.bundle._tensor(v) for k, v in got.items()}
+    def _encode_items(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return self.bundle.spec.encode_items(_take(self.table.select(ITEM_COLUMNS), rows))
 
     def cached(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rows' positions in the item cache and whether they are there."""
@@ -175,6 +186,13 @@ class _RowMemo:
         self.arrays: dict[str, np.ndarray] = {}
 
     def get(self, rows: np.ndarray, encode: Any) -> dict[str, np.ndarray]:
+        self.fill(rows, encode)
+        if len(rows) == len(self.have) and _is_every_row(rows):
+            return self.arrays
+        return {k: v[rows] for k, v in self.arrays.items()}
+
+    def fill(self, rows: np.ndarray, encode: Any) -> None:
+        """Encode the rows not encoded yet, in one ``encode`` call."""
         missing = np.sort(rows[~self.have[rows]])  # ascending: every row reads the table as it is
         if len(missing):
             for k, v in encode(missing).items():
@@ -185,9 +203,6 @@ class _RowMemo:
                     self.arrays[k] = np.zeros((len(self.have), *v.shape[1:]), v.dtype)
                 self.arrays[k][missing] = v
             self.have[missing] = True
-        if len(rows) == len(self.have) and _is_every_row(rows):
-            return self.arrays
-        return {k: v[rows] for k, v in self.arrays.items()}
 
 
 def _is_every_row(rows: np.ndarray) -> bool:
@@ -268,6 +283,7 @@ class HapBundle:
         a slice (no per-row copy of it), its attention one batched matmul over its requests."""
         model, index = self._towers()[tower], inputs.index
         user = inputs.user(tower)
+        inputs.prepare(tower, rows)  # every row's features in one pass, before the chunks read them
         req = index.row_request[rows]
         order = np.lexsort((index.column[rows], req)) if model.attends else np.arange(len(rows))
         rows_sorted, req_sorted = rows[order], req[order]

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from hap.model import serving
 from hap.model.serving import HapBundle, load_bundle
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "lean_serving"
@@ -61,8 +62,13 @@ def test_the_fixture_exercises_routing(fixture) -> None:
     assert 0 < topk.sum() < len(topk) and 0 < thr.sum() < len(thr) and (topk != thr).any()
 
 
-def test_every_scenario_scores_ranks_and_routes_as_before(fixture) -> None:
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_every_scenario_scores_ranks_and_routes_as_before(fixture, monkeypatch, chunk) -> None:
+    """Also in passes of 64 rows: requests (150 to 300 rows) then span several passes, each
+    pass's first request begun in the pass before."""
     bundle, cached, table, ref = fixture
+    if chunk:
+        monkeypatch.setattr(serving, "CHUNK_ROWS", chunk)
     for name, routing, cache in scenarios(float(ref["threshold"])):
         b = (cached if cache == "partial" else bundle).with_routing(**routing)
         got = b.score_table(table, with_light=True)
@@ -97,10 +103,14 @@ def test_tower_scores_of_all_rows_and_of_a_subset(fixture) -> None:
         same(tower, "cached", cached.tower_scores(tower, table, rows), ref[f"tower/{tower}/cached_rows"])
 
 
-def test_features_are_encoded_once_per_call_and_shared_by_both_towers(fixture, monkeypatch) -> None:
-    bundle, _, table, _ = fixture
+@pytest.mark.parametrize("cache", ["none", "partial"])
+def test_features_are_encoded_once_per_call_and_shared_by_both_towers(fixture, monkeypatch, cache) -> None:
+    """Once per call, however many passes the rows take (64 rows a pass here)."""
+    bundle, cached, table, _ = fixture
+    bundle = cached if cache == "partial" else bundle
+    monkeypatch.setattr(serving, "CHUNK_ROWS", 64)
     spec = type(bundle.spec)
-    calls = {"encode_request": 0, "encode_cross": 0}
+    calls = {"encode_request": 0, "encode_cross": 0, "encode_items": 0}
     for method in calls:
         original = getattr(spec, method)
 
@@ -110,7 +120,7 @@ def test_features_are_encoded_once_per_call_and_shared_by_both_towers(fixture, m
 
         monkeypatch.setattr(spec, method, counted)
     bundle.with_routing(serve="hap").score_table(table)
-    assert calls == {"encode_request": 1, "encode_cross": 1}
+    assert calls == {"encode_request": 1, "encode_cross": 1, "encode_items": 1}
 
 
 def test_the_scorer_runs_under_inference_mode(fixture, monkeypatch) -> None:
