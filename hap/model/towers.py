@@ -215,7 +215,7 @@ class LightweightModel(_TwoTower):
     ) -> torch.Tensor:
         """Logits ``[N]`` of ``N`` candidate rows ``v`` of the requests ``user`` holds (``req``:
         each row's request; ``col``, ``width``: its place on the request grid, unused here)."""
-        return self.head({"u": user["u"][req]}, v, cross)
+        return self.head({"u": _rows_of(user["u"], req)}, v, cross)
 
     def _head_flops(self) -> int:
         return linear_flops(self.mlp) + linear_flops(self.out) + 3 * self.dim
@@ -311,7 +311,7 @@ class ExpressiveModel(_TwoTower):
             grid = q.new_zeros(n_req, width, q.shape[-1])
             grid[req, col] = q
             ctx = self.context(user, grid)[req, col]
-        return self._logit(user["u"][req], cand, ctx, cross)
+        return self._logit(_rows_of(user["u"], req), cand, ctx, cross)
 
     def _user_extra_flops(self) -> int:
         return linear_flops(self.kv) * self.seq_len
@@ -319,6 +319,11 @@ class ExpressiveModel(_TwoTower):
     def _head_flops(self) -> int:
         attn = 2 * 2 * self.seq_len * self.dim + 5 * self.heads * self.seq_len  # q.k, att.v, softmax
         return linear_flops(self.q) + attn + linear_flops(self.mlp) + linear_flops(self.out) + 3 * self.dim
+
+
+def _rows_of(u: torch.Tensor, req: torch.Tensor) -> torch.Tensor:
+    """Each row's request vector: one request's broadcasts (no copy per row), several gather."""
+    return u if len(u) == 1 else u[req]
 
 
 def forward(net: nn.Module, b: Batch, device: torch.device) -> torch.Tensor:
