@@ -4,8 +4,16 @@ Serving (``score_request``), the MLflow pyfunc, offline evaluation and monitorin
 through ``HapBundle.score_table`` (the DAMR result of many requests at once) or
 ``HapBundle.tower_scores`` (one tower's score of every row), so no scoring rule is written twice:
 
-- the user side runs once per request, the item side per row (from the item cache when one is
-  built), the head per row, in chunks that bound memory;
+- the lean path: a call's inputs (``Inputs``) are encoded once, in columns, and shared by both
+  towers: the request side once per request (its first row), the cross features (the click
+  sequences read once per request) and the item features once per row, on first use; each
+  tower's user side runs once per request; the item side per row (from the item cache when one
+  is built); the head in passes of ``CHUNK_ROWS`` rows in grid order (by request, then column),
+  where the expressive attention is one batched matmul of the pass's queries, laid on a
+  ``[requests, candidates]`` grid, against each request's own keys and values (no per-candidate
+  copy of them), and the MLP runs on the rows alone; everything under ``torch.inference_mode``;
+- the light tower runs only where it is served or routes: not under ``expressive_all`` (its
+  ``light`` field is then NaN) unless evaluation asks for it (``with_light``);
 - the routing mask is ``routing.route_grid`` over a padded ``[requests, candidates]`` grid;
 - the final order is ``routing.merge_scores`` under ``routing.merge``;
 - the served score, P(click | exposed), is ``calibration.served_probability`` of the same logits.
@@ -14,6 +22,12 @@ A bundle folder (``hap train`` output) is ``bundle.json`` + ``light.pt`` / ``exp
 ``load_bundle`` rebuilds typed model and routing configs from ``bundle.json`` alone (like
 nanoGPT's ``GPT(GPTConfig(**checkpoint["model_args"]))``), so a missing key fails loudly instead
 of falling back to a default that disagrees with the params.
+
+Cost (``bench/bench_serving.py``, ``bench/results/serving.md``): the lean path returns the old
+path's scores (to 1e-6), routed sets and ranks (``tests/model/test_lean_serving.py``); what is left
+at 1,000 candidates is fixed per-call work (about 1,400 Python calls: encoding, two user towers,
+routing, the final order), and at 10,000 the light tower's arithmetic and the per-candidate
+feature encoding, which ``expressive_all`` pays too.
 """
 
 from __future__ import annotations
