@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "split": ["bench.bench_split", "--volumes", "10000,100000"],
     "validate": ["bench.bench_validate", "--requests", "100000"],
     "model": ["bench.bench_model"],
+    "serving": ["bench.bench_serving"],
     "e2e": ["bench.bench_e2e"],
 }
 

@@ -93,9 +93,12 @@ class FeatureSpec:
         cross [N,F]}`` (numpy)."""
         return {**self.encode_request(table), **self.encode_items(table), "cross": self.encode_cross(table)}
 
-    def encode_cross(self, table: pa.Table) -> np.ndarray:
-        """The user x item cross features of each row ``[N, F]`` (``F = 0`` without any)."""
-        return self.cross.encode(table, self.seq_len)
+    def encode_cross(
+        self, table: pa.Table, requests: tuple[np.ndarray, pa.Table] | None = None
+    ) -> np.ndarray:
+        """The user x item cross features of each row ``[N, F]`` (``F = 0`` without any);
+        ``requests``: the click sequences once per request (``CrossFeatures.encode``)."""
+        return self.cross.encode(table, self.seq_len, requests)
 
     def encode_request(self, table: pa.Table) -> dict[str, np.ndarray]:
         """The user and context side of each row: ``req_cat``, ``req_dense``, ``seq``."""

@@ -192,8 +192,14 @@ class CrossFeatures:
             shutil.copytree(self.folder, Path(folder) / "profile")
 
     # ---- encoding ---------------------------------------------------------------------------------
-    def encode(self, table: pa.Table, seq_len: int) -> np.ndarray:
-        """``[rows, width]`` float32 for rows that carry the request and the candidate columns."""
+    def encode(
+        self, table: pa.Table, seq_len: int, requests: tuple[np.ndarray, pa.Table] | None = None
+    ) -> np.ndarray:
+        """``[rows, width]`` float32 for rows that carry the request and the candidate columns.
+
+        ``requests``: (each row's request, one row per request carrying its click sequence): the
+        sequences are then read once per request, not once per row (the serving path: rows of a
+        request share its sequence, as its user side does), and ``table`` needs no sequence."""
         n = table.num_rows
         out = np.zeros((n, self.width), np.float32)
         if not self.names or n == 0:
@@ -202,7 +208,7 @@ class CrossFeatures:
         at = self.offsets()
         for j, name in zip(at.values(), self.names):
             if name == "seq_match":
-                out[:, j] = np.log1p(self._seq_match(table, cat, seq_len))
+                out[:, j] = np.log1p(self._seq_match(requests or (None, table), cat, seq_len))
             elif name == "retrieval":
                 out[:, j : j + 2] = retrieval_columns(table)
         profile_cols = [at[name] for name in self.names if name in PROFILE_FEATURES]
@@ -221,20 +227,41 @@ class CrossFeatures:
                 out[rows, j] = value if name == "segment_ctr" else np.log1p(SHARE_SCALE * value)
         return out
 
-    def _seq_match(self, table: pa.Table, cat: np.ndarray, seq_len: int) -> np.ndarray:
-        seq = sequence_matrix(table[schema.USER_SEQUENCE], seq_len)
+    def _seq_match(
+        self, requests: tuple[np.ndarray | None, pa.Table], cat: np.ndarray, seq_len: int
+    ) -> np.ndarray:
+        """Per row, how many clicks of its sequence share its category; ``requests``: (each row's
+        sequence row, or None where every row carries its own; the table of sequences)."""
+        row_seq, seqs = requests
+        seq = sequence_matrix(seqs[schema.USER_SEQUENCE], seq_len)
         seq_cat = self.items.get(seq.reshape(-1), default=-1).reshape(seq.shape)
         seq_cat = np.where(seq == 0, -1, seq_cat)
-        return (seq_cat == cat[:, None]).sum(1).astype(np.float64)
+        if row_seq is None:
+            return (seq_cat == cat[:, None]).sum(1).astype(np.float64)
+        # once per request: its sequence's count of each category (-1: padding, unknown), then one
+        # lookup per row: the counts the comparison above gives (categories shifted by one, >= 0)
+        owner = np.repeat(np.arange(len(seq_cat)), seq_cat.shape[1])
+        keys, counts = np.unique(pair_key(owner, seq_cat.reshape(-1) + 1), return_counts=True)
+        return _Lookup(keys, counts.astype(np.float64)).get(pair_key(row_seq, cat + 1))
 
     def _rows_by_day(self, table: pa.Table) -> dict[str, np.ndarray]:
         """Rows per profile day: the row's ``dt`` where the profile has that day, else ``serve_as_of``."""
         serve = self.serve_as_of or ""
         if "dt" not in table.column_names:
             return {serve: np.arange(table.num_rows)}
-        days = np.asarray(table["dt"].to_numpy(zero_copy_only=False)).astype(str)
-        days = np.where(np.isin(days, list(self.days)), days, serve)
-        return {d: np.flatnonzero(days == d) for d in np.unique(days)}
+        # the distinct days as text once, not every row's (a column holds a day or a few)
+        coded = pc.dictionary_encode(table["dt"]).combine_chunks()
+        if coded.null_count:  # a null day reads as the text "None", as numpy writes it
+            labels = np.asarray(table["dt"].to_numpy(zero_copy_only=False)).astype(str)
+            codes = np.arange(len(labels))
+        else:
+            labels = np.asarray(coded.dictionary.to_numpy(zero_copy_only=False)).astype(str)
+            codes = coded.indices.to_numpy(zero_copy_only=False)
+        days, group = np.unique(
+            np.where(np.isin(labels, list(self.days)), labels, serve), return_inverse=True
+        )
+        group = group.reshape(-1)[codes]
+        return {d: np.flatnonzero(group == i) for i, d in enumerate(days)}
 
 
 def _day(users: pa.Table, segments: pa.Table, day: str) -> _AsOf:

@@ -299,7 +299,7 @@ def interval_metrics(cfg: Config, vectors: dict[str, np.ndarray], primary: str) 
 def evaluate_bundle(cfg: Config, bundle: HapBundle, eval_set_path: Path | str) -> Evaluation:
     """Every offline metric of ``bundle`` and its yardsticks on the full-flow eval set."""
     es = load_eval_set(eval_set_path)
-    scores = bundle.score_table(es.table, es.index)
+    scores = bundle.score_table(es.table, es.index, with_light=True)
     served = np.where(scores.routed, scores.expressive, scores.light)
     final = np.where(np.isfinite(served), scores.final, np.nan)
     rankers = {"model": final, **{f"ref_{k}": v for k, v in reference_keys(cfg, es).items()}}

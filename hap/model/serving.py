@@ -4,8 +4,16 @@ Serving (``score_request``), the MLflow pyfunc, offline evaluation and monitorin
 through ``HapBundle.score_table`` (the DAMR result of many requests at once) or
 ``HapBundle.tower_scores`` (one tower's score of every row), so no scoring rule is written twice:
 
-- the user side runs once per request, the item side per row (from the item cache when one is
-  built), the head per row, in chunks that bound memory;
+- the lean path: a call's inputs (``Inputs``) are encoded once, in columns, and shared by both
+  towers: the request side once per request (its first row), the cross features (the click
+  sequences read once per request) and the item features once per row, on first use; each
+  tower's user side runs once per request; the item side per row (from the item cache when one
+  is built); the head in passes of ``CHUNK_ROWS`` rows in grid order (by request, then column),
+  where the expressive attention is one batched matmul of the pass's queries, laid on a
+  ``[requests, candidates]`` grid, against each request's own keys and values (no per-candidate
+  copy of them), and the MLP runs on the rows alone; everything under ``torch.inference_mode``;
+- the light tower runs only where it is served or routes: not under ``expressive_all`` (its
+  ``light`` field is then NaN) unless evaluation asks for it (``with_light``);
 - the routing mask is ``routing.route_grid`` over a padded ``[requests, candidates]`` grid;
 - the final order is ``routing.merge_scores`` under ``routing.merge``;
 - the served score, P(click | exposed), is ``calibration.served_probability`` of the same logits.
@@ -14,6 +22,12 @@ A bundle folder (``hap train`` output) is ``bundle.json`` + ``light.pt`` / ``exp
 ``load_bundle`` rebuilds typed model and routing configs from ``bundle.json`` alone (like
 nanoGPT's ``GPT(GPTConfig(**checkpoint["model_args"]))``), so a missing key fails loudly instead
 of falling back to a default that disagrees with the params.
+
+Cost (``bench/bench_serving.py``, ``bench/results/serving.md``): the lean path returns the old
+path's scores (to 1e-6), routed sets and ranks (``tests/model/test_lean_serving.py``); what is left
+at 1,000 candidates is fixed per-call work (about 1,400 Python calls: encoding, two user towers,
+routing, the final order), and at 10,000 the light tower's arithmetic and the per-candidate
+feature encoding, which ``expressive_all`` pays too.
 """
 
 from __future__ import annotations
@@ -40,7 +54,9 @@ from hap.model.towers import BUNDLE_FORMAT, ExpressiveModel, LightweightModel, b
 if TYPE_CHECKING:
     import pyarrow as pa
 
-CHUNK_ROWS = 8192  # rows per item-tower + head pass: bounds memory on a 1M-row eval set
+# rows per item-tower + head pass: bounds memory on a 1M-row eval set, and keeps each pass's
+# temporaries in the CPU caches (a 10,000-row pass runs slower per row than three 4,096-row ones)
+CHUNK_ROWS = 4096
 ITEM_COLUMNS = ["item_id", *ITEM_CATEGORICAL, *schema.ITEM_DENSE]
 
 
@@ -84,8 +100,17 @@ class RequestIndex:
         """With ``item_id``, a request's columns follow its item ids, not the rows' order: every
         tie (in routing's cut or the final order) then breaks by item id, so the served order does
         not depend on the order the candidates arrive in."""
-        uniq, ri = np.unique(request_id, return_inverse=True)
-        order = np.argsort(ri, kind="stable") if item_id is None else np.lexsort((np.asarray(item_id), ri))
+        request_id = np.asarray(request_id)
+        if len(request_id) and (request_id == request_id[0]).all():  # one request: what serving sees
+            uniq, ri = request_id[:1], np.zeros(len(request_id), np.int64)
+        else:
+            uniq, ri = np.unique(request_id, return_inverse=True)
+        if item_id is None:
+            order = np.argsort(ri, kind="stable")
+        elif len(uniq) == 1:
+            order = np.argsort(np.asarray(item_id), kind="stable")  # lexsort's order, one key
+        else:
+            order = np.lexsort((np.asarray(item_id), ri))
         counts = np.bincount(ri, minlength=len(uniq))
         starts = np.cumsum(counts) - counts
         col = np.empty(len(ri), np.int64)
@@ -106,6 +131,100 @@ class RequestIndex:
 
     def valid(self) -> np.ndarray:
         return self.grid(np.ones(len(self.row_request), bool), False)
+
+
+class Inputs:
+    """One scoring call's model inputs, each encoded once, in columns, and shared by both towers:
+    the request side once per request (its first row, as every row of a request carries the same
+    user, context and clicks), the cross features and the item features per row on first use,
+    the item-cache positions per row, and each tower's user side once per request."""
+
+    def __init__(self, bundle: HapBundle, table: pa.Table, index: RequestIndex) -> None:
+        self.bundle, self.table, self.index = bundle, table, index
+        # one row per request (a slice, no copy, where there is one request)
+        one = len(index.first_row) == 1
+        self.requests = table.slice(int(index.first_row[0]), 1) if one else table.take(index.first_row)
+        self.request = bundle._tensors(bundle.spec.encode_request(self.requests))
+        per_row = [c for c in table.column_names if c != schema.USER_SEQUENCE]
+        self.per_row = table.select(per_row)  # the rows without their click sequences
+        self._users: dict[str, dict[str, torch.Tensor]] = {}
+        self._cross = _RowMemo(table.num_rows)
+        self._items = _RowMemo(table.num_rows)
+        self._cache: tuple[np.ndarray, np.ndarray] | None = None
+
+    def prepare(self, tower: str, rows: np.ndarray) -> None:
+        """Encode what ``tower`` reads of ``rows`` and no row has yet: their cross features, and
+        the item features of those the item cache does not hold for it."""
+        if self.bundle.spec.cross.width:
+            self._cross.fill(rows, self._encode_cross)
+        cache = self.bundle.item_cache
+        if cache is not None and tower in cache.vectors:
+            rows = rows[~self.cached(rows)[1]]
+        self._items.fill(rows, self._encode_items)
+
+    def user(self, tower: str) -> dict[str, torch.Tensor]:
+        if tower not in self._users:
+            r = self.request
+            self._users[tower] = self.bundle._towers()[tower].user(r["req_cat"], r["req_dense"], r["seq"])
+        return self._users[tower]
+
+    def cross(self, rows: np.ndarray) -> torch.Tensor | None:
+        """The rows' user x item cross features (``hap.model.cross``), or None without any."""
+        if not self.bundle.spec.cross.width:
+            return None
+        return self.bundle._tensor(self._cross.get(rows, self._encode_cross)["cross"])
+
+    def items(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The rows' encoded item features (``item_cat``, ``item_dense``)."""
+        return {k: self.bundle._tensor(v) for k, v in self._items.get(rows, self._encode_items).items()}
+
+    def _encode_cross(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        seqs = (self.index.row_request[rows], self.requests)
+        return {"cross": self.bundle.spec.encode_cross(_take(self.per_row, rows), seqs)}
+
+    def _encode_items(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return self.bundle.spec.encode_items(_take(self.table.select(ITEM_COLUMNS), rows))
+
+    def cached(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' positions in the item cache and whether they are there."""
+        if self._cache is None:
+            self._cache = self.bundle.item_cache.lookup(self.table["item_id"].to_numpy())
+        return self._cache[0][rows], self._cache[1][rows]
+
+
+class _RowMemo:
+    """Per-row arrays encoded on first use: each row once per call, whichever tower asks first."""
+
+    def __init__(self, n: int) -> None:
+        self.have = np.zeros(n, bool)
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, rows: np.ndarray, encode: Any) -> dict[str, np.ndarray]:
+        self.fill(rows, encode)
+        if len(rows) == len(self.have) and _is_every_row(rows):
+            return self.arrays
+        return {k: v[rows] for k, v in self.arrays.items()}
+
+    def fill(self, rows: np.ndarray, encode: Any) -> None:
+        """Encode the rows not encoded yet, in one ``encode`` call."""
+        missing = np.sort(rows[~self.have[rows]])  # ascending: every row reads the table as it is
+        if len(missing):
+            for k, v in encode(missing).items():
+                if len(missing) == len(self.have):
+                    self.arrays[k] = v
+                    continue
+                if k not in self.arrays:
+                    self.arrays[k] = np.zeros((len(self.have), *v.shape[1:]), v.dtype)
+                self.arrays[k][missing] = v
+            self.have[missing] = True
+
+
+def _is_every_row(rows: np.ndarray) -> bool:
+    return len(rows) == 0 or (rows[0] == 0 and bool((np.diff(rows) == 1).all()))
+
+
+def _take(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    return table if len(rows) == table.num_rows and _is_every_row(rows) else table.take(rows)
 
 
 @dataclass(frozen=True)
@@ -160,49 +279,63 @@ class HapBundle:
     def _tensors(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
 
-    # ---- the batch scorer ---------------------------------------------------------------------
-    @torch.no_grad()
+    # ---- the batch scorer ---------------------------------------------------------------------------
+    @torch.inference_mode()
     def tower_scores(
         self, tower: str, frame: Any, rows: np.ndarray | None = None, index: RequestIndex | None = None
     ) -> np.ndarray:
         """``tower``'s logit for ``rows`` (default all) of ``frame``: the user side once per
         request, the item side (cached ids from the cache) and the head per row."""
         table = as_table(frame)
-        model = self._towers()[tower]
         index = index or RequestIndex.of(table["request_id"].to_numpy(), table["item_id"].to_numpy())
-        req = self._tensors(self.spec.encode_request(table.take(index.first_row)))
-        user = model.user(req["req_cat"], req["req_dense"], req["seq"])
         rows = np.arange(table.num_rows) if rows is None else np.asarray(rows, np.int64)
-        items = table.select(ITEM_COLUMNS)  # each chunk takes item columns only (not the sequences)
+        return self._scores(tower, Inputs(self, table, index), rows)
+
+    def _scores(self, tower: str, inputs: Inputs, rows: np.ndarray) -> np.ndarray:
+        """``tower``'s logits of ``rows``, in their order, ``CHUNK_ROWS`` rows at a time (in grid
+        order, by request then column, where the head attends): a chunk's requests' user side is
+        a slice (no per-row copy of it), its attention one batched matmul over its requests."""
+        model, index = self._towers()[tower], inputs.index
+        user = inputs.user(tower)
+        inputs.prepare(tower, rows)  # every row's features in one pass, before the chunks read them
+        req = index.row_request[rows]
+        order = np.lexsort((index.column[rows], req)) if model.attends else np.arange(len(rows))
+        rows_sorted, req_sorted = rows[order], req[order]
+        counts = np.bincount(req_sorted, minlength=len(index.counts))
+        col = np.arange(len(rows)) - (np.cumsum(counts) - counts)[req_sorted]  # among these rows
         out = np.empty(len(rows), np.float32)
         for s in range(0, len(rows), CHUNK_ROWS):
-            r = rows[s : s + CHUNK_ROWS]
-            at = torch.from_numpy(index.row_request[r]).to(self.device)
-            u = {k: t[at] for k, t in user.items()}
-            cross = self._cross(table, r)
-            out[s : s + len(r)] = (
-                model.head(u, self._item_vectors(tower, items, r), cross).float().cpu().numpy()
+            e = min(s + CHUNK_ROWS, len(rows))
+            part, r = rows_sorted[s:e], req_sorted[s:e]
+            r0, r1 = (int(r[0]), int(r[-1]) + 1) if model.attends else (0, len(index.counts))
+            # the chunk's first request may have begun in the chunk before
+            c = col[s:e] - np.where(r == r0, col[s], 0) if model.attends else col[s:e]
+            logits = model.head_rows(
+                {k: t[r0:r1] for k, t in user.items()},
+                self._item_vectors(tower, inputs, part),
+                self._tensor(r - r0),
+                self._tensor(c),
+                int(c.max()) + 1,
+                inputs.cross(part),
             )
+            out[order[s:e]] = logits.float().cpu().numpy()
         return out
 
-    def _cross(self, table: pa.Table, rows: np.ndarray) -> torch.Tensor | None:
-        """The rows' user x item cross features (``hap.model.cross``), or None without any."""
-        if not self.spec.cross.width:
-            return None
-        return torch.from_numpy(self.spec.encode_cross(table.take(rows))).to(self.device)
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    def _item_vectors(self, tower: str, table: pa.Table, rows: np.ndarray) -> torch.Tensor:
+    def _item_vectors(self, tower: str, inputs: Inputs, rows: np.ndarray) -> torch.Tensor:
         """``[len(rows), D]`` item-tower outputs: cached ids from the cache, the rest through the tower."""
         model, cache = self._towers()[tower], self.item_cache
         if cache is None or tower not in cache.vectors:
-            enc = self._tensors(self.spec.encode_items(table.take(rows)))
+            enc = inputs.items(rows)
             return model.item(enc["item_cat"], enc["item_dense"])
-        pos, hit = cache.lookup(table["item_id"].to_numpy()[rows])
-        out = cache.vectors[tower][torch.from_numpy(pos).to(self.device)]
+        pos, hit = inputs.cached(rows)
+        out = cache.vectors[tower][self._tensor(pos)]
         if not hit.all():
             miss = np.flatnonzero(~hit)
-            enc = self._tensors(self.spec.encode_items(table.take(rows[miss])))
-            out[torch.from_numpy(miss).to(self.device)] = model.item(enc["item_cat"], enc["item_dense"])
+            enc = inputs.items(rows[miss])
+            out[self._tensor(miss)] = model.item(enc["item_cat"], enc["item_dense"])
         return out
 
     # ---- DAMR over many requests ----------------------------------------------------------------
@@ -217,17 +350,25 @@ class HapBundle:
         mask = route_grid(grid, torch.from_numpy(index.valid()), self.routing).numpy()
         return mask[index.row_request, index.column]
 
-    def score_table(self, frame: Any, index: RequestIndex | None = None) -> RequestScores:
-        """The DAMR result of every row of ``frame`` (rows of several requests may be mixed)."""
+    @torch.inference_mode()
+    def score_table(
+        self, frame: Any, index: RequestIndex | None = None, *, with_light: bool = False
+    ) -> RequestScores:
+        """The DAMR result of every row of ``frame`` (rows of several requests may be mixed).
+
+        Under ``expressive_all`` the light tower does not run (its ``light`` field is NaN) unless
+        ``with_light``: evaluation asks for it, to measure the light model beside the served one."""
         table = as_table(frame)
         index = index or RequestIndex.of(table["request_id"].to_numpy(), table["item_id"].to_numpy())
-        light = self.tower_scores("light", table, index=index) if self.light is not None else None
+        inputs, every = Inputs(self, table, index), np.arange(table.num_rows)
+        run_light = self.light is not None and (self.serve != "expressive_all" or with_light)
+        light = self._scores("light", inputs, every) if run_light else None
         routed = self.routed_mask(light, index)
         expr = np.full(table.num_rows, np.nan, np.float32)
         if routed.any():
-            expr[routed] = self.tower_scores("expressive", table, np.flatnonzero(routed), index)
-        if light is None:
-            light = np.where(routed, expr, np.nan).astype(np.float32)
+            expr[routed] = self._scores("expressive", inputs, np.flatnonzero(routed))
+        if light is None:  # no light tower: its field repeats the expressive score; not run: NaN
+            light = np.where(routed & (self.light is None), expr, np.nan).astype(np.float32)
         # expressive_all is the expressive model alone on every candidate (the paper's reference);
         # routing.merge only says how HAP's routed and unrouted candidates meet
         final = (

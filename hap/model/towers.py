@@ -66,6 +66,8 @@ def linear_flops(module: nn.Module) -> int:
 class _TwoTower(nn.Module):
     """Shared parts: one hashed embedding table, a user tower and an item tower."""
 
+    attends = False  # whether ``head_rows`` reads the rows' place on the request grid
+
     def __init__(
         self,
         hash_buckets: int,
@@ -202,12 +204,27 @@ class LightweightModel(_TwoTower):
         x = torch.cat([u + v, u * v, *self._cross_in(v, cross)], dim=-1)
         return self._wide(self.out(self.mlp(x)).squeeze(-1), cross)
 
+    def head_rows(
+        self,
+        user: dict[str, torch.Tensor],
+        v: torch.Tensor,
+        req: torch.Tensor,
+        col: torch.Tensor,
+        width: int,
+        cross: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[N]`` of ``N`` candidate rows ``v`` of the requests ``user`` holds (``req``:
+        each row's request; ``col``, ``width``: its place on the request grid, unused here)."""
+        return self.head({"u": _rows_of(user["u"], req)}, v, cross)
+
     def _head_flops(self) -> int:
         return linear_flops(self.mlp) + linear_flops(self.out) + 3 * self.dim
 
 
 class ExpressiveModel(_TwoTower):
     """Wider towers + target attention (candidate over recent clicks) -> N-layer MLP -> CTR logit."""
+
+    attends = True
 
     def __init__(
         self,
@@ -248,20 +265,53 @@ class ExpressiveModel(_TwoTower):
             cand = cand.unsqueeze(1)
             cross = None if cross is None else cross.unsqueeze(1)
             user = {k: t for k, t in user.items()}
-        b, c, d = cand.shape
+        ctx = self.context(user, self.q(cand))
+        u = user["u"].unsqueeze(1).expand_as(cand)
+        logit = self._logit(u, cand, ctx, cross)
+        return logit.squeeze(1) if squeeze else logit
+
+    def context(self, user: dict[str, torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+        """Target attention ``[B, C, D]`` of ``B`` requests' ``C`` candidate queries (``self.q``
+        of the candidates) over each request's own clicks: one batched matmul per step."""
+        b, c, d = q.shape
         h, dh = self.heads, d // self.heads
-        q = self.q(cand).view(b, c, h, dh).transpose(1, 2)  # [B, H, C, dh]
+        q = q.view(b, c, h, dh).transpose(1, 2)  # [B, H, C, dh]
         k = user["k"].view(b, -1, h, dh).transpose(1, 2)  # [B, H, L, dh]
         val = user["v"].view(b, -1, h, dh).transpose(1, 2)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)  # [B, H, C, L]
         if self.pooling == "mean":  # every candidate weighs the clicks alike
             att = torch.zeros_like(att)
         att = att.masked_fill(~user["mask"][:, None, None, :], -1e4).softmax(-1)
-        ctx = (att @ val).transpose(1, 2).reshape(b, c, d)  # [B, C, D]
-        u = user["u"].unsqueeze(1).expand_as(cand)
+        return (att @ val).transpose(1, 2).reshape(b, c, d)  # [B, C, D]
+
+    def _logit(
+        self, u: torch.Tensor, cand: torch.Tensor, ctx: torch.Tensor, cross: torch.Tensor | None
+    ) -> torch.Tensor:
         x = torch.cat([u + cand, u * cand, ctx, *self._cross_in(cand, cross)], dim=-1)
-        logit = self._wide(self.out(self.mlp(x)).squeeze(-1), cross)
-        return logit.squeeze(1) if squeeze else logit
+        return self._wide(self.out(self.mlp(x)).squeeze(-1), cross)
+
+    def head_rows(
+        self,
+        user: dict[str, torch.Tensor],
+        cand: torch.Tensor,
+        req: torch.Tensor,
+        col: torch.Tensor,
+        width: int,
+        cross: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[N]`` of ``N`` candidate rows of the requests ``user`` holds, row ``i`` at
+        ``(req[i], col[i])`` of a ``[requests, width]`` grid: the queries go on the grid, so the
+        attention is one batched matmul against each request's keys (no per-candidate copy of
+        them), and the MLP runs on the rows alone. The same numbers as ``head``."""
+        q = self.q(cand)
+        n_req = user["u"].shape[0]
+        if len(cand) == n_req * width:  # a full grid of rows in grid order (one request served)
+            ctx = self.context(user, q.view(n_req, width, -1)).reshape(len(cand), -1)
+        else:
+            grid = q.new_zeros(n_req, width, q.shape[-1])
+            grid[req, col] = q
+            ctx = self.context(user, grid)[req, col]
+        return self._logit(_rows_of(user["u"], req), cand, ctx, cross)
 
     def _user_extra_flops(self) -> int:
         return linear_flops(self.kv) * self.seq_len
@@ -269,6 +319,11 @@ class ExpressiveModel(_TwoTower):
     def _head_flops(self) -> int:
         attn = 2 * 2 * self.seq_len * self.dim + 5 * self.heads * self.seq_len  # q.k, att.v, softmax
         return linear_flops(self.q) + attn + linear_flops(self.mlp) + linear_flops(self.out) + 3 * self.dim
+
+
+def _rows_of(u: torch.Tensor, req: torch.Tensor) -> torch.Tensor:
+    """Each row's request vector: one request's broadcasts (no copy per row), several gather."""
+    return u if len(u) == 1 else u[req]
 
 
 def forward(net: nn.Module, b: Batch, device: torch.device) -> torch.Tensor:

@@ -7,7 +7,8 @@ goes through ``hap.model.serving.load_bundle``, so the registry serves exactly t
 ``retrieval_pos`` (its position in the retrieval stage's list) and the 29 feature columns; rows of
 several requests may be mixed. Output, in input order: the final
 DAMR score (the order's sort key), the served probability ``prob`` (P(click | exposed), the
-calibrated score ``hap evaluate`` measures), the light score, the expressive score (NaN where not
+calibrated score ``hap evaluate`` measures), the light score (NaN under ``routing.serve:
+expressive_all``, which does not run the light tower), the expressive score (NaN where not
 routed), the routing decision and the final rank within the request.
 """
 
