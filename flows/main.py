@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from flows import progress
 from flows.common import bound_prefect, log_to_file, quiet_env, run_config
+from flows.report import alert_text
 from hap.core import layout
 from hap.core.config import Config
 
@@ -63,7 +64,7 @@ def _summary(cfg: Config, last: Any, elapsed: float) -> str:
         )
         alerts = mon.get("alerts") or []
         lines.append(f"monitoring {last}: {headline}; {len(alerts)} alerts")
-        lines += [f"  - {a}" for a in alerts]
+        lines += [f"  - {alert_text(a)}" for a in alerts]
         if mon.get("html_report"):
             lines.append(f"  Evidently report: {mon['html_report']}")
         if day.get("monitor_note"):

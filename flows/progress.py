@@ -70,7 +70,11 @@ def describe(step: str, result: Any) -> str:
         figures = r.get("figures") or {}
         keys = ("hard_neg", "near_margin", "routed", "drift_share")
         shown = [f"{k} {_num(figures[k])}" for k in keys if k in figures]
-        return f"{len(r.get('alerts') or [])} alerts; " + ", ".join(shown)
+        from flows.report import alert_text
+
+        alerts = r.get("alerts") or []
+        named = f" ({'; '.join(alert_text(a) for a in alerts)})" if alerts else ""
+        return f"{len(alerts)} alerts{named}; " + ", ".join(shown)
     if step == "version-data":
         dvc = str(r.get("dvc", ""))
         line = "dvc.lock committed, pushed" if dvc.startswith("committed") else f"dvc {dvc}"

@@ -146,9 +146,16 @@ def render_day(summary: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def alert_text(alert: Any) -> str:
+    """One alert as the on-call engineer reads it: its rule and what moved (``rule: message``)."""
+    if isinstance(alert, dict) and alert.get("rule"):
+        return f"{alert['rule']}: {alert.get('message', '')}".rstrip(": ")
+    return str(alert)
+
+
 def render_alert(date: str, alerts: list[Any], html_report: str | None) -> str:
     lines = [f"# Monitoring alert, {date}", "", f"{len(alerts)} rule(s) breached:", ""]
-    lines += [f"- {a}" for a in alerts]
+    lines += [f"- {alert_text(a)}" for a in alerts]
     if html_report:
         lines += ["", f"Evidently report: `{html_report}`"]
     return "\n".join(lines) + "\n"

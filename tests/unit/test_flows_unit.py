@@ -178,3 +178,17 @@ def test_the_gate_line_says_undecided_and_the_policy_outcome_never_fail() -> Non
     assert "fail" not in line
     failed = {"verdict": "fail", "promoted": False, "reasons": ["gauc=0.4 is below its floor 0.5"]}
     assert gate_verdict(failed) == "fail, not promoted (gauc=0.4 is below its floor 0.5)"
+
+
+def test_every_alert_is_named_on_the_step_line_and_in_the_alert_artifact() -> None:
+    from flows.progress import describe
+    from flows.report import render_alert
+
+    alert = {
+        "rule": "routed_share_rel_change",
+        "metric": "routed",
+        "message": "routed share 0.007 vs reference 0.004 (+65%, limit 40%)",
+    }
+    line = describe("monitor", {"alerts": [alert], "figures": {"routed": 0.007}})
+    assert line.startswith("1 alerts (routed_share_rel_change: routed share 0.007 vs reference 0.004")
+    assert "- routed_share_rel_change: routed share 0.007" in render_alert("2026-11-06", [alert], None)
