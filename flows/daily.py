@@ -35,7 +35,7 @@ from flows.locks import run_lock
 from hap.core import layout, storage
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
-from hap.core.engine import nanny_environ_undone
+from hap.core.engine import nanny_environ_undone, require_scheduler
 from hap.core.errors import DataContractError, DayRejected, HapError, ValidationFailed
 from hap.data.quarantine import reject
 from hap.registry.tracking import check_reachable
@@ -77,6 +77,11 @@ def _data_steps(cfg: Config, day: dt.date, spec: dict[str, Any], steps: tuple[st
     """Run ``steps`` here, or in the ``data-path`` subflow on the configured Dask cluster."""
     if not engine.distributed(cfg):
         return {name: _step(tasks.DATA_STEPS[name], cfg, day) for name in steps}
+    try:  # an unreachable scheduler fails the first step at once, naming the scheduler
+        require_scheduler(cfg)
+    except HapError as err:
+        err.failed_step = steps[0]  # type: ignore[attr-defined]
+        raise
     runner = engine.dask_task_runner(cfg)
     with nanny_environ_undone():
         return data_path.with_options(task_runner=runner)(day.isoformat(), list(steps), spec)

@@ -149,6 +149,16 @@ def dask_client(cfg: Config) -> Iterator[Any | None]:
         yield client
 
 
+def require_scheduler(cfg: Config) -> None:
+    """Fail at once, naming the scheduler, when the configured Dask cluster does not answer within
+    ``engine.connect_timeout_seconds``: a task runner would otherwise surface a bare connect
+    timeout that looks transient and is retried. No cluster address: nothing to check."""
+    if scheduler_address(cfg) is None:
+        return
+    with dask_client(cfg):
+        pass
+
+
 @contextlib.contextmanager
 def nanny_environ_undone() -> Iterator[None]:
     """Put back the variables a local cluster's ``Nanny`` writes into *this* process's environment

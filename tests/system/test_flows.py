@@ -244,3 +244,32 @@ def test_an_undecided_gate_under_the_alert_policy_leaves_an_artifact(world):
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"gate-undecided-{D3}"]))
         )
     assert arts and gate["undecided"] in arts[0].data
+
+
+def test_an_unreachable_dask_scheduler_fails_the_run_at_once_and_names_it(world, backfilled):
+    """``HAP_DASK_ADDRESS`` pointing at a closed port: the run fails within the connect timeout
+    (not retried as a transient fault), at its first data step, naming the scheduler; the day and
+    the champion are untouched."""
+    import socket
+    import time
+
+    from flows.daily import daily_retrain
+    from flows.progress import failure_paragraph
+
+    cfg = world["cfg"]
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    champion_before = _champion(cfg)
+    overrides = {**FLOW_OVERRIDES, "engine.address": address, "engine.connect_timeout_seconds": 5}
+    started = time.monotonic()
+    state = daily_retrain(date=D2.isoformat(), return_state=True, **{**world["kw"], "overrides": overrides})
+    elapsed = time.monotonic() - started
+    assert state.is_failed() and elapsed < 60, (state.message, elapsed)
+    summary = json.loads((layout.metrics_dir(cfg, D2) / layout.DAILY_RUN_FILE).read_text())
+    assert summary["failed_step"] == "validate" and summary["expected"] is True, summary
+    assert f"Dask scheduler at {address}" in summary["error"], summary["error"]
+    paragraph = failure_paragraph(summary)
+    assert f"{D2} failed at validate" in paragraph and address in paragraph and "Traceback" not in paragraph
+    assert layout.raw_log(cfg, D2, "exposure").exists() and not layout.quarantine_day(cfg, D2).exists()
+    assert _champion(cfg) == champion_before
