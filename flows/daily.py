@@ -50,7 +50,9 @@ def _step(step: Any, cfg: Config, *args: Any) -> Any:
     day = next((a for a in args if isinstance(a, dt.date)), None)
     with progress.reported(step.name, day) as report:
         report["result"] = tasks.configured(step, cfg)(cfg, *args)
-    storage.publish_root(cfg)  # a data root on object storage gets each step's outputs at once
+        # a data root on object storage gets each step's outputs at once; a failed publish fails
+        # this step, by name (its line says FAILED, the day's paragraph names it and the URL)
+        storage.publish_root(cfg)
     return report["result"]
 
 

@@ -273,3 +273,26 @@ def test_an_unreachable_dask_scheduler_fails_the_run_at_once_and_names_it(world,
     assert f"{D2} failed at validate" in paragraph and address in paragraph and "Traceback" not in paragraph
     assert layout.raw_log(cfg, D2, "exposure").exists() and not layout.quarantine_day(cfg, D2).exists()
     assert _champion(cfg) == champion_before
+
+
+def test_storage_lost_while_publishing_a_step_names_that_step(world, backfilled, monkeypatch):
+    """The data root's bucket stops answering as a step's outputs are published: that step fails,
+    by name, with the storage URL, and nothing is promoted."""
+    from flows import daily
+    from flows.progress import failure_paragraph
+    from hap.core.storage import StorageError
+
+    cfg = world["cfg"]
+    champion_before = _champion(cfg)
+
+    def lost(_cfg) -> None:
+        raise StorageError("object storage s3://hap-root/prod is unreachable (connect timeout)")
+
+    monkeypatch.setattr(daily.storage, "publish_root", lost)
+    state = daily.daily_retrain(date=D2.isoformat(), return_state=True, **world["kw"])
+    assert state.is_failed()
+    summary = json.loads((layout.metrics_dir(cfg, D2) / layout.DAILY_RUN_FILE).read_text())
+    assert summary["failed_step"] == "validate" and summary["error_type"] == "StorageError", summary
+    paragraph = failure_paragraph(summary)
+    assert f"{D2} failed at validate (StorageError)" in paragraph and "s3://hap-root/prod" in paragraph
+    assert _champion(cfg) == champion_before
