@@ -7,7 +7,6 @@ panels, so a change here shows up at the next ``hap monitor`` (or ``hap dashboar
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -196,10 +195,10 @@ def project_url(cfg: Config, project: Any, port: int | None = None) -> str:
 
 
 def serve(cfg: Config, port: int | None = None) -> int:
-    """Run ``evidently ui`` on the workspace in the foreground (Ctrl-C stops it)."""
+    """Run ``evidently ui`` on the workspace in the foreground, supervised: Ctrl-C or SIGTERM stops
+    it and every process it started (``hap.core.procs.run_supervised``), none left re-parented."""
+    from hap.core.procs import run_supervised
+
     _, project = refresh(cfg)
     print(f"dashboard: {project_url(cfg, project, port)}", flush=True)
-    try:
-        return subprocess.call(ui_command(cfg, port))
-    except KeyboardInterrupt:
-        return 0
+    return run_supervised(ui_command(cfg, port))

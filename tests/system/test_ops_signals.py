@@ -102,3 +102,50 @@ def test_sigterm_to_hap_run_stops_within_10s_and_leaves_no_process(tmp_path):
     from hap.registry.registration import CHAMPION, alias_version
 
     assert alias_version(cfg, CHAMPION) is None  # no alias moved
+
+
+def test_sigterm_to_hap_dashboard_stops_its_evidently_ui_too(tmp_path):
+    """``hap dashboard`` serves ``evidently ui``; SIGTERM to ``hap`` stops both within 10 s."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")} | {
+        "HAP_HOME": str(tmp_path / "data")
+    }
+    hap = Path(sys.executable).with_name("hap")
+    proc = subprocess.Popen(
+        [str(hap), "dashboard", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the test signals hap only, as an operator's kill would
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until evidently ui answers on its port
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        else:
+            pytest.fail("evidently ui did not start listening within 120 s")
+        children = _children(proc.pid)
+        assert children, "hap dashboard runs evidently ui as a child"
+        ui_group = os.getpgid(children[0])
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        assert time.monotonic() - started < 10
+        deadline = time.monotonic() + 5
+        while _group_members(ui_group) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _group_members(ui_group), "evidently ui outlived hap dashboard"
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
