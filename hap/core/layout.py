@@ -78,11 +78,13 @@ def lake_url(cfg: Config) -> str:
 
 
 def unsynced_folders(cfg: Config) -> list[str]:
-    """Top-level names of the data root the working-copy sync leaves alone: the configured ones, and
-    the lake when it lives in the data root's bucket (``lake_url``)."""
-    lake = cfg.paths.lake
+    """Top-level names of the data root the working-copy sync leaves alone: the configured ones,
+    the lake when it lives in the data root's bucket (``lake_url``), and the embedded MLflow
+    store's lock file, a lock of this machine's processes only (``hap.registry.tracking``)."""
+    lake, db = cfg.paths.lake, Path(cfg.paths.mlflow_db)
     in_bucket = bool(cfg.root_url) and "://" not in lake and not Path(lake).is_absolute()
-    return [*cfg.storage.sync_exclude, *([Path(lake).parts[0]] if in_bucket else [])]
+    db_lock = [f"{db.name}.lock"] if not db.is_absolute() and len(db.parts) == 1 else []
+    return [*cfg.storage.sync_exclude, *([Path(lake).parts[0]] if in_bucket else []), *db_lock]
 
 
 def quarantine_day(cfg: Config, date: dt.date | str) -> Path:

@@ -53,11 +53,13 @@ def test_working_copy_syncs_both_ways_incrementally(s3, tmp_path):
     (a.home / "training/dt=2026-11-01/train/_data_version.json").write_text("{}")
     (a.home / ".locks").mkdir()
     (a.home / ".locks/run.lock").write_text("")  # local only (storage.sync_exclude)
+    (a.home / "mlflow.db.lock").write_text("")  # the embedded MLflow store's lock: this machine's only
 
     assert storage.publish_root(a).copied == 2
     assert storage.publish_root(a).copied == 0  # nothing changed, nothing sent
     assert storage.pull_root(b).copied == 2
-    assert _files(b.home) == {k: v for k, v in _files(a.home).items() if not k.startswith(".locks")}
+    local = (".locks", "mlflow.db.lock")
+    assert _files(b.home) == {k: v for k, v in _files(a.home).items() if not k.startswith(local)}
     assert storage.pull_root(b).copied == 0
 
     (b.home / "training/dt=2026-11-01/train/part-0.parquet").unlink()  # b replaces the day
@@ -66,7 +68,7 @@ def test_working_copy_syncs_both_ways_incrementally(s3, tmp_path):
     assert (synced.copied, synced.removed) == (1, 1)
     pulled = storage.pull_root(a)
     assert (pulled.copied, pulled.removed) == (1, 1)
-    assert _files(a.home).keys() - {".locks/run.lock"} == _files(b.home).keys()
+    assert _files(a.home).keys() - {".locks/run.lock", "mlflow.db.lock"} == _files(b.home).keys()
 
 
 def test_unreachable_endpoint_fails_in_bounded_time(s3, tmp_path, monkeypatch):
