@@ -181,7 +181,8 @@ def compose(raw_text: str, env: dict[str, str]) -> dict[str, Any]:
 
 
 def _validator():
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     schema = json.loads(SCHEMA.read_text())
     jsonschema.Draft7Validator.check_schema(schema)
     return jsonschema.Draft7Validator(schema)
@@ -351,7 +352,7 @@ def test_dockerfiles_install_the_pinned_project(env: dict[str, str]) -> None:
 
 def test_gpu_job_template_renders_with_one_gpu() -> None:
     """Prefect's own templating fills the template; the Job asks for exactly one NVIDIA GPU."""
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
     from prefect.utilities.templating import apply_values, find_placeholders
 
     template = json.loads(GPU_TEMPLATE.read_text())
@@ -485,7 +486,8 @@ def _containers(cluster: dict[str, Any], role: str) -> dict[str, Any]:
 
 
 def test_dask_cluster_manifest_follows_the_operator_crd(dask_cluster: dict[str, Any]) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     validator = jsonschema.Draft7Validator(DASK_CLUSTER_SCHEMA)
     assert _errors(validator, dask_cluster) == []
     broken = json.loads(json.dumps(dask_cluster))

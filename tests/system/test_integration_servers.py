@@ -219,8 +219,8 @@ def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 def servers() -> Iterator[Servers]:
     """PostgreSQL + MLflow server + Prefect server on 127.0.0.1, stopped by PID afterwards."""
     reason = _postgres_missing()
-    if reason:
-        pytest.skip(reason)
+    if reason:  # a real component that cannot start fails the test; CI installs it (.ci/run)
+        pytest.fail(reason)
     root = Path(tempfile.mkdtemp(prefix="hap-servers-"))
     pg_root = Path(tempfile.mkdtemp(prefix="hap-pg-"))  # its own top-level dir: chowned to the pg user
     pg = _Postgres(pg_root, _free_port())
@@ -346,9 +346,6 @@ def two_days(servers: Servers) -> dict[str, object]:
     from hap.sources.simulator import simulate_days
     from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES, tiny_config
 
-    flows_daily = REPO / "flows" / "daily.py"
-    if not flows_daily.exists():
-        pytest.skip("flows/daily.py not written yet")
     overrides = {**TINY_OVERRIDES, "simulate.days": 2, **TINY_FLOW_RUN, **ONE_DAY_WINDOW}
     home = servers.root / "hap-data"
     cfg = tiny_config(home, **{k.replace(".", "__"): v for k, v in overrides.items()})

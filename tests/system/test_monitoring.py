@@ -66,9 +66,9 @@ def _simulate(cfg: Config, days: list[dt.date]) -> None:
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory: pytest.TempPathFactory):
     """A tiny champion trained (1 epoch) on days 1-3 with the real validate/split/train steps."""
-    train = pytest.importorskip("hap.model.train", reason="hap.train (model issue) not available")
     from hap.data.split import build_training_set
     from hap.data.validate import validate_day
+    from hap.model import train
     from hap.model.serving import load_bundle
     from monitoring.champion import from_bundle
 

@@ -178,7 +178,7 @@ def dask_cluster(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
                 break
             except (OSError, TimeoutError) as err:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                    pytest.skip(f"the Dask cluster did not start on 127.0.0.1: {err}")
+                    pytest.fail(f"the Dask cluster did not start on 127.0.0.1: {err}")
                 time.sleep(1)
         yield address
     finally:
