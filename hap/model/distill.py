@@ -15,6 +15,7 @@ unchanged; this term sits beside them like the stage loss (``losses.stage_loss``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,12 +77,14 @@ class FullflowData:
         table = read_fullflow_set(path)
         return cls(cfg, table, spec) if table is not None else None
 
-    def batch(self, step: int) -> FullflowBatch:
-        """The step's requests: a draw that depends only on (seed, step)."""
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7_368_787 + step)
-        b = min(self.cfg.train.fullflow_batch_requests, self.n_requests)
-        idx = torch.randperm(self.n_requests, generator=gen)[:b]
-        batch = Batch(
+    def all_batches(self, requests: int = 64) -> Iterator[Batch]:
+        """Every full-flow request, ``requests`` at a time, in order (the router's population)."""
+        for start in range(0, self.n_requests, requests):
+            idx = torch.arange(start, min(start + requests, self.n_requests))
+            yield self._batch(idx)
+
+    def _batch(self, idx: torch.Tensor) -> Batch:
+        return Batch(
             self.req_cat[idx],
             self.req_dense[idx],
             self.seq[idx],
@@ -91,7 +94,13 @@ class FullflowData:
             torch.zeros(self.valid.shape[1], dtype=torch.long),
             None if self.cross is None else self.cross[idx],
         )
-        return FullflowBatch(batch, self.key[idx])
+
+    def batch(self, step: int) -> FullflowBatch:
+        """The step's requests: a draw that depends only on (seed, step)."""
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7_368_787 + step)
+        b = min(self.cfg.train.fullflow_batch_requests, self.n_requests)
+        idx = torch.randperm(self.n_requests, generator=gen)[:b]
+        return FullflowBatch(self._batch(idx), self.key[idx])
 
 
 def order_loss(logits: torch.Tensor, key: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

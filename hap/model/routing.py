@@ -3,7 +3,8 @@
 The light model scores every candidate; the hardest go to the expressive model:
 - ``topk``: the top ``ceil(rho * n)`` by light score (a fixed budget);
 - ``threshold``: every candidate whose light score is above ``threshold`` (calibrated at training
-  time on validation data to route a share ``rho``), capped at ``ceil(cap * n)`` (adaptive budget).
+  time to route a share ``rho`` of the router's own population, the full-flow candidates of the
+  window: ``hap.model.train.router_population``), capped at ``ceil(cap * n)`` (adaptive budget).
 Final order (``routing.merge``): the routed set first, by light + expressive logit (``sum``) or by
 expressive score (``stack``), then the rest by light score; ``raw`` sorts both logits together.
 """
@@ -94,7 +95,7 @@ def damr_order(
 
 
 def calibrate_threshold(light_scores: np.ndarray, rho: float) -> float:
-    """The light-score threshold above which a share ``rho`` of validation candidates lies."""
+    """The light-score threshold above which a share ``rho`` of ``light_scores`` lies."""
     if light_scores.size == 0:
         return float("inf")
     return float(np.quantile(light_scores.astype(np.float64), 1.0 - rho))

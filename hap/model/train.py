@@ -56,7 +56,7 @@ from hap.model.steps import (  # noqa: F401  (time_training_steps: re-exported f
     validate,
 )
 from hap.model.stream import StreamingTrainData
-from hap.model.towers import save_bundle
+from hap.model.towers import forward, save_bundle
 
 CKPT_FILE = layout.CHECKPOINT_FILE
 
@@ -236,6 +236,25 @@ TIMING_FILE = layout.RUN_FILE
 TIMING_FIELDS = ("train_seconds", "samples_per_second", "resumed_from_epoch")
 
 
+def router_population(
+    light: Member, data: TrainData | StreamingTrainData, device: torch.device, val: np.ndarray
+) -> np.ndarray:
+    """The light scores the routing threshold is calibrated on: those of the population the router
+    scores in service, every retrieved candidate of the window's full-flow requests (the training
+    set's full-flow share), so that the threshold routes ``routing.rho`` of them on an undrifted
+    day and monitoring's routed share means what the router does. Without full-flow rows, the
+    validation samples (exposures and cascade negatives: harder than the router's candidates)."""
+    flow = getattr(data, "fullflow", None)
+    if flow is None:
+        return val
+    with torch.inference_mode():
+        scores = [
+            forward(light.scored, light.view(b.to(device)), device)[b.valid.to(device)].float().cpu().numpy()
+            for b in flow.all_batches()
+        ]
+    return np.concatenate(scores) if scores else val
+
+
 def fit(
     cfg: Config,
     data: TrainData | StreamingTrainData,
@@ -264,7 +283,7 @@ def fit(
     seconds = time.perf_counter() - t0
     _keep_best(members, cfg.train.keep)
     _, val_light = validate(members[0], data.batches(0, "val"), w.device)
-    threshold = calibrate_threshold(val_light, cfg.routing.rho)
+    threshold = calibrate_threshold(router_population(members[0], data, w.device, val_light), cfg.routing.rho)
     towers = [m.raw for m in members] + [None]
     calibration = calibrate_towers(cfg, towers[0], towers[1], data.spec, (meta or {}).get("date"), w.device)
     result = TrainResult(

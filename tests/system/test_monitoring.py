@@ -128,12 +128,18 @@ def test_retrieval_degrades_alerts_on_day_6_or_7_and_not_before(degrading):
     # the model-side routed share is what moves: the router sees many more "hard" candidates
     assert {"routed_share_abs_change", "routed_share_rel_change"} & set(fired[first])
     assert by_date[first].table["routed"] > 1.3 * by_date[DAYS[4]].table["routed"]
+    print("degrading routed share by day:", {str(r.date): r.table["routed"] for r in reports})
 
 
 @pytest.mark.slow
 def test_stable_never_alerts(stable):
-    _, reports = stable
+    cfg, reports = stable
     assert _alert_days(reports) == {}, {str(r.date): r.figures for r in reports}
+    # the routing threshold is calibrated on the router's own population (full-flow candidates),
+    # so on an undrifted day the routed share is what serving routes: rho
+    routed = {str(r.date): r.table["routed"] for r in reports}
+    print("stable routed share by day:", routed)
+    assert all(abs(share - cfg.routing.rho) <= 0.02 for share in routed.values()), routed
     assert all(r.champion_version == "1" for r in reports)
     assert reports[-1].drift_share is not None and reports[-1].prediction_drift is not None
 
