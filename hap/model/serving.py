@@ -277,7 +277,7 @@ class HapBundle:
         return {n: m for n, m in (("light", self.light), ("expressive", self.expressive)) if m is not None}
 
     def _tensors(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+        return {k: self._tensor(v) for k, v in arrays.items()}
 
     # ---- the batch scorer ---------------------------------------------------------------------------
     @torch.inference_mode()
