@@ -44,6 +44,11 @@ def tower_weights_file(tower: str) -> str:
     return f"{tower}.pt"
 
 
+def tower_export_file(tower: str) -> str:
+    """A bundle's TorchScript export of ``tower``: what a serving runtime loads (``hap.model.export``)."""
+    return f"{tower}.torchscript.pt"
+
+
 def day(date: dt.date | str) -> dt.date:
     """Accept ``YYYY-MM-DD`` strings or dates."""
     return date if isinstance(date, dt.date) else dt.date.fromisoformat(str(date))

@@ -48,6 +48,7 @@ from hap.core.errors import HapError
 from hap.model.batches import ITEM_CATEGORICAL, FeatureSpec
 from hap.model.calibration import fit_calibration, served_probability, validation_exposures
 from hap.model.cross import CrossFeatures
+from hap.model.export import load_exported
 from hap.model.routing import flops_per_request, merge_scores, ranks, route_grid
 from hap.model.towers import BUNDLE_FORMAT, ExpressiveModel, LightweightModel, build_models
 
@@ -239,6 +240,8 @@ class HapBundle:
     expressive: ExpressiveModel | None
     device: torch.device = torch.device("cpu")
     item_cache: ItemCache | None = None
+    # the towers' TorchScript exports (``hap.model.export``), which score in their place where loaded
+    exported: dict[str, torch.nn.Module] | None = None
 
     @property
     def calibration(self) -> dict[str, Any] | None:
@@ -274,7 +277,9 @@ class HapBundle:
         return self._tensors(self.spec.encode(as_table(frame)))
 
     def _towers(self) -> dict[str, torch.nn.Module]:
-        return {n: m for n, m in (("light", self.light), ("expressive", self.expressive)) if m is not None}
+        """The modules that score: the exported towers where the bundle has them, else the eager ones."""
+        eager = {n: m for n, m in (("light", self.light), ("expressive", self.expressive)) if m is not None}
+        return {**eager, **(self.exported or {})}
 
     def _tensors(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: self._tensor(v) for k, v in arrays.items()}
@@ -403,8 +408,10 @@ def _typed(meta_file: Path, meta: dict[str, Any]) -> tuple[ModelConfig, RoutingC
         raise HapError(f"{meta_file}: model or routing config is invalid ({err})") from None
 
 
-def load_bundle(path: Path | str, device: str = "cpu") -> HapBundle:
-    """Rebuild the scorer from a bundle folder alone (works in a fresh process)."""
+def load_bundle(path: Path | str, device: str = "cpu", exported: bool = True) -> HapBundle:
+    """Rebuild the scorer from a bundle folder alone (works in a fresh process); it scores through
+    the bundle's TorchScript exports where it has them, unless ``exported`` is False (the eager
+    towers, which the export test compares against)."""
     folder = Path(path)
     meta_file = folder / layout.BUNDLE_META_FILE
     if not meta_file.exists():
@@ -433,6 +440,9 @@ def load_bundle(path: Path | str, device: str = "cpu") -> HapBundle:
         light=towers["light"] if meta.get("has_light") else None,
         expressive=towers["expressive"] if meta.get("has_expressive") else None,
         device=torch.device(device),
+        exported=load_exported(folder, [n for n in towers if meta.get(f"has_{n}")], torch.device(device))
+        if exported
+        else None,
     )
 
 

@@ -43,6 +43,7 @@ from hap.model.batches import (
     Batch,
 )
 from hap.model.cross import cross_width
+from hap.model.export import export_towers
 
 BUNDLE_FORMAT = "hap-bundle/1"
 N_REQ_CAT, N_ITEM_CAT = len(REQUEST_CATEGORICAL), len(ITEM_CATEGORICAL)
@@ -66,7 +67,7 @@ def linear_flops(module: nn.Module) -> int:
 class _TwoTower(nn.Module):
     """Shared parts: one hashed embedding table, a user tower and an item tower."""
 
-    attends = False  # whether ``head_rows`` reads the rows' place on the request grid
+    ATTENDS = False  # whether ``head_rows`` reads the rows' place on the request grid
 
     def __init__(
         self,
@@ -78,6 +79,7 @@ class _TwoTower(nn.Module):
         cross_dim: int = 0,
     ) -> None:
         super().__init__()
+        self.attends = self.ATTENDS  # an instance attribute, so a TorchScript export carries it too
         self.embed_dim, self.seq_len, self.cross_dim = embed_dim, seq_len, cross_dim
         # the cross features' direct (wide) term on the logit, beside their place in the head's MLP input
         self.wide = nn.Linear(cross_dim, 1) if cross_dim else None
@@ -109,7 +111,7 @@ class _TwoTower(nn.Module):
     def behaviours(self, seq: torch.Tensor) -> torch.Tensor:
         """Click embeddings ``[B, L, E]``: the id's row plus its side features' rows."""
         emb = self.emb(seq)
-        if self.behaviour_slots:
+        if self.behaviour_lookup.shape[1] > 0:  # side features beside the id
             emb = emb + self.emb(self.behaviour_lookup[seq]).sum(-2)
         return emb
 
@@ -122,6 +124,7 @@ class _TwoTower(nn.Module):
         x = torch.cat([self.emb(req_cat).flatten(1), req_dense, pooled], dim=1)
         return self.user_tower(x), seq_emb, seq != 0
 
+    @torch.jit.export
     def item(self, item_cat: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
         """Item representation ``[..., D]``; depends on item features only (cacheable)."""
         x = torch.cat([self.emb(item_cat).flatten(-2), item_dense], dim=-1)
@@ -139,13 +142,17 @@ class _TwoTower(nn.Module):
         """Logits ``[B, C]`` for ``B`` requests x ``C`` candidates each (``cross``: ``[B, C, F]``)."""
         return self.head(self.user(req_cat, req_dense, seq), self.item(item_cat, item_dense), cross)
 
-    def _cross_in(self, v: torch.Tensor, cross: torch.Tensor | None) -> list[torch.Tensor]:
-        """The cross features as the head's extra MLP input (zeros where a caller has none)."""
-        if not self.cross_dim:
-            return []
-        if cross is None:
-            cross = v.new_zeros(*v.shape[:-1], self.cross_dim)
-        return [cross.to(v.dtype)]
+    def _head_input(
+        self, parts: list[torch.Tensor], v: torch.Tensor, cross: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The head's MLP input: ``parts``, then the cross features (zeros where a caller has none)."""
+        if self.cross_dim > 0:
+            if cross is None:
+                shape = v.shape[:-1]
+                shape.append(self.cross_dim)
+                cross = v.new_zeros(shape)
+            parts.append(cross.to(v.dtype))
+        return torch.cat(parts, dim=-1)
 
     def _wide(self, logit: torch.Tensor, cross: torch.Tensor | None) -> torch.Tensor:
         if self.wide is None or cross is None:
@@ -190,6 +197,7 @@ class LightweightModel(_TwoTower):
         self.mlp = mlp([2 * self.dim + cross_dim, *mlp_dims], final_activation=True)
         self.out = nn.Linear(mlp_dims[-1] if mlp_dims else 2 * self.dim + cross_dim, 1)
 
+    @torch.jit.export
     def user(
         self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -201,9 +209,10 @@ class LightweightModel(_TwoTower):
     ) -> torch.Tensor:
         u = user["u"].unsqueeze(-2) if v.dim() == 3 else user["u"]
         u = u.expand_as(v)
-        x = torch.cat([u + v, u * v, *self._cross_in(v, cross)], dim=-1)
+        x = self._head_input([u + v, u * v], v, cross)
         return self._wide(self.out(self.mlp(x)).squeeze(-1), cross)
 
+    @torch.jit.export
     def head_rows(
         self,
         user: dict[str, torch.Tensor],
@@ -224,7 +233,7 @@ class LightweightModel(_TwoTower):
 class ExpressiveModel(_TwoTower):
     """Wider towers + target attention (candidate over recent clicks) -> N-layer MLP -> CTR logit."""
 
-    attends = True
+    ATTENDS = True
 
     def __init__(
         self,
@@ -250,6 +259,7 @@ class ExpressiveModel(_TwoTower):
         self.mlp = mlp([3 * self.dim + cross_dim, *mlp_dims], final_activation=True)
         self.out = nn.Linear(mlp_dims[-1], 1)
 
+    @torch.jit.export
     def user(
         self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -287,9 +297,10 @@ class ExpressiveModel(_TwoTower):
     def _logit(
         self, u: torch.Tensor, cand: torch.Tensor, ctx: torch.Tensor, cross: torch.Tensor | None
     ) -> torch.Tensor:
-        x = torch.cat([u + cand, u * cand, ctx, *self._cross_in(cand, cross)], dim=-1)
+        x = self._head_input([u + cand, u * cand, ctx], cand, cross)
         return self._wide(self.out(self.mlp(x)).squeeze(-1), cross)
 
+    @torch.jit.export
     def head_rows(
         self,
         user: dict[str, torch.Tensor],
@@ -357,7 +368,8 @@ def build_models(model_cfg: ModelConfig | dict[str, Any]) -> tuple[LightweightMo
 def save_bundle(
     folder: Path, meta: dict[str, Any], light: nn.Module | None, expressive: nn.Module | None
 ) -> None:
-    """Write ``bundle.json`` and the state dicts into ``folder`` (the caller makes it atomic)."""
+    """Write ``bundle.json``, the state dicts and their TorchScript exports (``hap.model.export``)
+    into ``folder`` (the caller makes it atomic)."""
     folder = Path(folder)
     meta = {
         **meta,
@@ -375,6 +387,7 @@ def save_bundle(
             {k: v.detach().cpu() for k, v in expressive.state_dict().items()},
             folder / layout.tower_weights_file("expressive"),
         )
+    export_towers(folder, {n: m for n, m in (("light", light), ("expressive", expressive)) if m is not None})
     (folder / layout.BUNDLE_META_FILE).write_text(
         json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
     )

@@ -460,8 +460,8 @@ def test_nan_scores_give_nan_metrics_and_a_rejection(tiny_split: Config, bundle_
     from hap.registry.blessing import decide
 
     bundle = load_bundle(bundle_dir)
-    with torch.no_grad():
-        bundle.light.out.bias.fill_(float("nan"))
+    with torch.no_grad():  # the light tower that scores: the bundle's export
+        bundle._towers()["light"].out.bias.fill_(float("nan"))
     result = evaluate_bundle(tiny_split, bundle, layout.eval_set(tiny_split, DATE))
     m = result.metrics
     assert m["nonfinite_scores"] > 0
