@@ -362,6 +362,10 @@ class EngineConfig(_Section):
     # modules a worker runs as it starts (Dask preload): hap.data.gx_runner imports GX early
     worker_preload: list[str] = Field(default_factory=list)
     connect_timeout_seconds: float = Field(default=30, gt=0)
+    # whether every worker of the cluster at ``address`` mounts this process's data root (its working
+    # copy, for an object-store root) at the same path: a shared filesystem. Without it, a cluster by
+    # address with an object-store root is refused at start (hap.core.engine.scheduler_address)
+    workers_share_workdir: bool = False
 
 
 class LakeConfig(_Section):

@@ -13,7 +13,9 @@ is the same in every mode; only the mapper changes:
 Results come back in the order of the items, whatever worker ran them, so a reduce sees the same
 sequence with one worker or many: the outputs are byte-identical at every scale. Workers need the
 data root on a shared filesystem and this package installed; the lake may instead be a bucket
-(``HAP_LAKE_URL=s3://...``), which workers write their buckets' files to (``hap.data.lake``).
+(``HAP_LAKE_URL=s3://...``), which workers write their buckets' files to (``hap.data.lake``). A
+worker that cannot reach a file fails its item as ``InputUnreachable`` (``run_item``), never as
+bad data; an object-store data root with a cluster by address is refused (``scheduler_address``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 from hap.core import environ
 from hap.core.config import Config
-from hap.core.errors import HapError
+from hap.core.errors import HapError, is_io_failure, unreachable
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -82,7 +84,8 @@ def use_system_memory_pool() -> None:
 
 
 def run_item(fn: Callable[[T], R], item: T) -> R:
-    """One item of a map, in whatever process runs it: its peak memory follows the item alone.
+    """One item of a map, in whatever process runs it: its peak memory follows the item alone, and
+    a file it cannot reach fails it as ``InputUnreachable`` (exit 9), whichever reader met it.
 
     What lives when the item starts is frozen out of the cycle collector for the item's duration,
     so the collection after it scans only what the item made (0.17 s a collection with GX loaded
@@ -92,6 +95,10 @@ def run_item(fn: Callable[[T], R], item: T) -> R:
     gc.freeze()
     try:
         return fn(item)
+    except OSError as err:  # a file this process could not reach: storage's failure, not the data's
+        if is_io_failure(err):
+            raise unreachable(getattr(err, "filename", None) or "an input of this step", err) from None
+        raise
     finally:
         release_memory()
         gc.unfreeze()
@@ -115,8 +122,20 @@ def client_map(client: Any, fn: Callable[[T], R], items: Sequence[T]) -> list[R]
 
 
 def scheduler_address(cfg: Config) -> str | None:
-    """The cluster to use: ``engine.address`` (``HAP_DASK_ADDRESS``), else none (local mode)."""
-    return cfg.engine.address or None
+    """The cluster to use: ``engine.address`` (``HAP_DASK_ADDRESS``), else none (local mode).
+
+    Refused at start with an object-store data root, unless ``engine.workers_share_workdir`` says
+    the workers mount this process's working copy: the data steps read the landing files and write
+    the buckets in that copy, which the workers of another host cannot see."""
+    address = cfg.engine.address or None
+    if address and cfg.root_url and not cfg.engine.workers_share_workdir:
+        raise HapError(
+            f"engine: the Dask cluster at {address} cannot work on the data root {cfg.root_url}: its "
+            f"workers would read this process's working copy ({cfg.home}), which other hosts do not "
+            "see; unset HAP_DASK_ADDRESS (the data path runs here, or on engine.workers local "
+            "processes), or set engine.workers_share_workdir: true if every worker mounts that path"
+        )
+    return address
 
 
 @contextlib.contextmanager

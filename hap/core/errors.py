@@ -2,11 +2,73 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 
 class HapError(Exception):
     """An expected, user-facing failure (bad input, missing prerequisite, refused promotion)."""
 
     exit_code = 1
+
+
+class StorageError(HapError):
+    """An object store or a file could not be reached, refused access, or has no such bucket:
+    the storage's failure, never the data's (``hap.core.storage``, ``InputUnreachable``)."""
+
+    exit_code = 9
+
+
+class InputUnreachable(StorageError):
+    """A process could not reach a file it had to read: missing where this process looks, permission
+    denied, an I/O error, a storage timeout or a refused connection. Not a verdict on the data: the
+    step fails, the day stays in ``landing/``, and a re-run once the storage answers completes."""
+
+
+# the OSError messages of pyarrow / fsspec / botocore that mean "not reached", where no errno says so
+_IO_MARKERS = (
+    "no such file",
+    "permission denied",
+    "timed out",
+    "timeout",
+    "connection",
+    "couldn't connect",
+    "could not connect",
+    "network",
+    "curlcode",
+    "unreachable",
+    "input/output error",
+    "stale file handle",
+    "access denied",
+    "access_denied",
+    "forbidden",
+)
+
+
+def is_io_failure(err: BaseException) -> bool:
+    """Whether ``err`` says a file was not reached (as opposed to read and found corrupt): the
+    ``OSError`` subclasses of missing files, permissions, timeouts and connections, an ``OSError``
+    with an errno, or a storage client's message saying so. Arrow's corrupt-content errors are
+    ``ArrowInvalid`` or errno-less ``OSError`` without those words, and stay contract findings."""
+    if isinstance(err, (FileNotFoundError, PermissionError, TimeoutError, ConnectionError)):
+        return True
+    if isinstance(err, OSError):
+        if err.errno:
+            return True
+        text = str(err).lower()
+        return any(marker in text for marker in _IO_MARKERS)
+    return False
+
+
+def unreachable(path: object, err: BaseException) -> InputUnreachable:
+    """The ``InputUnreachable`` of ``path``, naming the host that could not read it: on a Dask
+    worker it is often the worker, not the file, that is wrong (it cannot see the client's disk)."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return InputUnreachable(
+        f"cannot read {path} on host {socket.gethostname()} (pid {os.getpid()}): {reason}. "
+        "This is a storage or engine failure, not bad data: the day stays in landing/. Every Dask "
+        "worker must reach the data root at the same path (docs/scaling.md)"
+    )
 
 
 class DataContractError(HapError):
@@ -33,8 +95,6 @@ class WriteFailed(HapError):
     exit_code = 5
 
     def __init__(self, path: object, err: OSError) -> None:
-        import os
-
         text = str(err).strip().splitlines()
         reason = os.strerror(err.errno) if err.errno else (text[0] if text else type(err).__name__)
         if not err.errno and "No space left on device" in str(err):

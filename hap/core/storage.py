@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hap.core import layout
-from hap.core.errors import HapError
+from hap.core.errors import HapError, StorageError
 
 if TYPE_CHECKING:
     from hap.core.config import Config, StorageConfig
@@ -52,12 +52,6 @@ _SIGNED = re.compile(
 )
 _KEY_LIKE = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 _DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403")
-
-
-class StorageError(HapError):
-    """An object store could not be reached, refused access, or has no such bucket."""
-
-    exit_code = 9
 
 
 def is_url(location: str | os.PathLike[str] | None) -> bool:

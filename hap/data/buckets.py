@@ -40,6 +40,7 @@ from hap.core import layout
 from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
 from hap.core.engine import Mapper, local_map
+from hap.core.errors import is_io_failure, unreachable
 from hap.core.hashing import mix64
 from hap.data import markers
 
@@ -162,10 +163,14 @@ def plan_slices(path: Path, log: str, slice_rows: int) -> list[Slice]:
 
 def cut_slice(out_root: str, buckets: int, piece: Slice) -> FileStats:
     """Read one slice and write its rows into their bucket partitions; a slice that cannot be read
-    (a corrupt row group) is reported, not raised: validation turns it into a finding."""
+    (a corrupt row group) is reported, not raised: validation turns it into a finding. A slice
+    that cannot be reached (the file missing where this worker looks, an I/O error) raises
+    ``InputUnreachable``: the planner saw the file, so it is the worker's view that is wrong."""
     try:
         table = pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups))
     except (pa.ArrowInvalid, OSError, ValueError) as err:
+        if is_io_failure(err):
+            raise unreachable(piece.path, err) from None
         return FileStats(problem=f"row groups {piece.row_groups[:3]}... unreadable ({err})")
     stats = FileStats(rows=table.num_rows, null_counts={c: table[c].null_count for c in table.column_names})
     ids = table["request_id"] if "request_id" in table.column_names else None

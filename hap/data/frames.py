@@ -19,11 +19,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hap.core import hashing, schema
+from hap.core.errors import is_io_failure, unreachable
 
 
 @dataclass
 class ReadProblem:
-    """A file that could not be read at all: missing, zero bytes, truncated or not Parquet."""
+    """A file that was reached and cannot be read as Parquet: missing from its landing day, zero
+    bytes, truncated or not Parquet. A file that could not be *reached* (I/O, permissions, a
+    storage timeout) is no ReadProblem: it raises ``InputUnreachable`` (``hap.core.errors``)."""
 
     file: str
     check: str
@@ -38,26 +41,34 @@ def read_table(path: Path, columns: list[str] | None = None) -> tuple[pa.Table |
     try:
         return handle.read(columns=columns), None
     except (pa.ArrowInvalid, OSError, ValueError) as err:
-        return None, unreadable(path, err)
+        return None, unreadable_or_raise(path, err)
 
 
 def open_parquet(path: Path) -> tuple[pq.ParquetFile | None, ReadProblem | None]:
     """Open a Parquet file by its footer (no data read); a missing, empty or corrupt file is a
     ``ReadProblem``."""
-    if not path.exists():
-        return None, ReadProblem(str(path), "file_exists", "missing: the file never landed")
-    if path.stat().st_size == 0:
-        return None, ReadProblem(str(path), "file_not_empty", "zero-byte file")
     try:
+        if not path.exists():
+            return None, ReadProblem(str(path), "file_exists", "missing: the file never landed")
+        if path.stat().st_size == 0:
+            return None, ReadProblem(str(path), "file_not_empty", "zero-byte file")
         handle = pq.ParquetFile(path)
         handle.schema_arrow  # noqa: B018 - forces the footer to be parsed
         return handle, None
     except (pa.ArrowInvalid, OSError, ValueError) as err:
-        return None, unreadable(path, err)
+        return None, unreadable_or_raise(path, err)
 
 
 def unreadable(path: Path | str, err: BaseException | str) -> ReadProblem:
     return ReadProblem(str(path), "parquet_readable", f"unreadable Parquet, truncated or corrupt ({err})")
+
+
+def unreadable_or_raise(path: Path | str, err: BaseException) -> ReadProblem:
+    """The ``ReadProblem`` of content that was read and is not valid Parquet; an I/O failure (the
+    file not reached) raises ``InputUnreachable`` instead, so it never quarantines a day."""
+    if is_io_failure(err):
+        raise unreachable(path, err) from None
+    return unreadable(path, err)
 
 
 def type_name(t: pa.DataType) -> str:

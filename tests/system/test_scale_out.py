@@ -257,3 +257,121 @@ def _tiny_overrides() -> dict[str, Any]:
     from tests.conftest import TINY_OVERRIDES
 
     return dict(TINY_OVERRIDES)
+
+
+# ---- workers that cannot see the client's disk ---------------------------------------------------------
+@pytest.fixture
+def blind_cluster(tmp_path: Path):
+    """A scheduler and one worker on 127.0.0.1, the worker in a mount namespace of its own with an
+    empty tmpfs over ``tmp_path`` (as root: ``unshare --mount``): another host's view of this test's
+    files, which are not there. Yields (address, the folder the worker cannot see)."""
+    dask = Path(sys.executable).with_name("dask")
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    hidden = tmp_path / "client"
+    hidden.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    worker = f"mount -t tmpfs tmpfs {hidden} && exec {dask} worker {address} --nworkers 1 --nthreads 1"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = [
+        subprocess.Popen(
+            [
+                str(dask),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                address.rsplit(":", 1)[1],
+                "--no-dashboard",
+            ],
+            stdout=open(logs / "scheduler.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        ),
+        subprocess.Popen(
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"{worker} --host 127.0.0.1 --no-dashboard",
+            ],
+            stdout=open(logs / "worker.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        ),
+    ]
+    try:
+        from distributed import Client
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with Client(address, timeout=10) as client:
+                    client.wait_for_workers(1, timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (OSError, TimeoutError) as err:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    pytest.fail(
+                        f"the blind Dask cluster did not start: {err}; {(logs / 'worker.log').read_text()}"
+                    )
+                time.sleep(1)
+        with Client(address, timeout=10) as client:  # the worker really does not see the client's files
+            (hidden / "probe").write_text("here")
+            assert not any(client.run(os.path.exists, str(hidden / "probe")).values())
+        yield address, hidden
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_see_the_landing_files_fails_the_step_and_quarantines_nothing(
+    landed: Path, blind_cluster: tuple[str, Path]
+):
+    """The good day is not "corrupt": validate exits with the storage code (9), names the file and
+    the host, prints no traceback, and the day stays in landing/, not quarantined; run here, the
+    same day then validates."""
+    address, hidden = blind_cluster
+    home = _copy(landed, hidden / "data")
+    cfg = _cfg(home)
+    day = DAYS[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAP_")}
+    env |= {"HAP_HOME": str(home), "HAP_DASK_ADDRESS": address}
+    sets = [a for k, v in {**_tiny_overrides(), **SCALE}.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "hap.cli", *sets, "validate", "--date", day.isoformat()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 9, out[-3000:]
+    assert "Traceback" not in out and "not bad data" in out, out[-3000:]
+    assert str(layout.raw_log(cfg, day, "exposure").parent) in out or "landing" in out, out[-3000:]
+    assert time.monotonic() - started < 120
+    assert layout.landing_day(cfg, day).exists() and not layout.quarantine_day(cfg, day).exists()
+    assert validate_day(cfg, day).success  # in this process, which sees the files: the day is good
+
+
+def test_an_object_store_root_with_a_cluster_by_address_is_refused_at_start(tmp_path: Path):
+    """Its workers would read the client's working copy; one line says why and what to set."""
+    from hap.core.errors import HapError
+
+    cfg = _cfg(tmp_path / "data", **{"engine.address": "tcp://127.0.0.1:9"})
+    remote = cfg.updated({"paths.root_url": "s3://bucket/prefix"})
+    assert engine.scheduler_address(cfg) == "tcp://127.0.0.1:9"  # a local root: a shared filesystem
+    with pytest.raises(HapError, match="workers_share_workdir") as refused:
+        engine.scheduler_address(remote)
+    assert "HAP_DASK_ADDRESS" in str(refused.value) and "\n" not in str(refused.value)
+    shared = remote.updated({"engine.workers_share_workdir": True})
+    assert engine.scheduler_address(shared) == "tcp://127.0.0.1:9"
