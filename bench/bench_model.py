@@ -6,11 +6,12 @@ in the same process right before, is a dense float32 matmul (bf16 as well on CUD
 FLOP/s is reported as a fraction of it. FLOPs per step are counted from the layer shapes over the
 grid the model actually runs (B anchors x C candidate slots), forward + backward = 3 x forward.
 
-Serving: ``HapBundle.score_request`` on one request of ``evaluate.latency_candidates`` (1,000)
-candidates for light-only, HAP at rho = 0.1 and ``expressive_all``, without and with the
-item-tower cache (filled from the eval day's candidates, as a serving process fills it from the
-day's catalogue); latency as a ratio of ``expressive_all``'s under the same cache setting, FLOPs
-per request from the layer shapes (item towers included: the uncached cost).
+Serving: the trained bundle as ``load_bundle`` serves it (the lean path, TorchScript towers),
+timed by ``bench.bench_serving.measure``: light-only, HAP at rho = 0.05-0.5 and ``expressive_all``
+on one request of 1,000 and 10,000 candidates, on 1 thread and on every thread, without and with
+the item-tower cache (filled from the request's candidates, as a serving process fills it from the
+day's catalogue); latency as a ratio of ``expressive_all``'s under the same setting, beside the
+FLOP ratio from the layer shapes (item towers included: the uncached cost).
 """
 
 from __future__ import annotations
@@ -97,41 +98,17 @@ def bench_training(
     return rows, out
 
 
-def bench_serving(cfg: Any, bundle: Any, eval_table: Any) -> tuple[list[list[Any]], dict[str, Any]]:
-    """Each scorer without and with the item-tower cache; ratios within the same cache setting."""
-    from hap.model.evaluate import latency_ms_per_1k
+def bench_serving(bundle: Any, eval_table: Any) -> tuple[str, list[dict[str, Any]]]:
+    """The trained bundle's scorers on the lean path (``bench.bench_serving.measure``): one
+    request of 1,000 and 10,000 candidates, 1 thread and every thread, without and with the item
+    cache; latency ratios beside FLOP ratios."""
+    from bench.bench_serving import measure
 
-    n = cfg.evaluate.latency_candidates
-    modes = {
-        "light": {"serve": "light"},
-        "hap@0.1": {"serve": "hap", "mode": "topk", "rho": 0.1},
-        "expressive_all": {"serve": "expressive_all"},
-    }
-    cached = bundle.cache_items(eval_table)  # every candidate's item vectors precomputed
-    rows: list[list[Any]] = []
-    out: dict[str, Any] = {"candidates": n}
-    for cache_label, base_bundle in (("off", bundle), ("on", cached)):
-        measured = {}
-        for label, routing in modes.items():
-            b = base_bundle.with_routing(**routing)
-            measured[label] = {
-                "ms_per_request": latency_ms_per_1k(cfg, b, eval_table) * n / 1000,
-                "flops_per_request": b.flops_per_request(n)["flops_per_request"],
-            }
-        base = measured["expressive_all"]
-        rows += [
-            [
-                label,
-                cache_label,
-                f"{m['ms_per_request']:.2f}",
-                m["ms_per_request"] / base["ms_per_request"],
-                f"{m['flops_per_request'] / 1e6:.1f}M",
-                m["flops_per_request"] / base["flops_per_request"],
-            ]
-            for label, m in measured.items()
-        ]
-        out[f"item_cache_{cache_label}"] = measured
-    return rows, out
+    rows, headers, raw = measure({"new": bundle}, eval_table, SERVING_REPS, ["off", "on"])
+    return markdown_table(headers, rows), raw
+
+
+SERVING_REPS = {1_000: 31, 10_000: 11}  # candidates: interleaved repetitions
 
 
 def run(home: Path, steps: int) -> None:
@@ -156,25 +133,15 @@ def run(home: Path, steps: int) -> None:
     if not (bundle_dir / layout.BUNDLE_META_FILE).exists():
         fit(cfg.updated({"train.epochs": 1}), data, bundle_dir, meta={"date": date.isoformat()}, log=False)
     eval_table = ds.dataset(layout.eval_set(cfg, date), format="parquet").to_table()
-    serve_rows, serve_out = bench_serving(cfg, load_bundle(bundle_dir), eval_table)
+    serve_table, serve_out = bench_serving(load_bundle(bundle_dir), eval_table)
 
     table = (
         f"Training on {device} ({torch.get_num_threads()} threads), batch of "
         f"{cfg.train.batch_requests} requests:\n\n"
         + markdown_table(["what", "samples/s", "GFLOP/s", "× matmul peak", "s"], train_rows)
-        + f"\n\nServing one request of {serve_out['candidates']} candidates (median of "
-        f"{cfg.evaluate.latency_repeats}); FLOPs count the item towers, which the cache skips:\n\n"
-        + markdown_table(
-            [
-                "scorer",
-                "item cache",
-                "ms/request",
-                "× expressive_all latency",
-                "FLOPs",
-                "× expressive_all FLOPs",
-            ],
-            serve_rows,
-        )
+        + f"\n\nServing one request (medians of {SERVING_REPS} interleaved repetitions, candidates: "
+        "repetitions) through `load_bundle`'s lean path; FLOPs count the item towers, which the cache "
+        "skips:\n\n" + serve_table
     )
     write_results("model", {"training": train_out, "serving": serve_out}, table)
     print(table)

@@ -6,12 +6,15 @@ every thread (``torch.set_num_threads``), without and with the item cache. Every
 repetition runs in a shuffled order, repetition after repetition in one process (medians and
 p90), so a noisy neighbour slows every figure alike. Latency is reported as a ratio of
 ``expressive_all``'s on the same path, next to the FLOP ratio (``HapBundle.flops_per_request``,
-item towers included), and as the old path's time over the new one's.
+item towers included), and as each baseline's time over the new path's.
 
-The old path is the scorer of ``--base`` (default: the commit before the lean path), imported in
-this process from git: every ``hap/model`` module that changed since is loaded from that commit
-under another name, so the old scorer runs its own encoding and its own attention on the same
-weights. Both paths' results are checked equal (routed set and rank) before timing.
+Three paths, on the same weights: new (the lean path through the bundle's TorchScript towers, as
+``load_bundle`` serves), eager (the same path through the eager towers: what the export buys) and
+old, the scorer of ``--base`` (default: the commit before the lean path), imported in this process
+from git: every ``hap/model`` module that changed since is loaded from that commit under another
+name, so the old scorer runs its own encoding and its own attention. Every path's results are
+checked equal (routed set and rank) before timing. ``measure`` is what ``bench_model`` and the
+paper table time their trained bundles with.
 
 The bundle has the default (``params.yaml``) model sizes with random weights: a scorer's cost
 does not depend on the weights. Its feature statistics and user profile come from a small
@@ -102,6 +105,12 @@ def prepare(home: Path) -> tuple[Path, Any]:
 
     cfg = volume_config(str(home), SMALL_WINDOW["simulate.requests_per_day"], SMALL_WINDOW)
     folder = home / "bundle"
+    if (folder / layout.BUNDLE_META_FILE).exists() and not (folder / layout.tower_export_file("light")).exists():
+        from hap.model.export import export_towers
+        from hap.model.serving import load_bundle
+
+        eager = load_bundle(folder, exported=False)  # a bundle written before exports existed
+        export_towers(folder, {"light": eager.light, "expressive": eager.expressive})
     if not (folder / layout.BUNDLE_META_FILE).exists():
         for day, _ in simulate_days(cfg, cfg.simulate.start, 3, progress=False):
             ingest_day(cfg, day, require_validated=False)
@@ -157,85 +166,100 @@ def time_calls(paths: dict[str, Any], frame: Any, reps: int, seed: int) -> dict[
     return times
 
 
-def run(home: Path, reps: dict[int, int], base: str, caches: list[str]) -> None:
-    from hap.model.serving import load_bundle
-
-    folder, table = prepare(home)
-    old_module = base_serving(base)
-    plain = {"new": load_bundle(folder), "old": old_module.load_bundle(folder)}
+def measure(
+    paths: dict[str, Any], table: Any, reps: dict[int, int], caches: list[str] = ("off",)
+) -> tuple[list[list[Any]], list[str], list[dict[str, Any]]]:
+    """Every scorer of ``SCORERS`` through each path of ``paths`` (``"new"``, the lean path as
+    loaded, first; the others its baselines) on one request of each size in ``reps``, on 1 thread
+    and on every thread, without and/or with the item cache: markdown rows, headers, raw rows.
+    Latency ratios are ``expressive_all``'s on the same path; speed-ups are a baseline's time over
+    the new path's, both timed interleaved in this process."""
     threads = sorted({1, os.cpu_count() or 1})
+    others = [p for p in paths if p != "new"]
+    headers = [
+        "candidates",
+        "item cache",
+        "threads",
+        "scorer",
+        *[f"{p} ms" for p in others],
+        "new ms",
+        "new p90 ms",
+        *[f"× faster than {p}" for p in others],
+        "× expressive_all latency",
+        "× expressive_all FLOPs",
+    ]
     rows: list[list[Any]] = []
-    out: dict[str, Any] = {"base": base, "reps": reps, "threads": threads, "results": []}
-    for n in SIZES:
+    raw: list[dict[str, Any]] = []
+    for n, n_reps in reps.items():
         frame = one_request(table, n)
-        check_equal(plain, frame)
+        if others:
+            check_equal(paths, frame)
         flops = {
-            s: plain["new"].with_routing(**r).flops_per_request(n)["flops_per_request"]
+            s: paths["new"].with_routing(**r).flops_per_request(n)["flops_per_request"]
             for s, r in SCORERS.items()
         }
         for cache in caches:  # "on": the request's items cached, as a daily catalogue cache would hold
-            paths = plain if cache == "off" else {k: b.cache_items(frame) for k, b in plain.items()}
+            timed = paths if cache == "off" else {k: b.cache_items(frame) for k, b in paths.items()}
             for t in threads:
                 torch.set_num_threads(t)
-                times = time_calls(paths, frame, reps[n], seed=n + t)
+                times = time_calls(timed, frame, n_reps, seed=n + t)
                 med = {k: float(np.median(v)) for k, v in times.items()}
                 for s in SCORERS:
-                    new, old = med[("new", s)], med[("old", s)]
-                    p90 = float(np.quantile(times[("new", s)], 0.9))
+                    new = med[("new", s)]
                     row = {
                         "candidates": n,
                         "item_cache": cache,
                         "threads": t,
                         "scorer": s,
-                        "new_ms": new * 1e3,
-                        "new_p90_ms": p90 * 1e3,
-                        "old_ms": old * 1e3,
-                        "old_p90_ms": float(np.quantile(times[("old", s)], 0.9)) * 1e3,
-                        "speedup": old / new,
-                        "latency_vs_expressive_all": new / med[("new", "expressive_all")],
-                        "old_latency_vs_expressive_all": old / med[("old", "expressive_all")],
+                        **{f"{p}_ms": med[(p, s)] * 1e3 for p in paths},
+                        "new_p90_ms": float(np.quantile(times[("new", s)], 0.9)) * 1e3,
+                        **{f"faster_than_{p}": med[(p, s)] / new for p in others},
+                        **{
+                            f"{p}_latency_vs_expressive_all": med[(p, s)] / med[(p, "expressive_all")]
+                            for p in paths
+                        },
                         "flops": flops[s],
                         "flops_vs_expressive_all": flops[s] / flops["expressive_all"],
                     }
-                    out["results"].append(row)
+                    raw.append(row)
                     rows.append(
                         [
                             f"{n:,}",
                             cache,
                             t,
                             s,
-                            f"{row['old_ms']:.2f}",
+                            *[f"{row[f'{p}_ms']:.2f}" for p in others],
                             f"{new * 1e3:.2f}",
-                            f"{p90 * 1e3:.2f}",
-                            row["speedup"],
-                            row["old_latency_vs_expressive_all"],
-                            row["latency_vs_expressive_all"],
+                            f"{row['new_p90_ms']:.2f}",
+                            *[row[f"faster_than_{p}"] for p in others],
+                            row["new_latency_vs_expressive_all"],
                             row["flops_vs_expressive_all"],
                         ]
                     )
-                print(markdown_table(HEADERS, rows[-len(SCORERS) :]), flush=True)
+                print(markdown_table(headers, rows[-len(SCORERS) :]), flush=True)
+    torch.set_num_threads(threads[-1])
+    return rows, headers, raw
+
+
+def run(home: Path, reps: dict[int, int], base: str, caches: list[str]) -> None:
+    from hap.model.serving import load_bundle
+
+    folder, table = prepare(home)
+    paths = {
+        "new": load_bundle(folder),  # the bundle's TorchScript towers (hap.model.export)
+        "eager": load_bundle(folder, exported=False),  # the same lean path, eager towers
+        "old": base_serving(base).load_bundle(folder),
+    }
+    rows, headers, raw = measure(paths, table, reps, caches)
     table_md = (
-        f"One request through `HapBundle.score_request`; default-size towers with random weights; "
-        f"medians of {reps} interleaved repetitions (candidates: repetitions). Old: the scorer of "
-        f"{base}, run in the same process on the same weights. FLOPs count the item towers, which "
-        "the item cache skips.\n\n" + markdown_table(HEADERS, rows)
+        "One request through `HapBundle.score_request`; default-size towers with random weights; "
+        f"medians of {reps} interleaved repetitions (candidates: repetitions). New: the lean path "
+        "through the bundle's TorchScript towers, as `load_bundle` serves; eager: the same path "
+        f"through the eager towers; old: the scorer of {base}, all three in the same process on "
+        "the same weights. FLOPs count the item towers, which the item cache skips.\n\n"
+        + markdown_table(headers, rows)
     )
-    write_results("serving", out, table_md)
-
-
-HEADERS = [
-    "candidates",
-    "item cache",
-    "threads",
-    "scorer",
-    "old ms",
-    "new ms",
-    "new p90 ms",
-    "× faster than old",
-    "old × expressive_all latency",
-    "new × expressive_all latency",
-    "× expressive_all FLOPs",
-]
+    write_results("serving", {"base": base, "reps": reps, "results": raw}, table_md)
 
 
 def main() -> None:
