@@ -254,12 +254,15 @@ def serve(
     workers: Annotated[
         int | None, typer.Option(help="uvicorn workers, one model copy each (default: serving.workers).")
     ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads per worker (default: serving.threads, else torch's).")
+    ] = None,
 ) -> None:
     """Serve a registered version (the champion) with MLflow's scoring server on serving.host:
     POST /invocations with {"dataframe_split": ...}, one row per candidate; Ctrl-C or SIGTERM stops it."""
     from hap.registry.endpoint import serve as run_server
 
-    raise typer.Exit(run_server(state.cfg, alias, port, workers))
+    raise typer.Exit(run_server(state.cfg, alias, port, workers, threads))
 
 
 # ---- data versions in the DVC remote --------------------------------------------------------

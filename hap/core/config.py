@@ -329,6 +329,9 @@ class ServingConfig(_Section):
     host: str = "127.0.0.1"  # the interface the scoring server binds
     port: int = Field(default=5001, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)  # uvicorn worker processes, each with its own copy of the model
+    threads: int | None = Field(
+        default=None, ge=1
+    )  # torch threads per worker (OMP_NUM_THREADS); null: torch's
     startup_timeout_seconds: float = Field(default=180, gt=0)  # model download and load, until /ping answers
 
 

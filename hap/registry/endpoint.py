@@ -93,11 +93,15 @@ def command(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
     ]
 
 
-def environment(cfg: Config) -> dict[str, str]:
-    """The server's environment: ``cfg``'s tracking store, and this interpreter's scripts first on
-    PATH (MLflow starts ``uvicorn`` by name, which an unactivated virtualenv does not provide)."""
+def environment(cfg: Config, threads: int | None = None) -> dict[str, str]:
+    """The server's environment: ``cfg``'s tracking store, this interpreter's scripts first on PATH
+    (MLflow starts ``uvicorn`` by name, which an unactivated virtualenv does not provide), and
+    ``threads`` (else ``serving.threads``) torch threads per worker when set."""
     env = tracking.subprocess_env(cfg)
     env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH")) if p)
+    threads = threads or cfg.serving.threads
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -265,6 +269,7 @@ def start(
     host: str | None = None,
     port: int | None = None,
     workers: int | None = None,
+    threads: int | None = None,
 ) -> Server:
     """Start the scoring server of ``alias``'s version in the background and return once it answers
     ``/ping`` (its output goes to ``log``). Stop it with ``Server.stop`` (or ``with start(...)``)."""
@@ -275,7 +280,7 @@ def start(
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             command(target.uri, host, port, workers or cfg.serving.workers),
-            env=environment(cfg),
+            env=environment(cfg, threads),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -300,7 +305,13 @@ def _announce_ready(url: str, target: Target, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def serve(cfg: Config, alias: str = "champion", port: int | None = None, workers: int | None = None) -> int:
+def serve(
+    cfg: Config,
+    alias: str = "champion",
+    port: int | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+) -> int:
     """Run the scoring server of ``alias``'s version until Ctrl-C or SIGTERM; its exit code."""
     from hap.core.procs import run_supervised
 
@@ -317,5 +328,5 @@ def serve(cfg: Config, alias: str = "champion", port: int | None = None, workers
         target=_announce_ready, args=(url, target, cfg.serving.startup_timeout_seconds), daemon=True
     ).start()
     return run_supervised(
-        command(target.uri, host, port, workers or cfg.serving.workers), env=environment(cfg)
+        command(target.uri, host, port, workers or cfg.serving.workers), env=environment(cfg, threads)
     )
