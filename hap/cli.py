@@ -247,6 +247,24 @@ def models() -> None:
     typer.echo(render_models(state.cfg, list_models(state.cfg)))
 
 
+@app.command()
+def serve(
+    alias: Annotated[str, typer.Option(help="Registry alias whose version to serve.")] = "champion",
+    port: Annotated[int | None, typer.Option(help="Port (default: serving.port).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="uvicorn workers, one model copy each (default: serving.workers).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads per worker (default: serving.threads, else torch's).")
+    ] = None,
+) -> None:
+    """Serve a registered version (the champion) with MLflow's scoring server on serving.host:
+    POST /invocations with {"dataframe_split": ...}, one row per candidate; Ctrl-C or SIGTERM stops it."""
+    from hap.registry.endpoint import serve as run_server
+
+    raise typer.Exit(run_server(state.cfg, alias, port, workers, threads))
+
+
 # ---- data versions in the DVC remote --------------------------------------------------------
 data_app = typer.Typer(
     help="Training sets and bundles in the DVC remote, by content hash.", no_args_is_help=True

@@ -323,6 +323,18 @@ class MonitorConfig(_Section):
     on_alert: Literal["retrain", "none"]
 
 
+class ServingConfig(_Section):
+    """``hap serve``: the registered model behind MLflow's scoring server (``hap.registry.endpoint``)."""
+
+    host: str = "127.0.0.1"  # the interface the scoring server binds
+    port: int = Field(default=5001, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1)  # uvicorn worker processes, each with its own copy of the model
+    threads: int | None = Field(
+        default=None, ge=1
+    )  # torch threads per worker (OMP_NUM_THREADS); null: torch's
+    startup_timeout_seconds: float = Field(default=180, gt=0)  # model download and load, until /ping answers
+
+
 class OrchestrationConfig(_Section):
     train_on: Literal["local", "gpu-pool"]
     retries: int
@@ -394,6 +406,7 @@ class Config(_Section):
     engine: EngineConfig = EngineConfig()
     lake: LakeConfig = LakeConfig()
     storage: StorageConfig = StorageConfig()
+    serving: ServingConfig = ServingConfig()
 
     @model_validator(mode="after")
     def _cascade_shape(self) -> Config:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -266,6 +267,83 @@ def test_champion_loads_by_alias_in_fresh_process(scenario):
     assert np.isfinite(in_process).all() and in_process.std() > 0
     routed = scenario["v2_scores"]["routed"].to_numpy()
     assert 0 < routed.sum() < len(routed)
+
+
+def test_champion_served_over_http_scores_like_in_process(scenario, tmp_path):
+    """The endpoint of ``hap serve`` (MLflow's scoring server, started by ``hap.registry.endpoint``)
+    answers the example request as the pyfunc does in process: the same ranks and routed set,
+    scores within 1e-5; rows of two requests mixed in one payload are ranked per request. Once
+    stopped, no process of it is left. (Runs before the rollback test, which moves the champion.)"""
+    import pandas as pd
+
+    from hap.registry import endpoint
+    from hap.registry import registration as registry
+    from hap.registry.pyfunc import OUTPUT_COLUMNS
+
+    cfg, example, expected = scenario["cfg"], scenario["example"], scenario["v2_scores"]
+    assert registry.alias_version(cfg, registry.CHAMPION).version == scenario["v2"]
+    # a second request: the same candidates in reverse order, interleaved with the first one's rows
+    other = example.iloc[::-1].assign(request_id=example["request_id"] + 1)
+    mixed = pd.concat([example, other]).sort_index(kind="stable").reset_index(drop=True)
+    server = endpoint.start(cfg, tmp_path / "serve.log", port=endpoint.free_port())  # fails if it cannot
+    try:
+        assert server.target.version == scenario["v2"]
+        got = endpoint.score(server.url, example)
+        got_mixed = endpoint.score(server.url, mixed)
+    finally:
+        server.stop()
+    assert server.proc.poll() is not None and not server.alive(), "the scoring server outlived stop()"
+    assert not endpoint.ping(server.url)
+
+    assert list(got.columns) == list(OUTPUT_COLUMNS) and len(got) == len(expected)
+    for column in ("request_id", "item_id", "rank", "routed"):
+        np.testing.assert_array_equal(got[column].to_numpy(), expected[column].to_numpy(), err_msg=column)
+    assert set(got.item_id[got.routed]) == set(expected.item_id[expected.routed])
+    for column in ("score", "prob", "light_score"):
+        assert np.allclose(got[column], expected[column], atol=1e-5), column
+    assert np.allclose(got.expressive_score, expected.expressive_score, atol=1e-5, equal_nan=True)
+
+    # the mixed payload: rows in input order, each request ranked on its own candidates
+    assert (got_mixed.item_id.to_numpy() == mixed.item_id.to_numpy()).all()
+    by_item = expected.set_index("item_id")
+    for _, rows in got_mixed.groupby("request_id"):
+        rows = rows.set_index("item_id")
+        np.testing.assert_array_equal(rows["rank"], by_item.loc[rows.index, "rank"])
+        assert set(rows.index[rows.routed]) == set(expected.item_id[expected.routed])
+
+
+def test_hap_serve_refuses_a_missing_alias_and_a_taken_port(scenario):
+    """``hap serve`` fails in one line, before starting anything: an alias that points nowhere, a
+    port something already listens on."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from hap.cli import app
+    from hap.core.errors import HapError
+
+    cfg = scenario["cfg"]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HAP__")}, "HAP_HOME": str(cfg.home)}
+    args = ["--set", f"paths.lake={cfg.path('lake')}"]
+    missing = CliRunner().invoke(app, [*args, "serve", "--alias", "nobody"], env=env)
+    assert isinstance(missing.exception, HapError) and "no version with alias 'nobody'" in str(
+        missing.exception
+    )
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "hap.cli", *args, "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"error: cannot serve on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+    assert "serving " not in proc.stdout
 
 
 def test_rollback_and_models_cli(scenario, monkeypatch):
