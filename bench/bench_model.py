@@ -1,10 +1,14 @@
 """Training throughput against a dense matmul peak, and DAMR serving latency.
 
-Training: real ``_train_step`` calls (``hap.train.time_training_steps``) of each tower on the
-default-scale training set, as candidate samples/s and achieved FLOP/s. The baseline, measured
-in the same process right before, is a dense float32 matmul (bf16 as well on CUDA): achieved
-FLOP/s is reported as a fraction of it. FLOPs per step are counted from the layer shapes over the
-grid the model actually runs (B anchors x C candidate slots), forward + backward = 3 x forward.
+Training: real ``train_step`` calls (``hap.model.steps.time_training_steps``) of each tower on the
+default-scale training set, read as ``hap train`` reads it (``StreamingTrainData``, each step with
+its full-flow requests), as candidate samples/s and achieved FLOP/s. The baseline, measured in the
+same process right before, is a dense float32 matmul (bf16 as well on CUDA): achieved FLOP/s is
+reported as a fraction of it. FLOPs per step are counted from the layer shapes over the grids the
+model actually runs (B anchors x C candidate slots, and the full-flow requests' candidates),
+forward + backward = 3 x forward. Each step's time is split into batch assembly, forward,
+harmonisation, backward, optimizer and weight averaging (``torch.profiler`` labels of
+``train_step``, on a few more steps).
 
 Serving: the trained bundle as ``load_bundle`` serves it (the lean path, TorchScript towers),
 timed by ``bench.bench_serving.measure``: light-only, HAP at rho = 0.05-0.5 and ``expressive_all``
@@ -56,6 +60,7 @@ def step_flops(model: torch.nn.Module, requests: int, grid_cells: int) -> float:
 def bench_training(
     cfg: Any, data: Any, device: torch.device, steps: int
 ) -> tuple[list[list[Any]], dict[str, Any]]:
+    from hap.model.steps import PARTS
     from hap.model.towers import build_models
     from hap.model.train import time_training_steps
 
@@ -68,13 +73,11 @@ def bench_training(
     if device.type == "cuda":
         out["matmul_peak_bf16_flops"] = matmul_peak(device, torch.bfloat16)
         torch.cuda.reset_peak_memory_stats(device)
-    rows = [["dense matmul 1024² fp32 (baseline)", "-", f"{peak / 1e9:.1f}", 1.0, "-"]]
+    rows = [["dense matmul 1024² fp32 (baseline)", "-", f"{peak / 1e9:.1f}", 1.0, "-", "-"]]
     light, expressive = build_models(cfg.model.model_dump(mode="json"))
-    batch = data.batches(0, "train")[0]
-    grid_per_anchor = int(batch.item_cat.shape[1])
     for name, model in (("light", light), ("expressive", expressive)):
-        timing = time_training_steps(cfg, data, name, steps, device)
-        flops = step_flops(model, timing.requests, timing.requests * grid_per_anchor)
+        timing = time_training_steps(cfg, data, name, steps, device, profiled=max(5, steps // 4))
+        flops = step_flops(model, timing.user_passes, timing.grid_cells)
         achieved = flops / timing.seconds
         out[name] = {
             "seconds": timing.seconds,
@@ -83,7 +86,10 @@ def bench_training(
             "samples_per_second": timing.cells / timing.seconds,
             "achieved_flops": achieved,
             "fraction_of_peak": achieved / peak,
+            "assembly_seconds": timing.assembly_seconds,
+            "parts": timing.parts,
         }
+        shares = ", ".join(f"{p} {timing.parts.get(p, 0):.0%}" for p in ("assembly", *PARTS))
         rows.append(
             [
                 f"train {name} ({timing.steps} steps)",
@@ -91,6 +97,7 @@ def bench_training(
                 f"{achieved / 1e9:.2f}",
                 achieved / peak,
                 f"{timing.seconds:.2f}",
+                shares,
             ]
         )
     if device.type == "cuda":
@@ -117,15 +124,15 @@ def run(home: Path, steps: int) -> None:
     from bench.paper_table import prepare
     from hap.core import layout
     from hap.core.config import load_config
-    from hap.model.batches import TrainData
     from hap.model.serving import load_bundle
+    from hap.model.stream import StreamingTrainData
     from hap.model.train import fit, pick_device
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     environ["HAP_HOME"] = str(home)
     cfg = load_config(environ=environ).updated({"train.diagnostics_every": 0, "evaluate.latency_repeats": 21})
     date = prepare(cfg)
-    data = TrainData.load(cfg, layout.training_set(cfg, date))
+    data = StreamingTrainData(cfg, layout.training_set(cfg, date), 0, 1)  # what hap train reads
     device = pick_device(cfg)
     train_rows, train_out = bench_training(cfg, data, device, steps)
 
@@ -138,7 +145,9 @@ def run(home: Path, steps: int) -> None:
     table = (
         f"Training on {device} ({torch.get_num_threads()} threads), batch of "
         f"{cfg.train.batch_requests} requests:\n\n"
-        + markdown_table(["what", "samples/s", "GFLOP/s", "× matmul peak", "s"], train_rows)
+        + markdown_table(
+            ["what", "samples/s", "GFLOP/s", "× matmul peak", "s", "share of a step"], train_rows
+        )
         + f"\n\nServing one request (medians of {SERVING_REPS} interleaved repetitions, candidates: "
         "repetitions) through `load_bundle`'s lean path; FLOPs count the item towers, which the cache "
         "skips:\n\n" + serve_table

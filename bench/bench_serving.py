@@ -105,7 +105,8 @@ def prepare(home: Path) -> tuple[Path, Any]:
 
     cfg = volume_config(str(home), SMALL_WINDOW["simulate.requests_per_day"], SMALL_WINDOW)
     folder = home / "bundle"
-    if (folder / layout.BUNDLE_META_FILE).exists() and not (folder / layout.tower_export_file("light")).exists():
+    exported = (folder / layout.tower_export_file("light")).exists()
+    if (folder / layout.BUNDLE_META_FILE).exists() and not exported:
         from hap.model.export import export_towers
         from hap.model.serving import load_bundle
 

@@ -238,6 +238,8 @@ class TrainConfig(_Section):
     expressive_easy_top: int = Field(default=4, ge=0)
     checkpoint_every: int = Field(default=1, ge=1)  # epochs between checkpoints
     loader_workers: int = Field(default=0, ge=0)  # DataLoader processes prefetching shards; 0 = in-process
+    # memory for shards kept encoded between epochs (hap.model.stream); 0 = re-read every epoch
+    shard_cache_mb: int = Field(default=2048, ge=0)
     # the cascade's stage labels as supervision: a pairwise loss per anchor that orders the candidate
     # grid by how far each got (stage_levels, higher = further); 0 turns it off
     stage_weight: float = Field(default=0.0, ge=0.0)

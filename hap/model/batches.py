@@ -257,15 +257,20 @@ class TrainData:
         rid = table["request_id"].to_numpy()
         # one dense request index, rows grouped by request (stable: keeps the file order inside a request)
         uniq, req_index = np.unique(rid, return_inverse=True)
-        enc = self.spec.encode(table)
         first = np.full(len(uniq), -1, dtype=np.int64)
         first[req_index[::-1]] = np.arange(len(rid))[::-1]
-        self.req_cat = torch.from_numpy(enc["req_cat"][first])
-        self.req_dense = torch.from_numpy(enc["req_dense"][first])
-        self.seq = torch.from_numpy(enc["seq"][first])
-        self.item_cat = torch.from_numpy(enc["item_cat"])
-        self.item_dense = torch.from_numpy(enc["item_dense"])
-        self.cross = torch.from_numpy(enc["cross"]) if self.spec.cross.width else None
+        # the request side (user, context, clicks) once per request, from its first row, as serving
+        # encodes it: every row of a request carries the same, and the clicks are most of the bytes
+        requests = table.take(first)
+        request = self.spec.encode_request(requests)
+        items = self.spec.encode_items(table)
+        self.req_cat = torch.from_numpy(request["req_cat"])
+        self.req_dense = torch.from_numpy(request["req_dense"])
+        self.seq = torch.from_numpy(request["seq"])
+        self.item_cat = torch.from_numpy(items["item_cat"])
+        self.item_dense = torch.from_numpy(items["item_dense"])
+        cross = self.spec.encode_cross(table, (req_index, requests))
+        self.cross = torch.from_numpy(cross) if self.spec.cross.width else None
         source = table["source"].to_numpy(zero_copy_only=False)
         # per group: rows in a fixed shuffled order inside each request, as CSR offsets by request
         self.salt = salt
@@ -314,6 +319,13 @@ class TrainData:
     @property
     def n_train_anchors(self) -> int:
         return len(self.train_anchors)
+
+    @property
+    def nbytes(self) -> int:
+        """The memory its tensors hold."""
+        tensors = [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+        tensors += [t for group in (self.group_rows, self.group_start, self.group_count) for t in group]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def item_cat_chunks(self) -> list[torch.Tensor]:
         """Every row's encoded item columns (the behaviour lookup's input), in one chunk."""

@@ -31,7 +31,14 @@ def save_ckpt(path: Path, payload: dict[str, Any]) -> None:
 
 # Keys that never change the weights of the epochs already trained: a checkpoint written under
 # other values of these is the same model state.
-_RESUME_NEUTRAL = ("epochs", "checkpoint_every", "num_threads", "device", "diagnostics_every")
+_RESUME_NEUTRAL = (
+    "epochs",
+    "checkpoint_every",
+    "num_threads",
+    "device",
+    "diagnostics_every",
+    "shard_cache_mb",
+)
 
 
 def config_hash(cfg: Config) -> str:

@@ -3,13 +3,16 @@ real steps the benchmarks use."""
 
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 from torch import nn
+from torch.profiler import record_function
 
 from hap.core.config import Config
 from hap.model.batches import GROUPS, Batch, TrainData
@@ -52,25 +55,37 @@ def stage_term(cfg: Config, logits: torch.Tensor, b: Batch) -> torch.Tensor | No
     return cfg.train.stage_weight * stage_loss(logits, b.valid, b.col_group, cfg.train.stage_levels)
 
 
+# the parts of a step, as ``torch.profiler`` labels: ``bench/bench_model.py`` reports each one's share
+PARTS = ("forward", "harmonize", "backward", "optimizer", "averaging")
+
+
+def _part(name: str) -> record_function:
+    return record_function(f"train.{name}")
+
+
 def train_step(cfg: Config, m: Member, b: Batch, device: torch.device, world: int, step: int) -> float:
-    fullflow = fullflow_term(cfg, m.net, b.fullflow, device) if b.fullflow is not None else None
-    b = m.view(b)
-    m.opt.zero_grad(set_to_none=True)
-    logits = forward(m.net, b, device)
-    aux = stage_term(cfg, logits, b)
-    aux = fullflow if aux is None else aux if fullflow is None else aux + fullflow
+    with _part("forward"):
+        fullflow = fullflow_term(cfg, m.net, b.fullflow, device) if b.fullflow is not None else None
+        b = m.view(b)
+        m.opt.zero_grad(set_to_none=True)
+        logits = forward(m.net, b, device)
+        aux = stage_term(cfg, logits, b)
+        aux = fullflow if aux is None else aux if fullflow is None else aux + fullflow
+        if cfg.train.loss == "ghcl":
+            losses, present = group_losses(
+                logits, b.valid, b.col_group, cfg.train.temperature, cfg.train.bce_weight
+            )
     if cfg.train.loss != "ghcl":
         loss = variant_loss(cfg, logits, b)
         loss = loss if aux is None else loss + aux
-        loss.backward()
-    else:
-        losses, present = group_losses(
-            logits, b.valid, b.col_group, cfg.train.temperature, cfg.train.bce_weight
-        )
-        if cfg.train.harmonization == "pcgrad":
-            loss = (losses * present).sum() / present.sum().clamp(min=1)
-            loss = loss if aux is None else loss + aux
+        with _part("backward"):
+            loss.backward()
+    elif cfg.train.harmonization == "pcgrad":
+        loss = (losses * present).sum() / present.sum().clamp(min=1)
+        loss = loss if aux is None else loss + aux
+        with _part("backward"):
             loss.backward(retain_graph=True)  # embeddings (and DDP's all-reduce) from the mean loss
+        with _part("harmonize"):
             shared = m.raw.shared_parameters()
             idx = [i for i in range(len(losses)) if bool(present[i])]
             grads = [list(torch.autograd.grad(losses[i], shared, retain_graph=True)) for i in idx]
@@ -84,14 +99,19 @@ def train_step(cfg: Config, m: Member, b: Batch, device: torch.device, world: in
                     g /= world
                 p.grad = g.to(p.dtype)
             m.last_weights = present.float() / present.sum()
-        else:
+    else:
+        with _part("harmonize"):
             w = m.harm.weights(losses, present, logits)
             m.last_weights = w
-            loss = (w * losses).sum()
-            loss = loss if aux is None else loss + aux
+        loss = (w * losses).sum()
+        loss = loss if aux is None else loss + aux
+        with _part("backward"):
             loss.backward()
-    m.opt.step()
-    m.averaged_step()
+    with _part("optimizer"):
+        m.raw.zero_padding_grad()
+        m.opt.step()
+    with _part("averaging"):
+        m.averaged_step()
     return float(loss.detach())
 
 
@@ -157,10 +177,14 @@ def validate(m: Member, batches: list[Batch], device: torch.device) -> tuple[flo
 @dataclass
 class StepTiming:
     tower: str
-    seconds: float
+    seconds: float  # the timed steps, batch assembly included
     steps: int
     cells: int  # candidate samples trained on (valid grid cells)
     requests: int  # anchors: one user-tower pass each
+    grid_cells: int = 0  # candidate slots the towers ran on (valid or not), full-flow requests included
+    user_passes: int = 0  # user-tower passes: anchors plus full-flow requests
+    assembly_seconds: float = 0.0  # of ``seconds``: building the batches and their full-flow requests
+    parts: dict[str, float] = field(default_factory=dict)  # share of a step in each of ``PARTS`` + assembly
 
 
 def time_training_steps(
@@ -170,26 +194,79 @@ def time_training_steps(
     steps: int,
     device: torch.device,
     warmup: int = 3,
+    profiled: int = 0,
 ) -> StepTiming:
-    """Wall time of ``steps`` real training steps (``train_step``) of one tower, after ``warmup``
-    untimed ones: the unit ``bench/`` turns into samples/s and achieved FLOP/s."""
+    """Wall time of ``steps`` real training steps of one tower as ``hap train`` runs them (its data
+    class's batches, each with the step's full-flow requests when the data has them), after
+    ``warmup`` untimed ones: the unit ``bench/`` turns into samples/s and achieved FLOP/s. With
+    ``profiled`` > 0, that many more steps run under ``torch.profiler`` for each part's share."""
     member = next(
         m
         for m in build_members(cfg.updated({"train.expressive_groups": "all"}), data, device, 1)
         if m.name == tower
     )
     member.raw.train()
-    batches = [b.to(device) for b in data.batches(0, "train")]
-    batches = (batches * (1 + (steps + warmup) // max(len(batches), 1)))[: steps + warmup]
-    for i, b in enumerate(batches[:warmup]):
-        train_step(cfg, member, b, device, 1, i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    timed = batches[warmup:]
-    cells, requests = sum(int(b.valid.sum()) for b in timed), sum(b.size for b in timed)
+    stream = _stream(data, device)
+    assembly = 0.0
+
+    def batch(i: int) -> Batch:
+        """Step ``i``'s batch as ``train_epoch`` hands it over; its building time is ``assembly``."""
+        nonlocal assembly
+        t = time.perf_counter()
+        b = next(stream)
+        if data.fullflow is not None:
+            b.fullflow = data.fullflow.batch(i)
+        assembly += time.perf_counter() - t
+        return b
+
+    for i in range(warmup):
+        train_step(cfg, member, batch(i), device, 1, i)
+    _sync(device)
+    cells = requests = grid = passes = 0
+    assembly = 0.0
     t0 = time.perf_counter()
-    for i, b in enumerate(timed):
-        train_step(cfg, member, b, device, 1, warmup + i)
+    for i in range(warmup, warmup + steps):
+        b = batch(i)
+        cells, requests = cells + int(b.valid.sum()), requests + b.size
+        grid, passes = grid + b.valid.numel(), passes + b.size
+        if b.fullflow is not None and cfg.train.fullflow_weight > 0:
+            grid, passes = grid + b.fullflow.batch.valid.numel(), passes + b.fullflow.batch.size
+        train_step(cfg, member, b, device, 1, i)
+    _sync(device)
+    timing = StepTiming(tower, time.perf_counter() - t0, steps, cells, requests, grid, passes, assembly)
+    if profiled:
+        assembly = 0.0
+        batches = [batch(i) for i in range(warmup + steps, warmup + steps + profiled)]
+        timing.parts = _part_shares(cfg, member, batches, assembly, device)
+    return timing
+
+
+def _stream(data: TrainData | StreamingTrainData, device: torch.device) -> Iterator[Batch]:
+    """The training batches epoch after epoch, built as they are asked for."""
+    for epoch in itertools.count():
+        for b in data.batches(epoch, "train"):
+            yield b.to(device)
+
+
+def _part_shares(
+    cfg: Config, member: Member, batches: list[Batch], assembly: float, device: torch.device
+) -> dict[str, float]:
+    """Each part's share of ``batches``' steps (profiled CPU time), batch assembly included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i, b in enumerate(batches):
+            train_step(cfg, member, b, device, 1, i)
+    seconds = {p: 0.0 for p in PARTS}
+    for event in prof.key_averages():
+        name = event.key.removeprefix("train.")
+        if event.key.startswith("train.") and name in seconds:
+            seconds[name] += event.cpu_time_total / 1e6
+    seconds["assembly"] = assembly
+    total = sum(seconds.values())
+    return {p: s / total for p, s in seconds.items()}
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return StepTiming(tower, time.perf_counter() - t0, steps, cells, requests)

@@ -24,12 +24,16 @@ requests are in memory at a time, and their batches are built one at a time.
   ``train.loader_workers > 0`` a ``DataLoader`` builds the batches in worker processes (worker
   ``k`` of ``n`` takes every ``n``-th of the rank's shards). The batch order depends on
   ``(seed, epoch, world size, loader_workers)``; 0 and 1 worker give the same batches.
+- **Cache**: loaded in-process, a shard stays encoded for the next epochs within
+  ``train.shard_cache_mb`` (least recently used out first), so a window that fits is read and
+  encoded once per run, not once per epoch; a larger one streams as before.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +132,7 @@ class StreamingTrainData:
         if not files:
             raise HapError(f"no training set at {path}; run `hap split` first")
         self.cfg, self.rank, self.world = cfg, rank, world
+        self._cache: OrderedDict[tuple[int, str], TrainData] = OrderedDict()
         moments, shards = _Moments(), []
         for name, paths in files.items():
             table = Shard(name, paths, 0, 0).read(SCAN_COLUMNS)
@@ -161,7 +166,22 @@ class StreamingTrainData:
 
     def load(self, index: int, split: str = "train") -> TrainData:
         """One shard's ``split`` requests in memory, salted by the shard's index so shards draw
-        different negatives (a request's negatives are its own rows: none is lost by the filter)."""
+        different negatives (a request's negatives are its own rows: none is lost by the filter).
+        Kept encoded for the next epoch while ``train.shard_cache_mb`` allows (least recently
+        used out first): a shard's batches depend on the epoch alone, never on the load."""
+        key = (index, split)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        data = self._read(index, split)
+        budget = self.cfg.train.shard_cache_mb * 2**20
+        if data.nbytes <= budget:
+            self._cache[key] = data
+            while sum(d.nbytes for d in self._cache.values()) > budget:
+                self._cache.popitem(last=False)
+        return data
+
+    def _read(self, index: int, split: str) -> TrainData:
         table = self.shards[index].read()
         is_val = is_validation_request(self.cfg, table["request_id"].to_numpy())
         table = table.filter(pa.array(is_val if split == "val" else ~is_val))

@@ -110,25 +110,63 @@ class _TwoTower(nn.Module):
 
     def behaviours(self, seq: torch.Tensor) -> torch.Tensor:
         """Click embeddings ``[B, L, E]``: the id's row plus its side features' rows."""
-        emb = self.emb(seq)
-        if self.behaviour_lookup.shape[1] > 0:  # side features beside the id
-            emb = emb + self.emb(self.behaviour_lookup[seq]).sum(-2)
-        return emb
+        seq_e, side_e = self._embed([seq, self.behaviour_lookup[seq]])
+        return seq_e + side_e.sum(-2)
+
+    def _embed(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each id tensor's rows of the shared table ``[*ids.shape, E]``, from one lookup: a training
+        step's gradient of the table is then one dense tensor per forward, where a lookup per feature
+        group (request, clicks, their side features, items) filled and summed a table-sized tensor
+        each (most of a light step on CPU; ``bench/bench_model.py``)."""
+        flat = torch.cat([t.reshape(-1) for t in ids])
+        # index_select, whose gradient is one index_add into the table where nn.Embedding's sorts the
+        # ids first, and one split (its gradient one cat) where slices would each fill a rows-sized
+        # zero gradient. The padding row stays zero: training zeroes its gradient (zero_padding_grad)
+        rows = self.emb.weight.index_select(0, flat)
+        sizes = [t.numel() for t in ids]
+        out: list[torch.Tensor] = []
+        for t, part in zip(ids, rows.split(sizes)):
+            shape = list(t.shape)
+            shape.append(self.embed_dim)
+            out.append(part.view(shape))
+        return out
+
+    def zero_padding_grad(self) -> None:
+        """Row 0 is padding: no gradient moves it (what ``nn.Embedding(padding_idx=0)`` does)."""
+        if self.emb.weight.grad is not None:
+            self.emb.weight.grad[0] = 0.0
 
     def _user_vec(
-        self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
+        self, req_e: torch.Tensor, req_dense: torch.Tensor, seq_emb: torch.Tensor, seq: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        seq_emb = self.behaviours(seq)  # [B, L, E]
+        """The user vector from the request's embedded ids and clicks (``seq_emb``: ``behaviours``)."""
         mask = (seq != 0).unsqueeze(-1).to(seq_emb.dtype)
         pooled = (seq_emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        x = torch.cat([self.emb(req_cat).flatten(1), req_dense, pooled], dim=1)
+        x = torch.cat([req_e.flatten(1), req_dense, pooled], dim=1)
         return self.user_tower(x), seq_emb, seq != 0
+
+    @torch.jit.export
+    def user(
+        self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The user side ``{name: [B, ...]}`` the head reads, once per request."""
+        req_e, seq_e, side_e = self._embed([req_cat, seq, self.behaviour_lookup[seq]])
+        u, seq_emb, mask = self._user_vec(req_e, req_dense, seq_e + side_e.sum(-2), seq)
+        return self._user_out(u, seq_emb, mask)
 
     @torch.jit.export
     def item(self, item_cat: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
         """Item representation ``[..., D]``; depends on item features only (cacheable)."""
-        x = torch.cat([self.emb(item_cat).flatten(-2), item_dense], dim=-1)
-        return self.item_tower(x)
+        return self._item_vec(self._embed([item_cat])[0], item_dense)
+
+    def _item_vec(self, item_e: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
+        return self.item_tower(torch.cat([item_e.flatten(-2), item_dense], dim=-1))
+
+    def _user_out(
+        self, u: torch.Tensor, seq_emb: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """What the head reads of the user side: each tower says."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -139,8 +177,11 @@ class _TwoTower(nn.Module):
         item_dense: torch.Tensor,
         cross: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, C]`` for ``B`` requests x ``C`` candidates each (``cross``: ``[B, C, F]``)."""
-        return self.head(self.user(req_cat, req_dense, seq), self.item(item_cat, item_dense), cross)
+        """Logits ``[B, C]`` for ``B`` requests x ``C`` candidates each (``cross``: ``[B, C, F]``):
+        ``head(user(...), item(...))`` with every id of the batch embedded in one lookup."""
+        req_e, seq_e, side_e, item_e = self._embed([req_cat, seq, self.behaviour_lookup[seq], item_cat])
+        u, seq_emb, mask = self._user_vec(req_e, req_dense, seq_e + side_e.sum(-2), seq)
+        return self.head(self._user_out(u, seq_emb, mask), self._item_vec(item_e, item_dense), cross)
 
     def _head_input(
         self, parts: list[torch.Tensor], v: torch.Tensor, cross: torch.Tensor | None
@@ -197,11 +238,9 @@ class LightweightModel(_TwoTower):
         self.mlp = mlp([2 * self.dim + cross_dim, *mlp_dims], final_activation=True)
         self.out = nn.Linear(mlp_dims[-1] if mlp_dims else 2 * self.dim + cross_dim, 1)
 
-    @torch.jit.export
-    def user(
-        self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
+    def _user_out(
+        self, u: torch.Tensor, seq_emb: torch.Tensor, mask: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        u, _, _ = self._user_vec(req_cat, req_dense, seq)
         return {"u": u}
 
     def head(
@@ -259,11 +298,9 @@ class ExpressiveModel(_TwoTower):
         self.mlp = mlp([3 * self.dim + cross_dim, *mlp_dims], final_activation=True)
         self.out = nn.Linear(mlp_dims[-1], 1)
 
-    @torch.jit.export
-    def user(
-        self, req_cat: torch.Tensor, req_dense: torch.Tensor, seq: torch.Tensor
+    def _user_out(
+        self, u: torch.Tensor, seq_emb: torch.Tensor, mask: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        u, seq_emb, mask = self._user_vec(req_cat, req_dense, seq)
         k, v = self.kv(seq_emb).chunk(2, dim=-1)  # [B, L, D] each
         return {"u": u, "k": k, "v": v, "mask": mask}
 

@@ -164,9 +164,10 @@ def test_more_ranks_than_shards_is_refused(sharded: Config) -> None:
 
 
 def test_a_load_holds_one_shard_and_only_its_split(sharded: Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Peak memory follows the shard, not the window: at most one shard's tensors are alive while
-    an epoch streams, and a train (validation) load holds train (validation) requests only."""
-    data = stream.StreamingTrainData(sharded, _path(sharded))
+    """Without the shard cache, peak memory follows the shard, not the window: at most one shard's
+    tensors are alive while an epoch streams, and a train (validation) load holds train
+    (validation) requests only."""
+    data = stream.StreamingTrainData(sharded.updated({"train.shard_cache_mb": 0}), _path(sharded))
     alive: list[weakref.ref] = []
     real_init = TrainData.__init__
 
@@ -187,6 +188,35 @@ def test_a_load_holds_one_shard_and_only_its_split(sharded: Config, monkeypatch:
         is_val = is_validation_request(sharded, ids)
         assert loaded.n_requests == int((is_val if split == "val" else ~is_val).sum()) < len(ids)
         assert (len(loaded.val_anchors) > 0) == (split == "val") != (len(loaded.train_anchors) > 0)
+
+
+def test_the_shard_cache_reads_each_shard_once_gives_the_same_batches_and_keeps_its_budget(
+    sharded: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[tuple[int, int, str]] = []
+    real_read = stream.StreamingTrainData._read
+
+    def counted(self, index: int, split: str) -> TrainData:
+        reads.append((id(self), index, split))
+        return real_read(self, index, split)
+
+    monkeypatch.setattr(stream.StreamingTrainData, "_read", counted)
+    uncached = stream.StreamingTrainData(sharded.updated({"train.shard_cache_mb": 0}), _path(sharded))
+    cached = stream.StreamingTrainData(sharded, _path(sharded))
+    for epoch in range(3):
+        want, got = _flat(uncached.batches(epoch, "train")), _flat(cached.batches(epoch, "train"))
+        assert len(want) > 0 and all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    by_cached = [r[1:] for r in reads if r[0] == id(cached)]
+    by_uncached = [r[1:] for r in reads if r[0] == id(uncached)]
+    assert len(by_cached) == len(set(by_cached)) > 1  # each shard read and encoded once
+    assert len(by_uncached) == 3 * len(set(by_uncached))  # without the cache: every epoch
+
+    # each shard counted as 0.6 MB under a 1 MB budget: one is kept, and every shard still trains
+    monkeypatch.setattr(TrainData, "nbytes", property(lambda self: int(0.6 * 2**20)))
+    small = stream.StreamingTrainData(sharded.updated({"train.shard_cache_mb": 1}), _path(sharded))
+    want, got = _flat(uncached.batches(0, "train")), _flat(small.batches(0, "train"))
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    assert len(small._cache) == 1
 
 
 def test_loader_workers_prefetch_the_same_batches(sharded: Config) -> None:
