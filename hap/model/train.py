@@ -12,9 +12,11 @@
   easy-group and hard-group gradients on the shared dense parameters, and per-group gradient norms.
 - Input: ``hap.model.stream`` streams the training set shard by shard (a day's request-hash
   bucket), so a window larger than memory trains. Under ``torchrun`` (``WORLD_SIZE > 1``) each rank
-  reads its own shards, every rank runs the same number of steps, and gradients are averaged by
-  ``DistributedDataParallel`` (gloo on CPU). An in-memory ``TrainData`` (benchmarks) keeps the
-  older scheme: every rank builds the same global batch and trains on its slice of anchors.
+  reads its own shards and trains on its share of the global batch (``train.batch_requests``), every
+  rank runs the same number of steps, and gradients are averaged by ``DistributedDataParallel``
+  (gloo on CPU): an epoch takes as many optimizer steps as on one process. An in-memory
+  ``TrainData`` (benchmarks) keeps the older scheme: every rank builds the same global batch and
+  trains on its slice of anchors.
 """
 
 from __future__ import annotations
