@@ -7,6 +7,7 @@ the simulator; tests that need another shape pass their own overrides to ``make_
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 TINY_START = dt.date(2026, 11, 1)
+TINY_SPLIT_DATE = dt.date(2026, 11, 2)  # the window 11-01..02 of split_window
 
 TINY_OVERRIDES: dict[str, Any] = {
     "simulate.start": TINY_START.isoformat(),
@@ -85,6 +87,39 @@ def tiny_config(home: Path, **overrides: Any) -> Config:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
     env["HAP_HOME"] = str(home)
     return load_config(overrides=merged, environ=env)
+
+
+def split_window(home: Path, overrides: dict[str, Any], by: str, date: dt.date = TINY_SPLIT_DATE) -> Config:
+    """A tiny config at ``home`` (``TINY_OVERRIDES`` plus the dotted ``overrides``) whose first three
+    simulated days are ingested, marked validated (``by``) and split over the window ending ``date``."""
+    from hap.data import markers
+    from hap.data.ingest import ingest_day
+    from hap.data.split import build_training_set
+    from hap.sources.simulator import simulate_days
+
+    cfg = tiny_config(home, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    for day, _ in simulate_days(cfg, cfg.simulate.start, 3, progress=False):
+        ingest_day(cfg, day, require_validated=False)  # trusted simulated logs, no GX cost
+        markers.mark_validated(cfg, day, {"by": by})
+    build_training_set(cfg, date)
+    return cfg
+
+
+def tiny_sets(overrides: dict[str, Any]) -> list[str]:
+    """``--set key=value`` arguments that give a ``hap`` subprocess ``tiny_config``'s config."""
+    merged = {**TINY_OVERRIDES, **overrides}
+    return [arg for key, value in merged.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+
+
+def tiny_env(home: Path) -> dict[str, str]:
+    """The environment of a ``hap`` subprocess on the data root ``home``: this checkout first on the
+    import path, none of the caller's ``HAP__`` overrides, one thread per process."""
+    from hap.core.config import REPO_ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
+    path = [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+    env.update(HAP_HOME=str(home), PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
+    return env
 
 
 @pytest.fixture

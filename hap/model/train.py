@@ -12,9 +12,11 @@
   easy-group and hard-group gradients on the shared dense parameters, and per-group gradient norms.
 - Input: ``hap.model.stream`` streams the training set shard by shard (a day's request-hash
   bucket), so a window larger than memory trains. Under ``torchrun`` (``WORLD_SIZE > 1``) each rank
-  reads its own shards, every rank runs the same number of steps, and gradients are averaged by
-  ``DistributedDataParallel`` (gloo on CPU). An in-memory ``TrainData`` (benchmarks) keeps the
-  older scheme: every rank builds the same global batch and trains on its slice of anchors.
+  reads its own shards and trains on its share of the global batch (``train.batch_requests``), every
+  rank runs the same number of steps, and gradients are averaged by ``DistributedDataParallel``
+  (gloo on CPU): an epoch takes as many optimizer steps as on one process. An in-memory
+  ``TrainData`` (benchmarks) keeps the older scheme: every rank builds the same global batch and
+  trains on its slice of anchors.
 """
 
 from __future__ import annotations
@@ -282,6 +284,8 @@ def fit(
     train_loop(cfg, data, members, p, w, ckpt, bound, say)
     seconds = time.perf_counter() - t0
     _keep_best(members, cfg.train.keep)
+    if world > 1:
+        refuse_diverged_replicas(members, w)
     _, val_light = validate(members[0], data.batches(0, "val"), w.device)
     threshold = calibrate_threshold(router_population(members[0], data, w.device, val_light), cfg.routing.rho)
     towers = [m.raw for m in members] + [None]
@@ -341,6 +345,33 @@ def _keep_best(members: list[Member], keep: str = "best") -> None:
             m.raw.load_state_dict(m.best_state)
         m.avg = None  # from here on the tower itself is what is validated and saved
         m.raw.eval()
+
+
+def weights_digest(model: torch.nn.Module) -> torch.Tensor:
+    """(sum, sum of squares) of every floating tensor of ``model``'s state, in float64."""
+    parts = [
+        torch.stack([t.double().sum(), t.double().square().sum()])
+        for t in model.state_dict().values()
+        if t.is_floating_point()
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def refuse_diverged_replicas(members: list[Member], w: _Where) -> None:
+    """Under DDP every rank ends with the same towers: their gradients were averaged at every step
+    and the buffers broadcast from rank 0, which alone writes the bundle. A rank whose weights differ
+    trained apart (no gradient averaging, a step taken on one rank only), and rank 0's bundle would
+    hold a model trained on its shards alone: every rank refuses before anything is written."""
+    mine = torch.cat([weights_digest(m.raw) for m in members]).to(w.device)
+    every = [torch.empty_like(mine) for _ in range(w.world)]
+    tdist.all_gather(every, mine)
+    first = every[0].cpu()
+    for rank, theirs in enumerate(every[1:], start=1):
+        if not torch.allclose(theirs.cpu(), first, rtol=1e-6, atol=1e-9):
+            raise HapError(
+                f"train: DDP rank {rank}'s towers differ from rank 0's after training (their gradients "
+                "were not averaged); no bundle is written"
+            )
 
 
 def _all_ranks_sum(value: float, world: int) -> float:

@@ -1,4 +1,5 @@
-"""Model issue: dataset, losses, routing, metrics, train/evaluate/bundle, resume and DDP.
+"""Model issue: dataset, losses, routing, metrics, train/evaluate/bundle (resume: test_checkpoint.py
+and test_stream.py; DDP: test_ddp.py).
 
 Tiny data (3 simulated days, 240 requests each) and tiny towers; real torch, real files.
 """
@@ -211,8 +212,8 @@ def test_batches_are_stratified_by_group(tiny_split: Config) -> None:
 # ---- train, bundle, evaluate ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tiny_split: Config, tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Any]:
-    """The tiny window's HAP bundle, trained once in its own models folder (the DDP test retrains
-    the day's own folder): its config and its ``TrainResult``."""
+    """The tiny window's HAP bundle, trained once in its own models folder: its config and its
+    ``TrainResult``."""
     from hap.model.train import train_day
 
     cfg = tiny_split.updated({"paths.models": str(tmp_path_factory.mktemp("trained") / "models")})
