@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from hap.core import schema
 from hap.core.config import Config
@@ -25,7 +26,7 @@ class Champion:
 
     version: str
     threshold: float  # calibrated routing threshold on light scores
-    score: Callable[[pd.DataFrame], np.ndarray]  # light score per row (features as columns)
+    score: Callable[[pd.DataFrame | pa.Table], np.ndarray]  # light score per row (features as columns)
     window: tuple[dt.date, ...] = ()  # its training window (reference=champion_window)
     source: str = ""  # where it came from, for the report
 
@@ -53,16 +54,18 @@ def routing_threshold(bundle: Any) -> float:
     return float(value)
 
 
-def light_scores(bundle: Any, frame: pd.DataFrame) -> np.ndarray:
+def light_scores(bundle: Any, frame: pd.DataFrame | pa.Table) -> np.ndarray:
     """The light model's score of every row, each with its own request's user side (the
     serving module's batch scorer over a whole day of mixed requests)."""
     if bundle.light is None:
         raise ValueError("the bundle has no light model")
     from hap.model.serving import RequestIndex
 
-    columns = [c for c in ("request_id", "item_id", "retrieval_pos", *schema.FEATURE_COLUMNS) if c in frame]
-    ids = frame["request_id"].to_numpy() if "request_id" in frame else np.arange(len(frame))
-    scores = bundle.tower_scores("light", frame[columns], index=RequestIndex.of(ids))
+    names = frame.column_names if isinstance(frame, pa.Table) else list(frame.columns)
+    columns = [c for c in ("request_id", "item_id", "retrieval_pos", *schema.FEATURE_COLUMNS) if c in names]
+    rows = frame.select(columns) if isinstance(frame, pa.Table) else frame[columns]
+    ids = frame["request_id"].to_numpy() if "request_id" in names else np.arange(len(frame))
+    scores = bundle.tower_scores("light", rows, index=RequestIndex.of(ids))
     return scores.astype(np.float64)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hap.core import layout, schema
@@ -58,19 +59,25 @@ def indicator_columns(cfg: Config) -> list[str]:
 
 
 # ---- reading the lake -------------------------------------------------------------------------
-def _read_lake(cfg: Config, table: str, date: dt.date) -> pd.DataFrame:
+def _read_lake(cfg: Config, table: str, date: dt.date) -> pa.Table:
     # retrieval_pos: the champion's scores read it (model.cross_features 'retrieval')
     columns = ["request_id", "item_id", "label", "content_type", "retrieval_pos", *FEATURES]
     if table == "samples":
         columns.append("source")
     parts = lake.require_day(cfg, table, date, "monitor")
-    return lake.parts_dataset(cfg, parts).to_table(columns=columns).to_pandas()
+    return lake.parts_dataset(cfg, parts).to_table(columns=columns)
 
 
-def _flatten_sequence(frame: pd.DataFrame) -> None:
-    """Drift needs scalars: the click sequence is summarised by its most recent click's id."""
-    seq = frame[schema.USER_SEQUENCE]
-    frame[schema.USER_SEQUENCE] = np.fromiter((s[0] if len(s) else 0 for s in seq), np.int64, len(seq))
+def _last_clicks(column: pa.ChunkedArray) -> np.ndarray:
+    """Drift needs scalars: the click sequence is summarised by its most recent click's id (its
+    first element; 0 when there is none), read from the list's values, no Python per row."""
+    seq = column.combine_chunks()
+    lengths = pc.list_value_length(seq).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(seq).to_numpy(zero_copy_only=False).astype(np.int64)
+    out = np.zeros(len(lengths), np.int64)
+    has = lengths > 0
+    out[has] = flat[(np.cumsum(lengths) - lengths)[has]]
+    return out
 
 
 def _near_margin(frame: pd.DataFrame, scores: np.ndarray, margin: float) -> np.ndarray:
@@ -87,10 +94,13 @@ def build_frame(cfg: Config, date: dt.date, champion: Champion | None) -> pd.Dat
     """The day's monitoring frame (see the module docstring)."""
     samples = _read_lake(cfg, "samples", date)
     cands = _read_lake(cfg, "fullflow", date)
-    samples["row_kind"] = "sample"
-    cands["row_kind"] = "candidate"
-    cands["source"] = "candidate"
-    frame = pd.concat([samples, cands], ignore_index=True)
+    cands = cands.append_column("source", pa.array(["candidate"] * cands.num_rows, samples["source"].type))
+    rows = pa.concat_tables([samples, cands.select(samples.column_names)], promote_options="permissive")
+    # the champion scores the Arrow rows (its sequences stay Arrow lists); the frame keeps scalars
+    scores = None if champion is None else np.asarray(champion.score(rows), np.float64)
+    frame = rows.drop_columns([schema.USER_SEQUENCE]).to_pandas()
+    frame[schema.USER_SEQUENCE] = _last_clicks(rows[schema.USER_SEQUENCE])
+    frame["row_kind"] = np.where(np.arange(len(frame)) < samples.num_rows, "sample", "candidate")
     is_sample = frame["row_kind"].to_numpy() == "sample"
     source = frame["source"].to_numpy()
     is_neg = is_sample & (source != schema.Source.EXPOSE_POS.value)
@@ -99,8 +109,7 @@ def build_frame(cfg: Config, date: dt.date, champion: Champion | None) -> pd.Dat
     frame["hard_neg"] = np.where(is_neg, np.isin(source, schema.HARD_SOURCES), np.nan)
     frame["ctr"] = np.where(is_exposure, frame["label"].to_numpy(), np.nan)
     frame["exposed_share"] = np.where(is_sample, is_exposure, np.nan)
-    if champion is not None:
-        scores = np.asarray(champion.score(frame), np.float64)
+    if champion is not None and scores is not None:
         if scores.shape != (len(frame),):
             raise HapError(
                 f"monitor: champion v{champion.version} returned {scores.shape} scores for {len(frame)} rows"
@@ -123,7 +132,6 @@ def build_frame(cfg: Config, date: dt.date, champion: Champion | None) -> pd.Dat
         for name in INDICATORS:
             frame[f"{name}_ct{k}"] = np.where(mine, frame[name].to_numpy(), np.nan)
         frame[f"exposed_ct{k}"] = np.where(is_exposure, mine, np.nan)
-    _flatten_sequence(frame)
     _request_level(frame)
     frame.insert(0, "dt", date.isoformat())
     return frame

@@ -231,7 +231,9 @@ class TrainConfig(_Section):
     val_fraction: float
     patience: int
     diagnostics_every: int
-    num_threads: int
+    # intra-op threads of a training process: a number (0 = torch's default), or "auto"
+    # (hap.model.member.training_threads: the CPUs it may use, 1 when the machine is busy)
+    num_threads: int | Literal["auto"]
     # what the expressive model trains on: hard groups; all groups; none; or "served": the hard groups
     # plus, per anchor, the expressive_easy_top easy negatives the light model scores highest
     expressive_groups: Literal["hard", "all", "none", "served"] = "hard"

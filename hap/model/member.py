@@ -4,9 +4,11 @@ model meets it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,34 @@ def pick_device(cfg: Config, local_rank: int = 0) -> torch.device:
             raise HapError("train.device=cuda but no CUDA device is available")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def usable_cpus() -> float:
+    """The CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota (a container's
+    limit, which ``os.cpu_count`` and torch's default do not see)."""
+    cpus = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, float(quota) / float(period))
+    return max(cpus, 1.0)
+
+
+def training_threads(setting: int | str, local_ranks: int = 1) -> int | None:
+    """The intra-op threads of one training process (None: leave torch's default).
+
+    ``auto`` (the default, chosen by ``bench/bench_threads.py``, ``bench/results/threads.md``): the
+    usable CPUs shared by this machine's DDP ranks, or 1 thread when other work already holds the
+    machine (the 1-minute load average, less this process's own share, reaches half the CPUs):
+    OpenMP threads that wait on cores other processes hold spin, and were measured 2-4x slower
+    than one thread. A number is used as given; 0 is torch's default."""
+    if setting != "auto":
+        return int(setting) or None
+    cpus = usable_cpus()
+    others = os.getloadavg()[0] - 1.0 if hasattr(os, "getloadavg") else 0.0
+    if others >= cpus / 2:
+        return 1
+    return max(1, int(cpus) // max(local_ranks, 1))
 
 
 def dist_setup(cfg: Config) -> tuple[int, int, int]:

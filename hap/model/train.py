@@ -48,7 +48,14 @@ from hap.model.checkpoint import (  # noqa: F401  (config_hash, CheckpointMismat
     restore,
     save_ckpt,
 )
-from hap.model.member import Member, build_members, dist_setup, pick_device, served_view  # noqa: F401
+from hap.model.member import (  # noqa: F401
+    Member,
+    build_members,
+    dist_setup,
+    pick_device,
+    served_view,
+    training_threads,
+)
 from hap.model.routing import calibrate_threshold
 from hap.model.serving import calibrate_towers
 from hap.model.steps import (  # noqa: F401  (time_training_steps: re-exported for bench/)
@@ -271,8 +278,9 @@ def fit(
     The checkpoint is removed once the bundle is written: it only serves an interrupted run."""
     rank, world, local_rank = dist_setup(cfg)
     w = _Where(pick_device(cfg, local_rank), rank, world, str((meta or {}).get("date", "")), data.rank_local)
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
+    threads = training_threads(cfg.train.num_threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads is not None:
+        torch.set_num_threads(threads)
     # CPU kernels are deterministic for a fixed thread count; torch.use_deterministic_algorithms
     # would only add 3-4x slower index_put paths here, so it is not set.
     say = (lambda *a: print(*a, flush=True)) if (log and rank == 0) else (lambda *a: None)

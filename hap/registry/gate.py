@@ -3,7 +3,8 @@
 Metrics measured on different days are not comparable, so the champion is re-evaluated here on
 the challenger's own eval set, from the champion's registered artifact. The rule itself is
 ``hap.blessing.decide``. A blessed model must also pass a load-and-predict smoke test of its
-registered artifact in a fresh process, whose scores must match the in-process bundle. The
+registered artifact in a fresh process, whose scores must match the in-process bundle; it starts
+with the gate and runs while the champion is re-evaluated (``PendingSmokeTest``). The
 blessing record (every metric, threshold, delta, verdict and reason) is written to
 ``metrics/dt=D/blessing.json`` and logged to the model's run.
 """
@@ -111,50 +112,74 @@ class Blessing:
         return "\n".join([*lines, *(f"  - {r}" for r in self.reasons)])
 
 
-def smoke_test(cfg: Config, version: str, expected: list[float] | None = None) -> SmokeTest:
-    """Load ``models:/NAME/VERSION`` in a fresh interpreter, predict its input example, compare."""
-    import time
+class PendingSmokeTest:
+    """A smoke test started in a fresh interpreter that runs while the gate re-evaluates the
+    champion (the interpreter's imports and the model load are most of its seconds), then judged
+    by ``result``; ``stop`` ends it when the decision does not need it."""
 
-    uri = registry.model_uri(cfg, version)
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _SMOKE_SCRIPT, uri],
-            capture_output=True,
+    def __init__(self, cfg: Config, version: str) -> None:
+        import time
+
+        self.uri = registry.model_uri(cfg, version)
+        self.timeout = cfg.gate.smoke_timeout_s
+        self.start = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SMOKE_SCRIPT, self.uri],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=tracking.subprocess_env(cfg),
             cwd=str(cfg.home),
-            timeout=cfg.gate.smoke_timeout_s,
         )
-    except subprocess.TimeoutExpired:
-        return SmokeTest(False, uri, reason=f"smoke test timed out after {cfg.gate.smoke_timeout_s:g}s")
-    seconds = time.perf_counter() - start
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SMOKE ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return SmokeTest(
-            False, uri, seconds=seconds, reason=f"smoke test failed to load/predict {uri}: {tail[0]}"
-        )
-    out = json.loads(lines[-1][len("SMOKE ") :])
-    scores = out["score"]
-    if len(scores) != out["rows"] or not all(math.isfinite(s) for s in scores):
-        return SmokeTest(
-            False, uri, out["rows"], seconds=seconds, reason="smoke test: missing or non-finite scores"
-        )
-    diff = None
-    if expected is not None:
-        diff = max((abs(a - b) for a, b in zip(scores, expected)), default=0.0)
-        if len(expected) != len(scores) or diff > SMOKE_TOLERANCE:
+
+    def result(self, expected: list[float] | None = None) -> SmokeTest:
+        """Wait for the test (within ``gate.smoke_timeout_s`` of its start) and judge its scores."""
+        import time
+
+        uri = self.uri
+        try:
+            left = max(self.timeout - (time.perf_counter() - self.start), 0.0)
+            stdout, stderr = self.proc.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return SmokeTest(False, uri, reason=f"smoke test timed out after {self.timeout:g}s")
+        seconds = time.perf_counter() - self.start
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("SMOKE ")]
+        if self.proc.returncode != 0 or not lines:
+            tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
             return SmokeTest(
-                False,
-                uri,
-                out["rows"],
-                diff,
-                seconds,
-                reason=f"smoke test: the registered artifact's scores differ from the bundle's "
-                f"(max |diff| {diff:.3g})",
+                False, uri, seconds=seconds, reason=f"smoke test failed to load/predict {uri}: {tail[0]}"
             )
-    return SmokeTest(True, uri, out["rows"], diff, seconds)
+        out = json.loads(lines[-1][len("SMOKE ") :])
+        scores = out["score"]
+        if len(scores) != out["rows"] or not all(math.isfinite(s) for s in scores):
+            return SmokeTest(
+                False, uri, out["rows"], seconds=seconds, reason="smoke test: missing or non-finite scores"
+            )
+        diff = None
+        if expected is not None:
+            diff = max((abs(a - b) for a, b in zip(scores, expected)), default=0.0)
+            if len(expected) != len(scores) or diff > SMOKE_TOLERANCE:
+                return SmokeTest(
+                    False,
+                    uri,
+                    out["rows"],
+                    diff,
+                    seconds,
+                    reason=f"smoke test: the registered artifact's scores differ from the bundle's "
+                    f"(max |diff| {diff:.3g})",
+                )
+        return SmokeTest(True, uri, out["rows"], diff, seconds)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def smoke_test(cfg: Config, version: str, expected: list[float] | None = None) -> SmokeTest:
+    """Load ``models:/NAME/VERSION`` in a fresh interpreter, predict its input example, compare."""
+    return PendingSmokeTest(cfg, version).result(expected)
 
 
 def _expected_scores(cfg: Config, date: dt.date) -> list[float]:
@@ -265,20 +290,24 @@ def gate_day(cfg: Config, date: dt.date | str) -> Blessing:
         raise HapError(f"v{challenger.version} is already the champion")
 
     primary = primary_metric(cfg, challenger_metrics)
-    champion_metrics, intervals, reasons_extra = _champion_baseline(
-        cfg, date, champion, eval_path, [primary, *_slices(cfg, challenger_metrics)]
-    )
-    decision: Decision = decide(
-        challenger_metrics, champion_metrics, cfg.gate, primary, intervals, training_health(cfg, date)
-    )
-    reasons = decision.reasons + reasons_extra
-    verdict = decision.verdict if not reasons else "fail"
-    smoke: SmokeTest | None = None
-    if not reasons and decision.promote:
-        smoke = smoke_test(cfg, challenger.version, _expected_scores(cfg, date))
-        if not smoke.passed:
-            reasons.append(smoke.reason)
-            verdict = "fail"
+    pending = PendingSmokeTest(cfg, challenger.version)  # runs beside the champion's re-evaluation
+    try:
+        champion_metrics, intervals, reasons_extra = _champion_baseline(
+            cfg, date, champion, eval_path, [primary, *_slices(cfg, challenger_metrics)]
+        )
+        decision: Decision = decide(
+            challenger_metrics, champion_metrics, cfg.gate, primary, intervals, training_health(cfg, date)
+        )
+        reasons = decision.reasons + reasons_extra
+        verdict = decision.verdict if not reasons else "fail"
+        smoke: SmokeTest | None = None
+        if not reasons and decision.promote:
+            smoke = pending.result(_expected_scores(cfg, date))
+            if not smoke.passed:
+                reasons.append(smoke.reason)
+                verdict = "fail"
+    finally:
+        pending.stop()
     promoted = verdict != "fail" and decision.promote
 
     previous_version = None

@@ -437,7 +437,24 @@ def load_champion(cfg: Config):
 
 
 def load_bundle_of(cfg: Config, version_or_alias: str):
-    """The ``HapBundle`` packaged in a registered version, loaded from the registry's artifact."""
+    """The ``HapBundle`` packaged in a registered version. Read from the day's bundle folder when
+    that folder is byte for byte the registered artifact (its ``hap.bundle_hash`` tag), which skips
+    MLflow's download and pyfunc load (seconds a day for the gate and the monitor); else from the
+    registry's artifact."""
+    import torch
+
+    from hap.model.serving import load_bundle
+
+    c = tracking.client(cfg)
+    if str(version_or_alias).isdigit():
+        mv = c.get_model_version(cfg.gate.model_name, str(version_or_alias))
+    else:
+        mv = alias_version(cfg, version_or_alias, c)
+    date, digest = (mv.tags.get(TAG_DATE), mv.tags.get(TAG_BUNDLE_HASH)) if mv is not None else (None, None)
+    local = layout.model_dir(cfg, date) if date else None
+    if digest and local is not None and (local / layout.BUNDLE_META_FILE).exists():
+        if bundle_hash(local) == digest:
+            return load_bundle(local, device="cuda" if torch.cuda.is_available() else "cpu")
     return load_model(cfg, version_or_alias).unwrap_python_model()._bundle
 
 

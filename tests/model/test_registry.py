@@ -108,6 +108,52 @@ def test_first_model_is_promoted(scenario):
     assert scenario["v1_again"] == scenario["v1"], "re-registering the same bundle must not add a version"
 
 
+def test_the_smoke_test_fails_on_an_artifact_that_does_not_load_or_scores_otherwise(scenario):
+    """The fresh-interpreter check the gate starts beside the champion's re-evaluation: a version
+    that cannot be loaded, and scores that differ from the bundle's, each fail it with a reason."""
+    from hap.registry import gate
+
+    cfg = scenario["cfg"]
+    missing = gate.PendingSmokeTest(cfg, "999").result()
+    assert not missing.passed and "failed to load/predict" in missing.reason
+    good = gate.PendingSmokeTest(cfg, scenario["v1"])
+    rows = good.result().rows
+    assert rows > 0
+    shifted = gate.PendingSmokeTest(cfg, scenario["v1"]).result([1.0] * rows)
+    assert not shifted.passed and "differ from the bundle" in shifted.reason
+    stopped = gate.PendingSmokeTest(cfg, scenario["v1"])
+    stopped.stop()
+    assert stopped.proc.poll() is not None
+
+
+def test_a_registered_bundle_loads_from_its_day_folder_only_when_it_is_the_artifact(scenario, monkeypatch):
+    """``load_bundle_of`` skips MLflow's download when the day's folder hashes to the version's
+    ``hap.bundle_hash``; a folder that holds another bundle (the scenario retrains one day's
+    folder, so only the last version registered matches it) is never used."""
+    import numpy as np
+
+    from hap.core import layout
+    from hap.registry import registration as registry
+    from hap.registry.pyfunc import score_frame
+
+    cfg, example = scenario["cfg"], scenario["example"]
+    folder_hash = registry.bundle_hash(layout.model_dir(cfg, DAY))
+    versions = {v.version: v.tags[registry.TAG_BUNDLE_HASH] for v in registry.versions(cfg)}
+    matching = [v for v, digest in versions.items() if digest == folder_hash]
+    other = next(v for v, digest in versions.items() if digest != folder_hash)
+    assert len(matching) == 1
+    downloads: list[str] = []
+    real = registry.load_model
+    monkeypatch.setattr(registry, "load_model", lambda c, v: downloads.append(v) or real(c, v))
+    local = registry.load_bundle_of(cfg, matching[0])
+    assert downloads == [] and local.exported is not None
+    remote = real(cfg, matching[0]).unwrap_python_model()._bundle
+    got, want = score_frame(local, example)["score"], score_frame(remote, example)["score"]
+    assert np.allclose(got, want, atol=1e-6)
+    registry.load_bundle_of(cfg, other)
+    assert downloads == [other]
+
+
 def test_better_model_promoted_old_becomes_previous(scenario):
 
     cfg, b2 = scenario["cfg"], scenario["b2"]
