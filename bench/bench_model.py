@@ -64,6 +64,8 @@ def bench_training(
     from hap.model.towers import build_models
     from hap.model.train import time_training_steps
 
+    if device.type == "cpu":  # one thread: the peak and the steps on the same core (threads: bench_threads)
+        torch.set_num_threads(1)
     peak = matmul_peak(device)
     out: dict[str, Any] = {
         "device": str(device),
@@ -143,7 +145,7 @@ def run(home: Path, steps: int) -> None:
     serve_table, serve_out = bench_serving(load_bundle(bundle_dir), eval_table)
 
     table = (
-        f"Training on {device} ({torch.get_num_threads()} threads), batch of "
+        f"Training on {device} ({train_out['threads']} thread(s)), batch of "
         f"{cfg.train.batch_requests} requests:\n\n"
         + markdown_table(
             ["what", "samples/s", "GFLOP/s", "× matmul peak", "s", "share of a step"], train_rows

@@ -10,6 +10,10 @@ each seed trains and evaluates:
 - ``hap@rho`` (GHCL light with the configured harmonization + the expressive model trained on
   ``train.expressive_groups``, DAMR top-rho routing) for rho in {0.05, 0.1, 0.2, 0.5}.
 
+Every variant trains as ``hap train`` does: the streamed shards (``StreamingTrainData``), each step
+with its full-flow requests. Seed 0's HAP bundle is also timed on the lean serving path at 1,000
+and 10,000 candidates, 1 thread and every thread, latency ratios beside FLOP ratios.
+
 The light model of the HAP run *is* its ``ghcl_<default>`` row: training of the two towers is
 independent given the seed (same batches, separate optimizers), so it is not trained twice.
 Prints a markdown table of mean ± std over seeds, with the reference rankers of the same eval set
@@ -117,9 +121,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from hap.core import layout
     from hap.core.config import load_config
-    from hap.model.batches import TrainData
+    from hap.data.versioning import data_version
     from hap.model.evaluate import evaluate_bundle
     from hap.model.serving import load_bundle
+    from hap.model.stream import StreamingTrainData
     from hap.model.train import fit
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")}
@@ -142,10 +147,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.home) / "bench-bundles"
     primary = base.evaluate.primary_metric
     vectors: dict[int, dict[str, Any]] = {}
+    serving_cost: dict[str, Any] | None = None
     t_all = time.perf_counter()
     for seed in range(args.seeds):
         cfg_seed = base.updated({"train.seed": base.train.seed + seed})
-        data = TrainData.load(cfg_seed, layout.training_set(cfg_seed, date))
+        # what `hap train` reads: the streamed shards, each step with its full-flow requests
+        data = StreamingTrainData(cfg_seed, layout.training_set(cfg_seed, date))
+        meta = {"date": date.isoformat(), "data_version": data_version(cfg_seed, date)}
         plan: list[tuple[str, dict[str, Any], list[tuple[str, dict[str, Any]]]]] = [
             (
                 "mixed_bce",
@@ -188,9 +196,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, overrides, evals in plan:
             cfg = cfg_seed.updated(overrides)
             t = time.perf_counter()
-            result = fit(cfg, data, work / f"seed{seed}" / name, meta={"date": date.isoformat()}, log=False)
+            result = fit(cfg, data, work / f"seed{seed}" / name, meta=meta, log=False)
             train_s = time.perf_counter() - t
             bundle = load_bundle(work / f"seed{seed}" / name)
+            if seed == 0 and name.endswith("+expressive"):
+                serving_cost = _serving_cost(bundle, eval_path)
             for label, routing in evals:
                 t = time.perf_counter()
                 result_eval = evaluate_bundle(
@@ -246,6 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "served": served_variant(base),
         "eval_requests": int(len(next(iter(vectors[0]["mixed_bce"].values())))),
         "total_seconds": time.perf_counter() - t_all,
+        "serving_cost": serving_cost,
         "vectors": {
             str(k): {
                 v: {m: np.round(x, 5).tolist() for m, x in by_m.items()} for v, by_m in by_variant.items()
@@ -253,6 +264,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for k, by_variant in vectors.items()
         },
     }
+
+
+def _serving_cost(bundle: Any, eval_path: Path) -> dict[str, Any]:
+    """Light, HAP at each rho and ``expressive_all`` of a trained bundle on one request of 1,000 and
+    10,000 candidates, 1 thread and every thread (``bench.bench_serving.measure``)."""
+    import pyarrow.dataset as ds
+
+    from bench.bench_serving import measure
+
+    table = ds.dataset(eval_path, format="parquet").to_table()
+    rows, headers, _ = measure({"new": bundle}, table, {1_000: 21, 10_000: 7})
+    return {"headers": headers, "rows": rows}
 
 
 def served_variant(cfg: Any) -> str:
@@ -374,6 +397,13 @@ def summarize(payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         f"served: {payload.get('served')}; {minutes:.0f} min on this machine (CPU, no GPU).\n\n"
     )
     table = setup + table + "\n\n" + claims_table(claims)
+    cost = payload.get("serving_cost")
+    if cost:
+        table += (
+            "\n\nServing cost of seed 0's HAP bundle on the lean path (`bench.bench_serving.measure`: "
+            "one request, interleaved repetitions, latency as a ratio of `expressive_all`'s beside "
+            "the FLOP ratio):\n\n" + markdown_table(cost["headers"], cost["rows"])
+        )
     return table, {"summary": summary, "claims": claims}
 
 
