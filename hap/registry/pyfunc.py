@@ -20,6 +20,7 @@ from typing import Any
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from hap.core import schema
 
@@ -39,23 +40,23 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
 )
 
 
-def to_contract_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
-    """Cast served input back to the eval-set dtypes of ``hap.schema`` (JSON widens int32 to int64)."""
-    frame = frame.reset_index(drop=True).copy()
-    for name in schema.FEATURE_COLUMNS:
-        if name == schema.USER_SEQUENCE:
-            frame[name] = [np.asarray(seq, np.int32) for seq in frame[name]]
-        elif name in schema.DENSE_FEATURES:
-            frame[name] = frame[name].astype(np.float32)
-        else:
-            frame[name] = frame[name].astype(np.int32)
-    return frame
+# the served columns in the eval set's types (nullable: a cast only converts types)
+SERVED_SCHEMA = pa.schema([schema.EVAL_SET.field(name).with_nullable(True) for name in INPUT_COLUMNS])
+
+
+def to_contract_table(frame: pd.DataFrame) -> pa.Table:
+    """Served input as Arrow in the eval set's types: one cast per column (JSON widens int32 to
+    int64, a float column may arrive as integers, the click sequence as lists of Python ints), no
+    per-row Python. A value the contract cannot hold (an id beyond int32) fails the cast."""
+    names = [c for c in INPUT_COLUMNS if c in frame.columns]
+    table = pa.Table.from_pandas(frame[names].reset_index(drop=True), preserve_index=False)
+    return table.cast(pa.schema([SERVED_SCHEMA.field(n) for n in names]))
 
 
 def serving_example(frame: pd.DataFrame) -> pd.DataFrame:
     """Integers as int64, floats as float64 and the sequence as int64 lists: the widths a JSON
     payload decodes to, so a client of the served model passes the logged signature.
-    ``score_frame`` narrows back to the contract dtypes itself."""
+    ``score_frame`` narrows back to the contract types itself (``to_contract_table``)."""
     frame = frame.reset_index(drop=True).copy()
     for column in frame.columns:
         if pd.api.types.is_integer_dtype(frame[column]):
@@ -68,12 +69,12 @@ def serving_example(frame: pd.DataFrame) -> pd.DataFrame:
 
 def score_frame(bundle: Any, frame: pd.DataFrame) -> pd.DataFrame:
     """Score every request in ``frame`` through DAMR; one output row per input row, same order."""
-    frame = to_contract_dtypes(frame)
-    result = bundle.score_table(frame)
+    table = to_contract_table(frame)
+    result = bundle.score_table(table)
     return pd.DataFrame(
         {
-            "request_id": frame["request_id"].to_numpy(np.int64),
-            "item_id": frame["item_id"].to_numpy(np.int64),
+            "request_id": table["request_id"].to_numpy().astype(np.int64),
+            "item_id": table["item_id"].to_numpy().astype(np.int64),
             "score": np.asarray(result.final, np.float64),
             "prob": np.asarray(result.prob, np.float64),
             "light_score": np.asarray(result.light, np.float64),
