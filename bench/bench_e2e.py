@@ -1,10 +1,11 @@
-"""The daily flow end to end at the default scale, broken down per task.
+"""The daily flow end to end, broken down per task, at each volume of ``--volumes`` (requests a day).
 
 Lands ``split.window_days + 1`` simulated days (simulation is the data source, not a flow step),
 runs ``daily-retrain`` for each of them in order against a temporary Prefect server, and reads
 the task runs of the last run (a full window and an existing champion: every step runs) back
-from the Prefect API. Each task's share of the flow's wall time is its ratio to the whole flow, measured
-in the same run.
+from the Prefect API. Each task's share of the flow's wall time is its ratio to the whole flow,
+measured in the same run; the whole flow of every day is listed too. Default: 3,000 (``make
+run``'s volume) and 100,000 requests a day; results in ``bench/results/e2e.md``.
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ def task_breakdown(flow_run_id: Any) -> list[tuple[str, float]]:
     ]
 
 
-def run(home: Path) -> dict[str, Any]:
+def run(home: Path, requests: int) -> dict[str, Any]:
     from prefect.testing.utilities import prefect_test_harness
 
+    from bench.common import volume_config
     from flows.daily import daily_retrain
-    from hap.core.config import load_config
     from hap.sources.simulator import simulate_day
 
-    cfg = load_config(environ={"HAP_HOME": str(home)})
+    cfg = volume_config(str(home), requests)
     days = [cfg.simulate.start + dt.timedelta(days=i) for i in range(cfg.split.window_days + 1)]
     for day in days:
         simulate_day(cfg, day, progress=False)
@@ -47,7 +48,12 @@ def run(home: Path) -> dict[str, Any]:
     with prefect_test_harness(server_startup_timeout=120):
         for day in days:
             start = time.perf_counter()
-            state = daily_retrain(date=day.isoformat(), home=str(home), return_state=True)
+            state = daily_retrain(
+                date=day.isoformat(),
+                home=str(home),
+                overrides={"simulate.requests_per_day": requests},
+                return_state=True,
+            )
             walls[day.isoformat()] = time.perf_counter() - start
             if not state.is_completed():
                 raise SystemExit(f"daily-retrain {day} ended {state.type}: {state.message}")
@@ -62,21 +68,25 @@ def run(home: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--home", type=Path, help="data root (default: a temporary folder)")
+    ap.add_argument("--home", type=Path, help="parent of the data roots (default: a temporary folder)")
+    ap.add_argument("--volumes", default="3000,100000", help="requests a day, comma-separated")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="hap-bench-e2e-") as tmp:
-        out = run(args.home or Path(tmp) / "data")
-    flow_s = out["days"][out["last_day"]]
-    rows = [[name, f"{s:.1f}", s / flow_s] for name, s in out["tasks"]]
-    rows.append(["whole flow run (baseline)", f"{flow_s:.1f}", 1.0])
-    table = (
-        f"daily-retrain on {out['last_day']} ({out['requests_per_day']:,} requests/day; "
-        "its window is complete "
-        f"and a champion exists, so it trains, registers and gates):\n\n"
-        + markdown_table(["task", "s", "× flow wall time"], rows)
-    )
-    write_results("e2e", out, table)
-    print(table)
+    results, tables = {}, []
+    for requests in (int(v) for v in args.volumes.split(",")):
+        with tempfile.TemporaryDirectory(prefix="hap-bench-e2e-") as tmp:
+            out = run((args.home or Path(tmp)) / f"data-{requests}", requests)
+        results[str(requests)] = out
+        flow_s = out["days"][out["last_day"]]
+        rows = [[name, f"{s:.1f}", s / flow_s] for name, s in out["tasks"]]
+        rows.append(["whole flow run (baseline)", f"{flow_s:.1f}", 1.0])
+        days = ", ".join(f"{d} {s:.0f} s" for d, s in out["days"].items())
+        tables.append(
+            f"daily-retrain on {out['last_day']} ({requests:,} requests/day; its window is complete "
+            f"and a champion exists, so it trains, registers and gates). Every day's flow: {days}.\n\n"
+            + markdown_table(["task", "s", "× flow wall time"], rows)
+        )
+        print(tables[-1], flush=True)
+    write_results("e2e", results, "\n\n".join(tables))
 
 
 if __name__ == "__main__":

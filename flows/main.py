@@ -37,7 +37,7 @@ def champion_table(cfg: Config, metrics: dict[str, float]) -> list[str]:
 def _summary(cfg: Config, last: Any, elapsed: float) -> str:
     """The closing report: the champion against the reference rankers, every version's verdict,
     today's monitoring headline and where to look next (the full figures are in the artifacts)."""
-    from hap.registry.registration import list_models
+    from hap.registry.listing import list_models
     from hap.registry.tracking import tracking_uri
 
     rows = list_models(cfg)

@@ -199,7 +199,7 @@ def monitor(cfg: Config, date: dt.date) -> dict[str, Any]:
 @_task("champion")
 def champion(cfg: Config) -> dict[str, Any] | None:
     """The current champion (version and metrics), or None before the first promotion."""
-    from hap.registry.registration import list_models
+    from hap.registry.listing import list_models
 
     models = summarize(list_models(cfg))
     for model in models or []:

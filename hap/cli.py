@@ -242,7 +242,7 @@ def rollback() -> None:
 @app.command()
 def models() -> None:
     """List registered versions with aliases, key metrics, data version and gate verdict."""
-    from hap.registry.registration import list_models, render_models
+    from hap.registry.listing import list_models, render_models
 
     typer.echo(render_models(state.cfg, list_models(state.cfg)))
 

@@ -104,7 +104,7 @@ def test_dvc_repro_after_make_run_then_nothing_to_rerun(
 REGISTERED_DATA_VERSIONS = """
 import json
 from hap.core.config import load_config
-from hap.registry.registration import list_models
+from hap.registry.listing import list_models
 print(json.dumps({r.date: r.data_version for r in list_models(load_config())}))
 """
 
