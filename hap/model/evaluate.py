@@ -296,14 +296,20 @@ def interval_metrics(cfg: Config, vectors: dict[str, np.ndarray], primary: str) 
 
 
 # ---- the evaluation ----------------------------------------------------------------------------------
-def evaluate_bundle(cfg: Config, bundle: HapBundle, eval_set_path: Path | str) -> Evaluation:
-    """Every offline metric of ``bundle`` and its yardsticks on the full-flow eval set."""
+def evaluate_bundle(
+    cfg: Config, bundle: HapBundle, eval_set_path: Path | str, yardsticks: bool = True
+) -> Evaluation:
+    """Every offline metric of ``bundle`` and its yardsticks on the full-flow eval set. Without
+    ``yardsticks`` the reference rankers and the latency timing are left out: the gate re-evaluates
+    the champion on the challenger's eval set, whose yardsticks the challenger's evaluation holds."""
     es = load_eval_set(eval_set_path)
     scores = bundle.score_table(es.table, es.index, with_light=True)
     served = np.where(scores.routed, scores.expressive, scores.light)
     final = np.where(np.isfinite(served), scores.final, np.nan)
-    rankers = {"model": final, **{f"ref_{k}": v for k, v in reference_keys(cfg, es).items()}}
-    rankers |= {f"ref_{k}": v for k, v in model_free_keys(cfg, es).items()}
+    rankers = {"model": final}
+    if yardsticks:
+        rankers |= {f"ref_{k}": v for k, v in reference_keys(cfg, es).items()}
+        rankers |= {f"ref_{k}": v for k, v in model_free_keys(cfg, es).items()}
     if bundle.light is not None and bundle.serve != "light":
         rankers["light"] = scores.light.astype(np.float64)
     vectors = {f"{r}/{m}": v for r, key in rankers.items() for m, v in ranker_vectors(cfg, es, key).items()}
@@ -313,7 +319,7 @@ def evaluate_bundle(cfg: Config, bundle: HapBundle, eval_set_path: Path | str) -
     metrics = {_public(k): _nanmean(v) for k, v in vectors.items()}
     metrics |= exposure_metrics(bundle, es, scores.light, final, served, scores.prob)
     metrics |= interval_metrics(cfg, vectors, primary_metric(cfg, metrics))
-    metrics |= cost_metrics(cfg, bundle, es, scores.routed)
+    metrics |= cost_metrics(cfg, bundle, es, scores.routed, timed=yardsticks)
     metrics["nonfinite_scores"] = float((~np.isfinite(served)).sum())
     return Evaluation(dict(sorted(metrics.items())), np.unique(es.column("request_id")), vectors)
 
@@ -324,16 +330,20 @@ def _public(vector_name: str) -> str:
     return metric if ranker == "model" else f"{ranker}_{metric}"
 
 
-def cost_metrics(cfg: Config, bundle: HapBundle, es: EvalSet, routed: np.ndarray) -> dict[str, float]:
+def cost_metrics(
+    cfg: Config, bundle: HapBundle, es: EvalSet, routed: np.ndarray, timed: bool = True
+) -> dict[str, float]:
     counts = es.index.counts
-    return {
+    out = {
         **bundle.flops_per_request(int(round(float(counts.mean())))),
         "routed_share": float(routed.mean()),
         "n_requests": float(len(counts)),
         "n_clicks": float(es.column("label").sum()),
         "candidates_per_request": float(counts.mean()),
-        "latency_ms_per_1k": latency_ms_per_1k(cfg, bundle, es.table),
     }
+    if timed:
+        out["latency_ms_per_1k"] = latency_ms_per_1k(cfg, bundle, es.table)
+    return out
 
 
 def latency_ms_per_1k(cfg: Config, bundle: Any, table: pa.Table) -> float:

@@ -367,7 +367,8 @@ def _champion_baseline(
     if champion is None:
         return None, {}, []
     try:
-        result = evaluate_bundle(cfg, registry.load_bundle_of(cfg, champion.version), eval_path)
+        champion_bundle = registry.load_bundle_of(cfg, champion.version)
+        result = evaluate_bundle(cfg, champion_bundle, eval_path, yardsticks=False)
         return json_metrics(result.metrics), paired_intervals(cfg, date, result, compared), []
     except Exception as err:  # a champion we cannot re-evaluate gives no comparable baseline
         return {}, {}, [f"could not re-evaluate champion v{champion.version} on this eval set: {err}"]
