@@ -7,10 +7,11 @@ calls the scoring path makes (``hap.model.serving``), so a runtime without this 
 ``load_bundle`` serves through them wherever they exist, so evaluation, the pyfunc, the endpoint and
 monitoring all score with the artifact that ships.
 
-Why TorchScript and not ONNX (``bench/bench_serving.py --runtimes``, ``bench/results/serving.md``):
-the scripted towers return the eager scores bit for bit and cut the module-call overhead; ONNX
-Runtime ran the light tower's arithmetic faster at 1,000 candidates but not at 10,000, needs one
-graph per call shape and a second dependency, and the arithmetic is not where a request's time goes.
+Why TorchScript and not ONNX (measured on one request, ``docs/model.md``): the scripted towers
+return the eager scores bit for bit and need nothing but torch; ONNX Runtime ran the light tower's
+arithmetic faster at 1,000 candidates (0.39 against 0.61 ms) but not at 10,000, needs one graph per
+call shape and a second runtime, and the arithmetic is a third of a request's time
+(``bench/results/serving.md`` times the export against the eager towers).
 """
 
 from __future__ import annotations
