@@ -40,6 +40,9 @@ TINY_OVERRIDES: dict[str, Any] = {
     "pipeline.date": "2026-11-02",
     "pipeline.dates": ["2026-11-01", "2026-11-02", "2026-11-03"],
     "validation.fullflow_min_requests": 10,  # tiny days log ~24 full-flow requests
+    # one thread: a model's bits depend on the thread count, which train.num_threads: auto picks by
+    # the machine's load; tests that compare two trainings need the same count every time
+    "train.num_threads": 1,
 }
 
 

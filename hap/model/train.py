@@ -84,6 +84,7 @@ class TrainResult:
     anchors: int
     resumed_from_epoch: int | None = None
     diagnostics_summary: dict[str, float] = field(default_factory=dict)
+    threads: int = 0  # intra-op threads per process (train.num_threads; a model's bits depend on it)
 
     def render(self) -> str:
         vm = ", ".join(f"{k}={v:.4f}" for k, v in self.val_metric.items())
@@ -242,7 +243,7 @@ def write_bundle(
 
 
 TIMING_FILE = layout.RUN_FILE
-TIMING_FIELDS = ("train_seconds", "samples_per_second", "resumed_from_epoch")
+TIMING_FIELDS = ("train_seconds", "samples_per_second", "resumed_from_epoch", "threads")
 
 
 def router_population(
@@ -311,6 +312,7 @@ def fit(
         anchors=data.n_train_anchors,
         resumed_from_epoch=p.resumed,
         diagnostics_summary=summarize_diagnostics(p.diag),
+        threads=torch.get_num_threads(),
     )
     if rank == 0:
         extra = {

@@ -53,12 +53,15 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^\w.\-/ :]", "_", name.replace("@", "_at_"))
 
 
-# Files of a bundle folder that describe the run (timings), not the model: not part of its identity.
-RUN_FILES = (layout.RUN_FILE,)
+# Files of a bundle folder that are not part of its identity: what describes the run (timings), and
+# the TorchScript exports, derived from the weights by the code (git_commit tags it), whose bytes
+# change from process to process (torch.jit.save orders constants by Python's salted string hash).
+RUN_FILES = (layout.RUN_FILE, layout.tower_export_file("light"), layout.tower_export_file("expressive"))
 
 
 def bundle_hash(folder: Path) -> str:
-    """Content hash of a bundle: the same data and config give the same hash, whatever the timings."""
+    """Content hash of a bundle: the same weights, config and profile give the same hash, whatever
+    the timings and whichever process exported the towers."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in RUN_FILES):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")

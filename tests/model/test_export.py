@@ -7,6 +7,7 @@ requests of uneven sizes, rows interleaved); ``save_bundle`` writes the exports,
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -110,3 +111,30 @@ def test_the_export_runs_in_a_process_with_torch_alone(bundles, tmp_path) -> Non
     for name in ("light", "expressive"):
         want = eager.tower_scores(name, one)
         assert np.abs(np.asarray(got[name]) - want).max() <= TOLERANCE, name
+
+
+def test_a_bundle_exported_in_another_process_keeps_its_identity(bundles, tmp_path) -> None:
+    """The exports' bytes follow the process (``torch.jit.save`` orders constants by Python's
+    salted string hash), so they are not part of ``bundle_hash``: the same weights saved by two
+    processes are one registered model."""
+    from hap.registry.registration import bundle_hash
+
+    _, served, _ = bundles
+    folder = Path(served.meta["folder"])
+    again = tmp_path / "again"
+    shutil.copytree(folder, again)
+    script = (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        "from hap.model.serving import load_bundle\n"
+        "from hap.model.towers import save_bundle\n"
+        "folder = Path(sys.argv[1])\n"
+        "b = load_bundle(folder, exported=False)\n"
+        "meta = json.loads((folder / 'bundle.json').read_text())\n"
+        "save_bundle(folder, meta, b.light, b.expressive)\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    proc = subprocess.run([sys.executable, "-c", script, str(again)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert bundle_hash(again) == bundle_hash(folder)
+    assert load_bundle(again).exported is not None
