@@ -140,7 +140,15 @@ def train_remote(
             f"{_remote(cfg, flow_run, date)} completed but {bundle} is missing; "
             "the GPU worker must write to the same data root"
         )
-    return {"model_dir": str(bundle.parent), "flow_run": flow_run.name, **json.loads(bundle.read_text())}
+    # the same summary as a local train step: the bundle's training result plus its run's timings
+    timings = bundle.parent / layout.RUN_FILE
+    return {
+        **json.loads(bundle.read_text()).get("result", {}),
+        **(json.loads(timings.read_text()) if timings.exists() else {}),
+        "model_dir": str(bundle.parent),
+        "flow_run": flow_run.name,
+        "work_pool": flow_run.work_pool_name,
+    }
 
 
 # a running flow's engine emits it every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (Prefect: 180)
