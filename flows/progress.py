@@ -36,7 +36,7 @@ def step_line(
     (``day`` may be a label such as a range of days)."""
     when = day.isoformat() if isinstance(day, dt.date) else (day or "-")
     took = f"{seconds:7.1f} s" if seconds is not None else " " * 9
-    return f"{when}  {step:<13}{outcome:<9}{took}  {detail}".rstrip()
+    return f"{when}  {step:<12} {outcome:<9}{took}  {detail}".rstrip()  # a longer step keeps a space
 
 
 def _num(value: Any) -> str:

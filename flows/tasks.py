@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,28 +116,135 @@ def train_remote(
     """Train on the GPU work pool (``train_on: gpu-pool``) through the ``train-ghcl`` deployment.
 
     The worker writes the bundle under the same data root (shared storage), so the result is read
-    back from ``layout.model_dir`` rather than passed through Prefect.
+    back from ``layout.model_dir`` rather than passed through Prefect. The wait is bounded
+    (``wait_for_training``): a worker that dies mid-run fails this step instead of hanging it.
     """
     from prefect.deployments import run_deployment
 
-    flow_run = run_deployment(
+    created = run_deployment(
         cfg.orchestration.train_deployment,
         parameters={**run_spec, "date": date.isoformat(), "resume": resume},
+        timeout=0,  # create it; wait_for_training waits, with bounds
     )
+    flow_run = wait_for_training(cfg, created.id, date)
     state = flow_run.state
     if state is None or not state.is_completed():
         raise HapError(
-            f"train-ghcl run {flow_run.name} for {date} ended "
-            f"{state.name if state else 'without a state'}: {state.message if state else ''}"
+            f"{_remote(cfg, flow_run, date)} ended {state.name if state else 'without a state'}"
+            f"{': ' + state.message if state and state.message else ''}"
         )
     storage.pull_root(cfg)  # a data root on object storage: the worker published the bundle there
     bundle = layout.model_dir(cfg, date) / layout.BUNDLE_META_FILE
     if not bundle.exists():
         raise HapError(
-            f"train-ghcl run {flow_run.name} completed but {bundle} is missing; "
+            f"{_remote(cfg, flow_run, date)} completed but {bundle} is missing; "
             "the GPU worker must write to the same data root"
         )
-    return {"model_dir": str(bundle.parent), "flow_run": flow_run.name, **json.loads(bundle.read_text())}
+    # the same summary as a local train step: the bundle's training result plus its run's timings
+    timings = bundle.parent / layout.RUN_FILE
+    return {
+        **json.loads(bundle.read_text()).get("result", {}),
+        **(json.loads(timings.read_text()) if timings.exists() else {}),
+        "model_dir": str(bundle.parent),
+        "flow_run": flow_run.name,
+        "work_pool": flow_run.work_pool_name,
+    }
+
+
+# a running flow's engine emits it every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (Prefect: 180)
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+POLL_SECONDS = 2.0
+
+
+def _remote(cfg: Config, run: Any, date: dt.date) -> str:
+    """How an error names the remote training: the step, the pool, the deployment and the run."""
+    pool = run.work_pool_name or "?"
+    return (
+        f"training on work pool '{pool}' failed: deployment {cfg.orchestration.train_deployment} "
+        f"run '{run.name}' for {date}"
+    )
+
+
+def _signs_of_life(client: Any, run: Any) -> tuple[Any, ...]:
+    """What keeps changing while a train-ghcl run is alive: its state, plus its newest flow-run
+    heartbeat once it runs, or the newest heartbeat of its pool's workers while it waits for one."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    state = run.state
+    if state is not None and state.is_running():
+        now = dt.datetime.now(dt.UTC)
+        since = run.created or now - dt.timedelta(days=1)
+        page = client.read_events(
+            EventFilter(  # newest first; `until` leaves room for a worker whose clock is ahead of ours
+                occurred=EventOccurredFilter(since=since, until=now + dt.timedelta(days=1)),
+                event=EventNameFilter(name=[HEARTBEAT_EVENT]),
+                resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]),
+            ),
+            limit=1,
+        )
+        beat = page.events[0].occurred if page.events else None
+    else:
+        workers = client.read_workers_for_work_pool(run.work_pool_name) if run.work_pool_name else []
+        beat = max((w.last_heartbeat_time for w in workers if w.last_heartbeat_time), default=None)
+    return (run.state_type, state.timestamp if state else None, beat)
+
+
+def wait_verdict(cfg: Config, running: bool, elapsed: float, silent: float) -> tuple[str, str] | None:
+    """Why to stop waiting for a train-ghcl run that has not ended, and the state to leave it in
+    (Crashed, Cancelled or Cancelling); None: keep waiting. ``elapsed``: seconds since it was
+    created; ``silent``: seconds since its signs of life last changed."""
+    o = cfg.orchestration
+    if elapsed > o.train_timeout_seconds:
+        # a live worker stops a Cancelling run; one never started is simply never picked up
+        limit = f"orchestration.train_timeout_seconds ({o.train_timeout_seconds:g} s)"
+        return f"did not end within {limit}", "Cancelling" if running else "Cancelled"
+    bound = o.train_heartbeat_timeout_seconds
+    if bound is None or silent <= bound:
+        return None
+    limit = f"orchestration.train_heartbeat_timeout_seconds ({bound:g} s)"
+    if running:
+        return f"sent no heartbeat for {silent:.0f} s, over {limit}: its worker or machine is gone", "Crashed"
+    return f"was never started: no worker of the pool answered for {silent:.0f} s, over {limit}", "Cancelled"
+
+
+def wait_for_training(cfg: Config, flow_run_id: Any, date: dt.date) -> Any:
+    """The train-ghcl flow run once it ends. Prefect leaves a run whose worker or machine died in
+    Running (or Scheduled) for ever, and ``run_deployment`` would wait for ever; this wait ends with
+    a ``HapError`` instead (``wait_verdict``), and leaves the run in a final state so that no worker
+    picks it up later. Silence is measured on this process's clock, from when the run's signs of
+    life (``_signs_of_life``) last changed, so clock skew between hosts does not matter."""
+    from prefect import states
+    from prefect.client.orchestration import get_client
+
+    started = changed = time.monotonic()
+    signs: tuple[Any, ...] | None = None
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            now, current = time.monotonic(), _signs_of_life(client, run)
+            if current != signs:
+                signs, changed = current, now
+            running = run.state is not None and run.state.is_running()
+            verdict = wait_verdict(cfg, running, now - started, now - changed)
+            if verdict is None:
+                time.sleep(POLL_SECONDS)
+                continue
+            reason, state_name = verdict
+            message = f"{_remote(cfg, run, date)}: it {reason}"
+            outcome = f"now {state_name}"
+            try:  # so that no worker picks it up or reports it later; the step fails either way
+                client.set_flow_run_state(
+                    flow_run_id, getattr(states, state_name)(message=message), force=True
+                )
+            except Exception as err:  # noqa: BLE001 - the API may be what failed
+                now_in = getattr(run.state_type, "value", "unknown")
+                outcome = f"still {now_in} in Prefect (marking it {state_name} failed: {err})"
+            raise HapError(
+                f"{message}. The run is {outcome}; check the pool's workers "
+                f"(`prefect worker start --pool {run.work_pool_name}`), then re-run the day"
+            )
 
 
 @_task("evaluate")

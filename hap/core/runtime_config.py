@@ -31,6 +31,10 @@ class OrchestrationConfig(_Section):
     timezone: str
     cron: str
     train_deployment: str = "train-ghcl/train-ghcl"
+    # the wait for the train-ghcl run (flows.tasks.train_remote): the whole run, and the longest silence
+    # (no heartbeat of the run, or of its pool's workers while queued); None: no silence check
+    train_timeout_seconds: float = Field(default=21600, gt=0)
+    train_heartbeat_timeout_seconds: float | None = Field(default=600, gt=0)
     retrain_every_days: int = Field(default=1, ge=1)
     date_lock_timeout_seconds: float = Field(default=3600, gt=0)
     dvc_push: bool = True

@@ -64,6 +64,38 @@ def test_prefect_yaml_schedules_parse_and_match_params():
     assert [r.date() for r in local] == [dt.date(2026, 10, 25), dt.date(2026, 10, 26), dt.date(2026, 10, 27)]
 
 
+# ---- the wait for the train-ghcl run ----------------------------------------------------------
+def test_the_wait_for_remote_training_is_bounded():
+    """``flows.tasks.wait_verdict``: a silent running run is Crashed, a run no worker takes is
+    Cancelled, an overlong one Cancelling (a live worker stops it); a null bound turns silence off.
+    The real thing, a worker killed mid-training: tests/system/test_training_pool.py."""
+    from flows.tasks import wait_verdict
+
+    cfg = load_config(
+        overrides={
+            "orchestration.train_timeout_seconds": 3600,
+            "orchestration.train_heartbeat_timeout_seconds": 600,
+        }
+    )
+    assert wait_verdict(cfg, running=True, elapsed=3000, silent=599) is None
+    reason, state = wait_verdict(cfg, running=True, elapsed=700, silent=601)
+    assert (
+        state == "Crashed"
+        and "no heartbeat for 601 s" in reason
+        and "train_heartbeat_timeout_seconds" in reason
+    )
+    reason, state = wait_verdict(cfg, running=False, elapsed=700, silent=601)
+    assert state == "Cancelled" and "never started" in reason
+    assert wait_verdict(cfg, running=True, elapsed=3601, silent=0)[1] == "Cancelling"
+    assert wait_verdict(cfg, running=False, elapsed=3601, silent=0)[1] == "Cancelled"
+    off = load_config(overrides={"orchestration.train_heartbeat_timeout_seconds": None})
+    assert wait_verdict(off, running=True, elapsed=60, silent=10**6) is None
+    assert (
+        load_config().orchestration.train_timeout_seconds
+        > load_config().orchestration.train_heartbeat_timeout_seconds
+    )
+
+
 # ---- retry rule --------------------------------------------------------------------------------
 def test_only_transient_failures_are_retried():
     from flows.retry import backoff, is_transient
