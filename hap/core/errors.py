@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -45,14 +46,21 @@ _IO_MARKERS = (
 )
 
 
+# errnos of a write that failed (full disk, read-only or over quota): WriteFailed's, not a file not reached
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG})
+
+
 def is_io_failure(err: BaseException) -> bool:
     """Whether ``err`` says a file was not reached (as opposed to read and found corrupt): the
     ``OSError`` subclasses of missing files, permissions, timeouts and connections, an ``OSError``
     with an errno, or a storage client's message saying so. Arrow's corrupt-content errors are
-    ``ArrowInvalid`` or errno-less ``OSError`` without those words, and stay contract findings."""
+    ``ArrowInvalid`` or errno-less ``OSError`` without those words, and stay contract findings; a
+    failed write (full disk, read-only) stays the caller's ``WriteFailed``."""
     if isinstance(err, (FileNotFoundError, PermissionError, TimeoutError, ConnectionError)):
         return True
     if isinstance(err, OSError):
+        if err.errno in _WRITE_ERRNOS:
+            return False
         if err.errno:
             return True
         text = str(err).lower()

@@ -76,6 +76,19 @@ def test_unreachable_files_are_io_failures(err: OSError) -> None:
     assert is_io_failure(err)
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT])
+def test_a_failed_write_is_not_a_file_not_reached(code: int, tmp_path) -> None:
+    """A full disk or a read-only mount stays the step's ``WriteFailed``, even inside a mapped item."""
+    assert not is_io_failure(OSError(code, os.strerror(code)))
+
+    def write(_: object) -> None:
+        raise OSError(code, os.strerror(code), str(tmp_path / "out.parquet"))
+
+    with pytest.raises(OSError) as raised:
+        engine.local_map(write, [1])
+    assert not isinstance(raised.value, InputUnreachable) and raised.value.errno == code
+
+
 def test_a_file_not_reached_raises_a_file_not_landed_is_a_finding(corpus, tmp_path) -> None:
     beyond = corpus["good"] / "exposure.parquet"  # under a plain file: ENOTDIR from the OS itself
     try:
