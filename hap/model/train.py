@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -435,11 +436,18 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
-    result = train_day(load_config(overrides=args.set), args.date, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        result = train_day(load_config(overrides=args.set), args.date, resume=args.resume)
+    except HapError as err:  # an expected failure: one line (from rank 0), as `hap train` prints it
+        if rank0:
+            print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    if rank0:
         print(result.render())
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
 
 
 if __name__ == "__main__":
