@@ -4,6 +4,7 @@ ingest and split through the daily flow's ``data-path`` subflow and its ``DaskTa
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,36 +139,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def dask_cluster(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
-    """``dask scheduler`` and ``dask worker`` (two worker processes) as separate processes on
-    127.0.0.1; the workers report their task runs to the tests' Prefect server."""
-    import os
-
-    from prefect.settings import PREFECT_API_URL
-
+@contextlib.contextmanager
+def _cluster(
+    worker: Callable[[list[str]], list[str]], workers: int, logs: Path, env: dict[str, str]
+) -> Iterator[str]:
+    """``dask scheduler`` on a free 127.0.0.1 port and the command ``worker(dask worker's
+    arguments)`` as separate processes; yields the address once ``workers`` workers joined (the test
+    fails, never skips, when they do not within 90 s), then stops them all."""
     dask = Path(sys.executable).with_name("dask")
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    logs = tmp_path_factory.mktemp("dask")
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(Path.cwd())}
-    common = ["--no-dashboard"]
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    options = ["--nworkers", str(workers), "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"]
+    commands = {
+        "scheduler": [str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        "worker": worker([address, *options]),
+    }
     procs = [
-        subprocess.Popen(
-            [str(dask), "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], *common],
-            stdout=open(logs / "scheduler.log", "w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        subprocess.Popen(cmd, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)
+        for name, cmd in commands.items()
     ]
-    procs.append(
-        subprocess.Popen(
-            [str(dask), "worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1"]
-            + ["--preload", "hap.data.gx_runner", *common],
-            stdout=open(logs / "worker.log", "w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    )
     try:
         from distributed import Client
 
@@ -174,11 +165,12 @@ def dask_cluster(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
         while True:
             try:
                 with Client(address, timeout=10) as client:
-                    client.wait_for_workers(2, timeout=max(1.0, deadline - time.monotonic()))
+                    client.wait_for_workers(workers, timeout=max(1.0, deadline - time.monotonic()))
                 break
             except (OSError, TimeoutError) as err:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                    pytest.fail(f"the Dask cluster did not start on 127.0.0.1: {err}")
+                    log = (logs / "worker.log").read_text()
+                    pytest.fail(f"the Dask cluster did not start on 127.0.0.1: {err}; {log}")
                 time.sleep(1)
         yield address
     finally:
@@ -189,6 +181,22 @@ def dask_cluster(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
+    """``dask scheduler`` and ``dask worker`` (two worker processes) as separate processes on
+    127.0.0.1; the workers report their task runs to the tests' Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PYTHONPATH": str(Path.cwd())}
+    dask = str(Path(sys.executable).with_name("dask"))
+
+    def worker(args: list[str]) -> list[str]:
+        return [dask, "worker", *args, "--preload", "hap.data.gx_runner"]
+
+    with _cluster(worker, 2, tmp_path_factory.mktemp("dask"), env) as address:
+        yield address
 
 
 def _scheduler_task_counts(address: str) -> dict[str, int]:
@@ -265,71 +273,25 @@ def blind_cluster(tmp_path: Path):
     """A scheduler and one worker on 127.0.0.1, the worker in a mount namespace of its own with an
     empty tmpfs over ``tmp_path`` (as root: ``unshare --mount``): another host's view of this test's
     files, which are not there. Yields (address, the folder the worker cannot see)."""
-    dask = Path(sys.executable).with_name("dask")
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    from distributed import Client
+
     hidden = tmp_path / "client"
     hidden.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
-    worker = f"mount -t tmpfs tmpfs {hidden} && exec {dask} worker {address} --nworkers 1 --nthreads 1"
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs = [
-        subprocess.Popen(
-            [
-                str(dask),
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                address.rsplit(":", 1)[1],
-                "--no-dashboard",
-            ],
-            stdout=open(logs / "scheduler.log", "w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        ),
-        subprocess.Popen(
-            [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                f"{worker} --host 127.0.0.1 --no-dashboard",
-            ],
-            stdout=open(logs / "worker.log", "w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        ),
-    ]
-    try:
-        from distributed import Client
+    dask = Path(sys.executable).with_name("dask")
+    blind = f"mount -t tmpfs tmpfs {hidden} && exec {dask} worker"
+    unshare = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
 
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with Client(address, timeout=10) as client:
-                    client.wait_for_workers(1, timeout=max(1.0, deadline - time.monotonic()))
-                break
-            except (OSError, TimeoutError) as err:
-                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                    pytest.fail(
-                        f"the blind Dask cluster did not start: {err}; {(logs / 'worker.log').read_text()}"
-                    )
-                time.sleep(1)
+    def worker(args: list[str]) -> list[str]:
+        return [*unshare, " ".join([blind, *args])]
+
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    with _cluster(worker, 1, logs, env) as address:
         with Client(address, timeout=10) as client:  # the worker really does not see the client's files
             (hidden / "probe").write_text("here")
             assert not any(client.run(os.path.exists, str(hidden / "probe")).values())
         yield address, hidden
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 @pytest.mark.slow
