@@ -46,6 +46,18 @@ TINY_OVERRIDES: dict[str, Any] = {
 }
 
 
+# The smallest towers the model tests train (8 wide, one attention head): they check training's
+# mechanics (streaming, averaging, checkpoints), not what a model learns.
+TINY_TOWERS: dict[str, Any] = {
+    "model.embed_dim": 8,
+    "model.light.tower_dims": [8],
+    "model.light.mlp_dims": [8],
+    "model.expressive.tower_dims": [8],
+    "model.expressive.mlp_dims": [8, 8],
+    "model.expressive.attention_heads": 1,
+}
+
+
 # A tiny model and fast retries for tests that run the whole daily flow: they check the wiring,
 # not model quality.
 TINY_FLOW_RUN: dict[str, Any] = {

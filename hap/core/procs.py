@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -97,9 +98,26 @@ def critical() -> Iterator[None]:
             raise Interrupted(signum)
 
 
-def _kill_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
+    """``sig`` to every process of group ``pgid``; a group already gone is no error."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid`` (Linux ``/proc``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
 
 
 def run_supervised(
@@ -129,11 +147,11 @@ def run_supervised(
                 break
             except subprocess.TimeoutExpired:
                 if received and time.monotonic() - received[0][1] > grace_seconds:
-                    _kill_group(proc.pid, signal.SIGKILL)
+                    signal_group(proc.pid, signal.SIGKILL)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        _kill_group(proc.pid, signal.SIGKILL)  # a temporary server or worker left behind
+        signal_group(proc.pid, signal.SIGKILL)  # a temporary server or worker left behind
     return 128 + received[0][0] if received else code
 
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from hap.core.config import Config
 from hap.core.errors import HapError
+from hap.core.procs import group_members, signal_group
 from hap.registry import tracking
 
 if TYPE_CHECKING:
@@ -180,27 +181,6 @@ def ping(url: str, timeout: float = 2.0) -> bool:
 
 
 # ---- the server in the background ----------------------------------------------------------------
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid`` (Linux ``/proc``)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
 @dataclass
 class Server:
     """A scoring server started by ``start``: the ``mlflow models serve`` process leads its own
@@ -243,12 +223,12 @@ class Server:
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """SIGTERM to the whole group (uvicorn shuts down cleanly), SIGKILL after ``grace``."""
         pgid = self.proc.pid  # start_new_session: the group's id is the leader's pid
-        _signal_group(pgid, signal.SIGTERM)
+        signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while group_members(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
         if group_members(pgid):
-            _signal_group(pgid, signal.SIGKILL)
+            signal_group(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
         deadline = time.monotonic() + 5

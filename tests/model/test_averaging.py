@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_TOWERS, tiny_config
 
 from hap.core import layout
 from hap.core.config import Config
@@ -19,13 +19,8 @@ DATE = dt.date(2026, 11, 2)
 DECAY = 0.8
 SMALL = {
     "engine.bucket_requests": 40,
-    "model.embed_dim": 8,
     "model.hash_buckets": 2048,
-    "model.light.tower_dims": [8],
-    "model.light.mlp_dims": [8],
-    "model.expressive.tower_dims": [8],
-    "model.expressive.mlp_dims": [8, 8],
-    "model.expressive.attention_heads": 1,
+    **TINY_TOWERS,
     "train.epochs": 2,
     "train.batch_requests": 16,
     "train.patience": 5,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_SPLIT_DATE, split_window, tiny_env, tiny_sets
+from conftest import TINY_SPLIT_DATE, TINY_TOWERS, split_window, tiny_env, tiny_sets
 
 from hap.core import layout
 from hap.core.config import REPO_ROOT, Config
@@ -25,12 +25,7 @@ from hap.core.config import REPO_ROOT, Config
 DATE = TINY_SPLIT_DATE
 SETS = {
     "model.hash_buckets": 4096,
-    "model.embed_dim": 8,
-    "model.light.tower_dims": [8],
-    "model.light.mlp_dims": [8],
-    "model.expressive.tower_dims": [8],
-    "model.expressive.mlp_dims": [8, 8],
-    "model.expressive.attention_heads": 1,
+    **TINY_TOWERS,
     "train.epochs": 2,
     "train.checkpoint_every": 1,
     "train.batch_requests": 32,

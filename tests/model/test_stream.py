@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_TOWERS, tiny_config
 
 from hap.core import layout
 from hap.core.config import Config
@@ -21,13 +21,8 @@ from hap.model.batches import TrainData, is_validation_request
 DATE = dt.date(2026, 11, 2)
 SMALL = {
     "engine.bucket_requests": 40,  # ~6 buckets a day: a dozen shards in the two-day window
-    "model.embed_dim": 8,
     "model.hash_buckets": 2048,
-    "model.light.tower_dims": [8],
-    "model.light.mlp_dims": [8],
-    "model.expressive.tower_dims": [8],
-    "model.expressive.mlp_dims": [8, 8],
-    "model.expressive.attention_heads": 1,
+    **TINY_TOWERS,
     "train.epochs": 2,
     "train.batch_requests": 16,
     "train.patience": 5,

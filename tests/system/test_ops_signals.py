@@ -18,28 +18,13 @@ from pathlib import Path
 import pytest
 
 from hap.core import layout
+from hap.core.procs import group_members
 from hap.data import lake
 from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES, tiny_config
 
 pytestmark = pytest.mark.slow
 
 D1 = "2026-11-01"
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def _children(pid: int) -> list[int]:
@@ -82,7 +67,7 @@ def test_sigterm_to_hap_run_stops_within_10s_and_leaves_no_process(tmp_path):
     flow_pids = _children(proc.pid)
     assert flow_pids, "hap run has no flow child"
     pgid = flow_pids[0]  # the supervisor starts the flow as the leader of a new process group
-    assert len(_group_members(pgid)) >= 2, "expected the flow and its temporary Prefect server"
+    assert len(group_members(pgid)) >= 2, "expected the flow and its temporary Prefect server"
 
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -95,7 +80,7 @@ def test_sigterm_to_hap_run_stops_within_10s_and_leaves_no_process(tmp_path):
     assert took < 10, f"hap run took {took:.1f}s to exit after SIGTERM"
     assert code == 128 + signal.SIGTERM, output[-2000:]
     time.sleep(0.5)
-    assert _group_members(pgid) == [], f"left behind: {_group_members(pgid)}"
+    assert group_members(pgid) == [], f"left behind: {group_members(pgid)}"
     summary = json.loads((layout.metrics_dir(cfg, D1) / layout.DAILY_RUN_FILE).read_text())
     assert summary["status"] == "failed", summary
     assert "model_version" not in summary and "gate" not in summary
@@ -141,9 +126,9 @@ def test_sigterm_to_hap_dashboard_stops_its_evidently_ui_too(tmp_path):
         proc.wait(timeout=15)
         assert time.monotonic() - started < 10
         deadline = time.monotonic() + 5
-        while _group_members(ui_group) and time.monotonic() < deadline:
+        while group_members(ui_group) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _group_members(ui_group), "evidently ui outlived hap dashboard"
+        assert not group_members(ui_group), "evidently ui outlived hap dashboard"
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0
     finally:
