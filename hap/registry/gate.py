@@ -177,11 +177,6 @@ class PendingSmokeTest:
             self.proc.communicate()
 
 
-def smoke_test(cfg: Config, version: str, expected: list[float] | None = None) -> SmokeTest:
-    """Load ``models:/NAME/VERSION`` in a fresh interpreter, predict its input example, compare."""
-    return PendingSmokeTest(cfg, version).result(expected)
-
-
 def _expected_scores(cfg: Config, date: dt.date) -> list[float]:
     from hap.registry.pyfunc import HapPrerankModel
 
