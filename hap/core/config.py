@@ -56,6 +56,9 @@ class PathsConfig(_Section):
     mlflow_artifacts: str
     dvc_remote: str
     staging: str = "staging"  # request-hash buckets of the landing days (hap.data.buckets)
+    # the cut days on an object-store root whose Dask workers are on other hosts: in the root's
+    # bucket, never synced (hap.data.buckets.shared_cut_root)
+    shared_staging: str = "shared-staging"
     workdir: str = "~/.cache/hap/work"  # the local working copy of a data root on object storage
     root_url: str | None = None  # the data root's object-store URL (HAP_HOME=s3://...); home is its copy
 

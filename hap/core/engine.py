@@ -122,20 +122,17 @@ def client_map(client: Any, fn: Callable[[T], R], items: Sequence[T]) -> list[R]
 
 
 def scheduler_address(cfg: Config) -> str | None:
-    """The cluster to use: ``engine.address`` (``HAP_DASK_ADDRESS``), else none (local mode).
+    """The cluster to use: ``engine.address`` (``HAP_DASK_ADDRESS``), else none (local mode)."""
+    return cfg.engine.address or None
 
-    Refused at start with an object-store data root, unless ``engine.workers_share_workdir`` says
-    the workers mount this process's working copy: the data steps read the landing files and write
-    the buckets in that copy, which the workers of another host cannot see."""
-    address = cfg.engine.address or None
-    if address and cfg.root_url and not cfg.engine.workers_share_workdir:
-        raise HapError(
-            f"engine: the Dask cluster at {address} cannot work on the data root {cfg.root_url}: its "
-            f"workers would read this process's working copy ({cfg.home}), which other hosts do not "
-            "see; unset HAP_DASK_ADDRESS (the data path runs here, or on engine.workers local "
-            "processes), or set engine.workers_share_workdir: true if every worker mounts that path"
-        )
-    return address
+
+def remote_object_root(cfg: Config) -> bool:
+    """Whether the data path's workers run on other hosts over an object-store data root: a
+    cluster by address, ``HAP_HOME=s3://...``, and no shared mount of this process's working copy
+    (``engine.workers_share_workdir``). The workers then reach the data root's bucket on their own:
+    the cut day lives there (``hap.data.buckets.shared_cut_root``) and the lake is there already;
+    the split's units, which write the training set into the working copy, run in this process."""
+    return bool(scheduler_address(cfg) and cfg.root_url and not cfg.engine.workers_share_workdir)
 
 
 @contextlib.contextmanager

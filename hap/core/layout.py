@@ -85,11 +85,13 @@ def lake_url(cfg: Config) -> str:
 def unsynced_folders(cfg: Config) -> list[str]:
     """Top-level names of the data root the working-copy sync leaves alone: the configured ones,
     the lake when it lives in the data root's bucket (``lake_url``), and the embedded MLflow
-    store's lock file, a lock of this machine's processes only (``hap.registry.tracking``)."""
+    store's lock file, a lock of this machine's processes only (``hap.registry.tracking``), and the
+    cut days that Dask workers of other hosts share through the bucket (``paths.shared_staging``)."""
     lake, db = cfg.paths.lake, Path(cfg.paths.mlflow_db)
     in_bucket = bool(cfg.root_url) and "://" not in lake and not Path(lake).is_absolute()
     db_lock = [f"{db.name}.lock"] if not db.is_absolute() and len(db.parts) == 1 else []
-    return [*cfg.storage.sync_exclude, *([Path(lake).parts[0]] if in_bucket else []), *db_lock]
+    shared = [cfg.paths.shared_staging] if cfg.root_url else []
+    return [*cfg.storage.sync_exclude, *([Path(lake).parts[0]] if in_bucket else []), *db_lock, *shared]
 
 
 def quarantine_day(cfg: Config, date: dt.date | str) -> Path:

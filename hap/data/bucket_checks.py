@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from hap.core import schema
 from hap.core.config import Config
 from hap.data import day_profile
 from hap.data import frames as vf
-from hap.data.buckets import STAGING_SUFFIX, DayBuckets, read_staged, write_partitioned
+from hap.data.buckets import DayBuckets
 from hap.data.gx_runner import Finding, GxRunner, bucket_runner
 from hap.data.suites import load_suite_json
 
@@ -48,7 +47,7 @@ def _runner(cfg: Config) -> GxRunner:
 
 
 def _write_keys(cut: DayBuckets, batch: str, bucket: int, table: pa.Table, part: np.ndarray) -> None:
-    write_partitioned(table, "part", part, cut.root / KEYS_DIR / batch, f"bucket-{bucket:05d}")
+    cut.store.write_partitioned(table, "part", part, cut.store.join(KEYS_DIR, batch), f"bucket-{bucket:05d}")
 
 
 Batch = tuple[str, str, pd.DataFrame, str]  # (suite, batch, frame, the file its findings name)
@@ -137,8 +136,8 @@ def check_bucket(
     return out
 
 
-def key_part_files(cut: DayBuckets, batch: str, part: int) -> list[Path]:
-    return sorted((cut.root / KEYS_DIR / batch / f"part={part}").glob(f"*{STAGING_SUFFIX}"))
+def key_part_files(cut: DayBuckets, batch: str, part: int) -> list[str]:
+    return cut.store.files(cut.store.join(KEYS_DIR, batch, f"part={part}"))
 
 
 def check_key_part(
@@ -149,7 +148,7 @@ def check_key_part(
     files = key_part_files(cut, batch, part)
     if not files:
         return []
-    frame = pa.concat_tables(read_staged(f) for f in files).to_pandas()
+    frame = pa.concat_tables(cut.store.read(f) for f in files).to_pandas()
     suite = KEY_BATCHES[batch]
     label = cut.raw["exposure"]
     if batch == "content_keys":  # the request-level checks' label (``check_bucket``)

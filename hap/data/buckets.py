@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,27 +33,18 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
-import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from hap.core import layout
 from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
-from hap.core.engine import Mapper, local_map
+from hap.core.engine import Mapper, local_map, remote_object_root
 from hap.core.errors import is_io_failure, unreachable
 from hap.core.hashing import mix64
 from hap.data import markers
+from hap.data.staging_store import StagingStore
 
 BUCKET_SALT = 0xB0C3
-STAGING_FORMAT = ds.IpcFileFormat()
-STAGING_OPTIONS = STAGING_FORMAT.make_write_options(compression="lz4")  # scratch: fast over small
-STAGING_SUFFIX = ".arrow"
-
-
-def read_staged(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """One staging file (``write_partitioned``), all columns or ``columns``."""
-    return feather.read_table(path, columns=list(columns) if columns is not None else None, memory_map=False)
 
 
 def bucket_of(request_ids: np.ndarray, buckets: int) -> np.ndarray:
@@ -97,7 +89,7 @@ class DayBuckets:
     """A cut day: where its buckets are and what the cut saw."""
 
     date: dt.date
-    root: Path
+    store: StagingStore  # the buckets' root: the day's staging folder, or its prefix in the root's bucket
     buckets: int
     files: dict[str, FileStats]
     stamp: dict[str, list[int]]
@@ -107,21 +99,22 @@ class DayBuckets:
     def ids(self) -> list[int]:
         return list(range(self.buckets))
 
-    def bucket_files(self, log: str, bucket: int) -> list[Path]:
-        return sorted((self.root / log / f"bucket={bucket}").glob(f"*{STAGING_SUFFIX}"))
+    def bucket_files(self, log: str, bucket: int) -> list[str]:
+        return self.store.files(self.store.join(log, f"bucket={bucket}"))
 
     def read(self, log: str, bucket: int, columns: Sequence[str] | None = None) -> pa.Table:
         """One bucket of one raw log, in raw-file order (an empty table when the bucket is empty)."""
         files = self.bucket_files(log, bucket)
         if not files:
-            raw = pq.read_schema(self.raw[log])
+            raw = self.store.parquet(self.raw[log]).schema_arrow
             names = list(columns) if columns is not None else raw.names
             return pa.schema([raw.field(n) for n in names if n in raw.names]).empty_table()
-        return pa.concat_tables(read_staged(f, columns) for f in files)
+        return pa.concat_tables(self.store.read(f, columns) for f in files)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "date": self.date.isoformat(),
+            "store": self.store.root,
             "buckets": self.buckets,
             "files": {k: asdict(v) for k, v in self.files.items()},
             "stamp": self.stamp,
@@ -129,47 +122,35 @@ class DayBuckets:
         }
 
 
-def write_partitioned(table: pa.Table, column: str, part: np.ndarray, base_dir: Path, stem: str) -> None:
-    """Write ``table``'s rows as Hive partitions ``column=K/{stem}-0.arrow`` of ``base_dir`` by
-    ``part``, keeping their order (pyarrow's partitioned write: the shuffle is the filesystem)."""
-    ds.write_dataset(
-        table.append_column(column, pa.array(part, pa.int32())),
-        base_dir=str(base_dir),
-        format=STAGING_FORMAT,
-        file_options=STAGING_OPTIONS,
-        partitioning=ds.partitioning(pa.schema([(column, pa.int32())]), flavor="hive"),
-        basename_template=f"{stem}-{{i}}{STAGING_SUFFIX}",
-        existing_data_behavior="overwrite_or_ignore",
-        use_threads=False,
-        preserve_order=True,
-    )
-
-
 # ---- slicing the raw logs -------------------------------------------------------------------------------
-def plan_slices(path: Path, log: str, slice_rows: int) -> list[Slice]:
-    """Group the file's row groups into slices of about ``slice_rows`` rows (whole row groups)."""
+def plan_slices(path: Path, log: str, slice_rows: int, read_at: str | None = None) -> list[Slice]:
+    """Group the file's row groups into slices of about ``slice_rows`` rows (whole row groups);
+    ``read_at``: where the workers read the file, when not at ``path`` (its object-store URL)."""
     meta = pq.ParquetFile(path).metadata
+    where = str(path) if read_at is None else read_at
     slices, current, rows = [], [], 0
     for rg in range(meta.num_row_groups):
         current.append(rg)
         rows += meta.row_group(rg).num_rows
         if rows >= slice_rows:
-            slices.append(Slice(log, str(path), len(slices), tuple(current)))
+            slices.append(Slice(log, where, len(slices), tuple(current)))
             current, rows = [], 0
     if current or not slices:
-        slices.append(Slice(log, str(path), len(slices), tuple(current)))
+        slices.append(Slice(log, where, len(slices), tuple(current)))
     return slices
 
 
-def cut_slice(out_root: str, buckets: int, piece: Slice) -> FileStats:
+def cut_slice(store: StagingStore, buckets: int, piece: Slice) -> FileStats:
     """Read one slice and write its rows into their bucket partitions; a slice that cannot be read
     (a corrupt row group) is reported, not raised: validation turns it into a finding. A slice
-    that cannot be reached (the file missing where this worker looks, an I/O error) raises
-    ``InputUnreachable``: the planner saw the file, so it is the worker's view that is wrong."""
+    that cannot be reached (the file missing where this worker looks, an I/O error, storage that
+    does not answer) raises ``InputUnreachable``: the planner saw the file, so it is the worker's
+    view that is wrong."""
     try:
-        table = pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups))
+        table = store.parquet(piece.path).read_row_groups(list(piece.row_groups))
     except (pa.ArrowInvalid, OSError, ValueError) as err:
-        if is_io_failure(err):
+        # on object storage every OSError is the store's (Arrow's corrupt content is ArrowInvalid)
+        if is_io_failure(err) or (store.remote and isinstance(err, OSError)):
             raise unreachable(piece.path, err) from None
         return FileStats(problem=f"row groups {piece.row_groups[:3]}... unreadable ({err})")
     stats = FileStats(rows=table.num_rows, null_counts={c: table[c].null_count for c in table.column_names})
@@ -178,7 +159,7 @@ def cut_slice(out_root: str, buckets: int, piece: Slice) -> FileStats:
         bucket = bucket_of(ids.fill_null(0).to_numpy(), buckets)
     else:  # no usable request id: the schema checks fail the day; one bucket keeps the rows checkable
         bucket = np.zeros(table.num_rows, np.int32)
-    write_partitioned(table, "bucket", bucket, Path(out_root) / piece.log, f"slice-{piece.index:05d}")
+    store.write_partitioned(table, "bucket", bucket, store.join(piece.log), f"slice-{piece.index:05d}")
     return stats
 
 
@@ -192,39 +173,75 @@ def load_cut(cfg: Config, date: dt.date | str) -> DayBuckets | None:
         return None
     if meta.get("stamp") != markers.landing_stamp(cfg, date):
         return None
-    return _from_json(root, meta)
+    return _from_json(StagingStore.of(cfg, meta.get("store") or str(root)), meta)
 
 
-def _from_json(root: Path, meta: dict[str, Any]) -> DayBuckets:
+def _from_json(store: StagingStore, meta: dict[str, Any]) -> DayBuckets:
     files = {k: FileStats(**v) for k, v in meta["files"].items()}
-    return DayBuckets(layout.day(meta["date"]), root, int(meta["buckets"]), files, meta["stamp"], meta["raw"])
+    date, buckets = layout.day(meta["date"]), int(meta["buckets"])
+    return DayBuckets(date, store, buckets, files, meta["stamp"], meta["raw"])
+
+
+def shared_cut_root(cfg: Config, date: dt.date) -> str | None:
+    """Where the day's cut goes when the workers cannot see this process's working copy (Dask
+    workers on other hosts, the data root on object storage): a fresh prefix of the root's bucket
+    under ``paths.shared_staging``; else ``None`` (the day's staging folder)."""
+    if not remote_object_root(cfg):
+        return None
+    return f"{cfg.root_url}/{cfg.paths.shared_staging}/{layout.partition(date)}/cut-{uuid.uuid4().hex[:12]}"
 
 
 def cut_day(cfg: Config, date: dt.date | str, logs: Sequence[str], mapper: Mapper = local_map) -> DayBuckets:
-    """Cut ``logs`` of the landing day into buckets (reusing a cut of the same files)."""
+    """Cut ``logs`` of the landing day into buckets (reusing a cut of the same files).
+
+    The workers read each landing file where they reach it: this process's path, or the file's
+    URL in the root's bucket when the cut is shared (``shared_cut_root``)."""
     date = layout.day(date)
     cut = load_cut(cfg, date)
     if cut is not None and set(logs) <= set(cut.files):
         return cut
+    drop_cut(cfg, date)  # an older cut's buckets, here or in the bucket
     exposure = layout.raw_log(cfg, date, "exposure")
     exposure_rows = pq.ParquetFile(exposure).metadata.num_rows if "exposure" in logs else 0
     buckets = bucket_count(cfg, exposure_rows)
     stamp = markers.landing_stamp(cfg, date)
     target = layout.staging_day(cfg, date)
+    shared = shared_cut_root(cfg, date)
+    raw = {log: _read_at(cfg, layout.raw_log(cfg, date, log), shared) for log in logs}
     with atomic_dir(target) as tmp:
+        writing = StagingStore.of(cfg, shared or str(tmp))
         pieces = [
-            s for log in logs for s in plan_slices(layout.raw_log(cfg, date, log), log, cfg.engine.slice_rows)
+            s
+            for log in logs
+            for s in plan_slices(layout.raw_log(cfg, date, log), log, cfg.engine.slice_rows, raw[log])
         ]
-        results = mapper(functools.partial(cut_slice, str(tmp), buckets), pieces)
+        try:
+            results = mapper(functools.partial(cut_slice, writing, buckets), pieces)
+        except BaseException:
+            if shared:
+                writing.remove(shared)
+            raise
         files = {log: FileStats() for log in logs}
         for piece, stats in zip(pieces, results):
             files[piece.log].add(stats)
-        raw = {log: str(layout.raw_log(cfg, date, log)) for log in logs}
-        cut = DayBuckets(date, target, buckets, files, stamp, raw)
+        cut = DayBuckets(date, StagingStore.of(cfg, shared or str(target)), buckets, files, stamp, raw)
         atomic_write_json(tmp / layout.CUT_FILE, cut.to_json())
     return cut
 
 
+def _read_at(cfg: Config, path: Path, shared: str | None) -> str:
+    """Where the workers read a landing file: here, or its URL in the root's bucket."""
+    return str(path) if shared is None else f"{cfg.root_url}/{path.relative_to(cfg.home).as_posix()}"
+
+
 def drop_cut(cfg: Config, date: dt.date | str) -> None:
-    """Remove the day's buckets (after ingest published the lake, or when the day is rejected)."""
-    shutil.rmtree(layout.staging_day(cfg, date), ignore_errors=True)
+    """Remove the day's buckets (after ingest published the lake, or when the day is rejected),
+    wherever they are: the staging folder, and the cut's prefix in the root's bucket."""
+    root = layout.staging_day(cfg, date)
+    try:
+        store = json.loads((root / layout.CUT_FILE).read_text()).get("store")
+    except (OSError, ValueError):
+        store = None
+    if store and StagingStore.of(cfg, store).remote:  # every cut of the day there, and its folder
+        StagingStore.of(cfg, store).remove(store.rsplit("/", 1)[0])
+    shutil.rmtree(root, ignore_errors=True)

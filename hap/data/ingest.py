@@ -31,7 +31,7 @@ from hap.core.engine import Mapper, local_map
 from hap.core.errors import DataContractError
 from hap.core.storage import redact
 from hap.data import lake, markers
-from hap.data.buckets import DayBuckets, cut_day, drop_cut, read_staged
+from hap.data.buckets import DayBuckets, cut_day, drop_cut
 from hap.data.quarantine import quarantine_day
 
 EXPOSURE_COLUMNS = [
@@ -278,7 +278,7 @@ def ingest_bucket(cfg: Config, cut: DayBuckets, bucket: int) -> BucketIngest:
             continue
         writer = lake.PartWriter(cfg, table, cut.date, bucket, out_schema)
         for path in files:
-            part = _conformed(read_staged(path), contract, contract.names, cut.raw[raw])
+            part = _conformed(cut.store.read(path), contract, contract.names, cut.raw[raw])
             joined = join(side, part, Path(cut.raw[raw]))
             writer.write(joined)
             if "source" in joined.column_names:

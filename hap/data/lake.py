@@ -68,6 +68,13 @@ def storage_options(cfg: Config, url: str) -> dict[str, str]:
 
 def filesystem(cfg: Config, url: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow's filesystem for ``url`` and the path inside it (same timeouts as ``storage_options``)."""
+    return arrow_filesystem(url, cfg.lake.timeout_seconds, cfg.lake.max_retries)
+
+
+def arrow_filesystem(url: str, timeout_seconds: float, max_retries: int) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem for ``url`` (a path, ``file://`` or an object-store URL) and the path
+    inside it, every call bounded; endpoint, region and credentials from the ``AWS_*`` variables
+    of the process that calls it (a Dask worker's own, on another host)."""
     if not is_url(url):
         return pafs.LocalFileSystem(), str(Path(url.removeprefix("file://")))
     if not url.startswith("s3://"):
@@ -80,9 +87,9 @@ def filesystem(cfg: Config, url: str) -> tuple[pafs.FileSystem, str]:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     fs = pafs.S3FileSystem(
         region=region,
-        connect_timeout=cfg.lake.timeout_seconds,
-        request_timeout=cfg.lake.timeout_seconds,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.lake.max_retries + 1),
+        connect_timeout=timeout_seconds,
+        request_timeout=timeout_seconds,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_retries + 1),
         **kwargs,
     )
     return fs, url.removeprefix("s3://").rstrip("/")

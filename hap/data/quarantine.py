@@ -26,6 +26,7 @@ from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
 from hap.core.errors import HapError
 from hap.data import lake, markers
+from hap.data.buckets import drop_cut
 
 RESULT_FILE = layout.QUARANTINE_RESULT_FILE
 RELEASED_DIR = ".released"
@@ -52,7 +53,7 @@ def quarantine_day(cfg: Config, date: dt.date | str, reason: dict[str, Any]) -> 
     if _move(layout.landing_day(cfg, date), qdir / "landing"):
         moved["landing"] = str(qdir / "landing")
     unpublished = lake.unpublish_day(cfg, date)
-    shutil.rmtree(layout.staging_day(cfg, date), ignore_errors=True)  # its buckets: scratch copies
+    drop_cut(cfg, date)  # its buckets: scratch copies
     atomic_write_json(
         qdir / RESULT_FILE,
         {

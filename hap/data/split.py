@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 from hap.core import layout, schema
 from hap.core.atomic import atomic_dir, atomic_write_json
 from hap.core.config import Config
-from hap.core.engine import Mapper, local_map
+from hap.core.engine import Mapper, local_map, remote_object_root
 from hap.core.errors import DataContractError, HapError
 from hap.core.hashing import unit_hash
 from hap.core.parquet import PARQUET_OPTIONS, RowGroupWriter
@@ -326,7 +326,9 @@ def _sample_ratios(cfg: Config) -> np.ndarray:
 
 def build_training_set(cfg: Config, date: dt.date, mapper: Mapper = local_map) -> SplitReport:
     """Build ``training/dt=D/{train,eval}`` from the validated lake window ending on ``date``;
-    ``mapper`` runs the units (``hap.core.engine``)."""
+    ``mapper`` runs the units (``hap.core.engine``), except on workers of other hosts over an
+    object-store root (``remote_object_root``): the units write the training set into this
+    process's working copy, so they run here, reading the lake from its bucket."""
     from hap.data.versioning import record_data_version  # local: versioning imports this module's constants
 
     date = layout.day(date)
@@ -343,6 +345,7 @@ def build_training_set(cfg: Config, date: dt.date, mapper: Mapper = local_map) -
         train_dir.mkdir()
         eval_dir.mkdir()
         drop = eval_ids if not held_out else None
+        mapper = local_map if remote_object_root(cfg) else mapper
         units = [Unit(part) for day in window for part in _lake_files(cfg, "samples", day)]
         counts = mapper(functools.partial(split_unit, cfg, str(train_dir), eval_day, drop), units)
         for lake_rows, unit_sources in counts:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -233,7 +232,7 @@ def _bucket_findings(
 ) -> None:
     """The per-request checks bucket by bucket, the cross-request keys partition by partition, then
     the day-level checks on values reduced from the buckets' counts."""
-    shutil.rmtree(cut.root / KEYS_DIR, ignore_errors=True)  # a re-validation writes them afresh
+    cut.store.remove(cut.store.join(KEYS_DIR))  # a re-validation writes them afresh
     examples = cfg.validation.examples
     results = mapper(functools.partial(check_bucket, cfg, cut, report.params), cut.ids)
     report.findings += merge_findings([r.findings for r in results], examples)

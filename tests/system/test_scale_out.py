@@ -268,16 +268,15 @@ def _tiny_overrides() -> dict[str, Any]:
 
 
 # ---- workers that cannot see the client's disk ---------------------------------------------------------
-@pytest.fixture
-def blind_cluster(tmp_path: Path):
+@contextlib.contextmanager
+def _blind_cluster(tmp_path: Path, hidden: Path, **environ: str) -> Iterator[str]:
     """A scheduler and one worker on 127.0.0.1, the worker in a mount namespace of its own with an
-    empty tmpfs over ``tmp_path`` (as root: ``unshare --mount``): another host's view of this test's
-    files, which are not there. Yields (address, the folder the worker cannot see)."""
+    empty tmpfs over ``hidden`` (as root: ``unshare --mount``): another host's view of this test's
+    files, which are not there. ``environ``: the worker's own variables (its storage endpoint)."""
     from distributed import Client
 
-    hidden = tmp_path / "client"
-    hidden.mkdir()
-    logs = tmp_path / "logs"
+    hidden.mkdir(exist_ok=True)
+    logs = tmp_path / f"logs-{len(list(tmp_path.glob('logs-*')))}"
     logs.mkdir()
     dask = Path(sys.executable).with_name("dask")
     blind = f"mount -t tmpfs tmpfs {hidden} && exec {dask} worker"
@@ -286,11 +285,19 @@ def blind_cluster(tmp_path: Path):
     def worker(args: list[str]) -> list[str]:
         return [*unshare, " ".join([blind, *args])]
 
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), **environ}
     with _cluster(worker, 1, logs, env) as address:
         with Client(address, timeout=10) as client:  # the worker really does not see the client's files
             (hidden / "probe").write_text("here")
             assert not any(client.run(os.path.exists, str(hidden / "probe")).values())
+        yield address
+
+
+@pytest.fixture
+def blind_cluster(tmp_path: Path):
+    """A cluster whose one worker cannot see ``tmp_path / "client"``; yields (address, that folder)."""
+    hidden = tmp_path / "client"
+    with _blind_cluster(tmp_path, hidden) as address:
         yield address, hidden
 
 
@@ -307,15 +314,8 @@ def test_a_worker_that_cannot_see_the_landing_files_fails_the_step_and_quarantin
     day = DAYS[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP_")}
     env |= {"HAP_HOME": str(home), "HAP_DASK_ADDRESS": address}
-    sets = [a for k, v in {**_tiny_overrides(), **SCALE}.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "hap.cli", *sets, "validate", "--date", day.isoformat()],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = _cli("validate", "--date", day.isoformat(), env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 9, out[-3000:]
     assert "Traceback" not in out and "not bad data" in out, out[-3000:]
@@ -325,15 +325,78 @@ def test_a_worker_that_cannot_see_the_landing_files_fails_the_step_and_quarantin
     assert validate_day(cfg, day).success  # in this process, which sees the files: the day is good
 
 
-def test_an_object_store_root_with_a_cluster_by_address_is_refused_at_start(tmp_path: Path):
-    """Its workers would read the client's working copy; one line says why and what to set."""
-    from hap.core.errors import HapError
+def _cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    sets = [a for k, v in {**_tiny_overrides(), **SCALE}.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    command = [sys.executable, "-m", "hap.cli", *sets, *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
 
-    cfg = _cfg(tmp_path / "data", **{"engine.address": "tcp://127.0.0.1:9"})
-    remote = cfg.updated({"paths.root_url": "s3://bucket/prefix"})
-    assert engine.scheduler_address(cfg) == "tcp://127.0.0.1:9"  # a local root: a shared filesystem
-    with pytest.raises(HapError, match="workers_share_workdir") as refused:
-        engine.scheduler_address(remote)
-    assert "HAP_DASK_ADDRESS" in str(refused.value) and "\n" not in str(refused.value)
-    shared = remote.updated({"engine.workers_share_workdir": True})
-    assert engine.scheduler_address(shared) == "tcp://127.0.0.1:9"
+
+def _bucket_keys(s3, bucket: str, prefix: str) -> list[str]:
+    """The objects under ``prefix``, without the empty folder markers pyarrow leaves."""
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+
+
+def _part_hashes(cfg: Config, day: dt.date) -> dict[str, str]:
+    """The day's committed lake files' bytes by (table, bucket), read wherever the lake is."""
+    out = {}
+    for table in layout.LAKE_TABLES:
+        for part in lake.day_parts(cfg, table, day):
+            fs, path = lake.filesystem(cfg, part.uri)
+            with fs.open_input_file(path) as f:
+                out[f"{table}/{part.bucket}"] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.mark.slow
+def test_an_object_store_root_runs_on_workers_that_cannot_see_the_client(landed: Path, s3, tmp_path: Path):
+    """``HAP_HOME=s3://...`` with a cluster whose worker sees neither the client's working copy nor
+    any file of it (another host): the worker reads the landing day from the bucket and the cut is
+    shared through it, so validate and ingest give the lake an in-process run gives, and leave no
+    scratch behind. A worker that cannot reach the storage fails the step as storage (exit 9, no
+    traceback, in bounded time) and the day stays in landing/, quarantined nowhere."""
+    from hap.core import storage
+    from hap.core.config import load_config
+
+    url = f"{s3.create_bucket('hap-blind')}/prod"
+    hidden = tmp_path / "client"
+
+    def environ(workdir: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAP_")}
+        return env | {"HAP_HOME": url, "HAP_WORKDIR": str(workdir)}
+
+    overrides = {**_tiny_overrides(), **SCALE}
+    producer = load_config(overrides=overrides, environ=environ(tmp_path / "producer"))
+    shutil.copytree(landed / "landing", producer.home / "landing")
+    storage.publish_root(producer)  # the landing days are in the bucket, and only there for the client
+    client_env = environ(hidden / "work")
+    day, other = DAYS[0], DAYS[1]
+    with _blind_cluster(tmp_path, hidden) as address:
+        env = client_env | {"HAP_DASK_ADDRESS": address}
+        before = sum(_scheduler_task_counts(address).values())
+        for step in ("validate", "ingest"):
+            proc = _cli(step, "--date", day.isoformat(), env=env)
+            assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert sum(_scheduler_task_counts(address).values()) - before >= 4 + 4  # the cut and the checks
+    client = load_config(overrides=overrides, environ=client_env)
+    reference = _cfg(_copy(landed, tmp_path / "reference"))
+    validate_day(reference, day)
+    ingest_day(reference, day)
+    assert _part_hashes(client, day) == _part_hashes(reference, day)
+    assert len(_part_hashes(client, day)) == 2 * 4
+    bucket, prefix = url.removeprefix("s3://").split("/", 1)
+    assert not _bucket_keys(s3, bucket, f"{prefix}/{client.paths.shared_staging}/")  # ingest dropped the cut
+    assert not (client.home / client.paths.shared_staging).exists()
+
+    # the worker's storage endpoint does not answer: storage's failure, not the data's
+    with _blind_cluster(tmp_path, hidden, AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}") as address:
+        started = time.monotonic()
+        proc = _cli("validate", "--date", other.isoformat(), env=client_env | {"HAP_DASK_ADDRESS": address})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 9, out[-3000:]
+    assert "Traceback" not in out and "not bad data" in out and "landing/dt=" in out, out[-3000:]
+    assert time.monotonic() - started < 60
+    assert _bucket_keys(s3, bucket, f"{prefix}/landing/{layout.partition(other)}/")
+    assert not _bucket_keys(s3, bucket, f"{prefix}/quarantine/")
+    assert not layout.quarantine_day(client, other).exists()
+    assert not _bucket_keys(s3, bucket, f"{prefix}/{client.paths.shared_staging}/")

@@ -16,6 +16,7 @@ from hap.core import engine
 from hap.core.errors import InputUnreachable, StorageError, is_io_failure
 from hap.data import frames
 from hap.data.buckets import Slice, cut_slice
+from hap.data.staging_store import StagingStore
 
 
 @pytest.fixture
@@ -103,12 +104,13 @@ def test_a_file_not_reached_raises_a_file_not_landed_is_a_finding(corpus, tmp_pa
 
 
 def test_a_slice_the_worker_cannot_reach_raises_a_corrupt_one_is_reported(corpus, tmp_path) -> None:
+    out = StagingStore(str(tmp_path / "out"))
     gone = Slice("exposure", str(tmp_path / "moved-away.parquet"), 0, (0,))
     with pytest.raises(InputUnreachable, match="moved-away"):
-        cut_slice(str(tmp_path / "out"), 2, gone)
+        cut_slice(out, 2, gone)
     corrupt = Slice("exposure", str(corpus["corrupt_page"]), 0, tuple(range(10)))
-    assert cut_slice(str(tmp_path / "out"), 2, corrupt).problem
-    good = cut_slice(str(tmp_path / "out"), 2, Slice("exposure", str(corpus["good"]), 0, (0, 1)))
+    assert cut_slice(out, 2, corrupt).problem
+    good = cut_slice(out, 2, Slice("exposure", str(corpus["good"]), 0, (0, 1)))
     assert good.rows == 10_000 and good.problem is None
 
 
