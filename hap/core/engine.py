@@ -13,9 +13,10 @@ is the same in every mode; only the mapper changes:
 Results come back in the order of the items, whatever worker ran them, so a reduce sees the same
 sequence with one worker or many: the outputs are byte-identical at every scale. Workers need the
 data root on a shared filesystem and this package installed; the lake may instead be a bucket
-(``HAP_LAKE_URL=s3://...``), which workers write their buckets' files to (``hap.data.lake``). A
-worker that cannot reach a file fails its item as ``InputUnreachable`` (``run_item``), never as
-bad data; an object-store data root with a cluster by address is refused (``scheduler_address``).
+(``HAP_LAKE_URL=s3://...``), which workers write their buckets' files to (``hap.data.lake``). On
+an object-store data root with a cluster by address the workers use the bucket, not this
+process's working copy (``remote_object_root``). A worker that cannot reach a file fails its item
+as ``InputUnreachable`` (``run_item``), never as bad data.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def unreachable(path: object, err: BaseException) -> InputUnreachable:
     return InputUnreachable(
         f"cannot read {path} on host {socket.gethostname()} (pid {os.getpid()}): {reason}. "
         "This is a storage or engine failure, not bad data: the day stays in landing/. Every Dask "
-        "worker must reach the data root at the same path (docs/scaling.md)"
+        "worker must reach the data root: at the same path, or in its bucket (docs/scaling.md)"
     )
 
 

@@ -8,6 +8,10 @@ and writes the rows of each bucket as Hive partitions::
     staging/dt=D/{exposure,ranking,fullflow}/bucket=B/slice-SSSSS-0.arrow
     staging/dt=D/_cut.json      buckets, the landing files' stamp, per-file row and null counts
 
+or, when the Dask workers are on other hosts and the data root on object storage, under a prefix
+of the root's bucket (``shared_cut_root``; ``_cut.json`` stays here and names it). Every read and
+write goes through the cut's ``StagingStore`` (``hap.data.staging_store``).
+
 Staging files are Arrow IPC with lz4 buffers: scratch that is written once and read twice (validate,
 ingest), where Parquet's encoding was most of the cut's time (measured at 100k requests: writing
 2.0x, reading 2.4x slower than IPC, for 10% less disk).
