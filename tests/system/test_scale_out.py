@@ -10,11 +10,10 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from hap.data.split import build_training_set
 from hap.data.validate import validate_day
 from hap.data.versioning import data_version
 from hap.sources.simulator import simulate_days
+from tests import cluster
 from tests.conftest import tiny_config
 from tests.data.test_validate import requests_duplicated_under_new_ids
 
@@ -133,56 +133,6 @@ def test_one_worker_and_two_give_the_same_lake_training_set_and_verdicts(
 
 
 # ---- a real cluster -------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _cluster(
-    worker: Callable[[list[str]], list[str]], workers: int, logs: Path, env: dict[str, str]
-) -> Iterator[str]:
-    """``dask scheduler`` on a free 127.0.0.1 port and the command ``worker(dask worker's
-    arguments)`` as separate processes; yields the address once ``workers`` workers joined (the test
-    fails, never skips, when they do not within 90 s), then stops them all."""
-    dask = Path(sys.executable).with_name("dask")
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    options = ["--nworkers", str(workers), "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"]
-    commands = {
-        "scheduler": [str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-        "worker": worker([address, *options]),
-    }
-    procs = [
-        subprocess.Popen(cmd, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)
-        for name, cmd in commands.items()
-    ]
-    try:
-        from distributed import Client
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with Client(address, timeout=10) as client:
-                    client.wait_for_workers(workers, timeout=max(1.0, deadline - time.monotonic()))
-                break
-            except (OSError, TimeoutError) as err:
-                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                    log = (logs / "worker.log").read_text()
-                    pytest.fail(f"the Dask cluster did not start on 127.0.0.1: {err}; {log}")
-                time.sleep(1)
-        yield address
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
 @pytest.fixture(scope="module")
 def dask_cluster(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
     """``dask scheduler`` and ``dask worker`` (two worker processes) as separate processes on
@@ -195,7 +145,7 @@ def dask_cluster(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
     def worker(args: list[str]) -> list[str]:
         return [dask, "worker", *args, "--preload", "hap.data.gx_runner"]
 
-    with _cluster(worker, 2, tmp_path_factory.mktemp("dask"), env) as address:
+    with cluster.dask_cluster(worker, 2, tmp_path_factory.mktemp("dask"), env) as address:
         yield address
 
 
@@ -279,14 +229,12 @@ def _blind_cluster(tmp_path: Path, hidden: Path, **environ: str) -> Iterator[str
     logs = tmp_path / f"logs-{len(list(tmp_path.glob('logs-*')))}"
     logs.mkdir()
     dask = Path(sys.executable).with_name("dask")
-    blind = f"mount -t tmpfs tmpfs {hidden} && exec {dask} worker"
-    unshare = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
 
     def worker(args: list[str]) -> list[str]:
-        return [*unshare, " ".join([blind, *args])]
+        return cluster.on_another_host([str(dask), "worker", *args], [hidden])
 
     env = {**os.environ, "PYTHONPATH": str(Path.cwd()), **environ}
-    with _cluster(worker, 1, logs, env) as address:
+    with cluster.dask_cluster(worker, 1, logs, env) as address:
         with Client(address, timeout=10) as client:  # the worker really does not see the client's files
             (hidden / "probe").write_text("here")
             assert not any(client.run(os.path.exists, str(hidden / "probe")).values())
@@ -389,7 +337,9 @@ def test_an_object_store_root_runs_on_workers_that_cannot_see_the_client(landed:
     assert not (client.home / client.paths.shared_staging).exists()
 
     # the worker's storage endpoint does not answer: storage's failure, not the data's
-    with _blind_cluster(tmp_path, hidden, AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}") as address:
+    with _blind_cluster(
+        tmp_path, hidden, AWS_ENDPOINT_URL=f"http://127.0.0.1:{cluster.free_port()}"
+    ) as address:
         started = time.monotonic()
         proc = _cli("validate", "--date", other.isoformat(), env=client_env | {"HAP_DASK_ADDRESS": address})
     out = proc.stdout + proc.stderr
