@@ -29,13 +29,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from flows import engine, policy, progress, report, tasks
+from flows import policy, progress, report, tasks
 from flows.common import quiet_env, resolve_date, run_config, run_spec
+from flows.data_path import data_steps, run_step
 from flows.locks import run_lock
 from hap.core import layout, storage
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
-from hap.core.engine import nanny_environ_undone, require_scheduler
 from hap.core.errors import DataContractError, DayRejected, HapError, ValidationFailed
 from hap.data.quarantine import reject
 from hap.registry.tracking import check_reachable
@@ -43,17 +43,6 @@ from hap.registry.tracking import check_reachable
 SUMMARY_FILE = layout.DAILY_RUN_FILE
 ALERT_EVENT = "hap.monitor.alert"
 GATE_ALERT_EVENT = "hap.gate.undecided"
-
-
-def _step(step: Any, cfg: Config, *args: Any) -> Any:
-    """Run a step task with the run's retries; its line (step, day, outcome, seconds) is reported."""
-    day = next((a for a in args if isinstance(a, dt.date)), None)
-    with progress.reported(step.name, day) as report:
-        report["result"] = tasks.configured(step, cfg)(cfg, *args)
-        # a data root on object storage gets each step's outputs at once; a failed publish fails
-        # this step, by name (its line says FAILED, the day's paragraph names it and the URL)
-        storage.publish_root(cfg)
-    return report["result"]
 
 
 def _where(cfg: Config, day: dt.date) -> dict[str, Any]:
@@ -66,38 +55,15 @@ def _where(cfg: Config, day: dt.date) -> dict[str, Any]:
     }
 
 
-@flow(name="data-path", log_prints=True)
-def data_path(date: str, steps: list[str], spec: dict[str, Any]) -> dict[str, Any]:
-    """Data steps of one day on this subflow's task runner (``flows.engine``): each bucket is a
-    ``bucket`` task run on a Dask worker."""
-    cfg = run_config(**spec)
-    day = resolve_date(cfg, date)
-    return {name: _step(tasks.DATA_STEPS[name], cfg, day, engine.prefect_map) for name in steps}
-
-
-def _data_steps(cfg: Config, day: dt.date, spec: dict[str, Any], steps: tuple[str, ...]) -> dict[str, Any]:
-    """Run ``steps`` here, or in the ``data-path`` subflow on the configured Dask cluster."""
-    if not engine.distributed(cfg):
-        return {name: _step(tasks.DATA_STEPS[name], cfg, day) for name in steps}
-    try:  # an unreachable scheduler fails the first step at once, naming the scheduler
-        require_scheduler(cfg)
-    except HapError as err:
-        err.failed_step = steps[0]  # type: ignore[attr-defined]
-        raise
-    runner = engine.dask_task_runner(cfg)
-    with nanny_environ_undone():
-        return data_path.with_options(task_runner=runner)(day.isoformat(), list(steps), spec)
-
-
 def _train(cfg: Config, day: dt.date, spec: dict[str, Any]) -> dict[str, Any]:
     if cfg.orchestration.train_on == "gpu-pool":
-        return _step(tasks.train_remote, cfg, day, spec)
-    return _step(tasks.train, cfg, day)
+        return run_step(tasks.train_remote, cfg, day, spec)
+    return run_step(tasks.train, cfg, day)
 
 
 def _retrain(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str, Any]) -> None:
-    summary.update(_data_steps(cfg, day, spec, ("split",)))
-    same = _step(tasks.unchanged, cfg, day)
+    summary.update(data_steps(cfg, day, spec, ("split",)))
+    same = run_step(tasks.unchanged, cfg, day)
     if same is not None:  # same data, config and code as a registered version: nothing to do
         summary.update(model_version=same, retrain=False)
         summary["retrain_reason"] = (
@@ -109,9 +75,9 @@ def _retrain(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str,
         return
     summary["train"] = _train(cfg, day, spec)
     summary["model_dir"] = str(layout.model_dir(cfg, day))
-    summary["evaluate"] = _step(tasks.evaluate, cfg, day)
-    summary["model_version"] = _step(tasks.register, cfg, day)
-    summary["gate"] = _step(tasks.gate, cfg, day)
+    summary["evaluate"] = run_step(tasks.evaluate, cfg, day)
+    summary["model_version"] = run_step(tasks.register, cfg, day)
+    summary["gate"] = run_step(tasks.gate, cfg, day)
     if summary["gate"].get("alert"):
         raise_gate_alert(day, summary["gate"])
     policy.consume_request(cfg, day)
@@ -141,7 +107,7 @@ def raise_gate_alert(day: dt.date, gate: dict[str, Any]) -> None:
 def _monitor(cfg: Config, day: dt.date, summary: dict[str, Any]) -> None:
     """Monitoring that cannot run yet (no champion, no reference days) is a note, not a failure."""
     try:
-        result = _step(tasks.monitor, cfg, day)
+        result = run_step(tasks.monitor, cfg, day)
     except HapError as err:
         summary["monitor_note"] = f"monitoring skipped: {err}"
         get_run_logger().warning(summary["monitor_note"])
@@ -183,16 +149,16 @@ def run_day(cfg: Config, day: dt.date, force_train: bool, spec: dict[str, Any]) 
     summary: dict[str, Any] = {"date": day.isoformat(), "status": "running", **_where(cfg, day)}
     try:
         # the landing files are validated before ingest publishes them
-        summary.update(_data_steps(cfg, day, spec, ("validate", "ingest")))
+        summary.update(data_steps(cfg, day, spec, ("validate", "ingest")))
         decision = policy.decide(cfg, day, force=force_train)
         summary.update(retrain=decision.retrain, retrain_reason=decision.reason)
         if decision.retrain:
             _retrain(cfg, day, spec, summary)
         else:
             progress.skipped(day, "train", decision.reason)
-        summary["champion"] = _step(tasks.champion, cfg)
+        summary["champion"] = run_step(tasks.champion, cfg)
         _monitor(cfg, day, summary)
-        summary["version_data"] = _step(tasks.version_data, cfg, day, decision.retrain)
+        summary["version_data"] = run_step(tasks.version_data, cfg, day, decision.retrain)
         summary["status"] = "completed"
     except BaseException as err:
         summary.update(

@@ -51,10 +51,12 @@ def dask_cluster(
     logs: Path,
     env: dict[str, str],
     separate: bool = False,
+    scheduler: Callable[[list[str]], list[str]] = list,
 ) -> Iterator[str]:
     """``dask scheduler`` on a free 127.0.0.1 port and the command ``worker(dask worker's
     arguments)``: one command running ``workers`` worker processes, or, with ``separate``, one
-    command per worker (each may be a host of its own). Yields the address once every worker
+    command per worker (each may be a host of its own); ``scheduler`` wraps the scheduler's command
+    the same way. Yields the address once every worker
     joined (the test fails, never skips, when they do not within 90 s), then stops them all."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"

@@ -187,7 +187,7 @@ def _task_counts(dask_scheduler) -> dict[str, int]:
 @pytest.mark.integration
 def test_a_day_runs_through_the_daily_flow_on_a_dask_cluster(landed: Path, tmp_path: Path, dask_cluster: str):
     from flows.common import run_spec
-    from flows.daily import _data_steps
+    from flows.data_path import data_steps
 
     home = _copy(landed, tmp_path / "cluster")
     overrides = {**SCALE, "engine.address": dask_cluster}
@@ -195,9 +195,9 @@ def test_a_day_runs_through_the_daily_flow_on_a_dask_cluster(landed: Path, tmp_p
     spec = run_spec({**_tiny_overrides(), **overrides}, str(home))
     before = sum(_scheduler_task_counts(dask_cluster).values())
     for day in DAYS:
-        out = _data_steps(cfg, day, spec, ("validate", "ingest"))
+        out = data_steps(cfg, day, spec, ("validate", "ingest"))
         assert out["ingest"]["requests"] > 0
-    out = _data_steps(cfg, DAYS[-1], spec, ("split",))
+    out = data_steps(cfg, DAYS[-1], spec, ("split",))
     ran = sum(_scheduler_task_counts(dask_cluster).values()) - before
     # every bucket task (cut slices, bucket checks, key partitions, joins, split units) ran on the cluster
     assert ran >= len(DAYS) * (4 + 4 + 2 * 4 + 4)
