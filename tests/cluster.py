@@ -56,14 +56,16 @@ def dask_cluster(
     """``dask scheduler`` on a free 127.0.0.1 port and the command ``worker(dask worker's
     arguments)``: one command running ``workers`` worker processes, or, with ``separate``, one
     command per worker (each may be a host of its own); ``scheduler`` wraps the scheduler's command
-    the same way. Yields the address once every worker
-    joined (the test fails, never skips, when they do not within 90 s), then stops them all."""
+    the same way. Yields the address once every worker joined (the test fails, never skips, when
+    they do not within 90 s), then stops them all."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     per_command = 1 if separate else workers
     options = ["--nworkers", str(per_command), "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"]
     commands = {
-        "scheduler": [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+        "scheduler": scheduler(
+            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+        )
     }
     for i in range(workers // per_command):
         commands[f"worker-{i}" if separate else "worker"] = worker([address, *options])

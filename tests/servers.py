@@ -1,5 +1,5 @@
 """PostgreSQL, an MLflow server and a Prefect server on 127.0.0.1, for the tests of the production
-configuration (``tests/system/test_integration_servers.py``, ``tests/system/test_topology.py``).
+configuration (``tests/system/test_topology.py``).
 
 Debian's PostgreSQL 15 (``initdb``/``pg_ctl`` binaries, as a non-root user), ``mlflow server`` on a
 Postgres backend with served artifacts (a folder or a bucket), ``prefect server start`` on a Postgres

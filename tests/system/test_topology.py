@@ -45,7 +45,7 @@ from hap.core import layout, storage
 from hap.core.config import Config, load_config
 from tests import cluster
 from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES
-from tests.servers import REPO, Servers, real_servers
+from tests.servers import PG_USER, REPO, Servers, real_servers
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -363,9 +363,6 @@ def test_the_registry_on_the_server_holds_the_same_verdicts(world, deployed, sin
     )
     assert version_for_day(single_machine, champion_day) is not None
     assert str(version_for_day(single_machine, champion_day).version) == str(local.version)
-    # the artifacts went to the server's bucket, none to the data root
-    keys = world["s3"].client().list_objects_v2(Bucket="topo-mlflow").get("KeyCount", 0)
-    assert keys > 0
 
 
 def test_the_dvc_remote_holds_every_trained_days_training_set(world, deployed):
@@ -380,3 +377,38 @@ def test_the_dvc_remote_holds_every_trained_days_training_set(world, deployed):
         md5 = record["training"]["md5"]
         key = f"store/files/md5/{md5[:2]}/{md5[2:]}"
         assert client.list_objects_v2(Bucket="topo-dvc", Prefix=key).get("KeyCount", 0) == 1, (day, key)
+
+
+def test_the_servers_keep_their_state_in_postgres(world, deployed):
+    """Both servers' tables live in the PostgreSQL the test started, and no role fell back to the
+    embedded SQLite store (it would have landed in the data root's bucket)."""
+    import psycopg2
+
+    servers = world["servers"]
+    tables = {}
+    for db in ("mlflow", "prefect"):
+        conn = psycopg2.connect(host="127.0.0.1", port=servers.pg_port, user=PG_USER, dbname=db)
+        with conn.cursor() as cur:
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema='public'")
+            tables[db] = {row[0] for row in cur.fetchall()}
+        conn.close()
+    assert {"experiments", "runs", "registered_models", "model_versions"} <= tables["mlflow"]
+    assert {"flow", "flow_run", "task_run", "deployment"} <= tables["prefect"]
+    assert not deployed.path("mlflow_db").exists() and not deployed.path("mlflow_artifacts").exists()
+
+
+def test_the_champion_is_served_back_from_the_artifact_bucket(world, deployed, tmp_path, monkeypatch):
+    """A client configured as a user configures one (the tracking URI in its environment) downloads
+    the champion's files through the MLflow server, which keeps them in its bucket."""
+    import mlflow.artifacts
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world["servers"].mlflow_url)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{deployed.gate.model_name}@champion", dst_path=str(tmp_path)
+        )
+    )
+    assert (local / "MLmodel").is_file()
+    assert any(p.stat().st_size > 0 for p in local.rglob("*") if p.is_file() and p.name != "MLmodel")
+    pages = world["s3"].client().get_paginator("list_objects_v2").paginate(Bucket="topo-mlflow")
+    assert any(o["Key"].endswith("/MLmodel") for page in pages for o in page.get("Contents", []))
