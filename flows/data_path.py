@@ -16,6 +16,7 @@ from prefect import flow
 
 from flows import engine, progress, tasks
 from flows.common import resolve_date, run_config
+from flows.locks import require_held
 from hap.core import storage
 from hap.core.config import Config
 from hap.core.engine import nanny_environ_undone, require_scheduler
@@ -25,6 +26,7 @@ from hap.core.errors import HapError
 def run_step(step: Any, cfg: Config, *args: Any) -> Any:
     """Run a step task with the run's retries; its line (step, day, outcome, seconds) is reported."""
     day = next((a for a in args if isinstance(a, dt.date)), None)
+    require_held()  # a run whose date lock ran out stops here, before another step's outputs
     with progress.reported(step.name, day) as report:
         report["result"] = tasks.configured(step, cfg)(cfg, *args)
         # a data root on object storage gets each step's outputs at once; a failed publish fails

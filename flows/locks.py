@@ -21,15 +21,18 @@ import fcntl
 import hashlib
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from hap.core import layout
 from hap.core.config import Config
 from hap.core.errors import HapError
 
 DEFAULT_LEASE_SECONDS = 120.0
+FORGOTTEN = (404, 410)  # the server's answers about a lease it does not know (Gone, for a renewal)
 LOCK_DIR = ".locks"
 
 
@@ -101,23 +104,148 @@ def run_lock(cfg: Config, day: dt.date, timeout_seconds: float | None) -> Iterat
         yield
 
 
+class LockLost(HapError):
+    """The run no longer holds its date's slot on the shared server: it stops at its next step."""
+
+
+class ServerLease:
+    """One held slot of a server limit, renewed by a thread of this process.
+
+    Prefect's own renewal gives up after three quick attempts and then cancels the run, so a server
+    restart of more than a few seconds killed every running daily flow. This renewal keeps trying
+    through an outage for as long as the lease itself is valid (``lease_seconds`` from the last
+    renewal); the lease lives on the server's disk (``infra/``: its filesystem lease storage), so
+    the restarted server still knows it. A server restarted with in-memory leases (Prefect's
+    default) forgets the lease but still counts its slot, which nothing would ever free: the slot
+    is given back and taken again at once (``_take_again``). The lease is lost only when it ran out
+    before the server answered, or when another run took the slot in between; then ``lost`` says
+    why and ``require_held`` stops the run before its next step, whose outputs a re-run of the day
+    rebuilds (every step is idempotent)."""
+
+    RETRY_SECONDS = 2.0
+
+    def __init__(self, name: str, lease_id: object, lease_seconds: float) -> None:
+        self.name, self.lease_id, self.lease_seconds = name, lease_id, lease_seconds
+        self.lost: str | None = None
+        self.since = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{name}", daemon=True)
+
+    def __enter__(self) -> ServerLease:
+        _HELD.append(self)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        _HELD.remove(self)
+        if not self.lost:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        """Release the slot. The server answers a release of a lease it forgot with success and
+        frees nothing, so the lease is renewed first: a lease the server forgot (restarted with
+        in-memory leases) gives its counted slot back directly. Through an outage, try again while
+        the lease lasts (after it, a server that kept the lease frees the slot itself)."""
+        deadline = time.monotonic() + self.lease_seconds
+        while True:
+            try:
+                _client_call(lambda c: c.renew_concurrency_lease(self.lease_id, self.lease_seconds))
+                _client_call(lambda c: c.release_concurrency_slots_with_lease(self.lease_id))
+                return
+            except Exception as err:  # noqa: BLE001 - an outage, or a lease the server forgot
+                if _status(err) in FORGOTTEN:
+                    with contextlib.suppress(Exception):
+                        self._decrement()
+                    return
+                if time.monotonic() + self.RETRY_SECONDS >= deadline:
+                    return
+                time.sleep(self.RETRY_SECONDS)
+
+    def _renew(self) -> None:
+        expires = time.monotonic() + self.lease_seconds
+        wait = self.lease_seconds / 4
+        while not self._stop.wait(wait):
+            try:
+                _client_call(lambda c: c.renew_concurrency_lease(self.lease_id, self.lease_seconds))
+            except Exception as err:  # noqa: BLE001 - an outage, or a lease the server forgot
+                if _status(err) in FORGOTTEN:  # a server restarted with in-memory leases
+                    if not self._take_again():
+                        self.lost = (
+                            f"the Prefect server forgot the lease of '{self.name}'; another run took it"
+                        )
+                        return
+                elif time.monotonic() + self.RETRY_SECONDS < expires:
+                    wait = self.RETRY_SECONDS  # the server is down: try again while the lease lasts
+                    continue
+                else:
+                    self.lost = f"the Prefect server did not answer for {self.lease_seconds:.0f}s ({err})"
+                    return
+            expires, wait = time.monotonic() + self.lease_seconds, self.lease_seconds / 4
+
+    def _decrement(self) -> None:
+        """Give the counted slot back without a lease (the server's occupancy must be positive)."""
+        held = max(1.0, time.monotonic() - self.since)
+        _client_call(lambda c: c.release_concurrency_slots([self.name], 1, held))
+
+    def _take_again(self) -> bool:
+        """The server forgot the lease (restarted with in-memory leases) but still counts its slot,
+        which no lease would ever free: give that slot back and take it again under a new lease,
+        at once or not at all."""
+        from prefect.concurrency._sync import acquire_concurrency_slots_with_lease
+
+        try:
+            self._decrement()
+            held = acquire_concurrency_slots_with_lease(
+                [self.name], 1, timeout_seconds=1, strict=True, lease_duration=self.lease_seconds
+            )
+        except Exception:  # noqa: BLE001 - taken by another run meanwhile, or the server is gone
+            return False
+        self.lease_id = held.lease_id
+        return True
+
+
+_HELD: list[ServerLease] = []
+
+
+def require_held() -> None:
+    """Raise ``LockLost`` when a server lease of this process ran out: a run that may no longer be
+    alone on its date stops before its next step instead of interleaving with another."""
+    for lease in _HELD:
+        if lease.lost:
+            raise LockLost(
+                f"lost the date lock '{lease.name}': {lease.lost}; the run stops here, and a re-run of "
+                "the day completes it"
+            )
+
+
+def _status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _client_call(call: Any) -> Any:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return call(client)
+
+
 @contextlib.contextmanager
 def server_lock(name: str, timeout_seconds: float | None, what: str, lease_seconds: float) -> Iterator[None]:
-    """Hold the one slot of the Prefect global concurrency limit ``name`` under a renewed lease."""
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
+    """Hold the one slot of the Prefect global concurrency limit ``name`` under a lease renewed
+    through server outages (``ServerLease``)."""
+    from prefect.concurrency._sync import acquire_concurrency_slots_with_lease
 
-    with get_client(sync_client=True) as client:  # a missing limit makes concurrency() a no-op
-        client.upsert_global_concurrency_limit_by_name(name, 1)
-    with contextlib.ExitStack() as stack:
-        try:  # only a timeout while *acquiring* is a refusal; the body's errors pass through
-            stack.enter_context(
-                concurrency(
-                    name, occupy=1, timeout_seconds=timeout_seconds, strict=True, lease_duration=lease_seconds
-                )
-            )
-        except TimeoutError:
-            raise _refused(what, name, timeout_seconds) from None
+    _client_call(lambda c: c.upsert_global_concurrency_limit_by_name(name, 1))
+    try:  # only a timeout while *acquiring* is a refusal; the body's errors pass through
+        held = acquire_concurrency_slots_with_lease(
+            [name], 1, timeout_seconds=timeout_seconds, strict=True, lease_duration=lease_seconds
+        )
+    except TimeoutError:
+        raise _refused(what, name, timeout_seconds) from None
+    with ServerLease(name, held.lease_id, lease_seconds):
         yield
 
 

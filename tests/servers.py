@@ -96,6 +96,13 @@ def _stop(proc: subprocess.Popen, name: str, grace: float = 15.0) -> None:
         proc.wait(timeout=5)
 
 
+# The production setting of the Prefect server (infra/): concurrency leases kept on its disk, so a
+# restarted server still knows who holds a slot (in memory, Prefect's default, a restart strands them)
+PREFECT_SERVER_ENV = {
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem"
+}
+
+
 @dataclass
 class Servers:
     root: Path
@@ -103,9 +110,22 @@ class Servers:
     mlflow_url: str
     prefect_api_url: str
     env: dict[str, str] = field(default_factory=dict)
+    prefect: subprocess.Popen | None = None
+    prefect_command: list[str] = field(default_factory=list)
+    prefect_env: dict[str, str] = field(default_factory=dict)
 
     def pg_url(self, db: str, driver: str = "postgresql") -> str:
         return f"{driver}://{PG_USER}@127.0.0.1:{self.pg_port}/{db}"
+
+    def start_prefect(self) -> None:
+        """Start the Prefect server (again: same port, database and home) and wait for it."""
+        log = self.root / "prefect.log"
+        self.prefect = _spawn(self.prefect_command, self.prefect_env, log)
+        _wait(lambda: http_ok(f"{self.prefect_api_url}/health"), "prefect server", self.prefect, log)
+
+    def stop_prefect(self) -> None:
+        if self.prefect is not None:
+            _stop(self.prefect, "prefect")
 
 
 class _Postgres:
@@ -227,6 +247,7 @@ def real_servers(artifacts_destination: str | None = None) -> Iterator[Servers]:
         k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "HAP_", "HAP__"))
     }
     base_env.update(QUIET_ENV)
+    s: Servers | None = None
     try:
         pg.start()
         s = Servers(root=root, pg_port=pg.port, mlflow_url="", prefect_api_url="")
@@ -251,32 +272,22 @@ def real_servers(artifacts_destination: str | None = None) -> Iterator[Servers]:
         procs.append(("mlflow", mlflow))
 
         prefect_port = free_port()
-        prefect_env = {
+        s.prefect_api_url = f"http://127.0.0.1:{prefect_port}/api"
+        s.prefect_env = {
             **base_env,
+            **PREFECT_SERVER_ENV,
             "PREFECT_HOME": str(root / "prefect-home"),
             "PREFECT_API_DATABASE_CONNECTION_URL": s.pg_url("prefect", "postgresql+asyncpg"),
             "PREFECT_UI_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
         }
-        prefect = _spawn(
-            [
-                str(VENV_BIN / "prefect"),
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(prefect_port),
-                "--no-ui",
-            ],
-            prefect_env,
-            root / "prefect.log",
-        )
-        procs.append(("prefect", prefect))
-
+        s.prefect_command = [
+            *[str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1"],
+            *["--port", str(prefect_port), "--no-ui"],
+        ]
+        s.start_prefect()
         s.mlflow_url = f"http://127.0.0.1:{mlflow_port}"
-        s.prefect_api_url = f"http://127.0.0.1:{prefect_port}/api"
         _wait(lambda: http_ok(f"{s.mlflow_url}/health"), "mlflow server", mlflow, root / "mlflow.log")
-        _wait(lambda: http_ok(f"{s.prefect_api_url}/health"), "prefect server", prefect, root / "prefect.log")
         s.env = {
             **base_env,
             "MLFLOW_TRACKING_URI": s.mlflow_url,
@@ -285,6 +296,8 @@ def real_servers(artifacts_destination: str | None = None) -> Iterator[Servers]:
         }
         yield s
     finally:
+        if s is not None:
+            s.stop_prefect()
         for name, proc in reversed(procs):
             _stop(proc, name)
         pg.stop()
