@@ -21,7 +21,7 @@ from hap.core.errors import HapError
 from hap.model.batches import EASY_GROUP_IDS, HARD_GROUP_IDS, Batch, TrainData
 from hap.model.losses import Harmonizer
 from hap.model.stream import StreamingTrainData
-from hap.model.towers import build_models
+from hap.model.towers import attach_grad_sink, build_models
 
 
 # ---- device and distributed ------------------------------------------------------------------------
@@ -111,12 +111,23 @@ class Member:
         self.avg: AveragedModel | None = None
         if cfg.train.ema_decay > 0:
             self.avg = AveragedModel(self.raw, multi_avg_fn=warmed_ema(cfg.train.ema_decay))
+        # one process: the embedding table's lookups add their gradients into one kept buffer
+        # (``towers.table_rows``), attached after the average copied the model (it trains no table)
+        self.table_grad: torch.Tensor | None = None
+        if world == 1 and isinstance(getattr(self.raw, "emb", None), nn.Embedding):
+            self.table_grad = attach_grad_sink(self.raw.emb.weight)
         self.last_weights: torch.Tensor | None = None
         self.best_metric, self.best_epoch, self.bad, self.done = -1.0, -1, 0, False
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_metric, self.last_epoch = -1.0, -1  # the last validation (train.keep: last)
         self.scout: nn.Module | None = None  # "served": the light model that picks the easy negatives
         self.easy_top = cfg.train.expressive_easy_top
+
+    def zero_grad(self) -> None:
+        """Clear the gradients before a step's backward, the table's sink included."""
+        self.opt.zero_grad(set_to_none=True)
+        if self.table_grad is not None:
+            self.table_grad.zero_()
 
     @property
     def scored(self) -> nn.Module:

@@ -67,7 +67,7 @@ def train_step(cfg: Config, m: Member, b: Batch, device: torch.device, world: in
     with _part("forward"):
         fullflow = fullflow_term(cfg, m.net, b.fullflow, device) if b.fullflow is not None else None
         b = m.view(b)
-        m.opt.zero_grad(set_to_none=True)
+        m.zero_grad()
         logits = forward(m.net, b, device)
         aux = stage_term(cfg, logits, b)
         aux = fullflow if aux is None else aux if fullflow is None else aux + fullflow

@@ -59,6 +59,46 @@ def mlp(dims: list[int], final_activation: bool = False) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+GRAD_SINK = "grad_sink"  # a table parameter's attribute: the kept buffer its rows' gradients add into
+
+
+class _SinkRows(torch.autograd.Function):
+    """``table[flat]`` whose backward adds the rows' gradients into the table's kept sink buffer
+    (``index_put_`` with accumulate) and hands autograd no table gradient: no table-sized zero fill,
+    scatter and sum per lookup (two lookups a training step: the anchors and the full-flow
+    requests), the bulk of a light step's table cost on CPU. The same sums as the dense gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, table: torch.Tensor, flat: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat)
+        ctx.sink = sink
+        return table.index_select(0, flat)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
+        (flat,) = ctx.saved_tensors
+        ctx.sink.index_put_((flat,), grad, accumulate=True)
+        return None, None, None
+
+
+def table_rows(table: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``table``'s rows ``flat``; through its gradient sink when it has one (``attach_grad_sink``)
+    and autograd records, else a plain ``index_select`` (whose gradient is the dense table)."""
+    sink = getattr(table, GRAD_SINK, None)
+    if sink is None or not (torch.is_grad_enabled() and table.requires_grad):
+        return table.index_select(0, flat)
+    return _SinkRows.apply(table, flat, sink)
+
+
+def attach_grad_sink(table: nn.Parameter) -> torch.Tensor:
+    """Give ``table`` a zeroed sink buffer its lookups' gradients add into (one training process:
+    DDP all-reduces the autograd gradient, which the sink bypasses). The trainer zeroes it before
+    each backward; ``zero_padding_grad`` hands it to the optimizer as the table's gradient."""
+    sink = torch.zeros_like(table, memory_format=torch.contiguous_format)
+    setattr(table, GRAD_SINK, sink)
+    return sink
+
+
 def linear_flops(module: nn.Module) -> int:
     """2 * in * out per Linear (multiply-adds counted as 2 FLOPs)."""
     return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
@@ -121,8 +161,12 @@ class _TwoTower(nn.Module):
         flat = torch.cat([t.reshape(-1) for t in ids])
         # index_select, whose gradient is one index_add into the table where nn.Embedding's sorts the
         # ids first, and one split (its gradient one cat) where slices would each fill a rows-sized
-        # zero gradient. The padding row stays zero: training zeroes its gradient (zero_padding_grad)
-        rows = self.emb.weight.index_select(0, flat)
+        # zero gradient. The padding row stays zero: training zeroes its gradient (zero_padding_grad).
+        # Training in one process adds the rows' gradients straight into a kept buffer (``table_rows``)
+        if torch.jit.is_scripting():
+            rows = self.emb.weight.index_select(0, flat)
+        else:
+            rows = table_rows(self.emb.weight, flat)
         sizes = [t.numel() for t in ids]
         out: list[torch.Tensor] = []
         for t, part in zip(ids, rows.split(sizes)):
@@ -132,9 +176,14 @@ class _TwoTower(nn.Module):
         return out
 
     def zero_padding_grad(self) -> None:
-        """Row 0 is padding: no gradient moves it (what ``nn.Embedding(padding_idx=0)`` does)."""
-        if self.emb.weight.grad is not None:
-            self.emb.weight.grad[0] = 0.0
+        """Row 0 is padding: no gradient moves it (what ``nn.Embedding(padding_idx=0)`` does). A table
+        with a gradient sink (``table_rows``) takes the sink as its gradient first."""
+        table = self.emb.weight
+        sink = getattr(table, GRAD_SINK, None)
+        if table.grad is None and sink is not None:
+            table.grad = sink
+        if table.grad is not None:
+            table.grad[0] = 0.0
 
     def _user_vec(
         self, req_e: torch.Tensor, req_dense: torch.Tensor, seq_emb: torch.Tensor, seq: torch.Tensor
