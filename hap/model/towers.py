@@ -81,13 +81,13 @@ class _SinkRows(torch.autograd.Function):
         return None, None, None
 
 
-def table_rows(table: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """``table``'s rows ``flat``; through its gradient sink when it has one (``attach_grad_sink``)
-    and autograd records, else a plain ``index_select`` (whose gradient is the dense table)."""
+def sunk_rows(table: torch.Tensor, ids: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Each id tensor's rows of ``table`` ``[*ids.shape, E]`` through its gradient sink
+    (``attach_grad_sink``), or None where it has none or autograd does not record (a plain lookup)."""
     sink = getattr(table, GRAD_SINK, None)
     if sink is None or not (torch.is_grad_enabled() and table.requires_grad):
-        return table.index_select(0, flat)
-    return _SinkRows.apply(table, flat, sink)
+        return None
+    return [_SinkRows.apply(table, t.reshape(-1), sink).view(*t.shape, table.shape[1]) for t in ids]
 
 
 def attach_grad_sink(table: nn.Parameter) -> torch.Tensor:
@@ -158,15 +158,18 @@ class _TwoTower(nn.Module):
         step's gradient of the table is then one dense tensor per forward, where a lookup per feature
         group (request, clicks, their side features, items) filled and summed a table-sized tensor
         each (most of a light step on CPU; ``bench/bench_model.py``)."""
+        if not torch.jit.is_scripting():
+            # training in one process: each id tensor's rows through the table's gradient sink, which
+            # adds their gradients into a kept buffer (``sunk_rows``): no cat of the ids, and no
+            # cat of the rows' gradients in the backward
+            sunk = sunk_rows(self.emb.weight, ids)
+            if sunk is not None:
+                return sunk
         flat = torch.cat([t.reshape(-1) for t in ids])
         # index_select, whose gradient is one index_add into the table where nn.Embedding's sorts the
         # ids first, and one split (its gradient one cat) where slices would each fill a rows-sized
         # zero gradient. The padding row stays zero: training zeroes its gradient (zero_padding_grad).
-        # Training in one process adds the rows' gradients straight into a kept buffer (``table_rows``)
-        if torch.jit.is_scripting():
-            rows = self.emb.weight.index_select(0, flat)
-        else:
-            rows = table_rows(self.emb.weight, flat)
+        rows = self.emb.weight.index_select(0, flat)
         sizes = [t.numel() for t in ids]
         out: list[torch.Tensor] = []
         for t, part in zip(ids, rows.split(sizes)):
@@ -177,7 +180,7 @@ class _TwoTower(nn.Module):
 
     def zero_padding_grad(self) -> None:
         """Row 0 is padding: no gradient moves it (what ``nn.Embedding(padding_idx=0)`` does). A table
-        with a gradient sink (``table_rows``) takes the sink as its gradient first."""
+        with a gradient sink (``sunk_rows``) takes the sink as its gradient first."""
         table = self.emb.weight
         sink = getattr(table, GRAD_SINK, None)
         if table.grad is None and sink is not None:
