@@ -74,3 +74,24 @@ def test_gradnorm_one_backward_matches_per_group() -> None:
             w_grid = batched.weights(losses, present, logits, grid)
             assert torch.allclose(w_loop, w_grid, atol=1e-6)
             assert torch.allclose(per_group.ema, batched.ema, atol=1e-6)
+
+
+def test_averaged_step_matches_averaged_model(tmp_path: Path) -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    from hap.model.member import Member, warmed_ema
+
+    cfg = tiny_config(tmp_path, **{k.replace(".", "__"): v for k, v in TINY_TOWERS.items()})
+    model = build_models(cfg.model.model_dump(mode="json"))[0]
+    member = Member("light", model, cfg, None, torch.device("cpu"), 1)
+    reference = AveragedModel(model, multi_avg_fn=warmed_ema(cfg.train.ema_decay))
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        member.averaged_step()
+        reference.update_parameters(model)
+        assert int(member.avg.n_averaged) == int(reference.n_averaged) == step + 1
+        for a, b in zip(member.avg.module.parameters(), reference.module.parameters()):
+            assert torch.allclose(a, b, atol=1e-7)
+
