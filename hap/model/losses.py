@@ -185,6 +185,12 @@ def stage_loss(
     level = table[col_group]  # col_group -1 (the positive) reads the last entry
     above = level[:, None] > level[None, :]  # [C, C]: column i got further than column j
     s = logits.float()
-    pairs = above[None] & valid[:, :, None] & valid[:, None, :]  # [B, C, C]
-    loss = F.softplus(s[:, None, :] - s[:, :, None])  # [B, i, j]: -log sigmoid(s_i - s_j)
-    return (loss * pairs).sum() / pairs.sum().clamp(min=1)
+    # an invalid cell's logit is -inf where it is the lower one and +inf where it is the higher one:
+    # each of its pairs' softplus is exactly 0 with a 0 gradient, so the pair mask is ``above``
+    # alone (no [B, C, C] validity masks and float conversions); the pairs are counted by a matmul
+    lower = s.masked_fill(~valid, float("-inf"))[:, None, :]  # s_j
+    higher = s.masked_fill(~valid, float("inf"))[:, :, None]  # s_i
+    loss = torch.where(above[None], F.softplus(lower - higher), 0.0)  # [B, i, j]: -log sigmoid(s_i - s_j)
+    v = valid.float()
+    pairs = ((v @ above.float()) * v).sum()  # sum over anchors of v_i above_ij v_j
+    return loss.sum() / pairs.clamp(min=1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_TOWERS, tiny_config
 
-from hap.model.batches import N_USER_DENSE, column_layout
+from hap.model.batches import GROUPS, N_USER_DENSE, column_layout
 from hap.model.losses import Harmonizer, group_losses, group_losses_grid
 from hap.model.towers import N_ITEM_CAT, N_ITEM_DENSE, N_REQ_CAT, attach_grad_sink, build_models
 
@@ -95,3 +95,39 @@ def test_averaged_step_matches_averaged_model(tmp_path: Path) -> None:
         for a, b in zip(member.avg.module.parameters(), reference.module.parameters()):
             assert torch.allclose(a, b, atol=1e-7)
 
+
+def test_pair_losses_match_their_masked_definitions() -> None:
+    """The stage and order losses, written with +-inf logits for invalid cells instead of validity
+    masks, give the masked definitions' values and gradients."""
+    import torch.nn.functional as F
+
+    from hap.model.distill import order_loss, order_pairs
+    from hap.model.losses import stage_loss
+
+    torch.manual_seed(0)
+    cols = column_layout({"expose_neg": 3, "rank_neg": 2, "prerank_neg": 4, "global_neg": 1})
+    levels = {"expose_pos": 4, "expose_neg": 3, "rank_neg": 2, "prerank_neg": 1, "global_neg": 0}
+    logits = torch.randn(16, len(cols), requires_grad=True)
+    valid = torch.rand(16, len(cols)) > 0.3
+    key = torch.randn(16, len(cols)).masked_fill(~valid, float("-inf"))
+    key[:, 1] = key[:, 2]  # ties: no pair either way
+
+    def masked(mask: torch.Tensor) -> torch.Tensor:
+        pairs = mask & valid[:, :, None] & valid[:, None, :]
+        return (F.softplus(logits[:, None, :] - logits[:, :, None]) * pairs).sum() / pairs.sum()
+
+    table = torch.tensor([float(levels.get(g, 0)) for g in GROUPS])
+    level = torch.cat([table, torch.tensor([4.0])])[cols]
+    cases = [
+        (stage_loss(logits, valid, cols, levels), masked((level[:, None] > level[None, :])[None])),
+        (order_loss(logits, key, valid), masked(key[:, :, None] > key[:, None, :])),
+        (
+            order_loss(logits, key, valid, order_pairs(key, valid).sum()),
+            masked(key[:, :, None] > key[:, None, :]),
+        ),
+    ]
+    for fast, reference in cases:
+        (g_fast,) = torch.autograd.grad(fast, logits)
+        (g_ref,) = torch.autograd.grad(reference, logits)
+        assert torch.isfinite(g_fast).all()
+        assert torch.allclose(fast, reference, atol=1e-6) and torch.allclose(g_fast, g_ref, atol=1e-7)
