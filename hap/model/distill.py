@@ -118,12 +118,12 @@ def order_loss(
         pairs = ((key[:, :, None] > key[:, None, :]) & valid[:, :, None] & valid[:, None, :]).sum()
     # an invalid row's logit is -inf where it is the lower one and +inf where it is the higher
     # one, so each of its pairs' softplus is exactly 0 with a 0 gradient: the pair mask is then
-    # the key order alone (no [B, K, K] validity masks and float conversions each step)
+    # the key order alone (no [B, K, K] validity masks each step)
     s = logits.float()
     lower = s.masked_fill(~valid, float("-inf"))[:, None, :]  # s_j
     higher = s.masked_fill(~valid, float("inf"))[:, :, None]  # s_i
-    loss = torch.where(key[:, :, None] > key[:, None, :], F.softplus(lower - higher), 0.0)
-    return loss.sum() / pairs.clamp(min=1)
+    better = (key[:, :, None] > key[:, None, :]).float()  # a float mask: torch.where is ~4x a mul on CPU
+    return (F.softplus(lower - higher) * better).sum() / pairs.clamp(min=1)
 
 
 def order_pairs(key: torch.Tensor, valid: torch.Tensor, chunk: int = 256) -> torch.Tensor:
