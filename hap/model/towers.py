@@ -377,10 +377,13 @@ class ExpressiveModel(_TwoTower):
         q = q.view(b, c, h, dh).transpose(1, 2)  # [B, H, C, dh]
         k = user["k"].view(b, -1, h, dh).transpose(1, 2)  # [B, H, L, dh]
         val = user["v"].view(b, -1, h, dh).transpose(1, 2)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(dh)  # [B, H, C, L]
+        att = q @ k.transpose(-1, -2)  # [B, H, C, L]
         if self.pooling == "mean":  # every candidate weighs the clicks alike
             att = torch.zeros_like(att)
-        att = att.masked_fill(~user["mask"][:, None, None, :], -1e4).softmax(-1)
+        # scaled by 1/sqrt(dh), and -1e4 at the padded clicks, in one addcmul: (a masked_fill with a
+        # broadcast mask, and a division, took ~2x as long on CPU, backward included)
+        keep = user["mask"].to(att.dtype)[:, None, None, :]  # [B, 1, 1, L]
+        att = torch.addcmul((keep - 1.0) * 1e4, att, keep, value=1.0 / math.sqrt(dh)).softmax(-1)
         return (att @ val).transpose(1, 2).reshape(b, c, d)  # [B, C, D]
 
     def _logit(
