@@ -38,9 +38,14 @@ class FullflowBatch:
 
     batch: object  # hap.model.batches.Batch (col_group all 0: no GHCL group)
     key: torch.Tensor  # [B, K] higher = further along the cascade
+    pairs: torch.Tensor | None = None  # number of ordered valid pairs (``order_loss``), None: count them
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> FullflowBatch:
-        return FullflowBatch(self.batch.to(device), self.key.to(device, non_blocking=non_blocking))
+        return FullflowBatch(
+            self.batch.to(device),
+            self.key.to(device, non_blocking=non_blocking),
+            None if self.pairs is None else self.pairs.to(device, non_blocking=non_blocking),
+        )
 
 
 class FullflowData:
@@ -67,6 +72,7 @@ class FullflowData:
         self.key = grid(stage_key(table), -np.inf)
         self.valid = grid(np.ones(len(ri), bool), False)
         self.n_requests = n
+        self.pairs = order_pairs(self.key, self.valid)  # [n]: each request's ordered pairs
 
     @classmethod
     def load(cls, cfg: Config, path: Path, spec: object) -> FullflowData | None:
@@ -100,14 +106,34 @@ class FullflowData:
         gen = torch.Generator().manual_seed(self.cfg.train.seed * 7_368_787 + step)
         b = min(self.cfg.train.fullflow_batch_requests, self.n_requests)
         idx = torch.randperm(self.n_requests, generator=gen)[:b]
-        return FullflowBatch(self._batch(idx), self.key[idx])
+        return FullflowBatch(self._batch(idx), self.key[idx], self.pairs[idx].sum())
 
 
-def order_loss(logits: torch.Tensor, key: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean ``softplus(s_j - s_i)`` over the valid pairs of a request with ``key_i > key_j``."""
-    better = (key[:, :, None] > key[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    diff = logits[:, None, :] - logits[:, :, None]  # s_j - s_i at [b, i, j]
-    return (F.softplus(diff) * better).sum() / better.sum().clamp(min=1)
+def order_loss(
+    logits: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, pairs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean ``softplus(s_j - s_i)`` over the valid pairs of a request with ``key_i > key_j``
+    (``pairs``: their number when the caller counted them, ``FullflowData``)."""
+    if pairs is None:
+        pairs = ((key[:, :, None] > key[:, None, :]) & valid[:, :, None] & valid[:, None, :]).sum()
+    # an invalid row's logit is -inf where it is the lower one and +inf where it is the higher
+    # one, so each of its pairs' softplus is exactly 0 with a 0 gradient: the pair mask is then
+    # the key order alone (no [B, K, K] validity masks each step)
+    s = logits.float()
+    lower = s.masked_fill(~valid, float("-inf"))[:, None, :]  # s_j
+    higher = s.masked_fill(~valid, float("inf"))[:, :, None]  # s_i
+    better = (key[:, :, None] > key[:, None, :]).float()  # a float mask: torch.where is ~4x a mul on CPU
+    return (F.softplus(lower - higher) * better).sum() / pairs.clamp(min=1)
+
+
+def order_pairs(key: torch.Tensor, valid: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Each request's number of valid pairs with ``key_i > key_j`` ``[n]`` (``order_loss``'s
+    denominator), counted once, ``chunk`` requests at a time."""
+    out = [
+        ((k[:, :, None] > k[:, None, :]) & v[:, :, None] & v[:, None, :]).sum((1, 2))
+        for k, v in zip(key.split(chunk), valid.split(chunk))
+    ]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
 def fullflow_term(
@@ -118,4 +144,4 @@ def fullflow_term(
         return None
     fb = fb.to(device)
     logits = forward(net, fb.batch, device)
-    return cfg.train.fullflow_weight * order_loss(logits, fb.key, fb.batch.valid)
+    return cfg.train.fullflow_weight * order_loss(logits, fb.key, fb.batch.valid, fb.pairs)

@@ -46,20 +46,33 @@ def group_losses(
     logits: torch.Tensor, valid: torch.Tensor, col_group: torch.Tensor, temperature: float, bce_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group GHCL loss ``[G]`` and a ``[G]`` mask of groups that had any valid pair."""
+    losses, present, _ = group_losses_grid(logits, valid, col_group, temperature, bce_weight)
+    return losses, present
+
+
+def group_losses_grid(
+    logits: torch.Tensor, valid: torch.Tensor, col_group: torch.Tensor, temperature: float, bce_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``group_losses`` and the ``[B, G, 1 + K]`` grid they are computed from: each group's own copy
+    of the positive, then its negatives. Group ``g``'s loss reads only slice ``[:, g]``, each entry
+    of it a distinct logit, so the gradient of the sum over groups at that slice is group ``g``'s
+    own gradient, with its norm at the logits (``Harmonizer``: one backward, not one per group)."""
     gi = GroupIndex.of(col_group)
     logits = logits.float()
     neg = logits[:, gi.cols]  # [B, G, K]
     ok = valid[:, gi.cols] & gi.pad[None]  # [B, G, K]
     pos = logits[:, :1].unsqueeze(1).expand(-1, len(GROUPS), 1)  # [B, G, 1]
-    z = torch.cat([pos, neg.masked_fill(~ok, float("-inf"))], dim=2) / temperature
+    grid = torch.cat([pos, neg], dim=2)  # [B, G, 1 + K]
+    keep = torch.cat([torch.ones_like(ok[..., :1]), ok], dim=2)
+    z = grid.masked_fill(~keep, float("-inf")) / temperature
     nce = torch.logsumexp(z, dim=2) - z[..., 0]  # [B, G]
     has = ok.any(2)  # anchors with >= 1 negative in g
     n_anchor = has.sum(0).clamp(min=1)
     nce_g = (nce * has).sum(0) / n_anchor
-    bce_pos = F.softplus(-logits[:, 0])[:, None] * has  # -log sigmoid(s_pos)
-    bce_neg = (F.softplus(neg) * ok).sum(2)  # -log(1 - sigmoid(s_neg))
+    bce_pos = F.softplus(-grid[..., 0]) * has  # -log sigmoid(s_pos)
+    bce_neg = (F.softplus(grid[..., 1:]) * ok).sum(2)  # -log(1 - sigmoid(s_neg))
     bce_g = (bce_pos + bce_neg).sum(0) / (has.sum(0) + ok.sum((0, 2))).clamp(min=1)
-    return nce_g + bce_weight * bce_g, has.any(0) & gi.present
+    return nce_g + bce_weight * bce_g, has.any(0) & gi.present, grid
 
 
 def mixed_bce(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -88,19 +101,31 @@ class Harmonizer:
         self.ema: torch.Tensor | None = None
 
     def weights(
-        self, losses: torch.Tensor, present: torch.Tensor, logits: torch.Tensor | None
+        self,
+        losses: torch.Tensor,
+        present: torch.Tensor,
+        logits: torch.Tensor | None,
+        grid: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Group weights; ``gradnorm`` measures each group's gradient norm at the logits, from one
+        backward through ``grid`` (``group_losses_grid``: slice ``g`` carries group ``g``'s gradient
+        alone) when given, else one backward per group."""
         w = present.float()
         if self.kind == "gradnorm" and logits is not None and logits.requires_grad:
             # each group's gradient magnitude where the groups meet the model: at the logits
-            norms = []
-            for i in range(len(losses)):  # G autograd calls on the tiny loss graph, not the model
-                if bool(present[i]):
-                    (g,) = torch.autograd.grad(losses[i], logits, retain_graph=True)
-                    norms.append(g.float().norm())
-                else:
-                    norms.append(torch.zeros((), device=losses.device))
-            norms_t = torch.stack(norms).detach()
+            if grid is not None:
+                (g,) = torch.autograd.grad(losses.sum(), grid, retain_graph=True)
+                norms_t = g.float().pow(2).sum((0, 2)).sqrt() * present
+            else:
+                norms = []
+                for i in range(len(losses)):  # G autograd calls on the tiny loss graph, not the model
+                    if bool(present[i]):
+                        (g,) = torch.autograd.grad(losses[i], logits, retain_graph=True)
+                        norms.append(g.float().norm())
+                    else:
+                        norms.append(torch.zeros((), device=losses.device))
+                norms_t = torch.stack(norms)
+            norms_t = norms_t.detach()
             self.ema = (
                 norms_t
                 if self.ema is None
@@ -160,6 +185,13 @@ def stage_loss(
     level = table[col_group]  # col_group -1 (the positive) reads the last entry
     above = level[:, None] > level[None, :]  # [C, C]: column i got further than column j
     s = logits.float()
-    pairs = above[None] & valid[:, :, None] & valid[:, None, :]  # [B, C, C]
-    loss = F.softplus(s[:, None, :] - s[:, :, None])  # [B, i, j]: -log sigmoid(s_i - s_j)
-    return (loss * pairs).sum() / pairs.sum().clamp(min=1)
+    # an invalid cell's logit is -inf where it is the lower one and +inf where it is the higher one:
+    # each of its pairs' softplus is exactly 0 with a 0 gradient, so the pair mask is ``above``
+    # alone (no [B, C, C] validity masks); the pairs are counted by a matmul
+    lower = s.masked_fill(~valid, float("-inf"))[:, None, :]  # s_j
+    higher = s.masked_fill(~valid, float("inf"))[:, :, None]  # s_i
+    above_f = above.float()  # a float mask: torch.where is ~4x a mul on CPU
+    loss = F.softplus(lower - higher) * above_f  # [B, i, j]: -log sigmoid(s_i - s_j)
+    v = valid.float()
+    pairs = ((v @ above_f) * v).sum()  # sum over anchors of v_i above_ij v_j
+    return loss.sum() / pairs.clamp(min=1)

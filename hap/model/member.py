@@ -21,7 +21,7 @@ from hap.core.errors import HapError
 from hap.model.batches import EASY_GROUP_IDS, HARD_GROUP_IDS, Batch, TrainData
 from hap.model.losses import Harmonizer
 from hap.model.stream import StreamingTrainData
-from hap.model.towers import build_models
+from hap.model.towers import attach_grad_sink, build_models
 
 
 # ---- device and distributed ------------------------------------------------------------------------
@@ -109,8 +109,15 @@ class Member:
         # Polyak/EMA weights: what validation and the bundle see when train.ema_decay > 0 (buffers,
         # e.g. the behaviour lookup fitted before training, are copied once and never averaged)
         self.avg: AveragedModel | None = None
+        self.ema_decay = cfg.train.ema_decay
+        self._avg_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         if cfg.train.ema_decay > 0:
             self.avg = AveragedModel(self.raw, multi_avg_fn=warmed_ema(cfg.train.ema_decay))
+        # one process: the embedding table's lookups add their gradients into one kept buffer
+        # (``towers.sunk_rows``), attached after the average copied the model (it trains no table)
+        self.table_grad: torch.Tensor | None = None
+        if world == 1 and isinstance(getattr(self.raw, "emb", None), nn.Embedding):
+            self.table_grad = attach_grad_sink(self.raw.emb.weight)
         self.last_weights: torch.Tensor | None = None
         self.best_metric, self.best_epoch, self.bad, self.done = -1.0, -1, 0, False
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -118,15 +125,37 @@ class Member:
         self.scout: nn.Module | None = None  # "served": the light model that picks the easy negatives
         self.easy_top = cfg.train.expressive_easy_top
 
+    def zero_grad(self) -> None:
+        """Clear the gradients before a step's backward, the table's sink included."""
+        self.opt.zero_grad(set_to_none=True)
+        if self.table_grad is not None:
+            self.table_grad.zero_()
+
     @property
     def scored(self) -> nn.Module:
         """The weights validation measures and the bundle keeps: the average when there is one."""
         return self.avg.module if self.avg is not None else self.raw
 
     def averaged_step(self) -> None:
-        """Fold the weights after an optimizer step into the average (no-op without averaging)."""
-        if self.avg is not None:
-            self.avg.update_parameters(self.raw)
+        """Fold the weights after an optimizer step into the average (no-op without averaging):
+        ``AveragedModel.update_parameters`` with ``warmed_ema``'s arithmetic, as one foreach copy or
+        lerp over parameter lists built once (its per-step regrouping of the tensors was most of
+        the averaging part of a light step on CPU)."""
+        if self.avg is None:
+            return
+        if self._avg_pairs is None:
+            self._avg_pairs = (
+                [p.detach() for p in self.avg.module.parameters()],
+                [p.detach() for p in self.raw.parameters()],
+            )
+        averaged, current = self._avg_pairs
+        n = int(self.avg.n_averaged)
+        with torch.no_grad():
+            if n == 0:
+                torch._foreach_copy_(averaged, current)
+            else:
+                torch._foreach_lerp_(averaged, current, 1.0 - min(self.ema_decay, (1.0 + n) / (10.0 + n)))
+            self.avg.n_averaged += 1
 
     def view(self, b: Batch) -> Batch:
         if self.scout is not None:

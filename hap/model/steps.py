@@ -20,6 +20,7 @@ from hap.model.distill import fullflow_term
 from hap.model.losses import (
     difficulty_masks,
     group_losses,
+    group_losses_grid,
     mixed_bce,
     mixed_infonce,
     pcgrad_combine,
@@ -67,12 +68,12 @@ def train_step(cfg: Config, m: Member, b: Batch, device: torch.device, world: in
     with _part("forward"):
         fullflow = fullflow_term(cfg, m.net, b.fullflow, device) if b.fullflow is not None else None
         b = m.view(b)
-        m.opt.zero_grad(set_to_none=True)
+        m.zero_grad()
         logits = forward(m.net, b, device)
         aux = stage_term(cfg, logits, b)
         aux = fullflow if aux is None else aux if fullflow is None else aux + fullflow
         if cfg.train.loss == "ghcl":
-            losses, present = group_losses(
+            losses, present, grid = group_losses_grid(
                 logits, b.valid, b.col_group, cfg.train.temperature, cfg.train.bce_weight
             )
     if cfg.train.loss != "ghcl":
@@ -101,7 +102,7 @@ def train_step(cfg: Config, m: Member, b: Batch, device: torch.device, world: in
             m.last_weights = present.float() / present.sum()
     else:
         with _part("harmonize"):
-            w = m.harm.weights(losses, present, logits)
+            w = m.harm.weights(losses, present, logits, grid)
             m.last_weights = w
         loss = (w * losses).sum()
         loss = loss if aux is None else loss + aux
