@@ -134,3 +134,44 @@ def test_sigterm_to_hap_dashboard_stops_its_evidently_ui_too(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_to_hap_schedule_stops_every_process_it_started(tmp_path):
+    """``hap schedule`` serves the daily deployment (here on a temporary Prefect server it starts
+    itself, no ``PREFECT_API_URL``); SIGTERM to ``hap`` stops it and all its descendants in 10 s."""
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HAP__", "PREFECT_API"))} | {
+        "HAP_HOME": str(tmp_path / "data"),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+    }
+    hap = Path(sys.executable).with_name("hap")
+    proc = subprocess.Popen(
+        [str(hap), "schedule"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the test signals hap only, as an operator's kill would
+    )
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert "serving daily-retrain" in line, line + (proc.stdout.read() if proc.poll() is not None else "")
+        tree: list[psutil.Process] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(tree) < 2:  # the flows process and its temporary server
+            assert proc.poll() is None, proc.stdout.read()  # type: ignore[union-attr]
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            time.sleep(0.5)
+        time.sleep(3)  # serving
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert tree, "hap schedule runs the flows process as a child"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        assert time.monotonic() - started < 10
+        gone, alive = psutil.wait_procs(tree, timeout=5)
+        assert not alive, f"outlived hap schedule: {[p.cmdline() for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -273,10 +273,14 @@ def test_a_worker_that_cannot_see_the_landing_files_fails_the_step_and_quarantin
     assert validate_day(cfg, day).success  # in this process, which sees the files: the day is good
 
 
-def _cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+def _hap(*args: str) -> list[str]:
+    """The ``hap`` command line of this module's configuration."""
     sets = [a for k, v in {**_tiny_overrides(), **SCALE}.items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    command = [sys.executable, "-m", "hap.cli", *sets, *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    return [sys.executable, "-m", "hap.cli", *sets, *args]
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(_hap(*args), capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def _bucket_keys(s3, bucket: str, prefix: str) -> list[str]:
@@ -350,3 +354,52 @@ def test_an_object_store_root_runs_on_workers_that_cannot_see_the_client(landed:
     assert not _bucket_keys(s3, bucket, f"{prefix}/quarantine/")
     assert not layout.quarantine_day(client, other).exists()
     assert not _bucket_keys(s3, bucket, f"{prefix}/{client.paths.shared_staging}/")
+
+
+@pytest.mark.slow
+def test_a_dask_worker_killed_mid_step_is_replaced_and_the_lake_is_the_same(landed: Path, tmp_path: Path):
+    """``kill -9`` of a worker process while validate's tasks run on it: its nanny starts another,
+    the scheduler runs its tasks again, and validate and ingest complete with the lake an in-process
+    run gives."""
+    import signal
+
+    from distributed import Client
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    dask = Path(sys.executable).with_name("dask")
+    home = _copy(landed, tmp_path / "cluster")
+    day = DAYS[0]
+
+    def worker(args: list[str]) -> list[str]:
+        return [str(dask), "worker", *args]
+
+    with cluster.dask_cluster(worker, 2, logs, {**os.environ, "PYTHONPATH": str(Path.cwd())}) as address:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAP_")}
+        env |= {"HAP_HOME": str(home), "HAP_DASK_ADDRESS": address}
+        with Client(address, timeout=10) as client:
+            pids = client.run(os.getpid)
+            proc = subprocess.Popen(
+                _hap("validate", "--date", day.isoformat()),
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            killed = None
+            deadline = time.monotonic() + 120
+            while killed is None and proc.poll() is None and time.monotonic() < deadline:
+                busy = [w for w, keys in client.processing().items() if keys]
+                if busy:
+                    os.kill(pids[busy[0]], signal.SIGKILL)
+                    killed = busy[0]
+                time.sleep(0.02)
+            out, _ = proc.communicate(timeout=300)
+        assert killed is not None, "no task was seen running on a worker"
+        assert proc.returncode == 0, out[-3000:]
+        ingested = _cli("ingest", "--date", day.isoformat(), env=env)
+        assert ingested.returncode == 0, (ingested.stdout + ingested.stderr)[-3000:]
+    reference = _cfg(_copy(landed, tmp_path / "reference"))
+    validate_day(reference, day)
+    ingest_day(reference, day)
+    assert _lake_hashes(_cfg(home)) == _lake_hashes(reference) != {}
