@@ -5,7 +5,9 @@ another host would not have, so that it shares nothing with the test but the net
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -96,3 +98,68 @@ def dask_cluster(
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """Stop a role started with ``start_new_session``: SIGTERM to its process group, then SIGKILL;
+    and any descendant it left (a pool worker's flow-run processes run in sessions of their own)."""
+    import psutil
+
+    try:
+        left = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        left = []
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # start_new_session: pgid == pid
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    for child in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+@contextlib.contextmanager
+def pool_worker(
+    pool: str,
+    name: str,
+    env: dict[str, str],
+    log: Path,
+    cwd: Path,
+    host: Callable[[list[str]], list[str]] = list,
+) -> Iterator[subprocess.Popen]:
+    """``prefect worker start --pool POOL --type process --name NAME`` (``host`` wraps the command:
+    another host's namespace), in a session of its own; yields once the server has a heartbeat of
+    it newer than its start. Never skips: a worker that cannot start fails the test with its log."""
+    import datetime as dt
+
+    from prefect.client.orchestration import get_client
+
+    prefect = Path(sys.executable).with_name("prefect")
+    command = [str(prefect), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
+    started = dt.datetime.now(dt.UTC)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            host(command), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + BOOT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"worker {name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            with get_client(sync_client=True) as client:
+                workers = client.read_workers_for_work_pool(pool)
+            if any(
+                w.name == name and w.last_heartbeat_time and w.last_heartbeat_time >= started for w in workers
+            ):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"worker {name} not up after {BOOT_S:.0f}s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        stop_process_group(proc)

@@ -34,6 +34,19 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _hap_in_own_session(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    """``hap ARGS`` in a session of its own: the test signals hap only, as an operator's kill would."""
+    hap = Path(sys.executable).with_name("hap")
+    return subprocess.Popen(
+        [str(hap), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def _set_flags(overrides: dict) -> list[str]:
     return [a for k, v in overrides.items() for a in ("--set", f"{k}={json.dumps(v)}")]
 
@@ -99,15 +112,7 @@ def test_sigterm_to_hap_dashboard_stops_its_evidently_ui_too(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAP__")} | {
         "HAP_HOME": str(tmp_path / "data")
     }
-    hap = Path(sys.executable).with_name("hap")
-    proc = subprocess.Popen(
-        [str(hap), "dashboard", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # the test signals hap only, as an operator's kill would
-    )
+    proc = _hap_in_own_session("dashboard", "--port", str(port), env=env)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # until evidently ui answers on its port
@@ -145,15 +150,7 @@ def test_sigterm_to_hap_schedule_stops_every_process_it_started(tmp_path):
         "HAP_HOME": str(tmp_path / "data"),
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
     }
-    hap = Path(sys.executable).with_name("hap")
-    proc = subprocess.Popen(
-        [str(hap), "schedule"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # the test signals hap only, as an operator's kill would
-    )
+    proc = _hap_in_own_session("schedule", env=env)
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert "serving daily-retrain" in line, line + (proc.stdout.read() if proc.poll() is not None else "")

@@ -24,12 +24,10 @@ Run alone: ``.venv/bin/python -m pytest tests/system/test_topology.py -s`` (docs
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -37,7 +35,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import yaml
 
@@ -93,69 +90,6 @@ def _role_env(servers: Servers, world: dict[str, Any], private: Path, **extra: s
         "HAP_DVC_REMOTE": world["dvc_url"],
         **extra,
     }
-
-
-def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM to the role's process group, then SIGKILL; and whatever it left behind."""
-    try:
-        left = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        left = []
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    for child in left:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-
-
-@contextlib.contextmanager
-def pool_worker(pool: str, env: dict[str, str], private: Path, logs: Path) -> Iterator[subprocess.Popen]:
-    """``prefect worker start --pool POOL --type process`` on a host of its own; yields once the
-    server has its heartbeat (the test fails with its log when it does not come up)."""
-    from prefect.client.orchestration import get_client
-
-    log = logs / f"{pool}.log"
-    command = [
-        str(VENV_BIN / "prefect"),
-        "worker",
-        "start",
-        "--pool",
-        pool,
-        "--type",
-        "process",
-        "--name",
-        pool,
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cluster.on_another_host(command, [private]),
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + BOOT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{pool} worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            with get_client(sync_client=True) as client:
-                if any(w.name == pool for w in client.read_workers_for_work_pool(pool)):
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"{pool} worker not up after {BOOT_S:.0f}s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield proc
-    finally:
-        _stop(proc)
 
 
 def _deploy(name: str) -> Any:
@@ -226,10 +160,9 @@ def world(s3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
             world["deployments"] = {name: _deploy(name) for name in ("daily-retrain", "train-ghcl")}
             cpu_env = _role_env(servers, world, private, HAP_DASK_ADDRESS=address)
             gpu_env = _role_env(servers, world, private)
-            with (
-                pool_worker("gpu-pool", gpu_env, private, logs),
-                pool_worker("cpu-pool", cpu_env, private, logs),
-            ):
+            gpu = cluster.pool_worker("gpu-pool", "gpu-pool", gpu_env, logs / "gpu-pool.log", REPO, own_host)
+            cpu = cluster.pool_worker("cpu-pool", "cpu-pool", cpu_env, logs / "cpu-pool.log", REPO, own_host)
+            with gpu, cpu:
                 runs, started = [], time.monotonic()
                 for day in DAYS:
                     runs.append(

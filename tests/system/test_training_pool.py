@@ -40,6 +40,7 @@ import pytest
 import yaml
 
 from hap.core import layout
+from tests import cluster
 from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES, tiny_config, tiny_env, tiny_sets
 
 pytestmark = pytest.mark.slow
@@ -136,27 +137,6 @@ def _deploy_train_ghcl() -> Any:
 
 
 # ---- the worker --------------------------------------------------------------------------------
-def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """Stop a worker we started: SIGTERM to its process group, then SIGKILL; and any flow-run
-    process it left (those run in their own session, out of the worker's group)."""
-    try:
-        left = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        left = []
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # start_new_session: pgid == pid
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    for child in left:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-
-
 @contextlib.contextmanager
 def pool_worker(world: dict[str, Any], name: str) -> Iterator[subprocess.Popen]:
     """``prefect worker start --pool gpu-pool --type process`` against the test's server, with this
@@ -171,44 +151,9 @@ def pool_worker(world: dict[str, Any], name: str) -> Iterator[subprocess.Popen]:
         "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
         **JOB_ENV,
     }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                str(VENV_BIN / "prefect"),
-                "worker",
-                "start",
-                "--pool",
-                POOL,
-                "--type",
-                "process",
-                "--name",
-                name,
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        started = dt.datetime.now(dt.UTC)
-        deadline = time.monotonic() + WORKER_BOOT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"worker {name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            with _client() as client:
-                workers = client.read_workers_for_work_pool(POOL)
-            if any(
-                w.name == name and w.last_heartbeat_time and w.last_heartbeat_time >= started for w in workers
-            ):
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"worker {name} not up after {WORKER_BOOT_S:.0f}s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+    with cluster.pool_worker(POOL, name, env, log, REPO) as proc:
         proc.log = log  # type: ignore[attr-defined]
         yield proc
-    finally:
-        _stop(proc)
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
