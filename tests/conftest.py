@@ -147,6 +147,26 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
     return _make
 
 
+# The longest modules, longest first. ``make test`` runs ``pytest -n 2 --dist loadfile``, which
+# hands whole modules to its two workers in collection order: started first, these run side by side
+# while the short modules fill in around them, instead of two of them ending the run on one worker.
+LONGEST_FIRST = (
+    "test_topology.py",
+    "test_training_pool.py",
+    "test_fresh_clone.py",
+    "test_prefect_restart.py",
+    "test_scale_out.py",
+    "test_flows.py",
+    "test_s3_data_root.py",
+    "test_monitoring.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module stays in order
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server for every test that runs a flow (each start costs 10-30 s)."""

@@ -1,9 +1,10 @@
 """The Prefect server restarted while runs hold their date's lock: nothing stuck, nothing doubled.
 
 On a shared server a daily run holds its date's slot of a global concurrency limit
-(``flows.locks.server_lock``) under a lease it renews every 3/4 of ``orchestration.lock_lease_seconds``.
+(``flows.locks.server_lock``) under a lease it renews every quarter of ``orchestration.lock_lease_seconds``
+(``flows.locks.ServerLease``).
 The server runs as production runs it (``tests.servers.PREFECT_SERVER_ENV``, ``infra/``): leases on
-its disk, so a restarted server still knows them. Two cases, each against a real PostgreSQL-backed
+its disk, so a restarted server still knows them. The cases, against a real PostgreSQL-backed
 server that the test stops and starts again on the same port:
 
 - the holder lives through the restart: its next renewal reaches the restarted server, it keeps
@@ -74,42 +75,33 @@ def _until_held(proc: subprocess.Popen, timeout: float = 60) -> list[str]:
     pytest.fail("the holder never held the slot:\n" + "".join(seen)[-3000:])
 
 
-def test_a_holder_keeps_its_slot_through_a_restart_and_the_next_run_waits(servers: Servers):
-    name = "hap-date-2026-11-01"
-    # past the first renewal (at 3/4 of the lease: the server's shortest lease is 60 s), which
-    # then reaches the restarted server
-    holder = _holder(servers, name, hold=LEASE * 0.75 + 5, lease=LEASE)
+def test_through_a_restart_a_live_holder_keeps_its_slot_and_a_lost_one_frees_its_own(servers: Servers):
+    """One restart, two dates: the live holder's renewals reach the restarted server and a second
+    run of its date waits for it; the slot of a holder killed during the outage frees itself when
+    its lease runs out."""
+    kept, lost = "hap-date-2026-11-01", "hap-date-2026-11-02"
+    # held past the restart and a renewal after it (every quarter of the lease)
+    holder = _holder(servers, kept, hold=LEASE / 2 + 5, lease=LEASE)
+    doomed = _holder(servers, lost, hold=600, lease=LEASE)
     _until_held(holder)
+    _until_held(doomed)
     servers.stop_prefect()
-    time.sleep(2)
+    os.kill(doomed.pid, signal.SIGKILL)  # that run's machine is lost during the outage
+    doomed.wait(timeout=10)
     servers.start_prefect()
-    contender = _holder(servers, name, hold=0, lease=LEASE)
+    contender = _holder(servers, kept, hold=0, lease=LEASE)
+    successor = _holder(servers, lost, hold=0, lease=LEASE, wait=LEASE + 60)
+
     out, _ = holder.communicate(timeout=120)
-    assert holder.returncode == 0 and "RELEASED" in out, out[
-        :6000
-    ]  # renewed after the restart, not cancelled
+    assert holder.returncode == 0 and "RELEASED" in out, out[:6000]  # renewed, not cancelled
     released = float(next(line for line in out.splitlines() if line.startswith("RELEASING")).split()[1])
-    held = _until_held(contender)
-    assert float(held[1]) >= released, "both runs held the date's slot at once"
-    contender.communicate(timeout=60)
-    assert contender.returncode == 0
-
-
-def test_a_holder_lost_while_the_server_is_down_frees_its_slot_by_itself(servers: Servers):
-    name = "hap-date-2026-11-02"
-    lease = LEASE
-    holder = _holder(servers, name, hold=600, lease=lease)
-    _until_held(holder)
-    servers.stop_prefect()
-    os.kill(holder.pid, signal.SIGKILL)  # the run's machine is lost during the outage
-    holder.wait(timeout=10)
-    servers.start_prefect()
-    contender = _holder(servers, name, hold=0, lease=lease, wait=lease + 60)
-    waited = float(_until_held(contender, timeout=lease + 60)[2])
-    contender.communicate(timeout=60)
-    assert contender.returncode == 0
-    assert waited < lease + 30, f"the dead run's slot took {waited:.0f}s to free"
-    print(f"a lost holder's slot freed itself after {waited:.1f}s (lease {lease:.0f}s)")
+    assert float(_until_held(contender)[1]) >= released, "both runs held the date's slot at once"
+    waited = float(_until_held(successor, timeout=LEASE + 60)[2])
+    assert waited < LEASE + 30, f"the dead run's slot took {waited:.0f}s to free"
+    print(f"a lost holder's slot freed itself after {waited:.1f}s (lease {LEASE:.0f}s)")
+    for proc in (contender, successor):
+        proc.communicate(timeout=60)
+        assert proc.returncode == 0
 
 
 def test_a_server_that_forgot_the_lease_strands_no_slot(servers: Servers):
