@@ -24,6 +24,7 @@ Run alone: ``.venv/bin/python -m pytest tests/system/test_topology.py -s`` (docs
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -138,43 +139,51 @@ def world(s3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         "s3": s3,
     }
     artifacts = f"{s3.create_bucket('topo-mlflow')}/artifacts"
-    producer = _reader(world, tmp / "producer")
-    list(simulate_days(producer, DAYS[0], len(DAYS), progress=False))
-    storage.publish_root(producer)  # the landing days are in the bucket, and only there
+    world["single_machine"] = _start_single_machine(tmp)
 
-    with real_servers(artifacts) as servers, temporary_settings({PREFECT_API_URL: servers.prefect_api_url}):
-        world["servers"] = servers
+    def own_host(command: list[str]) -> list[str]:
+        return cluster.on_another_host(command, [private])
+
+    def dask_worker(args: list[str]) -> list[str]:
+        return own_host([str(cluster.DASK), "worker", *args])
+
+    def pool(name: str, env: dict[str, str]) -> contextlib.AbstractContextManager[subprocess.Popen]:
+        return cluster.pool_worker(name, name, env, logs / f"{name}.log", REPO, own_host)
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(_stop_if_running, world["single_machine"][1])
+        producer = _reader(world, tmp / "producer")
+        list(simulate_days(producer, DAYS[0], len(DAYS), progress=False))
+        storage.publish_root(producer)  # the landing days are in the bucket, and only there
+
+        servers = world["servers"] = stack.enter_context(real_servers(artifacts))
+        stack.enter_context(temporary_settings({PREFECT_API_URL: servers.prefect_api_url}))
         dask_env = _base_env() | {
             "PREFECT_API_URL": servers.prefect_api_url,
             "PREFECT_HOME": str(private / "prefect-home"),
         }
-
-        def dask_worker(args: list[str]) -> list[str]:
-            return own_host([str(cluster.DASK), "worker", *args])
-
-        def own_host(command: list[str]) -> list[str]:
-            return cluster.on_another_host(command, [private])
-
         roles = {"separate": True, "scheduler": own_host}
-        with cluster.dask_cluster(dask_worker, 2, logs, dask_env, **roles) as address:
-            world["deployments"] = {name: _deploy(name) for name in ("daily-retrain", "train-ghcl")}
-            cpu_env = _role_env(servers, world, private, HAP_DASK_ADDRESS=address)
-            gpu_env = _role_env(servers, world, private)
-            gpu = cluster.pool_worker("gpu-pool", "gpu-pool", gpu_env, logs / "gpu-pool.log", REPO, own_host)
-            cpu = cluster.pool_worker("cpu-pool", "cpu-pool", cpu_env, logs / "cpu-pool.log", REPO, own_host)
-            with gpu, cpu:
-                runs, started = [], time.monotonic()
-                for day in DAYS:
-                    runs.append(
-                        run_deployment(
-                            "daily-retrain/daily-retrain",
-                            parameters={"date": day.isoformat(), "overrides": {**PARAMS, **TOPOLOGY}},
-                            timeout=RUN_TIMEOUT_S,
-                        )
-                    )
-                world["seconds"] = time.monotonic() - started
-                world["runs"] = runs
+        address = stack.enter_context(cluster.dask_cluster(dask_worker, 2, logs, dask_env, **roles))
+        world["deployments"] = {name: _deploy(name) for name in ("daily-retrain", "train-ghcl")}
+        stack.enter_context(pool("gpu-pool", _role_env(servers, world, private)))
+        stack.enter_context(pool("cpu-pool", _role_env(servers, world, private, HAP_DASK_ADDRESS=address)))
+        started = time.monotonic()
+        world["runs"] = [
+            run_deployment(
+                "daily-retrain/daily-retrain",
+                parameters={"date": day.isoformat(), "overrides": {**PARAMS, **TOPOLOGY}},
+                timeout=RUN_TIMEOUT_S,
+            )
+            for day in DAYS
+        ]
+        world["seconds"] = time.monotonic() - started
         yield world
+
+
+def _stop_if_running(proc: subprocess.Popen) -> None:
+    """The single-machine run, when the topology failed before the comparison waited for it."""
+    if proc.poll() is None:
+        proc.kill()
 
 
 def _reader(world: dict[str, Any], workdir: Path, **params: Any) -> Config:
@@ -204,13 +213,12 @@ def deployed(world: dict[str, Any]) -> Config:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def single_machine(world: dict[str, Any]) -> Config:
+def _start_single_machine(tmp: Path) -> tuple[Config, subprocess.Popen]:
     """``hap backfill`` of the same params on one machine: a local data root, the embedded servers,
-    training in-process, no Dask."""
+    training in-process, no Dask. Started beside the topology's runs, which mostly wait."""
     from hap.sources.simulator import simulate_days
 
-    home = world["tmp"] / "single-machine"
+    home = tmp / "single-machine"
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_", "HAP_", "HAP__"))
     }
@@ -220,8 +228,16 @@ def single_machine(world: dict[str, Any]) -> Config:
     sets = [a for k, v in PARAMS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
     days = ["--start", DAYS[0].isoformat(), "--end", DAYS[-1].isoformat()]
     command = [sys.executable, "-m", "hap.cli", *sets, "backfill", *days]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = open(tmp / "logs" / "single-machine.log", "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    return cfg, proc
+
+
+@pytest.fixture(scope="module")
+def single_machine(world: dict[str, Any]) -> Config:
+    cfg, proc = world["single_machine"]
+    proc.wait(timeout=900)
+    assert proc.returncode == 0, (world["tmp"] / "logs" / "single-machine.log").read_text()[-4000:]
     return cfg
 
 
