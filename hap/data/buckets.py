@@ -45,6 +45,7 @@ from hap.core.config import Config
 from hap.core.engine import Mapper, local_map, remote_object_root
 from hap.core.errors import is_io_failure, unreachable
 from hap.core.hashing import mix64
+from hap.core.storage import is_url
 from hap.data import markers
 from hap.data.staging_store import StagingStore
 
@@ -246,6 +247,6 @@ def drop_cut(cfg: Config, date: dt.date | str) -> None:
         store = json.loads((root / layout.CUT_FILE).read_text()).get("store")
     except (OSError, ValueError):
         store = None
-    if store and StagingStore.of(cfg, store).remote:  # every cut of the day there, and its folder
+    if store and is_url(store):  # every cut of the day in the bucket, and its folder
         StagingStore.of(cfg, store).remove(store.rsplit("/", 1)[0])
     shutil.rmtree(root, ignore_errors=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import time
@@ -80,19 +81,32 @@ def arrow_filesystem(url: str, timeout_seconds: float, max_retries: int) -> tupl
     if not url.startswith("s3://"):
         return pafs.FileSystem.from_uri(url)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    credentials = tuple(
+        os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    )
+    fs = _s3_filesystem(endpoint, region, timeout_seconds, max_retries, credentials)
+    return fs, url.removeprefix("s3://").rstrip("/")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(
+    endpoint: str | None, region: str | None, timeout_seconds: float, max_retries: int, credentials: tuple
+) -> pafs.S3FileSystem:
+    """One S3 filesystem per setting, reused by every read and write of a process (a bucket task
+    reads a cut's files one by one); ``credentials`` only keys the cache, the client reads the
+    ``AWS_*`` variables itself."""
     kwargs: dict[str, Any] = {}
     if endpoint:
         scheme, _, rest = endpoint.partition("://")
         kwargs.update(endpoint_override=rest or scheme, scheme=scheme if rest else "https")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    fs = pafs.S3FileSystem(
+    return pafs.S3FileSystem(
         region=region,
         connect_timeout=timeout_seconds,
         request_timeout=timeout_seconds,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_retries + 1),
         **kwargs,
     )
-    return fs, url.removeprefix("s3://").rstrip("/")
 
 
 def table_url(cfg: Config, table: str) -> str:

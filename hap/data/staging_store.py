@@ -62,7 +62,8 @@ class StagingStore:
         fs, path = self.filesystem(folder)
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         found = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)]
-        return sorted(f"s3://{p}" if self.remote else p for p in found)
+        scheme = self.root.split("://", 1)[0] + "://" if self.remote else ""
+        return sorted(scheme + p for p in found)
 
     def read(self, location: str, columns: Sequence[str] | None = None) -> pa.Table:
         """One staging file (``write_partitioned``), all columns or ``columns``."""
