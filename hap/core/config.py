@@ -185,8 +185,8 @@ class SplitConfig(_Section):
 
 
 class TowerConfig(_Section):
-    tower_dims: list[int]
-    mlp_dims: list[int]
+    tower_dims: list[int] = Field(min_length=1)
+    mlp_dims: list[int] = Field(min_length=1)  # the head's MLP: at least one layer before the logit
     attention_heads: int = 0
     pooling: Literal["target", "mean"] = (
         "target"  # expressive: target attention over the clicks, or their mean

@@ -94,20 +94,30 @@ class FeatureSpec:
         return {**self.encode_request(table), **self.encode_items(table), "cross": self.encode_cross(table)}
 
     def encode_cross(
-        self, table: pa.Table, requests: tuple[np.ndarray, pa.Table] | None = None
+        self, table: pa.Table, requests: tuple[np.ndarray, np.ndarray] | None = None
     ) -> np.ndarray:
         """The user x item cross features of each row ``[N, F]`` (``F = 0`` without any);
-        ``requests``: the click sequences once per request (``CrossFeatures.encode``)."""
+        ``requests``: each row's request and the requests' ``clicks`` (``CrossFeatures.encode``)."""
         return self.cross.encode(table, self.seq_len, requests)
 
-    def encode_request(self, table: pa.Table) -> dict[str, np.ndarray]:
-        """The user and context side of each row: ``req_cat``, ``req_dense``, ``seq``."""
+    def clicks(self, table: pa.Table) -> np.ndarray:
+        """The rows' raw click sequences ``[N, seq_len]``, which the request side and the cross
+        features both read: a caller of both reads them once."""
+        return sequence_matrix(table[schema.USER_SEQUENCE], self.seq_len)
+
+    def encode_request(self, table: pa.Table, clicks: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The user and context side of each row: ``req_cat``, ``req_dense``, ``seq`` (``clicks``:
+        the rows' ``self.clicks``, read here when not given). The ids and the clicks are re-hashed
+        in one pass."""
         cat = np.stack([table[c].to_numpy(zero_copy_only=False) for c in REQUEST_CATEGORICAL], axis=1)
+        clicks = self.clicks(table) if clicks is None else clicks
+        slots = np.array([*range(len(REQUEST_CATEGORICAL)), *[SEQ_FEATURE_SLOT] * clicks.shape[1]])
+        ids = self.rehash(np.concatenate([cat.astype(np.int64), clicks], axis=1), slots[None, :])
         dense = _dense_matrix(table, schema.USER_DENSE)
         return {
-            "req_cat": self.rehash(cat, np.arange(len(REQUEST_CATEGORICAL))[None, :]),
+            "req_cat": ids[:, : len(REQUEST_CATEGORICAL)],
             "req_dense": self._standardize(dense, slice(0, N_USER_DENSE)),
-            "seq": self.rehash(sequence_matrix(table[schema.USER_SEQUENCE], self.seq_len), SEQ_FEATURE_SLOT),
+            "seq": ids[:, len(REQUEST_CATEGORICAL) :],
         }
 
     def encode_items(self, table: pa.Table) -> dict[str, np.ndarray]:
@@ -121,8 +131,15 @@ class FeatureSpec:
         }
 
     def _standardize(self, dense: np.ndarray, columns: slice) -> np.ndarray:
+        """``(sign(x) log1p|x| - mean) / std`` as float32, computed in float64 in one buffer (the
+        same numbers as ``_signed_log``: a scoring call standardizes every candidate's features)."""
         mean, std = np.asarray(self.dense_mean)[columns], np.asarray(self.dense_std)[columns]
-        return ((_signed_log(dense) - mean) / std).astype(np.float32)
+        out = np.abs(dense)
+        np.log1p(out, out=out)
+        np.copysign(out, dense, out=out)
+        out -= mean
+        out /= std
+        return out.astype(np.float32)
 
 
 def _dense_matrix(table: pa.Table, columns: tuple[str, ...] = DENSE_ORDER) -> np.ndarray:
@@ -262,14 +279,15 @@ class TrainData:
         # the request side (user, context, clicks) once per request, from its first row, as serving
         # encodes it: every row of a request carries the same, and the clicks are most of the bytes
         requests = table.take(first)
-        request = self.spec.encode_request(requests)
+        clicks = self.spec.clicks(requests)
+        request = self.spec.encode_request(requests, clicks)
         items = self.spec.encode_items(table)
         self.req_cat = torch.from_numpy(request["req_cat"])
         self.req_dense = torch.from_numpy(request["req_dense"])
         self.seq = torch.from_numpy(request["seq"])
         self.item_cat = torch.from_numpy(items["item_cat"])
         self.item_dense = torch.from_numpy(items["item_dense"])
-        cross = self.spec.encode_cross(table, (req_index, requests))
+        cross = self.spec.encode_cross(table, (req_index, clicks))
         self.cross = torch.from_numpy(cross) if self.spec.cross.width else None
         source = table["source"].to_numpy(zero_copy_only=False)
         # per group: rows in a fixed shuffled order inside each request, as CSR offsets by request

@@ -58,7 +58,7 @@ def cross_width(names: list[str] | tuple[str, ...]) -> int:
 
 def retrieval_columns(table: pa.Table) -> np.ndarray:
     """``[rows, 2]``: ``-log(retrieval_pos)`` and whether the position is missing (null or 0)."""
-    if RETRIEVAL_COLUMN not in table.column_names:
+    if table.schema.get_field_index(RETRIEVAL_COLUMN) < 0:
         raise HapError(
             f"model.cross_features 'retrieval' reads the candidates' {RETRIEVAL_COLUMN} column, which the "
             f"input does not carry (columns: {table.column_names[:8]}...)"
@@ -148,8 +148,15 @@ class CrossFeatures:
 
     def offsets(self) -> dict[str, int]:
         """First column of each feature in the encoded matrix."""
-        widths = [WIDTHS.get(n, 1) for n in self.names]
-        return dict(zip(self.names, np.cumsum([0, *widths[:-1]]).tolist()))
+        return dict(zip(self.names, self._offsets))
+
+    @property
+    def _offsets(self) -> list[int]:
+        starts, at = [], 0
+        for name in self.names:
+            starts.append(at)
+            at += WIDTHS.get(name, 1)
+        return starts
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
@@ -193,47 +200,55 @@ class CrossFeatures:
 
     # ---- encoding ---------------------------------------------------------------------------------
     def encode(
-        self, table: pa.Table, seq_len: int, requests: tuple[np.ndarray, pa.Table] | None = None
+        self, table: pa.Table, seq_len: int, requests: tuple[np.ndarray, np.ndarray] | None = None
     ) -> np.ndarray:
         """``[rows, width]`` float32 for rows that carry the request and the candidate columns.
 
-        ``requests``: (each row's request, one row per request carrying its click sequence): the
-        sequences are then read once per request, not once per row (the serving path: rows of a
-        request share its sequence, as its user side does), and ``table`` needs no sequence."""
+        ``requests``: (each row's request, the requests' click matrix ``[requests, seq_len]`` as
+        ``sequence_matrix`` reads it): the sequences are then read once per request, not once per
+        row (the serving path: rows of a request share its sequence, as its user side does), and
+        ``table`` needs no sequence."""
         n = table.num_rows
         out = np.zeros((n, self.width), np.float32)
         if not self.names or n == 0:
             return out
         cat = table["i_category"].to_numpy(zero_copy_only=False).astype(np.int64)
-        at = self.offsets()
-        for j, name in zip(at.values(), self.names):
+        for j, name in zip(self._offsets, self.names):
             if name == "seq_match":
-                out[:, j] = np.log1p(self._seq_match(requests or (None, table), cat, seq_len))
+                if requests is None:
+                    requests = (None, sequence_matrix(table[schema.USER_SEQUENCE], seq_len))
+                out[:, j] = np.log1p(self._seq_match(requests, cat))
             elif name == "retrieval":
                 out[:, j : j + 2] = retrieval_columns(table)
-        profile_cols = [at[name] for name in self.names if name in PROFILE_FEATURES]
-        if not profile_cols or not self.days:
+        at = dict(zip(self.names, self._offsets))
+        profile = [name for name in self.names if name in PROFILE_FEATURES]
+        if not profile or not self.days:
             return out
+        user_ids = table["u_id"].to_numpy(zero_copy_only=False).astype(np.int64)
+        segments = table["u_city"].to_numpy(zero_copy_only=False).astype(np.int64)
         for day, rows in self._rows_by_day(table).items():
             p = self.days.get(day)
             if p is None:
                 continue
-            user = table["u_id"].to_numpy()[rows].astype(np.int64)
-            seg = table["u_city"].to_numpy()[rows].astype(np.int64)
-            for name in (n for n in self.names if n in PROFILE_FEATURES):
-                j = at[name]
-                key = pair_key(seg if name == "segment_ctr" else user, cat[rows])
-                value = getattr(p, name).get(key)
-                out[rows, j] = value if name == "segment_ctr" else np.log1p(SHARE_SCALE * value)
+            every = rows is None  # one day for every row: columns, not row-by-row copies
+            day_cat = cat if every else cat[rows]
+            keys = {
+                "user": pair_key(user_ids if every else user_ids[rows], day_cat),
+                "segment": pair_key(segments if every else segments[rows], day_cat),
+            }
+            for name in profile:
+                value = getattr(p, name).get(keys["segment" if name == "segment_ctr" else "user"])
+                value = value if name == "segment_ctr" else np.log1p(SHARE_SCALE * value)
+                if every:
+                    out[:, at[name]] = value
+                else:
+                    out[rows, at[name]] = value
         return out
 
-    def _seq_match(
-        self, requests: tuple[np.ndarray | None, pa.Table], cat: np.ndarray, seq_len: int
-    ) -> np.ndarray:
+    def _seq_match(self, requests: tuple[np.ndarray | None, np.ndarray], cat: np.ndarray) -> np.ndarray:
         """Per row, how many clicks of its sequence share its category; ``requests``: (each row's
-        sequence row, or None where every row carries its own; the table of sequences)."""
-        row_seq, seqs = requests
-        seq = sequence_matrix(seqs[schema.USER_SEQUENCE], seq_len)
+        sequence row, or None where every row has its own; the click matrix)."""
+        row_seq, seq = requests
         seq_cat = self.items.get(seq.reshape(-1), default=-1).reshape(seq.shape)
         seq_cat = np.where(seq == 0, -1, seq_cat)
         if row_seq is None:
@@ -244,15 +259,20 @@ class CrossFeatures:
         keys, counts = np.unique(pair_key(owner, seq_cat.reshape(-1) + 1), return_counts=True)
         return _Lookup(keys, counts.astype(np.float64)).get(pair_key(row_seq, cat + 1))
 
-    def _rows_by_day(self, table: pa.Table) -> dict[str, np.ndarray]:
-        """Rows per profile day: the row's ``dt`` where the profile has that day, else ``serve_as_of``."""
+    def _rows_by_day(self, table: pa.Table) -> dict[str, np.ndarray | None]:
+        """Rows per profile day: the row's ``dt`` where the profile has that day, else
+        ``serve_as_of``; None stands for every row (one day: a request, a day's eval set)."""
         serve = self.serve_as_of or ""
-        if "dt" not in table.column_names:
-            return {serve: np.arange(table.num_rows)}
+        if table.schema.get_field_index("dt") < 0 or table.num_rows == 0:
+            return {serve: None}
+        dt = table["dt"]
+        if dt.null_count == 0 and pc.all(pc.equal(dt, dt[0])).as_py():  # one day: no per-row grouping
+            day = str(dt[0].as_py())
+            return {day if day in self.days else serve: None}
         # the distinct days as text once, not every row's (a column holds a day or a few)
-        coded = pc.dictionary_encode(table["dt"]).combine_chunks()
+        coded = pc.dictionary_encode(dt).combine_chunks()
         if coded.null_count:  # a null day reads as the text "None", as numpy writes it
-            labels = np.asarray(table["dt"].to_numpy(zero_copy_only=False)).astype(str)
+            labels = np.asarray(dt.to_numpy(zero_copy_only=False)).astype(str)
             codes = np.arange(len(labels))
         else:
             labels = np.asarray(coded.dictionary.to_numpy(zero_copy_only=False)).astype(str)

@@ -145,7 +145,8 @@ class Inputs:
         # one row per request (a slice, no copy, where there is one request)
         one = len(index.first_row) == 1
         self.requests = table.slice(int(index.first_row[0]), 1) if one else table.take(index.first_row)
-        self.request = bundle._tensors(bundle.spec.encode_request(self.requests))
+        self.clicks = bundle.spec.clicks(self.requests)  # read once: the user side and the cross features
+        self.request = bundle._tensors(bundle.spec.encode_request(self.requests, self.clicks))
         per_row = [c for c in table.column_names if c != schema.USER_SEQUENCE]
         self.per_row = table.select(per_row)  # the rows without their click sequences
         self._users: dict[str, dict[str, torch.Tensor]] = {}
@@ -180,7 +181,7 @@ class Inputs:
         return {k: self.bundle._tensor(v) for k, v in self._items.get(rows, self._encode_items).items()}
 
     def _encode_cross(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        seqs = (self.index.row_request[rows], self.requests)
+        seqs = (self.index.row_request[rows], self.clicks)
         return {"cross": self.bundle.spec.encode_cross(_take(self.per_row, rows), seqs)}
 
     def _encode_items(self, rows: np.ndarray) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from hap.core import layout
 from hap.core.config import ModelConfig
@@ -57,6 +58,21 @@ def mlp(dims: list[int], final_activation: bool = False) -> nn.Sequential:
         if final_activation or i < len(dims) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def linear_of_parts(
+    parts: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear(cat(parts, -1), weight, bias)`` without the cat: each part times its block of the
+    weight's columns, summed. A cat copies every row's whole input; on a scoring pass that copy
+    cost as much as the layer's matmul (``bench/bench_serving.py``)."""
+    out = F.linear(parts[0], weight[:, : parts[0].shape[-1]], bias)
+    start = parts[0].shape[-1]
+    for part in parts[1:]:
+        width = part.shape[-1]
+        out = out + F.linear(part, weight[:, start : start + width])
+        start += width
+    return out
 
 
 GRAD_SINK = "grad_sink"  # a table parameter's attribute: the kept buffer its rows' gradients add into
@@ -165,7 +181,7 @@ class _TwoTower(nn.Module):
             sunk = sunk_rows(self.emb.weight, ids)
             if sunk is not None:
                 return sunk
-        flat = torch.cat([t.reshape(-1) for t in ids])
+        flat = ids[0].reshape(-1) if len(ids) == 1 else torch.cat([t.reshape(-1) for t in ids])
         # index_select, whose gradient is one index_add into the table where nn.Embedding's sorts the
         # ids first, and one split (its gradient one cat) where slices would each fill a rows-sized
         # zero gradient. The padding row stays zero: training zeroes its gradient (zero_padding_grad).
@@ -212,7 +228,30 @@ class _TwoTower(nn.Module):
         return self._item_vec(self._embed([item_cat])[0], item_dense)
 
     def _item_vec(self, item_e: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
-        return self.item_tower(torch.cat([item_e.flatten(-2), item_dense], dim=-1))
+        first = self.item_tower[0]
+        x = linear_of_parts([item_e.flatten(-2), item_dense], first.weight, first.bias)
+        for i, layer in enumerate(self.item_tower):
+            if i > 0:
+                x = layer(x)
+        return x
+
+    def _head_mlp(
+        self, parts: list[torch.Tensor], v: torch.Tensor, cross: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The head's MLP on ``parts``, then the cross features (zeros where a caller has none),
+        read as one input without concatenating them (``linear_of_parts``)."""
+        if self.cross_dim > 0:
+            if cross is None:
+                shape = v.shape[:-1]
+                shape.append(self.cross_dim)
+                cross = v.new_zeros(shape)
+            parts.append(cross.to(v.dtype))
+        first = self.mlp[0]
+        x = linear_of_parts(parts, first.weight, first.bias)
+        for i, layer in enumerate(self.mlp):
+            if i > 0:
+                x = layer(x)
+        return x
 
     def _user_out(
         self, u: torch.Tensor, seq_emb: torch.Tensor, mask: torch.Tensor
@@ -234,18 +273,6 @@ class _TwoTower(nn.Module):
         req_e, seq_e, side_e, item_e = self._embed([req_cat, seq, self.behaviour_lookup[seq], item_cat])
         u, seq_emb, mask = self._user_vec(req_e, req_dense, seq_e + side_e.sum(-2), seq)
         return self.head(self._user_out(u, seq_emb, mask), self._item_vec(item_e, item_dense), cross)
-
-    def _head_input(
-        self, parts: list[torch.Tensor], v: torch.Tensor, cross: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The head's MLP input: ``parts``, then the cross features (zeros where a caller has none)."""
-        if self.cross_dim > 0:
-            if cross is None:
-                shape = v.shape[:-1]
-                shape.append(self.cross_dim)
-                cross = v.new_zeros(shape)
-            parts.append(cross.to(v.dtype))
-        return torch.cat(parts, dim=-1)
 
     def _wide(self, logit: torch.Tensor, cross: torch.Tensor | None) -> torch.Tensor:
         if self.wide is None or cross is None:
@@ -288,7 +315,7 @@ class LightweightModel(_TwoTower):
     ) -> None:
         super().__init__(hash_buckets, embed_dim, tower_dims, seq_len, behaviour_features, cross_dim)
         self.mlp = mlp([2 * self.dim + cross_dim, *mlp_dims], final_activation=True)
-        self.out = nn.Linear(mlp_dims[-1] if mlp_dims else 2 * self.dim + cross_dim, 1)
+        self.out = nn.Linear(mlp_dims[-1], 1)
 
     def _user_out(
         self, u: torch.Tensor, seq_emb: torch.Tensor, mask: torch.Tensor
@@ -300,8 +327,7 @@ class LightweightModel(_TwoTower):
     ) -> torch.Tensor:
         u = user["u"].unsqueeze(-2) if v.dim() == 3 else user["u"]
         u = u.expand_as(v)
-        x = self._head_input([u + v, u * v], v, cross)
-        return self._wide(self.out(self.mlp(x)).squeeze(-1), cross)
+        return self._wide(self.out(self._head_mlp([u + v, u * v], v, cross)).squeeze(-1), cross)
 
     @torch.jit.export
     def head_rows(
@@ -389,8 +415,7 @@ class ExpressiveModel(_TwoTower):
     def _logit(
         self, u: torch.Tensor, cand: torch.Tensor, ctx: torch.Tensor, cross: torch.Tensor | None
     ) -> torch.Tensor:
-        x = self._head_input([u + cand, u * cand, ctx], cand, cross)
-        return self._wide(self.out(self.mlp(x)).squeeze(-1), cross)
+        return self._wide(self.out(self._head_mlp([u + cand, u * cand, ctx], cand, cross)).squeeze(-1), cross)
 
     @torch.jit.export
     def head_rows(
