@@ -23,10 +23,10 @@ A bundle folder (``hap train`` output) is ``bundle.json`` + ``light.pt`` / ``exp
 nanoGPT's ``GPT(GPTConfig(**checkpoint["model_args"]))``), so a missing key fails loudly instead
 of falling back to a default that disagrees with the params.
 
-Cost (``bench/bench_serving.py``, ``bench/results/serving.md``): the lean path returns the old
-path's scores (to 1e-6), routed sets and ranks (``tests/model/test_lean_serving.py``); what is left
-at 1,000 candidates is fixed per-call work (about 1,400 Python calls: encoding, two user towers,
-routing, the final order), and at 10,000 the light tower's arithmetic and the per-candidate
+Cost (``bench/bench_serving.py``, ``bench/results/serving.md``, ``docs/model.md``): the lean path
+returns the old path's scores (to 1e-6), routed sets and ranks (``tests/model/test_lean_serving.py``);
+what is left at 1,000 candidates is a few hundred small numpy and torch calls (encoding, six tower
+calls, routing, the final order), and at 10,000 the light tower's arithmetic and the per-candidate
 feature encoding, which ``expressive_all`` pays too.
 """
 
