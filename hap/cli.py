@@ -56,13 +56,12 @@ class _State:
         failure, whose own message is the one to show)."""
         if self._cfg is None or not self.synced:
             return
-        from hap.core.storage import StorageError, publish_root
+        from hap.core.storage import publish_after_failure, publish_root
 
-        try:
+        if quiet:
+            publish_after_failure(self._cfg)
+        else:
             publish_root(self._cfg)
-        except StorageError:
-            if not quiet:
-                raise
 
 
 state = _State()

@@ -51,8 +51,10 @@ class StorageConfig(_Section):
     """Bounds and scope of every object-store call (``hap.core.storage``)."""
 
     connect_timeout_seconds: float = Field(default=5, gt=0)
-    read_timeout_seconds: float = Field(default=30, gt=0)
+    read_timeout_seconds: float = Field(default=10, gt=0)
     attempts: int = Field(default=3, ge=1)  # tries per call; transient errors only
+    # the most a failed run spends sending its records to the bucket before its error is shown
+    after_failure_seconds: float = Field(default=10, gt=0)
     sync_exclude: list[str] = [".locks", ".hap-sync.json", ".dvc-store"]  # top-level names never synced
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from hap.core.errors import HapError, StorageError
 if TYPE_CHECKING:
     from hap.core.config import Config, StorageConfig
 
+_log = logging.getLogger(__name__)
 SYNC_RECORD = ".hap-sync.json"
 # the environment variables whose values are secrets wherever they appear
 SECRET_ENV = (
@@ -51,7 +54,8 @@ _SIGNED = re.compile(
     r"(?i)(X-Amz-(?:Credential|Signature|Security-Token)|Signature|AWSAccessKeyId)=[^&\s'\"]+"
 )
 _KEY_LIKE = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
-_DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden", "403")
+# whole words: a bare "403" inside a port or an id ("127.0.0.1:44039") is not a refusal
+_DENIED = re.compile(r"\b(?:AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|Forbidden|403)\b")
 
 
 def is_url(location: str | os.PathLike[str] | None) -> bool:
@@ -108,7 +112,7 @@ def _reason(err: BaseException) -> str:
 def describe(url: str, err: BaseException) -> str:
     """One line naming ``url`` and what went wrong (credentials redacted)."""
     text = f"{type(err).__name__}: {err}"
-    if isinstance(err, PermissionError) or any(word in text for word in _DENIED):
+    if isinstance(err, PermissionError) or _DENIED.search(text):
         what = "access denied"
     elif "NoSuchBucket" in text or (isinstance(err, FileNotFoundError) and "bucket" in text.lower()):
         what = "no such bucket"
@@ -288,7 +292,34 @@ def synced(cfg: Config) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        with contextlib.suppress(StorageError):  # the block's own error is the one to report
-            publish_root(cfg)
+        publish_after_failure(cfg)  # the block's own error is the one to report
         raise
     publish_root(cfg)
+
+
+def publish_after_failure(cfg: Config) -> bool:
+    """``publish_root`` for what a failed command or run wrote (its run record, a quarantined day),
+    given at most ``storage.after_failure_seconds``: the store is often what failed, and a store
+    that hangs would hold the failed run for every call's timeouts and retries (minutes) before
+    its error reaches anyone. When the time is up the upload is left behind in a daemon thread:
+    an object appears whole or not at all, and the sync record is written only once everything
+    is sent, so the next run's publish sends what is missing. True when everything was sent."""
+    if not cfg.root_url:
+        return True
+    sent = threading.Event()
+
+    def send() -> None:
+        with contextlib.suppress(StorageError):
+            publish_root(cfg)
+            sent.set()
+
+    worker = threading.Thread(target=send, name="hap-publish-after-failure", daemon=True)
+    worker.start()
+    worker.join(cfg.storage.after_failure_seconds)
+    if not sent.is_set():
+        _log.warning(
+            "%s: the failed run's records were not sent to the bucket within %s s; the next run sends them",
+            redact(cfg.root_url),
+            cfg.storage.after_failure_seconds,
+        )
+    return sent.is_set()

@@ -96,6 +96,38 @@ def test_silent_endpoint_is_cut_by_the_read_timeout(s3, tmp_path, monkeypatch):
     _assert_one_clean_line(err.value, url, "unreachable")
 
 
+def test_a_failed_run_on_a_hung_store_reports_its_error_within_the_bound(s3, tmp_path, monkeypatch):
+    """The store hangs (accepts, never answers) while a run fails: the run's own error comes out
+    after ``storage.after_failure_seconds``, not after every call's timeouts and retries (with
+    these bounds, minutes), and the records it could not send reach the bucket on the next publish."""
+    url = f"{s3.create_bucket('hung')}/hap"
+    loose = {"storage.read_timeout_seconds": 30, "storage.attempts": 3, "storage.after_failure_seconds": 2}
+    cfg = _cfg(url, tmp_path, **loose)
+    record = cfg.home / "metrics/dt=2026-11-02/daily_run.json"
+    with socket.socket() as sink:
+        sink.bind(("127.0.0.1", 0))
+        sink.listen(16)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="the run's own error"), storage.synced(cfg):
+            monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sink.getsockname()[1]}")
+            record.parent.mkdir(parents=True)
+            record.write_text('{"status": "failed"}')
+            raise RuntimeError("the run's own error")
+        assert time.monotonic() - started < 2 + 3
+    monkeypatch.undo()  # the store answers again
+    assert storage.publish_root(cfg).copied == 1
+    fs, root = storage.filesystem(url, cfg.storage)
+    assert fs.cat(f"{root}/metrics/dt=2026-11-02/daily_run.json") == b'{"status": "failed"}'
+
+
+def test_a_refusal_is_told_by_its_code_not_by_digits_in_a_port():
+    """A timeout on an endpoint whose port holds the digits 403 is "unreachable", not "denied"."""
+    timeout = OSError('Read timeout on endpoint URL: "http://127.0.0.1:44039/silent?list-type=2"')
+    assert "unreachable (" in storage.describe("s3://b/p", timeout)
+    refused = OSError("An error occurred (403) when calling the HeadObject operation: Forbidden")
+    assert "access denied (" in storage.describe("s3://b/p", refused)
+
+
 def test_missing_bucket_is_named(s3, tmp_path):
     url = "s3://no-such-bucket-here/hap"
     with pytest.raises(storage.StorageError) as err:
