@@ -25,8 +25,9 @@ from hap.core import layout
 from hap.core.config import Config
 
 LOGGER = logging.getLogger("flows.progress")
-# look-ups, not work: they get no line of their own
-SILENT_STEPS = frozenset({"champion", "unchanged"})
+# look-ups, not work: no line of their own when they succeed; a failure is told under the step
+# each serves (a user reads "failed at train", not the name of a look-up they never saw)
+SILENT_STEPS: dict[str, str] = {"champion": "monitor", "unchanged": "train"}
 
 
 def step_line(
@@ -92,11 +93,11 @@ def reported(step: str, day: dt.date | None) -> Iterator[dict[str, Any]]:
     try:
         yield box
     except BaseException as err:
+        shown = SILENT_STEPS.get(step, step)
         if getattr(err, "failed_step", None) is None:
             with contextlib.suppress(AttributeError):
-                err.failed_step = step  # type: ignore[attr-defined]
-        if step not in SILENT_STEPS:
-            LOGGER.info(step_line(day, step, "FAILED", time.perf_counter() - started, type(err).__name__))
+                err.failed_step = shown  # type: ignore[attr-defined]
+        LOGGER.info(step_line(day, shown, "FAILED", time.perf_counter() - started, type(err).__name__))
         raise
     if step not in SILENT_STEPS:
         detail = describe(step, box.get("result"))

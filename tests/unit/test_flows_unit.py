@@ -224,3 +224,23 @@ def test_every_alert_is_named_on_the_step_line_and_in_the_alert_artifact() -> No
     line = describe("monitor", {"alerts": [alert], "figures": {"routed": 0.007}})
     assert line.startswith("1 alerts (routed_share_rel_change: routed share 0.007 vs reference 0.004")
     assert "- routed_share_rel_change: routed share 0.007" in render_alert("2026-11-06", [alert], None)
+
+
+def test_a_failed_look_up_is_told_under_the_step_it_serves(caplog) -> None:
+    """The look-ups before training and monitoring print no line when they succeed; when one fails
+    (the store lost as its outputs are published), the day's line and paragraph name the step a
+    user knows, not the look-up."""
+    import logging
+
+    from flows import progress
+    from hap.core.storage import StorageError
+
+    day = dt.date(2026, 11, 6)
+    with caplog.at_level(logging.INFO, logger="flows.progress"):
+        with progress.reported("unchanged", day):
+            pass
+        assert caplog.records == []  # a look-up that succeeds has no line
+        with pytest.raises(StorageError) as err, progress.reported("unchanged", day):
+            raise StorageError("object storage s3://hap-root/prod: unreachable (connection refused)")
+    assert err.value.failed_step == "train"
+    assert [r.getMessage().split()[1:3] for r in caplog.records] == [["train", "FAILED"]]
