@@ -154,10 +154,10 @@ LONGEST_FIRST = (
     "test_topology.py",
     "test_training_pool.py",
     "test_fresh_clone.py",
+    "test_s3_data_root.py",
     "test_prefect_restart.py",
     "test_scale_out.py",
     "test_flows.py",
-    "test_s3_data_root.py",
     "test_monitoring.py",
 )
 

@@ -6,10 +6,12 @@ it over HTTP exactly as they would to S3 or MinIO; nothing in-process is patched
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,3 +90,61 @@ def s3_server(startup_timeout: float = 30.0) -> Iterator[S3Server]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+class HangingProxy:
+    """A TCP proxy in front of the S3 server that can be made to hang: ``hang()`` keeps accepting
+    connections and reading requests but stops answering (live connections stall mid-response),
+    as a store whose load balancer is up and whose backends are stuck; ``resume()`` forwards again.
+    The store's state is untouched, so a re-run after ``resume()`` sees everything."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._answering = threading.Event()
+        self._answering.set()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hang(self) -> None:
+        self._answering.clear()
+
+    def resume(self) -> None:
+        self._answering.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._answering.set()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        self._answering.wait()  # a hung store accepts, and never connects the request through
+        try:
+            upstream = socket.create_connection(self._target)
+        except OSError:
+            client.close()
+            return
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                self._answering.wait()  # a response in flight stalls too
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)

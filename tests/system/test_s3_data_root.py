@@ -1,11 +1,13 @@
-"""The daily flow for two days with the data root and the DVC remote in buckets of a real S3 server.
+"""The daily flow with the data root and the DVC remote in buckets of a real S3 server.
 
-Machine A lands two simulated days into ``s3://hap-root/prod``; machine B (another working copy,
-nothing shared but the bucket) runs the daily flow for both days with ``HAP_HOME`` on that URL and
-``HAP_DVC_REMOTE`` on a second bucket. Then a fresh clone on an empty machine (only the remote's
+Machine A lands three simulated days into ``s3://hap-root/prod``; machine B (another working copy,
+nothing shared but the bucket) runs the daily flow for the first two with ``HAP_HOME`` on that URL
+and ``HAP_DVC_REMOTE`` on a second bucket. Then a fresh clone on an empty machine (only the remote's
 URL and the ``AWS_*`` variables) restores a registered version's training set
-with ``hap data pull --version`` and its content hash is the version's ``data_version`` tag.
-Finally no credential appears in any log, tag, record or object.
+with ``hap data pull --version`` and its content hash is the version's ``data_version`` tag; no
+credential appears in any log, tag, record or object. Last, the store hangs as the third day's
+ingest begins (a proxy that accepts and stops answering): the run fails at ingest in bounded time,
+and a re-run once the store answers completes.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import pytest
 
 from hap.core import layout, storage
 from tests.conftest import TINY_FLOW_RUN, TINY_OVERRIDES
-from tests.s3_server import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from tests.s3_server import TEST_ACCESS_KEY, TEST_SECRET_KEY, HangingProxy
 
 pytestmark = pytest.mark.slow
 
-D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
-OVERRIDES: dict[str, Any] = {**TINY_OVERRIDES, "simulate.days": 2, **TINY_FLOW_RUN, "split.window_days": 1}
+D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
+OVERRIDES: dict[str, Any] = {**TINY_OVERRIDES, "simulate.days": 3, **TINY_FLOW_RUN, "split.window_days": 1}
 
 
 def _environ(url: str, workdir: Path, remote: str) -> dict[str, str]:
@@ -46,7 +48,7 @@ def two_days(s3, prefect_harness, tmp_path_factory) -> dict[str, Any]:
     remote = f"{s3.create_bucket('hap-dvc')}/store"
     root = tmp_path_factory.mktemp("s3root")
     producer = load_config(overrides=OVERRIDES, environ=_environ(url, root / "machine-a", remote))
-    list(simulate_days(producer, D1, 2, progress=False))
+    list(simulate_days(producer, D1, 3, progress=False))  # the third day is the store-loss test's
     storage.publish_root(producer)  # the landing days are in the bucket, and only there for B
 
     env = _environ(url, root / "machine-b", remote)
@@ -172,3 +174,58 @@ def test_no_credential_in_logs_tags_records_or_objects(two_days):
     for name, blob in texts:
         for secret in (TEST_ACCESS_KEY, TEST_SECRET_KEY):
             assert secret.encode() not in blob, f"{secret[:4]}... found in {name}"
+
+
+def test_a_store_that_hangs_mid_run_fails_that_step_in_bounded_time(two_days, monkeypatch):
+    """The store stops answering as ingest begins (it accepts connections and never replies): the
+    run fails at ingest within 60 s, naming the day, the step and the bucket, without a traceback;
+    the champion stays, the day stays in landing/ and nothing is quarantined; once the store
+    answers again, a re-run of the day completes."""
+    import logging
+    import time
+
+    from flows.daily import daily_retrain
+    from flows.progress import failure_paragraph
+    from hap.registry.registration import CHAMPION, alias_version
+
+    cfg, s3, url = two_days["cfg"], two_days["s3"], two_days["url"]
+    champion = alias_version(cfg, CHAMPION).version
+    proxy = HangingProxy(s3.endpoint)
+    hung_at: list[float] = []
+
+    class HangAfterValidate(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if not hung_at and record.getMessage().startswith(f"{D3}  validate     ok"):
+                proxy.hang()
+                hung_at.append(time.monotonic())
+
+    for key, value in _environ(url, two_days["root"] / "machine-b", two_days["remote"]).items():
+        if key.startswith("HAP"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    trigger, lines = HangAfterValidate(level=logging.INFO), logging.getLogger("flows.progress")
+    level = lines.level
+    lines.setLevel(logging.INFO)
+    lines.addHandler(trigger)
+    try:
+        state = daily_retrain(date=D3.isoformat(), overrides=OVERRIDES, return_state=True)
+        assert hung_at, "the store was never hung: no validate line for the day"
+        took = time.monotonic() - hung_at[0]
+        assert state.is_failed() and took < 60, (state.message, took)
+        summary = json.loads((layout.metrics_dir(cfg, D3) / layout.DAILY_RUN_FILE).read_text())
+        assert summary["failed_step"] == "ingest", summary
+        paragraph = failure_paragraph(summary)
+        assert f"{D3} failed at ingest" in paragraph and url in paragraph, paragraph
+        assert "Traceback" not in paragraph
+        assert alias_version(cfg, CHAMPION).version == champion
+        keys = set(_objects(s3, "hap-root"))
+        assert f"prod/landing/dt={D3}/exposure.parquet" in keys
+        assert not any(k.startswith("prod/quarantine/") for k in keys)
+
+        proxy.resume()
+        rerun = daily_retrain(date=D3.isoformat(), overrides=OVERRIDES, return_state=True)
+        assert rerun.is_completed(), rerun.message
+    finally:
+        lines.removeHandler(trigger)
+        lines.setLevel(level)
+        proxy.close()
