@@ -26,12 +26,15 @@ from pathlib import Path
 
 from hap.core import layout, storage
 from hap.core.config import Config
-from hap.core.errors import HapError
+from hap.core.errors import HapError, StorageError, is_io_failure
 from hap.data.dvc_repo import DvcFailed, dvc, fetch_training_set
 
 PROJECT = ".dvc-store"
 REMOTE = "hap"
 INDEX = "hap-index"
+UNREACHABLE_EXIT = 9  # the add process's exit when the remote could not be reached (StorageError's)
+# the storage clients' names for "not reached" (botocore, aiohttp), anywhere in an error's chain
+_NOT_REACHED = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError")
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,12 @@ def _run_add(cfg: Config, project: Path, args: list[str]) -> None:
         raise DvcFailed(f"pushing to the DVC remote ran past {timeout:g}s and was stopped") from None
     if proc.returncode != 0:
         reason = storage.redact(dvc_reason(f"{proc.stdout}\n{proc.stderr}"))
-        raise DvcFailed(f"pushing to the DVC remote {storage.redact(cfg.dvc_remote_url())} failed: {reason}")
+        remote = storage.redact(cfg.dvc_remote_url())
+        if proc.returncode == UNREACHABLE_EXIT:  # the remote's failure, not DVC's nor the data's
+            raise StorageError(
+                f"object storage {remote}: unreachable while pushing to the DVC remote ({reason})"
+            )
+        raise DvcFailed(f"pushing to the DVC remote {remote} failed: {reason}")
 
 
 def pull_version(cfg: Config, version: str, dest: Path) -> Path:
@@ -172,10 +180,25 @@ def _main(project: str, *pairs: str) -> None:
     ``_run_add`` starts."""
     from dvc.repo import Repo
 
-    with Repo(project) as repo:
-        for pair in pairs:
-            name, folder = pair.split("=", 1)
-            repo.add(folder, to_remote=True, out=str(Path(project) / name), remote=REMOTE)
+    try:
+        with Repo(project) as repo:
+            for pair in pairs:
+                name, folder = pair.split("=", 1)
+                repo.add(folder, to_remote=True, out=str(Path(project) / name), remote=REMOTE)
+    except Exception as err:  # noqa: BLE001 - one ERROR line for the parent, never a traceback
+        lines = str(err).strip().splitlines()
+        print(f"ERROR: {type(err).__name__}: {lines[0] if lines else ''}".rstrip(": "), file=sys.stderr)
+        sys.exit(UNREACHABLE_EXIT if _not_reached(err) else 1)
+
+
+def _not_reached(err: BaseException | None) -> bool:
+    """Whether ``err`` or an error it came from says the remote was not reached."""
+    seen = 0
+    while err is not None and seen < 20:
+        if type(err).__name__ in _NOT_REACHED or is_io_failure(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 if __name__ == "__main__":

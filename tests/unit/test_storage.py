@@ -204,3 +204,23 @@ def test_redact_removes_credentials(s3):
     for secret in (TEST_ACCESS_KEY, TEST_SECRET_KEY, "pa55word", "AKIAXXXXXXXXXXXXXXXX", "=abc"):
         assert secret not in out, out
     assert "s3://***@bucket/x" in out
+
+
+def test_an_unreachable_dvc_remote_fails_as_storage_in_one_line(s3, tmp_path, monkeypatch):
+    """DVC's push fails on a refused connection: a storage failure (exit 9) naming the remote, in
+    one line without the push process's traceback."""
+    from hap.data import dvc_store
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP")}
+    environ.update(HAP_HOME=str(tmp_path / "data"), HAP_DVC_REMOTE="s3://hap-dvc/store")
+    cfg = load_config(overrides=TIGHT, environ=environ)
+    folder = cfg.home / "training/dt=2026-11-01"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train/part-0.parquet").write_bytes(b"rows" * 100)
+    project = dvc_store._project(cfg, cfg.dvc_remote_url())
+    with pytest.raises(storage.StorageError) as err:
+        dvc_store._run_add(cfg, project, [f"training-2026-11-01={folder}"])
+    text = str(err.value)
+    assert err.value.exit_code == 9 and "s3://hap-dvc/store" in text and "unreachable" in text, text
+    assert "\n" not in text and "Traceback" not in text and 'File "' not in text, text
