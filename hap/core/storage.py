@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from hap.core.config import Config, StorageConfig
 
 _log = logging.getLogger(__name__)
+# one sync of a working copy at a time in a process: a failed run's publish left behind
+# (``publish_after_failure``) must not write the sync record beside the next run's pull
+_SYNCING = threading.Lock()
 SYNC_RECORD = ".hap-sync.json"
 # the environment variables whose values are secrets wherever they appear
 SECRET_ENV = (
@@ -212,6 +215,11 @@ def pull_root(cfg: Config) -> Synced:
 
     A file is fetched when the bucket's ETag differs from the one recorded at the last sync or the
     local file changed since; a file another writer removed from the bucket is removed here too."""
+    with _SYNCING:
+        return _pull_root(cfg)
+
+
+def _pull_root(cfg: Config) -> Synced:
     url = cfg.root_url
     if not url:
         return Synced(0, 0, 0)
@@ -250,6 +258,11 @@ def publish_root(cfg: Config) -> Synced:
 
     New and changed files go first, records and markers (``_*`` names, e.g. ``_data_version.json``)
     after the data they describe, then files removed locally are removed from the bucket."""
+    with _SYNCING:
+        return _publish_root(cfg)
+
+
+def _publish_root(cfg: Config) -> Synced:
     url = cfg.root_url
     if not url:
         return Synced(0, 0, 0)
