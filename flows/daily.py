@@ -36,7 +36,7 @@ from flows.locks import run_lock
 from hap.core import layout, storage
 from hap.core.atomic import atomic_write_json
 from hap.core.config import Config
-from hap.core.errors import DataContractError, DayRejected, HapError, ValidationFailed
+from hap.core.errors import DataContractError, DayRejected, HapError, StorageError, ValidationFailed
 from hap.data.quarantine import reject
 from hap.registry.tracking import check_reachable
 
@@ -64,7 +64,13 @@ def _train(cfg: Config, day: dt.date, spec: dict[str, Any]) -> dict[str, Any]:
 def _retrain(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str, Any]) -> None:
     summary.update(data_steps(cfg, day, spec, ("split",)))
     same = run_step(tasks.unchanged, cfg, day)
-    if same is not None:  # same data, config and code as a registered version: nothing to do
+    if same is not None and not same["gated"]:  # registered by a run that failed before its gate
+        summary.update(model_version=same["version"], retrain=False)
+        progress.skipped(day, "train", f"unchanged: v{same['version']} has no gate verdict yet: gating it")
+        _gate(cfg, day, summary)
+        return
+    if same is not None:  # same data, config and code as a gated version: nothing to do
+        same = same["version"]
         summary.update(model_version=same, retrain=False)
         summary["retrain_reason"] = (
             f"unchanged: v{same} was trained for {day.isoformat()} from the same data version, "
@@ -77,6 +83,10 @@ def _retrain(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str,
     summary["model_dir"] = str(layout.model_dir(cfg, day))
     summary["evaluate"] = run_step(tasks.evaluate, cfg, day)
     summary["model_version"] = run_step(tasks.register, cfg, day)
+    _gate(cfg, day, summary)
+
+
+def _gate(cfg: Config, day: dt.date, summary: dict[str, Any]) -> None:
     summary["gate"] = run_step(tasks.gate, cfg, day)
     if summary["gate"].get("alert"):
         raise_gate_alert(day, summary["gate"])
@@ -108,6 +118,8 @@ def _monitor(cfg: Config, day: dt.date, summary: dict[str, Any]) -> None:
     """Monitoring that cannot run yet (no champion, no reference days) is a note, not a failure."""
     try:
         result = run_step(tasks.monitor, cfg, day)
+    except StorageError:  # the store, not monitoring's prerequisites: the run fails, by name
+        raise
     except HapError as err:
         summary["monitor_note"] = f"monitoring skipped: {err}"
         get_run_logger().warning(summary["monitor_note"])

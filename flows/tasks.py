@@ -256,13 +256,16 @@ def evaluate(cfg: Config, date: dt.date) -> dict[str, Any]:
 
 
 @_task("unchanged")
-def unchanged(cfg: Config, date: dt.date) -> str | None:
-    """The version already registered for this day from the same data, config and code, if any:
-    re-running such a day would retrain an identical model, so the flow stops there."""
-    from hap.registry.registration import Registry, identity
+def unchanged(cfg: Config, date: dt.date) -> dict[str, Any] | None:
+    """The version already registered for this day from the same data, config and code, if any,
+    and whether the gate judged it: re-running such a day would retrain an identical model, so the
+    flow stops there, or goes straight to the gate when the run that registered it failed first."""
+    from hap.registry.registration import TAG_VERDICT, Registry, identity
 
     found = Registry(cfg).identical(date, identity(cfg, date))
-    return found.version if found is not None else None
+    if found is None:
+        return None
+    return {"version": found.version, "gated": TAG_VERDICT in (found.tags or {})}
 
 
 @_task("register")

@@ -55,6 +55,9 @@ class StorageConfig(_Section):
     attempts: int = Field(default=3, ge=1)  # tries per call; transient errors only
     # the most a failed run spends sending its records to the bucket before its error is shown
     after_failure_seconds: float = Field(default=10, gt=0)
+    # a whole publish: this, plus its changed bytes at the rate below (a hung upload is cut there)
+    publish_seconds: float = Field(default=30, gt=0)
+    min_upload_mb_per_second: float = Field(default=1.0, gt=0)
     sync_exclude: list[str] = [".locks", ".hap-sync.json", ".dvc-store"]  # top-level names never synced
 
 

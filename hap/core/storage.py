@@ -257,23 +257,53 @@ def publish_root(cfg: Config) -> Synced:
     """Send the working copy's changes to the bucket (no-op for a local data root).
 
     New and changed files go first, records and markers (``_*`` names, e.g. ``_data_version.json``)
-    after the data they describe, then files removed locally are removed from the bucket."""
-    with _SYNCING:
-        return _publish_root(cfg)
+    after the data they describe, then files removed locally are removed from the bucket.
+
+    Bounded as a whole, by ``storage.publish_seconds`` plus the changed bytes at
+    ``storage.min_upload_mb_per_second``: the read timeout does not cut an upload to a store that
+    accepts the connection and never answers (it waited for minutes in a fault probe)."""
+    url = cfg.root_url
+    if not url:
+        return Synced(0, 0, 0)
+    local = _local_files(cfg.home, layout.unsynced_folders(cfg))
+    pending = sum(local[rel].st_size for rel in _changed(local, _load_record(cfg.home, url)))
+    seconds = cfg.storage.publish_seconds + pending / (cfg.storage.min_upload_mb_per_second * 1e6)
+    box: dict[str, Any] = {}
+
+    def send() -> None:
+        try:
+            with _SYNCING:
+                box["synced"] = _publish_root(cfg)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=send, name="hap-publish", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():  # left behind: it holds the sync lock, so nothing else syncs meanwhile
+        raise StorageError(
+            f"object storage {redact(url)}: unreachable (publishing got no answer in {seconds:.0f} s)"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["synced"]
+
+
+def _changed(local: dict[str, os.stat_result], record: dict[str, Any]) -> list[str]:
+    """The working copy's files that differ from the sync record: data first, ``_*`` records last."""
+    return sorted(
+        (rel for rel, stat in local.items() if not _same(stat, record.get(rel))),
+        key=lambda rel: (rel.rsplit("/", 1)[-1].startswith("_"), rel),
+    )
 
 
 def _publish_root(cfg: Config) -> Synced:
     url = cfg.root_url
-    if not url:
-        return Synced(0, 0, 0)
     home, exclude = cfg.home, layout.unsynced_folders(cfg)
     fs, root = filesystem(url, cfg.storage)
     record = _load_record(home, url)
     local = _local_files(home, exclude)
-    changed = sorted(
-        (rel for rel, stat in local.items() if not _same(stat, record.get(rel))),
-        key=lambda rel: (rel.rsplit("/", 1)[-1].startswith("_"), rel),
-    )
+    changed = _changed(local, record)
     gone = [rel for rel in record if rel not in local]
     with guard(url):
         data = [r for r in changed if not r.rsplit("/", 1)[-1].startswith("_")]

@@ -296,3 +296,33 @@ def test_storage_lost_while_publishing_a_step_names_that_step(world, backfilled,
     paragraph = failure_paragraph(summary)
     assert f"{D2} failed at validate (StorageError)" in paragraph and "s3://hap-root/prod" in paragraph
     assert _champion(cfg) == champion_before
+
+
+def test_a_version_registered_by_a_run_that_failed_before_its_gate_is_gated_on_the_rerun(
+    world, backfilled, monkeypatch
+):
+    """The gate fails on every attempt (the store lost as it moves the aliases): the version stays
+    registered without a verdict. The re-run retrains nothing and registers nothing, and gates
+    that version, where it used to stop at "unchanged" and leave it never judged."""
+    from flows.daily import daily_retrain
+    from hap.registry.registration import TAG_VERDICT, versions
+
+    cfg = world["cfg"]
+    kw = {**world["kw"], "overrides": {**FLOW_OVERRIDES, "train.lr": 0.03}}  # a new model for D2
+    monkeypatch.setenv("HAP_INJECT_FAULTS", "gate:9")
+    state = daily_retrain(date=D2.isoformat(), force_train=True, return_state=True, **kw)
+    assert state.is_failed(), state.message
+    failed = json.loads((layout.metrics_dir(cfg, D2) / layout.DAILY_RUN_FILE).read_text())
+    assert failed["failed_step"] == "gate", failed
+    registered = versions(cfg)
+    assert TAG_VERDICT not in registered[-1].tags
+
+    monkeypatch.delenv("HAP_INJECT_FAULTS")
+    state = daily_retrain(date=D2.isoformat(), force_train=True, return_state=True, **kw)
+    assert state.is_completed(), state.message
+    day = json.loads((layout.metrics_dir(cfg, D2) / layout.DAILY_RUN_FILE).read_text())
+    assert day["retrain"] is False and day["model_version"] == registered[-1].version, day
+    assert day["gate"], day
+    after = versions(cfg)
+    assert [v.version for v in after] == [v.version for v in registered]
+    assert TAG_VERDICT in after[-1].tags

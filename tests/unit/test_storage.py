@@ -120,6 +120,24 @@ def test_a_failed_run_on_a_hung_store_reports_its_error_within_the_bound(s3, tmp
     assert fs.cat(f"{root}/metrics/dt=2026-11-02/daily_run.json") == b'{"status": "failed"}'
 
 
+def test_an_upload_to_a_silent_store_is_cut_by_the_publish_bound(s3, tmp_path, monkeypatch):
+    """A store that accepts and never answers: an upload is not cut by the read timeout, so the
+    whole publish is bounded (``storage.publish_seconds`` plus its bytes at the minimum rate)."""
+    url = f"{s3.create_bucket('silent-put')}/hap"
+    cfg = _cfg(url, tmp_path, **{"storage.read_timeout_seconds": 30, "storage.publish_seconds": 2})
+    (cfg.home / "metrics").mkdir(parents=True)
+    (cfg.home / "metrics/daily_run.json").write_text("{}")
+    with socket.socket() as sink:
+        sink.bind(("127.0.0.1", 0))
+        sink.listen(16)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sink.getsockname()[1]}")
+        started = time.monotonic()
+        with pytest.raises(storage.StorageError) as err:
+            storage.publish_root(cfg)
+        assert time.monotonic() - started < 2 + 2
+    _assert_one_clean_line(err.value, url, "unreachable")
+
+
 def test_a_refusal_is_told_by_its_code_not_by_digits_in_a_port():
     """A timeout on an endpoint whose port holds the digits 403 is "unreachable", not "denied"."""
     timeout = OSError('Read timeout on endpoint URL: "http://127.0.0.1:44039/silent?list-type=2"')
