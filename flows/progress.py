@@ -134,7 +134,13 @@ def failure_paragraph(summary: dict[str, Any], log_path: Path | None = None) -> 
             text += f" The day is in {quarantine}: fix its files, then `hap release-quarantine --date {day}`."
         text += f" Then re-run it: `hap run --date {day}`."
     elif summary.get("expected", True):
-        text += f" The champion did not move. To do: fix the cause above, then `hap run --date {day}`."
+        gate = summary.get("gate") or {}
+        if gate.get("promoted", gate.get("blessed")):  # a step after the gate failed: the gate stands
+            version = summary.get("model_version")
+            text += f" The gate had promoted v{version} to champion before this step; that stands."
+        else:
+            text += " The champion did not move."
+        text += f" To do: fix the cause above, then `hap run --date {day}`."
     else:
         text += (
             " This failure was not expected (transient faults were retried first): its traceback is"

@@ -244,3 +244,22 @@ def test_a_failed_look_up_is_told_under_the_step_it_serves(caplog) -> None:
             raise StorageError("object storage s3://hap-root/prod: unreachable (connection refused)")
     assert err.value.failed_step == "train"
     assert [r.getMessage().split()[1:3] for r in caplog.records] == [["train", "FAILED"]]
+
+
+def test_a_failure_after_a_promoting_gate_does_not_claim_the_champion_stayed() -> None:
+    """Monitoring or version-data fail after the gate promoted: the paragraph says the promotion
+    stands, not that the champion did not move."""
+    from flows.progress import failure_paragraph
+
+    failed = {
+        "date": "2026-11-06",
+        "failed_step": "version-data",
+        "error_type": "StorageError",
+        "error": "object storage s3://hap-dvc/store: unreachable (connection refused)",
+        "model_version": "7",
+    }
+    promoted = failure_paragraph({**failed, "gate": {"verdict": "pass", "promoted": True}})
+    assert "promoted v7 to champion before this step" in promoted and "did not move" not in promoted
+    kept = failure_paragraph({**failed, "gate": {"verdict": "fail", "promoted": False}})
+    assert "The champion did not move." in kept
+    assert "The champion did not move." in failure_paragraph({**failed, "failed_step": "train"})
