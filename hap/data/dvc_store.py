@@ -130,7 +130,16 @@ def _run_add(cfg: Config, project: Path, args: list[str]) -> None:
 
     from hap.data.dvc_repo import dvc_reason
 
-    timeout = cfg.orchestration.dvc_timeout_seconds
+    # like a publish of the data root (storage.publish_root): a fixed allowance plus the folders'
+    # bytes at the minimum upload rate, so a remote that accepts and never answers is cut there
+    # (DVC's own retries of its read timeout took a minute), within dvc_timeout_seconds
+    folders = [Path(arg.split("=", 1)[1]) for arg in args]
+    size = sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
+    bounds = cfg.storage
+    timeout = min(
+        cfg.orchestration.dvc_timeout_seconds,
+        bounds.publish_seconds + size / (bounds.min_upload_mb_per_second * 1e6),
+    )
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "hap.data.dvc_store", str(project), *args],
@@ -140,7 +149,10 @@ def _run_add(cfg: Config, project: Path, args: list[str]) -> None:
             cwd=project,
         )
     except subprocess.TimeoutExpired:
-        raise DvcFailed(f"pushing to the DVC remote ran past {timeout:g}s and was stopped") from None
+        raise StorageError(
+            f"object storage {storage.redact(cfg.dvc_remote_url())}: unreachable (pushing to the DVC "
+            f"remote got no answer in {timeout:.0f} s)"
+        ) from None
     if proc.returncode != 0:
         reason = storage.redact(dvc_reason(f"{proc.stdout}\n{proc.stderr}"))
         remote = storage.redact(cfg.dvc_remote_url())

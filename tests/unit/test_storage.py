@@ -242,3 +242,27 @@ def test_an_unreachable_dvc_remote_fails_as_storage_in_one_line(s3, tmp_path, mo
     text = str(err.value)
     assert err.value.exit_code == 9 and "s3://hap-dvc/store" in text and "unreachable" in text, text
     assert "\n" not in text and "Traceback" not in text and 'File "' not in text, text
+
+
+def test_a_dvc_remote_that_hangs_is_cut_by_the_publish_bound(s3, tmp_path, monkeypatch):
+    """A DVC remote that accepts and never answers: the push is stopped at the publish bound
+    (``storage.publish_seconds`` plus its bytes at the minimum rate), a storage failure naming the
+    remote, where DVC's own retries of its read timeout took about a minute."""
+    from hap.data import dvc_store
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP")}
+    environ.update(HAP_HOME=str(tmp_path / "data"), HAP_DVC_REMOTE="s3://hap-dvc/store")
+    cfg = load_config(overrides={"storage.publish_seconds": 3}, environ=environ)
+    folder = cfg.home / "training/dt=2026-11-01"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train/part-0.parquet").write_bytes(b"rows" * 100)
+    project = dvc_store._project(cfg, cfg.dvc_remote_url())
+    with socket.socket() as sink:
+        sink.bind(("127.0.0.1", 0))
+        sink.listen(16)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sink.getsockname()[1]}")
+        started = time.monotonic()
+        with pytest.raises(storage.StorageError) as err:
+            dvc_store._run_add(cfg, project, [f"training-2026-11-01={folder}"])
+        assert time.monotonic() - started < 3 + 3
+    assert "s3://hap-dvc/store" in str(err.value) and "unreachable" in str(err.value)
