@@ -114,10 +114,10 @@ class FeatureSpec:
         slots = np.array([*range(len(REQUEST_CATEGORICAL)), *[SEQ_FEATURE_SLOT] * clicks.shape[1]])
         ids = self.rehash(np.concatenate([cat.astype(np.int64), clicks], axis=1), slots[None, :])
         dense = _dense_matrix(table, schema.USER_DENSE)
-        return {
-            "req_cat": ids[:, : len(REQUEST_CATEGORICAL)],
+        return {  # each its own contiguous array: tensors of them are shared between processes
+            "req_cat": np.ascontiguousarray(ids[:, : len(REQUEST_CATEGORICAL)]),
             "req_dense": self._standardize(dense, slice(0, N_USER_DENSE)),
-            "seq": ids[:, len(REQUEST_CATEGORICAL) :],
+            "seq": np.ascontiguousarray(ids[:, len(REQUEST_CATEGORICAL) :]),
         }
 
     def encode_items(self, table: pa.Table) -> dict[str, np.ndarray]:
