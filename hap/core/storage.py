@@ -265,15 +265,16 @@ def publish_root(cfg: Config) -> Synced:
     url = cfg.root_url
     if not url:
         return Synced(0, 0, 0)
-    local = _local_files(cfg.home, layout.unsynced_folders(cfg))
-    pending = sum(local[rel].st_size for rel in _changed(local, _load_record(cfg.home, url)))
+    local, record = _local_files(cfg.home, layout.unsynced_folders(cfg)), _load_record(cfg.home, url)
+    changed = _changed(local, record)
+    pending = sum(local[rel].st_size for rel in changed)
     seconds = cfg.storage.publish_seconds + pending / (cfg.storage.min_upload_mb_per_second * 1e6)
     box: dict[str, Any] = {}
 
     def send() -> None:
         try:
             with _SYNCING:
-                box["synced"] = _publish_root(cfg)
+                box["synced"] = _publish_root(cfg, local, record, changed)
         except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
             box["error"] = err
 
@@ -297,13 +298,11 @@ def _changed(local: dict[str, os.stat_result], record: dict[str, Any]) -> list[s
     )
 
 
-def _publish_root(cfg: Config) -> Synced:
-    url = cfg.root_url
-    home, exclude = cfg.home, layout.unsynced_folders(cfg)
+def _publish_root(
+    cfg: Config, local: dict[str, os.stat_result], record: dict[str, Any], changed: list[str]
+) -> Synced:
+    url, home, exclude = cfg.root_url, cfg.home, layout.unsynced_folders(cfg)
     fs, root = filesystem(url, cfg.storage)
-    record = _load_record(home, url)
-    local = _local_files(home, exclude)
-    changed = _changed(local, record)
     gone = [rel for rel in record if rel not in local]
     with guard(url):
         data = [r for r in changed if not r.rsplit("/", 1)[-1].startswith("_")]

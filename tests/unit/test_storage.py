@@ -8,11 +8,13 @@ the (unknown) test key exactly as S3 refuses a wrong one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,15 @@ def _cfg(url: str, workdir: Path, **overrides):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HAP")}
     environ.update(HAP_HOME=url, HAP_WORKDIR=str(workdir))
     return load_config(overrides={**TIGHT, **overrides}, environ=environ)
+
+
+@contextlib.contextmanager
+def silent_store() -> Iterator[str]:
+    """An endpoint that accepts connections and never answers: a hung store (or proxy)."""
+    with socket.socket() as sink:
+        sink.bind(("127.0.0.1", 0))
+        sink.listen(16)
+        yield f"http://127.0.0.1:{sink.getsockname()[1]}"
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -85,10 +96,8 @@ def test_unreachable_endpoint_fails_in_bounded_time(s3, tmp_path, monkeypatch):
 def test_silent_endpoint_is_cut_by_the_read_timeout(s3, tmp_path, monkeypatch):
     """A server that accepts connections and never answers (a hung proxy) costs the bound, not forever."""
     url = f"{s3.create_bucket('silent')}/hap"
-    with socket.socket() as sink:
-        sink.bind(("127.0.0.1", 0))
-        sink.listen(16)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sink.getsockname()[1]}")
+    with silent_store() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         started = time.monotonic()
         with pytest.raises(storage.StorageError) as err:
             storage.check(url, _cfg(url, tmp_path).storage)
@@ -104,12 +113,10 @@ def test_a_failed_run_on_a_hung_store_reports_its_error_within_the_bound(s3, tmp
     loose = {"storage.read_timeout_seconds": 30, "storage.attempts": 3, "storage.after_failure_seconds": 2}
     cfg = _cfg(url, tmp_path, **loose)
     record = cfg.home / "metrics/dt=2026-11-02/daily_run.json"
-    with socket.socket() as sink:
-        sink.bind(("127.0.0.1", 0))
-        sink.listen(16)
+    with silent_store() as endpoint:
         started = time.monotonic()
         with pytest.raises(RuntimeError, match="the run's own error"), storage.synced(cfg):
-            monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sink.getsockname()[1]}")
+            monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
             record.parent.mkdir(parents=True)
             record.write_text('{"status": "failed"}')
             raise RuntimeError("the run's own error")
@@ -127,10 +134,8 @@ def test_an_upload_to_a_silent_store_is_cut_by_the_publish_bound(s3, tmp_path, m
     cfg = _cfg(url, tmp_path, **{"storage.read_timeout_seconds": 30, "storage.publish_seconds": 2})
     (cfg.home / "metrics").mkdir(parents=True)
     (cfg.home / "metrics/daily_run.json").write_text("{}")
-    with socket.socket() as sink:
-        sink.bind(("127.0.0.1", 0))
-        sink.listen(16)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sink.getsockname()[1]}")
+    with silent_store() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         started = time.monotonic()
         with pytest.raises(storage.StorageError) as err:
             storage.publish_root(cfg)
@@ -257,10 +262,8 @@ def test_a_dvc_remote_that_hangs_is_cut_by_the_publish_bound(s3, tmp_path, monke
     (folder / "train").mkdir(parents=True)
     (folder / "train/part-0.parquet").write_bytes(b"rows" * 100)
     project = dvc_store._project(cfg, cfg.dvc_remote_url())
-    with socket.socket() as sink:
-        sink.bind(("127.0.0.1", 0))
-        sink.listen(16)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sink.getsockname()[1]}")
+    with silent_store() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         started = time.monotonic()
         with pytest.raises(storage.StorageError) as err:
             dvc_store._run_add(cfg, project, [f"training-2026-11-01={folder}"])
