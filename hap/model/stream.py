@@ -276,4 +276,8 @@ class EpochBatches:
         workers = self.data.cfg.train.loader_workers
         if workers == 0:
             return iter(stream)
+        # batches come back through shared-memory files, not file descriptors passed over a
+        # socket per tensor: under load, a worker that had sent its last batch and exited left the
+        # main process unable to fetch that batch's descriptors ("worker exited unexpectedly")
+        torch.multiprocessing.set_sharing_strategy("file_system")
         return iter(DataLoader(stream, batch_size=None, num_workers=workers))
