@@ -37,8 +37,10 @@ requests are in memory at a time, and their batches are built one at a time.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import multiprocessing.context
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -172,6 +174,11 @@ class StreamingTrainData:
     def columns(self) -> int:
         return int(self.col_group.numel())
 
+    def __getstate__(self) -> dict:
+        """What a loader worker needs to build batches: not the encoded-shard cache (each process
+        keeps its own) nor the full-flow set (the training process draws from it)."""
+        return {**self.__dict__, "_cache": OrderedDict(), "fullflow": None}
+
     def load(self, index: int, split: str = "train") -> TrainData:
         """One shard's ``split`` requests in memory, salted by the shard's index so shards draw
         different negatives (a request's negatives are its own rows: none is lost by the filter).
@@ -276,8 +283,29 @@ class EpochBatches:
         workers = self.data.cfg.train.loader_workers
         if workers == 0:
             return iter(stream)
-        # batches come back through shared-memory files, not file descriptors passed over a
-        # socket per tensor: under load, a worker that had sent its last batch and exited left the
-        # main process unable to fetch that batch's descriptors ("worker exited unexpectedly")
-        torch.multiprocessing.set_sharing_strategy("file_system")
-        return iter(DataLoader(stream, batch_size=None, num_workers=workers))
+        loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            multiprocessing_context=_worker_context(),
+            worker_init_fn=_share_through_files,
+        )
+        return iter(loader)
+
+
+@functools.cache
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Loader workers start from a fork server that has imported this module and nothing else,
+    not from the training process: a fork of that process copies its threads' locks, signal
+    handlers and at-fork hooks (Prefect's, MLflow's, Arrow's pools), and under load such a worker
+    died at random with exit code 1 and no message."""
+    context = torch.multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _share_through_files(worker_id: int) -> None:
+    """A worker hands its batches back through shared-memory files, not file descriptors passed
+    over a socket per tensor: under load, a worker that had sent its last batch and exited left
+    the main process unable to fetch that batch's descriptors."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
