@@ -23,6 +23,7 @@ monitor -> version the data (``dvc push``).
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -55,10 +56,11 @@ def _where(cfg: Config, day: dt.date) -> dict[str, Any]:
     }
 
 
-def _train(cfg: Config, day: dt.date, spec: dict[str, Any]) -> dict[str, Any]:
+def _train(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str, Any]) -> None:
     if cfg.orchestration.train_on == "gpu-pool":
-        return run_step(tasks.train_remote, cfg, day, spec)
-    return run_step(tasks.train, cfg, day)
+        run_step(tasks.train_remote, cfg, day, spec, record=(summary, "train"))
+    else:
+        run_step(tasks.train, cfg, day, record=(summary, "train"))
 
 
 def _retrain(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str, Any]) -> None:
@@ -79,15 +81,15 @@ def _retrain(cfg: Config, day: dt.date, spec: dict[str, Any], summary: dict[str,
         get_run_logger().info(summary["retrain_reason"])
         progress.skipped(day, "train", f"unchanged: v{same} was trained from the same data, config and code")
         return
-    summary["train"] = _train(cfg, day, spec)
+    _train(cfg, day, spec, summary)
     summary["model_dir"] = str(layout.model_dir(cfg, day))
-    summary["evaluate"] = run_step(tasks.evaluate, cfg, day)
-    summary["model_version"] = run_step(tasks.register, cfg, day)
+    run_step(tasks.evaluate, cfg, day, record=(summary, "evaluate"))
+    run_step(tasks.register, cfg, day, record=(summary, "model_version"))
     _gate(cfg, day, summary)
 
 
 def _gate(cfg: Config, day: dt.date, summary: dict[str, Any]) -> None:
-    summary["gate"] = run_step(tasks.gate, cfg, day)
+    run_step(tasks.gate, cfg, day, record=(summary, "gate"))
     if summary["gate"].get("alert"):
         raise_gate_alert(day, summary["gate"])
     policy.consume_request(cfg, day)
@@ -168,9 +170,9 @@ def run_day(cfg: Config, day: dt.date, force_train: bool, spec: dict[str, Any]) 
             _retrain(cfg, day, spec, summary)
         else:
             progress.skipped(day, "train", decision.reason)
-        summary["champion"] = run_step(tasks.champion, cfg)
+        run_step(tasks.champion, cfg, record=(summary, "champion"))
         _monitor(cfg, day, summary)
-        summary["version_data"] = run_step(tasks.version_data, cfg, day, decision.retrain)
+        run_step(tasks.version_data, cfg, day, decision.retrain, record=(summary, "version_data"))
         summary["status"] = "completed"
     except BaseException as err:
         summary.update(
@@ -218,5 +220,38 @@ def daily_retrain(
     cfg = run_config(**spec)
     day = resolve_date(cfg, date)
     check_reachable(cfg)  # a dead tracking server fails the run now, not after training
-    with run_lock(cfg, day, cfg.orchestration.date_lock_timeout_seconds), storage.synced(cfg):
-        return run_day(cfg, day, force_train, spec)
+    with run_lock(cfg, day, cfg.orchestration.date_lock_timeout_seconds):
+        return _run_synced(cfg, day, force_train, spec)
+
+
+def _run_synced(cfg: Config, day: dt.date, force_train: bool, spec: dict[str, Any]) -> dict[str, Any]:
+    """``run_day`` between the pull of the data root and its last publish. Either can fail on the
+    store (unreachable as the run starts; silent once the last step is done, when the day's record
+    already says completed): the day's record then says which, so the run's closing paragraph
+    names the day and the step, and says whether a promotion stands."""
+    started = False
+    try:
+        with storage.synced(cfg):
+            started = True
+            return run_day(cfg, day, force_train, spec)
+    except StorageError as err:
+        _record_store_failure(cfg, day, err, "publish" if started else "pull")
+        raise
+
+
+def _record_store_failure(cfg: Config, day: dt.date, err: StorageError, step: str) -> None:
+    """Mark the day's record failed at ``step`` (the pull or the last publish), unless a step of
+    ``run_day`` already recorded its own failure. After the last publish, the record keeps what
+    the steps did (a promotion stands) and is offered to the store once more, within the
+    after-failure bound; the next run sends it otherwise."""
+    path = layout.metrics_dir(cfg, day) / SUMMARY_FILE
+    ran = step == "publish" and path.exists()
+    summary = json.loads(path.read_text()) if ran else {"date": day.isoformat(), **_where(cfg, day)}
+    if summary.get("status") == "failed":
+        return
+    err.failed_step = step  # type: ignore[attr-defined]
+    summary.update(status="failed", failed_step=step, expected=True)
+    summary.update(error=str(err), error_type=type(err).__name__)
+    atomic_write_json(path, summary)
+    if ran:
+        storage.publish_after_failure(cfg)

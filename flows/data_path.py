@@ -23,12 +23,18 @@ from hap.core.engine import nanny_environ_undone, require_scheduler
 from hap.core.errors import HapError
 
 
-def run_step(step: Any, cfg: Config, *args: Any) -> Any:
-    """Run a step task with the run's retries; its line (step, day, outcome, seconds) is reported."""
+def run_step(step: Any, cfg: Config, *args: Any, record: tuple[dict[str, Any], str] | None = None) -> Any:
+    """Run a step task with the run's retries; its line (step, day, outcome, seconds) is reported.
+    ``record`` (the day's summary, a key) takes the result before the step's publish: a step whose
+    work is done stays on the day's record when the publish after it fails (a gate that promoted,
+    a version that was registered)."""
     day = next((a for a in args if isinstance(a, dt.date)), None)
     require_held()  # a run whose date lock ran out stops here, before another step's outputs
     with progress.reported(step.name, day) as report:
         report["result"] = tasks.configured(step, cfg)(cfg, *args)
+        if record is not None:
+            summary, key = record
+            summary[key] = report["result"]
         # a data root on object storage gets each step's outputs at once; a failed publish fails
         # this step, by name (its line says FAILED, the day's paragraph names it and the URL)
         storage.publish_root(cfg)

@@ -229,3 +229,87 @@ def test_a_store_that_hangs_mid_run_fails_that_step_in_bounded_time(two_days, mo
         lines.removeHandler(trigger)
         lines.setLevel(level)
         proxy.close()
+
+
+# a hung store costs seconds here, not the defaults' half minute: one try, short answers
+FAST_FAILING_STORE = {
+    "storage.attempts": 1,
+    "storage.read_timeout_seconds": 2,
+    "storage.publish_seconds": 4,
+    "storage.after_failure_seconds": 3,
+}
+
+
+def test_a_store_that_hangs_around_the_steps_leaves_a_record_that_says_where(two_days, monkeypatch):
+    """A fourth day, with the store hanging at three moments: as the run starts (the pull fails),
+    right after register (the gate's own work is done, the publish after it fails: the record
+    keeps the gate's verdict, so the paragraph says whether a promotion stands, as the registry
+    does), and after the last step (the final publish fails: the record says failed, not
+    completed). Once the store answers, the day completes."""
+    import logging
+
+    from flows.daily import daily_retrain
+    from flows.progress import failure_paragraph
+    from hap.core.config import load_config
+    from hap.registry.registration import CHAMPION, alias_version
+    from hap.sources.simulator import simulate_days
+
+    cfg, s3, url, remote = two_days["cfg"], two_days["s3"], two_days["url"], two_days["remote"]
+    d4 = D3 + dt.timedelta(days=1)
+    producer = load_config(overrides=OVERRIDES, environ=_environ(url, two_days["root"] / "machine-a", remote))
+    list(simulate_days(producer, d4, 1, progress=False))
+    storage.publish_root(producer)
+
+    overrides = {**OVERRIDES, **FAST_FAILING_STORE}
+    proxy = HangingProxy(s3.endpoint)
+    hang_after: list[str] = []
+
+    class HangAfter(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if hang_after and record.getMessage().startswith(f"{d4}  {hang_after[0]:<12} ok"):
+                proxy.hang()
+
+    for key, value in _environ(url, two_days["root"] / "machine-b", remote).items():
+        if key.startswith("HAP"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    trigger, lines = HangAfter(level=logging.INFO), logging.getLogger("flows.progress")
+    level = lines.level
+    lines.setLevel(logging.INFO)
+    lines.addHandler(trigger)
+    record = layout.metrics_dir(cfg, d4) / layout.DAILY_RUN_FILE
+
+    def failed_run(step: str) -> dict[str, Any]:
+        state = daily_retrain(date=d4.isoformat(), overrides=overrides, return_state=True)
+        assert state.is_failed(), state.message
+        summary = json.loads(record.read_text())
+        assert summary["status"] == "failed" and summary["failed_step"] == step, summary
+        paragraph = failure_paragraph(summary)
+        assert f"{d4} failed at {step}" in paragraph and "Traceback" not in paragraph, paragraph
+        proxy.resume()
+        return summary
+
+    try:
+        proxy.hang()  # as the run starts
+        failed_run("pull")
+
+        champion = alias_version(cfg, CHAMPION).version
+        hang_after[:] = ["register"]
+        summary = failed_run("gate")
+        assert "gate" in summary and summary["model_version"], summary
+        promoted = alias_version(cfg, CHAMPION).version != champion
+        assert bool(summary["gate"].get("promoted")) == promoted, summary["gate"]
+        stands = "that stands" in failure_paragraph(summary)
+        assert stands == promoted and ("did not move" in failure_paragraph(summary)) != promoted
+
+        hang_after[:] = ["version-data"]  # the re-run gates nothing new; its last publish hangs
+        failed_run("publish")
+
+        hang_after.clear()
+        rerun = daily_retrain(date=d4.isoformat(), overrides=overrides, return_state=True)
+        assert rerun.is_completed(), rerun.message
+        assert json.loads(record.read_text())["status"] == "completed"
+    finally:
+        lines.removeHandler(trigger)
+        lines.setLevel(level)
+        proxy.close()
