@@ -15,14 +15,17 @@ and checks that its content hash is ``V``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hap.core import layout, storage
 from hap.core.config import Config
@@ -193,14 +196,46 @@ def _main(project: str, *pairs: str) -> None:
     from dvc.repo import Repo
 
     try:
-        with Repo(project) as repo:
+        with Repo(project) as repo, _upload_names() as uploaded:
             for pair in pairs:
                 name, folder = pair.split("=", 1)
                 repo.add(folder, to_remote=True, out=str(Path(project) / name), remote=REMOTE)
+            _remove_upload_leftovers(repo, uploaded)
     except Exception as err:  # noqa: BLE001 - one ERROR line for the parent, never a traceback
         lines = str(err).strip().splitlines()
         print(f"ERROR: {type(err).__name__}: {lines[0] if lines else ''}".rstrip(": "), file=sys.stderr)
         sys.exit(UNREACHABLE_EXIT if _not_reached(err) else 1)
+
+
+@contextlib.contextmanager
+def _upload_names() -> Iterator[list[str]]:
+    """The temporary names this process's DVC gives what it uploads. ``dvc add --to-remote``
+    uploads each file under a temporary name beside the remote's objects, then copies it to its
+    content address; on an object store the temporary object stays behind (an open DVC bug,
+    treeverse/dvc#10783: one per file, 24 a day here). Recording the names this process made lets
+    it remove its own leftovers, never a concurrent push's upload in flight."""
+    from dvc_objects.fs import utils
+
+    original, names = utils.tmp_fname, []
+
+    def recording(prefix: str = "") -> str:
+        name = original(prefix)
+        names.append(name)
+        return name
+
+    utils.tmp_fname = recording
+    try:
+        yield names
+    finally:
+        utils.tmp_fname = original
+
+
+def _remove_upload_leftovers(repo: Any, names: list[str]) -> None:
+    """Remove the uploads' temporary objects that are still in the remote (``_upload_names``)."""
+    odb = repo.cloud.get_remote_odb(REMOTE)
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            odb.fs.remove(odb.fs.join(odb.path, name))
 
 
 def _not_reached(err: BaseException | None) -> bool:
