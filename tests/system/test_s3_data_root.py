@@ -211,7 +211,10 @@ def test_a_store_that_hangs_mid_run_fails_that_step_in_bounded_time(two_days, mo
     lines.setLevel(logging.INFO)
     lines.addHandler(trigger)
     try:
-        state = daily_retrain(date=D3.isoformat(), overrides=OVERRIDES, return_state=True)
+        # the lake's calls at half their default timeout: about 20 s of them, then the failed run's
+        # records' bound (10 s), well inside 60 s on a loaded machine (the defaults took ~52 s)
+        hung = {**OVERRIDES, "lake.timeout_seconds": 5}
+        state = daily_retrain(date=D3.isoformat(), overrides=hung, return_state=True)
         assert hung_at, "the store was never hung: no validate line for the day"
         took = time.monotonic() - hung_at[0]
         assert state.is_failed() and took < 60, (state.message, took)
