@@ -24,10 +24,10 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hap.core import layout
 from hap.core.errors import HapError, StorageError
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from hap.core.config import Config, StorageConfig
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 # one sync of a working copy at a time in a process: a failed run's publish left behind
 # (``publish_after_failure``) must not write the sync record beside the next run's pull
 _SYNCING = threading.Lock()
@@ -267,27 +268,44 @@ def publish_root(cfg: Config) -> Synced:
         return Synced(0, 0, 0)
     local, record = _local_files(cfg.home, layout.unsynced_folders(cfg)), _load_record(cfg.home, url)
     changed = _changed(local, record)
-    pending = sum(local[rel].st_size for rel in changed)
-    seconds = cfg.storage.publish_seconds + pending / (cfg.storage.min_upload_mb_per_second * 1e6)
-    box: dict[str, Any] = {}
+    seconds = upload_bound(cfg.storage, sum(local[rel].st_size for rel in changed))
 
-    def send() -> None:
-        try:
-            with _SYNCING:
-                box["synced"] = _publish_root(cfg, local, record, changed)
-        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
-            box["error"] = err
+    def send() -> Synced:
+        with _SYNCING:
+            return _publish_root(cfg, local, record, changed)
 
-    worker = threading.Thread(target=send, name="hap-publish", daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():  # left behind: it holds the sync lock, so nothing else syncs meanwhile
+    finished, synced, error = _within(seconds, send, "hap-publish")
+    if not finished:  # left behind: it holds the sync lock, so nothing else syncs meanwhile
         raise StorageError(
             f"object storage {redact(url)}: unreachable (publishing got no answer in {seconds:.0f} s)"
         )
-    if "error" in box:
-        raise box["error"]
-    return box["synced"]
+    if error is not None:
+        raise error
+    return synced
+
+
+def upload_bound(bounds: StorageConfig, nbytes: int) -> float:
+    """The most seconds an upload of ``nbytes`` may take as a whole: ``storage.publish_seconds``
+    plus the bytes at ``storage.min_upload_mb_per_second`` (a read timeout does not cut an upload
+    to a store that accepts and never answers)."""
+    return bounds.publish_seconds + nbytes / (bounds.min_upload_mb_per_second * 1e6)
+
+
+def _within(seconds: float, work: Callable[[], T], name: str) -> tuple[bool, T | None, BaseException | None]:
+    """``work()`` in a daemon thread, waited for at most ``seconds``: (finished, its result, its
+    error). Past the time it is left behind, still running."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = work()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return not worker.is_alive(), box.get("result"), box.get("error")
 
 
 def _changed(local: dict[str, os.stat_result], record: dict[str, Any]) -> list[str]:
@@ -348,20 +366,16 @@ def publish_after_failure(cfg: Config) -> bool:
     is sent, so the next run's publish sends what is missing. True when everything was sent."""
     if not cfg.root_url:
         return True
-    sent = threading.Event()
-
-    def send() -> None:
-        with contextlib.suppress(StorageError):
-            publish_root(cfg)
-            sent.set()
-
-    worker = threading.Thread(target=send, name="hap-publish-after-failure", daemon=True)
-    worker.start()
-    worker.join(cfg.storage.after_failure_seconds)
-    if not sent.is_set():
+    finished, _, error = _within(
+        cfg.storage.after_failure_seconds, lambda: publish_root(cfg), "hap-publish-after-failure"
+    )
+    sent = finished and error is None
+    if not sent:
         _log.warning(
-            "%s: the failed run's records were not sent to the bucket within %s s; the next run sends them",
+            "%s: the failed run's records were not sent to the bucket within %s s (%s); "
+            "the next run sends them",
             redact(cfg.root_url),
             cfg.storage.after_failure_seconds,
+            "no answer" if not finished else redact(str(error)),
         )
-    return sent.is_set()
+    return sent

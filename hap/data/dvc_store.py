@@ -138,11 +138,7 @@ def _run_add(cfg: Config, project: Path, args: list[str]) -> None:
     # (DVC's own retries of its read timeout took a minute), within dvc_timeout_seconds
     folders = [Path(arg.split("=", 1)[1]) for arg in args]
     size = sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
-    bounds = cfg.storage
-    timeout = min(
-        cfg.orchestration.dvc_timeout_seconds,
-        bounds.publish_seconds + size / (bounds.min_upload_mb_per_second * 1e6),
-    )
+    timeout = min(cfg.orchestration.dvc_timeout_seconds, storage.upload_bound(cfg.storage, size))
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "hap.data.dvc_store", str(project), *args],

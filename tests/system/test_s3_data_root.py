@@ -12,11 +12,15 @@ and a re-run once the store answers completes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,44 +183,70 @@ def test_no_credential_in_logs_tags_records_or_objects(two_days):
             assert secret.encode() not in blob, f"{secret[:4]}... found in {name}"
 
 
+class _HungStore:
+    """The root bucket as machine B reaches it, through a ``HangingProxy``: ``hang_after(step)``
+    hangs it right after that step's ``ok`` line of ``day`` (``hung_at``: when), ``proxy.hang()``
+    at once."""
+
+    def __init__(self, proxy: HangingProxy, day: dt.date) -> None:
+        self.proxy, self.day = proxy, day
+        self.after: str | None = None
+        self.hung_at: float | None = None
+
+    def hang_after(self, step: str | None) -> None:
+        self.after, self.hung_at = step, None
+
+
+@contextlib.contextmanager
+def _hung_store(
+    two_days: dict[str, Any], monkeypatch: pytest.MonkeyPatch, day: dt.date
+) -> Iterator[_HungStore]:
+    """Machine B's environment with the bucket behind a proxy that hangs on cue (``_HungStore``)."""
+    store = _HungStore(HangingProxy(two_days["s3"].endpoint), day)
+
+    class HangOnCue(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if store.after is None or store.hung_at is not None:
+                return
+            if record.getMessage().startswith(f"{store.day}  {store.after:<12} ok"):
+                store.proxy.hang()
+                store.hung_at = time.monotonic()
+
+    for key, value in _environ(two_days["url"], two_days["root"] / "machine-b", two_days["remote"]).items():
+        if key.startswith("HAP"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", store.proxy.endpoint)
+    trigger, lines = HangOnCue(level=logging.INFO), logging.getLogger("flows.progress")
+    level = lines.level
+    lines.setLevel(logging.INFO)
+    lines.addHandler(trigger)
+    try:
+        yield store
+    finally:
+        lines.removeHandler(trigger)
+        lines.setLevel(level)
+        store.proxy.close()
+
+
 def test_a_store_that_hangs_mid_run_fails_that_step_in_bounded_time(two_days, monkeypatch):
     """The store stops answering as ingest begins (it accepts connections and never replies): the
     run fails at ingest within 60 s, naming the day, the step and the bucket, without a traceback;
     the champion stays, the day stays in landing/ and nothing is quarantined; once the store
     answers again, a re-run of the day completes."""
-    import logging
-    import time
-
     from flows.daily import daily_retrain
     from flows.progress import failure_paragraph
     from hap.registry.registration import CHAMPION, alias_version
 
     cfg, s3, url = two_days["cfg"], two_days["s3"], two_days["url"]
     champion = alias_version(cfg, CHAMPION).version
-    proxy = HangingProxy(s3.endpoint)
-    hung_at: list[float] = []
-
-    class HangAfterValidate(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if not hung_at and record.getMessage().startswith(f"{D3}  validate     ok"):
-                proxy.hang()
-                hung_at.append(time.monotonic())
-
-    for key, value in _environ(url, two_days["root"] / "machine-b", two_days["remote"]).items():
-        if key.startswith("HAP"):
-            monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-    trigger, lines = HangAfterValidate(level=logging.INFO), logging.getLogger("flows.progress")
-    level = lines.level
-    lines.setLevel(logging.INFO)
-    lines.addHandler(trigger)
-    try:
+    with _hung_store(two_days, monkeypatch, D3) as store:
+        store.hang_after("validate")
         # the lake's calls at half their default timeout: about 20 s of them, then the failed run's
         # records' bound (10 s), well inside 60 s on a loaded machine (the defaults took ~52 s)
         hung = {**OVERRIDES, "lake.timeout_seconds": 5}
         state = daily_retrain(date=D3.isoformat(), overrides=hung, return_state=True)
-        assert hung_at, "the store was never hung: no validate line for the day"
-        took = time.monotonic() - hung_at[0]
+        assert store.hung_at is not None, "the store was never hung: no validate line for the day"
+        took = time.monotonic() - store.hung_at
         assert state.is_failed() and took < 60, (state.message, took)
         summary = json.loads((layout.metrics_dir(cfg, D3) / layout.DAILY_RUN_FILE).read_text())
         assert summary["failed_step"] == "ingest", summary
@@ -228,13 +258,9 @@ def test_a_store_that_hangs_mid_run_fails_that_step_in_bounded_time(two_days, mo
         assert f"prod/landing/dt={D3}/exposure.parquet" in keys
         assert not any(k.startswith("prod/quarantine/") for k in keys)
 
-        proxy.resume()
+        store.proxy.resume()
         rerun = daily_retrain(date=D3.isoformat(), overrides=OVERRIDES, return_state=True)
         assert rerun.is_completed(), rerun.message
-    finally:
-        lines.removeHandler(trigger)
-        lines.setLevel(level)
-        proxy.close()
 
 
 # a hung store costs seconds here, not the defaults' half minute: one try, short answers
@@ -252,55 +278,37 @@ def test_a_store_that_hangs_around_the_steps_leaves_a_record_that_says_where(two
     keeps the gate's verdict, so the paragraph says whether a promotion stands, as the registry
     does), and after the last step (the final publish fails: the record says failed, not
     completed). Once the store answers, the day completes."""
-    import logging
-
     from flows.daily import daily_retrain
     from flows.progress import failure_paragraph
     from hap.core.config import load_config
     from hap.registry.registration import CHAMPION, alias_version
     from hap.sources.simulator import simulate_days
 
-    cfg, s3, url, remote = two_days["cfg"], two_days["s3"], two_days["url"], two_days["remote"]
+    cfg, url, remote = two_days["cfg"], two_days["url"], two_days["remote"]
     d4 = D3 + dt.timedelta(days=1)
     producer = load_config(overrides=OVERRIDES, environ=_environ(url, two_days["root"] / "machine-a", remote))
     list(simulate_days(producer, d4, 1, progress=False))
     storage.publish_root(producer)
 
     overrides = {**OVERRIDES, **FAST_FAILING_STORE}
-    proxy = HangingProxy(s3.endpoint)
-    hang_after: list[str] = []
-
-    class HangAfter(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if hang_after and record.getMessage().startswith(f"{d4}  {hang_after[0]:<12} ok"):
-                proxy.hang()
-
-    for key, value in _environ(url, two_days["root"] / "machine-b", remote).items():
-        if key.startswith("HAP"):
-            monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-    trigger, lines = HangAfter(level=logging.INFO), logging.getLogger("flows.progress")
-    level = lines.level
-    lines.setLevel(logging.INFO)
-    lines.addHandler(trigger)
     record = layout.metrics_dir(cfg, d4) / layout.DAILY_RUN_FILE
+    with _hung_store(two_days, monkeypatch, d4) as store:
 
-    def failed_run(step: str) -> dict[str, Any]:
-        state = daily_retrain(date=d4.isoformat(), overrides=overrides, return_state=True)
-        assert state.is_failed(), state.message
-        summary = json.loads(record.read_text())
-        assert summary["status"] == "failed" and summary["failed_step"] == step, summary
-        paragraph = failure_paragraph(summary)
-        assert f"{d4} failed at {step}" in paragraph and "Traceback" not in paragraph, paragraph
-        proxy.resume()
-        return summary
+        def failed_run(step: str) -> dict[str, Any]:
+            state = daily_retrain(date=d4.isoformat(), overrides=overrides, return_state=True)
+            assert state.is_failed(), state.message
+            summary = json.loads(record.read_text())
+            assert summary["status"] == "failed" and summary["failed_step"] == step, summary
+            paragraph = failure_paragraph(summary)
+            assert f"{d4} failed at {step}" in paragraph and "Traceback" not in paragraph, paragraph
+            store.proxy.resume()
+            return summary
 
-    try:
-        proxy.hang()  # as the run starts
+        store.proxy.hang()  # as the run starts
         failed_run("pull")
 
         champion = alias_version(cfg, CHAMPION).version
-        hang_after[:] = ["register"]
+        store.hang_after("register")
         summary = failed_run("gate")
         assert "gate" in summary and summary["model_version"], summary
         promoted = alias_version(cfg, CHAMPION).version != champion
@@ -308,14 +316,10 @@ def test_a_store_that_hangs_around_the_steps_leaves_a_record_that_says_where(two
         stands = "that stands" in failure_paragraph(summary)
         assert stands == promoted and ("did not move" in failure_paragraph(summary)) != promoted
 
-        hang_after[:] = ["version-data"]  # the re-run gates nothing new; its last publish hangs
+        store.hang_after("version-data")  # the re-run gates nothing new; its last publish hangs
         failed_run("publish")
 
-        hang_after.clear()
+        store.hang_after(None)
         rerun = daily_retrain(date=d4.isoformat(), overrides=overrides, return_state=True)
         assert rerun.is_completed(), rerun.message
         assert json.loads(record.read_text())["status"] == "completed"
-    finally:
-        lines.removeHandler(trigger)
-        lines.setLevel(level)
-        proxy.close()
